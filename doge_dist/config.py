@@ -1,0 +1,360 @@
+"""Dataclass configs for the model, data, parallel layout, training and run.
+
+A run is described by one YAML file with the sections ``model``, ``data``, ``parallel``, ``train`` and
+``run``, plus ``section.key=value`` overrides from the command line. Every key is checked: an unknown
+key fails with the closest valid key suggested, and impossible values fail here, before any model,
+data or process group is built.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration the run cannot use; the message names the key and the fix."""
+
+
+def _unknown_key_error(key: str, valid: list[str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"Unknown key '{key}' in {where}.{hint} Valid keys: {', '.join(sorted(valid))}.")
+
+
+def dataclass_from_dict(cls, values: dict[str, Any], where: str):
+    """Build dataclass ``cls`` from ``values``, naming unknown keys and the closest valid one."""
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where} must be a mapping of keys to values, got {type(values).__name__}.")
+    valid = [f.name for f in dataclasses.fields(cls)]
+    for key in values:
+        if key not in valid:
+            raise _unknown_key_error(key, valid, where)
+    return cls(**values)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------
+
+ATTENTION_VARIANTS = ("v2", "v1")
+ROUTER_LAYOUTS = ("split", "hf_compat")
+BALANCE_LOSSES = ("per_expert", "hf_compat")
+ATTN_BACKENDS = ("auto", "sdpa", "eager", "flex")
+
+PUBLISHED_ROPE_SCALING = {"rope_type": "dynamic", "factor": 4.0, "original_max_position_embeddings": 2048}
+
+
+@dataclass
+class ModelConfig:
+    """The fields of ``transformers.DogeConfig`` (same names and defaults) plus doge-dist switches.
+
+    ``attention_variant``: "v2" is the transformers model (per key/value-head bias, q/k norms);
+    "v1" is the small-doge repository's file (per query-head bias, no q/k norms).
+    ``router_layout``: "split" routes each token from its own logits; "hf_compat" reproduces the
+    reference's cross-token reshape (parity tests only). ``balance_loss``: "per_expert" is the
+    correct Switch-style loss; "hf_compat" reproduces the reference formula.
+    """
+
+    vocab_size: int = 32768
+    hidden_size: int = 1024
+    intermediate_size: int = 2048
+    num_hidden_layers: int = 32
+    hidden_dropout: float = 0.0
+    hidden_act: str = "silu"
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-6
+    use_cache: bool = True
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 2048
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[dict] = None
+    num_attention_heads: int = 8
+    num_key_value_heads: Optional[int] = None
+    head_dim: Optional[int] = None
+    attention_bias: bool = False
+    attention_dropout: float = 0.0
+    mlp_bias: bool = False
+    sliding_window: Optional[int] = None
+    keep_window_size: int = 2048
+    is_moe: bool = False
+    num_experts: int = 16384
+    num_experts_per_tok: int = 64
+    norm_topk_prob: bool = False
+    output_router_logits: bool = False
+    router_aux_loss_coef: float = 0.001
+    pad_token_id: Optional[int] = None
+    bos_token_id: Optional[int] = None
+    eos_token_id: Optional[int] = None
+    # doge-dist switches
+    attention_variant: str = "v2"
+    router_layout: str = "split"
+    balance_loss: str = "per_expert"
+    attn_backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ConfigError(
+                    f"model.hidden_size ({self.hidden_size}) is not divisible by model.num_attention_heads "
+                    f"({self.num_attention_heads}); set model.head_dim explicitly or change the head count."
+                )
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        self.validate()
+
+    def validate(self) -> None:
+        def choice(key: str, options: tuple[str, ...]) -> None:
+            if getattr(self, key) not in options:
+                raise ConfigError(f"model.{key} = {getattr(self, key)!r} is not one of {', '.join(options)}.")
+
+        choice("attention_variant", ATTENTION_VARIANTS)
+        choice("router_layout", ROUTER_LAYOUTS)
+        choice("balance_loss", BALANCE_LOSSES)
+        choice("attn_backend", ATTN_BACKENDS)
+        if self.hidden_act != "silu":
+            raise ConfigError(f"model.hidden_act = {self.hidden_act!r}: Doge uses 'silu' only.")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"model.num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"model.num_key_value_heads ({self.num_key_value_heads})."
+            )
+        if self.head_dim % 2:
+            raise ConfigError(f"model.head_dim ({self.head_dim}) must be even for rotary embeddings.")
+        if self.rope_scaling is not None:
+            rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
+            if rope_type not in ("default", "dynamic"):
+                raise ConfigError(f"model.rope_scaling.rope_type = {rope_type!r}: supported are 'default' and 'dynamic'.")
+            if rope_type == "dynamic" and "factor" not in self.rope_scaling:
+                raise ConfigError("model.rope_scaling with rope_type 'dynamic' needs a 'factor'.")
+        if self.keep_window_size < 1:
+            raise ConfigError(f"model.keep_window_size must be positive, got {self.keep_window_size}.")
+        if self.is_moe:
+            if math.isqrt(self.num_experts) ** 2 != self.num_experts:
+                raise ConfigError(
+                    f"model.num_experts = {self.num_experts} is not a perfect square: CDMoE's product keys reach "
+                    f"only floor(sqrt(E))^2 experts. Use a square such as {math.isqrt(self.num_experts) ** 2} "
+                    f"or {(math.isqrt(self.num_experts) + 1) ** 2}."
+                )
+            if not 1 <= self.num_experts_per_tok <= self.num_experts:
+                raise ConfigError(
+                    f"model.num_experts_per_tok = {self.num_experts_per_tok} must be between 1 and num_experts."
+                )
+
+    @property
+    def num_keys(self) -> int:
+        """Product-key count per half: floor(sqrt(num_experts))."""
+        return math.isqrt(self.num_experts)
+
+    @property
+    def rope_type(self) -> str:
+        if not self.rope_scaling:
+            return "default"
+        return self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "ModelConfig":
+        """A published Doge shape (or a tiny test shape) with optional field overrides."""
+        if name not in PRESETS:
+            close = difflib.get_close_matches(name, list(PRESETS), n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"Unknown model preset '{name}'.{hint} Presets: {', '.join(PRESETS)}.")
+        values = {**PRESETS[name], **overrides}
+        return dataclass_from_dict(cls, values, f"preset '{name}' overrides")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], where: str = "model") -> "ModelConfig":
+        """From a YAML ``model`` section: ``preset`` picks the base shape, other keys override it."""
+        values = dict(values or {})
+        preset = values.pop("preset", None)
+        base = PRESETS.get(preset, {}) if preset else {}
+        if preset and preset not in PRESETS:
+            cls.from_preset(preset)  # raises the suggestion error
+        return dataclass_from_dict(cls, {**base, **values}, where)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _published(hidden: int, layers: int, heads: int, experts: int = 0, top_k: int = 0) -> dict[str, Any]:
+    preset: dict[str, Any] = dict(
+        vocab_size=32768,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads // 2,
+        tie_word_embeddings=True,
+        max_position_embeddings=2048,
+        keep_window_size=2048,
+        rope_scaling=dict(PUBLISHED_ROPE_SCALING),
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=2,
+    )
+    if experts:
+        preset.update(is_moe=True, num_experts=experts, num_experts_per_tok=top_k)
+    return preset
+
+
+def _tiny(**extra: Any) -> dict[str, Any]:
+    preset: dict[str, Any] = dict(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        max_position_embeddings=256,
+        keep_window_size=256,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=2,
+    )
+    preset.update(extra)
+    return preset
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "doge-20m": _published(256, 8, 2),
+    "doge-60m": _published(512, 16, 4),
+    "doge-160m": _published(768, 24, 6),
+    "doge-320m": _published(1024, 32, 8),
+    "doge-20m-moe": _published(256, 8, 2, experts=1024, top_k=16),
+    "doge-120m-moe": _published(512, 16, 4, experts=4096, top_k=32),
+    "doge-480m-moe": _published(768, 24, 6, experts=9216, top_k=48),
+    "doge-1.4b-moe": _published(1024, 32, 8, experts=16384, top_k=64),
+    "doge-tiny": _tiny(),
+    "doge-tiny-moe": _tiny(is_moe=True, num_experts=16, num_experts_per_tok=4),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Run sections (data, parallel, train, run) and the whole-run config
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataConfig:
+    """Where tokens come from: Megatron indexed-dataset prefixes, blended and split."""
+
+    train_data: list = field(default_factory=list)  # [weight, prefix, weight, prefix, ...] or [prefix, ...]
+    valid_data: list = field(default_factory=list)  # optional separate validation blend
+    split: str = "969,30,1"
+    seq_length: int = 2048
+    tokenizer: Optional[str] = None  # sentencepiece .model file or Hugging Face tokenizer directory
+    cache_dir: Optional[str] = None  # index cache; default <run.dir>/data_cache
+    seed: int = 1234
+    reset_position_ids: bool = False
+    reset_attention_mask: bool = False
+    eod_mask_loss: bool = False
+    num_workers: int = 0
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel: int = 1
+    sequence_parallel: bool = False
+    expert_parallel: int = 1
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    max_steps: int = 1000
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.0
+    scheduler: str = "wsd"  # wsd | cosine
+    warmup_steps: int = 0
+    decay_steps: int = 0
+    decay_type: str = "linear"  # linear | cosine | 1-sqrt
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    weight_decay: float = 0.01
+    no_decay_norms_and_biases: bool = True
+    grad_clip: float = 1.0
+    bf16: bool = True
+    activation_checkpointing: bool = False
+    seed: int = 233
+    log_interval: int = 10
+    eval_interval: int = 0
+    eval_iters: int = 10
+    save_interval: int = 0
+    keep_last: int = 3
+    max_bad_steps: int = 5
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+    resume: str = "auto"  # auto | never | PATH
+    init_from: Optional[str] = None
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "parallel": ParallelConfig, "train": TrainConfig, "run": RunConfig}
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` strings to a raw config mapping; values are parsed as YAML."""
+    for item in overrides:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ConfigError(f"Override '{item}' must look like section.key=value (for example train.max_steps=20).")
+        dotted, value = item.split("=", 1)
+        section, key = dotted.split(".", 1)
+        if section not in SECTIONS:
+            raise _unknown_key_error(section, list(SECTIONS), "the override sections")
+        raw.setdefault(section, {})
+        raw[section] = dict(raw[section] or {})
+        raw[section][key] = yaml.safe_load(value) if value != "" else None
+    return raw
+
+
+def config_from_dict(raw: dict[str, Any], where: str = "config") -> Config:
+    raw = raw or {}
+    for section in raw:
+        if section not in SECTIONS:
+            raise _unknown_key_error(section, list(SECTIONS), where)
+    return Config(
+        model=ModelConfig.from_dict(raw.get("model") or {}, f"{where}: model"),
+        **{
+            name: dataclass_from_dict(cls, raw.get(name) or {}, f"{where}: {name}")
+            for name, cls in SECTIONS.items()
+            if name != "model"
+        },
+    )
+
+
+def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
+    """Read a YAML run config (or none) and apply ``section.key=value`` overrides."""
+    raw: dict[str, Any] = {}
+    where = "the command-line overrides"
+    if path:
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigError(f"Config file '{path}' does not exist; pass --config with a YAML file from configs/.")
+        raw = yaml.safe_load(file.read_text()) or {}
+        where = f"config file '{path}'"
+    return config_from_dict(apply_overrides(raw, list(overrides)), where)

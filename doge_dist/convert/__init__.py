@@ -1,0 +1,1 @@
+"""Conversions between doge-dist checkpoints and Hugging Face transformers Doge directories."""

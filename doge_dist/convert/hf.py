@@ -1,0 +1,161 @@
+"""Hugging Face transformers <-> doge-dist.
+
+Our parameter names are transformers' names, so conversion is a config translation, the old
+small-doge key renames on import, and the tied LM head dropped from the file on export.
+"""
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+
+from ..config import ConfigError, ModelConfig
+from ..model import DogeForCausalLM, build_model
+
+# small-doge's original module names -> transformers' names
+OLD_KEY_NAMES = {
+    "word_embed": "embed_tokens",
+    "pre_layernorm": "input_layernorm",
+    "pre_residual": "input_residual",
+    "post_layernorm": "post_attention_layernorm",
+    "post_residual": "post_attention_residual",
+    "feed_forward": "mlp",
+    "final_layernorm": "norm",
+}
+DOGE_DIST_ONLY = ("attention_variant", "router_layout", "balance_loss", "attn_backend", "rope_theta", "rope_scaling")
+
+
+def to_hf_config(config: ModelConfig):
+    """The ``transformers.DogeConfig`` of a v2 model config."""
+    from transformers import DogeConfig
+
+    if config.attention_variant != "v2":
+        raise ConfigError(
+            "transformers' DogeForCausalLM implements attention_variant 'v2' only; a 'v1' model "
+            "(per-query-head bias, no q/k norm) cannot be exported as a transformers Doge directory."
+        )
+    values = {k: v for k, v in dataclasses.asdict(config).items() if k not in DOGE_DIST_ONLY}
+    rope = {"rope_type": config.rope_type, "rope_theta": config.rope_theta}
+    rope.update({k: v for k, v in (config.rope_scaling or {}).items() if k not in ("type", "rope_type")})
+    return DogeConfig(rope_parameters=rope, **values)
+
+
+def from_hf_config(hf: dict[str, Any], state_keys: tuple[str, ...] = (), a_shape: Optional[int] = None, **overrides) -> ModelConfig:
+    """A ModelConfig from a config.json mapping; v1/v2 detected from the state dict when given."""
+    if hf.get("model_type") != "doge":
+        raise ConfigError(f"model_type is {hf.get('model_type')!r}, not 'doge': this is not a Doge checkpoint.")
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    values = {k: v for k, v in hf.items() if k in names}
+    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    if "rope_theta" in rope or "rope_theta" in hf:
+        values["rope_theta"] = rope.pop("rope_theta", hf.get("rope_theta"))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    values["rope_scaling"] = rope if rope_type != "default" else None
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        if isinstance(values.get(key), list):
+            values[key] = values[key][0]
+    if state_keys:
+        values["attention_variant"] = "v2" if any(".q_norm." in k for k in state_keys) else "v1"
+    values.update(overrides)
+    return ModelConfig(**values)
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    files = sorted(path.glob("*.safetensors"))
+    if files:
+        from safetensors.torch import load_file
+
+        state = {}
+        for file in files:
+            state.update(load_file(str(file)))
+        return state
+    bins = sorted(path.glob("pytorch_model*.bin"))
+    if not bins:
+        raise FileNotFoundError(f"{path} has no *.safetensors or pytorch_model*.bin weights.")
+    state = {}
+    for file in bins:
+        state.update(torch.load(file, map_location="cpu", weights_only=True))
+    return state
+
+
+def rename_old_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    renamed = {}
+    for key, tensor in state.items():
+        parts = [OLD_KEY_NAMES.get(part, part) for part in key.split(".")]
+        renamed[".".join(parts)] = tensor
+    return renamed
+
+
+def load_state_checked(model: DogeForCausalLM, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load ``state`` strictly, naming the first missing, unexpected or mis-shaped tensor."""
+    expected = model.state_dict()
+    if model.config.tie_word_embeddings:
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+        expected.pop("lm_head.weight", None)
+    for name, tensor in expected.items():
+        if name not in state:
+            raise ConfigError(f"{source}: tensor '{name}' is missing (expected shape {tuple(tensor.shape)}).")
+        if tuple(state[name].shape) != tuple(tensor.shape):
+            raise ConfigError(
+                f"{source}: tensor '{name}' has shape {tuple(state[name].shape)}, but the config needs "
+                f"{tuple(tensor.shape)}: the weights do not match their config."
+            )
+    unexpected = sorted(set(state) - set(expected))
+    if unexpected:
+        raise ConfigError(f"{source}: unexpected tensor '{unexpected[0]}' for this config ({len(unexpected)} in all).")
+    model.load_state_dict(state, strict=not model.config.tie_word_embeddings)
+
+
+def load_hf(path: Union[str, Path], **config_overrides) -> DogeForCausalLM:
+    """Our model from a transformers (or small-doge) Doge directory; ``model.config`` is its ModelConfig."""
+    path = Path(path)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{path} is not a Hugging Face model directory: config.json is missing.")
+    hf = json.loads(config_file.read_text())
+    if hf.get("model_type") != "doge":
+        raise ConfigError(f"{config_file}: model_type is {hf.get('model_type')!r}, not 'doge'.")
+    state = rename_old_keys(_read_state_dict(path))
+    state = {k: v for k, v in state.items() if "rotary_emb" not in k}
+    config = from_hf_config(hf, tuple(state), **config_overrides)
+    model = build_model(config)
+    load_state_checked(model, {k: v.float() for k, v in state.items()}, str(path))
+    return model
+
+
+def save_hf(model: DogeForCausalLM, path: Union[str, Path], tokenizer: Optional[Union[str, Path, Any]] = None) -> Path:
+    """Write a directory that ``AutoModelForCausalLM.from_pretrained`` loads as DogeForCausalLM."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    hf_config = to_hf_config(model.config)
+    hf_config.architectures = ["DogeForCausalLM"]
+    hf_config.save_pretrained(tmp)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight")
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    if tokenizer is not None:
+        _save_tokenizer(tokenizer, tmp)
+    if path.exists():
+        shutil.rmtree(path)
+    tmp.rename(path)
+    return path
+
+
+def _save_tokenizer(tokenizer: Union[str, Path, Any], directory: Path) -> None:
+    if hasattr(tokenizer, "save_pretrained"):
+        tokenizer.save_pretrained(directory)
+        return
+    source = Path(tokenizer)
+    if not source.is_dir():
+        raise FileNotFoundError(f"Tokenizer '{source}' is not a Hugging Face tokenizer directory.")
+    for file in source.iterdir():
+        if file.is_file() and file.name not in ("config.json", "model.safetensors"):
+            shutil.copy2(file, directory / file.name)

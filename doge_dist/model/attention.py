@@ -1,0 +1,114 @@
+"""Dynamic Mask Attention (DMA).
+
+Each key gets a learned importance ``bias = exp(A * softplus(dt_proj(V)))`` that is added to the
+attention scores of every query that may see it; with more keys than ``keep_window_size`` each
+query keeps only the keys with the largest bias. "v2" (transformers) has one bias per key/value
+head and RMS-normalised q/k; "v1" (small-doge's file) has one bias per query head and no q/k norm.
+
+Backends: ``eager`` (explicit softmax, the reference's arithmetic), ``sdpa`` (CPU default: a float
+mask [B, nh, T, S]) and ``flex`` (CUDA default: the bias enters as a ``score_mod`` and causality,
+padding and the keep window as a block mask, so no [B, nh, T, S] tensor exists).
+"""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .cache import KVCache
+from .masks import AttentionLayout, dynamic_mask, keep_window_threshold
+from .norm import RMSNorm
+from .rope import apply_rotary
+
+
+def resolve_backend(name: str, device: torch.device) -> str:
+    if name == "auto":
+        return "flex" if device.type == "cuda" else "sdpa"
+    return name
+
+
+class DynamicMaskAttention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.scaling = self.head_dim**-0.5
+        self.keep_window_size = config.keep_window_size
+        self.dropout = config.attention_dropout
+        self.backend = config.attn_backend
+        self.per_query_head_bias = config.attention_variant == "v1"
+        bias_heads = self.num_heads if self.per_query_head_bias else self.num_kv_heads
+        kv_width = self.num_kv_heads * self.head_dim
+
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=config.attention_bias)
+        self.k_proj = nn.Linear(config.hidden_size, kv_width, bias=config.attention_bias)
+        self.v_proj = nn.Linear(config.hidden_size, kv_width, bias=config.attention_bias)
+        self.A = nn.Parameter(torch.zeros(bias_heads))
+        self.dt_proj = nn.Linear(kv_width, bias_heads, bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.attention_bias)
+        if config.attention_variant == "v2":
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def key_bias(self, value: torch.Tensor) -> torch.Tensor:
+        """The per-key importance [B, nb, S] from values [B, nkv, S, d]."""
+        B, _, S, _ = value.shape
+        dt = self.dt_proj(value.transpose(1, 2).reshape(B, S, -1))
+        return torch.exp(self.A * F.softplus(dt)).transpose(1, 2)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        layout: AttentionLayout,
+        cache: Optional[KVCache] = None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q.transpose(1, 2), *rope), apply_rotary(k.transpose(1, 2), *rope)
+        bias = self.key_bias(v)
+        if cache is not None:
+            k, v, bias = cache.update(self.layer_idx, k, v, bias)
+
+        backend = resolve_backend(self.backend, x.device)
+        dropout = self.dropout if self.training else 0.0
+        if backend == "flex":
+            out = self._flex(q, k, v, bias, layout)
+        else:
+            mask = dynamic_mask(bias, layout.allowed, self.keep_window_size, q.dtype)
+            if not self.per_query_head_bias:
+                mask = mask.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
+            attend = self._eager if backend == "eager" else self._sdpa
+            out = attend(q, k, v, mask, dropout)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+    def _sdpa(self, q, k, v, mask, dropout) -> torch.Tensor:
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask.to(q.dtype), dropout_p=dropout, scale=self.scaling, enable_gqa=True
+        )
+
+    def _eager(self, q, k, v, mask, dropout) -> torch.Tensor:
+        groups = self.num_heads // self.num_kv_heads
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        scores = torch.matmul(q, k.transpose(2, 3)) * self.scaling + mask
+        probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        probs = F.dropout(probs, p=dropout, training=self.training)
+        return torch.matmul(probs, v)
+
+    def _flex(self, q, k, v, bias, layout: AttentionLayout) -> torch.Tensor:
+        from .flex import flex_dma
+
+        threshold = None
+        if k.shape[-2] > self.keep_window_size:
+            threshold = keep_window_threshold(bias, layout.allowed, self.keep_window_size)
+        head_to_bias = 1 if self.per_query_head_bias else self.num_heads // self.num_kv_heads
+        return flex_dma(q, k, v, bias, layout, self.scaling, head_to_bias, threshold)

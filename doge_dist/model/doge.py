@@ -1,0 +1,142 @@
+"""The Doge decoder: embeddings, decoder layers with learnable residual scales, final norm, LM head.
+
+    x1 = input_residual * x + dropout(DMA(RMSNorm(x)))
+    x2 = post_attention_residual * x1 + dropout(MLP_or_CDMoE(RMSNorm(x1)))
+    logits = lm_head(RMSNorm(x_L))
+
+Parameter names equal transformers' ``DogeForCausalLM`` so checkpoints map one to one.
+"""
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .attention import DynamicMaskAttention
+from .cache import KVCache
+from .cdmoe import CDMoE, Routing, balance_loss
+from .masks import AttentionLayout
+from .mlp import GatedMLP
+from .norm import RMSNorm
+from .rope import RotaryEmbedding
+
+
+@dataclass
+class DogeOutput:
+    logits: Optional[torch.Tensor]  # [B, T, V], None when only hidden states were asked for
+    hidden_states: torch.Tensor  # [B, T, H] after the final norm
+    balance_loss: Optional[torch.Tensor] = None  # MoE only
+    routings: list[Routing] = field(default_factory=list)
+    cache: Optional[KVCache] = None
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.dropout = config.hidden_dropout
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = DynamicMaskAttention(config, layer_idx)
+        self.input_residual = nn.Parameter(torch.ones(config.hidden_size))
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = CDMoE(config) if config.is_moe else GatedMLP(config)
+        self.post_attention_residual = nn.Parameter(torch.ones(config.hidden_size))
+
+    def forward(self, x, rope, layout: AttentionLayout, cache: Optional[KVCache] = None):
+        """Returns the new hidden states and the layer's routing (None for a dense layer)."""
+        attended = self.self_attn(self.input_layernorm(x), rope, layout, cache)
+        x = self.input_residual * x + F.dropout(attended, self.dropout, self.training)
+        mixed = self.mlp(self.post_attention_layernorm(x))
+        routing = None
+        if isinstance(mixed, tuple):
+            mixed, routing = mixed
+        x = self.post_attention_residual * x + F.dropout(mixed, self.dropout, self.training)
+        return x, routing
+
+
+class DogeModel(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+
+
+class DogeForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = DogeModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None,
+        cache: Optional[KVCache] = None,
+        compute_logits: bool = True,
+    ) -> DogeOutput:
+        """``input_ids`` [B, T]; ``attention_mask`` [B, past + T] with 1 for real tokens (optional).
+
+        ``compute_logits=False`` stops at the final hidden states, for losses that project
+        the vocabulary in chunks instead of materialising [B, T, V].
+        """
+        past = cache.length if cache is not None else 0
+        T = input_ids.shape[1]
+        sequence_index = torch.arange(past, past + T, device=input_ids.device)
+        if position_ids is None:
+            position_ids = sequence_index[None]
+            rope_len = past + T
+        else:
+            rope_len = int(position_ids.max()) + 1
+        layout = AttentionLayout(sequence_index, past + T, None if attention_mask is None else attention_mask.bool())
+        x = self.model.embed_tokens(input_ids)
+        rope = self.model.rotary_emb(position_ids, rope_len)
+        routings = []
+        for layer in self.model.layers:
+            x, routing = layer(x, rope, layout, cache)
+            if routing is not None:
+                routings.append(routing)
+        hidden = self.model.norm(x)
+        aux = None
+        if routings:
+            token_mask = None if attention_mask is None else attention_mask[:, past:]
+            aux = balance_loss(routings, self.config.num_experts, self.config.balance_loss, token_mask)
+        logits = self.lm_head(hidden) if compute_logits else None
+        return DogeOutput(logits=logits, hidden_states=hidden, balance_loss=aux, routings=routings, cache=cache)
+
+
+def init_weights(model: DogeForCausalLM) -> None:
+    """transformers' initialisation: normal(0, initializer_range) for linear and embedding weights,
+    zero biases and padding row, ones for norms and residual scales, zero ``A``."""
+    std = model.config.initializer_range
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=std)
+            if module.padding_idx is not None:
+                with torch.no_grad():
+                    module.weight[module.padding_idx].zero_()
+        elif isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
+        elif isinstance(module, DynamicMaskAttention):
+            nn.init.zeros_(module.A)
+        elif isinstance(module, DecoderLayer):
+            nn.init.ones_(module.input_residual)
+            nn.init.ones_(module.post_attention_residual)
+
+
+def build_model(config: ModelConfig, device: Optional[torch.device] = None) -> DogeForCausalLM:
+    """A freshly initialised Doge model (float32 parameters) for ``config``."""
+    with torch.device(device or "cpu"):
+        model = DogeForCausalLM(config)
+    init_weights(model)
+    return model

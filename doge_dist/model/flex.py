@@ -1,0 +1,78 @@
+"""DMA through FlexAttention (the CUDA path): the per-key bias is a ``score_mod`` and causality,
+padding and the keep window form the block mask, so no [B, nh, T, S] tensor is built."""
+from typing import Optional
+
+import torch
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+
+from .masks import AttentionLayout
+
+_compiled_flex = None
+
+
+def _flex_attention():
+    """flex_attention is only fast compiled; compile it once per process (eager fallback on CPU)."""
+    global _compiled_flex
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False) if torch.cuda.is_available() else flex_attention
+    return _compiled_flex
+
+
+def _block_mask(
+    layout: AttentionLayout,
+    batch: int,
+    heads: int,
+    num_queries: int,
+    bias: torch.Tensor,
+    head_to_bias: int,
+    threshold: Optional[torch.Tensor],
+) -> BlockMask:
+    query_positions, key_valid = layout.query_positions, layout.key_valid
+
+    def visible(b, h, q_idx, kv_idx):
+        ok = kv_idx <= query_positions[q_idx]
+        if key_valid is not None:
+            ok = ok & key_valid[b, kv_idx]
+        if threshold is not None:
+            ok = ok & (bias[b, h // head_to_bias, kv_idx] >= threshold[b, h // head_to_bias, q_idx])
+        return ok
+
+    per_batch = key_valid is not None or threshold is not None
+    return create_block_mask(
+        visible,
+        batch if per_batch else None,
+        heads if threshold is not None else None,
+        num_queries,
+        layout.num_keys,
+        device=query_positions.device,
+    )
+
+
+def flex_dma(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor,
+    layout: AttentionLayout,
+    scale: float,
+    head_to_bias: int,
+    threshold: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Attention [B, nh, T, d] with scores + bias[b, h // head_to_bias, key] over visible keys.
+
+    Without a keep window the block mask depends only on the layout and is shared by all layers.
+    With one, a key is kept when its bias reaches the row's ``keep_window_size``-th largest (ties
+    at the threshold keep every tied key; the reference's top-k picks among them arbitrarily).
+    """
+    B, H, T, _ = q.shape
+    if threshold is None:
+        if layout._block_mask is None:
+            layout._block_mask = _block_mask(layout, B, H, T, bias, head_to_bias, None)
+        block_mask = layout._block_mask
+    else:
+        block_mask = _block_mask(layout, B, H, T, bias, head_to_bias, threshold)
+
+    def add_bias(score, b, h, q_idx, kv_idx):
+        return score + bias[b, h // head_to_bias, kv_idx].to(score.dtype)
+
+    return _flex_attention()(q, k, v, score_mod=add_bias, block_mask=block_mask, scale=scale, enable_gqa=True)

@@ -1,0 +1,49 @@
+"""Parameter counts and training FLOPs per token, the basis of MFU.
+
+Training FLOPs per token = 6 x (weights each token multiplies with) + attention scores, following
+the PaLM appendix convention (12 x layers x heads x head_dim x sequence length for QK^T and PV,
+forward and backward, without discounting the causal half) so MFU is comparable with Megatron-LM's.
+"""
+from ..config import ModelConfig
+
+
+def _attention_params(c: ModelConfig) -> int:
+    bias_heads = c.num_attention_heads if c.attention_variant == "v1" else c.num_key_value_heads
+    q = c.hidden_size * c.num_attention_heads * c.head_dim
+    kv = 2 * c.hidden_size * c.num_key_value_heads * c.head_dim
+    dt = c.num_key_value_heads * c.head_dim * bias_heads
+    o = c.num_attention_heads * c.head_dim * c.hidden_size
+    biases = 0
+    if c.attention_bias:
+        biases = (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim + bias_heads + c.hidden_size
+    norms = 2 * c.head_dim if c.attention_variant == "v2" else 0
+    return q + kv + dt + o + biases + bias_heads + norms
+
+
+def _mlp_params(c: ModelConfig) -> int:
+    dense = 3 * c.hidden_size * c.intermediate_size + (2 * c.intermediate_size + c.hidden_size if c.mlp_bias else 0)
+    if not c.is_moe:
+        return dense
+    return dense + c.hidden_size * 2 * c.num_keys + 2 * c.num_experts * c.hidden_size
+
+
+def parameter_count(c: ModelConfig) -> int:
+    """Exact number of parameters of ``build_model(c)`` (tied embeddings counted once)."""
+    per_layer = _attention_params(c) + _mlp_params(c) + 4 * c.hidden_size  # two norms, two residual scales
+    embeddings = c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2)
+    return c.num_hidden_layers * per_layer + embeddings + c.hidden_size
+
+
+def matmul_weights_per_token(c: ModelConfig) -> int:
+    """Weights one token multiplies with in a forward pass (routed experts: only its k rows)."""
+    attention = _attention_params(c) - (2 * c.head_dim if c.attention_variant == "v2" else 0)
+    mlp = 3 * c.hidden_size * c.intermediate_size
+    if c.is_moe:
+        mlp += c.hidden_size * 2 * c.num_keys + 2 * c.num_experts_per_tok * c.hidden_size
+    return c.num_hidden_layers * (attention + mlp) + c.vocab_size * c.hidden_size
+
+
+def training_flops_per_token(c: ModelConfig, seq_length: int) -> float:
+    """Forward + backward FLOPs per trained token at ``seq_length``."""
+    attention_scores = 12 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * seq_length
+    return 6 * matmul_weights_per_token(c) + attention_scores

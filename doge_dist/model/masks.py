@@ -1,0 +1,72 @@
+"""Which keys each query may see (causal + padding), built once per forward and shared by all
+layers, and the per-layer dynamic mask of DMA: the per-key bias where allowed, the keep-window
+top-k when there are more keys than ``keep_window_size``."""
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+
+@dataclass
+class AttentionLayout:
+    """Positions of the queries and validity of the keys for one forward.
+
+    ``query_positions`` [T] absolute positions of this call's tokens; ``key_valid`` [B, S] bool
+    (False for padding) or None. The causal rule is always applied: key j is visible to query i
+    only if j <= position(i) (the reference's sdpa path dropped it: known defect 1).
+    """
+
+    query_positions: torch.Tensor
+    num_keys: int
+    key_valid: Optional[torch.Tensor] = None
+    _allowed: Optional[torch.Tensor] = field(default=None, repr=False)
+    _block_mask: Optional[object] = field(default=None, repr=False)
+
+    @property
+    def allowed(self) -> torch.Tensor:
+        """Bool [B or 1, 1, T, S]: True where query i may attend key j."""
+        if self._allowed is None:
+            keys = torch.arange(self.num_keys, device=self.query_positions.device)
+            allowed = keys[None, :] <= self.query_positions[:, None]
+            allowed = allowed[None, None]
+            if self.key_valid is not None:
+                allowed = allowed & self.key_valid[:, None, None, :].bool()
+            self._allowed = allowed
+        return self._allowed
+
+
+def dynamic_mask(bias: torch.Tensor, allowed: torch.Tensor, keep_window_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """The additive DMA mask [B, nb, T, S] from the per-key bias [B, nb, S].
+
+    Allowed keys get their bias, others the dtype's minimum (as the reference does, so fully
+    masked rows stay finite). With more than ``keep_window_size`` keys, each query row keeps only
+    the ``keep_window_size`` keys with the largest mask value.
+    """
+    min_value = torch.finfo(dtype).min
+    T = allowed.shape[-2]
+    mask = bias[:, :, None, :].to(dtype).expand(-1, -1, T, -1)
+    mask = mask.masked_fill(~allowed, min_value)
+    if mask.shape[-1] > keep_window_size:
+        top = torch.topk(mask, keep_window_size, dim=-1, sorted=False).indices
+        keep = torch.zeros_like(mask, dtype=torch.bool).scatter(-1, top, True)
+        mask = mask.masked_fill(~keep, min_value)
+    return mask
+
+
+def keep_window_threshold(
+    bias: torch.Tensor, allowed: torch.Tensor, keep_window_size: int, chunk: int = 256
+) -> torch.Tensor:
+    """Per query row, the ``keep_window_size``-th largest allowed bias [B, nb, T] (-inf if fewer keys).
+
+    Used by the flex path, which expresses the keep window as ``bias >= threshold`` instead of a
+    [B, nb, T, S] tensor; computed in query chunks so peak memory is chunk x S per head.
+    """
+    B, nb, S = bias.shape
+    T = allowed.shape[-2]
+    thresholds = []
+    for start in range(0, T, chunk):
+        rows = allowed[..., start : start + chunk, :]
+        values = bias[:, :, None, :].float().masked_fill(~rows, float("-inf"))
+        values = values.expand(B, nb, rows.shape[-2], S)
+        thresholds.append(torch.topk(values, keep_window_size, dim=-1, sorted=True).values[..., -1])
+    return torch.cat(thresholds, dim=-1)

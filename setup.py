@@ -1,0 +1,29 @@
+"""doge-dist: a Megatron/DeepSpeed-style distributed trainer for Doge small language models."""
+from setuptools import find_packages, setup
+
+setup(
+    name="doge_dist",
+    version="0.1.0",
+    description="Distributed trainer for Doge (DMA + CDMoE) language models on DeepSpeed and megatron-core",
+    python_requires=">=3.10",
+    packages=find_packages(include=["doge_dist", "doge_dist.*"]),
+    install_requires=[
+        "torch>=2.4",
+        "deepspeed>=0.16",
+        "megatron-core>=0.12,<=0.16.1",
+        "transformers>=4.56",
+        "safetensors",
+        "datasets",
+        "sentencepiece",
+        "tensorboard",
+        "pyyaml",
+        "tqdm",
+        "numpy",
+        "pyarrow",
+        "protobuf",
+    ],
+    extras_require={
+        "gpu": ["flash-attn", "transformer-engine[pytorch]"],
+        "dev": ["pytest", "pytest-timeout"],
+    },
+)
