@@ -1,0 +1,62 @@
+"""Config validation: bad input fails at config time with the key named and a fix suggested."""
+import pytest
+
+from doge_dist.config import ConfigError, ModelConfig, load_config
+from doge_dist.model import build_model
+from doge_dist.model.flops import parameter_count
+
+PUBLISHED = {
+    "doge-20m": 13_118_728,
+    "doge-60m": 54_571_552,
+    "doge-160m": 152_676_168,
+    "doge-320m": 335_750_272,
+    "doge-20m-moe": 17_444_104,
+    "doge-120m-moe": 122_728_992,
+    "doge-480m-moe": 495_953_736,
+    "doge-1.4b-moe": 1_417_880_704,
+}
+
+
+@pytest.mark.parametrize("preset", list(PUBLISHED))
+def test_preset_parameter_counts_equal_the_published_table(preset):
+    assert parameter_count(ModelConfig.from_preset(preset)) == PUBLISHED[preset]
+
+
+@pytest.mark.parametrize("preset", ["doge-20m", "doge-20m-moe", "doge-tiny"])
+def test_built_models_have_the_counted_parameters(preset):
+    config = ModelConfig.from_preset(preset)
+    assert sum(p.numel() for p in build_model(config).parameters()) == parameter_count(config)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"hiden_size": 64}, "Did you mean 'hidden_size'"),
+        ({"num_attention_heads": 4, "num_key_value_heads": 3}, "multiple of"),
+        ({"hidden_size": 65}, "not divisible"),
+        ({"head_dim": 15}, "even"),
+        ({"is_moe": True, "num_experts": 1000}, "perfect square"),
+        ({"attn_backend": "flash"}, "attn_backend"),
+        ({"router_layout": "reshape"}, "router_layout"),
+    ],
+)
+def test_bad_model_config_is_refused_with_the_key_named(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        ModelConfig.from_preset("doge-tiny", **overrides)
+
+
+def test_unknown_preset_suggests_the_closest():
+    with pytest.raises(ConfigError, match="Did you mean 'doge-20m'"):
+        ModelConfig.from_preset("doge-20")
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\n  preset: doge-tiny\n  hidden_size: 128\ntrain:\n  lr: 0.01\n")
+    config = load_config(str(path), ["train.max_steps=7", "model.num_hidden_layers=3"])
+    assert (config.model.hidden_size, config.model.num_hidden_layers, config.train.max_steps) == (128, 3, 7)
+    assert config.model.vocab_size == 512
+    with pytest.raises(ConfigError, match="Did you mean 'max_steps'"):
+        load_config(str(path), ["train.max_step=7"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(str(tmp_path / "missing.yaml"))

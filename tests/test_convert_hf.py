@@ -1,0 +1,77 @@
+"""Hugging Face export/import: transformers loads our export with equal logits; round trips are exact."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from doge_dist.config import ConfigError, ModelConfig
+from doge_dist.convert.hf import OLD_KEY_NAMES, load_hf, save_hf
+from doge_dist.model import build_model
+from model_helpers import model_pair, unique_tokens
+
+
+@pytest.mark.parametrize("preset, overrides", [("doge-tiny", {}), ("doge-tiny-moe", {"router_layout": "hf_compat"}),
+                                               ("doge-tiny", {"tie_word_embeddings": False,
+                                                              "rope_scaling": {"rope_type": "dynamic", "factor": 4.0}})])
+def test_export_loads_in_transformers_with_equal_logits(tmp_path, preset, overrides):
+    from transformers import AutoModelForCausalLM
+
+    ours, _ = model_pair(ModelConfig.from_preset(preset, **overrides))
+    save_hf(ours, tmp_path / "hf")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
+    assert type(loaded).__name__ == "DogeForCausalLM"
+    ids = unique_tokens(2, 16, 512)
+    with torch.no_grad():
+        assert (ours.eval()(ids).logits - loaded(ids).logits).abs().max() <= 1e-5
+
+
+def test_import_then_export_returns_identical_tensors(tmp_path):
+    ours, _ = model_pair(ModelConfig.from_preset("doge-tiny-moe"))
+    save_hf(ours, tmp_path / "a")
+    again = load_hf(tmp_path / "a", router_layout="split")
+    assert again.config.router_layout == "split" and again.config.is_moe
+    save_hf(again, tmp_path / "b")
+    first, second = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["model_type"] == "doge"
+
+
+def test_import_accepts_small_doge_key_names_and_detects_v1(tmp_path):
+    config = ModelConfig.from_preset("doge-tiny", attention_variant="v1")
+
+    torch.manual_seed(0)
+    ours = build_model(config)
+    old_names = {v: k for k, v in OLD_KEY_NAMES.items()}
+    state = {".".join(old_names.get(p, p) for p in k.split(".")): v for k, v in ours.state_dict().items() if k != "lm_head.weight"}
+    assert any("pre_residual" in k for k in state) and any("word_embed" in k for k in state)
+    (tmp_path / "old").mkdir()
+    save_file(state, str(tmp_path / "old" / "model.safetensors"))
+    hf_config = {k: v for k, v in config.to_dict().items() if k not in ("attention_variant", "router_layout", "balance_loss", "attn_backend")}
+    (tmp_path / "old" / "config.json").write_text(json.dumps({**hf_config, "model_type": "doge"}))
+    loaded = load_hf(tmp_path / "old")
+    assert loaded.config.attention_variant == "v1"
+    ids = unique_tokens(1, 12, 512)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, ours(ids).logits)
+
+
+def test_not_doge_and_mismatched_shapes_are_named(tmp_path):
+    ours, _ = model_pair(ModelConfig.from_preset("doge-tiny"))
+    save_hf(ours, tmp_path / "hf")
+    config_file = tmp_path / "hf" / "config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "model_type": "llama"}))
+    with pytest.raises(ConfigError, match="not 'doge'"):
+        load_hf(tmp_path / "hf")
+    config_file.write_text(json.dumps({**config, "intermediate_size": 96}))
+    with pytest.raises(ConfigError, match=r"model.layers.0.mlp.gate_proj.weight' has shape \(128, 64\)"):
+        load_hf(tmp_path / "hf")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_hf(tmp_path)
+
+
+def test_v1_export_is_refused_clearly(tmp_path):
+    with pytest.raises(ConfigError, match="v1"):
+        save_hf(build_model(ModelConfig.from_preset("doge-tiny", attention_variant="v1")), tmp_path / "x")

@@ -1,0 +1,110 @@
+"""DMA behaviour: causality in every backend, cached decode, flex equals sdpa, the keep window."""
+import pytest
+import torch
+
+from doge_dist.config import ModelConfig
+from doge_dist.model import build_model
+from doge_dist.model.cache import KVCache
+from doge_dist.model.masks import AttentionLayout, dynamic_mask, keep_window_threshold
+from model_helpers import perturb_all, randomise_dynamic_mask, unique_tokens, use_backend
+
+
+def _model(preset="doge-tiny", **overrides):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.from_preset(preset, **overrides)).eval()
+    randomise_dynamic_mask(model)
+    perturb_all(model)
+    return model
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa", "flex"])
+@pytest.mark.parametrize("preset", ["doge-tiny", "doge-tiny-moe"])
+def test_changing_a_token_leaves_earlier_logits_unchanged(backend, preset):
+    model = _model(preset, keep_window_size=6)
+    use_backend(model, backend)
+    ids = unique_tokens(2, 16, 512)
+    changed = ids.clone()
+    t = 9
+    changed[:, t] = 500
+    with torch.no_grad():
+        before, after = model(ids).logits, model(changed).logits
+    assert torch.equal(before[:, :t], after[:, :t]) or (before[:, :t] - after[:, :t]).abs().max() < 1e-6
+    assert (before[:, t:] - after[:, t:]).abs().max() > 1e-4
+
+
+def test_reference_router_reshape_leaks_future_tokens():
+    """The hf_compat layout mixes tokens (defect 2): a later token changes earlier logits."""
+    model = _model("doge-tiny-moe", router_layout="hf_compat")
+    ids = unique_tokens(1, 16, 512)
+    changed = ids.clone()
+    changed[:, 12] = 500
+    with torch.no_grad():
+        assert (model(ids).logits[:, :12] - model(changed).logits[:, :12]).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("preset", ["doge-tiny", "doge-tiny-moe"])
+def test_cached_decode_equals_full_forward(preset):
+    model = _model(preset, keep_window_size=10)  # decode runs past the keep window
+    ids = unique_tokens(2, 20, 512)
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = KVCache()
+        steps = [model(ids[:, :6], cache=cache).logits]
+        for t in range(6, 20):
+            steps.append(model(ids[:, t : t + 1], cache=cache).logits)
+    assert cache.length == 20
+    assert (torch.cat(steps, dim=1) - full).abs().max() <= 1e-5
+
+
+def test_cached_decode_with_padding_mask():
+    model = _model()
+    ids = unique_tokens(2, 12, 512)
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0
+    with torch.no_grad():
+        full = model(ids[:, :8], attention_mask=mask[:, :8]).logits
+        cache = KVCache()
+        first = model(ids[:, :5], attention_mask=mask[:, :5], cache=cache).logits
+        rest = [model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=cache).logits for t in range(5, 8)]
+    assert (torch.cat([first, *rest], dim=1) - full).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("overrides", [{}, {"keep_window_size": 7}, {"attention_variant": "v1"}], ids=["plain", "keep-window", "v1"])
+def test_flex_forward_equals_sdpa(overrides):
+    """FlexAttention has no CPU backward, but its forward runs here: bias as score_mod, block mask."""
+    model = _model(**overrides)
+    ids = unique_tokens(2, 24, 512)
+    mask = torch.ones_like(ids)
+    mask[1, 19:] = 0
+    with torch.no_grad():
+        use_backend(model, "sdpa")
+        sdpa = model(ids, attention_mask=mask).logits
+        use_backend(model, "flex")
+        flex = model(ids, attention_mask=mask).logits
+    assert (sdpa - flex)[mask.bool()].abs().max() <= 1e-5
+
+
+def test_keep_window_threshold_selects_the_same_keys_as_topk():
+    torch.manual_seed(0)
+    bias = torch.rand(2, 3, 40)
+    layout = AttentionLayout(torch.arange(40), 40)
+    kept_topk = dynamic_mask(bias, layout.allowed, 9, torch.float32) > torch.finfo(torch.float32).min
+    threshold = keep_window_threshold(bias, layout.allowed, 9, chunk=16)
+    kept_threshold = layout.allowed & (bias[:, :, None, :] >= threshold[..., None])
+    assert torch.equal(kept_topk, kept_threshold)
+    assert kept_topk.sum(-1).max() == 9
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA: flex_attention backward needs a GPU")
+def test_cuda_flex_training_step_matches_sdpa_gradients():
+    model = _model(keep_window_size=16).cuda()
+    ids = unique_tokens(2, 48, 512).cuda()
+    grads = {}
+    for backend in ("sdpa", "flex"):
+        use_backend(model, backend)
+        model.zero_grad()
+        model(ids).logits.float().pow(2).mean().backward()
+        grads[backend] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for name, grad in grads["sdpa"].items():
+        assert (grad - grads["flex"][name]).abs().max() <= 1e-4 * grad.abs().max().clamp(min=1e-6), name
