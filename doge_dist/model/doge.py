@@ -17,6 +17,7 @@ from ..config import ModelConfig
 from .attention import DynamicMaskAttention
 from .cache import KVCache
 from .cdmoe import CDMoE, Routing, balance_loss
+from .loss import token_loss_sum
 from .masks import AttentionLayout
 from .mlp import GatedMLP
 from .norm import RMSNorm
@@ -106,9 +107,16 @@ class DogeForCausalLM(nn.Module):
         aux = None
         if routings:
             token_mask = None if attention_mask is None else attention_mask[:, past:]
-            aux = balance_loss(routings, self.config.num_experts, self.config.balance_loss, token_mask)
+            aux = self.compute_balance_loss(routings, token_mask)
         logits = self.lm_head(hidden) if compute_logits else None
         return DogeOutput(logits=logits, hidden_states=hidden, balance_loss=aux, routings=routings, cache=cache)
+
+    def compute_balance_loss(self, routings: list[Routing], token_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        return balance_loss(routings, self.config.num_experts, self.config.balance_loss, token_mask)
+
+    def loss_sum(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of token losses, token count); parallel forms of the model override it."""
+        return token_loss_sum(logits, labels)
 
 
 def init_weights(model: DogeForCausalLM) -> None:

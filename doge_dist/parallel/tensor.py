@@ -1,0 +1,374 @@
+"""Tensor (and Megatron-style sequence) parallel Doge, applied from outside to the single-device model.
+
+What is split, over the tensor-parallel group of size tp (``TP_SPLIT_DIMS``):
+- q/k/v: column-parallel by heads (megatron-core ``ColumnParallelLinear``), o_proj row-parallel.
+- ``A`` and the q/k norms go with their heads: ``A`` is sliced, the [head_dim] norms are shared by
+  all heads, so their gradients are summed over the group.
+- ``dt_proj`` mixes the values of all key/value heads into one bias per head. Its parallel form
+  (``HeadLocalDtProj``, written here because megatron has no such layer): each rank multiplies its
+  local heads' values by its slice of the weight's input columns, one all-reduce of the small
+  [B, S, nb] partial sums gives the full product (exact: a sum split over ranks), and each rank keeps
+  its own heads' columns. The backward all-reduces the [B, S, nb] gradient so every rank's weight
+  slice sees all heads' gradients.
+- MLP and CDMoE shared expert: gate/up column-parallel, down row-parallel. The router and the
+  expert tables stay replicated (expert parallel shards the tables).
+- Embedding (``VocabParallelEmbedding``) and the LM head by vocabulary, padded to a multiple of tp;
+  the padded logits are masked, the loss is megatron's ``vocab_parallel_cross_entropy`` and full
+  logits are never gathered.
+Key/value heads are never replicated: nkv must be divisible by tp (a clear error otherwise).
+
+Sequence parallel: between the tensor-parallel regions each rank holds T/tp tokens; column layers
+all-gather the sequence and row layers reduce-scatter it, as in Megatron-LM (with our unfused q/k/v
+and gate/up projections that is one gather per projection). Parameters that then see only a shard of the
+tokens (norms, residual scales, router, expert tables) get their gradients summed over the group.
+"""
+import math
+import re
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from megatron.core import ModelParallelConfig
+from megatron.core.tensor_parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    copy_to_tensor_model_parallel_region,
+    reduce_from_tensor_model_parallel_region,
+    vocab_parallel_cross_entropy,
+)
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+from torch import nn
+
+from ..config import ConfigError, ModelConfig
+from ..model.cdmoe import CDMoE, Routing, balance_loss
+from ..model.doge import DogeForCausalLM
+from ..model.loss import IGNORE_INDEX
+
+# (parameter name pattern, dimension split over the tensor-parallel group)
+TP_SPLIT_DIMS = [
+    (r"self_attn\.[qkv]_proj\.(weight|bias)$", 0),
+    (r"self_attn\.o_proj\.weight$", 1),
+    (r"self_attn\.dt_proj\.weight$", 1),
+    (r"self_attn\.A$", 0),
+    (r"mlp\.(gate|up)_proj\.(weight|bias)$", 0),
+    (r"mlp\.down_proj\.weight$", 1),
+    (r"embed_tokens\.weight$", 0),
+    (r"lm_head\.weight$", 0),
+]
+VOCAB_PARAMS = ("model.embed_tokens.weight", "lm_head.weight")
+
+
+def tp_split_dim(name: str) -> Optional[int]:
+    for pattern, dim in TP_SPLIT_DIMS:
+        if re.search(pattern, name):
+            return dim
+    return None
+
+
+def padded_vocab_size(vocab_size: int, tp: int) -> int:
+    """Vocabulary rounded up to a multiple of tp (Megatron's make-vocab-size-divisible-by)."""
+    return math.ceil(vocab_size / tp) * tp
+
+
+def check_tensor_parallel(config: ModelConfig, tp: int, sequence_parallel: bool = False) -> None:
+    """Refuse shapes that do not split evenly, naming the key to change."""
+    for key in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
+        if getattr(config, key) % tp:
+            raise ConfigError(
+                f"model.{key} = {getattr(config, key)} is not divisible by parallel.tensor_parallel = {tp}. "
+                f"Key/value heads are not replicated across tensor-parallel ranks: choose a tensor_parallel "
+                f"size that divides num_key_value_heads ({config.num_key_value_heads})."
+            )
+    if sequence_parallel and config.is_moe and config.router_layout == "hf_compat":
+        raise ConfigError("router_layout 'hf_compat' mixes tokens across the batch and cannot run sequence parallel.")
+
+
+def shard_state_dict(state: dict, config: ModelConfig, rank: int, tp: int) -> dict:
+    """The slice of a full (single-device) state dict that tensor-parallel rank ``rank`` holds."""
+    shards = {}
+    for name, tensor in state.items():
+        dim = tp_split_dim(name)
+        if name in VOCAB_PARAMS:
+            tensor = F.pad(tensor, (0, 0, 0, padded_vocab_size(config.vocab_size, tp) - tensor.shape[0]))
+        shards[name] = tensor if dim is None else tensor.chunk(tp, dim=dim)[rank].clone()
+    return shards
+
+
+def merge_state_dicts(shards: list[dict], config: ModelConfig) -> dict:
+    """Inverse of ``shard_state_dict``: one full state dict, vocabulary padding dropped."""
+    merged = {}
+    for name, tensor in shards[0].items():
+        dim = tp_split_dim(name)
+        full = tensor if dim is None else torch.cat([shard[name] for shard in shards], dim=dim)
+        merged[name] = full[: config.vocab_size] if name in VOCAB_PARAMS else full
+    return merged
+
+
+def sum_gradients_over_group(param: nn.Parameter, group: dist.ProcessGroup) -> None:
+    """For a replicated parameter whose gradient each rank computes only in part."""
+
+    def all_reduce(grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad, group=group)
+        return grad
+
+    param.register_hook(all_reduce)
+
+
+class _GatherSequence(torch.autograd.Function):
+    """All-gather along the sequence (dim 1); backward reduce-scatters (Megatron's SP exchange).
+
+    Written here because megatron-core's sequence-parallel mappings allocate on CUDA only."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _ReduceScatterSequence.apply(grad, ctx.group), None
+
+
+class _ReduceScatterSequence(torch.autograd.Function):
+    """Sum over the group and keep this rank's slice of the sequence; backward all-gathers."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        parts = [part.contiguous() for part in x.chunk(dist.get_world_size(group), dim=1)]
+        out = torch.empty_like(parts[0])
+        dist.reduce_scatter(out, parts, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _GatherSequence.apply(grad, ctx.group), None
+
+
+def gather_sequence(x: torch.Tensor, group) -> torch.Tensor:
+    return _GatherSequence.apply(x, group)
+
+
+def reduce_scatter_sequence(x: torch.Tensor, group) -> torch.Tensor:
+    return _ReduceScatterSequence.apply(x, group)
+
+
+class ColumnParallel(ColumnParallelLinear):
+    """megatron-core's column-parallel linear on [B, T, H], returning only the output.
+
+    With sequence parallelism the input is this rank's T/tp tokens: it is gathered here and the
+    input gradient reduce-scattered, so megatron's own input-gradient all-reduce is disabled.
+    """
+
+    def __init__(self, *args, sequence_parallel: bool = False, **kwargs):
+        super().__init__(*args, disable_grad_reduce=sequence_parallel, **kwargs)
+        self.gather_input = sequence_parallel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gather_input:
+            x = gather_sequence(x, self.tp_group)
+        return super().forward(x)[0]
+
+
+class RowParallel(RowParallelLinear):
+    """megatron-core's row-parallel linear (input already split) on [B, T, H/tp]; with sequence
+    parallelism its partial sums are reduce-scattered over the sequence instead of all-reduced."""
+
+    def __init__(self, *args, sequence_parallel: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.scatter_output = sequence_parallel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.scatter_output:
+            return super().forward(x)[0]
+        out = reduce_scatter_sequence(F.linear(x, self.weight), self.tp_group)
+        return out if self.bias is None else out + self.bias
+
+
+class HeadLocalDtProj(nn.Module):
+    """``dt_proj`` over local heads' values: partial product, one all-reduce, keep local heads."""
+
+    def __init__(self, in_local: int, bias_heads: int, has_bias: bool, rank: int, tp: int, group) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(bias_heads, in_local))
+        set_tensor_model_parallel_attributes(self.weight, True, 1, 1)
+        self.bias = nn.Parameter(torch.empty(bias_heads)) if has_bias else None
+        local = bias_heads // tp
+        self.local_heads = slice(rank * local, (rank + 1) * local)
+        self.group = group
+
+    def forward(self, values: torch.Tensor) -> torch.Tensor:
+        dt = reduce_from_tensor_model_parallel_region(F.linear(values, self.weight), self.group)
+        if self.bias is not None:
+            dt = dt + self.bias
+        return copy_to_tensor_model_parallel_region(dt, self.group)[..., self.local_heads]
+
+
+class VocabShardEmbedding(VocabParallelEmbedding):
+    """megatron-core's vocab-parallel embedding with the reference's ``padding_idx``: the padding
+    row gets no gradient from lookups (it still does from a tied LM head), and [B, T, H] layout."""
+
+    def __init__(self, *args, padding_idx: Optional[int] = None, sequence_parallel: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.padding_idx = padding_idx
+        self.sequence_parallel = sequence_parallel
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        outside = (ids < self.vocab_start_index) | (ids >= self.vocab_end_index)
+        local_ids = (ids - self.vocab_start_index).masked_fill(outside, 0)
+        weight = self.weight
+        if self.padding_idx is not None:
+            pad_local = self.padding_idx - self.vocab_start_index
+            if 0 <= pad_local < weight.shape[0]:
+                keep = torch.ones(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)
+                keep[pad_local] = 0
+                weight = weight * keep + weight.detach() * (1 - keep)
+        out = F.embedding(local_ids, weight).masked_fill(outside[..., None], 0.0)
+        if self.sequence_parallel:
+            return reduce_scatter_sequence(out, self.tp_group)
+        return reduce_from_tensor_model_parallel_region(out, self.tp_group)
+
+
+class VocabParallelLMHead(nn.Module):
+    """Logits for this rank's vocabulary slice [B, T, V_padded/tp]; padded columns masked."""
+
+    def __init__(self, weight: nn.Parameter, vocab_size: int, rank: int, group, sequence_parallel: bool) -> None:
+        super().__init__()
+        self.weight = weight
+        self.group = group
+        self.sequence_parallel = sequence_parallel
+        start = rank * weight.shape[0]
+        self.register_buffer("padded", torch.arange(start, start + weight.shape[0]) >= vocab_size, persistent=False)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.sequence_parallel:
+            hidden = gather_sequence(hidden, self.group)
+        else:
+            hidden = copy_to_tensor_model_parallel_region(hidden, self.group)
+        logits = F.linear(hidden, self.weight)
+        return logits.masked_fill(self.padded, torch.finfo(logits.dtype).min)
+
+
+def vocab_parallel_loss_sum(logits: torch.Tensor, labels: torch.Tensor, group=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of token losses, token count) from vocabulary-sharded logits, never gathering them."""
+    valid = labels != IGNORE_INDEX
+    # megatron's kernel works in place on its input: give it a float32 copy, never the caller's logits
+    losses = vocab_parallel_cross_entropy(logits.to(torch.float32, copy=True), labels.masked_fill(~valid, 0))
+    return (losses * valid).sum(), valid.sum()
+
+
+class TensorParallelDoge(DogeForCausalLM):
+    """The Doge model after ``parallelize_tensor``: the loss reads sharded logits, and with
+    sequence parallelism the balance loss sees every rank's tokens."""
+
+    tp_group: dist.ProcessGroup
+    sequence_parallel: bool
+
+    def loss_sum(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return vocab_parallel_loss_sum(logits, labels, self.tp_group)
+
+    def compute_balance_loss(self, routings: list[Routing], token_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        if not self.sequence_parallel:
+            return super().compute_balance_loss(routings, token_mask)
+        tp = dist.get_world_size(self.tp_group)
+        gathered = [
+            Routing(_gather_tokens(r.logits_x, self.tp_group), _gather_tokens(r.logits_y, self.tp_group),
+                    _gather_tokens(r.expert_ids, self.tp_group))
+            for r in routings
+        ]
+        if token_mask is not None:  # rank-major token order, as gathered
+            token_mask = torch.cat([chunk.reshape(-1) for chunk in token_mask.chunk(tp, dim=1)])
+        return balance_loss(gathered, self.config.num_experts, self.config.balance_loss, token_mask)
+
+
+class _GatherTokens(torch.autograd.Function):
+    """All ranks' [N_local, ...] rows, rank-major. Every rank then computes the same loss from them,
+    so the backward hands each rank its own rows' gradient without summing."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        ctx.rank, ctx.rows = dist.get_rank(group), x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows], None
+
+
+def _gather_tokens(x: torch.Tensor, group) -> torch.Tensor:
+    return _GatherTokens.apply(x, group)
+
+
+def parallelize_tensor(model: DogeForCausalLM, group: dist.ProcessGroup, sequence_parallel: bool = False) -> TensorParallelDoge:
+    """Turn a single-device model into this rank's tensor-parallel shard, in place, keeping its weights.
+
+    Every rank must pass a model with the same weights (same seed or same checkpoint).
+    """
+    config = model.config
+    tp, rank = dist.get_world_size(group), dist.get_rank(group)
+    check_tensor_parallel(config, tp, sequence_parallel)
+    full_state = model.state_dict()
+    mp_config = ModelParallelConfig(
+        tensor_model_parallel_size=tp,
+        use_cpu_initialization=True,
+        perform_initialization=False,
+        params_dtype=next(model.parameters()).dtype,
+        gradient_accumulation_fusion=False,
+    )
+    layers = dict(config=mp_config, init_method=nn.init.zeros_, tp_group=group)
+
+    def column(linear: nn.Linear) -> ColumnParallel:
+        return ColumnParallel(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                              gather_output=False, sequence_parallel=sequence_parallel, **layers)
+
+    def row(linear: nn.Linear) -> RowParallel:
+        return RowParallel(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                           input_is_parallel=True, skip_bias_add=False, sequence_parallel=sequence_parallel, **layers)
+
+    replicated_partial_grads = []
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        attn.q_proj, attn.k_proj, attn.v_proj = column(attn.q_proj), column(attn.k_proj), column(attn.v_proj)
+        attn.o_proj = row(attn.o_proj)
+        attn.dt_proj = HeadLocalDtProj(attn.dt_proj.in_features // tp, attn.dt_proj.out_features,
+                                       attn.dt_proj.bias is not None, rank, tp, group)
+        attn.A = nn.Parameter(torch.empty(attn.A.shape[0] // tp))
+        set_tensor_model_parallel_attributes(attn.A, True, 0, 1)
+        attn.num_heads //= tp
+        attn.num_kv_heads //= tp
+        if attn.q_norm is not None:
+            replicated_partial_grads += [attn.q_norm.weight, attn.k_norm.weight]
+        mlp = layer.mlp
+        mlp.gate_proj, mlp.up_proj, mlp.down_proj = column(mlp.gate_proj), column(mlp.up_proj), row(mlp.down_proj)
+        if sequence_parallel:
+            replicated_partial_grads += [layer.input_residual, layer.post_attention_residual,
+                                         layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
+            if isinstance(mlp, CDMoE):
+                replicated_partial_grads += [mlp.router_gate.weight, mlp.down_embed.weight, mlp.up_embed.weight]
+
+    vocab = padded_vocab_size(config.vocab_size, tp)
+    embed = VocabShardEmbedding(vocab, config.hidden_size, padding_idx=config.pad_token_id,
+                                sequence_parallel=sequence_parallel, **layers)
+    model.model.embed_tokens = embed
+    if config.tie_word_embeddings:
+        head_weight = embed.weight
+    else:
+        head_weight = nn.Parameter(torch.empty(vocab // tp, config.hidden_size))
+        set_tensor_model_parallel_attributes(head_weight, True, 0, 1)
+    model.lm_head = VocabParallelLMHead(head_weight, config.vocab_size, rank, group, sequence_parallel)
+    if sequence_parallel:
+        replicated_partial_grads.append(model.model.norm.weight)
+
+    model.__class__ = TensorParallelDoge  # the same object, with the sharded-loss methods (as FSDP2 does)
+    model.tp_group, model.sequence_parallel = group, sequence_parallel
+    model.load_state_dict(shard_state_dict(full_state, config, rank, tp))
+    for param in replicated_partial_grads:
+        sum_gradients_over_group(param, group)
+    return model

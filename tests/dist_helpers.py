@@ -1,0 +1,48 @@
+"""Run a function on N CPU processes with gloo, as the multi-process tests' ranks."""
+import os
+import socket
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world_size: int, port: int, fn, args, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        results.put((rank, fn(rank, world_size, *args), None))
+    except BaseException:  # report the failure to the parent instead of hanging it
+        results.put((rank, None, traceback.format_exc()))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_distributed(fn, world_size: int, *args):
+    """``fn(rank, world_size, *args)`` on every rank; returns the per-rank results in rank order."""
+    context = mp.get_context("spawn")
+    results = context.SimpleQueue()
+    port = free_port()
+    procs = [context.Process(target=_entry, args=(r, world_size, port, fn, args, results)) for r in range(world_size)]
+    for p in procs:
+        p.start()
+    collected = {}
+    for _ in procs:
+        rank, value, error = results.get()
+        if error:
+            for p in procs:
+                p.terminate()
+            raise AssertionError(f"rank {rank} failed:\n{error}")
+        collected[rank] = value
+    for p in procs:
+        p.join()
+    return [collected[r] for r in range(world_size)]
