@@ -45,6 +45,7 @@ from ..config import ConfigError, ModelConfig
 from ..model.cdmoe import CDMoE, Routing, balance_loss
 from ..model.doge import DogeForCausalLM
 from ..model.loss import IGNORE_INDEX
+from .comm import gather, gather_for_replicated_use, reduce_scatter, sum_gradients_over_group
 
 # (parameter name pattern, dimension split over the tensor-parallel group)
 TP_SPLIT_DIMS = [
@@ -106,58 +107,6 @@ def merge_state_dicts(shards: list[dict], config: ModelConfig) -> dict:
     return merged
 
 
-def sum_gradients_over_group(param: nn.Parameter, group: dist.ProcessGroup) -> None:
-    """For a replicated parameter whose gradient each rank computes only in part."""
-
-    def all_reduce(grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.clone()
-        dist.all_reduce(grad, group=group)
-        return grad
-
-    param.register_hook(all_reduce)
-
-
-class _GatherSequence(torch.autograd.Function):
-    """All-gather along the sequence (dim 1); backward reduce-scatters (Megatron's SP exchange).
-
-    Written here because megatron-core's sequence-parallel mappings allocate on CUDA only."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
-        ctx.group = group
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, x.contiguous(), group=group)
-        return torch.cat(parts, dim=1)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return _ReduceScatterSequence.apply(grad, ctx.group), None
-
-
-class _ReduceScatterSequence(torch.autograd.Function):
-    """Sum over the group and keep this rank's slice of the sequence; backward all-gathers."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
-        ctx.group = group
-        parts = [part.contiguous() for part in x.chunk(dist.get_world_size(group), dim=1)]
-        out = torch.empty_like(parts[0])
-        dist.reduce_scatter(out, parts, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return _GatherSequence.apply(grad, ctx.group), None
-
-
-def gather_sequence(x: torch.Tensor, group) -> torch.Tensor:
-    return _GatherSequence.apply(x, group)
-
-
-def reduce_scatter_sequence(x: torch.Tensor, group) -> torch.Tensor:
-    return _ReduceScatterSequence.apply(x, group)
-
-
 class ColumnParallel(ColumnParallelLinear):
     """megatron-core's column-parallel linear on [B, T, H], returning only the output.
 
@@ -171,7 +120,7 @@ class ColumnParallel(ColumnParallelLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gather_input:
-            x = gather_sequence(x, self.tp_group)
+            x = gather(x, 1, self.tp_group)
         return super().forward(x)[0]
 
 
@@ -186,7 +135,7 @@ class RowParallel(RowParallelLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.scatter_output:
             return super().forward(x)[0]
-        out = reduce_scatter_sequence(F.linear(x, self.weight), self.tp_group)
+        out = reduce_scatter(F.linear(x, self.weight), 1, self.tp_group)
         return out if self.bias is None else out + self.bias
 
 
@@ -230,7 +179,7 @@ class VocabShardEmbedding(VocabParallelEmbedding):
                 weight = weight * keep + weight.detach() * (1 - keep)
         out = F.embedding(local_ids, weight).masked_fill(outside[..., None], 0.0)
         if self.sequence_parallel:
-            return reduce_scatter_sequence(out, self.tp_group)
+            return reduce_scatter(out, 1, self.tp_group)
         return reduce_from_tensor_model_parallel_region(out, self.tp_group)
 
 
@@ -247,7 +196,7 @@ class VocabParallelLMHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.sequence_parallel:
-            hidden = gather_sequence(hidden, self.group)
+            hidden = gather(hidden, 1, self.group)
         else:
             hidden = copy_to_tensor_model_parallel_region(hidden, self.group)
         logits = F.linear(hidden, self.weight)
@@ -277,33 +226,13 @@ class TensorParallelDoge(DogeForCausalLM):
             return super().compute_balance_loss(routings, token_mask)
         tp = dist.get_world_size(self.tp_group)
         gathered = [
-            Routing(_gather_tokens(r.logits_x, self.tp_group), _gather_tokens(r.logits_y, self.tp_group),
-                    _gather_tokens(r.expert_ids, self.tp_group))
+            Routing(gather_for_replicated_use(r.logits_x, self.tp_group), gather_for_replicated_use(r.logits_y, self.tp_group),
+                    gather_for_replicated_use(r.expert_ids, self.tp_group))
             for r in routings
         ]
         if token_mask is not None:  # rank-major token order, as gathered
             token_mask = torch.cat([chunk.reshape(-1) for chunk in token_mask.chunk(tp, dim=1)])
         return balance_loss(gathered, self.config.num_experts, self.config.balance_loss, token_mask)
-
-
-class _GatherTokens(torch.autograd.Function):
-    """All ranks' [N_local, ...] rows, rank-major. Every rank then computes the same loss from them,
-    so the backward hands each rank its own rows' gradient without summing."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
-        ctx.rank, ctx.rows = dist.get_rank(group), x.shape[0]
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, x.contiguous(), group=group)
-        return torch.cat(parts)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows], None
-
-
-def _gather_tokens(x: torch.Tensor, group) -> torch.Tensor:
-    return _GatherTokens.apply(x, group)
 
 
 def parallelize_tensor(model: DogeForCausalLM, group: dist.ProcessGroup, sequence_parallel: bool = False) -> TensorParallelDoge:

@@ -1,0 +1,91 @@
+"""Expert-parallel CDMoE: the expert tables ``down_embed``/``up_embed`` (E x H each) sharded by rows
+over megatron-core's expert-model-parallel group; the router stays global (replicated).
+
+The exchange, chosen for Doge's many tiny experts: every rank all-gathers the group's tokens, adds
+the contributions of the experts it owns, and one reduce-scatter returns each rank the sum for its
+own tokens. Per step and layer that moves (EP - 1) x N x H values each way, the same as an
+all-to-all dispatch once a token's k experts span every rank (k = 16..64 >> EP here), without
+the all-to-all's variable split sizes and extra index exchange. ``launch/bench.py --moe-comm``
+prints the per-step volumes of both designs for the doge-1.4b-moe shape.
+"""
+import re
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ..model.cdmoe import CDMoE
+from ..model.doge import DogeForCausalLM
+from .comm import gather, gather_for_replicated_use, reduce_scatter
+
+EXPERT_PARAM = re.compile(r"mlp\.(down|up)_embed\.weight$")
+
+
+def is_expert_param(name: str) -> bool:
+    return bool(EXPERT_PARAM.search(name))
+
+
+def expert_rows(table: torch.Tensor, rank: int, ep: int) -> torch.Tensor:
+    return table.chunk(ep, dim=0)[rank].clone()
+
+
+def shard_experts(state: dict, rank: int, ep: int) -> dict:
+    """Expert-parallel rank ``rank``'s rows of every expert table in ``state``."""
+    return {n: expert_rows(t, rank, ep) if is_expert_param(n) else t for n, t in state.items()}
+
+
+def merge_experts(shards: list[dict]) -> dict:
+    """Inverse of ``shard_experts``."""
+    return {n: torch.cat([s[n] for s in shards]) if is_expert_param(n) else t for n, t in shards[0].items()}
+
+
+class ExpertParallelCDMoE(CDMoE):
+    """CDMoE whose expert rows [offset, offset + E/EP) live on this rank."""
+
+    ep_group: dist.ProcessGroup
+    expert_offset: int
+
+    def forward(self, x: torch.Tensor):
+        B, T, H = x.shape
+        scores, expert_ids, routing = self.route(x)
+        weights = F.softmax(scores, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        tokens = gather(x.reshape(B * T, H), 0, self.ep_group)
+        gates = gather(weights, 0, self.ep_group)
+        ids = gather_for_replicated_use(expert_ids, self.ep_group)
+        partial = self.local_experts(tokens, ids, gates)
+        experts_out = reduce_scatter(partial, 0, self.ep_group)
+        return self.shared_expert(x) + experts_out.view(B, T, H), routing
+
+    def shared_expert(self, x: torch.Tensor) -> torch.Tensor:
+        return super(CDMoE, self).forward(x)
+
+    def local_experts(self, tokens: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        """Sum over (token, slot) pairs routed to an expert of this rank; zero for the others."""
+        local = (ids >= self.expert_offset) & (ids < self.expert_offset + self.down_embed.num_embeddings)
+        token, slot = local.nonzero(as_tuple=True)
+        expert = ids[token, slot] - self.expert_offset
+        activation = (self.down_embed(expert) * tokens[token]).sum(-1)
+        contribution = (F.silu(activation) * gates[token, slot]).to(tokens.dtype)[:, None] * self.up_embed(expert)
+        return torch.zeros_like(tokens).index_add(0, token, contribution)
+
+
+def parallelize_experts(model: DogeForCausalLM, group: dist.ProcessGroup) -> DogeForCausalLM:
+    """Keep only this rank's expert rows, in place; every rank passes the same weights."""
+    ep, rank = dist.get_world_size(group), dist.get_rank(group)
+    config = model.config
+    if config.num_experts % ep:
+        raise ValueError(f"model.num_experts ({config.num_experts}) is not divisible by parallel.expert_parallel ({ep}).")
+    local = config.num_experts // ep
+    for layer in model.model.layers:
+        moe = layer.mlp
+        if not isinstance(moe, CDMoE):
+            continue
+        moe.down_embed = torch.nn.Embedding.from_pretrained(expert_rows(moe.down_embed.weight.data, rank, ep), freeze=False)
+        moe.up_embed = torch.nn.Embedding.from_pretrained(expert_rows(moe.up_embed.weight.data, rank, ep), freeze=False)
+        for param in (moe.down_embed.weight, moe.up_embed.weight):
+            param.expert_parallel = True  # reduced over the expert-data-parallel group only
+        moe.__class__ = ExpertParallelCDMoE
+        moe.ep_group, moe.expert_offset = group, rank * local
+    return model
