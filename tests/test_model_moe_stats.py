@@ -1,0 +1,30 @@
+"""MoE monitoring statistics equal direct computations."""
+import math
+
+import torch
+import torch.nn.functional as F
+
+from doge_dist.model.cdmoe import Routing
+from doge_dist.model.moe_stats import MoEStats, router_entropy
+
+
+def test_router_entropy_equals_entropy_over_all_experts():
+    torch.manual_seed(0)
+    lx, ly = torch.randn(5, 4), torch.randn(5, 4)
+    probs = F.softmax((lx[:, :, None] + ly[:, None, :]).reshape(5, 16), dim=-1)
+    direct = -(probs * probs.log()).sum(-1).mean()
+    assert torch.allclose(router_entropy(Routing(lx, ly, torch.zeros(5, 2, dtype=torch.long))), direct, atol=1e-5)
+    uniform = Routing(torch.zeros(3, 4), torch.zeros(3, 4), torch.zeros(3, 1, dtype=torch.long))
+    assert math.isclose(router_entropy(uniform).item(), math.log(16), rel_tol=1e-6)
+
+
+def test_load_and_unused_fraction_over_the_window():
+    stats = MoEStats(num_experts=4, window=2)
+    logits = torch.zeros(2, 2)
+    for ids in ([[0, 1], [0, 1]], [[0, 0], [1, 1]], [[0, 0], [0, 0]]):  # the first step leaves the window
+        stats.update([Routing(logits, logits, torch.tensor(ids))])
+        stats.end_step()
+    summary = stats.summary()
+    # window counts: expert 0 -> 6, expert 1 -> 2, experts 2, 3 -> 0; mean 2
+    assert summary["moe/expert_load_max_over_mean"] == 3.0
+    assert summary["moe/unused_expert_fraction"] == 0.5
