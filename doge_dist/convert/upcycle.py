@@ -1,0 +1,48 @@
+"""Dense -> sparse continuation: a dense Doge becomes the CDMoE model of the same shape.
+
+The dense MLP keeps its parameter names as the shared expert; the router and the expert tables are
+new, with ``up_embed`` zero so the converted model computes exactly the dense function at step 0.
+"""
+import dataclasses
+
+import torch
+
+from ..config import ConfigError, ModelConfig
+from ..model import DogeForCausalLM, build_model
+
+MOE_ONLY_FIELDS = {"is_moe", "num_experts", "num_experts_per_tok", "norm_topk_prob", "output_router_logits",
+                   "router_aux_loss_coef", "router_layout", "balance_loss"}
+NEW_PARAMETERS = ("mlp.router_gate.weight", "mlp.down_embed.weight", "mlp.up_embed.weight")
+
+
+def is_new_moe_parameter(name: str) -> bool:
+    return name.endswith(NEW_PARAMETERS)
+
+
+def moe_config_for(dense: ModelConfig, moe: ModelConfig) -> ModelConfig:
+    """The MoE config ``moe`` checked against ``dense``: every non-MoE field must agree."""
+    if dense.is_moe:
+        raise ConfigError("The checkpoint to upcycle is already a MoE model.")
+    if not moe.is_moe:
+        raise ConfigError("The target config is not a MoE config (model.is_moe is false); pick a '-moe' preset.")
+    for field in dataclasses.fields(ModelConfig):
+        if field.name in MOE_ONLY_FIELDS or field.name == "attn_backend":
+            continue
+        if getattr(dense, field.name) != getattr(moe, field.name):
+            raise ConfigError(
+                f"model.{field.name} differs: the dense checkpoint has {getattr(dense, field.name)!r}, the MoE "
+                f"config {getattr(moe, field.name)!r}. Upcycling needs the same shape."
+            )
+    return moe
+
+
+def upcycle(dense: DogeForCausalLM, moe_config: ModelConfig, seed: int = 0) -> DogeForCausalLM:
+    """A MoE model holding ``dense``'s weights, new router/experts, ``up_embed`` zero."""
+    moe_config_for(dense.config, moe_config)
+    torch.manual_seed(seed)
+    moe = build_model(moe_config)
+    missing, unexpected = moe.load_state_dict(dense.state_dict(), strict=False)
+    assert not unexpected and all(is_new_moe_parameter(n) for n in missing), (missing, unexpected)
+    for layer in moe.model.layers:
+        torch.nn.init.zeros_(layer.mlp.up_embed.weight)
+    return moe
