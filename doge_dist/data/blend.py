@@ -1,0 +1,177 @@
+"""Train/valid/test datasets from a weighted blend of prefixes, with megatron-core's builders.
+
+``build_datasets`` is megatron-core's ``BlendedMegatronDatasetBuilder`` + ``GPTDataset`` configured
+from ``DataConfig``. What it adds: every prefix is validated first (on rank 0, the verdict broadcast
+so all ranks fail alike), a split that would get no tokens is an error (megatron-core's GPTDataset
+would loop forever), and config mistakes become ``DataError``s instead of asserts.
+
+Index caches: with torch.distributed initialized, megatron-core builds each dataset on rank 0
+first, then ``barrier()``, then the other ranks build it and hit the cache
+(``BlendedMegatronDatasetBuilder.build_generic_dataset``); inside GPTDataset/BlendedDataset only
+rank 0 writes .npy files. So the cache is written once and never raced (tests/test_data_blend.py
+checks this with two gloo ranks).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import tempfile
+from typing import Callable, Iterator, Optional, Sequence
+
+import torch
+
+from doge_dist.config import DataConfig
+from doge_dist.data.errors import DataError
+from doge_dist.data.indexed import validate_prefix
+from doge_dist.data.tokenizer import Tokenizer
+
+Blend = tuple[list[str], Optional[list[float]]]
+
+
+def parse_blend(entries: Sequence, where: str = "data.train_data") -> Optional[Blend]:
+    """``[w1, p1, w2, p2, ...]`` or ``[p1, p2, ...]`` -> (prefixes, weights or None), as Megatron's --data-path."""
+    from megatron.core.datasets.utils import get_blend_from_list
+
+    if not entries:
+        return None
+    entries = [str(entry) for entry in entries]
+    numbers = [_is_number(entry) for entry in entries]
+    weighted = len(entries) % 2 == 0 and all(numbers[0::2]) and not any(numbers[1::2])
+    if any(numbers) and not weighted:
+        raise DataError(
+            f"{where} = {entries} mixes weights and prefixes; write [weight, prefix, weight, prefix, ...] "
+            "or only prefixes."
+        )
+    prefixes, weights = get_blend_from_list(entries)
+    if weights is not None and (any(w < 0 for w in weights) or sum(weights) <= 0):
+        raise DataError(f"{where} weights {weights} must be non-negative and not all zero.")
+    return list(prefixes), weights
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def check_split(split: str) -> None:
+    """The split string is 1-3 comma-separated non-negative numbers, not all zero ("969,30,1")."""
+    parts = split.split(",") if isinstance(split, str) else []
+    if not 1 <= len(parts) <= 3 or not all(re.fullmatch(r"\s*\d+(\.\d*)?\s*", p) for p in parts) or not any(
+        float(p) > 0 for p in parts
+    ):
+        raise DataError(f"data.split = {split!r}: write train,valid,test weights such as \"969,30,1\".")
+
+
+def _check_data(splits: list[Optional[Blend]], split_matrix: list, vocab_size: int) -> None:
+    """Every prefix is intact and every requested split gets tokens from every prefix of its blend.
+
+    megatron-core's GPTDataset loops forever when a split it must sample from has no tokens (a small
+    dataset with split "969,30,1" gives the test split no document), so that is an error here.
+    """
+    infos = {}
+    for blend in splits:
+        for prefix in blend[0] if blend else []:
+            if prefix not in infos:
+                infos[prefix] = validate_prefix(prefix, vocab_size)
+    names = ("train", "valid", "test")
+    for index, (blend, bookends) in enumerate(zip(splits, split_matrix)):
+        if blend is None or bookends is None:
+            continue
+        for prefix in blend[0]:
+            info = infos[prefix]
+            begin, end = (int(round(edge * info.sequences)) for edge in bookends)
+            if info.sequence_lengths[begin:end].sum() == 0:
+                raise DataError(
+                    f"The {names[index]} split gets no tokens from '{prefix}' ({info.documents} documents, "
+                    f"split bookends {bookends}): use more data or a data.split that gives it none, such as \"99,1,0\"."
+                )
+
+
+def check_data(splits: list[Optional[Blend]], split_matrix: list, vocab_size: int) -> None:
+    """``_check_data`` on rank 0 only when distributed; every rank raises the same DataError."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    verdict: list[Optional[str]] = [None]
+    if not distributed or torch.distributed.get_rank() == 0:
+        try:
+            _check_data(splits, split_matrix, vocab_size)
+        except DataError as error:
+            verdict[0] = str(error)
+    if distributed:
+        torch.distributed.broadcast_object_list(verdict, src=0)
+    if verdict[0]:
+        raise DataError(verdict[0])
+
+
+@contextlib.contextmanager
+def _process_group_for_megatron() -> Iterator[None]:
+    """A throwaway 1-rank gloo group when none exists.
+
+    megatron-core's BlendedDataset calls ``torch.distributed.get_rank()`` on a cache miss even in a
+    single process (Megatron-LM always initializes one); this lets tools and tests build blends.
+    """
+    if torch.distributed.is_initialized():
+        yield
+        return
+    with tempfile.TemporaryDirectory() as scratch:
+        store = torch.distributed.FileStore(os.path.join(scratch, "store"), 1)
+        torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+        try:
+            yield
+        finally:
+            torch.distributed.destroy_process_group()
+
+
+def build_datasets(
+    config: DataConfig,
+    tokenizer: Tokenizer,
+    num_samples: Sequence[Optional[int]],
+    cache_dir: Optional[str] = None,
+    is_built_on_rank: Callable[[], bool] = lambda: True,
+) -> tuple:
+    """Build (train, valid, test) megatron-core datasets; an absent split is None.
+
+    ``num_samples``: samples per split (train iters x global batch, ...); None means one epoch,
+    which a weighted blend does not allow. ``cache_dir`` (else ``config.cache_dir``, else
+    ``data_cache`` beside the first prefix) holds the shuffle/sample indices. With
+    ``config.valid_data`` set, train uses all of ``train_data`` and valid all of ``valid_data``
+    (no split, no test set). Samples are dicts of tokens, labels, loss_mask, position_ids.
+    """
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    train = parse_blend(config.train_data, "data.train_data")
+    if train is None:
+        raise DataError("data.train_data is empty: list prefixes written by data_tools/preprocess_data.py.")
+    valid = parse_blend(config.valid_data, "data.valid_data")
+    if valid is None:
+        check_split(config.split)
+    if config.seq_length < 1:
+        raise DataError(f"data.seq_length must be positive, got {config.seq_length}.")
+    cache = cache_dir or config.cache_dir or os.path.join(os.path.dirname(train[0][0]) or ".", "data_cache")
+    gpt_config = GPTDatasetConfig(
+        random_seed=config.seed,
+        sequence_length=config.seq_length,
+        blend=None if valid else train,
+        blend_per_split=[train, valid, None] if valid else None,
+        split=None if valid else config.split,
+        path_to_cache=cache,
+        tokenizer=tokenizer.megatron,
+        reset_position_ids=config.reset_position_ids,
+        reset_attention_mask=config.reset_attention_mask,
+        eod_mask_loss=config.eod_mask_loss,
+        create_attention_mask=False,
+    )
+    sizes = list(num_samples) + [None] * (3 - len(num_samples))
+    splits = [train, valid, None] if valid else [train] * 3
+    split_matrix = [(0.0, 1.0), (0.0, 1.0), None] if valid else gpt_config.split_matrix
+    for blend, bookends, size in zip(splits, split_matrix, sizes):
+        if blend and bookends and blend[1] is not None and size is None:
+            raise DataError(f"A weighted blend needs a sample count for every split; got num_samples={list(num_samples)}.")
+    check_data(splits, split_matrix, tokenizer.vocab_size)
+    builder = BlendedMegatronDatasetBuilder(GPTDataset, sizes, is_built_on_rank, gpt_config)
+    with _process_group_for_megatron():
+        return tuple(builder.build())

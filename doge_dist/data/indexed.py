@@ -1,0 +1,170 @@
+"""Megatron .bin/.idx pairs: write them atomically, and check them before training.
+
+Writing uses megatron-core's ``IndexedDatasetBuilder`` (what Megatron-LM's tool uses), pointed at
+``*.partial`` files that are renamed only when the index is complete: an interrupted run never
+leaves a prefix that ``IndexedDataset.exists`` accepts.
+
+Checking is by hand because megatron-core's reader only ``assert``s (or reads garbage) on a bad
+file: ``validate_prefix`` checks the header, the index size, the document index, the sequence
+pointers against the .bin size and, optionally, every token id against the vocabulary, and raises
+a ``DataError`` that names the file and the fix. The arrays themselves are read by megatron-core.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional, Type
+
+import numpy as np
+
+from doge_dist.data.errors import DataError
+
+INDEX_HEADER = b"MMIDIDX\x00\x00"
+INDEX_VERSION = 1
+HEADER_BYTES = 9 + 8 + 1 + 8 + 8  # magic, version, dtype code, sequence count, document count
+SCAN_CHUNK_TOKENS = 1 << 26
+FIX = "re-create it with data_tools/preprocess_data.py"
+
+
+def document_prefix(output_prefix: str, key: str = "text") -> str:
+    """The prefix Megatron-LM's tool writes for a json key: ``{output_prefix}_{key}_document``."""
+    return f"{output_prefix}_{key}_document"
+
+
+@contextlib.contextmanager
+def atomic_builder(prefix: str, dtype: Type[np.number]) -> Iterator:
+    """Yield a megatron-core ``IndexedDatasetBuilder`` whose files appear under ``prefix`` only on success."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    final_bin, final_idx = Path(prefix + ".bin"), Path(prefix + ".idx")
+    partial_bin, partial_idx = Path(prefix + ".bin.partial"), Path(prefix + ".idx.partial")
+    final_bin.parent.mkdir(parents=True, exist_ok=True)
+    builder = IndexedDatasetBuilder(str(partial_bin), dtype=dtype)
+    try:
+        yield builder
+        builder.finalize(str(partial_idx))
+    except BaseException:
+        builder.data_file.close()
+        for path in (partial_bin, partial_idx):
+            path.unlink(missing_ok=True)
+        raise
+    # The old .idx goes first so that a stale index never pairs with the new .bin.
+    final_idx.unlink(missing_ok=True)
+    os.replace(partial_bin, final_bin)
+    os.replace(partial_idx, final_idx)
+
+
+@dataclass
+class PrefixInfo:
+    """What ``validate_prefix`` learned about a .bin/.idx pair."""
+
+    prefix: str
+    dtype: np.dtype
+    sequences: int
+    documents: int
+    tokens: int
+    max_token: Optional[int]  # None when token ids were not scanned
+    sequence_lengths: np.ndarray
+
+
+def _read_header(idx_path: Path) -> tuple[np.dtype, int, int]:
+    from megatron.core.datasets.indexed_dataset import DType
+
+    with open(idx_path, "rb") as stream:
+        header = stream.read(HEADER_BYTES)
+    if len(header) < HEADER_BYTES:
+        raise DataError(f"'{idx_path}' is truncated ({len(header)} bytes, the header alone is {HEADER_BYTES}); {FIX}.")
+    if header[:9] != INDEX_HEADER:
+        raise DataError(f"'{idx_path}' is not a Megatron index file (wrong magic {header[:9]!r}); {FIX}.")
+    version = struct.unpack("<Q", header[9:17])[0]
+    if version != INDEX_VERSION:
+        raise DataError(f"'{idx_path}' has index version {version}; only version {INDEX_VERSION} is supported; {FIX}.")
+    code = header[17]
+    try:
+        dtype = np.dtype(DType.dtype_from_code(code))
+    except ValueError:
+        raise DataError(f"'{idx_path}' names an unknown token dtype code {code}; {FIX}.") from None
+    sequences, documents = struct.unpack("<QQ", header[18:34])
+    return dtype, sequences, documents
+
+
+def validate_prefix(prefix: str, vocab_size: Optional[int] = None, scan_tokens: bool = True) -> PrefixInfo:
+    """Check a .bin/.idx pair and return its shape; raise ``DataError`` naming the file on any damage.
+
+    With ``vocab_size`` and ``scan_tokens`` every token id is read (chunked, memory-mapped) and
+    compared with the vocabulary, so an id the embedding cannot hold fails here, not on step N.
+    """
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    bin_path, idx_path = Path(prefix + ".bin"), Path(prefix + ".idx")
+    missing = [str(p) for p in (bin_path, idx_path) if not p.is_file()]
+    if missing:
+        hint = " (pass the prefix without .bin/.idx)" if prefix.endswith((".bin", ".idx")) else ""
+        raise DataError(f"Data prefix '{prefix}'{hint}: missing {' and '.join(missing)}; {FIX} or fix the path.")
+    dtype, sequences, documents = _read_header(idx_path)
+    expected_idx = HEADER_BYTES + sequences * (4 + 8) + documents * 8
+    actual_idx = idx_path.stat().st_size
+    if actual_idx != expected_idx:
+        raise DataError(
+            f"'{idx_path}' is {actual_idx} bytes but its header promises {sequences} sequences and {documents} "
+            f"document boundaries ({expected_idx} bytes): truncated or not written to the end; {FIX}."
+        )
+    if documents < 1:
+        raise DataError(f"'{idx_path}' has no document index; {FIX}.")
+    if not _document_index_ok(idx_path, sequences, documents):
+        raise DataError(f"'{idx_path}' has a document index that is not increasing from 0 to {sequences}; {FIX}.")
+    dataset = IndexedDataset(prefix, mmap=True)
+    lengths = np.asarray(dataset.sequence_lengths, dtype=np.int64)
+    pointers = np.asarray(dataset.index.sequence_pointers)
+    if np.any(lengths < 0):
+        raise DataError(f"'{idx_path}' has negative sequence lengths; {FIX}.")
+    tokens = int(lengths.sum())
+    expected_pointers = np.concatenate([[0], np.cumsum(lengths[:-1])]) * dtype.itemsize if sequences else pointers
+    if not np.array_equal(pointers, expected_pointers):
+        raise DataError(f"'{idx_path}' has sequence pointers that do not follow its lengths; {FIX}.")
+    expected_bin = tokens * dtype.itemsize
+    actual_bin = bin_path.stat().st_size
+    if actual_bin != expected_bin:
+        raise DataError(
+            f"'{bin_path}' is {actual_bin} bytes but '{idx_path}' describes {tokens} {dtype.name} tokens "
+            f"({expected_bin} bytes): the pair is truncated or mismatched; {FIX}."
+        )
+    max_token = _max_token(bin_path, dtype) if scan_tokens and tokens else None
+    if vocab_size is not None and max_token is not None and max_token >= vocab_size:
+        raise DataError(
+            f"'{bin_path}' holds token id {max_token} but the tokenizer/model vocabulary has {vocab_size} ids: "
+            "it was tokenized with a different tokenizer. Re-run data_tools/preprocess_data.py with the "
+            "tokenizer of this run, or set data.tokenizer to the one the data was made with."
+        )
+    return PrefixInfo(prefix, dtype, sequences, documents - 1, tokens, max_token, lengths)
+
+
+def _document_index_ok(idx_path: Path, sequences: int, documents: int) -> bool:
+    offset = HEADER_BYTES + sequences * (4 + 8)
+    index = np.memmap(idx_path, dtype=np.int64, mode="r", offset=offset, shape=(documents,))
+    return bool(index[0] == 0 and index[-1] == sequences and np.all(np.diff(index) >= 0))
+
+
+def _max_token(bin_path: Path, dtype: np.dtype) -> int:
+    data = np.memmap(bin_path, dtype=dtype, mode="r")
+    return max(int(data[i : i + SCAN_CHUNK_TOKENS].max()) for i in range(0, data.shape[0], SCAN_CHUNK_TOKENS))
+
+
+def merge_prefixes(prefixes: list[str], output_prefix: str) -> PrefixInfo:
+    """Concatenate .bin/.idx pairs in order with megatron-core's ``IndexedDatasetBuilder.add_index``."""
+    if not prefixes:
+        raise DataError("Nothing to merge: pass at least one input prefix.")
+    infos = [validate_prefix(prefix, scan_tokens=False) for prefix in prefixes]
+    dtypes = {info.dtype for info in infos}
+    if len(dtypes) > 1:
+        listing = ", ".join(f"{info.prefix} ({info.dtype.name})" for info in infos)
+        raise DataError(f"Cannot merge prefixes with different token dtypes: {listing}; re-tokenize with one tokenizer.")
+    if output_prefix in prefixes:
+        raise DataError(f"--output-prefix {output_prefix} is also an input; choose a new prefix.")
+    with atomic_builder(output_prefix, infos[0].dtype.type) as builder:
+        for prefix in prefixes:
+            builder.add_index(prefix)
+    return validate_prefix(output_prefix, scan_tokens=False)

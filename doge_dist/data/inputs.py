@@ -1,0 +1,217 @@
+"""Streaming readers for raw text inputs: jsonl, jsonl.gz, parquet, plain text, datasets directories.
+
+Why by hand: Megatron-LM's tool reads one jsonl file; ``datasets`` reads everything but loads each
+file into an Arrow cache first (disk and time before the first token) and hides line numbers. Here
+every record keeps its file and line, so a bad line is reported where it is, and nothing is read
+ahead of the tokenizer workers. Raw jsonl lines are handed to the workers as bytes: JSON parsing and
+UTF-8 decoding happen in parallel there (``decode_record``).
+"""
+from __future__ import annotations
+
+import glob
+import gzip
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence, Union
+
+from doge_dist.data.errors import DataError
+
+JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
+TEXT_SUFFIXES = (".txt", ".txt.gz")
+PARQUET_SUFFIXES = (".parquet",)
+ROW_BATCH = 1024
+
+# A record travels to a worker as (file index, line or row number, kind, payload):
+# kind "json" -> payload is the raw line (bytes); "text" -> a paragraph (bytes); "row" -> a dict.
+Record = tuple[int, int, str, Union[bytes, dict]]
+
+
+class BadRecord(ValueError):
+    """One record that cannot be used (skipped, or fatal with --strict)."""
+
+
+@dataclass(frozen=True)
+class InputFile:
+    path: Path
+    kind: str  # jsonl | text | parquet | arrow
+
+    @property
+    def size(self) -> int:
+        """Bytes on disk (compressed size for .gz/parquet/arrow)."""
+        if self.path.is_dir():
+            return sum(f.stat().st_size for f in self.path.glob("*.arrow"))
+        return self.path.stat().st_size
+
+    @property
+    def compressed(self) -> bool:
+        return self.kind in ("parquet", "arrow") or self.path.suffix == ".gz"
+
+
+def _kind(path: Path) -> str | None:
+    name = path.name.lower()
+    if path.is_dir():
+        return "arrow" if (path / "state.json").is_file() and (path / "dataset_info.json").is_file() else None
+    for kind, suffixes in (("jsonl", JSONL_SUFFIXES), ("text", TEXT_SUFFIXES), ("parquet", PARQUET_SUFFIXES)):
+        if name.endswith(suffixes):
+            return kind
+    return None
+
+
+def _expand(path: Path) -> list[InputFile]:
+    kind = _kind(path)
+    if kind is not None:
+        return [InputFile(path, kind)]
+    if path.is_dir():
+        if (path / "dataset_dict.json").is_file():
+            splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
+            raise DataError(
+                f"'{path}' is a datasets DatasetDict with splits {', '.join(splits)}; "
+                f"pass one split directory, for example --input {path / (splits[0] if splits else 'train')}."
+            )
+        found = []
+        for directory, dirs, files in os.walk(path):
+            dirs.sort()
+            for name in sorted(files):
+                child = Path(directory, name)
+                if _kind(child) is not None:
+                    found.append(InputFile(child, _kind(child)))
+        return found
+    raise DataError(
+        f"Input '{path}' is not a supported file: use .jsonl/.json(.gz), .txt(.gz), .parquet, "
+        "a directory of those, or a datasets directory saved with save_to_disk."
+    )
+
+
+def list_inputs(specs: Sequence[str | os.PathLike] | str | os.PathLike) -> list[InputFile]:
+    """Expand files, directories and glob patterns into a sorted, de-duplicated list of inputs."""
+    specs = [str(specs)] if isinstance(specs, (str, os.PathLike)) else [str(spec) for spec in specs]
+    files: list[InputFile] = []
+    for spec in specs:
+        if glob.has_magic(spec):
+            matches = sorted(glob.glob(spec, recursive=True))
+            if not matches:
+                raise DataError(f"--input pattern '{spec}' matches no files.")
+            for match in matches:
+                path = Path(match)
+                files.extend(_expand(path) if path.is_dir() or _kind(path) else [])
+        else:
+            path = Path(spec)
+            if not path.exists():
+                raise DataError(f"--input '{spec}' does not exist.")
+            files.extend(_expand(path))
+    unique = list(dict.fromkeys(files))
+    if not unique:
+        raise DataError(f"--input {' '.join(specs)} contains no .jsonl/.txt/.parquet files or datasets directory.")
+    return unique
+
+
+def check_keys(inputs: Sequence[InputFile], keys: Sequence[str]) -> None:
+    """Fail before any work when a columnar input lacks a --json-keys column (jsonl is checked per line)."""
+    for item in inputs:
+        if item.kind == "text" and len(keys) != 1:
+            raise DataError(f"'{item.path}' is plain text: it has one field; pass a single --json-keys.")
+        columns = None
+        if item.kind == "parquet":
+            import pyarrow.parquet as pq
+
+            columns = pq.ParquetFile(item.path).schema_arrow.names
+        elif item.kind == "arrow":
+            columns = json.loads((item.path / "dataset_info.json").read_text()).get("features", {}).keys()
+        if columns is not None:
+            missing = [key for key in keys if key not in columns]
+            if missing:
+                raise DataError(
+                    f"'{item.path}' has no column {', '.join(map(repr, missing))}; it has {', '.join(columns)}. "
+                    "Pass --json-keys with one of those."
+                )
+
+
+def _open_binary(path: Path):
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
+def _paragraphs(stream) -> Iterator[tuple[int, bytes]]:
+    """Blank-line separated blocks of a text file, with the line number each starts on."""
+    block: list[bytes] = []
+    start = 0
+    for number, line in enumerate(stream, start=1):
+        if line.strip():
+            if not block:
+                start = number
+            block.append(line)
+        elif block:
+            yield start, b"".join(block).rstrip(b"\r\n")
+            block = []
+    if block:
+        yield start, b"".join(block).rstrip(b"\r\n")
+
+
+def _rows(item: InputFile, keys: Sequence[str]) -> Iterator[dict]:
+    if item.kind == "parquet":
+        import pyarrow.parquet as pq
+
+        for batch in pq.ParquetFile(item.path).iter_batches(batch_size=ROW_BATCH, columns=list(keys)):
+            yield from batch.to_pylist()
+    else:
+        from datasets import load_from_disk
+
+        dataset = load_from_disk(str(item.path)).select_columns(list(keys))
+        for batch in dataset.iter(batch_size=ROW_BATCH):
+            columns = list(batch)
+            for values in zip(*(batch[c] for c in columns)):
+                yield dict(zip(columns, values))
+
+
+def iter_records(inputs: Sequence[InputFile], keys: Sequence[str]) -> Iterator[Record]:
+    """Yield every record of every input in order, reading lazily (memory stays flat)."""
+    for index, item in enumerate(inputs):
+        if item.kind == "jsonl":
+            with _open_binary(item.path) as stream:
+                for number, line in enumerate(stream, start=1):
+                    yield index, number, "json", line
+        elif item.kind == "text":
+            with _open_binary(item.path) as stream:
+                for number, block in _paragraphs(stream):
+                    yield index, number, "text", block
+        else:
+            for number, row in enumerate(_rows(item, keys), start=1):
+                yield index, number, "row", row
+
+
+def _check_text(key: str, value: Any) -> Union[str, list]:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return value  # pre-split sentences, as Megatron-LM accepts
+    raise BadRecord(f"field '{key}' is {type(value).__name__}, not a string")
+
+
+def decode_record(kind: str, payload: Union[bytes, dict], keys: Sequence[str]) -> dict[str, Union[str, list]]:
+    """Turn one record into {key: text}; raises BadRecord for malformed input, DataError for a missing key."""
+    if kind == "text":
+        try:
+            return {keys[0]: payload.decode("utf-8")}
+        except UnicodeDecodeError as error:
+            raise BadRecord(f"undecodable bytes (invalid UTF-8 at byte {error.start} of the paragraph)") from None
+    if kind == "json":
+        if not payload.strip():
+            return {key: "" for key in keys}
+        try:
+            data = json.loads(payload.decode("utf-8"))
+        except UnicodeDecodeError as error:
+            raise BadRecord(f"undecodable bytes (invalid UTF-8 at byte {error.start} of the line)") from None
+        except json.JSONDecodeError as error:
+            raise BadRecord(f"malformed JSON ({error.msg} at column {error.colno})") from None
+        if not isinstance(data, dict):
+            raise BadRecord(f"a JSON {type(data).__name__}, not an object")
+    else:
+        data = payload
+    missing = [key for key in keys if key not in data]
+    if missing:
+        raise DataError(
+            f"no key {', '.join(map(repr, missing))}; this record has keys {', '.join(map(repr, data)) or '(none)'}. "
+            "Pass --json-keys with the key that holds the text."
+        )
+    return {key: _check_text(key, data[key]) if data[key] is not None else "" for key in keys}

@@ -1,0 +1,204 @@
+"""Raw text -> Megatron ``{prefix}_{key}_document.bin/.idx``, the engine of data_tools/preprocess_data.py.
+
+Same output as Megatron-LM's tools/preprocess_data.py for the same input, tokenizer and flags: each
+document is ``tokenizer.tokenize(text)`` (+ eod with --append-eod), a list of strings is encoded
+sentence by sentence, and megatron-core's ``IndexedDatasetBuilder`` writes with
+``DType.optimal_dtype(vocab_size)``. Differences, on purpose: empty documents are skipped and counted
+(Megatron-LM writes a zero-length document entry), bad records are skipped and reported (or stop
+the run with ``strict``), every --json-keys key is finalized, and files appear only when complete.
+
+Workers: a ``multiprocessing.Pool`` with ``imap`` keeps input order, so the bytes do not depend on the
+worker count. Reading is throttled to a fixed number of batches in flight (Pool's feeder thread would
+otherwise read the whole input into memory ahead of the workers).
+"""
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional, Sequence
+
+import numpy as np
+
+from doge_dist.data.errors import DataError
+from doge_dist.data.indexed import atomic_builder, document_prefix
+from doge_dist.data.inputs import BadRecord, InputFile, Record, check_keys, decode_record, iter_records, list_inputs
+from doge_dist.data.tokenizer import load_tokenizer
+
+BATCH_RECORDS = 128
+BATCHES_IN_FLIGHT_PER_WORKER = 8
+MAX_REPORTED = 20
+
+# Per worker process: (tokenizer, keys, append_eod, dtype), set by _init_worker.
+_STATE: tuple = ()
+
+
+def _init_worker(tokenizer_path: str, tokenizer_type: Optional[str], keys: Sequence[str], append_eod: bool, dtype) -> None:
+    global _STATE
+    _STATE = (load_tokenizer(tokenizer_path, tokenizer_type), tuple(keys), append_eod, dtype)
+
+
+def _encode_record(record: Record) -> tuple:
+    """-> (file index, line, input bytes, problem, fatal, {key: (ids, sentence lengths)})."""
+    tokenizer, keys, append_eod, dtype = _STATE
+    index, line, kind, payload = record
+    size = len(payload) if isinstance(payload, bytes) else sum(len(str(v)) for v in payload.values())
+    try:
+        fields = decode_record(kind, payload, keys)
+    except BadRecord as problem:
+        return index, line, size, str(problem), None, {}
+    except DataError as fatal:
+        return index, line, size, None, str(fatal), {}
+    encoded = {}
+    for key in keys:
+        text = fields[key]
+        ids: list[int] = []
+        lengths: list[int] = []
+        for sentence in text if isinstance(text, list) else [text]:
+            sentence_ids = tokenizer.encode(sentence)
+            if sentence_ids:
+                ids.extend(sentence_ids)
+                lengths.append(len(sentence_ids))
+        if ids and append_eod:
+            ids.append(tokenizer.eod_id)
+            lengths[-1] += 1
+        encoded[key] = (np.asarray(ids, dtype=dtype), lengths)
+    return index, line, size, None, None, encoded
+
+
+def _encode_batch(batch: list[Record]) -> list[tuple]:
+    return [_encode_record(record) for record in batch]
+
+
+def _batches(records: Iterator[Record], slots: Optional[threading.Semaphore], stop: threading.Event) -> Iterator[list]:
+    batch: list[Record] = []
+    for record in records:
+        batch.append(record)
+        if len(batch) == BATCH_RECORDS:
+            while slots is not None and not slots.acquire(timeout=0.1):
+                if stop.is_set():
+                    return
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+@dataclass
+class PreprocessReport:
+    """Totals of one run; ``summary()`` is what the tool prints at the end."""
+
+    prefixes: list[str]
+    documents: int = 0
+    tokens: int = 0
+    input_bytes: int = 0
+    seconds: float = 0.0
+    empty: int = 0
+    bad: int = 0
+    bad_locations: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        rate = self.documents / max(self.seconds, 1e-9)
+        lines = [
+            f"Done: {self.documents} documents, {self.tokens} tokens, {self.input_bytes / 1e6:.1f} MB in "
+            f"{self.seconds:.1f} s ({rate:.0f} docs/s, {self.input_bytes / 1e6 / max(self.seconds, 1e-9):.2f} MB/s).",
+            f"Skipped: {self.empty} empty documents, {self.bad} bad records.",
+        ]
+        lines += [f"  bad record: {where}" for where in self.bad_locations]
+        if self.bad > len(self.bad_locations):
+            lines.append(f"  ... and {self.bad - len(self.bad_locations)} more")
+        lines += [f"Wrote {prefix}.bin/.idx" for prefix in self.prefixes]
+        return "\n".join(lines)
+
+
+class _Progress:
+    """A log line every ``interval`` documents: documents/s, MB/s, tokens so far, and ETA when known."""
+
+    def __init__(self, interval: int, total_bytes: Optional[int], log: Callable[[str], None]) -> None:
+        self.interval, self.total_bytes, self.log = interval, total_bytes, log
+        self.start = time.time()
+
+    def __call__(self, report: PreprocessReport, records: int) -> None:
+        if self.interval <= 0 or records % self.interval:
+            return
+        elapsed = max(time.time() - self.start, 1e-9)
+        line = (
+            f"Processed {records} documents ({records / elapsed:.0f} docs/s, "
+            f"{report.input_bytes / elapsed / 1e6:.2f} MB/s), {report.tokens} tokens"
+        )
+        if self.total_bytes:
+            done = min(report.input_bytes / self.total_bytes, 1.0)
+            eta = elapsed * (1 - done) / max(done, 1e-9)
+            line += f", {100 * done:.1f}% of input, ETA {eta:.0f} s"
+        self.log(line)
+
+
+def preprocess(
+    input: str | Sequence[str],
+    output_prefix: str,
+    tokenizer_model: str,
+    tokenizer_type: Optional[str] = None,
+    json_keys: Sequence[str] = ("text",),
+    append_eod: bool = False,
+    workers: int = 1,
+    log_interval: int = 1000,
+    strict: bool = False,
+    log: Callable[[str], None] = print,
+) -> PreprocessReport:
+    """Tokenize ``input`` into ``{output_prefix}_{key}_document.bin/.idx`` for every key; see the module doc."""
+    from megatron.core.datasets.indexed_dataset import DType
+
+    start = time.time()
+    inputs: list[InputFile] = list_inputs(input)
+    check_keys(inputs, json_keys)
+    tokenizer = load_tokenizer(tokenizer_model, tokenizer_type)
+    dtype = DType.optimal_dtype(tokenizer.vocab_size)
+    init_args = (str(tokenizer_model), tokenizer_type, tuple(json_keys), append_eod, dtype)
+    prefixes = [document_prefix(output_prefix, key) for key in json_keys]
+    report = PreprocessReport(prefixes)
+    plain = not any(item.compressed for item in inputs)
+    progress = _Progress(log_interval, sum(item.size for item in inputs) if plain else None, log)
+    log(f"Tokenizing {len(inputs)} input file(s) with {workers} worker(s) into {', '.join(prefixes)}")
+
+    stop = threading.Event()
+    slots = threading.Semaphore(workers * BATCHES_IN_FLIGHT_PER_WORKER) if workers > 1 else None
+    batches = _batches(iter_records(inputs, json_keys), slots, stop)
+    with contextlib.ExitStack() as stack:
+        builders = {key: stack.enter_context(atomic_builder(p, dtype)) for key, p in zip(json_keys, prefixes)}
+        if workers > 1:
+            pool = stack.enter_context(multiprocessing.Pool(workers, initializer=_init_worker, initargs=init_args))
+            stack.callback(stop.set)  # runs before the pool terminates: the feeder must not block
+            results = pool.imap(_encode_batch, batches, chunksize=1)
+        else:
+            _init_worker(*init_args)
+            results = map(_encode_batch, batches)
+        records = 0
+        for batch in results:
+            if slots is not None:
+                slots.release()
+            for index, line, size, problem, fatal, encoded in batch:
+                records += 1
+                report.input_bytes += size
+                where = f"{inputs[index].path}:{line}"
+                if fatal:
+                    raise DataError(f"{where}: {fatal}")
+                if problem:
+                    if strict:
+                        raise DataError(f"{where}: {problem} (--strict stops at the first bad record; without it, bad records are skipped and reported)")
+                    report.bad += 1
+                    if len(report.bad_locations) < MAX_REPORTED:
+                        report.bad_locations.append(f"{where}: {problem}")
+                    continue
+                written = False
+                for key, (ids, lengths) in encoded.items():
+                    if lengths:
+                        builders[key].add_document(ids, lengths)
+                        report.tokens += len(ids)
+                        written = True
+                report.documents += written
+                report.empty += not written
+                progress(report, records)
+    report.seconds = time.time() - start
+    return report

@@ -1,0 +1,159 @@
+"""Bad input: malformed records, missing keys, empty documents, bad bytes, damaged .bin/.idx pairs."""
+from __future__ import annotations
+
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from data_helpers import VOCAB, assets, quiet, tokenizer, write_jsonl
+from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+from doge_dist.config import DataConfig
+from doge_dist.data import DataError, build_datasets, preprocess, validate_prefix
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(path: Path, tmp_path: Path, **kwargs):
+    return preprocess(path, str(tmp_path / "out"), str(assets().tokenizer_model), log=quiet, **kwargs)
+
+
+def test_malformed_lines_are_skipped_and_reported(tmp_path) -> None:
+    path = write_jsonl(tmp_path / "in.jsonl", [{"text": "good one"}, "{not json", {"text": 5}, b"\xff\xfe{}", {"text": "good two"}])
+    report = run(path, tmp_path, workers=2)
+    assert (report.documents, report.bad) == (2, 3)
+    summary = report.summary()
+    assert f"{path}:2: malformed JSON" in summary
+    assert f"{path}:3: field 'text' is int" in summary
+    assert f"{path}:4: undecodable bytes" in summary
+    assert "Skipped: 0 empty documents, 3 bad records" in summary
+
+
+def test_strict_stops_at_the_first_bad_line(tmp_path) -> None:
+    path = write_jsonl(tmp_path / "in.jsonl", [{"text": "good"}, {"text": "good"}, "[1, 2"])
+    with pytest.raises(DataError, match=r"in\.jsonl:3: malformed JSON"):
+        run(path, tmp_path, strict=True)
+
+
+def test_missing_key_names_the_keys_that_exist(tmp_path) -> None:
+    path = write_jsonl(tmp_path / "in.jsonl", [{"content": "x", "url": "y"}])
+    with pytest.raises(DataError, match=r"in\.jsonl:1: no key 'text'; this record has keys 'content', 'url'"):
+        run(path, tmp_path)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"content": ["x"]}), tmp_path / "in.parquet")
+    with pytest.raises(DataError, match="has no column 'text'; it has content"):
+        run(tmp_path / "in.parquet", tmp_path)
+
+
+def test_empty_documents_are_skipped_and_counted(tmp_path) -> None:
+    path = write_jsonl(tmp_path / "in.jsonl", [{"text": ""}, {"text": "words"}, "", {"text": None}])
+    report = run(path, tmp_path, append_eod=True)
+    assert (report.documents, report.empty, report.bad) == (1, 3, 0)
+    assert validate_prefix(str(tmp_path / "out_text_document")).documents == 1
+
+
+def test_command_line_reports_errors_without_traceback(tmp_path) -> None:
+    path = write_jsonl(tmp_path / "in.jsonl", [{"body": "x"}])
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "data_tools" / "preprocess_data.py"), "--input", str(path), "--output-prefix",
+         str(tmp_path / "out"), "--tokenizer-model", str(assets().tokenizer_model), "--workers", "1"],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "no key 'text'; this record has keys 'body'" in result.stderr
+
+
+# ---- damaged .bin/.idx pairs -------------------------------------------------------------------
+
+
+def damaged_copy(tmp_path: Path, damage) -> str:
+    prefix = str(tmp_path / "copy")
+    for suffix in (".bin", ".idx"):
+        shutil.copy(assets().train_prefix + suffix, prefix + suffix)
+    damage(Path(prefix + ".bin"), Path(prefix + ".idx"))
+    return prefix
+
+
+def truncate(path: Path, keep: int) -> None:
+    path.write_bytes(path.read_bytes()[:keep])
+
+
+def patch(path: Path, offset: int, data: bytes) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[offset : offset + len(data)] = data
+    path.write_bytes(bytes(raw))
+
+
+DAMAGES = {
+    "truncated bin": (lambda b, i: truncate(b, -2), "truncated or mismatched"),
+    "truncated idx": (lambda b, i: truncate(i, -8), "truncated or not written to the end"),
+    "short header": (lambda b, i: truncate(i, 12), "truncated"),
+    "wrong magic": (lambda b, i: patch(i, 0, b"NOTANIDX\x00"), "wrong magic"),
+    "wrong version": (lambda b, i: patch(i, 9, struct.pack("<Q", 2)), "index version 2"),
+    "unknown dtype": (lambda b, i: patch(i, 17, b"\x63"), "unknown token dtype"),
+    "bin of another pair": (lambda b, i: b.write_bytes(b.read_bytes() * 2), "mismatched"),
+}
+
+
+@pytest.mark.parametrize("name", list(DAMAGES))
+def test_damaged_pairs_fail_clearly(tmp_path, name) -> None:
+    damage, message = DAMAGES[name]
+    prefix = damaged_copy(tmp_path, damage)
+    with pytest.raises(DataError, match=message) as error:
+        validate_prefix(prefix, VOCAB)
+    assert "copy." in str(error.value) and "preprocess_data.py" in str(error.value)
+
+
+def test_inspect_data_exits_nonzero_on_damage(tmp_path) -> None:
+    prefix = damaged_copy(tmp_path, DAMAGES["truncated bin"][0])
+    tool = str(ROOT / "data_tools" / "inspect_data.py")
+    bad = subprocess.run([sys.executable, tool, prefix], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert bad.returncode == 1 and "truncated or mismatched" in bad.stderr
+    good = subprocess.run([sys.executable, tool, assets().train_prefix, "--tokenizer-model", str(assets().tokenizer_model)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert good.returncode == 0 and "OK" in good.stdout and "dtype uint16" in good.stdout
+
+
+def test_token_ids_beyond_the_vocabulary(tmp_path) -> None:
+    prefix = str(tmp_path / "big")
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+    builder.add_document(np.array([5, 6, VOCAB + 7]), [3])
+    builder.finalize(prefix + ".idx")
+    with pytest.raises(DataError, match=f"token id {VOCAB + 7} but the tokenizer/model vocabulary has {VOCAB}"):
+        validate_prefix(prefix, VOCAB)
+    config = DataConfig(train_data=[prefix], seq_length=4, cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(DataError, match="different tokenizer"):
+        build_datasets(config, tokenizer(), [10, 2, 1])
+
+
+def test_blend_naming_a_missing_prefix(tmp_path) -> None:
+    config = DataConfig(train_data=[0.5, assets().train_prefix, 0.5, str(tmp_path / "nope")], seq_length=16,
+                        cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(DataError, match=r"nope': missing .*nope\.bin and .*nope\.idx"):
+        build_datasets(config, tokenizer(), [10, 2, 1])
+    assert not (tmp_path / "cache").exists()  # failed before any index was built
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [("split", "90,abc", "data.split"), ("train_data", [], "train_data is empty"),
+     ("train_data", ["0.5", "a", "b"], "mixes weights and prefixes")],
+)
+def test_bad_data_config(tmp_path, field, value, message) -> None:
+    config = DataConfig(train_data=[assets().train_prefix], seq_length=16, cache_dir=str(tmp_path / "cache"))
+    setattr(config, field, value)
+    with pytest.raises(DataError, match=message):
+        build_datasets(config, tokenizer(), [10, 2, 1])
+
+
+def test_split_without_tokens_fails_instead_of_hanging(tmp_path) -> None:
+    # 70 documents and "969,30,1": the test split rounds to zero documents (megatron-core would loop forever).
+    config = DataConfig(train_data=[assets().train_prefix], seq_length=16, split="969,30,1", cache_dir=str(tmp_path / "c"))
+    with pytest.raises(DataError, match="test split gets no tokens"):
+        build_datasets(config, tokenizer(), [10, 2, 1])

@@ -1,0 +1,88 @@
+"""build_datasets: weighted blends, splits, and index caches built once by rank 0 (two gloo ranks)."""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+import numpy as np
+import torch
+import torch.multiprocessing as mp
+from data_helpers import assets, quiet, tokenizer, write_jsonl
+
+from doge_dist.config import DataConfig
+from doge_dist.data import build_datasets, preprocess
+
+SEQ = 32
+
+
+def second_prefix(tmp_path) -> str:
+    """A dataset whose samples are recognisably different: the same word over and over."""
+    path = write_jsonl(tmp_path / "other.jsonl", [{"text": "zebra " * 200} for _ in range(40)])
+    preprocess(path, str(tmp_path / "other"), str(assets().tokenizer_model), append_eod=True, log=quiet)
+    return str(tmp_path / "other_text_document")
+
+
+def test_blend_proportions_follow_the_weights(tmp_path) -> None:
+    other = second_prefix(tmp_path)
+    config = DataConfig(train_data=[0.3, assets().train_prefix, 0.7, other], seq_length=SEQ, split="98,2,0",
+                        cache_dir=str(tmp_path / "cache"))
+    train, valid, test = build_datasets(config, tokenizer(), [2000, 200, 0])
+    assert (len(train), len(valid), test) == (2000, 200, None)
+    share = np.bincount(np.asarray(train.dataset_index), minlength=2) / len(train)
+    assert abs(share[1] - 0.7) < 0.01
+    zebra = set(tokenizer().encode("zebra " * 200)) | {tokenizer().eod_id}
+    from_other = [set(train[i]["tokens"].tolist()) <= zebra for i in range(300)]
+    assert abs(np.mean(from_other) - 0.7) < 0.1  # the samples themselves, not only the index
+    sample = train[0]
+    assert sample["tokens"].shape == (SEQ,) and torch.equal(sample["tokens"][1:], sample["labels"][:-1])
+
+
+def test_separate_validation_blend_and_cache_reuse(tmp_path) -> None:
+    other = second_prefix(tmp_path)
+    config = DataConfig(train_data=[assets().train_prefix], valid_data=[other], seq_length=SEQ,
+                        cache_dir=str(tmp_path / "cache"))
+    train, valid, test = build_datasets(config, tokenizer(), [100, 10, None])
+    assert test is None and len(train) >= 100 and len(valid) >= 10
+    files = sorted(os.listdir(tmp_path / "cache"))
+    again, _, _ = build_datasets(config, tokenizer(), [100, 10, None])
+    assert sorted(os.listdir(tmp_path / "cache")) == files  # cache hit, nothing new written
+    assert all(torch.equal(again[i]["tokens"], train[i]["tokens"]) for i in range(5))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def _rank(rank: int, port: int, cache: str, prefix: str, model: str, out: str) -> None:
+    from doge_dist.data import load_tokenizer
+
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    collect = _Collect()
+    logger = logging.getLogger("megatron.core.datasets")
+    logger.setLevel(logging.INFO)
+    logger.addHandler(collect)
+    config = DataConfig(train_data=[0.5, prefix, 0.5, prefix], seq_length=SEQ, split="90,10,0", cache_dir=cache)
+    train, _, _ = build_datasets(config, load_tokenizer(model), [500, 50, 0])
+    built = sum("Build and save" in m for m in collect.messages)
+    np.save(f"{out}/rank{rank}.npy", np.stack([train[i]["tokens"].numpy() for i in range(20)]))
+    np.save(f"{out}/built{rank}.npy", np.array(built))
+    torch.distributed.destroy_process_group()
+
+
+def test_two_ranks_build_the_cache_once(tmp_path) -> None:
+    args = (_free_port(), str(tmp_path / "cache"), assets().train_prefix, str(assets().tokenizer_model), str(tmp_path))
+    mp.spawn(_rank, args=args, nprocs=2, join=True)
+    assert np.load(tmp_path / "built0.npy") > 0 and np.load(tmp_path / "built1.npy") == 0
+    assert np.array_equal(np.load(tmp_path / "rank0.npy"), np.load(tmp_path / "rank1.npy"))

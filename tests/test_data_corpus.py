@@ -1,0 +1,20 @@
+"""The embedded sample corpus is deterministic, split, and real prose."""
+from __future__ import annotations
+
+import json
+
+from doge_dist.data.sample_corpus import build_corpus, is_valid_split
+
+
+def test_corpus_is_deterministic_and_split(tmp_path) -> None:
+    sources = ("pydoc_topics", "json")  # a slice of the default sources, to stay fast
+    first = build_corpus(tmp_path / "a", sources, valid_percent=10)
+    build_corpus(tmp_path / "b", sources, valid_percent=10)
+    for split in ("train", "valid"):
+        assert (tmp_path / "a" / f"{split}.jsonl").read_bytes() == (tmp_path / "b" / f"{split}.jsonl").read_bytes()
+        assert first[split]["documents"] > 0
+    rows = [json.loads(line) for line in (tmp_path / "a" / "train.jsonl").read_text().splitlines()]
+    assert all(not is_valid_split(row["source"], 10) for row in rows)
+    words = " ".join(row["text"] for row in rows).split()
+    assert sum(w.lower() in {"the", "a", "is", "of", "to"} for w in words) / len(words) > 0.05  # English prose
+    assert not list(tmp_path.glob("*/*.partial"))

@@ -1,0 +1,39 @@
+"""merge_datasets: concatenation with megatron-core's add_index."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from data_helpers import assets, quiet, write_jsonl
+from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
+
+from doge_dist.data import DataError, preprocess
+from doge_dist.data.indexed import merge_prefixes
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_merge_is_the_concatenation(tmp_path) -> None:
+    other = write_jsonl(tmp_path / "b.jsonl", [{"text": t} for t in assets().texts("valid")])
+    preprocess(other, str(tmp_path / "b"), str(assets().tokenizer_model), append_eod=True, log=quiet)
+    parts = [assets().train_prefix, str(tmp_path / "b_text_document")]
+    result = subprocess.run([sys.executable, str(ROOT / "data_tools" / "merge_datasets.py"), "--input", *parts,
+                             "--output-prefix", str(tmp_path / "merged")], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr
+    merged = IndexedDataset(str(tmp_path / "merged"))
+    expected = [seq.tolist() for part in parts for seq in IndexedDataset(part)]
+    assert [merged[i].tolist() for i in range(len(merged))] == expected
+    assert Path(str(tmp_path / "merged") + ".bin").read_bytes() == b"".join(Path(p + ".bin").read_bytes() for p in parts)
+
+
+def test_merge_refuses_mixed_dtypes(tmp_path) -> None:
+    wide = str(tmp_path / "wide")
+    builder = IndexedDatasetBuilder(wide + ".bin", dtype=np.int32)
+    builder.add_document(np.array([1, 2, 3]), [3])
+    builder.finalize(wide + ".idx")
+    with pytest.raises(DataError, match="different token dtypes"):
+        merge_prefixes([assets().train_prefix, wide], str(tmp_path / "out"))
+    assert not IndexedDataset.exists(str(tmp_path / "out"))

@@ -1,0 +1,124 @@
+"""preprocess_data: megatron-core reads what we write, with the ids and bytes Megatron-LM's tool gives."""
+from __future__ import annotations
+
+import gzip
+import json
+import subprocess
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from data_helpers import assets, quiet, tokenizer, write_jsonl
+from megatron.core.datasets.indexed_dataset import DType, IndexedDataset, IndexedDatasetBuilder
+
+from doge_dist.data import DataError, preprocess
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def read_prefix(prefix: str) -> list[list[int]]:
+    dataset = IndexedDataset(prefix)
+    return [dataset[i].tolist() for i in range(len(dataset))]
+
+
+def files_of(prefix: str) -> tuple[bytes, bytes]:
+    return Path(prefix + ".bin").read_bytes(), Path(prefix + ".idx").read_bytes()
+
+
+def test_megatron_reads_tokens_equal_encode_plus_eod() -> None:
+    texts, tok = assets().texts(), tokenizer()
+    dataset = IndexedDataset(assets().train_prefix)
+    assert dataset.index.dtype == np.uint16  # vocab < 65500
+    assert len(dataset) == len(texts) and dataset.document_indices.tolist() == list(range(len(texts) + 1))
+    assert read_prefix(assets().train_prefix) == [tok.encode(text) + [tok.eos_id] for text in texts]
+
+
+def megatron_lm_write(input_jsonl: Path, prefix: str, model: Path) -> None:
+    """What Megatron-LM's tools/preprocess_data.py does (its tokenizer builder, Encoder.encode, builder loop)."""
+    from megatron.core.tokenizers.text.utils.build_tokenizer import build_tokenizer
+
+    args = Namespace(tokenizer_type="SentencePieceTokenizer", tokenizer_model=str(model), tokenizer_metadata=None,
+                     tokenizer_sentencepiece_legacy=False, tokenizer_special_tokens=None)
+    megatron_tokenizer = build_tokenizer(args)
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=DType.optimal_dtype(megatron_tokenizer.vocab_size))
+    for line in input_jsonl.read_text().splitlines():
+        ids = megatron_tokenizer.tokenize(json.loads(line)["text"])
+        if ids:
+            builder.add_document(ids + [megatron_tokenizer.eod], [len(ids) + 1])
+    builder.finalize(prefix + ".idx")
+
+
+def test_byte_identical_to_megatron_lm_tool_and_worker_count(tmp_path) -> None:
+    megatron_lm_write(assets().train_jsonl, str(tmp_path / "reference"), assets().tokenizer_model)
+    reference = files_of(str(tmp_path / "reference"))
+    assert files_of(assets().train_prefix) == reference  # written with workers=1
+    preprocess(assets().train_jsonl, str(tmp_path / "two"), str(assets().tokenizer_dir), append_eod=True, workers=2, log=quiet)
+    assert files_of(str(tmp_path / "two_text_document")) == reference  # 2 workers, HF tokenizer directory
+
+
+def test_all_input_formats_give_the_same_tokens(tmp_path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from datasets import Dataset
+
+    texts = assets().texts("valid")
+    expected = [tokenizer().encode(t) for t in texts]
+    (tmp_path / "dir" / "sub").mkdir(parents=True)
+    half = len(texts) // 2
+    write_jsonl(tmp_path / "dir" / "a.jsonl", [{"text": t} for t in texts[:half]])
+    with gzip.open(tmp_path / "dir" / "sub" / "b.jsonl.gz", "wb") as out:
+        out.writelines(json.dumps({"text": t}).encode() + b"\n" for t in texts[half:])
+    pq.write_table(pa.table({"text": texts, "id": list(range(len(texts)))}), tmp_path / "x.parquet", row_group_size=3)
+    Dataset.from_dict({"text": texts}).save_to_disk(str(tmp_path / "saved"))
+    plain = [" ".join(t.split()) for t in texts]  # in .txt, blank lines separate documents
+    (tmp_path / "x.txt").write_text("\n\n".join(plain) + "\n")
+    cases = {
+        "dir": ([str(tmp_path / "dir")], expected),
+        "glob": ([str(tmp_path / "dir" / "**" / "*.json*")], expected),
+        "parquet": ([str(tmp_path / "x.parquet")], expected),
+        "saved": ([str(tmp_path / "saved")], expected),
+        "txt": ([str(tmp_path / "x.txt")], [tokenizer().encode(t) for t in plain]),
+    }
+    for name, (inputs, want) in cases.items():
+        report = preprocess(inputs, str(tmp_path / name), str(assets().tokenizer_model), workers=1, log=quiet)
+        assert read_prefix(str(tmp_path / f"{name}_text_document")) == want, name
+        assert report.documents == len(want) and report.bad == 0
+
+
+def test_several_json_keys_and_sentence_lists(tmp_path) -> None:
+    tok = tokenizer()
+    path = write_jsonl(tmp_path / "in.jsonl", [{"title": "A title", "body": ["First sentence.", "Second one."]}])
+    preprocess(path, str(tmp_path / "out"), str(assets().tokenizer_model), json_keys=["title", "body"], append_eod=True, log=quiet)
+    assert read_prefix(str(tmp_path / "out_title_document")) == [tok.encode("A title") + [tok.eod_id]]
+    body = IndexedDataset(str(tmp_path / "out_body_document"))
+    first, second = tok.encode("First sentence."), tok.encode("Second one.") + [tok.eod_id]
+    assert [body[0].tolist(), body[1].tolist()] == [first, second]  # one sequence per sentence, one document
+    assert body.document_indices.tolist() == [0, 2]
+
+
+def test_command_line_prints_progress_and_totals(tmp_path) -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "data_tools" / "preprocess_data.py"), "--input", str(assets().valid_jsonl),
+         "--output-prefix", str(tmp_path / "cli"), "--tokenizer-type", "SentencePieceTokenizer",
+         "--tokenizer-model", str(assets().tokenizer_model), "--append-eod", "--workers", "2", "--log-interval", "2"],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "docs/s" in result.stderr and "MB/s" in result.stderr and "tokens" in result.stderr
+    assert "Skipped: 0 empty documents, 0 bad records" in result.stdout
+    assert (tmp_path / "cli_text_document.bin").is_file() and (tmp_path / "cli_text_document.idx").is_file()
+
+
+def test_failed_run_leaves_no_partial_prefix(tmp_path) -> None:
+    good = [{"text": t} for t in assets().texts("valid")]
+    prefix = str(tmp_path / "out")
+    preprocess(write_jsonl(tmp_path / "good.jsonl", good), prefix, str(assets().tokenizer_model), log=quiet)
+    before = files_of(prefix + "_text_document")
+    bad = write_jsonl(tmp_path / "bad.jsonl", good + ["{broken"])
+    with pytest.raises(DataError, match="bad.jsonl:9"):
+        preprocess(bad, prefix, str(assets().tokenizer_model), strict=True, workers=2, log=quiet)
+    # The last good pair is untouched and the failed run left nothing behind.
+    assert files_of(prefix + "_text_document") == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "good.jsonl", "out_text_document.bin", "out_text_document.idx"]

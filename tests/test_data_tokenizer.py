@@ -1,0 +1,75 @@
+"""Tokenizer training, loading and the Hugging Face twin (identical ids, Doge's special ids)."""
+from __future__ import annotations
+
+import pytest
+from data_helpers import VOCAB, assets, quiet, tokenizer
+from transformers import AutoTokenizer
+
+from doge_dist.data import DataError, load_tokenizer
+from doge_dist.data.train_tokenizer import train_tokenizer
+
+EDGE_CASES = [
+    "",
+    " ",
+    "  leading spaces",
+    "trailing spaces   ",
+    "x  y   z\t\ttabs\n\nnewlines\n",
+    "emoji 😀, accents ünïcödé, CJK 漢字, dashes — “quotes”",
+    "digits 1234567890 and 3.14159",
+    "literal special strings <s> </s> <pad> <unk> stay text",
+    "▁already▁escaped",
+    "def f(x):\n        return x  # indented code",
+]
+
+
+def test_doge_special_ids_and_vocab() -> None:
+    tok = tokenizer()
+    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.eod_id) == (0, 1, 2, 1)
+    assert tok.vocab_size == VOCAB
+    assert tok.megatron.unk == 3
+
+
+def check_hf_matches_sentencepiece(model_file, texts) -> None:
+    sp = load_tokenizer(model_file)
+    hf = AutoTokenizer.from_pretrained(str(model_file.parent))
+    assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id, hf.unk_token_id) == (0, 1, 2, 3)
+    assert len(hf) == sp.vocab_size
+    for text in texts:
+        ids = sp.encode(text)
+        assert hf(text)["input_ids"] == ids, text[:80]
+        assert hf.decode(ids) == sp.decode(ids)
+
+
+def test_hf_directory_gives_identical_ids() -> None:
+    check_hf_matches_sentencepiece(assets().tokenizer_model, assets().texts("valid") + EDGE_CASES)
+
+
+def test_unigram_hf_directory_gives_identical_ids(tmp_path) -> None:
+    model = train_tokenizer(assets().train_jsonl, tmp_path, vocab_size=VOCAB, model_type="unigram", threads=2, log=quiet)
+    check_hf_matches_sentencepiece(model, assets().texts("valid")[:3] + EDGE_CASES)
+
+
+def test_load_from_hf_directory_and_save_hf(tmp_path) -> None:
+    from_dir = load_tokenizer(assets().tokenizer_dir)
+    assert from_dir.library == "huggingface"
+    assert from_dir.hf_dir == assets().tokenizer_dir
+    text = assets().texts("valid")[0]
+    assert from_dir.encode(text) == tokenizer().encode(text)
+    exported = tokenizer().save_hf(tmp_path / "export")
+    assert AutoTokenizer.from_pretrained(str(exported))(text)["input_ids"] == tokenizer().encode(text)
+    assert tokenizer().decode(tokenizer().encode(text)) == text
+
+
+def test_bad_tokenizer_paths(tmp_path) -> None:
+    with pytest.raises(DataError, match="does not exist"):
+        load_tokenizer(tmp_path / "missing.model")
+    with pytest.raises(DataError, match="not a Hugging Face tokenizer directory"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "garbage.model").write_bytes(b"not a model")
+    with pytest.raises(DataError, match="Cannot load tokenizer"):
+        load_tokenizer(tmp_path / "garbage.model")
+
+
+def test_special_ids_must_be_distinct(tmp_path) -> None:
+    with pytest.raises(ValueError, match="distinct"):
+        train_tokenizer(assets().train_jsonl, tmp_path, vocab_size=VOCAB, special_ids={"bos": 0, "eos": 1, "pad": 1, "unk": 3})
