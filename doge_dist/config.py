@@ -262,44 +262,90 @@ class DataConfig:
 
 @dataclass
 class ParallelConfig:
+    """Model-parallel sizes; data parallelism takes the rest of the world: dp = world / tensor_parallel."""
+
     tensor_parallel: int = 1
     sequence_parallel: bool = False
-    expert_parallel: int = 1
+    expert_parallel: int = 1  # experts sharded within the data-parallel group: must divide dp
 
 
 @dataclass
 class TrainConfig:
-    micro_batch_size: int = 1
+    """Optimisation and loop settings; DeepSpeed's own settings (ZeRO, clipping) stay in the JSON."""
+
+    micro_batch_size: int = 1  # sequences per rank per forward
     gradient_accumulation_steps: int = 1
     max_steps: int = 1000
-    lr: float = 1e-3
+    lr: float = 1e-3  # peak
     min_lr_ratio: float = 0.0
     scheduler: str = "wsd"  # wsd | cosine
     warmup_steps: int = 0
-    decay_steps: int = 0
-    decay_type: str = "linear"  # linear | cosine | 1-sqrt
+    decay_steps: int = 0  # wsd: the final decay phase
+    decay_type: str = "linear"  # wsd decay shape: linear | cosine | 1-sqrt
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
     weight_decay: float = 0.01
-    no_decay_norms_and_biases: bool = True
-    grad_clip: float = 1.0
-    bf16: bool = True
+    decay_groups: str = "matrices"  # matrices | original (the HF Trainer grouping the recipes used)
+    bf16: Optional[bool] = None  # None: as the DeepSpeed JSON says; true/false override it
     activation_checkpointing: bool = False
     seed: int = 233
-    log_interval: int = 10
-    eval_interval: int = 0
-    eval_iters: int = 10
-    save_interval: int = 0
-    keep_last: int = 3
-    max_bad_steps: int = 5
+    log_interval: int = 10  # steps between console lines / TensorBoard points
+    eval_interval: int = 0  # 0: no validation
+    eval_iters: int = 10  # validation micro-batches per rank
+    save_interval: int = 0  # 0: only on exit signals and at the end
+    keep_last: int = 3  # checkpoints kept (older ones deleted after a newer one is complete)
+    max_bad_steps: int = 5  # non-finite steps in a row before the run stops
+    peak_tflops: Optional[float] = None  # per device, for MFU; default from the device name
+
+    def __post_init__(self) -> None:
+        _coerce_floats(self, "train")
+
+
+def _coerce_floats(section, name: str) -> None:
+    """YAML reads 3e-3 (no dot) as a string; accept it, and ints, for float fields."""
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if f.type in ("float", "Optional[float]") and isinstance(value, (str, int)) and not isinstance(value, bool):
+            try:
+                setattr(section, f.name, float(value))
+            except ValueError:
+                raise ConfigError(f"{name}.{f.name} = {value!r} is not a number.") from None
 
 
 @dataclass
 class RunConfig:
-    dir: str = "runs/default"
-    resume: str = "auto"  # auto | never | PATH
-    init_from: Optional[str] = None
+    """Where a run writes, and what it starts from."""
+
+    dir: str = "runs/default"  # checkpoints, TensorBoard events and the resolved config go here
+    ds_config: Optional[str] = None  # DeepSpeed JSON used when --ds_config is not given
+    resume: str = "auto"  # auto (latest checkpoint in dir if any) | never | PATH to a checkpoint dir
+    init_from: Optional[str] = None  # HF Doge directory, or a run dir / checkpoint to continue from
+    init_optimizer: bool = False  # continue mode: also take the checkpoint's optimizer states
+
+
+@dataclass
+class FinetuneConfig:
+    """SFT and DPO (launch/sft.py, launch/dpo.py); pretraining ignores this section.
+
+    ``epochs`` > 0 sizes the run from the data: train.max_steps = ceil(epochs x samples / global
+    batch), train.warmup_steps = warmup_ratio x max_steps (and, for the wsd scheduler, decay_steps =
+    decay_ratio x max_steps); 0 keeps train.max_steps/warmup_steps/decay_steps as written.
+    """
+
+    epochs: float = 2.0
+    warmup_ratio: float = 0.1
+    decay_ratio: float = 0.1
+    packing: bool = False  # SFT: whole conversations packed into data.seq_length (positions restart per conversation)
+    beta: float = 0.1  # DPO: strength of the KL penalty towards the reference model
+    reference: str = "model"  # DPO: model (a frozen copy) | precomputed (its log-probs, computed once before step 1)
+
+    def __post_init__(self) -> None:
+        _coerce_floats(self, "finetune")
+        if self.reference not in ("model", "precomputed"):
+            raise ConfigError(f"finetune.reference = {self.reference!r} is not one of model, precomputed.")
+        if self.epochs < 0 or not 0 <= self.warmup_ratio <= 1 or not 0 <= self.decay_ratio <= 1 or self.beta <= 0:
+            raise ConfigError("finetune.epochs must be >= 0, warmup_ratio and decay_ratio within [0, 1], beta > 0.")
 
 
 @dataclass
@@ -309,12 +355,14 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "parallel": ParallelConfig, "train": TrainConfig, "run": RunConfig}
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "parallel": ParallelConfig, "train": TrainConfig, "run": RunConfig,
+            "finetune": FinetuneConfig}
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ..config import ConfigError, ModelConfig
 from ..model.cdmoe import CDMoE
 from ..model.doge import DogeForCausalLM
 from .comm import gather, gather_for_replicated_use, reduce_scatter
@@ -71,12 +72,18 @@ class ExpertParallelCDMoE(CDMoE):
         return torch.zeros_like(tokens).index_add(0, token, contribution)
 
 
+def check_expert_parallel(config: ModelConfig, ep: int) -> None:
+    if not config.is_moe:
+        raise ConfigError("parallel.expert_parallel > 1 needs a MoE model (model.is_moe: true, e.g. preset doge-20m-moe).")
+    if config.num_experts % ep:
+        raise ConfigError(f"model.num_experts ({config.num_experts}) is not divisible by parallel.expert_parallel ({ep}).")
+
+
 def parallelize_experts(model: DogeForCausalLM, group: dist.ProcessGroup) -> DogeForCausalLM:
     """Keep only this rank's expert rows, in place; every rank passes the same weights."""
     ep, rank = dist.get_world_size(group), dist.get_rank(group)
     config = model.config
-    if config.num_experts % ep:
-        raise ValueError(f"model.num_experts ({config.num_experts}) is not divisible by parallel.expert_parallel ({ep}).")
+    check_expert_parallel(config, ep)
     local = config.num_experts // ep
     for layer in model.model.layers:
         moe = layer.mlp

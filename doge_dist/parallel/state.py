@@ -19,7 +19,8 @@ class ParallelLayout:
     expert_parallel: int
 
     @property
-    def data_parallel(self) -> int:
+    def dp_size(self) -> int:
+        """Data-parallel size: the ranks that hold the same model shard."""
         return self.world_size // self.tensor_parallel
 
 
@@ -31,7 +32,7 @@ def check_layout(parallel: ParallelConfig, world_size: int) -> ParallelLayout:
     if world_size % tp:
         raise ConfigError(
             f"The world size ({world_size} processes) is not a multiple of parallel.tensor_parallel ({tp}); "
-            f"launch a multiple of {tp} processes or change parallel.tensor_parallel."
+            f"launch a multiple of {tp} processes or set parallel.tensor_parallel to a divisor of {world_size}."
         )
     if (world_size // tp) % ep:
         raise ConfigError(
@@ -57,6 +58,11 @@ def initialize_parallel(parallel: ParallelConfig) -> ParallelLayout:
         create_gloo_process_groups=False,
     )
     return layout
+
+
+def data_parallel_group():
+    """The data-parallel group (ranks holding the same model shard), or None (all ranks) before setup."""
+    return parallel_state.get_data_parallel_group() if parallel_state.model_parallel_is_initialized() else None
 
 
 class MegatronMPU:

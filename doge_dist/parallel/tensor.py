@@ -38,7 +38,6 @@ from megatron.core.tensor_parallel import (
     reduce_from_tensor_model_parallel_region,
     vocab_parallel_cross_entropy,
 )
-from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from torch import nn
 
 from ..config import ConfigError, ModelConfig
@@ -97,6 +96,30 @@ def shard_state_dict(state: dict, config: ModelConfig, rank: int, tp: int) -> di
     return shards
 
 
+def universal_checkpoint_info(config: ModelConfig) -> dict:
+    """How DeepSpeed's ``ds_to_universal`` merges our tensor-parallel shards (and how a load at another
+    tp size re-splits them): row-parallel weights along dim 1, vocabulary tensors without padding,
+    everything not in ``TP_SPLIT_DIMS`` replicated."""
+    from deepspeed.checkpoint import constants as uc
+
+    layer = r".*\.layers\.\d+\."
+    replicated = [layer + r"(input_layernorm|post_attention_layernorm)\.weight$",
+                  layer + r"(input_residual|post_attention_residual)$", r".*\.norm\.weight$"]
+    if config.attention_variant == "v2":
+        replicated.append(layer + r"self_attn\.[qk]_norm\.weight$")
+    if config.is_moe:
+        replicated.append(layer + r"mlp\.(router_gate|down_embed|up_embed)\.weight$")
+    vocabulary = [r".*embed_tokens\.weight$"] + ([] if config.tie_word_embeddings else [r".*lm_head\.weight$"])
+    return {
+        "universal_checkpoint_version": 0.2,
+        uc.TP_REPLICATED_PARAMETER_PATTERNS: replicated,
+        uc.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: [layer + r"self_attn\.(o_proj|dt_proj)\.weight$",
+                                                     layer + r"mlp\.down_proj\.weight$"],
+        uc.VOCABULARY_PARAMETER_PATTERNS: vocabulary,
+        uc.ORIGINAL_VOCAB_SIZE: config.vocab_size,
+    }
+
+
 def merge_state_dicts(shards: list[dict], config: ModelConfig) -> dict:
     """Inverse of ``shard_state_dict``: one full state dict, vocabulary padding dropped."""
     merged = {}
@@ -107,7 +130,15 @@ def merge_state_dicts(shards: list[dict], config: ModelConfig) -> dict:
     return merged
 
 
-class ColumnParallel(ColumnParallelLinear):
+class _NoExtraState:
+    """megatron-core layers add an ``_extra_state`` entry (None, for Transformer Engine) to the state
+    dict; ours must hold tensors only, like the single-device model's (DeepSpeed's universal
+    checkpoint converter saves every entry as a tensor). Loading still accepts the entry."""
+
+    get_extra_state = nn.Module.get_extra_state
+
+
+class ColumnParallel(_NoExtraState, ColumnParallelLinear):
     """megatron-core's column-parallel linear on [B, T, H], returning only the output.
 
     With sequence parallelism the input is this rank's T/tp tokens: it is gathered here and the
@@ -124,7 +155,7 @@ class ColumnParallel(ColumnParallelLinear):
         return super().forward(x)[0]
 
 
-class RowParallel(RowParallelLinear):
+class RowParallel(_NoExtraState, RowParallelLinear):
     """megatron-core's row-parallel linear (input already split) on [B, T, H/tp]; with sequence
     parallelism its partial sums are reduce-scattered over the sequence instead of all-reduced."""
 
@@ -145,7 +176,6 @@ class HeadLocalDtProj(nn.Module):
     def __init__(self, in_local: int, bias_heads: int, has_bias: bool, rank: int, tp: int, group) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(bias_heads, in_local))
-        set_tensor_model_parallel_attributes(self.weight, True, 1, 1)
         self.bias = nn.Parameter(torch.empty(bias_heads)) if has_bias else None
         local = bias_heads // tp
         self.local_heads = slice(rank * local, (rank + 1) * local)
@@ -158,7 +188,7 @@ class HeadLocalDtProj(nn.Module):
         return copy_to_tensor_model_parallel_region(dt, self.group)[..., self.local_heads]
 
 
-class VocabShardEmbedding(VocabParallelEmbedding):
+class VocabShardEmbedding(_NoExtraState, VocabParallelEmbedding):
     """megatron-core's vocab-parallel embedding with the reference's ``padding_idx``: the padding
     row gets no gradient from lookups (it still does from a tied LM head), and [B, T, H] layout."""
 
@@ -235,6 +265,16 @@ class TensorParallelDoge(DogeForCausalLM):
         return balance_loss(gathered, self.config.num_experts, self.config.balance_loss, token_mask)
 
 
+def mark_split_parameters(model: nn.Module) -> None:
+    """Megatron's tensor-parallel attributes on every split parameter (megatron sets them only when it
+    initialises weights itself); DeepSpeed's gradient norm counts a parameter without them once,
+    from tensor-parallel rank 0, as replicated."""
+    for name, param in model.named_parameters():
+        dim = tp_split_dim(name)
+        if dim is not None:
+            param.tensor_model_parallel, param.partition_dim, param.partition_stride = True, dim, 1
+
+
 def parallelize_tensor(model: DogeForCausalLM, group: dist.ProcessGroup, sequence_parallel: bool = False) -> TensorParallelDoge:
     """Turn a single-device model into this rank's tensor-parallel shard, in place, keeping its weights.
 
@@ -269,7 +309,6 @@ def parallelize_tensor(model: DogeForCausalLM, group: dist.ProcessGroup, sequenc
         attn.dt_proj = HeadLocalDtProj(attn.dt_proj.in_features // tp, attn.dt_proj.out_features,
                                        attn.dt_proj.bias is not None, rank, tp, group)
         attn.A = nn.Parameter(torch.empty(attn.A.shape[0] // tp))
-        set_tensor_model_parallel_attributes(attn.A, True, 0, 1)
         attn.num_heads //= tp
         attn.num_kv_heads //= tp
         if attn.q_norm is not None:
@@ -290,7 +329,6 @@ def parallelize_tensor(model: DogeForCausalLM, group: dist.ProcessGroup, sequenc
         head_weight = embed.weight
     else:
         head_weight = nn.Parameter(torch.empty(vocab // tp, config.hidden_size))
-        set_tensor_model_parallel_attributes(head_weight, True, 0, 1)
     model.lm_head = VocabParallelLMHead(head_weight, config.vocab_size, rank, group, sequence_parallel)
     if sequence_parallel:
         replicated_partial_grads.append(model.model.norm.weight)
@@ -298,6 +336,7 @@ def parallelize_tensor(model: DogeForCausalLM, group: dist.ProcessGroup, sequenc
     model.__class__ = TensorParallelDoge  # the same object, with the sharded-loss methods (as FSDP2 does)
     model.tp_group, model.sequence_parallel = group, sequence_parallel
     model.load_state_dict(shard_state_dict(full_state, config, rank, tp))
+    mark_split_parameters(model)
     for param in replicated_partial_grads:
         sum_gradients_over_group(param, group)
     return model

@@ -1,0 +1,48 @@
+#!/usr/bin/env python
+"""Tokenize chat conversations (SFT) or preference pairs (DPO) into Megatron .bin/.idx with a loss mask.
+
+    python data_tools/preprocess_chat.py --kind sft --input data/sample_chat/sft_train.jsonl \\
+        --tokenizer data/tokenizer/chat --output-prefix data/sample_sft_train
+    python data_tools/preprocess_chat.py --kind dpo --input data/sample_chat/dpo_train.jsonl \\
+        --tokenizer data/tokenizer/chat --output-prefix data/sample_dpo_train --max-prompt-length 512
+
+SFT records: {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}.
+DPO records: {"prompt": str or messages, "chosen": str or messages, "rejected": str or messages}.
+The tokenizer is a Hugging Face directory with the chat template (data_tools/make_chat_tokenizer.py).
+Writes {output-prefix}_text_document.bin/.idx and {output-prefix}_loss_mask_document.bin/.idx.
+Malformed records are reported with file:line and skipped; --strict stops at the first one.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from doge_dist.data import DataError
+from doge_dist.data.preprocess_chat import KINDS, preprocess_chat
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kind", choices=list(KINDS), required=True)
+    parser.add_argument("--input", nargs="+", required=True, help="jsonl(.gz), parquet files, directories or globs")
+    parser.add_argument("--tokenizer", required=True, help="Hugging Face tokenizer directory with the chat template")
+    parser.add_argument("--output-prefix", required=True)
+    parser.add_argument("--loss-on", choices=["assistant", "all"], default="assistant", help="SFT: tokens that carry loss")
+    parser.add_argument("--max-length", type=int, default=0, help="SFT: truncate conversations (tokens, from the right); 0 = keep")
+    parser.add_argument("--max-prompt-length", type=int, default=512, help="DPO: prompt tokens kept (from the left)")
+    parser.add_argument("--max-completion-length", type=int, default=512, help="DPO: completion tokens kept (from the right)")
+    parser.add_argument("--strict", action="store_true", help="stop at the first malformed record instead of skipping it")
+    args = parser.parse_args()
+    try:
+        report = preprocess_chat(args.input, args.output_prefix, args.tokenizer, args.kind, args.loss_on == "assistant",
+                                 args.max_length, args.max_prompt_length, args.max_completion_length, args.strict,
+                                 log=lambda line: print(line, file=sys.stderr, flush=True))
+    except DataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(report.summary())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

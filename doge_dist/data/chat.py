@@ -1,0 +1,99 @@
+"""Conversations and preference pairs -> token ids and loss masks, through the chat template.
+
+Every sequence is tokenized by ``tokenizer.apply_chat_template`` (the call a user makes at
+inference), so training ids equal inference ids. The loss mask marks the tokens the model is
+trained to *produce*: assistant content and its closing eos (``{% generation %}`` spans), or every
+token with ``assistant_only=False``.
+
+Malformed input raises ``BadRecord`` with a one-line reason; the caller adds file and line.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from doge_dist.data.inputs import BadRecord
+
+ROLES = ("system", "user", "assistant")
+Messages = list[dict[str, str]]
+
+
+def check_messages(messages: Any, field: str = "messages", need_assistant: bool = True) -> Messages:
+    """The validated list of ``{role, content}`` dicts, or ``BadRecord`` naming the first problem."""
+    if not isinstance(messages, list) or not messages:
+        raise BadRecord(f"'{field}' must be a non-empty list of {{role, content}} objects")
+    for number, message in enumerate(messages, start=1):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise BadRecord(f"'{field}' message {number} is not an object with 'role' and 'content'")
+        role, content = message["role"], message["content"]
+        if role not in ROLES:
+            raise BadRecord(f"'{field}' message {number} has unknown role {role!r} (use {', '.join(ROLES)})")
+        if role == "system" and number != 1:
+            raise BadRecord(f"'{field}' message {number}: a system message may only come first")
+        if not isinstance(content, str) or not content.strip():
+            raise BadRecord(f"'{field}' message {number} ({role}) has empty content")
+    if need_assistant and not any(m["role"] == "assistant" for m in messages):
+        raise BadRecord(f"'{field}' has no assistant turn: nothing to train on")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def encode_conversation(tokenizer, messages: Messages, assistant_only: bool = True, max_length: int = 0) -> tuple[list[int], list[int]]:
+    """(ids, loss mask) of one conversation; ``max_length`` > 0 truncates from the right."""
+    out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    ids = list(out["input_ids"])
+    mask = list(out["assistant_masks"]) if assistant_only else [1] * len(ids)
+    if max_length > 0:
+        ids, mask = ids[:max_length], mask[:max_length]
+    if not any(mask):
+        raise BadRecord("no trainable token left (the assistant turns are beyond the maximum length)")
+    return ids, mask
+
+
+def _as_messages(value: Any, field: str, role: str) -> Messages:
+    if isinstance(value, str):
+        return check_messages([{"role": role, "content": value}], field, need_assistant=False)
+    return check_messages(value, field, need_assistant=False)
+
+
+def preference_messages(record: dict) -> tuple[Messages, Messages, Messages]:
+    """(prompt, chosen, rejected) messages from strings or message lists. A chosen/rejected list that
+    repeats the prompt first (ultrafeedback_binarized style) has the prompt removed."""
+    missing = [key for key in ("prompt", "chosen", "rejected") if key not in record]
+    if missing:
+        raise BadRecord(f"no key {', '.join(map(repr, missing))} (preference records need prompt, chosen, rejected)")
+    prompt = _as_messages(record["prompt"], "prompt", "user")
+    if prompt[-1]["role"] == "assistant":
+        raise BadRecord("'prompt' ends with an assistant turn; the completion must be the assistant's answer")
+    completions = []
+    for field in ("chosen", "rejected"):
+        completion = _as_messages(record[field], field, "assistant")
+        if completion[: len(prompt)] == prompt:
+            completion = completion[len(prompt) :]
+        if not completion or any(m["role"] != "assistant" for m in completion):
+            raise BadRecord(f"'{field}' must be the assistant's answer (assistant messages after the prompt)")
+        completions.append(completion)
+    if completions[0] == completions[1]:
+        raise BadRecord("'chosen' and 'rejected' are identical")
+    return prompt, completions[0], completions[1]
+
+
+def _ids(tokenizer, messages: Messages, add_generation_prompt: bool) -> list[int]:
+    return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                              add_generation_prompt=add_generation_prompt)["input_ids"])
+
+
+def encode_preference(tokenizer, record: dict, max_prompt_length: int, max_completion_length: int) -> tuple[list[int], list[int], list[int]]:
+    """(prompt ids, chosen ids, rejected ids) of one pair. The prompt is rendered with the generation
+    prompt and truncated from the left to ``max_prompt_length``; each completion is the rest of the
+    full conversation's ids, truncated from the right to ``max_completion_length`` (0: no limit)."""
+    prompt, chosen, rejected = preference_messages(record)
+    prompt_ids = _ids(tokenizer, prompt, add_generation_prompt=True)
+    completions = []
+    for completion in (chosen, rejected):
+        full = _ids(tokenizer, prompt + completion, add_generation_prompt=False)
+        if full[: len(prompt_ids)] != prompt_ids:
+            raise BadRecord("the chat template tokenizes the prompt differently inside the full conversation")
+        completion_ids = full[len(prompt_ids) :]
+        completions.append(completion_ids[:max_completion_length] if max_completion_length > 0 else completion_ids)
+    if max_prompt_length > 0:
+        prompt_ids = prompt_ids[-max_prompt_length:]
+    return prompt_ids, completions[0], completions[1]

@@ -1,0 +1,74 @@
+"""The chat template, stored in the Hugging Face tokenizer directory (``chat_template`` in
+tokenizer_config.json) so that training data, ``tokenizer.apply_chat_template`` and every export agree.
+
+The format is Doge's (Llama-3 style headers): ``bos``, then per message
+``<|start_header_id|>ROLE<|end_header_id|>\\n CONTENT eos``. Two differences from the published
+Doge template, on purpose: no blank line after each ``eos`` (with a sentencepiece tokenizer it
+would only add untrained whitespace pieces), and the assistant content is wrapped in
+``{% generation %}`` so that ``apply_chat_template(..., return_assistant_tokens_mask=True)`` returns
+the loss mask: SFT data is tokenized by the very call users make at inference time.
+
+Why a separate "chat twin" directory: the template emits ``bos``/``eos`` as text, which must become
+their ids (``split_special_tokens: false``); the pretraining twin keeps ``split_special_tokens: true``
+so that a literal "</s>" inside a document stays text, exactly as sentencepiece encoded it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from doge_dist.data.errors import DataError
+
+CHAT_SUBDIR = "chat"  # train_tokenizer writes the chat twin to OUTPUT_DIR/chat
+HEADER = "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n'"
+DOGE_CHAT_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- for message in messages %}"
+    "{{- " + HEADER + " }}"
+    "{%- if message['role'] == 'assistant' %}"
+    "{%- generation %}{{- message['content'] + eos_token }}{%- endgeneration %}"
+    "{%- else %}{{- message['content'] + eos_token }}{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n' }}{%- endif %}"
+)
+FIX = "write one with data_tools/make_chat_tokenizer.py --tokenizer TOKENIZER --output-dir DIR"
+
+
+def write_chat_tokenizer(source: str | os.PathLike, output_dir: str | os.PathLike, template: str = DOGE_CHAT_TEMPLATE) -> Path:
+    """A Hugging Face tokenizer directory with ``template`` from a sentencepiece ``.model`` or an HF directory."""
+    from doge_dist.data.tokenizer import load_tokenizer
+
+    output = Path(output_dir)
+    scratch = output.with_name(output.name + ".partial")
+    shutil.rmtree(scratch, ignore_errors=True)
+    load_tokenizer(source).save_hf(scratch)
+    config_path = scratch / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["chat_template"] = template
+    config["split_special_tokens"] = False
+    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    (scratch / "chat_template.jinja").unlink(missing_ok=True)  # a stale file there would win over the config key
+    shutil.rmtree(output, ignore_errors=True)
+    os.replace(scratch, output)
+    return output
+
+
+def load_chat_tokenizer(path: str | os.PathLike):
+    """``AutoTokenizer`` of a chat tokenizer directory; its template must mark assistant turns."""
+    from transformers import AutoTokenizer
+
+    directory = Path(path)
+    if not (directory / "tokenizer_config.json").is_file():
+        raise DataError(f"'{directory}' is not a Hugging Face tokenizer directory (no tokenizer_config.json); {FIX}.")
+    tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
+    if not template or "generation" not in template:
+        raise DataError(
+            f"Tokenizer '{directory}' has no chat template with {{% generation %}} markers, which the loss mask "
+            f"needs; {FIX}."
+        )
+    if not tokenizer.is_fast:
+        raise DataError(f"Tokenizer '{directory}' is not a fast tokenizer: the loss mask needs token offsets.")
+    return tokenizer

@@ -1,0 +1,118 @@
+"""Chat (SFT) and preference (DPO) jsonl/parquet -> Megatron indexed datasets with a loss mask.
+
+Layout, per output prefix (megatron-core ``IndexedDatasetBuilder`` files, readable by any Megatron tool):
+
+    {prefix}_text_document.bin/.idx        token ids
+    {prefix}_loss_mask_document.bin/.idx   uint8, 1 where the token is trained on; same sequence lengths
+
+SFT: one document = one conversation = one sequence. DPO: one document = one pair = two sequences,
+prompt + chosen then prompt + rejected (the mask marks the completion). Bad records are skipped
+and reported with file and line (or stop the run with ``strict``), like data_tools/preprocess_data.py.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from doge_dist.data.chat import check_messages, encode_conversation, encode_preference
+from doge_dist.data.chat_template import load_chat_tokenizer
+from doge_dist.data.errors import DataError
+from doge_dist.data.indexed import atomic_builder, document_prefix
+from doge_dist.data.inputs import BadRecord, iter_records, list_inputs
+from doge_dist.data.preprocess import MAX_REPORTED, PreprocessReport
+
+KINDS = {"sft": ("messages",), "dpo": ("prompt", "chosen", "rejected")}
+TEXT_KEY, MASK_KEY = "text", "loss_mask"
+
+
+def chat_prefixes(output_prefix: str) -> tuple[str, str]:
+    """(token prefix, loss-mask prefix) written for ``output_prefix``."""
+    return document_prefix(output_prefix, TEXT_KEY), document_prefix(output_prefix, MASK_KEY)
+
+
+def mask_prefix(text_prefix: str) -> str:
+    """The loss-mask prefix next to a token prefix (``..._text_document`` -> ``..._loss_mask_document``)."""
+    if not text_prefix.endswith(f"_{TEXT_KEY}_document"):
+        raise DataError(f"'{text_prefix}' is not a chat data prefix (..._text_document from data_tools/preprocess_chat.py).")
+    return text_prefix[: -len(f"_{TEXT_KEY}_document")] + f"_{MASK_KEY}_document"
+
+
+def _record(kind: str, payload) -> Optional[dict]:
+    if kind == "row":
+        return payload
+    if kind != "json":
+        raise DataError("chat data must be jsonl, parquet or a datasets directory, not plain text")
+    if not payload.strip():
+        return None
+    try:
+        data = json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise BadRecord(f"malformed JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise BadRecord(f"a JSON {type(data).__name__}, not an object")
+    return data
+
+
+def preprocess_chat(
+    input: str | Sequence[str],
+    output_prefix: str,
+    tokenizer_dir: str,
+    kind: str = "sft",
+    assistant_only: bool = True,
+    max_length: int = 0,
+    max_prompt_length: int = 512,
+    max_completion_length: int = 512,
+    strict: bool = False,
+    log: Callable[[str], None] = print,
+) -> PreprocessReport:
+    """Tokenize conversations (``kind="sft"``) or preference pairs (``"dpo"``); see the module doc."""
+    from megatron.core.datasets.indexed_dataset import DType
+
+    if kind not in KINDS:
+        raise DataError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}.")
+    start = time.time()
+    inputs = list_inputs(input)
+    tokenizer = load_chat_tokenizer(tokenizer_dir)
+    dtype = DType.optimal_dtype(len(tokenizer))
+    prefixes = chat_prefixes(output_prefix)
+    report = PreprocessReport(list(prefixes))
+    log(f"Tokenizing {kind} records of {len(inputs)} input file(s) into {prefixes[0]} (+ loss mask)")
+    trained = 0
+    with contextlib.ExitStack() as stack:
+        tokens, masks = (stack.enter_context(atomic_builder(p, t)) for p, t in zip(prefixes, (dtype, np.uint8)))
+        for index, line, record_kind, payload in iter_records(inputs, KINDS[kind]):
+            where = f"{inputs[index].path}:{line}"
+            try:
+                record = _record(record_kind, payload)
+                if record is None:
+                    report.empty += 1
+                    continue
+                if kind == "sft":
+                    if "messages" not in record:
+                        raise BadRecord(f"no key 'messages'; this record has keys {', '.join(map(repr, record)) or '(none)'}")
+                    ids, mask = encode_conversation(tokenizer, check_messages(record["messages"]), assistant_only, max_length)
+                    sequences = [(ids, mask)]
+                else:
+                    prompt, chosen, rejected = encode_preference(tokenizer, record, max_prompt_length, max_completion_length)
+                    sequences = [(prompt + c, [0] * len(prompt) + [1] * len(c)) for c in (chosen, rejected)]
+            except BadRecord as problem:
+                if strict:
+                    raise DataError(f"{where}: {problem} (--strict stops at the first bad record; without it, bad records are skipped and reported)") from None
+                report.bad += 1
+                if len(report.bad_locations) < MAX_REPORTED:
+                    report.bad_locations.append(f"{where}: {problem}")
+                continue
+            lengths = [len(ids) for ids, _ in sequences]
+            tokens.add_document(np.concatenate([np.asarray(ids, dtype=dtype) for ids, _ in sequences]), lengths)
+            masks.add_document(np.concatenate([np.asarray(m, dtype=np.uint8) for _, m in sequences]), lengths)
+            report.documents += 1
+            report.tokens += sum(lengths)
+            trained += sum(sum(m) for _, m in sequences)
+            report.input_bytes += len(payload) if isinstance(payload, bytes) else 0
+    report.seconds = time.time() - start
+    log(f"{trained} of {report.tokens} tokens carry loss")
+    return report

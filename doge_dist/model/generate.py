@@ -1,0 +1,58 @@
+"""Sampling with the key/value cache: the prompt is run once, then one token per forward.
+
+Temperature 0 is greedy decoding; ``top_k``/``top_p`` restrict sampling to the most likely tokens.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .cache import KVCache
+from .doge import DogeForCausalLM
+
+
+def next_token(logits: torch.Tensor, temperature: float, top_k: Optional[int], top_p: Optional[float],
+               generator: Optional[torch.Generator]) -> torch.Tensor:
+    """[B, V] logits -> [B] token ids."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix reaching top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(
+    model: DogeForCausalLM,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    eos_token_id: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """``input_ids`` [B, T] -> [B, T + new] (rows that emitted ``eos_token_id`` are padded with it)."""
+    model.eval()
+    cache = KVCache()
+    logits = model(input_ids, cache=cache).logits[:, -1]
+    tokens = [input_ids]
+    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    for _ in range(max_new_tokens):
+        token = next_token(logits, temperature, top_k, top_p, generator)
+        if eos_token_id is not None:
+            token = token.masked_fill(finished, eos_token_id)
+            finished |= token == eos_token_id
+        tokens.append(token[:, None])
+        if bool(finished.all()):
+            break
+        logits = model(token[:, None], cache=cache).logits[:, -1]
+    return torch.cat(tokens, dim=1)

@@ -1,0 +1,213 @@
+"""Checkpoints: DeepSpeed's layout plus what DeepSpeed does not keep, written so a crash never
+corrupts the last good one.
+
+    <run.dir>/checkpoints/
+        latest                      tag of the newest complete checkpoint (written last, atomically)
+        step_00000040/              engine.save_checkpoint(...): model, optimizer, lr schedule, and
+            doge_meta.json          our client state (step, consumed samples/tokens, dp size)
+            rng_rank00000.pt        python/numpy/torch RNG states, one file per rank
+        step_00000040_universal/    made on demand by ds_to_universal when the dp size changes
+
+By hand (DeepSpeed has no equivalent): the ``latest`` pointer only after every rank finished
+(``save_latest=False`` and a barrier), pruning to ``keep_last`` only after that, per-rank RNG files,
+and converting to a universal checkpoint when a ZeRO 1-3 run resumes with another data-parallel size.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..config import ConfigError
+
+LATEST = "latest"
+META = "doge_meta.json"
+UNIVERSAL_SUFFIX = "_universal"
+
+
+@dataclass
+class Progress:
+    """Where the loop is; saved in every checkpoint and restored on resume."""
+
+    step: int = 0  # optimizer steps taken (applied or skipped)
+    consumed_samples: int = 0  # sequences drawn from the training set, all ranks together
+    consumed_tokens: int = 0  # loss tokens those sequences contained
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def checkpoint_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def read_latest(root: Path) -> Optional[str]:
+    pointer = root / LATEST
+    if not pointer.is_file():
+        return None
+    tag = pointer.read_text().strip()
+    if not (root / tag / META).is_file():
+        raise ConfigError(f"{pointer} names '{tag}', but {root / tag / META} is missing: the checkpoint is incomplete.")
+    return tag
+
+
+def read_meta(root: Path, tag: str) -> dict:
+    return json.loads((root / tag / META).read_text())
+
+
+def resolve_checkpoint(path: str | Path) -> tuple[Path, str]:
+    """(checkpoints root, tag) from a run dir, its checkpoints dir, or one tag directory."""
+    path = Path(path)
+    for root in (path / "checkpoints", path):
+        if (root / LATEST).is_file():
+            return root, read_latest(root)
+    if (path / META).is_file():
+        return path.parent, path.name
+    raise ConfigError(
+        f"'{path}' holds no doge-dist checkpoint (no checkpoints/latest, no {META}); pass a run directory, "
+        "its checkpoints/ directory, or one step_NNNNNNNN directory."
+    )
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def restore_rng(directory: Path, rank: int, seed: int) -> None:
+    """This rank's saved RNG states; a rank the saving run did not have gets a fresh seed."""
+    file = directory / f"rng_rank{rank:05d}.pt"
+    if not file.is_file():
+        seed_everything(seed + rank)
+        return
+    state = torch.load(file, weights_only=False)
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save(engine, run_dir: str | Path, progress: Progress, layout, keep_last: int, model_config: dict,
+         universal_info: dict) -> Path:
+    """Save on every rank; move ``latest`` only once all ranks are done; then prune old checkpoints."""
+    root = checkpoint_root(run_dir)
+    tag = tag_for(progress.step)
+    rank = dist.get_rank()
+    if root.is_dir() and read_latest(root) == tag:  # nothing new since that checkpoint: never rewrite it
+        return root / tag
+    if rank == 0:
+        if (root / tag).exists():  # a half-written leftover of a crashed run (never the latest one)
+            shutil.rmtree(root / tag)
+        (root / tag).mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    torch.save(_rng_state(), root / tag / f"rng_rank{rank:05d}.pt")
+    meta = {**asdict(progress), "dp_size": layout.dp_size, "tensor_parallel": layout.tensor_parallel,
+            "expert_parallel": layout.expert_parallel}
+    engine.save_checkpoint(str(root), tag=tag, client_state={**meta, "universal_checkpoint_info": universal_info},
+                           save_latest=False)
+    if rank == 0:
+        _write_atomic(root / tag / META, json.dumps({**meta, "model": model_config}, indent=1))
+    dist.barrier()  # every rank's files and the meta file are complete
+    if rank == 0:
+        _write_atomic(root / LATEST, tag)
+        _prune(root, keep_last)
+    dist.barrier()
+    return root / tag
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    latest = read_latest(root)
+    tags = sorted(p.name for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(UNIVERSAL_SUFFIX))
+    complete = [t for t in tags if t <= latest]
+    for tag in complete[: max(0, len(complete) - max(1, keep_last))]:
+        shutil.rmtree(root / tag, ignore_errors=True)
+        shutil.rmtree(root / (tag + UNIVERSAL_SUFFIX), ignore_errors=True)
+
+
+def universal_tag(root: Path, tag: str) -> str:
+    """Convert ``tag`` with DeepSpeed's ds_to_universal once (rank 0); every rank returns the
+    universal tag. A collective call."""
+    if dist.get_rank() == 0:
+        convert_to_universal(root, tag)
+    dist.barrier()
+    return tag + UNIVERSAL_SUFFIX
+
+
+def convert_to_universal(root: Path, tag: str) -> Path:
+    """DeepSpeed's ds_to_universal into a temporary directory renamed when complete (done once)."""
+    target = root / (tag + UNIVERSAL_SUFFIX)
+    if not target.is_dir():
+        tmp = root / (tag + UNIVERSAL_SUFFIX + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        print(f"[doge-dist] converting {root / tag} to a universal checkpoint (new parallel layout)", flush=True)
+        command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(root / tag),
+                   "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1"]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"ds_to_universal failed for {root / tag}:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
+        for name in (META,):
+            shutil.copy2(root / tag / name, tmp / name)
+        for rng in (root / tag).glob("rng_rank*.pt"):
+            shutil.copy2(rng, tmp / rng.name)
+        tmp.rename(target)
+    return target
+
+
+def check_model_shape(root: Path, tag: str, model_config) -> None:
+    """Fail before loading when the checkpoint was written for another model shape, naming the first
+    tensor that differs (shapes compared on the meta device: nothing is allocated)."""
+    from ..config import ModelConfig
+    from ..convert.hf import load_state_checked
+    from ..model import DogeForCausalLM
+
+    saved = ModelConfig(**read_meta(root, tag)["model"])
+    with torch.device("meta"):
+        saved_state = DogeForCausalLM(saved).state_dict()
+        current = DogeForCausalLM(model_config)
+    load_state_checked(current, saved_state, f"checkpoint {root / tag} (model shape differs from the config)")
+
+
+def load(engine, root: Path, tag: str, rank: int, seed: int, module_only: bool = False, with_optimizer: bool = True) -> Progress:
+    """Load weights (and optimizer/schedule unless ``module_only``) through DeepSpeed; returns progress."""
+    path, client = engine.load_checkpoint(
+        str(root),
+        tag=tag,
+        load_module_only=module_only and not with_optimizer,
+        load_optimizer_states=with_optimizer,
+        load_lr_scheduler_states=not module_only,
+    )
+    if path is None:
+        raise ConfigError(f"DeepSpeed could not load checkpoint {root / tag}.")
+    if module_only:
+        return Progress()
+    restore_rng(root / tag, rank, seed)
+    return Progress(**{k: client[k] for k in ("step", "consumed_samples", "consumed_tokens")})

@@ -1,0 +1,75 @@
+"""Entry points behind launch/*.py: turn input errors into one readable paragraph and an exit code."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+from ..config import ConfigError, load_config
+
+
+def _input_errors() -> tuple[type, ...]:
+    from ..data import DataError
+
+    return (ConfigError, DataError, FileNotFoundError)
+
+
+def report_errors(run: Callable[[], None]) -> int:
+    """Run ``run``; a bad-input error prints one paragraph (rank 0 only) and returns exit code 2,
+    a run stopped for non-finite losses exit code 3."""
+    from .loop import TrainingStopped
+
+    try:
+        run()
+    except (*_input_errors(), TrainingStopped) as error:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {error}", file=sys.stderr, flush=True)
+        return 3 if isinstance(error, TrainingStopped) else 2
+    return 0
+
+
+def ds_config_path_of(config, ds_config_path: Optional[str]) -> str:
+    """--ds_config, else run.ds_config (recorded in the config so a resume uses the same file)."""
+    path = ds_config_path or config.run.ds_config
+    if not path:
+        raise ConfigError("No DeepSpeed config: pass --ds_config configs/zero2.json (or set run.ds_config in the YAML).")
+    config.run.ds_config = path
+    return path
+
+
+def main_pretrain(config_path: str, ds_config_path: Optional[str], overrides: list[str]) -> int:
+    from .ds_config import read_ds_config
+    from .loop import pretrain
+
+    def run() -> None:
+        config = load_config(config_path, overrides)
+        path = ds_config_path_of(config, ds_config_path)
+        pretrain(config, read_ds_config(path), f"DeepSpeed config '{path}'")
+
+    return report_errors(run)
+
+
+def main_finetune(kind: str, config_path: Optional[str], ds_config_path: Optional[str], overrides: list[str]) -> int:
+    """launch/sft.py and launch/dpo.py: the pretraining loop with the SFT or DPO task. The model shape
+    comes from run.init_from when the YAML has no model section and no model.* override."""
+    import yaml
+
+    from .distributed import launcher_world_size
+    from .ds_config import bf16_enabled, read_ds_config, resolve_ds_config
+    from .dpo import DPOTask
+    from .finetune import SFTTask, model_config_of, size_in_epochs
+    from .loop import pretrain
+
+    def run() -> None:
+        config = load_config(config_path, overrides)
+        path = ds_config_path_of(config, ds_config_path)
+        ds = read_ds_config(path)
+        raw = yaml.safe_load(Path(config_path).read_text()) if config_path else {}
+        if config.run.init_from and "model" not in (raw or {}) and not any(o.startswith("model.") for o in overrides):
+            config.model = model_config_of(config.run.init_from)
+        task = SFTTask() if kind == "sft" else DPOTask(bf16_enabled(resolve_ds_config(ds, config.train, 1, path)))
+        size_in_epochs(config, task.check(config), launcher_world_size())
+        pretrain(config, ds, f"DeepSpeed config '{path}'", task=task)
+
+    return report_errors(run)

@@ -1,0 +1,144 @@
+"""Direct Preference Optimization (Rafailov et al., 2023) on the pretraining loop.
+
+Per pair, with summed completion log-probs ``pi`` (policy) and ``ref`` (frozen reference):
+
+    rewards = beta * (pi - ref)                      for chosen and rejected
+    loss    = -logsigmoid(rewards_chosen - rewards_rejected)
+
+(trl's ``loss_type="sigmoid"`` without label smoothing). The loop averages the loss over the pairs
+of the global batch. The reference is the ``run.init_from`` model: a frozen copy next to the policy
+(``finetune.reference: model``), or its log-probs computed once before step 1 and kept in
+``run.dir/reference_logps.pt`` (``precomputed``: no second model in memory while training).
+"""
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ..config import Config
+from ..data.chat_dataset import PreferenceDataset, collate_pairs
+from ..model import IGNORE_INDEX, DogeForCausalLM
+from .distributed import DistEnv
+from .finetune import FinetuneData, FinetuneTask, pad_id
+
+METRICS = ("dpo/loss", "dpo/rewards_chosen", "dpo/rewards_rejected", "dpo/reward_margin", "dpo/accuracy")
+REFERENCE_FILE = "reference_logps.pt"
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[N] sums of fp32 log-probabilities of the labelled tokens of each row (``labels`` aligned with ``logits``)."""
+    token_logps = -F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
+    return token_logps.view(labels.shape).sum(-1)
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, reference_chosen: torch.Tensor,
+             reference_rejected: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(per-pair losses, chosen rewards, rejected rewards); rewards are detached."""
+    chosen = beta * (policy_chosen - reference_chosen)
+    rejected = beta * (policy_rejected - reference_rejected)
+    return -F.logsigmoid(chosen - rejected), chosen.detach(), rejected.detach()
+
+
+@torch.no_grad()
+def reference_logps(model: DogeForCausalLM, batch: dict, bf16: bool) -> torch.Tensor:
+    with torch.autocast(batch["input_ids"].device.type, dtype=torch.bfloat16, enabled=bf16):
+        logits = model(batch["input_ids"], position_ids=batch.get("position_ids")).logits
+    return sequence_logps(logits, batch["labels"])
+
+
+def load_reference(init_from: str, device: torch.device) -> DogeForCausalLM:
+    """The frozen reference: the weights fine-tuning started from (also after a resume)."""
+    if (Path(init_from) / "config.json").is_file():
+        from ..convert.hf import load_hf
+
+        model = load_hf(init_from)
+    else:
+        from .export import load_checkpoint_model
+
+        model = load_checkpoint_model(init_from)
+    model.requires_grad_(False)
+    return model.to(device).eval()
+
+
+class DPOTask(FinetuneTask):
+    pairs = True
+
+    def __init__(self, bf16: bool = False) -> None:
+        self.bf16 = bf16  # for the reference pass of ``precomputed`` (training steps get it from the loop)
+        self.beta = 0.1
+        self.reference: Optional[DogeForCausalLM] = None
+        self.table: Optional[torch.Tensor] = None  # [pairs, 2] precomputed reference log-probs
+        self._sums = torch.zeros(len(METRICS), dtype=torch.float64)
+        self._pairs = 0
+
+    def dataset(self, config: Config, split: str) -> Optional[PreferenceDataset]:
+        sequences = self.sequences(config, split)
+        return PreferenceDataset(sequences, config.data.seq_length) if sequences else None
+
+    def collate(self, config: Config) -> Callable:
+        return partial(collate_pairs, pad_id=pad_id(config))
+
+    def count(self, batch: dict) -> int:
+        return len(batch["index"])
+
+    def build_data(self, config: Config, env: DistEnv, dp_rank: int, dp_size: int, consumed_samples: int, cache_dir: str) -> FinetuneData:
+        self.beta = config.finetune.beta
+        self.reference = load_reference(config.run.init_from, env.device)
+        if config.finetune.reference == "precomputed":
+            self.table = self._precompute(config, env, Path(config.run.dir) / REFERENCE_FILE)
+            self.reference = None
+        return super().build_data(config, env, dp_rank, dp_size, consumed_samples, cache_dir)
+
+    def _precompute(self, config: Config, env: DistEnv, path: Path) -> torch.Tensor:
+        """Reference log-probs of every training pair, split over the ranks, summed, saved once by rank 0."""
+        train = self.dataset(config, "train")
+        if path.is_file():
+            table = torch.load(path, map_location=env.device)
+            if table.shape == (len(train), 2):
+                return table
+        table = torch.zeros(len(train), 2, dtype=torch.float64, device=env.device)
+        rank, world = dist.get_rank(), dist.get_world_size()
+        collate = self.collate(config)
+        mine = list(range(rank, len(train), world))
+        for start in range(0, len(mine), config.train.micro_batch_size):
+            batch = collate([train[i] for i in mine[start : start + config.train.micro_batch_size]])
+            batch = {k: v.to(env.device) for k, v in batch.items()}
+            logps = reference_logps(self.reference, batch, self.bf16).double()
+            table[batch["index"]] = torch.stack(logps.chunk(2), dim=1)
+        dist.all_reduce(table)
+        if env.is_main:
+            torch.save(table.cpu(), path)
+        return table
+
+    def forward_loss(self, engine, batch: dict, bf16: bool):
+        """(sum of pair losses, pair count, balance loss) for a [2B, T] batch: B chosen, then B rejected."""
+        with torch.autocast(engine.device.type, dtype=torch.bfloat16, enabled=bf16):
+            out = engine(batch["input_ids"], position_ids=batch.get("position_ids"))
+        policy = sequence_logps(out.logits, batch["labels"])
+        if self.table is not None:
+            reference = self.table[batch["index"]].to(policy.dtype).T.reshape(-1)
+        else:
+            reference = reference_logps(self.reference, batch, bf16)
+        pairs = len(batch["index"])
+        losses, chosen, rejected = dpo_loss(policy[:pairs], policy[pairs:], reference[:pairs], reference[pairs:], self.beta)
+        if torch.is_grad_enabled():  # training steps only, not validation
+            values = [losses.detach().sum(), chosen.sum(), rejected.sum(), (chosen - rejected).sum(), (chosen > rejected).sum()]
+            self._sums += torch.stack([v.double().cpu() for v in values])
+            self._pairs += pairs
+        return losses.sum(), torch.as_tensor(pairs), out.balance_loss
+
+    def log_metrics(self, device: torch.device) -> dict[str, float]:
+        """Means over the pairs of all ranks since the previous log point."""
+        from ..parallel.state import data_parallel_group
+
+        totals = torch.cat([self._sums, torch.tensor([float(self._pairs)], dtype=torch.float64)]).to(device)
+        dist.all_reduce(totals, group=data_parallel_group())  # tensor-parallel ranks hold the same pairs
+        self._sums.zero_()
+        self._pairs = 0
+        pairs = max(float(totals[-1]), 1.0)
+        return {name: float(value) / pairs for name, value in zip(METRICS, totals[:-1].tolist())}

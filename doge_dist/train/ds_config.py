@@ -1,0 +1,72 @@
+"""The DeepSpeed JSON a run uses: the user's file plus the batch sizes from the YAML.
+
+The JSON holds DeepSpeed's own keys (ZeRO stage, bf16, gradient clipping...). Batch sizes live in
+the YAML only, and are written here as micro-batch x accumulation x data-parallel size, so the three
+can never disagree; a user JSON that states a different value is an error rather than a silent winner.
+The optimizer and schedule come from the YAML train section, so JSON "optimizer"/"scheduler" are errors.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+from ..config import ConfigError, TrainConfig
+
+BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+
+
+def read_ds_config(path: Optional[str]) -> dict[str, Any]:
+    if not path:
+        return {}
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"DeepSpeed config '{path}' does not exist; pass --ds_config configs/zero2.json (or zero0..zero3).")
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"DeepSpeed config '{path}' is not valid JSON: {error}.") from error
+
+
+def zero_stage(ds: dict[str, Any]) -> int:
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+def bf16_enabled(ds: dict[str, Any]) -> bool:
+    return bool(ds.get("bf16", {}).get("enabled", False))
+
+
+def resolve_ds_config(user: dict[str, Any], train: TrainConfig, dp_size: int, where: str = "the DeepSpeed config") -> dict[str, Any]:
+    """The effective DeepSpeed config: ``user`` + batch sizes (+ ``train.bf16`` when set)."""
+    if train.micro_batch_size < 1 or train.gradient_accumulation_steps < 1:
+        raise ConfigError(
+            f"train.micro_batch_size ({train.micro_batch_size}) and train.gradient_accumulation_steps "
+            f"({train.gradient_accumulation_steps}) must both be at least 1."
+        )
+    for key in ("optimizer", "scheduler", "fp16"):
+        if key in user and (key != "fp16" or user[key].get("enabled", False)):
+            raise ConfigError(
+                f"{where} sets '{key}': doge-dist builds the optimizer and lr schedule from the YAML train section "
+                "and trains in bf16 or fp32 only. Remove the key."
+            )
+    wanted = {
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": train.gradient_accumulation_steps,
+        "train_batch_size": train.micro_batch_size * train.gradient_accumulation_steps * dp_size,
+    }
+    for key, value in wanted.items():
+        if key in user and user[key] != value:
+            raise ConfigError(
+                f"{where} sets {key} = {user[key]}, but the YAML gives {value} (train.micro_batch_size "
+                f"{train.micro_batch_size} x train.gradient_accumulation_steps {train.gradient_accumulation_steps} x "
+                f"data-parallel size {dp_size}). Batch sizes belong in the YAML: remove {key} from the JSON."
+            )
+    ds = copy.deepcopy(user)
+    ds.update(wanted)
+    if train.bf16 is not None:
+        ds["bf16"] = {**ds.get("bf16", {}), "enabled": train.bf16}
+    if zero_stage(ds) not in (0, 1, 2, 3):
+        raise ConfigError(f"{where}: zero_optimization.stage must be 0, 1, 2 or 3, got {zero_stage(ds)}.")
+    ds.setdefault("steps_per_print", 10**9)  # our own log line replaces DeepSpeed's
+    return ds

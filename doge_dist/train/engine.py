@@ -1,0 +1,71 @@
+"""Model, optimizer and schedule wrapped by ``deepspeed.initialize``.
+
+DeepSpeed does ZeRO, bf16 master weights, gradient reduction, clipping and the checkpoint files;
+this file decides what goes in: the seeded single-device model (or the weights of an HF directory)
+split by the parallel layout, activation checkpointing per decoder layer, and the AdamW groups and schedule from the YAML.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.utils.checkpoint
+from torch import nn
+
+from ..config import Config
+from ..model import DogeForCausalLM, build_model
+from ..parallel.apply import deepspeed_mpu, parallelize
+from .ds_config import bf16_enabled, zero_stage
+from .optim import build_optimizer
+from .schedule import build_scheduler
+
+
+def enable_activation_checkpointing(model: DogeForCausalLM) -> None:
+    """Recompute each decoder layer in the backward pass instead of keeping its activations.
+
+    The layer's ``forward`` is replaced on the instance, so parameter names (and checkpoints) are
+    unchanged. Non-reentrant checkpointing works with ZeRO-3's parameter hooks.
+    """
+    for layer in model.model.layers:
+        forward = layer.forward
+
+        def checkpointed(*args, _forward=forward, **kwargs):
+            return torch.utils.checkpoint.checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+
+        layer.forward = checkpointed
+
+
+def initial_model(config: Config) -> nn.Module:
+    """A fresh model (same weights on every rank for the same seed), or an HF directory's weights."""
+    model = build_model(config.model)
+    if is_hf_directory(config.run.init_from):
+        from ..convert.hf import load_hf, load_state_checked
+
+        loaded = load_hf(config.run.init_from)
+        load_state_checked(model, loaded.state_dict(), f"run.init_from '{config.run.init_from}'")
+    return model
+
+
+def is_hf_directory(path: Optional[str]) -> bool:
+    return bool(path) and Path(path, "config.json").is_file()
+
+
+def build_engine(config: Config, ds: dict[str, Any], device: torch.device):
+    """(engine, effective DeepSpeed config). At ZeRO 0 in fp32 the optimizer clips and guards itself."""
+    import deepspeed
+
+    ds = copy.deepcopy(ds)
+    model = parallelize(initial_model(config), config.parallel).to(device)
+    if config.train.activation_checkpointing:
+        enable_activation_checkpointing(model)
+    stage0_fp32_clip = None
+    if zero_stage(ds) == 0 and not bf16_enabled(ds):
+        stage0_fp32_clip = float(ds.get("gradient_clipping", 0.0))
+        ds["gradient_clipping"] = 0.0
+    optimizer = build_optimizer(model, config.train, stage0_fp32_clip)
+    scheduler = build_scheduler(optimizer, config.train)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds,
+                                      mpu=deepspeed_mpu(config.parallel))
+    return engine, ds

@@ -1,0 +1,70 @@
+"""A checkpoint of any ZeRO stage -> fp32 weights -> a Hugging Face Doge directory with the tokenizer.
+
+DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint`` merges the fp32 master partitions of ZeRO
+1-3 (and of the bf16 optimizer); a ZeRO-0 fp32 checkpoint has the whole model in its model-states file.
+The model shape comes from the checkpoint's doge_meta.json, the tokenizer from the run's config.yaml.
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+import yaml
+
+from ..config import ConfigError, ModelConfig
+from ..model import DogeForCausalLM, build_model
+from . import checkpoint
+
+
+def consolidated_state(root: Path, tag: str) -> dict[str, torch.Tensor]:
+    if any((root / tag).glob("*zero_pp_rank_*_optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return dict(get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag))
+    states = torch.load(root / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    return {k: v.float() for k, v in states["module"].items()}
+
+
+def find_checkpoint(path: str | Path, step: Optional[int] = None) -> tuple[Path, str]:
+    root, tag = checkpoint.resolve_checkpoint(path)
+    if step is not None:
+        tag = checkpoint.tag_for(step)
+        if not (root / tag / checkpoint.META).is_file():
+            kept = sorted(p.name for p in root.glob("step_*") if (p / checkpoint.META).is_file())
+            raise ConfigError(f"No complete checkpoint for step {step} in {root}; kept: {', '.join(kept) or 'none'}.")
+    return root, tag
+
+
+def load_checkpoint_model(path: str | Path, step: Optional[int] = None) -> DogeForCausalLM:
+    """Our model with a checkpoint's consolidated fp32 weights (``model.config`` from the checkpoint)."""
+    from ..convert.hf import load_state_checked
+
+    root, tag = find_checkpoint(path, step)
+    model = build_model(ModelConfig(**checkpoint.read_meta(root, tag)["model"]))
+    print(f"[doge-dist] consolidating {root / tag}", flush=True)
+    load_state_checked(model, consolidated_state(root, tag), str(root / tag))
+    return model
+
+
+def run_tokenizer_path(path: str | Path) -> Optional[str]:
+    """data.tokenizer of the run that wrote the checkpoint under ``path`` (from its config.yaml)."""
+    root, _ = checkpoint.resolve_checkpoint(path)
+    config_file = root.parent / "config.yaml"
+    if not config_file.is_file():
+        return None
+    return (yaml.safe_load(config_file.read_text()).get("data") or {}).get("tokenizer")
+
+
+def export_hf(path: str | Path, output: str | Path, step: Optional[int] = None, tokenizer: Optional[str] = None) -> Path:
+    from ..convert.hf import save_hf
+    from ..data import load_tokenizer
+
+    model = load_checkpoint_model(path, step)
+    tokenizer = tokenizer or run_tokenizer_path(path)
+    if not tokenizer:
+        raise ConfigError(f"No tokenizer known for {path}: pass --tokenizer (the run's config.yaml has no data.tokenizer).")
+    with tempfile.TemporaryDirectory() as scratch:
+        hf_tokenizer = load_tokenizer(tokenizer).save_hf(Path(scratch) / "tokenizer")
+        return save_hf(model, output, tokenizer=hf_tokenizer)

@@ -1,0 +1,129 @@
+"""Supervised fine-tuning on the pretraining loop: chat data in, the same next-token loss out.
+
+SFT differs from pretraining only in its data (conversations with a loss mask, packed or padded,
+two epochs by default), so ``SFTTask`` is ``PretrainTask`` with another ``build_data``. The pieces
+here that DPO shares: ``FinetuneData`` (the rank's micro-batches, resumable by consumed samples),
+sizing a run in epochs, and the model shape inherited from ``run.init_from``.
+"""
+from __future__ import annotations
+
+import json
+import math
+from functools import partial
+from pathlib import Path
+from typing import Callable, Optional
+
+from torch.utils.data import DataLoader, Dataset
+
+from ..config import Config, ConfigError, ModelConfig
+from ..data import DataError, ResumableSampler
+from ..data.blend import parse_blend
+from ..data.chat_dataset import EpochShuffled, MaskedSequences, SFTDataset, collate_lm
+from .distributed import DistEnv
+from .task import PretrainTask
+
+
+class FinetuneData:
+    """This rank's micro-batches of a map-style dataset, epoch after shuffled epoch (the contract of
+    ``train.data.TrainData``: ``next_step``, ``validation_batches``, ``global_batch``)."""
+
+    def __init__(self, train_set: Dataset, valid_set: Optional[Dataset], collate: Callable, config: Config,
+                 dp_rank: int, dp_size: int, consumed_samples: int) -> None:
+        train = config.train
+        self.micro_batches_per_step = train.gradient_accumulation_steps
+        self.global_batch = train.micro_batch_size * train.gradient_accumulation_steps * dp_size
+        total = train.max_steps * self.global_batch
+        sampler = ResumableSampler(total, consumed_samples, train.micro_batch_size, dp_rank, dp_size)
+        shuffled = EpochShuffled(train_set, total, config.data.seed)
+        self._train = iter(DataLoader(shuffled, batch_sampler=sampler, collate_fn=collate, num_workers=config.data.num_workers))
+        self._valid: list[dict] = []
+        per_iter = train.micro_batch_size * dp_size
+        if valid_set is not None and train.eval_interval > 0 and len(valid_set) >= per_iter:
+            iters = min(train.eval_iters, len(valid_set) // per_iter)
+            sampler = ResumableSampler(iters * per_iter, 0, train.micro_batch_size, dp_rank, dp_size)
+            self._valid = list(DataLoader(valid_set, batch_sampler=sampler, collate_fn=collate))
+
+    def next_step(self) -> Optional[list[dict]]:
+        batches = [next(self._train, None) for _ in range(self.micro_batches_per_step)]
+        return None if any(b is None for b in batches) else batches
+
+    def validation_batches(self) -> list[dict]:
+        return self._valid
+
+
+def data_prefixes(entries: list, where: str) -> list[str]:
+    """Chat prefixes of data.train_data / data.valid_data (concatenated; weights are not supported)."""
+    blend = parse_blend(entries, where)
+    if blend is None:
+        return []
+    if blend[1] is not None:
+        raise ConfigError(f"{where}: SFT/DPO data is concatenated, not blended; list prefixes without weights.")
+    return blend[0]
+
+
+def pad_id(config: Config) -> int:
+    return config.model.pad_token_id if config.model.pad_token_id is not None else 0
+
+
+class FinetuneTask(PretrainTask):
+    """A language-model task whose data comes from chat prefixes; subclasses choose the dataset."""
+
+    pairs = False
+
+    def dataset(self, config: Config, split: str) -> Optional[Dataset]:
+        raise NotImplementedError
+
+    def collate(self, config: Config) -> Callable:
+        return partial(collate_lm, pad_id=pad_id(config))
+
+    def sequences(self, config: Config, split: str) -> Optional[MaskedSequences]:
+        entries = config.data.train_data if split == "train" else config.data.valid_data
+        prefixes = data_prefixes(entries, f"data.{split}_data")
+        return MaskedSequences(prefixes, self.pairs) if prefixes else None
+
+    def check(self, config: Config) -> int:
+        """Checks before any process group exists; returns the number of training samples."""
+        if not config.run.init_from:
+            raise ConfigError("run.init_from is not set: fine-tuning starts from a pretrained run directory or Hugging Face directory.")
+        train = self.dataset(config, "train")
+        if train is None or len(train) == 0:
+            raise DataError("data.train_data is empty: list prefixes written by data_tools/preprocess_chat.py.")
+        self.dataset(config, "valid")
+        return len(train)
+
+    def build_data(self, config: Config, env: DistEnv, dp_rank: int, dp_size: int, consumed_samples: int, cache_dir: str) -> FinetuneData:
+        return FinetuneData(self.dataset(config, "train"), self.dataset(config, "valid"), self.collate(config),
+                            config, dp_rank, dp_size, consumed_samples)
+
+
+class SFTTask(FinetuneTask):
+    """Supervised fine-tuning: next-token loss on the assistant tokens of conversations."""
+
+    def dataset(self, config: Config, split: str) -> Optional[SFTDataset]:
+        sequences = self.sequences(config, split)
+        return SFTDataset(sequences, config.data.seq_length, config.finetune.packing) if sequences else None
+
+
+def size_in_epochs(config: Config, samples: int, world_size: int) -> None:
+    """train.max_steps/warmup_steps(/decay_steps) from finetune.epochs (see FinetuneConfig)."""
+    finetune, train = config.finetune, config.train
+    if finetune.epochs <= 0:
+        return
+    dp_size = max(1, world_size // config.parallel.tensor_parallel)
+    global_batch = train.micro_batch_size * train.gradient_accumulation_steps * dp_size
+    train.max_steps = max(1, math.ceil(finetune.epochs * samples / global_batch))
+    train.warmup_steps = round(finetune.warmup_ratio * train.max_steps)
+    if train.scheduler == "wsd":
+        train.decay_steps = min(round(finetune.decay_ratio * train.max_steps), train.max_steps - train.warmup_steps)
+
+
+def model_config_of(init_from: str) -> ModelConfig:
+    """The model shape of a Hugging Face directory or a doge-dist run/checkpoint."""
+    from . import checkpoint
+
+    if (Path(init_from) / "config.json").is_file():
+        from ..convert.hf import from_hf_config
+
+        return from_hf_config(json.loads((Path(init_from) / "config.json").read_text()))
+    root, tag = checkpoint.resolve_checkpoint(init_from)
+    return ModelConfig(**checkpoint.read_meta(root, tag)["model"])

@@ -1,0 +1,247 @@
+"""Pretraining, top to bottom: checks, process group, engine, resume, data, then the step loop.
+
+One optimizer step = ``gradient_accumulation_steps`` micro-batches on every data-parallel rank.
+The loss is exact over the global batch: each micro-batch contributes its *sum* of token losses,
+scaled by ``accumulation x dp / global_token_count``, because DeepSpeed divides by the accumulation
+steps and averages over data-parallel ranks; the result is the mean over every loss token of the
+global batch, as one big batch would give (the token count is all-reduced before the first backward).
+"""
+from __future__ import annotations
+
+import json
+import math
+import signal
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import yaml
+from megatron.core import parallel_state
+
+from ..config import Config, ConfigError
+from ..parallel.state import ParallelLayout, data_parallel_group, initialize_parallel
+from ..parallel.tensor import universal_checkpoint_info
+from ..model.flops import training_flops_per_token
+from . import checkpoint
+from .checkpoint import Progress
+from .data import move
+from .distributed import DistEnv, all_reduce_sum, init_distributed, launcher_world_size
+from .ds_config import bf16_enabled
+from .engine import build_engine, is_hf_directory
+from .metrics import Reporter, peak_tflops
+from .preflight import check_run
+from .task import PretrainTask, Task
+
+
+class TrainingStopped(RuntimeError):
+    """Too many non-finite steps in a row; the last good checkpoint is left as it was."""
+
+
+class StopRequest:
+    """SIGTERM and SIGUSR1 (Slurm preemption) only set a flag: the loop agrees on it across ranks at
+    the next step, saves a checkpoint and returns."""
+
+    def __init__(self) -> None:
+        self.received: Optional[int] = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+
+
+def forward_loss(engine, batch: dict, bf16: bool) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """(sum of token losses, loss-token count, MoE balance loss or None) for one micro-batch."""
+    with torch.autocast(engine.device.type, dtype=torch.bfloat16, enabled=bf16):
+        out = engine(batch["input_ids"], position_ids=batch.get("position_ids"))
+    loss_sum, tokens = engine.module.loss_sum(out.logits, batch["labels"])
+    return loss_sum, tokens, out.balance_loss
+
+
+def train_step(engine, batches: list[dict], env: DistEnv, dp_size: int, bf16: bool, aux_coef: float, stop: StopRequest,
+               task: Optional[Task] = None) -> dict[str, Any]:
+    """One optimizer step over this rank's micro-batches; returns global loss, grad norm and flags.
+
+    Sums run over the data-parallel group: tensor-parallel ranks hold the same tokens."""
+    task = task or PretrainTask()
+    batches = [move(b, env.device) for b in batches]
+    local_tokens = sum(task.count(b) for b in batches)  # loss units: tokens, or pairs for DPO
+    stop_vote = float(stop.received is not None)
+    global_tokens, stop_votes = all_reduce_sum([local_tokens, stop_vote], env.device, data_parallel_group())
+    scale = len(batches) * dp_size / max(global_tokens, 1.0)
+    loss_total = torch.zeros((), dtype=torch.float64, device=env.device)
+    balance_total = torch.zeros((), dtype=torch.float64, device=env.device)
+    for batch in batches:
+        loss_sum, _, balance = task.forward_loss(engine, batch, bf16)
+        loss = loss_sum * scale
+        if balance is not None:
+            loss = loss + aux_coef * balance  # DeepSpeed's averaging makes this the mean over micro-batches
+            balance_total += balance.detach().double()
+        engine.backward(loss)
+        engine.step()
+        loss_total += loss_sum.detach().double()
+    loss_sum_global, balance_global = all_reduce_sum([loss_total.item(), balance_total.item()], env.device,
+                                                     data_parallel_group())
+    grad_norm = engine.get_global_grad_norm()
+    return {
+        "loss": loss_sum_global / max(global_tokens, 1.0),
+        "balance_loss": balance_global / (len(batches) * dp_size) if engine.module.config.is_moe else None,
+        "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+        "applied": engine.was_step_applied(),
+        "stop": stop_votes > 0,
+    }
+
+
+@torch.no_grad()
+def evaluate(engine, batches: list[dict], env: DistEnv, bf16: bool, task: Optional[Task] = None) -> float:
+    """Mean token loss over the fixed validation batches of all ranks."""
+    engine.eval()
+    loss, tokens = 0.0, 0.0
+    for batch in batches:
+        loss_sum, count, _ = (task or PretrainTask()).forward_loss(engine, move(batch, env.device), bf16)
+        loss, tokens = loss + loss_sum.item(), tokens + count.item()
+    engine.train()
+    loss, tokens = all_reduce_sum([loss, tokens], env.device, data_parallel_group())
+    return loss / max(tokens, 1.0)
+
+
+def find_start(config: Config) -> Optional[tuple[Path, str]]:
+    """The checkpoint to resume from: run.resume PATH, or (auto) the latest one in run.dir, or None."""
+    root = checkpoint.checkpoint_root(config.run.dir)
+    if config.run.resume == "never":
+        if (root / checkpoint.LATEST).exists():
+            raise ConfigError(
+                f"run.resume=never but {root} already holds checkpoints: choose a new run.dir or resume (run.resume=auto)."
+            )
+        return None
+    if config.run.resume != "auto":
+        return checkpoint.resolve_checkpoint(config.run.resume)
+    tag = checkpoint.read_latest(root) if root.is_dir() else None
+    return (root, tag) if tag else None
+
+
+def loadable_tag(root: Path, tag: str, layout: ParallelLayout, ds: dict, with_optimizer: bool) -> str:
+    """The tag to load with this layout: a checkpoint saved with another tensor-parallel size, or with
+    partitioned optimizer states at another dp size, goes through DeepSpeed's universal checkpoint
+    (converted once; "load_universal" set in ``ds``), which re-splits every tensor."""
+    saved = checkpoint.read_meta(root, tag)
+    partitioned = any((root / tag).glob("*zero_pp_rank_*_optim_states.pt"))
+    resharded = saved.get("tensor_parallel", 1) != layout.tensor_parallel
+    if resharded and not partitioned:
+        raise ConfigError(
+            f"Checkpoint {root / tag} was saved at tensor_parallel {saved.get('tensor_parallel', 1)} with ZeRO-0; "
+            f"changing the tensor-parallel size needs a ZeRO 1-3 checkpoint (resume at the saved size, or export it)."
+        )
+    if partitioned and (resharded or (with_optimizer and saved["dp_size"] != layout.dp_size)):
+        ds.setdefault("checkpoint", {})["load_universal"] = True
+        return checkpoint.universal_tag(root, tag)
+    return tag
+
+
+def write_run_files(run_dir: Path, config: Config, ds: dict) -> str:
+    text = yaml.safe_dump(config.to_dict(), sort_keys=False)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(text)
+    (run_dir / "ds_config.json").write_text(json.dumps(ds, indent=2))
+    return text
+
+
+def pretrain(config: Config, ds_user: dict[str, Any], ds_where: str = "the DeepSpeed config", task: Optional[Task] = None) -> Progress:
+    """Train ``config``; ``task`` (default: pretraining) supplies the data and the loss (SFT, DPO: task.py)."""
+    task = task or PretrainTask()
+    # 1. everything that can be wrong with the input fails here, before any model or group exists
+    layout, ds = check_run(config, ds_user, launcher_world_size(), ds_where)
+    env = init_distributed()
+    initialize_parallel(config.parallel)
+    train, run_dir = config.train, Path(config.run.dir)
+    bf16 = bf16_enabled(ds)
+    checkpoint.seed_everything(train.seed)
+    if env.is_main:
+        config_text = write_run_files(run_dir, config, ds)
+
+    # 2. what we start from: our own latest checkpoint, or weights to continue from, or nothing
+    start = find_start(config)
+    init_checkpoint = None
+    if start is None and config.run.init_from and not is_hf_directory(config.run.init_from):
+        init_checkpoint = checkpoint.resolve_checkpoint(config.run.init_from)
+    source = start or init_checkpoint
+    if source:
+        checkpoint.check_model_shape(*source, config.model)
+        with_optimizer = start is not None or config.run.init_optimizer
+        source = (source[0], loadable_tag(*source, layout, ds, with_optimizer))
+
+    # 3. the DeepSpeed engine, then its state
+    engine, ds = build_engine(config, ds, env.device)
+    progress = Progress()
+    if start:
+        progress = checkpoint.load(engine, *source, env.rank, train.seed)
+        if env.is_main:
+            print(f"[doge-dist] resumed from {source[0] / source[1]} at step {progress.step}", flush=True)
+    elif init_checkpoint:
+        checkpoint.load(engine, *source, env.rank, train.seed, module_only=True, with_optimizer=config.run.init_optimizer)
+        scheduler = engine.lr_scheduler  # loaded optimizer groups carry the old lr: start the fresh schedule at 0
+        for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
+            group["lr"] = base * scheduler.lr_lambdas[0](0)
+        if env.is_main:
+            print(f"[doge-dist] continuing from the weights of {source[0] / source[1]} with a fresh schedule", flush=True)
+
+    # 4. data, reporting, signals
+    cache_dir = config.data.cache_dir or str(run_dir / "data_cache")
+    data = task.build_data(config, env, parallel_state.get_data_parallel_rank(), layout.dp_size, progress.consumed_samples, cache_dir)
+    tokens_per_step = data.global_batch * config.data.seq_length
+    flops = training_flops_per_token(config.model, config.data.seq_length)
+    reporter = Reporter(str(run_dir), env.is_main, flops, peak_tflops(env.device, train.peak_tflops),
+                        env.world_size, train.max_steps, progress.step, progress.consumed_tokens)
+    if env.is_main:
+        reporter.text("config", config_text)
+        print(f"[doge-dist] {layout.world_size} rank(s), tp {layout.tensor_parallel}, dp {layout.dp_size}, "
+              f"ep {layout.expert_parallel}, ZeRO {ds.get('zero_optimization', {}).get('stage', 0)}, "
+              f"{'bf16' if bf16 else 'fp32'}, {tokens_per_step:,} tokens per step, steps {progress.step} -> {train.max_steps}", flush=True)
+    stop = StopRequest()
+
+    def save() -> None:
+        checkpoint.save(engine, run_dir, progress, layout, train.keep_last, config.model.to_dict(),
+                        universal_checkpoint_info(config.model))
+
+    # 5. the loop
+    bad_in_a_row = 0
+    while progress.step < train.max_steps:
+        batches = data.next_step()
+        if batches is None:
+            warnings.warn(f"The training data ran out at step {progress.step}; stopping early.")
+            break
+        lr = engine.get_lr()[0]  # the lr this step uses (DeepSpeed steps the schedule inside train_step)
+        result = train_step(engine, batches, env, layout.dp_size, bf16, config.model.router_aux_loss_coef, stop, task)
+        progress.step += 1
+        progress.consumed_samples += data.global_batch
+        progress.consumed_tokens += tokens_per_step
+
+        if not result["applied"] or not math.isfinite(result["loss"]):
+            bad_in_a_row += 1
+            if env.is_main:
+                warnings.warn(f"step {progress.step}: non-finite loss or gradient (loss {result['loss']}); the update was skipped.")
+            if bad_in_a_row > train.max_bad_steps:
+                raise TrainingStopped(
+                    f"{bad_in_a_row} non-finite steps in a row (train.max_bad_steps = {train.max_bad_steps}); stopping "
+                    f"without saving. The last good checkpoint in {checkpoint.checkpoint_root(run_dir)} is untouched: "
+                    "lower train.lr or resume from it with another seed."
+                )
+        else:
+            bad_in_a_row = 0
+
+        if progress.step % train.log_interval == 0 or progress.step == train.max_steps:
+            reporter.train_step(progress.step, result["loss"], lr, result["grad_norm"], progress.consumed_tokens,
+                                env.device, result["balance_loss"])
+            reporter.scalars(progress.step, task.log_metrics(env.device))
+        if train.eval_interval and (progress.step % train.eval_interval == 0 or progress.step == train.max_steps):
+            reporter.validation(progress.step, evaluate(engine, data.validation_batches(), env, bf16, task))
+        if result["stop"]:
+            if env.is_main:
+                print(f"[doge-dist] stop signal received: saving at step {progress.step} and exiting", flush=True)
+            break
+        if train.save_interval and progress.step % train.save_interval == 0:
+            save()
+    save()  # the end, a stop signal or exhausted data (a no-op when this step is saved already)
+    reporter.close()
+    return progress

@@ -1,0 +1,90 @@
+"""AdamW with weight-decay parameter groups.
+
+Two groupings (``train.decay_groups``):
+
+- ``matrices`` (default): decay only parameters with two or more dimensions (linear weights and the
+  embedding). Norm weights, biases and the 1-D Doge parameters (residual scales, ``A``) are not
+  decayed, since pulling a gain or a residual scale towards 0 fights the function it computes.
+- ``original``: what the small-doge recipes got from the Hugging Face Trainer of their time
+  (transformers < 4.50): ``get_parameter_names(model, ALL_LAYERNORM_LAYERS)`` without names
+  containing "bias". ``ALL_LAYERNORM_LAYERS`` was ``[nn.LayerNorm]`` and Doge's RMSNorm is not an
+  ``nn.LayerNorm``, so everything except biases was decayed, RMSNorm weights included. (transformers
+  >= 4.50 also excludes names matching layernorm/rmsnorm/norm/_norm; that is not what the original got.)
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..config import ConfigError, TrainConfig
+
+DECAY_GROUPS = ("matrices", "original")
+
+
+def decayed_parameter_names(model: nn.Module, grouping: str) -> set[str]:
+    names = dict(model.named_parameters())
+    if grouping == "matrices":
+        return {name for name, param in names.items() if param.ndim >= 2}
+    if grouping == "original":
+        layer_norm_params = {
+            f"{module_name}.{param_name}".lstrip(".")
+            for module_name, module in model.named_modules()
+            if isinstance(module, nn.LayerNorm)
+            for param_name, _ in module.named_parameters(recurse=False)
+        }
+        return {name for name in names if name not in layer_norm_params and "bias" not in name}
+    raise ConfigError(f"train.decay_groups = {grouping!r} is not one of {', '.join(DECAY_GROUPS)}.")
+
+
+def parameter_groups(model: nn.Module, train: TrainConfig) -> list[dict]:
+    """Two AdamW groups, decayed and not, in ``named_parameters`` order (tied weights once)."""
+    decayed = decayed_parameter_names(model, train.decay_groups)
+    params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    return [
+        {"params": [p for name, p in params if name in decayed], "weight_decay": train.weight_decay},
+        {"params": [p for name, p in params if name not in decayed], "weight_decay": 0.0},
+    ]
+
+
+class SkipNonFiniteAdamW(torch.optim.AdamW):
+    """AdamW that clips, and skips a step whose gradients are not finite, reporting it as ``overflow``.
+
+    Written by hand because DeepSpeed checks for non-finite gradients in its ZeRO and bf16 optimizers
+    (a skipped step shows as ``engine.was_step_applied() == False``) but calls a plain fp32 client
+    optimizer directly at ZeRO stage 0, after clipping without keeping the norm. For that one case the
+    engine glue moves clipping here (DeepSpeed's ``gradient_clipping`` set to 0), so it has the same
+    contract and reports the pre-clip norm as ``_global_grad_norm`` as the other optimizers do.
+    Gradients are already all-reduced at stage 0, so the local norm is the global one.
+    """
+
+    def __init__(self, params, max_grad_norm: float = 0.0, **kwargs) -> None:
+        super().__init__(params, **kwargs)
+        self.max_grad_norm = max_grad_norm
+        self.overflow = False
+        self._global_grad_norm = 0.0
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])) if grads else torch.zeros(())
+        self._global_grad_norm = norm.item()
+        self.overflow = not math.isfinite(self._global_grad_norm)
+        if self.overflow:
+            return None
+        if self.max_grad_norm > 0 and self._global_grad_norm > self.max_grad_norm:
+            torch._foreach_mul_(grads, self.max_grad_norm / (self._global_grad_norm + 1e-6))
+        return super().step(closure)
+
+
+def build_optimizer(model: nn.Module, train: TrainConfig, stage0_fp32_clip: float | None) -> torch.optim.Optimizer:
+    """AdamW (fused on CUDA). ``stage0_fp32_clip`` is not None exactly when DeepSpeed will call the
+    optimizer directly (ZeRO 0 in fp32): then the optimizer clips and guards by itself (see above)."""
+    groups = parameter_groups(model, train)
+    kwargs = dict(lr=train.lr, betas=(train.adam_beta1, train.adam_beta2), eps=train.adam_eps)
+    if next(model.parameters()).is_cuda:
+        kwargs["fused"] = True
+    if stage0_fp32_clip is not None:
+        return SkipNonFiniteAdamW(groups, max_grad_norm=stage0_fp32_clip, **kwargs)
+    return torch.optim.AdamW(groups, **kwargs)

@@ -1,0 +1,81 @@
+"""Checks that run before any process group, model or dataset exists.
+
+Every mistake a user can make in the YAML, the DeepSpeed JSON, the data paths or the tokenizer
+fails here with one paragraph naming the key or file and the fix, on every rank alike (the checks
+read only files and the launcher's WORLD_SIZE). Prefix files are checked for shape here; token ids
+are scanned later by the data pipeline itself (on rank 0 only).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..config import Config, ConfigError
+from ..parallel.expert import check_expert_parallel
+from ..parallel.state import ParallelLayout
+from ..parallel.state import check_layout as check_parallel_layout
+from ..parallel.tensor import check_tensor_parallel
+from .ds_config import resolve_ds_config
+from .optim import DECAY_GROUPS
+from .schedule import check_schedule
+
+VOCAB_PADDING = 128  # the model vocabulary may exceed the tokenizer's by padding up to this many ids
+
+
+def check_layout(config: Config, world_size: int) -> ParallelLayout:
+    """The process layout, and a model whose shapes split over it."""
+    layout = check_parallel_layout(config.parallel, world_size)
+    if layout.tensor_parallel > 1:
+        check_tensor_parallel(config.model, layout.tensor_parallel, config.parallel.sequence_parallel)
+    if layout.expert_parallel > 1:
+        check_expert_parallel(config.model, layout.expert_parallel)
+        raise ConfigError(
+            "parallel.expert_parallel > 1 is implemented for the model (doge_dist.parallel.expert) but not yet "
+            "wired into the DeepSpeed trainer's gradient reduction; train MoE models with expert_parallel=1."
+        )
+    return layout
+
+
+def check_data(config: Config) -> None:
+    from ..data import DataError, load_tokenizer, validate_prefix
+    from ..data.blend import check_split, parse_blend
+
+    data = config.data
+    if not data.tokenizer:
+        raise ConfigError("data.tokenizer is not set: give the sentencepiece .model or Hugging Face directory the data was tokenized with.")
+    tokenizer = load_tokenizer(data.tokenizer)
+    vocab, model_vocab = tokenizer.vocab_size, config.model.vocab_size
+    if not vocab <= model_vocab < vocab + VOCAB_PADDING:
+        raise ConfigError(
+            f"Tokenizer '{data.tokenizer}' has {vocab} ids but model.vocab_size is {model_vocab}: set "
+            f"model.vocab_size={vocab} (or pad it by fewer than {VOCAB_PADDING} ids), or use the tokenizer this model was made for."
+        )
+    train = parse_blend(data.train_data, "data.train_data")
+    if train is None:
+        raise DataError("data.train_data is empty: list the prefixes written by data_tools/preprocess_data.py.")
+    valid = parse_blend(data.valid_data, "data.valid_data")
+    if valid is None:
+        check_split(data.split)
+    for prefix in train[0] + (valid[0] if valid else []):
+        validate_prefix(prefix, scan_tokens=False)
+    if data.reset_attention_mask:
+        raise ConfigError("data.reset_attention_mask is not supported: Doge attends across document boundaries (as published).")
+    if data.seq_length < 1:
+        raise ConfigError(f"data.seq_length must be positive, got {data.seq_length}.")
+    if config.train.eval_interval > 0 and valid is None and len(data.split.split(",")) > 1 and float(data.split.split(",")[1]) == 0:
+        raise ConfigError("train.eval_interval > 0 but data.split gives the validation split no weight; set data.valid_data or a split like 969,30,1.")
+
+
+def check_run(config: Config, ds_user: dict[str, Any], world_size: int, where: str) -> tuple[ParallelLayout, dict[str, Any]]:
+    """All pre-build checks; returns the layout and the effective DeepSpeed config."""
+    layout = check_layout(config, world_size)
+    check_schedule(config.train)
+    if config.train.decay_groups not in DECAY_GROUPS:
+        raise ConfigError(f"train.decay_groups = {config.train.decay_groups!r} is not one of {', '.join(DECAY_GROUPS)}.")
+    ds = resolve_ds_config(ds_user, config.train, layout.dp_size, where)
+    check_data(config)
+    if config.run.init_from and not Path(config.run.init_from).exists():
+        raise ConfigError(f"run.init_from = '{config.run.init_from}' does not exist: give a Hugging Face Doge directory or a run directory.")
+    if config.run.resume not in ("auto", "never") and not Path(config.run.resume).exists():
+        raise ConfigError(f"run.resume = '{config.run.resume}' is neither auto, never, nor an existing checkpoint directory.")
+    return layout, ds

@@ -1,0 +1,66 @@
+"""Learning-rate schedules as a multiplier of the peak lr: warmup-stable-decay (WSD) and cosine.
+
+WSD is the Doge recipe: linear warmup, a constant stable phase, then a decay over the last
+``decay_steps`` to ``min_lr_ratio``. Its linear decay is the curve of ``transformers.get_wsd_schedule``
+(tested); cosine and 1-sqrt decay shapes are the common alternatives. The multiplier is a pure function
+of the optimizer-step count, so a resumed run (or a different rank count) recomputes the same lr.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..config import ConfigError, TrainConfig
+
+SCHEDULERS = ("wsd", "cosine")
+DECAY_TYPES = ("linear", "cosine", "1-sqrt")
+
+
+def _decay_shape(progress: float, decay_type: str) -> float:
+    """1 at the start of the decay, 0 at its end."""
+    if decay_type == "linear":
+        return 1.0 - progress
+    if decay_type == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 1.0 - math.sqrt(progress)
+
+
+def lr_multiplier(step: int, train: TrainConfig) -> float:
+    """Multiplier of ``train.lr`` for optimizer step ``step`` (0 = the first update)."""
+    warmup, total, floor = train.warmup_steps, train.max_steps, train.min_lr_ratio
+    if step < warmup:  # from min_lr_ratio up, as transformers' WSD warms up
+        return floor + (1.0 - floor) * step / max(1, warmup)
+    if train.scheduler == "cosine":
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1.0 - floor) * _decay_shape(progress, "cosine")
+    decay_start = total - train.decay_steps
+    if step < decay_start:
+        return 1.0
+    if step >= total:
+        return floor
+    progress = min(1.0, (step - decay_start) / max(1, train.decay_steps))
+    return floor + (1.0 - floor) * _decay_shape(progress, train.decay_type)
+
+
+def check_schedule(train: TrainConfig) -> None:
+    """Reject schedules that cannot be laid out over ``max_steps``."""
+    if train.scheduler not in SCHEDULERS:
+        raise ConfigError(f"train.scheduler = {train.scheduler!r} is not one of {', '.join(SCHEDULERS)}.")
+    if train.decay_type not in DECAY_TYPES:
+        raise ConfigError(f"train.decay_type = {train.decay_type!r} is not one of {', '.join(DECAY_TYPES)}.")
+    if train.max_steps < 1:
+        raise ConfigError(f"train.max_steps must be at least 1, got {train.max_steps}.")
+    phases = train.warmup_steps + (train.decay_steps if train.scheduler == "wsd" else 0)
+    if train.warmup_steps < 0 or train.decay_steps < 0 or phases > train.max_steps:
+        raise ConfigError(
+            f"train.warmup_steps ({train.warmup_steps}) + train.decay_steps ({train.decay_steps}) must be "
+            f"non-negative and fit in train.max_steps ({train.max_steps})."
+        )
+    if not 0.0 <= train.min_lr_ratio <= 1.0:
+        raise ConfigError(f"train.min_lr_ratio must be within [0, 1], got {train.min_lr_ratio}.")
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """A LambdaLR that DeepSpeed steps once per applied optimizer step (and checkpoints with it)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, train))

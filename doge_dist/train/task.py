@@ -1,0 +1,48 @@
+"""What the training loop (loop.py) asks of an objective, so pretraining, SFT and DPO share one loop,
+one engine, one checkpoint format and one Reporter.
+
+A task supplies the data (``build_data``: an object with ``next_step()``, ``validation_batches()``
+and ``global_batch``), the loss of one micro-batch as a *sum* over its loss units plus the unit
+count (``forward_loss``, ``count``: tokens for language modelling, pairs for DPO, so the loop's
+exact global-batch mean works for every objective), and extra TensorBoard scalars at log points.
+"""
+from __future__ import annotations
+
+from typing import Optional, Protocol
+
+import torch
+
+from ..config import Config
+from ..model import IGNORE_INDEX
+from .distributed import DistEnv
+
+
+class Task(Protocol):
+    def build_data(self, config: Config, env: DistEnv, dp_rank: int, dp_size: int, consumed_samples: int, cache_dir: str): ...
+
+    def count(self, batch: dict) -> int: ...
+
+    def forward_loss(self, engine, batch: dict, bf16: bool) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]: ...
+
+    def log_metrics(self, device: torch.device) -> dict[str, float]: ...
+
+
+class PretrainTask:
+    """Next-token prediction on megatron-core GPT datasets: the loop's own ``forward_loss``."""
+
+    def build_data(self, config: Config, env: DistEnv, dp_rank: int, dp_size: int, consumed_samples: int, cache_dir: str):
+        from .data import TrainData
+
+        return TrainData(config, dp_rank, dp_size, consumed_samples, cache_dir)
+
+    def count(self, batch: dict) -> int:
+        return int((batch["labels"] != IGNORE_INDEX).sum())
+
+    def forward_loss(self, engine, batch: dict, bf16: bool):
+        from .loop import forward_loss
+
+        return forward_loss(engine, batch, bf16)
+
+    def log_metrics(self, device: torch.device) -> dict[str, float]:
+        """Scalars beyond the loop's own (averaged since the previous log point); a collective call."""
+        return {}

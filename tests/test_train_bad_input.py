@@ -1,0 +1,80 @@
+"""Bad input fails before any model is built, in one paragraph naming the key or file and the fix."""
+import json
+import subprocess
+
+import pytest
+
+import data_helpers
+from doge_dist.config import ConfigError, load_config
+from doge_dist.data import DataError
+from doge_dist.train.checkpoint import META, check_model_shape
+from doge_dist.train.preflight import check_run
+from train_helpers import PYTHON, REPO, base_overrides, env, scratch
+
+ZERO1 = {"bf16": {"enabled": True}, "gradient_clipping": 1.0, "zero_optimization": {"stage": 1}}
+
+
+def _config(*extra):
+    return load_config(None, base_overrides(scratch() / "unused") + list(extra))
+
+
+def _check(config, ds=ZERO1, world=2):
+    return check_run(config, ds, world, "DeepSpeed config 'x.json'")
+
+
+def test_good_config_passes():
+    layout, ds = _check(_config("train.micro_batch_size=2", "train.gradient_accumulation_steps=3"))
+    assert layout.dp_size == 2 and ds["train_batch_size"] == 12 and ds["train_micro_batch_size_per_gpu"] == 2
+
+
+def test_unknown_yaml_key_names_the_closest():
+    with pytest.raises(ConfigError, match="Did you mean 'micro_batch_size'"):
+        _config("train.micro_batchsize=2")
+
+
+def test_missing_data_prefix():
+    with pytest.raises(DataError, match="missing .*nowhere_text_document.bin"):
+        _check(_config(f"data.train_data=[{scratch()}/nowhere_text_document]"))
+
+
+def test_missing_tokenizer():
+    with pytest.raises(DataError, match="does not exist"):
+        _check(_config("data.tokenizer=/no/such/tokenizer.model"))
+
+
+def test_tokenizer_and_model_vocab_mismatch():
+    with pytest.raises(ConfigError, match=r"has 512 ids but model.vocab_size is 32768.*model.vocab_size=512"):
+        _check(_config("model.vocab_size=32768"))
+
+
+def test_world_size_not_divisible_by_parallel_sizes():
+    with pytest.raises(ConfigError, match=r"world size \(3 processes\) is not a multiple of parallel.tensor_parallel \(2\)"):
+        _check(_config("parallel.tensor_parallel=2"), world=3)
+    with pytest.raises(ConfigError, match="num_key_value_heads"):  # doge-tiny has 2 key/value heads
+        _check(_config("parallel.tensor_parallel=4"), world=4)
+    with pytest.raises(ConfigError, match="needs a MoE model"):
+        _check(_config("parallel.expert_parallel=2"), world=2)
+
+
+def test_impossible_batch_arithmetic_in_the_json():
+    with pytest.raises(ConfigError, match="train_batch_size = 64, but the YAML gives 8"):
+        _check(_config("train.micro_batch_size=2", "train.gradient_accumulation_steps=2"), {**ZERO1, "train_batch_size": 64})
+    with pytest.raises(ConfigError, match="must both be at least 1"):
+        _check(_config("train.micro_batch_size=0"))
+
+
+def test_checkpoint_of_another_shape_names_the_tensor():
+    tag = scratch() / "shape_ckpt" / "step_00000001"
+    tag.mkdir(parents=True, exist_ok=True)
+    small = _config().model
+    (tag / META).write_text(json.dumps({"step": 1, "dp_size": 1, "model": {**small.to_dict(), "hidden_size": 96}}))
+    with pytest.raises(ConfigError, match="tensor 'model.embed_tokens.weight' has shape \\(512, 96\\)"):
+        check_model_shape(tag.parent, tag.name, small)
+
+
+def test_command_line_prints_one_paragraph_and_exits_2():
+    cmd = [PYTHON, "launch/pretrain.py", "--ds_config", "configs/zero1.json"] + base_overrides(scratch() / "cli") + ["train.warmup_stepz=3"]
+    result = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("error: Unknown key 'warmup_stepz'") and "Did you mean 'warmup_steps'" in result.stderr
+    assert "Traceback" not in result.stderr and not (scratch() / "cli").exists()

@@ -1,0 +1,39 @@
+"""Weight-decay groups and the stage-0 fp32 optimizer's non-finite guard."""
+import math
+
+import torch
+
+from doge_dist.config import ModelConfig, TrainConfig
+from doge_dist.model import build_model
+from doge_dist.train.optim import SkipNonFiniteAdamW, decayed_parameter_names
+
+
+def test_matrices_grouping_skips_norms_residuals_and_a():
+    model = build_model(ModelConfig.from_preset("doge-tiny"))
+    decayed = decayed_parameter_names(model, "matrices")
+    assert "model.embed_tokens.weight" in decayed and "model.layers.0.self_attn.q_proj.weight" in decayed
+    for name in ("model.norm.weight", "model.layers.0.input_residual", "model.layers.0.self_attn.A",
+                 "model.layers.0.self_attn.q_norm.weight", "model.layers.0.input_layernorm.weight"):
+        assert name not in decayed
+
+
+def test_original_grouping_decays_everything_but_biases():
+    """transformers < 4.50 Trainer: get_parameter_names(model, [nn.LayerNorm]) minus "bias"; our RMSNorm
+    is no nn.LayerNorm, so its weights were decayed."""
+    model = build_model(ModelConfig.from_preset("doge-tiny", attention_bias=True))
+    names = {name for name, _ in model.named_parameters()}
+    decayed = decayed_parameter_names(model, "original")
+    assert decayed == {n for n in names if "bias" not in n}
+    assert "model.norm.weight" in decayed and "model.layers.0.self_attn.A" in decayed
+
+
+def test_non_finite_gradients_skip_the_step_and_clip_reports_the_pre_clip_norm():
+    param = torch.nn.Parameter(torch.ones(4))
+    optimizer = SkipNonFiniteAdamW([param], max_grad_norm=1.0, lr=0.1)
+    param.grad = torch.tensor([1.0, float("nan"), 0.0, 0.0])
+    optimizer.step()
+    assert optimizer.overflow and torch.equal(param.detach(), torch.ones(4))
+    param.grad = torch.full((4,), 3.0)
+    optimizer.step()
+    assert not optimizer.overflow and math.isclose(optimizer._global_grad_norm, 6.0, rel_tol=1e-6)
+    assert torch.allclose(param.grad, torch.full((4,), 0.5), atol=1e-5)

@@ -1,0 +1,74 @@
+"""Restarts: a run killed with SIGKILL mid-training and restarted reproduces the uninterrupted run's
+per-step losses exactly (CPU, fp32); a ZeRO-2 run resumes on another number of ranks (2 -> 1 via
+DeepSpeed's universal checkpoint, 1 -> 2) at the same sample position; SIGTERM saves and exits."""
+import json
+import signal
+import subprocess
+import time
+
+import pytest
+
+from train_helpers import (REPO, STEPS, base_overrides, command, env, losses, pretrain, scratch,
+                           single_process_run, two_rank_run)
+
+
+def _start(run_dir, stage, nproc, launcher, **train):
+    cmd = command(nproc, launcher) + ["--ds_config", str(REPO / "configs" / f"zero{stage}.json")] + base_overrides(run_dir, **train)
+    return subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_line(process, text):
+    for line in process.stdout:
+        if text in line:
+            return
+    raise AssertionError(f"the run ended before printing {text!r}")
+
+
+def test_sigkill_and_resume_equals_uninterrupted():
+    run_dir = scratch() / "killed"
+    settings = dict(micro_batch_size=2, gradient_accumulation_steps=2, save_interval=2)
+    process = _start(run_dir, 0, 1, "python", **settings)
+    _wait_for_line(process, f"step      5/{STEPS} | loss")  # checkpoints at 2 and 4 exist; 6 may be half written
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000004"
+    pretrain(run_dir, 0, nproc=1, launcher="python", **settings)
+    assert losses(run_dir) == losses(single_process_run())  # exactly
+
+
+def test_resume_two_ranks_on_one_keeps_the_sample_order():
+    """Take the 2-rank ZeRO-2 run's step-5 checkpoint and finish on 1 rank (micro 2 x accumulation 2)."""
+    source = two_rank_run(2, "deepspeed")
+    run_dir = scratch() / "two_to_one"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    for item in ("step_00000005",):
+        subprocess.run(["cp", "-r", str(source / "checkpoints" / item), str(run_dir / "checkpoints" / item)], check=True)
+    (run_dir / "checkpoints" / "latest").write_text("step_00000005")
+    pretrain(run_dir, 2, nproc=1, launcher="python", micro_batch_size=2, gradient_accumulation_steps=2)
+    assert (run_dir / "checkpoints" / "step_00000005_universal").is_dir()
+    meta = json.loads((run_dir / "checkpoints" / "step_00000010" / "doge_meta.json").read_text())
+    assert meta["consumed_samples"] == STEPS * 4 and meta["dp_size"] == 1
+    resumed, uninterrupted = losses(run_dir), losses(source)
+    assert len(resumed) == 5
+    assert resumed == pytest.approx(uninterrupted[5:], rel=2e-5)
+
+
+def test_resume_one_rank_on_two_and_sigterm_saves():
+    """1 -> 2 ranks from the reference's step-5 checkpoint; then SIGTERM stops a run with a checkpoint."""
+    source = single_process_run()
+    run_dir = scratch() / "one_to_two"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    subprocess.run(["cp", "-r", str(source / "checkpoints" / "step_00000005"), str(run_dir / "checkpoints")], check=True)
+    (run_dir / "checkpoints" / "latest").write_text("step_00000005")
+    pretrain(run_dir, 0, nproc=2, micro_batch_size=2, gradient_accumulation_steps=1)
+    assert losses(run_dir) == pytest.approx(losses(source)[5:], rel=2e-5)
+
+    run_dir = scratch() / "sigterm"
+    process = _start(run_dir, 1, 1, "python", max_steps=1000, eval_interval=0)
+    _wait_for_line(process, "step      3/1000 | loss")
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode == 0, output[-3000:]
+    assert "stop signal received" in output
+    tag = (run_dir / "checkpoints" / "latest").read_text()
+    assert json.loads((run_dir / "checkpoints" / tag / "doge_meta.json").read_text())["step"] >= 3

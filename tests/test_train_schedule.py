@@ -1,0 +1,48 @@
+"""WSD and cosine schedules: linear WSD equals transformers.get_wsd_schedule step for step."""
+import math
+
+import pytest
+import torch
+from transformers import get_wsd_schedule
+
+from doge_dist.config import ConfigError, TrainConfig
+from doge_dist.train.schedule import build_scheduler, check_schedule, lr_multiplier
+
+
+def lrs(scheduler, steps):
+    values = []
+    for _ in range(steps):
+        values.append(scheduler.get_last_lr()[0])
+        scheduler.optimizer.step()
+        scheduler.step()
+    return values
+
+
+@pytest.mark.parametrize("warmup,decay,total,floor", [(800, 800, 8000, 0.0), (10, 30, 100, 0.1), (0, 5, 20, 0.0), (3, 0, 10, 0.0)])
+def test_wsd_linear_equals_transformers(warmup, decay, total, floor):
+    train = TrainConfig(lr=1.0, max_steps=total, warmup_steps=warmup, decay_steps=decay, min_lr_ratio=floor)
+    ours = build_scheduler(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), train)
+    reference = get_wsd_schedule(
+        torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), num_warmup_steps=warmup,
+        num_decay_steps=decay, num_training_steps=total, decay_type="linear", min_lr_ratio=floor,
+    )
+    assert lrs(ours, total + 2) == pytest.approx(lrs(reference, total + 2), abs=1e-12)
+
+
+def test_decay_shapes_and_cosine():
+    for decay_type in ("linear", "cosine", "1-sqrt"):
+        train = TrainConfig(max_steps=100, warmup_steps=10, decay_steps=20, decay_type=decay_type, min_lr_ratio=0.1)
+        assert lr_multiplier(0, train) == pytest.approx(0.1)
+        assert lr_multiplier(10, train) == lr_multiplier(79, train) == 1.0
+        assert lr_multiplier(90, train) < 1.0 and lr_multiplier(100, train) == pytest.approx(0.1)
+    cosine = TrainConfig(scheduler="cosine", max_steps=110, warmup_steps=10, min_lr_ratio=0.0)
+    assert lr_multiplier(60, cosine) == pytest.approx(0.5)
+    assert lr_multiplier(110, cosine) == pytest.approx(0.0, abs=1e-12)
+    assert math.isclose(lr_multiplier(5, cosine), 0.5)
+
+
+def test_impossible_schedule_is_rejected():
+    with pytest.raises(ConfigError, match="fit in train.max_steps"):
+        check_schedule(TrainConfig(max_steps=10, warmup_steps=6, decay_steps=6))
+    with pytest.raises(ConfigError, match="decay_type"):
+        check_schedule(TrainConfig(decay_type="exp"))
