@@ -12,7 +12,15 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.doge_dist_installed
 
-.PHONY: install test demo clean-demo
+DATA := data
+CORPUS := $(DATA)/sample_corpus/train.jsonl
+TOKENIZER := $(DATA)/tokenizer/tokenizer.model
+TRAIN_BIN := $(DATA)/sample_train_text_document.bin
+VALID_BIN := $(DATA)/sample_valid_text_document.bin
+RUN := runs/doge_tiny_cpu
+HF := hf/doge_tiny_cpu
+
+.PHONY: install test demo
 
 install: $(STAMP)
 
@@ -26,5 +34,20 @@ $(STAMP): setup.py
 test: install
 	$(PY) -m pytest
 
-demo: install
-	@echo "demo: the pretraining pipeline lands with the trainer"
+# The demo reuses what is built: corpus, tokenizer and .bin/.idx are file targets, and pretraining
+# resumes from (or stops at) the run's latest checkpoint.
+demo: install $(TRAIN_BIN) $(VALID_BIN)
+	$(VENV)/bin/deepspeed --num_gpus 2 launch/pretrain.py --config configs/doge_tiny_cpu.yaml --ds_config configs/zero2.json
+	$(PY) launch/export_hf.py --checkpoint $(RUN) --output $(HF)
+	$(PY) launch/generate.py --model $(HF) --prompt "The list" --max_new_tokens 60
+	@echo "TensorBoard: $(VENV)/bin/tensorboard --logdir runs/"
+
+$(CORPUS): | install
+	$(PY) data_tools/build_sample_corpus.py --output-dir $(DATA)/sample_corpus
+
+$(TOKENIZER): $(CORPUS)
+	$(PY) data_tools/train_tokenizer.py --input $(CORPUS) --output-dir $(DATA)/tokenizer --vocab-size 8192
+
+$(DATA)/sample_%_text_document.bin: $(TOKENIZER)
+	$(PY) data_tools/preprocess_data.py --input $(DATA)/sample_corpus/$*.jsonl --output-prefix $(DATA)/sample_$* \
+		--tokenizer-type SentencePieceTokenizer --tokenizer-model $(TOKENIZER) --append-eod --workers 2
