@@ -9,7 +9,7 @@ from doge_dist.config import ModelConfig, ParallelConfig
 from doge_dist.model import build_model, shift_labels
 from doge_dist.parallel.expert import is_expert_param, merge_experts, shard_experts
 from doge_dist.parallel.state import initialize_parallel
-from dist_helpers import run_distributed
+from doge_dist.parallel.spawn import run_distributed
 from model_helpers import perturb_all, unique_tokens
 
 

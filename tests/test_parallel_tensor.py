@@ -9,7 +9,7 @@ from doge_dist.config import ConfigError, ModelConfig, ParallelConfig
 from doge_dist.model import build_model, shift_labels
 from doge_dist.parallel.state import check_layout, initialize_parallel
 from doge_dist.parallel.tensor import check_tensor_parallel, merge_state_dicts, shard_state_dict
-from dist_helpers import run_distributed
+from doge_dist.parallel.spawn import run_distributed
 from model_helpers import perturb_all, randomise_dynamic_mask, unique_tokens
 
 CASES = {

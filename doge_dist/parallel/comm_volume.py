@@ -97,3 +97,37 @@ def moe_exchange_bytes(c: ModelConfig, tokens: int, ep: int, dtype_bytes: int = 
     remote = max(ranks_reached - 1, 0.0)
     all_to_all = L * 2 * 2 * N * remote * H * dtype_bytes  # dispatch + combine, forward + backward
     return {"gather_reduce_scatter": ours, "all_to_all": all_to_all}
+
+
+def _measure_rank(rank: int, world_size: int, cases: list, micro_batch: int, seq_length: int) -> list[float]:
+    import copy
+
+    from megatron.core import parallel_state
+
+    from ..config import ParallelConfig
+    from ..model import build_model, shift_labels
+    from .state import initialize_parallel
+    from .tensor import parallelize_tensor
+
+    initialize_parallel(ParallelConfig(tensor_parallel=world_size))
+    group = parallel_state.get_tensor_model_parallel_group()
+    sent = []
+    for config, sequence_parallel in cases:
+        torch.manual_seed(0)
+        model = parallelize_tensor(copy.deepcopy(build_model(config)), group, sequence_parallel)
+        ids = torch.randint(3, config.vocab_size, (micro_batch, seq_length))
+        counter = CollectiveCounter(group)
+        with counter.counting():
+            out = model(ids)
+            total, count = model.loss_sum(out.logits, shift_labels(ids))
+            (total / count + (out.balance_loss if config.is_moe else 0)).backward()
+        sent.append(counter.sent)
+    return sent
+
+
+def measure_tp_bytes(cases: list[tuple[ModelConfig, bool]], micro_batch: int, seq_length: int, tp: int) -> list[float]:
+    """Bytes rank 0 sends in one forward+backward of each (config, sequence_parallel), counted on
+    ``tp`` local gloo processes."""
+    from .spawn import run_distributed
+
+    return run_distributed(_measure_rank, tp, cases, micro_batch, seq_length)[0]

@@ -1,4 +1,5 @@
-"""Run a function on N CPU processes with gloo, as the multi-process tests' ranks."""
+"""Run a function on N local CPU processes joined by gloo: the multi-process tests' ranks and
+``launch/bench.py --comm``'s measurement (a launcher-free alternative to torchrun for small jobs)."""
 import os
 import socket
 import traceback
