@@ -46,3 +46,23 @@ def upcycle(dense: DogeForCausalLM, moe_config: ModelConfig, seed: int = 0) -> D
     for layer in moe.model.layers:
         torch.nn.init.zeros_(layer.mlp.up_embed.weight)
     return moe
+
+
+def upcycle_to_hf(source: str, preset: str, output: str, step=None, seed: int = 0):
+    """``launch/upcycle.py``: load a dense model from a run or HF directory, upcycle it to ``preset``,
+    save it with its tokenizer as a Hugging Face directory."""
+    from pathlib import Path
+
+    from .hf import load_hf, save_hf
+
+    if Path(source, "config.json").is_file():
+        dense, tokenizer = load_hf(source), source
+    else:
+        from ..data import load_tokenizer
+        from ..train.export import load_checkpoint_model, run_tokenizer_path
+
+        dense = load_checkpoint_model(source, step)
+        tokenizer_path = run_tokenizer_path(source)
+        tokenizer = load_tokenizer(tokenizer_path).hf_dir if tokenizer_path else None
+    moe = upcycle(dense, ModelConfig.from_preset(preset, attn_backend=dense.config.attn_backend), seed)
+    return save_hf(moe, output, tokenizer=tokenizer)

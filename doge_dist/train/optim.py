@@ -18,6 +18,7 @@ import math
 import torch
 from torch import nn
 
+from ..convert.upcycle import is_new_moe_parameter
 from ..config import ConfigError, TrainConfig
 
 DECAY_GROUPS = ("matrices", "original")
@@ -39,13 +40,19 @@ def decayed_parameter_names(model: nn.Module, grouping: str) -> set[str]:
 
 
 def parameter_groups(model: nn.Module, train: TrainConfig) -> list[dict]:
-    """Two AdamW groups, decayed and not, in ``named_parameters`` order (tied weights once)."""
+    """AdamW groups, decayed and not, in ``named_parameters`` order (tied weights once). With
+    ``train.freeze_dense_steps`` the parameters an upcycled MoE model inherited from its dense
+    model get their own groups, marked ``frozen_until`` (their schedule holds lr 0 until then)."""
     decayed = decayed_parameter_names(model, train.decay_groups)
     params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    return [
-        {"params": [p for name, p in params if name in decayed], "weight_decay": train.weight_decay},
-        {"params": [p for name, p in params if name not in decayed], "weight_decay": 0.0},
-    ]
+    frozen = {name for name, _ in params if not is_new_moe_parameter(name)} if train.freeze_dense_steps else set()
+    groups = []
+    for names, extra in ((set(n for n, _ in params) - frozen, {}), (frozen, {"frozen_until": train.freeze_dense_steps})):
+        groups += [
+            {"params": [p for n, p in params if n in names and n in decayed], "weight_decay": train.weight_decay, **extra},
+            {"params": [p for n, p in params if n in names and n not in decayed], "weight_decay": 0.0, **extra},
+        ]
+    return [group for group in groups if group["params"]]
 
 
 class SkipNonFiniteAdamW(torch.optim.AdamW):

@@ -70,6 +70,8 @@ def check_run(config: Config, ds_user: dict[str, Any], world_size: int, where: s
     """All pre-build checks; returns the layout and the effective DeepSpeed config."""
     layout = check_layout(config, world_size)
     check_schedule(config.train)
+    if config.train.freeze_dense_steps and not config.model.is_moe:
+        raise ConfigError("train.freeze_dense_steps is for MoE models continued from a dense one (launch/upcycle.py).")
     if config.train.decay_groups not in DECAY_GROUPS:
         raise ConfigError(f"train.decay_groups = {config.train.decay_groups!r} is not one of {', '.join(DECAY_GROUPS)}.")
     ds = resolve_ds_config(ds_user, config.train, layout.dp_size, where)

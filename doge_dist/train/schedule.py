@@ -7,6 +7,7 @@ of the optimizer-step count, so a resumed run (or a different rank count) recomp
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -57,10 +58,26 @@ def check_schedule(train: TrainConfig) -> None:
             f"train.warmup_steps ({train.warmup_steps}) + train.decay_steps ({train.decay_steps}) must be "
             f"non-negative and fit in train.max_steps ({train.max_steps})."
         )
+    if train.freeze_dense_steps and train.warmup_steps + train.decay_steps > train.max_steps - train.freeze_dense_steps:
+        raise ConfigError(
+            f"train.freeze_dense_steps ({train.freeze_dense_steps}) leaves {train.max_steps - train.freeze_dense_steps} "
+            f"steps for the whole model, fewer than train.warmup_steps + train.decay_steps; lower one of them."
+        )
     if not 0.0 <= train.min_lr_ratio <= 1.0:
         raise ConfigError(f"train.min_lr_ratio must be within [0, 1], got {train.min_lr_ratio}.")
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    """A LambdaLR that DeepSpeed steps once per applied optimizer step (and checkpoints with it)."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, train))
+    """A LambdaLR that DeepSpeed steps once per applied optimizer step (and checkpoints with it).
+
+    A group marked ``frozen_until`` N (upcycled dense weights) keeps lr 0, so AdamW leaves it exactly
+    as it is, then follows a fresh schedule of its own over the remaining steps (re-warmup included)."""
+
+    def multiplier(group: dict):
+        start = group.get("frozen_until", 0)
+        if not start:
+            return lambda step: lr_multiplier(step, train)
+        rest = dataclasses.replace(train, max_steps=train.max_steps - start)
+        return lambda step: 0.0 if step < start else lr_multiplier(step - start, rest)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, [multiplier(group) for group in optimizer.param_groups])
