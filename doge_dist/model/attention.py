@@ -84,6 +84,8 @@ class DynamicMaskAttention(nn.Module):
         dropout = self.dropout if self.training else 0.0
         if backend == "flex":
             out = self._flex(q, k, v, bias, layout)
+        elif backend == "sdpa" and k.shape[-2] <= self.keep_window_size:
+            out = self._sdpa_bias_as_key_channel(q, k, v, bias, layout, dropout)
         else:
             mask = dynamic_mask(bias, layout.allowed, self.keep_window_size, q.dtype)
             if not self.per_query_head_bias:
@@ -91,6 +93,43 @@ class DynamicMaskAttention(nn.Module):
             attend = self._eager if backend == "eager" else self._sdpa
             out = attend(q, k, v, mask, dropout)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+    def _sdpa_bias_as_key_channel(self, q, k, v, bias, layout: AttentionLayout, dropout) -> torch.Tensor:
+        """DMA without a keep window as plain attention: ``scale * q.k_j + bias_j`` equals
+        ``[scale * q, 1] . [k_j, bias_j]``, so the per-key bias rides along as one more key channel.
+
+        No mask carries the bias, so none needs a gradient: causality is ``is_causal`` or a mask
+        built once per batch and shared by all layers, and SDPA keeps its fused kernels (forward
+        and backward). On CPU, where PyTorch's fused kernel is several times slower than two
+        matmuls at training lengths, the same folded q and k go through explicit grouped matmuls.
+        """
+        if bias.shape[1] != k.shape[1]:  # v1: one bias per query head, so one key per query head
+            groups = bias.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        q = torch.cat([q * self.scaling, torch.ones_like(q[..., :1])], dim=-1)
+        k = torch.cat([k, bias[..., None].to(k.dtype)], dim=-1)
+        device_type = q.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else q.dtype
+        mask, causal = layout.sdpa_mask(dtype)
+        if device_type == "cpu":
+            return self._grouped_matmul_attention(q, k, v, layout.additive_mask(dtype) if causal else mask, dropout)
+        pad = -q.shape[-1] % 8  # fused kernels want a head size that is a multiple of 8
+        q, k, v = F.pad(q, (0, pad)), F.pad(k, (0, pad)), F.pad(v, (0, q.shape[-1] + pad - v.shape[-1]))
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout, scale=1.0, enable_gqa=True
+        )
+        return out[..., : self.head_dim]
+
+    def _grouped_matmul_attention(self, q, k, v, mask: Optional[torch.Tensor], dropout: float) -> torch.Tensor:
+        """softmax(q k^T + mask) v with the g query heads of a key/value head stacked as one
+        [g * T] block, so keys and values are never repeated; q and k are already scaled/folded."""
+        B, heads, T, _ = q.shape
+        kv_heads = k.shape[1]
+        scores = torch.matmul(q.reshape(B, kv_heads, -1, q.shape[-1]), k.transpose(2, 3))
+        if mask is not None:
+            scores = (scores.view(B, kv_heads, heads // kv_heads, T, -1) + mask[:, :, None]).flatten(2, 3)
+        probs = F.dropout(F.softmax(scores, dim=-1), p=dropout, training=self.training)
+        return torch.matmul(probs, v).view(B, heads, T, -1)
 
     def _sdpa(self, q, k, v, mask, dropout) -> torch.Tensor:
         return F.scaled_dot_product_attention(

@@ -18,6 +18,20 @@ def _flex_attention():
     return _compiled_flex
 
 
+_compiled_create_block_mask = None
+
+
+def _create_block_mask(device: torch.device):
+    """Eager ``create_block_mask`` evaluates the mask on the whole [B, H, T, S] grid at once;
+    compiled (CUDA) it works block by block, so the keep-window mask never exists in full."""
+    global _compiled_create_block_mask
+    if device.type != "cuda":
+        return create_block_mask
+    if _compiled_create_block_mask is None:
+        _compiled_create_block_mask = torch.compile(create_block_mask)
+    return _compiled_create_block_mask
+
+
 def _block_mask(
     layout: AttentionLayout,
     batch: int,
@@ -38,7 +52,7 @@ def _block_mask(
         return ok
 
     per_batch = key_valid is not None or threshold is not None
-    return create_block_mask(
+    return _create_block_mask(query_positions.device)(
         visible,
         batch if per_batch else None,
         heads if threshold is not None else None,

@@ -1,5 +1,8 @@
 """Next-token cross entropy as (sum over tokens, number of tokens), so that gradient accumulation
 and data parallelism can divide by the token count of the whole global batch exactly."""
+import math
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -20,3 +23,93 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
         logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
     )
     return loss, (labels != IGNORE_INDEX).sum()
+
+
+def chunked_token_loss_sum(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_tokens: Optional[int] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``token_loss_sum(hidden @ weight.T, labels)`` without the [tokens, vocab] logits of the batch.
+
+    ``hidden`` [B, T, H] are the final hidden states (``compute_logits=False``), ``weight`` [V, H]
+    the LM head. With a 32k vocabulary the fp32 logits, their log-softmax and their gradient are
+    the largest tensors of a small model's step; here only ``chunk_tokens`` rows of them exist at
+    a time (default: about 64 MiB of fp32 logits on CPU, 1 GiB on GPU). The gradients of
+    ``hidden`` and ``weight`` are computed chunk by chunk in the forward, while the logits are at
+    hand, and only scaled in the backward; ignored tokens are dropped before any work. Under
+    autocast the projection runs in the autocast dtype, as ``nn.Linear`` would, and the softmax
+    in fp32, as ``token_loss_sum`` does.
+    """
+    labels = labels.reshape(-1)
+    counted = (labels != IGNORE_INDEX).nonzero().squeeze(1)
+    if chunk_tokens is None:
+        chunk_tokens = max(1, (2**24 if hidden.device.type == "cpu" else 2**28) // weight.shape[0])
+    loss = _LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, labels, counted, chunk_tokens)
+    return loss, torch.as_tensor(len(counted), device=labels.device)
+
+
+_cpu_workspaces: dict[tuple, torch.Tensor] = {}
+
+
+def _workspace(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A scratch tensor that persists across calls on CPU. The CPU allocator hands large blocks
+    back to the OS when freed, and touching fresh pages again costs more than the softmax itself
+    (page faults are slow under virtualisation); CUDA's caching allocator already reuses blocks."""
+    if device.type != "cpu":
+        return torch.empty(shape, dtype=dtype, device=device)
+    key = (name, dtype)
+    buffer = _cpu_workspaces.get(key)
+    numel = math.prod(shape)
+    if buffer is None or buffer.numel() < numel:
+        buffer = _cpu_workspaces[key] = torch.empty(numel, dtype=dtype)
+    return buffer[:numel].view(shape)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, counted, chunk_tokens: int):
+        device, device_type = hidden.device, hidden.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+        want_hidden_grad, want_weight_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        vocab = weight.shape[0]
+        with torch.autocast(device_type, enabled=False):
+            w = weight.to(dtype)
+            grad_hidden = torch.zeros_like(hidden) if want_hidden_grad else None
+            grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_weight_grad else None
+            total = torch.zeros((), dtype=torch.float32, device=device)
+            for start in range(0, len(counted), chunk_tokens):
+                rows = counted[start : start + chunk_tokens]
+                h = hidden.index_select(0, rows).to(dtype)
+                target = labels.index_select(0, rows)
+                n = len(rows)
+                logits = torch.mm(h, w.T, out=_workspace("logits", (n, vocab), dtype, device))
+                log_probs = _workspace("log_probs", (n, vocab), torch.float32, device)
+                log_probs = torch.log_softmax(log_probs.copy_(logits), dim=-1, out=log_probs)
+                picked = (torch.arange(n, device=device), target)
+                total -= log_probs[picked].sum()
+                if not (want_hidden_grad or want_weight_grad):
+                    continue
+                # d loss / d logits = softmax - one_hot(target), in the projection's dtype
+                probs = log_probs.exp_()
+                probs[picked] -= 1
+                grad_logits = logits.copy_(probs)
+                if want_hidden_grad:
+                    grad_hidden.index_copy_(0, rows, (grad_logits @ w).to(hidden.dtype))
+                if want_weight_grad:
+                    partial = torch.mm(grad_logits.T, h, out=_workspace("grad_weight", w.shape, dtype, device))
+                    if partial.dtype != torch.float32:  # a same-dtype add is several times faster than a mixed one
+                        partial = _workspace("grad_weight_fp32", w.shape, torch.float32, device).copy_(partial)
+                    grad_weight += partial
+        ctx.weight_dtype = weight.dtype
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        if getattr(ctx, "used", False):
+            raise RuntimeError("chunked_token_loss_sum allows one backward per forward (gradients are scaled in place)")
+        ctx.used = True
+        grad_hidden, grad_weight = ctx.saved_tensors
+        scale = grad_output.float()
+        grad_hidden = None if grad_hidden is None else grad_hidden.mul_(scale)
+        grad_weight = None if grad_weight is None else grad_weight.mul_(scale).to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, None, None, None

@@ -21,6 +21,7 @@ class AttentionLayout:
     key_valid: Optional[torch.Tensor] = None
     _allowed: Optional[torch.Tensor] = field(default=None, repr=False)
     _block_mask: Optional[object] = field(default=None, repr=False)
+    _additive_masks: dict = field(default_factory=dict, repr=False)
 
     @property
     def allowed(self) -> torch.Tensor:
@@ -33,6 +34,28 @@ class AttentionLayout:
                 allowed = allowed & self.key_valid[:, None, None, :].bool()
             self._allowed = allowed
         return self._allowed
+
+    def sdpa_mask(self, dtype: torch.dtype) -> tuple[Optional[torch.Tensor], bool]:
+        """(additive mask [B or 1, 1, T, S] or None, is_causal) for SDPA, built once per forward.
+
+        Without padding no mask is needed: a full sequence is ``is_causal`` and a single new
+        query sees every cached key. Otherwise blocked keys get the dtype's minimum (finite, as in
+        the reference, so a row with no visible key stays finite).
+        """
+        T = len(self.query_positions)
+        if self.key_valid is None and T == self.num_keys:
+            return None, True
+        if self.key_valid is None and T == 1:
+            return None, False
+        return self.additive_mask(dtype), False
+
+    def additive_mask(self, dtype: torch.dtype) -> torch.Tensor:
+        """[B or 1, 1, T, S]: 0 where allowed, the dtype's minimum elsewhere; once per dtype."""
+        if dtype not in self._additive_masks:
+            device = self.query_positions.device
+            blocked = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=device)
+            self._additive_masks[dtype] = torch.zeros((), dtype=dtype, device=device).where(self.allowed, blocked)
+        return self._additive_masks[dtype]
 
 
 def dynamic_mask(bias: torch.Tensor, allowed: torch.Tensor, keep_window_size: int, dtype: torch.dtype) -> torch.Tensor:

@@ -1,0 +1,350 @@
+"""Throughput of doge-dist's Doge against transformers' DogeForCausalLM, in one process.
+
+Training: a full step (forward, backward, fused AdamW) of our model and of the Hugging Face model
+(eager and sdpa attention) with the same config, weights, batch and precision. The models run
+interleaved, round after round after a warm-up, so that clock drift, thermal state and other
+load hit all of them alike; the table reports medians.
+
+    python launch/bench.py --preset doge-20m --seq-len 512 --micro-batch 4 --dtype bf16 --threads 2
+    python launch/bench.py --preset doge-20m --decode            # greedy generation at batch 1
+
+``--dtype bf16`` means fp32 master weights under ``torch.autocast(device, torch.bfloat16)`` for
+every model, as in mixed-precision training. MFU divides achieved FLOP/s
+(``training_flops_per_token`` x tokens/s) by the device's peak: a table for known GPUs,
+``--peak-tflops`` to override, and on CPU a measured dense matmul peak in the bench dtype.
+The last line printed is one JSON object with every figure.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable, Optional
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from doge_dist.config import ModelConfig  # noqa: E402
+from doge_dist.convert.hf import to_hf_config  # noqa: E402
+from doge_dist.model import build_model, shift_labels  # noqa: E402
+from doge_dist.model.generate import generate  # noqa: E402
+from doge_dist.model.flops import training_flops_per_token  # noqa: E402
+from doge_dist.model.loss import chunked_token_loss_sum  # noqa: E402
+
+# Dense (no sparsity) peak TFLOP/s by GPU name fragment: (bf16 tensor cores, fp32 without TF32).
+GPU_PEAK_TFLOPS = {
+    "H200": (989.0, 67.0),
+    "H100 PCIe": (756.0, 51.0),
+    "H100": (989.0, 67.0),
+    "A100": (312.0, 19.5),
+    "L40S": (362.0, 91.6),
+    "RTX 4090": (165.2, 82.6),
+    "L4": (121.0, 30.3),
+    "A10": (125.0, 31.2),
+}
+HF_VARIANTS = ("hf_eager", "hf_sdpa")
+CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
+DECODE_PROMPT, DECODE_NEW_TOKENS = 32, 128
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="doge-20m")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--steps", type=int, default=10, help="measured rounds (each model steps once per round)")
+    p.add_argument("--warmup", type=int, default=3, help="unmeasured rounds first (compilation, allocator)")
+    p.add_argument("--models", default="ours,hf_eager,hf_sdpa", help="comma list of ours, hf_eager, hf_sdpa")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: table / measured)")
+    p.add_argument(
+        "--clock",
+        choices=("wall", "thread"),
+        default="wall",
+        help="thread: CPU time of the calling thread, which other processes' load does not inflate (needs --threads 1)",
+    )
+    p.add_argument("--compile", action="store_true", help="torch.compile our decoder layers")
+    p.add_argument("--decode", action="store_true", help="measure greedy generation at batch 1 instead of training")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def autocast(device: torch.device, dtype: str):
+    if dtype == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def build_models(config: ModelConfig, device: torch.device, names: list[str], compile_layers: bool) -> dict:
+    """Our model and the requested transformers models, all holding the same weights."""
+    ours = build_model(config, device)
+    if compile_layers:
+        for layer in ours.model.layers:
+            layer.compile()
+    models = {"ours": ours}
+    if any(name in HF_VARIANTS for name in names):
+        from transformers import DogeForCausalLM as HFDoge
+
+        for name in names:
+            if name in HF_VARIANTS:
+                hf_config = to_hf_config(config)
+                hf_config._attn_implementation = name.removeprefix("hf_")
+                hf = HFDoge(hf_config).to(device)
+                hf.load_state_dict(ours.state_dict(), strict=True)
+                models[name] = hf
+    return {name: models[name] for name in names}
+
+
+def train_step(name: str, model, optimizer, input_ids: torch.Tensor, device, dtype: str) -> Callable[[], torch.Tensor]:
+    """One closure per model: forward + backward + optimizer step, returning the loss."""
+    labels = shift_labels(input_ids)
+
+    def step() -> torch.Tensor:
+        with autocast(device, dtype):
+            if name == "ours":
+                hidden = model(input_ids, compute_logits=False).hidden_states
+                loss_sum, count = chunked_token_loss_sum(hidden, model.lm_head.weight, labels)
+                loss = loss_sum / count
+            else:
+                loss = model(input_ids=input_ids, labels=input_ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step
+
+
+def interleaved_times(
+    steps: dict[str, Callable], warmup: int, rounds: int, device, clock: Callable[[], float] = time.perf_counter
+) -> dict[str, list[float] | str]:
+    """Seconds per call of each closure, measured round-robin (rotating the order every round).
+    A model that runs out of memory is dropped and reported as such instead of ending the run."""
+    names = list(steps)
+    times: dict[str, list[float] | str] = {name: [] for name in names}
+    for r in range(warmup + rounds):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for name in order:
+            if isinstance(times[name], str):
+                continue
+            synchronize(device)
+            start = clock()
+            try:
+                steps[name]()
+            except torch.OutOfMemoryError:
+                times[name] = "out of memory"
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            synchronize(device)
+            if r >= warmup:
+                times[name].append(clock() - start)
+    return times
+
+
+def measured_cpu_peak_tflops(dtype: str, clock: Callable[[], float], size: int = 2048, seconds: float = 1.0) -> float:
+    """Dense matmul FLOP/s this CPU reaches with the current thread count: the MFU denominator on CPU."""
+    torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    a, b = torch.randn(size, size, dtype=torch_dtype), torch.randn(size, size, dtype=torch_dtype)
+    torch.mm(a, b)
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = clock()
+        torch.mm(a, b)
+        best = max(best, 2 * size**3 / max(clock() - start, 1e-9))
+    return best / 1e12
+
+
+def peak_tflops(args: argparse.Namespace, device: torch.device) -> tuple[Optional[float], str]:
+    if args.peak_tflops:
+        return args.peak_tflops, "--peak-tflops"
+    if device.type == "cpu":
+        return measured_cpu_peak_tflops(args.dtype, CLOCKS[args.clock]), f"measured {args.dtype} matmul"
+    if device.type == "cuda":
+        gpu = torch.cuda.get_device_name(device)
+        for fragment, (bf16, fp32) in GPU_PEAK_TFLOPS.items():
+            if fragment in gpu:
+                return (bf16 if args.dtype == "bf16" else fp32), f"table: {fragment}"
+        return None, f"unknown GPU {gpu!r}: pass --peak-tflops"
+    return None, "pass --peak-tflops"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = "cpu"
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    return f"{name} ({torch.get_num_threads()} threads)"
+
+
+def git_commit() -> str:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def bench_training(args, config: ModelConfig, device: torch.device, names: list[str]) -> dict:
+    models = build_models(config, device, names, args.compile)
+    generator = torch.Generator().manual_seed(args.seed)
+    input_ids = torch.randint(3, config.vocab_size, (args.micro_batch, args.seq_len), generator=generator).to(device)
+    fused = device.type in ("cuda", "cpu")
+    steps = {}
+    for name, model in models.items():
+        model.train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.01, fused=fused)
+        steps[name] = train_step(name, model, optimizer, input_ids, device, args.dtype)
+    times = interleaved_times(steps, args.warmup, args.steps, device, CLOCKS[args.clock])
+
+    tokens = args.micro_batch * args.seq_len
+    flops_per_token = training_flops_per_token(config, args.seq_len)
+    peak, peak_source = peak_tflops(args, device)
+    results = {}
+    for name, seconds in times.items():
+        if isinstance(seconds, str):
+            results[name] = {"error": seconds}
+            continue
+        median = statistics.median(seconds)
+        tflops = tokens / median * flops_per_token / 1e12
+        results[name] = {
+            "step_ms": round(median * 1e3, 2),
+            "tokens_per_s": round(tokens / median, 1),
+            "tflops": round(tflops, 3),
+            "mfu": round(tflops / peak, 4) if peak else None,
+        }
+    return {"flops_per_token": flops_per_token, "peak_tflops": peak, "peak_source": peak_source, "train": results}
+
+
+def greedy_ours(model, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """Our generation loop (KV cache with the per-key bias cached beside K and V), greedy."""
+    return generate(model, prompt, new_tokens, temperature=0.0)[:, prompt.shape[1] :]
+
+
+@torch.inference_mode()
+def greedy_hf(model, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    from transformers import GenerationConfig
+
+    # no eos: every run generates exactly new_tokens tokens
+    generation = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=2)
+    return model.generate(prompt, generation_config=generation)[:, prompt.shape[1] :]
+
+
+def bench_decode(args, config: ModelConfig, device: torch.device, names: list[str]) -> dict:
+    models = build_models(config, device, names, compile_layers=False)
+    generator = torch.Generator().manual_seed(args.seed)
+    prompt = torch.randint(3, config.vocab_size, (1, DECODE_PROMPT), generator=generator).to(device)
+    outputs: dict[str, torch.Tensor] = {}
+
+    def run(name, model):
+        def go():
+            model.eval()
+            with autocast(device, args.dtype):
+                generate = greedy_ours if name == "ours" else greedy_hf
+                outputs[name] = generate(model, prompt, DECODE_NEW_TOKENS)
+
+        return go
+
+    runs = {n: run(n, m) for n, m in models.items()}
+    times = interleaved_times(runs, max(1, args.warmup // 2), args.steps, device, CLOCKS[args.clock])
+    results = {}
+    for name, seconds in times.items():
+        if isinstance(seconds, str):
+            results[name] = {"error": seconds}
+            continue
+        assert outputs[name].shape[1] == DECODE_NEW_TOKENS, f"{name} generated {outputs[name].shape[1]} tokens"
+        median = statistics.median(seconds)
+        results[name] = {
+            "ms_per_token": round(median / DECODE_NEW_TOKENS * 1e3, 3),
+            "tokens_per_s": round(DECODE_NEW_TOKENS / median, 1),
+        }
+    finished = [n for n, r in results.items() if n != "ours" and "error" not in r]
+    same = {n: bool(torch.equal(outputs[n], outputs["ours"])) for n in finished}
+    return {"decode": results, "same_tokens_as_ours": same}
+
+
+def ratios(results: dict, key: str) -> dict:
+    ours = results.get("ours")
+    if not ours or key not in ours:
+        return {}
+    others = {name: r for name, r in results.items() if name != "ours" and key in r}
+    return {f"ours_vs_{name}": round(ours[key] / r[key], 3) for name, r in others.items()}
+
+
+def print_table(summary: dict) -> None:
+    if "train" in summary:
+        print(f"{'model':<10} {'step ms':>9} {'tokens/s':>11} {'TFLOP/s':>8} {'MFU':>7}")
+        for name, r in summary["train"].items():
+            if "error" in r:
+                print(f"{name:<10} {r['error']}")
+                continue
+            mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
+            print(f"{name:<10} {r['step_ms']:>9.1f} {r['tokens_per_s']:>11.0f} {r['tflops']:>8.3f} {mfu:>7}")
+    else:
+        print(f"{'model':<10} {'ms/token':>9} {'tokens/s':>9}")
+        for name, r in summary["decode"].items():
+            if "error" in r:
+                print(f"{name:<10} {r['error']}")
+                continue
+            print(f"{name:<10} {r['ms_per_token']:>9.2f} {r['tokens_per_s']:>9.1f}")
+    for name, ratio in summary["ratios"].items():
+        print(f"{name}: {ratio:.2f}x")
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    config = ModelConfig.from_preset(args.preset)
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    unknown = set(names) - {"ours", *HF_VARIANTS}
+    if unknown or "ours" not in names:
+        raise SystemExit(f"--models must include 'ours' and only ours, hf_eager, hf_sdpa (got {args.models!r})")
+    if args.clock == "thread" and (torch.get_num_threads() != 1 or device.type != "cpu"):
+        raise SystemExit("--clock thread measures one CPU thread: use it with --device cpu --threads 1")
+
+    summary = {
+        "mode": "decode" if args.decode else "train",
+        "preset": args.preset,
+        "seq_len": DECODE_PROMPT + DECODE_NEW_TOKENS if args.decode else args.seq_len,
+        "micro_batch": 1 if args.decode else args.micro_batch,
+        "dtype": args.dtype,
+        "device": device_name(device),
+        "threads": torch.get_num_threads(),
+        "compile": args.compile,
+        "clock": args.clock,
+        "torch": torch.__version__,
+        "commit": git_commit(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    if args.decode:
+        summary.update(bench_decode(args, config, device, names))
+        summary["ratios"] = ratios(summary["decode"], "tokens_per_s")
+    else:
+        summary.update(bench_training(args, config, device, names))
+        summary["ratios"] = ratios(summary["train"], "tokens_per_s")
+    print_table(summary)
+    print(json.dumps(summary), flush=True)
+    return summary
+
+
+if __name__ == "__main__":
+    main()

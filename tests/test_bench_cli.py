@@ -1,0 +1,46 @@
+"""launch/bench.py runs end to end on a tiny preset and ends with one JSON line of figures."""
+import json
+import os
+import subprocess
+import sys
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _bench(*args: str) -> dict:
+    command = [sys.executable, os.path.join(ROOT, "launch", "bench.py"), "--preset", "doge-tiny", "--threads", "1",
+               "--steps", "1", "--warmup", "1", *args]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    assert "ours_vs_hf_eager" in result.stdout  # the table's ratio lines
+    return json.loads(lines[-1])
+
+
+def test_training_bench_prints_the_expected_json():
+    summary = _bench("--seq-len", "32", "--micro-batch", "2", "--dtype", "bf16", "--peak-tflops", "1.0")
+    assert summary["mode"] == "train" and summary["preset"] == "doge-tiny"
+    for key in ("seq_len", "micro_batch", "dtype", "device", "threads", "commit", "date", "flops_per_token",
+                "peak_tflops", "peak_source", "train", "ratios"):
+        assert key in summary, key
+    assert set(summary["train"]) == {"ours", "hf_eager", "hf_sdpa"}
+    for figures in summary["train"].values():
+        assert set(figures) == {"step_ms", "tokens_per_s", "tflops", "mfu"}
+        assert figures["tokens_per_s"] > 0 and 0 < figures["mfu"]
+    assert set(summary["ratios"]) == {"ours_vs_hf_eager", "ours_vs_hf_sdpa"}
+    assert summary["peak_tflops"] == 1.0
+
+
+def test_decode_bench_generates_the_same_tokens_as_transformers():
+    summary = _bench("--decode", "--dtype", "fp32", "--models", "ours,hf_eager")
+    assert summary["mode"] == "decode"
+    assert set(summary["decode"]["ours"]) == {"ms_per_token", "tokens_per_s"}
+    assert summary["same_tokens_as_ours"] == {"hf_eager": True}
+    assert "ours_vs_hf_eager" in summary["ratios"]
+
+
+def test_bench_rejects_unknown_models():
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "bench.py"), "--models", "ours,megatron"],
+                            capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert result.returncode != 0 and "--models" in result.stderr

@@ -1,0 +1,134 @@
+"""The fast paths equal the reference paths: the chunked LM loss equals ``token_loss_sum`` on full
+logits (value and gradients), and the bias-as-key-channel attention equals the explicit DMA mask."""
+import pytest
+import torch
+
+from doge_dist.config import ModelConfig
+from doge_dist.model import IGNORE_INDEX, build_model, shift_labels, token_loss_sum
+from doge_dist.model.cache import KVCache
+from doge_dist.model.loss import chunked_token_loss_sum
+from doge_dist.model.masks import AttentionLayout
+from model_helpers import perturb_all, randomise_dynamic_mask, unique_tokens, use_backend
+
+
+def _loss_inputs(seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(3, 20, 16, generator=generator, requires_grad=True)
+    weight = torch.randn(50, 16, generator=generator, requires_grad=True)
+    labels = torch.randint(0, 50, (3, 20), generator=generator)
+    labels[1, 12:] = IGNORE_INDEX
+    labels[:, -1] = IGNORE_INDEX
+    return hidden, weight, labels
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 7, 64, None])
+def test_chunked_loss_equals_token_loss_sum_in_value_and_gradient(chunk_tokens):
+    hidden, weight, labels = _loss_inputs()
+    reference, reference_count = token_loss_sum(hidden @ weight.T, labels)
+    (reference / reference_count).backward()
+    expected = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+
+    total, count = chunked_token_loss_sum(hidden, weight, labels, chunk_tokens)
+    (total / count).backward()
+    assert count == reference_count
+    assert torch.allclose(total, reference, rtol=1e-6, atol=1e-5)
+    assert torch.allclose(hidden.grad, expected[0], atol=1e-6)
+    assert torch.allclose(weight.grad, expected[1], atol=1e-6)
+    assert hidden.grad[1, 12:].abs().max() == 0  # ignored tokens get no gradient
+
+
+def test_chunked_loss_under_bf16_autocast_matches_the_autocast_reference():
+    hidden, weight, labels = _loss_inputs(seed=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reference, _ = token_loss_sum(torch.nn.functional.linear(hidden, weight), labels)
+        total, _ = chunked_token_loss_sum(hidden, weight, labels, chunk_tokens=8)
+    grads = torch.autograd.grad(total, (hidden, weight))
+    expected = torch.autograd.grad(reference, (hidden, weight))
+    assert grads[0].dtype == hidden.dtype and grads[1].dtype == weight.dtype
+    assert torch.allclose(total, reference, rtol=1e-5)
+    for got, want in zip(grads, expected):
+        assert (got - want).abs().max() <= 2e-2 * want.abs().max()
+
+
+def test_chunked_loss_without_grad_and_a_second_backward_refused():
+    hidden, weight, labels = _loss_inputs()
+    with torch.no_grad():
+        total, _ = chunked_token_loss_sum(hidden, weight, labels)
+    assert torch.allclose(total, token_loss_sum(hidden @ weight.T, labels)[0].detach(), rtol=1e-6)
+    total, _ = chunked_token_loss_sum(hidden, weight, labels)
+    total.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward"):
+        total.backward()
+
+
+def _model(**overrides):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.from_preset("doge-tiny", **overrides))
+    randomise_dynamic_mask(model)
+    perturb_all(model)
+    return model
+
+
+CASES = {"gqa": {}, "v1 per-query-head bias": {"attention_variant": "v1"}, "mha": {"num_key_value_heads": 4}}
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["causal", "padded"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_bias_as_key_channel_equals_the_explicit_mask_with_gradients(case, padded):
+    """``sdpa`` (bias folded into q/k) against ``eager`` (the reference's [B, nh, T, S] mask)."""
+    model = _model(**CASES[case]).train()
+    ids = unique_tokens(2, 24, 512)
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, 17:] = 0
+    labels = shift_labels(ids, mask)
+    results = {}
+    for backend in ("eager", "sdpa"):
+        use_backend(model, backend)
+        model.zero_grad()
+        logits = model(ids, attention_mask=mask if padded else None).logits
+        total, count = token_loss_sum(logits, labels)
+        (total / count).backward()
+        results[backend] = logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    real = mask.bool()
+    assert (results["eager"][0] - results["sdpa"][0])[real].abs().max() <= 1e-5
+    for name, grad in results["eager"][1].items():
+        assert (grad - results["sdpa"][1][name]).abs().max() <= 1e-5 * grad.abs().max().clamp(min=1e-6), name
+
+
+def test_bias_as_key_channel_cached_decode_and_chunked_prefill():
+    model = _model().eval()
+    ids = unique_tokens(2, 20, 512)
+    with torch.no_grad():
+        use_backend(model, "eager")
+        full = model(ids).logits
+        use_backend(model, "sdpa")
+        cache = KVCache()
+        steps = [model(ids[:, :5], cache=cache).logits, model(ids[:, 5:9], cache=cache).logits]
+        steps += [model(ids[:, t : t + 1], cache=cache).logits for t in range(9, 20)]
+    assert (torch.cat(steps, dim=1) - full).abs().max() <= 1e-5
+
+
+def test_masks_are_built_once_per_forward_and_shared_by_layers():
+    layout = AttentionLayout(torch.arange(6), 6, torch.tensor([[1, 1, 1, 1, 0, 0]]).bool())
+    mask, causal = layout.sdpa_mask(torch.float32)
+    assert not causal and mask is layout.sdpa_mask(torch.float32)[0] and mask.shape == (1, 1, 6, 6)
+    assert mask[0, 0, 5, 4] == torch.finfo(torch.float32).min and mask[0, 0, 3, 3] == 0
+    assert AttentionLayout(torch.arange(6), 6).sdpa_mask(torch.float32) == (None, True)
+    assert AttentionLayout(torch.arange(5, 6), 6).sdpa_mask(torch.float32) == (None, False)
+
+
+def test_bf16_autocast_training_step_runs_the_fast_paths_close_to_eager():
+    model = _model().train()
+    ids = unique_tokens(2, 24, 512)
+    labels = shift_labels(ids)
+    losses = {}
+    for backend in ("eager", "sdpa"):
+        use_backend(model, backend)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            hidden = model(ids, compute_logits=False).hidden_states
+            total, count = chunked_token_loss_sum(hidden, model.lm_head.weight, labels)
+        (total / count).backward()
+        losses[backend] = (total / count).item()
+    assert abs(losses["eager"] - losses["sdpa"]) <= 2e-2 * abs(losses["eager"])
