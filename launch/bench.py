@@ -73,6 +73,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     )
     p.add_argument("--compile", action="store_true", help="torch.compile our decoder layers")
     p.add_argument("--decode", action="store_true", help="measure greedy generation at batch 1 instead of training")
+    p.add_argument("--comm", action="store_true",
+                   help="bytes per step sent by tensor parallelism (counted on --tp local gloo ranks, against the "
+                        "analytic volume) and by the expert-parallel exchange at EP 2, 4, 8 (against all-to-all)")
+    p.add_argument("--tp", type=int, default=2, help="tensor-parallel size for --comm")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -287,7 +291,34 @@ def ratios(results: dict, key: str) -> dict:
     return {f"ours_vs_{name}": round(ours[key] / r[key], 3) for name, r in others.items()}
 
 
+def bench_comm(args, config: ModelConfig) -> dict:
+    """Per rank and step (one micro-batch, forward + backward), in MB."""
+    from doge_dist.parallel.comm_volume import analytic_tp_bytes, measure_tp_bytes, moe_exchange_bytes
+
+    tokens = args.micro_batch * args.seq_len
+    counted = measure_tp_bytes([(config, False), (config, True)], args.micro_batch, args.seq_len, args.tp)
+    tp = {
+        "tp" if not sp else "tp+sp": {
+            "counted_mb": round(sent / 2**20, 3),
+            "analytic_mb": round(analytic_tp_bytes(config, tokens, args.tp, sp) / 2**20, 3),
+        }
+        for sp, sent in zip((False, True), counted)
+    }
+    moe = ModelConfig.from_preset("doge-1.4b-moe")
+    ep = {f"ep{size}": {k: round(v / 2**20, 1) for k, v in moe_exchange_bytes(moe, tokens, size).items()}
+          for size in (2, 4, 8)}
+    return {"tp_size": args.tp, "fp32_bytes": True, "comm_tp": tp, "comm_ep_doge_1.4b_moe": ep}
+
+
 def print_table(summary: dict) -> None:
+    if "comm_tp" in summary:
+        print(f"tensor parallel {summary['tp_size']}, {summary['preset']}: MB sent per rank per micro-batch (fp32)")
+        for mode, r in summary["comm_tp"].items():
+            print(f"  {mode:<6} counted {r['counted_mb']:>10.3f}   analytic {r['analytic_mb']:>10.3f}")
+        print("expert parallel, doge-1.4b-moe, same tokens per rank: MB per rank per step (bf16)")
+        for ep, r in summary["comm_ep_doge_1.4b_moe"].items():
+            print(f"  {ep:<5} gather/reduce-scatter {r['gather_reduce_scatter']:>9.1f}   all-to-all {r['all_to_all']:>9.1f}")
+        return
     if "train" in summary:
         print(f"{'model':<10} {'step ms':>9} {'tokens/s':>11} {'TFLOP/s':>8} {'MFU':>7}")
         for name, r in summary["train"].items():
@@ -322,7 +353,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         raise SystemExit("--clock thread measures one CPU thread: use it with --device cpu --threads 1")
 
     summary = {
-        "mode": "decode" if args.decode else "train",
+        "mode": "comm" if args.comm else "decode" if args.decode else "train",
         "preset": args.preset,
         "seq_len": DECODE_PROMPT + DECODE_NEW_TOKENS if args.decode else args.seq_len,
         "micro_batch": 1 if args.decode else args.micro_batch,
@@ -335,7 +366,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "commit": git_commit(),
         "date": time.strftime("%Y-%m-%d"),
     }
-    if args.decode:
+    if args.comm:
+        summary.update(bench_comm(args, config))
+    elif args.decode:
         summary.update(bench_decode(args, config, device, names))
         summary["ratios"] = ratios(summary["decode"], "tokens_per_s")
     else:

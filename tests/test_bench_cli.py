@@ -14,12 +14,12 @@ def _bench(*args: str) -> dict:
     result = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.strip().splitlines()
-    assert "ours_vs_hf_eager" in result.stdout  # the table's ratio lines
     return json.loads(lines[-1])
 
 
 def test_training_bench_prints_the_expected_json():
     summary = _bench("--seq-len", "32", "--micro-batch", "2", "--dtype", "bf16", "--peak-tflops", "1.0")
+    assert "ours_vs_hf_eager" in summary["ratios"]
     assert summary["mode"] == "train" and summary["preset"] == "doge-tiny"
     for key in ("seq_len", "micro_batch", "dtype", "device", "threads", "commit", "date", "flops_per_token",
                 "peak_tflops", "peak_source", "train", "ratios"):
@@ -44,3 +44,11 @@ def test_bench_rejects_unknown_models():
     result = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "bench.py"), "--models", "ours,megatron"],
                             capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert result.returncode != 0 and "--models" in result.stderr
+
+
+def test_comm_bench_counts_what_the_formula_predicts():
+    summary = _bench("--comm", "--seq-len", "16", "--micro-batch", "2")
+    for mode in ("tp", "tp+sp"):
+        figures = summary["comm_tp"][mode]
+        assert figures["counted_mb"] == figures["analytic_mb"] > 0
+    assert set(summary["comm_ep_doge_1.4b_moe"]) == {"ep2", "ep4", "ep8"}
