@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..config import Config
+from ..config import Config, ConfigError
 from ..data.chat_dataset import PreferenceDataset, collate_pairs
 from ..model import IGNORE_INDEX, DogeForCausalLM
 from .distributed import DistEnv
@@ -82,6 +82,14 @@ class DPOTask(FinetuneTask):
 
     def collate(self, config: Config) -> Callable:
         return partial(collate_pairs, pad_id=pad_id(config))
+
+    def check(self, config: Config) -> int:
+        if config.parallel.tensor_parallel > 1:
+            raise ConfigError(
+                "DPO reads per-sequence log-probs from full logits; with parallel.tensor_parallel > 1 they are "
+                "vocabulary-sharded. Run DPO with parallel.tensor_parallel=1 (ZeRO 0-3 data parallelism)."
+            )
+        return super().check(config)
 
     def count(self, batch: dict) -> int:
         return len(batch["index"])

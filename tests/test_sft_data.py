@@ -1,0 +1,103 @@
+"""Chat data: the template ids are apply_chat_template's, the loss mask covers assistant turns only
+(or everything), malformed conversations are reported with their line numbers (--strict stops),
+preference pairs are truncated as stated, and packing never lets labels cross conversations."""
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from chat_helpers import chat_tokenizer
+from data_helpers import quiet, write_jsonl
+from doge_dist.data import DataError
+from doge_dist.data.chat import encode_conversation, encode_preference
+from doge_dist.data.chat_dataset import IGNORE_INDEX, MaskedSequences, PreferenceDataset, SFTDataset, pack
+from doge_dist.data.chat_template import load_chat_tokenizer
+from doge_dist.data.preprocess_chat import preprocess_chat
+from train_helpers import PYTHON, REPO, env
+
+MESSAGES = [
+    {"role": "system", "content": "Answer briefly."},
+    {"role": "user", "content": "What is 2 + 3?"},
+    {"role": "assistant", "content": "2 + 3 = 5."},
+    {"role": "user", "content": "And 4 * 4?"},
+    {"role": "assistant", "content": "4 * 4 = 16."},
+]
+
+
+def test_ids_are_apply_chat_template_and_mask_is_assistant_turns():
+    tokenizer = load_chat_tokenizer(chat_tokenizer())
+    ids, mask = encode_conversation(tokenizer, MESSAGES)
+    assert ids == AutoTokenizer.from_pretrained(chat_tokenizer()).apply_chat_template(MESSAGES, tokenize=True, return_dict=True)["input_ids"]
+    assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.eos_token_id) == len(MESSAGES)
+    trained = tokenizer.decode([i for i, m in zip(ids, mask) if m])
+    assert trained == "2 + 3 = 5.</s>4 * 4 = 16.</s>"  # assistant content and its eos, nothing else
+    _, every = encode_conversation(tokenizer, MESSAGES, assistant_only=False)
+    assert all(every)
+
+
+def test_malformed_conversations_are_reported_with_line_numbers(tmp_path):
+    good = {"messages": MESSAGES[1:3]}
+    lines = [
+        good,
+        {"messages": [{"role": "wizard", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+        {"messages": [{"role": "user", "content": "  "}, {"role": "assistant", "content": "hello"}]},
+        {"messages": [{"role": "user", "content": "hi"}]},
+        "{not json",
+        good,
+    ]
+    source = write_jsonl(tmp_path / "chat.jsonl", lines)
+    report = preprocess_chat(str(source), str(tmp_path / "out"), str(chat_tokenizer()), log=quiet)
+    assert (report.documents, report.bad) == (2, 4)
+    expected = {2: "unknown role 'wizard'", 3: "empty content", 4: "no assistant turn", 5: "malformed JSON"}
+    for (line, reason), where in zip(expected.items(), report.bad_locations):
+        assert where.startswith(f"{source}:{line}: ") and reason in where
+    with pytest.raises(DataError, match=r"chat.jsonl:2: .*unknown role"):
+        preprocess_chat(str(source), str(tmp_path / "strict"), str(chat_tokenizer()), strict=True, log=quiet)
+    assert not (tmp_path / "strict_text_document.bin").exists()  # nothing half-written
+    cli = subprocess.run([PYTHON, "data_tools/preprocess_chat.py", "--kind", "sft", "--input", str(source), "--tokenizer",
+                          str(chat_tokenizer()), "--output-prefix", str(tmp_path / "cli"), "--strict"],
+                         cwd=REPO, env=env(), capture_output=True, text=True)
+    assert cli.returncode == 1 and "chat.jsonl:2:" in cli.stderr
+
+
+def test_sft_files_and_packing(tmp_path):
+    source = write_jsonl(tmp_path / "chat.jsonl", [{"messages": MESSAGES}, {"messages": MESSAGES[1:3]}, {"messages": MESSAGES[3:]}])
+    preprocess_chat(str(source), str(tmp_path / "sft"), str(chat_tokenizer()), log=quiet)
+    sequences = MaskedSequences([str(tmp_path / "sft_text_document")], pairs=False)
+    assert len(sequences) == 3
+    lengths = sequences.lengths
+    packed = SFTDataset(sequences, int(lengths.sum()), packing=True)
+    assert len(packed) == 1 and pack(lengths, int(lengths[0])) == [[0], [1, 2]]
+    sample = packed[0]
+    starts = np.cumsum([0, *lengths[:-1]])
+    assert sample["position_ids"][starts].tolist() == [0, 0, 0]  # positions restart per conversation
+    assert (sample["labels"][starts[1:] - 1] == IGNORE_INDEX).all()  # no label crosses into the next one
+    for index, start in enumerate(starts):  # each packed piece equals the padded sample
+        alone = SFTDataset(sequences, 1000, packing=False)[index]
+        assert torch.equal(sample["labels"][start : start + lengths[index]], alone["labels"])
+
+
+def test_preference_truncation(tmp_path):
+    tokenizer = load_chat_tokenizer(chat_tokenizer())
+    record = {"prompt": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Tell me about lists in Python."}],
+              "chosen": "Lists are mutable sequences of items.", "rejected": "No."}
+    full_prompt, chosen, rejected = encode_preference(tokenizer, record, 0, 0)
+    prompt, short_chosen, short_rejected = encode_preference(tokenizer, record, 6, 4)
+    assert prompt == full_prompt[-6:] and short_chosen == chosen[:4] and short_rejected == rejected[:4]
+    assert tokenizer.decode(chosen) == "Lists are mutable sequences of items.</s>"
+    # ultrafeedback style: chosen/rejected repeat the prompt as their first messages
+    repeated = {"prompt": "Hi?", "chosen": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}],
+                "rejected": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Go."}]}
+    assert encode_preference(tokenizer, repeated, 0, 0)[1] == encode_preference(tokenizer, {**repeated, "chosen": "Hello."}, 0, 0)[1]
+    source = write_jsonl(tmp_path / "pairs.jsonl", [record, {"prompt": "x", "chosen": "same", "rejected": "same"}])
+    report = preprocess_chat(str(source), str(tmp_path / "dpo"), str(chat_tokenizer()), kind="dpo",
+                             max_prompt_length=6, max_completion_length=4, log=quiet)
+    assert (report.documents, report.bad) == (1, 1) and "identical" in report.bad_locations[0]
+    pair = PreferenceDataset(MaskedSequences([str(tmp_path / "dpo_text_document")], pairs=True), 128)[0]
+    for name, completion in (("chosen", short_chosen), ("rejected", short_rejected)):
+        assert pair[name]["input_ids"].tolist() == prompt + completion
+        assert pair[name]["labels"].tolist() == [IGNORE_INDEX] * 5 + completion + [IGNORE_INDEX]
+    with pytest.raises(DataError, match="holds preference pairs"):
+        MaskedSequences([str(tmp_path / "dpo_text_document")], pairs=False)

@@ -1,0 +1,34 @@
+"""An SFT run exported with launch/export_hf.py carries the chat template: AutoTokenizer's
+apply_chat_template gives the ids the run trained on, and transformers' generate runs from it."""
+import subprocess
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from chat_helpers import single_run
+from doge_dist.data.chat import encode_conversation
+from doge_dist.data.chat_template import DOGE_CHAT_TEMPLATE, load_chat_tokenizer
+from doge_dist.train.export import load_checkpoint_model
+from train_helpers import PYTHON, REPO, env, scratch
+
+MESSAGES = [{"role": "user", "content": "What is 3 + 4?"}, {"role": "assistant", "content": "3 + 4 = 7."}]
+
+
+def test_exported_sft_model_chats_in_transformers():
+    output = scratch() / "hf_sft"
+    result = subprocess.run([PYTHON, "launch/export_hf.py", "--checkpoint", str(single_run("sft")), "--output", str(output)],
+                            cwd=REPO, env=env(), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    tokenizer = AutoTokenizer.from_pretrained(output)
+    assert tokenizer.chat_template == DOGE_CHAT_TEMPLATE
+    assert tokenizer.apply_chat_template(MESSAGES, tokenize=True, return_dict=True)["input_ids"] == \
+        encode_conversation(load_chat_tokenizer(output), MESSAGES)[0]
+
+    model = AutoModelForCausalLM.from_pretrained(output, attn_implementation="eager").eval()
+    prompt = tokenizer.apply_chat_template(MESSAGES[:1], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    assert tokenizer.decode(prompt["input_ids"][0]).endswith("<|start_header_id|>assistant<|end_header_id|>\n")
+    out = model.generate(**prompt, max_new_tokens=6, do_sample=False)
+    assert out.shape[1] > prompt["input_ids"].shape[1]
+    with torch.no_grad():  # the exported weights are the fine-tuned ones
+        ours = load_checkpoint_model(single_run("sft")).eval()(prompt["input_ids"]).logits
+        assert torch.allclose(model(prompt["input_ids"]).logits, ours, atol=1e-4, rtol=1e-4)

@@ -1,0 +1,40 @@
+"""SFT loss masking: the loss the loop trains on is the mean over assistant tokens only, on a
+hand-built two-conversation micro-batch (right-padded), against a direct log-softmax computation."""
+import numpy as np
+import torch
+
+from doge_dist.config import ModelConfig
+from doge_dist.data.chat_dataset import collate_lm, lm_sample
+from doge_dist.model import build_model
+from doge_dist.train.finetune import SFTTask
+
+
+class Engine:
+    """What the task needs of a DeepSpeed engine: a callable module on a device."""
+
+    def __init__(self, module):
+        self.module, self.device = module, torch.device("cpu")
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+def test_sft_loss_is_the_mean_over_assistant_tokens():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.from_preset("doge-tiny")).eval()
+    # conversation = bos, user turn (mask 0), assistant turn + eos (mask 1), second user turn (mask 0)
+    first = (np.array([0, 40, 41, 42, 1, 50, 51, 1, 60, 1]), np.array([0, 0, 0, 0, 0, 1, 1, 1, 0, 0]))
+    second = (np.array([0, 70, 1, 80, 81, 82, 1]), np.array([0, 0, 0, 1, 1, 1, 1]))
+    batch = collate_lm([lm_sample([first]), lm_sample([second])], pad_id=2)
+    task = SFTTask()
+    loss_sum, count, _ = task.forward_loss(Engine(model), batch, bf16=False)
+    assert task.count(batch) == int(count) == 3 + 4
+
+    with torch.no_grad():
+        log_probs = model(batch["input_ids"]).logits.float().log_softmax(-1)
+    expected = []
+    for row, (ids, mask) in enumerate((first, second)):
+        for t in range(1, len(ids)):
+            if mask[t]:  # the token at t is trained: predicted from position t - 1
+                expected.append(-log_probs[row, t - 1, ids[t]])
+    assert torch.allclose(loss_sum / count, torch.stack(expected).mean(), rtol=1e-6, atol=1e-6)
