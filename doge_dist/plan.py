@@ -1,0 +1,292 @@
+"""Memory per GPU before a run starts: model states by ZeRO stage, activations per sequence, and the
+largest micro-batch that fits; plus the accumulation that keeps a recipe's global batch on N GPUs.
+
+Why a model and not a try-and-see: a 24 GB card and a Slurm queue both punish an out-of-memory
+crash late, and the single-4090 YAML recipes cite these numbers for their micro-batch choice.
+
+Model states follow DeepSpeed 0.19 with bf16 (its default gradient accumulation dtype is the model
+dtype, so gradients are bf16; ``data_types.grad_accum_dtype: fp32`` at ZeRO-1 switches to its
+BF16_Optimizer with fp32 gradients). Per rank, with parameters in the optimizer's flat order:
+  parameters  2 B each; ZeRO-3 keeps 1/dp of each flat group plus whole copies of tensors below
+              ``stage3_param_persistence_threshold``.
+  gradients   ZeRO 0/1: every parameter's gradient lives between micro-batches of an accumulation.
+              ZeRO-2: the rank keeps the *whole* gradient of every tensor that overlaps its partition
+              (measured: a tied 32k x H embedding straddling a boundary is held in full on both sides).
+              ZeRO-3: its flat partition.
+  optimizer   fp32 master + Adam m and v = 12 B per parameter, over dp for ZeRO >= 1.
+  buffers     gradient-reduction buckets, ``reduce_bucket_size`` elements (x2 with overlap_comm) at
+              ZeRO 1/2 during backward; ZeRO-3 holds its reduce bucket always and gathers up to
+              ``stage3_prefetch_bucket_size`` parameters ahead.
+Activations count what autograd keeps per token, in bytes, read off the Doge layer (bf16 tensors 2 B,
+RMSNorm's fp32 upcast 4 B), for the CUDA FlexAttention path, which never builds a [heads, T, T] tensor:
+  per layer  32 h + 12 kv + 8 I  (+ 2 k h + 4 nk^2 for CDMoE)   h hidden, kv = n_kv x head_dim
+  logits     10 V per token at the peak of the loss backward (bf16 logits, fp32 log-softmax, fp32 grad)
+Activation checkpointing keeps each layer's bf16 input (2 h) and recomputes one layer at a time.
+Tensor parallelism divides the projections' activations (and, with sequence parallelism, the rest).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from .config import Config, ConfigError, ModelConfig
+from .model.flops import parameter_count
+
+GB = 1e9
+BUCKET_DEFAULT = int(5e8)  # DeepSpeed's reduce_bucket_size default (elements)
+PREFETCH_DEFAULT = int(5e7)
+PERSISTENCE_DEFAULT = int(1e5)
+
+
+@dataclass(frozen=True)
+class Layout:
+    gpus: int
+    tp: int
+    ep: int
+    sp: bool
+
+    @property
+    def dp(self) -> int:
+        return self.gpus // self.tp
+
+
+def check_layout(config: Config, gpus: int) -> Layout:
+    """The parallel layout on ``gpus`` GPUs; a count the sizes do not divide is an error."""
+    tp, ep = config.parallel.tensor_parallel, config.parallel.expert_parallel
+    if gpus < 1:
+        raise ConfigError(f"The GPU count must be at least 1, got {gpus}.")
+    if gpus % tp:
+        raise ConfigError(
+            f"{gpus} GPUs are not divisible by parallel.tensor_parallel = {tp}: use a multiple of {tp} GPUs "
+            f"(nodes x GPUs per node), or a tensor-parallel size that divides {gpus}."
+        )
+    if (gpus // tp) % ep:
+        raise ConfigError(
+            f"The data-parallel size {gpus // tp} ({gpus} GPUs / tensor_parallel {tp}) is not divisible by "
+            f"parallel.expert_parallel = {ep}: experts are sharded within the data-parallel group."
+        )
+    return Layout(gpus, tp, ep, config.parallel.sequence_parallel)
+
+
+def recipe_global_batch(recipe: Config) -> int:
+    """Sequences per optimizer step of a single-GPU recipe: micro x accumulation (dp = 1)."""
+    return recipe.train.micro_batch_size * recipe.train.gradient_accumulation_steps
+
+
+def accumulation_steps(global_batch: int, micro_batch: int, dp: int) -> int:
+    """The accumulation that keeps ``global_batch`` = micro x accumulation x dp exactly."""
+    per_step = micro_batch * dp
+    if global_batch % per_step:
+        fits = [d for d in range(1, global_batch + 1) if global_batch % (micro_batch * d) == 0]
+        raise ConfigError(
+            f"The global batch of {global_batch} sequences is not divisible by train.micro_batch_size {micro_batch} x "
+            f"data-parallel size {dp} = {per_step}, so no whole train.gradient_accumulation_steps keeps it. Use a GPU "
+            f"count whose data-parallel size is one of {fits[:12]}, change train.micro_batch_size, or set "
+            f"GLOBAL_BATCH to a multiple of {per_step}."
+        )
+    return global_batch // per_step
+
+
+# ----------------------------------------------------------------------------------------------
+# Model states
+# ----------------------------------------------------------------------------------------------
+
+
+def parameter_groups_numel(config: Config) -> list[list[int]]:
+    """Element counts of the trainer's AdamW groups, in DeepSpeed's flattening order (built on meta)."""
+    groups = _groups(json.dumps(config.model.to_dict(), sort_keys=True), config.train.decay_groups)
+    assert sum(map(sum, groups)) == parameter_count(config.model)  # the count MFU uses is the count we plan with
+    return [list(g) for g in groups]
+
+
+@functools.lru_cache(maxsize=8)
+def _groups(model_json: str, decay_groups: str) -> tuple[tuple[int, ...], ...]:
+    from .config import TrainConfig
+    from .model import build_model
+    from .train.optim import parameter_groups
+
+    with torch.device("meta"):
+        model = build_model(ModelConfig(**json.loads(model_json)))
+    groups = parameter_groups(model, TrainConfig(decay_groups=decay_groups))
+    return tuple(tuple(p.numel() for p in group["params"]) for group in groups)
+
+
+def straddling_numel(sizes: list[int], dp: int, rank: int) -> int:
+    """Elements of the whole tensors of one flat group that overlap ``rank``'s 1/dp partition."""
+    partition = math.ceil(sum(sizes) / dp)
+    lo, hi, start, held = rank * partition, (rank + 1) * partition, 0, 0
+    for size in sizes:
+        if start < hi and start + size > lo:
+            held += size
+        start += size
+    return held
+
+
+@dataclass(frozen=True)
+class States:
+    params: float
+    grads: float
+    optimizer: float
+    buffers: float
+
+    @property
+    def total(self) -> float:
+        return self.params + self.grads + self.optimizer + self.buffers
+
+
+def _tp_local(config: Config, groups: list[list[int]], tp: int, ep: int) -> tuple[list[list[int]], int]:
+    """Per-rank tensor sizes: matrices split over TP, CDMoE expert tables over EP (1-D tensors whole)."""
+    m = config.model
+    expert_table = m.num_experts * m.hidden_size if m.is_moe else -1
+    local = [[size // ep if size == expert_table else size // tp if size > m.hidden_size else size for size in g]
+             for g in groups]
+    return local, sum(map(sum, local))
+
+
+def model_states(config: Config, ds: dict[str, Any], layout: Layout, rank: Optional[int] = None) -> States:
+    """Bytes of parameters, gradients, optimizer states and buffers on ``rank`` (default: the worst)."""
+    zero = ds.get("zero_optimization", {})
+    stage = int(zero.get("stage", 0))
+    bf16 = bool(ds.get("bf16", {}).get("enabled", False)) if config.train.bf16 is None else config.train.bf16
+    weight = 2 if bf16 else 4
+    master = 4 if bf16 else 0
+    fp32_grads = stage == 1 and bf16 and ds.get("data_types", {}).get("grad_accum_dtype") in ("fp32", "float32")
+    groups, local = _tp_local(config, parameter_groups_numel(config), layout.tp, layout.ep)
+    dp = layout.dp
+    shard = sum(math.ceil(sum(g) / dp) for g in groups) if stage >= 1 else local
+
+    params = weight * local
+    if stage == 3:
+        threshold = int(zero.get("stage3_param_persistence_threshold", PERSISTENCE_DEFAULT))
+        params = weight * (shard + sum(size for g in groups for size in g if size < threshold))
+    if stage <= 1:
+        grads = (4 if fp32_grads else weight) * local
+    elif stage == 2:
+        ranks = range(dp) if rank is None else [rank]
+        grads = weight * max(sum(straddling_numel(g, dp, r) for g in groups) for r in ranks)
+    else:
+        grads = weight * shard
+    optimizer = (master + 8) * shard
+
+    bucket = int(zero.get("reduce_bucket_size", BUCKET_DEFAULT))
+    if stage in (1, 2) and zero.get("contiguous_gradients", True):
+        buffers = weight * bucket * (2 if zero.get("overlap_comm", False) else 1)
+    elif stage == 3:
+        buffers = weight * (bucket + int(zero.get("stage3_prefetch_bucket_size", PREFETCH_DEFAULT)))
+    else:
+        buffers = 0
+    return States(float(params), float(grads), float(optimizer), float(buffers))
+
+
+# ----------------------------------------------------------------------------------------------
+# Activations
+# ----------------------------------------------------------------------------------------------
+
+
+def layer_bytes_per_token(m: ModelConfig, layout: Layout) -> tuple[float, float]:
+    """(bytes inside the TP-split projections, bytes outside them) one decoder layer keeps per token."""
+    h, kv, inter = m.hidden_size, m.num_key_value_heads * m.head_dim, m.intermediate_size
+    q = m.num_attention_heads * m.head_dim
+    # residual scale inputs 2+2, two RMSNorms 6+6, the norms' outputs read by the projections 2+2
+    outside = 20 * h
+    # q/k norms 6q + 6kv, q,k,v after RoPE 2q + 4kv, dt_proj input 2kv, attention out 2q, o_proj input 2q, MLP 8I
+    inside = 12 * q + 12 * kv + 8 * inter
+    if m.is_moe:
+        inside += 2 * m.num_experts_per_tok * h + 4 * m.num_keys**2
+    outside_split = layout.tp if layout.sp else 1
+    return inside / layout.tp, outside / outside_split
+
+
+def activation_bytes_per_sequence(config: Config, layout: Layout, checkpointing: bool) -> float:
+    """Peak activation bytes one sequence of ``data.seq_length`` tokens adds to a rank."""
+    m, seq = config.model, config.data.seq_length
+    inside, outside = layer_bytes_per_token(m, layout)
+    layer = inside + outside
+    logits = 10 * m.vocab_size / layout.tp + 8 * m.hidden_size  # + final norm and LM-head input
+    if checkpointing:
+        per_token = m.num_hidden_layers * 2 * m.hidden_size + layer + logits
+    else:
+        per_token = m.num_hidden_layers * layer + logits
+    return per_token * seq
+
+
+def largest_micro_batch(free_bytes: float, per_sequence: float) -> int:
+    return max(0, int(free_bytes // per_sequence))
+
+
+# ----------------------------------------------------------------------------------------------
+# The plan
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Plan:
+    layout: Layout
+    stage: int
+    states: States
+    per_sequence: float
+    per_sequence_checkpointed: float
+    gpu_bytes: float
+    reserve_bytes: float
+    micro_batch: int
+    checkpointing: bool
+    global_batch: int
+    accumulation: int
+
+    @property
+    def free_for_activations(self) -> float:
+        return self.gpu_bytes - self.reserve_bytes - self.states.total
+
+    @property
+    def activations(self) -> float:
+        return self.micro_batch * (self.per_sequence_checkpointed if self.checkpointing else self.per_sequence)
+
+    @property
+    def total(self) -> float:
+        return self.states.total + self.activations + self.reserve_bytes
+
+
+def make_plan(recipe: Config, config: Config, ds: dict[str, Any], gpus: int, gpu_mem_gb: float,
+              reserve_gb: float, global_batch: Optional[int] = None) -> Plan:
+    """``recipe`` is the YAML alone (its global batch); ``config`` the YAML with overrides (what runs)."""
+    layout = check_layout(config, gpus)
+    global_batch = global_batch or recipe_global_batch(recipe)
+    return Plan(
+        layout=layout,
+        stage=int(ds.get("zero_optimization", {}).get("stage", 0)),
+        states=model_states(config, ds, layout),
+        per_sequence=activation_bytes_per_sequence(config, layout, False),
+        per_sequence_checkpointed=activation_bytes_per_sequence(config, layout, True),
+        gpu_bytes=gpu_mem_gb * GB,
+        reserve_bytes=reserve_gb * GB,
+        micro_batch=config.train.micro_batch_size,
+        checkpointing=config.train.activation_checkpointing,
+        global_batch=global_batch,
+        accumulation=accumulation_steps(global_batch, config.train.micro_batch_size, layout.dp),
+    )
+
+
+def _gb(value: float) -> str:
+    return f"{value / GB:.2f} GB"
+
+
+def format_plan(plan: Plan, name: str, params: int) -> list[str]:
+    """The lines launch/plan.py prints (and the YAML comments quote)."""
+    s, l = plan.states, plan.layout
+    fit = largest_micro_batch(plan.free_for_activations, plan.per_sequence)
+    fit_ckpt = largest_micro_batch(plan.free_for_activations, plan.per_sequence_checkpointed)
+    verdict = "fits" if plan.total <= plan.gpu_bytes else "does NOT fit"
+    return [
+        f"{name}: {params / 1e6:.1f}M params, {l.gpus} GPU(s) = tp {l.tp} x dp {l.dp} (ep {l.ep}), ZeRO-{plan.stage}, per GPU:",
+        f"  parameters {_gb(s.params)} + gradients {_gb(s.grads)} + optimizer {_gb(s.optimizer)} + buffers {_gb(s.buffers)} = {_gb(s.total)}",
+        f"  activations per sequence: {_gb(plan.per_sequence)}, with activation checkpointing {_gb(plan.per_sequence_checkpointed)}",
+        f"  micro {plan.micro_batch}{' (checkpointed)' if plan.checkpointing else ''}: {_gb(s.total)} + {_gb(plan.activations)} "
+        f"+ reserve {_gb(plan.reserve_bytes)} = {_gb(plan.total)} of {_gb(plan.gpu_bytes)}: {verdict}",
+        f"  largest micro-batch: {fit} without, {fit_ckpt} with activation checkpointing",
+        f"  global batch {plan.global_batch} = micro {plan.micro_batch} x accumulation {plan.accumulation} x dp {l.dp}",
+    ]

@@ -1,0 +1,59 @@
+#!/usr/bin/env python
+"""How much GPU memory a run needs, before it runs.
+
+    python launch/plan.py --config configs/doge_160m.yaml --ds_config configs/zero2.json --gpus 1 --gpu-mem-gb 24
+    python launch/plan.py --config configs/doge_320m.yaml --gpus 16 --gpu-mem-gb 80 parallel.tensor_parallel=2
+
+Prints bytes per GPU for parameters, gradients, optimizer states and communication buffers (per ZeRO
+stage, tensor and expert parallel size), activations per sequence with and without activation
+checkpointing, whether the configured micro-batch fits, the largest one that does, and the
+gradient accumulation that keeps the recipe's global batch on --gpus GPUs. The model behind the
+numbers is described in doge_dist/plan.py.
+
+--accumulation prints only that accumulation (slurm/launch.sh uses it).
+"""
+import argparse
+import sys
+
+from doge_dist.config import ConfigError, load_config
+from doge_dist.model.flops import parameter_count
+from doge_dist.plan import accumulation_steps, check_layout, format_plan, make_plan, recipe_global_batch
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML run config (configs/*.yaml)")
+    parser.add_argument("--ds_config", default=None, help="DeepSpeed JSON (default: run.ds_config of the YAML)")
+    parser.add_argument("--gpus", type=int, default=1, help="total GPUs (nodes x GPUs per node)")
+    parser.add_argument("--gpu-mem-gb", type=float, default=24.0, help="memory of one GPU in GB (1e9 bytes)")
+    parser.add_argument("--reserve-gb", type=float, default=1.5,
+                        help="CUDA context, allocator fragmentation, NCCL: memory the model cannot use")
+    parser.add_argument("--global-batch", type=int, default=None,
+                        help="sequences per step to keep (default: the YAML's micro x accumulation)")
+    parser.add_argument("--accumulation", action="store_true", help="print only the accumulation steps for --gpus")
+    parser.add_argument("overrides", nargs="*", help="section.key=value, as for launch/pretrain.py")
+    args = parser.parse_args()
+    try:
+        from doge_dist.train.ds_config import read_ds_config
+
+        recipe = load_config(args.config)
+        config = load_config(args.config, args.overrides)
+        ds_path = args.ds_config or config.run.ds_config
+        if not ds_path:
+            raise ConfigError("No DeepSpeed config: pass --ds_config configs/zero2.json (or set run.ds_config in the YAML).")
+        if args.accumulation:  # the launcher's question only: no model needs building
+            dp = check_layout(config, args.gpus).dp
+            print(accumulation_steps(args.global_batch or recipe_global_batch(recipe), config.train.micro_batch_size, dp))
+            return 0
+        plan = make_plan(recipe, config, read_ds_config(ds_path), args.gpus, args.gpu_mem_gb, args.reserve_gb,
+                         args.global_batch)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    name = f"{args.config} + {ds_path}" + (f" + {' '.join(args.overrides)}" if args.overrides else "")
+    print("\n".join(format_plan(plan, name, parameter_count(config.model))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,24 @@
+#!/bin/bash
+# Doge-20M-MoE (CDMoE, 1024 experts, top 16) pretraining (configs/doge_20m_moe.yaml) on Slurm. Submit from the repository root:
+#   mkdir -p logs && sbatch slurm/doge_20m_moe.sh [section.key=value ...]
+#   sbatch --nodes=4 slurm/doge_20m_moe.sh                        # the global batch stays the recipe's
+#   sbatch --job-name=doge_20m_moe_lr2x slurm/doge_20m_moe.sh train.lr=1e-2   # another experiment: runs/doge_20m_moe_lr2x
+#   sbatch --dependency=afterany:JOBID slurm/doge_20m_moe.sh      # chain: continues from the latest checkpoint
+# The run lives in runs/$SLURM_JOB_NAME and resumes from its latest checkpoint. 120 s before the time
+# limit the trainer saves and the job requeues itself (slurm/launch.sh, docs/multinode.md).
+#SBATCH --job-name=doge_20m_moe
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=64
+#SBATCH --time=04:00:00
+#SBATCH --output=logs/%x-%j.out
+#SBATCH --error=logs/%x-%j.err
+#SBATCH --open-mode=append
+#SBATCH --requeue
+#SBATCH --signal=B:USR1@120
+
+# configs/doge_20m_moe.yaml comes with the MoE recipe; until then this script stops with a clear error.
+# Slurm runs a copy of this file from its spool directory: paths are relative to the submit directory.
+cd "${SLURM_SUBMIT_DIR:-.}" || exit 1
+exec bash slurm/launch.sh configs/doge_20m_moe.yaml configs/zero2.json "$@"

@@ -1,0 +1,23 @@
+#!/bin/bash
+# Doge-60M pretraining (configs/doge_60m.yaml) on Slurm. Submit from the repository root:
+#   mkdir -p logs && sbatch slurm/doge_60m.sh [section.key=value ...]
+#   sbatch --nodes=4 slurm/doge_60m.sh                        # the global batch stays the recipe's
+#   sbatch --job-name=doge_60m_lr2x slurm/doge_60m.sh train.lr=1e-2   # another experiment: runs/doge_60m_lr2x
+#   sbatch --dependency=afterany:JOBID slurm/doge_60m.sh      # chain: continues from the latest checkpoint
+# The run lives in runs/$SLURM_JOB_NAME and resumes from its latest checkpoint. 120 s before the time
+# limit the trainer saves and the job requeues itself (slurm/launch.sh, docs/multinode.md).
+#SBATCH --job-name=doge_60m
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=64
+#SBATCH --time=12:00:00
+#SBATCH --output=logs/%x-%j.out
+#SBATCH --error=logs/%x-%j.err
+#SBATCH --open-mode=append
+#SBATCH --requeue
+#SBATCH --signal=B:USR1@120
+
+# Slurm runs a copy of this file from its spool directory: paths are relative to the submit directory.
+cd "${SLURM_SUBMIT_DIR:-.}" || exit 1
+exec bash slurm/launch.sh configs/doge_60m.yaml configs/zero1.json "$@"

