@@ -7,18 +7,8 @@
 
 Everything the run writes goes under run.dir. A restart resumes from its latest checkpoint.
 """
-import argparse
-import sys
 
-from doge_dist.train.cli import main_pretrain
+from doge_dist.train.cli import main_pretrain, run_launcher
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=None, help="YAML run config (configs/*.yaml)")
-    parser.add_argument("--ds_config", default=None, help="DeepSpeed JSON (configs/zero0.json .. zero3.json)")
-    parser.add_argument("--resume", default=None, help="auto | never | PATH (same as run.resume=...)")
-    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
-    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_steps=20 run.dir=runs/try1")
-    args = parser.parse_args()
-    overrides = args.overrides + ([f"run.resume={args.resume}"] if args.resume else [])
-    sys.exit(main_pretrain(args.config, args.ds_config, overrides))
+    run_launcher(__doc__, "configs/*.yaml", main_pretrain)

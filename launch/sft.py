@@ -9,18 +9,10 @@ The same run directory layout, checkpoints, resume and TensorBoard scalars as la
 run.init_from names the pretrained run directory or Hugging Face directory.
 Export with launch/export_hf.py: the tokenizer (data.tokenizer, with its chat template) goes along.
 """
-import argparse
-import sys
 
-from doge_dist.train.cli import main_finetune
+from functools import partial
+
+from doge_dist.train.cli import main_finetune, run_launcher
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=None, help="YAML run config (configs/sft_*.yaml)")
-    parser.add_argument("--ds_config", default=None, help="DeepSpeed JSON (configs/zero0.json .. zero3.json)")
-    parser.add_argument("--resume", default=None, help="auto | never | PATH (same as run.resume=...)")
-    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
-    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_steps=20 run.dir=runs/try1")
-    args = parser.parse_args()
-    overrides = args.overrides + ([f"run.resume={args.resume}"] if args.resume else [])
-    sys.exit(main_finetune("sft", args.config, args.ds_config, overrides))
+    run_launcher(__doc__, "configs/sft_*.yaml", partial(main_finetune, "sft"))

@@ -15,6 +15,22 @@ def _input_errors() -> tuple[type, ...]:
     return (ConfigError, DataError, FileNotFoundError)
 
 
+def run_launcher(doc: str, config_help: str, main: Callable[[Optional[str], Optional[str], list[str]], int]) -> None:
+    """The shared command line of launch/pretrain.py, sft.py and dpo.py:
+    ``--config YAML --ds_config JSON [--resume auto|never|PATH] section.key=value ...``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=None, help=f"YAML run config ({config_help})")
+    parser.add_argument("--ds_config", default=None, help="DeepSpeed JSON (configs/zero0.json .. zero3.json)")
+    parser.add_argument("--resume", default=None, help="auto | never | PATH (same as run.resume=...)")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
+    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_steps=20 run.dir=runs/try1")
+    args = parser.parse_args()
+    overrides = args.overrides + ([f"run.resume={args.resume}"] if args.resume else [])
+    sys.exit(main(args.config, args.ds_config, overrides))
+
+
 def report_errors(run: Callable[[], None]) -> int:
     """Run ``run``; a bad-input error prints one paragraph (rank 0 only) and returns exit code 2,
     a run stopped for non-finite losses exit code 3."""
