@@ -1,6 +1,8 @@
 """MoE monitoring statistics equal direct computations."""
 import math
 
+import pytest
+
 import torch
 import torch.nn.functional as F
 
@@ -21,10 +23,10 @@ def test_router_entropy_equals_entropy_over_all_experts():
 def test_load_and_unused_fraction_over_the_window():
     stats = MoEStats(num_experts=4, window=2)
     logits = torch.zeros(2, 2)
-    for ids in ([[0, 1], [0, 1]], [[0, 0], [1, 1]], [[0, 0], [0, 0]]):  # the first step leaves the window
+    for ids in ([[0, 1], [0, 1]], [[0, 0], [1, 1]], [[0, 0], [0, 0]]):  # the first micro-batch leaves the window
         stats.update([Routing(logits, logits, torch.tensor(ids))])
-        stats.end_step()
     summary = stats.summary()
     # window counts: expert 0 -> 6, expert 1 -> 2, experts 2, 3 -> 0; mean 2
     assert summary["moe/expert_load_max_over_mean"] == 3.0
     assert summary["moe/unused_expert_fraction"] == 0.5
+    assert summary["moe/router_entropy"] == pytest.approx(math.log(4))

@@ -23,8 +23,14 @@ def test_tags_exist_with_finite_values():
     assert any("config" in tag for tag in accumulator.Tags()["tensors"])
 
 
-def test_moe_balance_loss_is_logged():
+def test_moe_balance_and_routing_statistics_are_logged():
     run_dir = scratch() / "moe"
     pretrain(run_dir, 1, nproc=1, launcher="python", max_steps=2, warmup_steps=0, decay_steps=0, eval_interval=0, **{"model.preset": "doge-tiny-moe"})
     values = scalars(run_dir, "moe/balance_loss")
     assert len(values) == 2 and all(math.isfinite(v) and v > 0 for v in values.values())
+    load = scalars(run_dir, "moe/expert_load_max_over_mean")
+    assert len(load) == 2 and all(v >= 1.0 for v in load.values())
+    unused = scalars(run_dir, "moe/unused_expert_fraction")
+    assert all(0.0 <= v < 1.0 for v in unused.values())
+    entropy = scalars(run_dir, "moe/router_entropy")
+    assert all(0.0 < v <= math.log(16) + 1e-6 for v in entropy.values())  # 16 experts

@@ -1,12 +1,13 @@
 """CDMoE routing statistics for monitoring: expert load balance over a recent window and router entropy.
 
-Counts are kept per layer (each layer has its own experts) over the last ``window`` steps, so a
-rarely used expert shows up as unused only if no token reached it for that long.
+Counts are kept per layer (each layer has its own experts) over the last ``window`` micro-batches, so
+a rarely used expert shows up as unused only if no token reached it for that long.
 """
 from collections import deque
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from .cdmoe import Routing
@@ -26,39 +27,31 @@ def router_entropy(routing: Routing) -> torch.Tensor:
 class MoEStats:
     def __init__(self, num_experts: int, window: int = 100) -> None:
         self.num_experts = num_experts
-        self.window: deque = deque(maxlen=window)
-        self.entropies: list[float] = []
-        self.step_counts: Optional[torch.Tensor] = None  # [layers, E] for the step in progress
+        self.window: deque = deque(maxlen=window)  # [layers, E] expert counts per micro-batch
+        self.entropies: list[float] = []  # since the last summary
 
+    @torch.no_grad()
     def update(self, routings: list[Routing]) -> None:
-        """Record one step's routing (call once per micro-batch; counts are summed per step by ``end_step``)."""
-        counts = torch.stack(
-            [torch.bincount(r.expert_ids.reshape(-1), minlength=self.num_experts).float() for r in routings]
+        """Record one micro-batch's routing."""
+        self.window.append(
+            torch.stack([torch.bincount(r.expert_ids.reshape(-1), minlength=self.num_experts).float() for r in routings])
         )
-        self.step_counts = counts if self.step_counts is None else self.step_counts + counts
         self.entropies.append(sum(router_entropy(r).item() for r in routings) / len(routings))
 
-    def end_step(self, reduce_group: Optional[object] = None) -> None:
-        """Close the step; counts are summed over ``reduce_group`` (data-parallel ranks) when given."""
-        if self.step_counts is None:
-            return
-        counts, self.step_counts = self.step_counts, None
-        if reduce_group is not None:
-            import torch.distributed as dist
-
-            dist.all_reduce(counts, group=reduce_group)
-        self.window.append(counts)
-
-    def summary(self) -> dict[str, float]:
-        """``moe/expert_load_max_over_mean``, ``moe/unused_expert_fraction``, ``moe/router_entropy``."""
+    def summary(self, group: Optional[object] = None) -> dict[str, float]:
+        """``moe/expert_load_max_over_mean``, ``moe/unused_expert_fraction``, ``moe/router_entropy``,
+        over all ranks of ``group`` when given (a collective call then)."""
         if not self.window:
             return {}
         counts = torch.stack(list(self.window)).sum(0)  # [layers, E]
+        entropy = torch.tensor([sum(self.entropies), float(len(self.entropies))], dtype=torch.float64)
+        if group is not None or dist.is_initialized():
+            dist.all_reduce(counts, group=group)
+            dist.all_reduce(entropy, group=group)
+        self.entropies = []
         mean = counts.mean(-1).clamp(min=1e-9)
-        stats = {
+        return {
             "moe/expert_load_max_over_mean": (counts.max(-1).values / mean).mean().item(),
             "moe/unused_expert_fraction": (counts == 0).float().mean().item(),
-            "moe/router_entropy": sum(self.entropies) / max(len(self.entropies), 1),
+            "moe/router_entropy": (entropy[0] / entropy[1].clamp(min=1)).item(),
         }
-        self.entropies = []
-        return stats

@@ -20,6 +20,7 @@ import yaml
 from megatron.core import parallel_state
 
 from ..config import Config, ConfigError
+from ..model.moe_stats import MoEStats
 from ..parallel.state import ParallelLayout, data_parallel_group, initialize_parallel
 from ..parallel.tensor import universal_checkpoint_info
 from ..model.flops import training_flops_per_token
@@ -51,11 +52,14 @@ class StopRequest:
         self.received = signum
 
 
-def forward_loss(engine, batch: dict, bf16: bool) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """(sum of token losses, loss-token count, MoE balance loss or None) for one micro-batch."""
+def forward_loss(engine, batch: dict, bf16: bool, moe_stats: Optional[MoEStats] = None) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """(sum of token losses, loss-token count, MoE balance loss or None) for one micro-batch;
+    ``moe_stats`` records the routing."""
     with torch.autocast(engine.device.type, dtype=torch.bfloat16, enabled=bf16):
         out = engine(batch["input_ids"], position_ids=batch.get("position_ids"))
     loss_sum, tokens = engine.module.loss_sum(out.logits, batch["labels"])
+    if moe_stats is not None:
+        moe_stats.update(out.routings)
     return loss_sum, tokens, out.balance_loss
 
 

@@ -14,6 +14,7 @@ import torch
 
 from ..config import Config
 from ..model import IGNORE_INDEX
+from ..model.moe_stats import MoEStats
 from .distributed import DistEnv
 
 
@@ -28,7 +29,11 @@ class Task(Protocol):
 
 
 class PretrainTask:
-    """Next-token prediction on megatron-core GPT datasets: the loop's own ``forward_loss``."""
+    """Next-token prediction on megatron-core GPT datasets: the loop's own ``forward_loss``; for MoE
+    models it also reports the routing statistics (``moe/*``) of the training micro-batches."""
+
+    def __init__(self) -> None:
+        self.moe_stats: Optional[MoEStats] = None
 
     def build_data(self, config: Config, env: DistEnv, dp_rank: int, dp_size: int, consumed_samples: int, cache_dir: str):
         from .data import TrainData
@@ -41,8 +46,15 @@ class PretrainTask:
     def forward_loss(self, engine, batch: dict, bf16: bool):
         from .loop import forward_loss
 
-        return forward_loss(engine, batch, bf16)
+        config = engine.module.config
+        if config.is_moe and self.moe_stats is None and engine.module.training:
+            self.moe_stats = MoEStats(config.num_experts)
+        return forward_loss(engine, batch, bf16, self.moe_stats if engine.module.training else None)
 
     def log_metrics(self, device: torch.device) -> dict[str, float]:
         """Scalars beyond the loop's own (averaged since the previous log point); a collective call."""
-        return {}
+        if self.moe_stats is None:
+            return {}
+        from ..parallel.state import data_parallel_group
+
+        return self.moe_stats.summary(data_parallel_group())
