@@ -109,6 +109,12 @@ class ModelConfig:
                     f"({self.num_attention_heads}); set model.head_dim explicitly or change the head count."
                 )
             self.head_dim = self.hidden_size // self.num_attention_heads
+        elif self.head_dim * self.num_attention_heads != self.hidden_size:
+            raise ConfigError(
+                f"model.head_dim ({self.head_dim}) x model.num_attention_heads ({self.num_attention_heads}) != "
+                f"model.hidden_size ({self.hidden_size}): Doge's attention output feeds the residual stream "
+                f"directly, as in transformers; drop head_dim or set it to {self.hidden_size // self.num_attention_heads}."
+            )
         self.validate()
 
     def validate(self) -> None:
