@@ -18,3 +18,11 @@ def test_corpus_is_deterministic_and_split(tmp_path) -> None:
     words = " ".join(row["text"] for row in rows).split()
     assert sum(w.lower() in {"the", "a", "is", "of", "to"} for w in words) / len(words) > 0.05  # English prose
     assert not list(tmp_path.glob("*/*.partial"))
+
+
+def test_default_corpus_has_at_least_5_mb_of_prose(tmp_path) -> None:
+    """The embedded default corpus (all sources, as make demo builds it) is large enough to pretrain on."""
+    report = build_corpus(tmp_path / "default")
+    size = sum((tmp_path / "default" / f"{split}.jsonl").stat().st_size for split in ("train", "valid"))
+    assert size >= 5 * 2**20, report
+    assert report["valid"]["documents"] > 0
