@@ -30,7 +30,8 @@ def test_sequence_logps_sums_completion_tokens():
     labels = torch.tensor([[-100, 3, 5, -100], [1, -100, -100, -100]])
     log_probs = logits.log_softmax(-1)
     expected = torch.stack([log_probs[0, 1, 3] + log_probs[0, 2, 5], log_probs[1, 0, 1]])
-    assert torch.allclose(sequence_logps(logits, labels), expected, atol=1e-6)
+    model = build_model(ModelConfig.from_preset("doge-tiny"))
+    assert torch.allclose(sequence_logps(model, logits, labels), expected, atol=1e-6)
 
 
 def test_task_forward_matches_direct_computation():

@@ -1,10 +1,11 @@
 """DPO training runs: on a tiny synthetic preference set (16 pairs, several epochs) the reward margin
 and accuracy rise within 30 steps on CPU; two ZeRO-2 ranks with precomputed reference log-probs
-match one process with a frozen reference model (per-step DPO loss within 1e-5 absolute, fp32)."""
+match one process with a frozen reference model, and so does tensor parallelism 2 (per-step DPO loss
+within 1e-5 absolute, fp32)."""
 import pytest
 
-from chat_helpers import STEPS, single_run, zero2_run
-from train_helpers import losses, scalars
+from chat_helpers import LR, STEPS, finetune, single_run, zero2_run
+from train_helpers import losses, scalars, scratch
 
 TOLERANCE = 1e-5
 
@@ -22,6 +23,15 @@ def test_margin_and_accuracy_rise():
     assert sum(accuracy[-5:]) / 5 > sum(accuracy[:5]) / 5 + 0.2
     assert _series(run, "dpo/loss") == pytest.approx(losses(run), abs=1e-6)  # dpo/loss is the trained loss
     assert set(scalars(run, "dpo/rewards_chosen")) == set(scalars(run, "dpo/rewards_rejected")) == set(range(1, STEPS["dpo"] + 1))
+
+
+def test_dpo_tensor_parallel_matches_one_process():
+    """TP 2: the policy's sequence log-probs come from vocabulary-sharded logits."""
+    reference = losses(single_run("dpo"))
+    run = finetune("dpo", scratch() / "dpo_tp2", 1, 2, **{"parallel.tensor_parallel": 2, "train.micro_batch_size": 2,
+                                                         "train.gradient_accumulation_steps": 2,
+                                                         "train.max_steps": STEPS["dpo"], "train.lr": LR["dpo"]})
+    assert losses(run) == pytest.approx(reference, abs=TOLERANCE)
 
 
 def test_dpo_two_ranks_precomputed_match_one_process():

@@ -17,7 +17,7 @@ from ..config import ModelConfig
 from .attention import DynamicMaskAttention
 from .cache import KVCache
 from .cdmoe import CDMoE, Routing, balance_loss
-from .loss import token_loss_sum
+from .loss import IGNORE_INDEX, chunked_token_loss_sum, token_loss_sum
 from .masks import AttentionLayout
 from .mlp import GatedMLP
 from .norm import RMSNorm
@@ -117,6 +117,17 @@ class DogeForCausalLM(nn.Module):
     def loss_sum(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum of token losses, token count); parallel forms of the model override it."""
         return token_loss_sum(logits, labels)
+
+    def hidden_loss_sum(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``loss_sum`` from the final hidden states (``compute_logits=False``), projecting the
+        vocabulary in chunks so the [tokens, vocab] fp32 logits of the batch never exist."""
+        return chunked_token_loss_sum(hidden, self.lm_head.weight, labels)
+
+    def token_losses(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """[B, T] fp32 cross entropy per token (0 where ignored), e.g. for DPO's sequence log-probs;
+        parallel forms of the model override it."""
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
+                               reduction="none").view(labels.shape)
 
 
 def init_weights(model: DogeForCausalLM) -> None:

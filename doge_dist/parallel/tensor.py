@@ -233,12 +233,11 @@ class VocabParallelLMHead(nn.Module):
         return logits.masked_fill(self.padded, torch.finfo(logits.dtype).min)
 
 
-def vocab_parallel_loss_sum(logits: torch.Tensor, labels: torch.Tensor, group=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of token losses, token count) from vocabulary-sharded logits, never gathering them."""
+def vocab_parallel_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[B, T] token losses (0 where ignored) from vocabulary-sharded logits, never gathering them."""
     valid = labels != IGNORE_INDEX
     # megatron's kernel works in place on its input: give it a float32 copy, never the caller's logits
-    losses = vocab_parallel_cross_entropy(logits.to(torch.float32, copy=True), labels.masked_fill(~valid, 0))
-    return (losses * valid).sum(), valid.sum()
+    return vocab_parallel_cross_entropy(logits.to(torch.float32, copy=True), labels.masked_fill(~valid, 0)) * valid
 
 
 class TensorParallelDoge(DogeForCausalLM):
@@ -249,7 +248,13 @@ class TensorParallelDoge(DogeForCausalLM):
     sequence_parallel: bool
 
     def loss_sum(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return vocab_parallel_loss_sum(logits, labels, self.tp_group)
+        return self.token_losses(logits, labels).sum(), (labels != IGNORE_INDEX).sum()
+
+    def token_losses(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return vocab_parallel_token_losses(logits, labels)
+
+    def hidden_loss_sum(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.loss_sum(self.lm_head(hidden), labels)  # a vocabulary shard's logits are already small
 
     def compute_balance_loss(self, routings: list[Routing], token_mask: Optional[torch.Tensor]) -> torch.Tensor:
         if not self.sequence_parallel:

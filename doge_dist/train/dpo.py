@@ -20,9 +20,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..config import Config, ConfigError
+from ..config import Config
 from ..data.chat_dataset import PreferenceDataset, collate_pairs
-from ..model import IGNORE_INDEX, DogeForCausalLM
+from ..model import DogeForCausalLM
 from .distributed import DistEnv
 from .finetune import FinetuneData, FinetuneTask, pad_id
 
@@ -30,10 +30,10 @@ METRICS = ("dpo/loss", "dpo/rewards_chosen", "dpo/rewards_rejected", "dpo/reward
 REFERENCE_FILE = "reference_logps.pt"
 
 
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """[N] sums of fp32 log-probabilities of the labelled tokens of each row (``labels`` aligned with ``logits``)."""
-    token_logps = -F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
-    return token_logps.view(labels.shape).sum(-1)
+def sequence_logps(model: DogeForCausalLM, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[N] sums of fp32 log-probabilities of the labelled tokens of each row (``labels`` aligned with
+    ``logits``), through the model so that tensor-parallel models read their vocabulary shards."""
+    return -model.token_losses(logits, labels).sum(-1)
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, reference_chosen: torch.Tensor,
@@ -48,7 +48,7 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, referen
 def reference_logps(model: DogeForCausalLM, batch: dict, bf16: bool) -> torch.Tensor:
     with torch.autocast(batch["input_ids"].device.type, dtype=torch.bfloat16, enabled=bf16):
         logits = model(batch["input_ids"], position_ids=batch.get("position_ids")).logits
-    return sequence_logps(logits, batch["labels"])
+    return sequence_logps(model, logits, batch["labels"])
 
 
 def load_reference(init_from: str, device: torch.device) -> DogeForCausalLM:
@@ -82,14 +82,6 @@ class DPOTask(FinetuneTask):
 
     def collate(self, config: Config) -> Callable:
         return partial(collate_pairs, pad_id=pad_id(config))
-
-    def check(self, config: Config) -> int:
-        if config.parallel.tensor_parallel > 1:
-            raise ConfigError(
-                "DPO reads per-sequence log-probs from full logits; with parallel.tensor_parallel > 1 they are "
-                "vocabulary-sharded. Run DPO with parallel.tensor_parallel=1 (ZeRO 0-3 data parallelism)."
-            )
-        return super().check(config)
 
     def count(self, batch: dict) -> int:
         return len(batch["index"])
@@ -127,7 +119,7 @@ class DPOTask(FinetuneTask):
         """(sum of pair losses, pair count, balance loss) for a [2B, T] batch: B chosen, then B rejected."""
         with torch.autocast(engine.device.type, dtype=torch.bfloat16, enabled=bf16):
             out = engine(batch["input_ids"], position_ids=batch.get("position_ids"))
-        policy = sequence_logps(out.logits, batch["labels"])
+        policy = sequence_logps(engine.module, out.logits, batch["labels"])
         if self.table is not None:
             reference = self.table[batch["index"]].to(policy.dtype).T.reshape(-1)
         else:
