@@ -54,10 +54,17 @@ class StopRequest:
 
 def forward_loss(engine, batch: dict, bf16: bool, moe_stats: Optional[MoEStats] = None) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """(sum of token losses, loss-token count, MoE balance loss or None) for one micro-batch;
-    ``moe_stats`` records the routing."""
+    ``moe_stats`` records the routing.
+
+    The loss is computed from the final hidden states in vocabulary chunks (no [tokens, vocab] fp32
+    logits), except under ZeRO-3, whose partitioned LM head is gathered only inside its own forward."""
+    chunked = not engine.zero_optimization_partition_weights()
     with torch.autocast(engine.device.type, dtype=torch.bfloat16, enabled=bf16):
-        out = engine(batch["input_ids"], position_ids=batch.get("position_ids"))
-    loss_sum, tokens = engine.module.loss_sum(out.logits, batch["labels"])
+        out = engine(batch["input_ids"], position_ids=batch.get("position_ids"), compute_logits=not chunked)
+        if chunked:
+            loss_sum, tokens = engine.module.hidden_loss_sum(out.hidden_states, batch["labels"])
+    if not chunked:
+        loss_sum, tokens = engine.module.loss_sum(out.logits, batch["labels"])
     if moe_stats is not None:
         moe_stats.update(out.routings)
     return loss_sum, tokens, out.balance_loss
