@@ -67,7 +67,7 @@ def test_checkpoint_of_another_shape_names_the_tensor():
     tag = scratch() / "shape_ckpt" / "step_00000001"
     tag.mkdir(parents=True, exist_ok=True)
     small = _config().model
-    (tag / META).write_text(json.dumps({"step": 1, "dp_size": 1, "model": {**small.to_dict(), "hidden_size": 96}}))
+    (tag / META).write_text(json.dumps({"step": 1, "dp_size": 1, "model": {**small.to_dict(), "hidden_size": 96, "head_dim": None}}))
     with pytest.raises(ConfigError, match="tensor 'model.embed_tokens.weight' has shape \\(512, 96\\)"):
         check_model_shape(tag.parent, tag.name, small)
 

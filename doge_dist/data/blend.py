@@ -125,6 +125,18 @@ def _process_group_for_megatron() -> Iterator[None]:
             torch.distributed.destroy_process_group()
 
 
+def parse_blends(config) -> tuple:
+    """(train blend, valid blend or None) of a DataConfig, checking that there is training data and,
+    without a separate validation blend, a usable split string."""
+    train = parse_blend(config.train_data, "data.train_data")
+    if train is None:
+        raise DataError("data.train_data is empty: list prefixes written by data_tools/preprocess_data.py.")
+    valid = parse_blend(config.valid_data, "data.valid_data")
+    if valid is None:
+        check_split(config.split)
+    return train, valid
+
+
 def build_datasets(
     config: DataConfig,
     tokenizer: Tokenizer,
@@ -143,12 +155,7 @@ def build_datasets(
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
-    train = parse_blend(config.train_data, "data.train_data")
-    if train is None:
-        raise DataError("data.train_data is empty: list prefixes written by data_tools/preprocess_data.py.")
-    valid = parse_blend(config.valid_data, "data.valid_data")
-    if valid is None:
-        check_split(config.split)
+    train, valid = parse_blends(config)
     if config.seq_length < 1:
         raise DataError(f"data.seq_length must be positive, got {config.seq_length}.")
     cache = cache_dir or config.cache_dir or os.path.join(os.path.dirname(train[0][0]) or ".", "data_cache")

@@ -37,8 +37,8 @@ def check_layout(config: Config, world_size: int) -> ParallelLayout:
 
 
 def check_data(config: Config) -> None:
-    from ..data import DataError, load_tokenizer, validate_prefix
-    from ..data.blend import check_split, parse_blend
+    from ..data import load_tokenizer, validate_prefix
+    from ..data.blend import parse_blends
 
     data = config.data
     if not data.tokenizer:
@@ -50,12 +50,7 @@ def check_data(config: Config) -> None:
             f"Tokenizer '{data.tokenizer}' has {vocab} ids but model.vocab_size is {model_vocab}: set "
             f"model.vocab_size={vocab} (or pad it by fewer than {VOCAB_PADDING} ids), or use the tokenizer this model was made for."
         )
-    train = parse_blend(data.train_data, "data.train_data")
-    if train is None:
-        raise DataError("data.train_data is empty: list the prefixes written by data_tools/preprocess_data.py.")
-    valid = parse_blend(data.valid_data, "data.valid_data")
-    if valid is None:
-        check_split(data.split)
+    train, valid = parse_blends(data)
     for prefix in train[0] + (valid[0] if valid else []):
         validate_prefix(prefix, scan_tokens=False)
     if data.reset_attention_mask:
