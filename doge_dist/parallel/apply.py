@@ -4,8 +4,8 @@ from megatron.core import parallel_state
 
 from ..config import ParallelConfig
 from ..model import DogeForCausalLM
-from .expert import parallelize_experts
-from .state import MegatronMPU
+from .expert import parallelize_experts, prepare_expert_gradients
+from .state import ExpertParallelMPU, MegatronMPU
 from .tensor import parallelize_tensor
 
 
@@ -14,10 +14,20 @@ def parallelize(model: DogeForCausalLM, parallel: ParallelConfig) -> DogeForCaus
     if parallel.tensor_parallel > 1:
         model = parallelize_tensor(model, parallel_state.get_tensor_model_parallel_group(), parallel.sequence_parallel)
     if parallel.expert_parallel > 1:
-        model = parallelize_experts(model, parallel_state.get_expert_model_parallel_group())
+        group = parallel_state.get_expert_model_parallel_group()
+        model = parallelize_experts(model, group)
+        prepare_expert_gradients(model, group)
     return model
 
 
 def deepspeed_mpu(parallel: ParallelConfig):
-    """The ``mpu`` for ``deepspeed.initialize`` (None without tensor parallelism)."""
+    """The ``mpu`` for ``deepspeed.initialize`` (None without model parallelism)."""
+    if parallel.expert_parallel > 1:
+        return ExpertParallelMPU()
     return MegatronMPU() if parallel.tensor_parallel > 1 else None
+
+
+def deepspeed_data_parallel_size(parallel: ParallelConfig, dp_size: int) -> int:
+    """The data-parallel size DeepSpeed sees (its batch-size arithmetic): under expert parallelism,
+    the ranks holding the same experts."""
+    return dp_size // parallel.expert_parallel

@@ -96,3 +96,26 @@ def parallelize_experts(model: DogeForCausalLM, group: dist.ProcessGroup) -> Dog
         moe.__class__ = ExpertParallelCDMoE
         moe.ep_group, moe.expert_offset = group, rank * local
     return model
+
+
+def prepare_expert_gradients(model: DogeForCausalLM, group: dist.ProcessGroup) -> None:
+    """Gradient bookkeeping for training under ``ExpertParallelMPU``, where DeepSpeed averages over
+    the expert-data-parallel group only (1/EP of the data-parallel ranks):
+    - a dense parameter's gradient is summed over the expert-parallel group and divided by EP here,
+      so with DeepSpeed's average it is the mean over all data-parallel ranks;
+    - an expert shard's gradient already sums every expert-parallel rank's tokens (the exchange's
+      backward), so it is only divided by EP; it is marked model-parallel so that DeepSpeed's
+      gradient norm adds every shard once."""
+    ep = dist.get_world_size(group)
+
+    def mean_over_expert_group(grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad, group=group)
+        return grad / ep
+
+    for name, param in model.named_parameters():
+        if is_expert_param(name):
+            param.tensor_model_parallel, param.partition_dim, param.partition_stride = True, 0, 1
+            param.register_hook(lambda grad: grad / ep)
+        else:
+            param.register_hook(mean_over_expert_group)

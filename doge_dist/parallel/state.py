@@ -79,3 +79,21 @@ class MegatronMPU:
     get_data_parallel_group = staticmethod(parallel_state.get_data_parallel_group)
     get_pipeline_model_parallel_rank = staticmethod(lambda: 0)
     get_pipeline_model_parallel_world_size = staticmethod(lambda: 1)
+
+
+class ExpertParallelMPU(MegatronMPU):
+    """The ``mpu`` for expert parallelism (tensor_parallel = 1): DeepSpeed sees the expert-parallel
+    group as its model-parallel group and the expert-data-parallel group (ranks holding the same
+    experts) as its data-parallel group. So ZeRO reduces and partitions every gradient only among
+    replicas of the same shard, saves one model file per expert shard, and sums the expert shards'
+    norms in the gradient norm; ``expert.prepare_expert_gradients`` makes the dense gradients whole."""
+
+    get_model_parallel_rank = staticmethod(parallel_state.get_expert_model_parallel_rank)
+    get_model_parallel_world_size = staticmethod(parallel_state.get_expert_model_parallel_world_size)
+    get_model_parallel_group = staticmethod(parallel_state.get_expert_model_parallel_group)
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+    get_tensor_model_parallel_group = get_model_parallel_group
+    get_data_parallel_rank = staticmethod(parallel_state.get_expert_data_parallel_rank)
+    get_data_parallel_world_size = staticmethod(parallel_state.get_expert_data_parallel_world_size)
+    get_data_parallel_group = staticmethod(parallel_state.get_expert_data_parallel_group)

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..config import Config
 from ..model import DogeForCausalLM, build_model
-from ..parallel.apply import deepspeed_mpu, parallelize
+from ..parallel.apply import deepspeed_data_parallel_size, deepspeed_mpu, parallelize
 from .ds_config import bf16_enabled, zero_stage
 from .optim import build_optimizer
 from .schedule import build_scheduler
@@ -66,6 +66,10 @@ def build_engine(config: Config, ds: dict[str, Any], device: torch.device):
         ds["gradient_clipping"] = 0.0
     optimizer = build_optimizer(model, config.train, stage0_fp32_clip)
     scheduler = build_scheduler(optimizer, config.train)
+    if config.parallel.expert_parallel > 1:  # DeepSpeed's batch arithmetic counts its own data-parallel ranks
+        dp = torch.distributed.get_world_size() // config.parallel.tensor_parallel
+        ds["train_batch_size"] = (ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"]
+                                  * deepspeed_data_parallel_size(config.parallel, dp))
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds,
                                       mpu=deepspeed_mpu(config.parallel))
     return engine, ds

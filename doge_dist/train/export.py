@@ -2,8 +2,8 @@
 
 DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint`` merges the fp32 master partitions of ZeRO
 1-3 (and of the bf16 optimizer); a ZeRO-0 fp32 checkpoint has the whole model in its model-states file.
-Tensor-parallel checkpoints go through DeepSpeed's universal checkpoint (ZeRO 1-3) or, at ZeRO-0, the
-per-rank model states are merged with the tensor-parallel split table.
+Tensor- and expert-parallel checkpoints go through DeepSpeed's universal checkpoint (ZeRO 1-3) or, at
+ZeRO-0, the per-rank model states are merged with the split tables.
 The model shape comes from the checkpoint's doge_meta.json, the tokenizer from the run's config.yaml.
 """
 from __future__ import annotations
@@ -24,8 +24,12 @@ def consolidated_state(root: Path, tag: str) -> dict[str, torch.Tensor]:
     """Full fp32 weights of a checkpoint of any ZeRO stage and tensor-parallel size."""
     meta = checkpoint.read_meta(root, tag)
     partitioned = any((root / tag).glob("*zero_pp_rank_*_optim_states.pt"))
-    if meta.get("tensor_parallel", 1) > 1:
-        if partitioned:  # DeepSpeed's universal checkpoint merges the tensor-parallel slices
+    if meta.get("expert_parallel", 1) > 1 and not partitioned:
+        from ..parallel.expert import merge_experts
+
+        return merge_experts([_module_states(file) for file in sorted((root / tag).glob("mp_rank_*_model_states.pt"))])
+    if meta.get("tensor_parallel", 1) > 1 or meta.get("expert_parallel", 1) > 1:
+        if partitioned:  # DeepSpeed's universal checkpoint merges the model-parallel slices
             universal = checkpoint.convert_to_universal(root, tag) / "zero"
             return {p.name: torch.load(p / "fp32.pt", weights_only=False)["param"].float()
                     for p in universal.iterdir() if (p / "fp32.pt").is_file()}

@@ -138,11 +138,12 @@ def loadable_tag(root: Path, tag: str, layout: ParallelLayout, ds: dict, with_op
     (converted once; "load_universal" set in ``ds``), which re-splits every tensor."""
     saved = checkpoint.read_meta(root, tag)
     partitioned = any((root / tag).glob("*zero_pp_rank_*_optim_states.pt"))
-    resharded = saved.get("tensor_parallel", 1) != layout.tensor_parallel
+    saved_layout = (saved.get("tensor_parallel", 1), saved.get("expert_parallel", 1))
+    resharded = saved_layout != (layout.tensor_parallel, layout.expert_parallel)
     if resharded and not partitioned:
         raise ConfigError(
-            f"Checkpoint {root / tag} was saved at tensor_parallel {saved.get('tensor_parallel', 1)} with ZeRO-0; "
-            f"changing the tensor-parallel size needs a ZeRO 1-3 checkpoint (resume at the saved size, or export it)."
+            f"Checkpoint {root / tag} was saved at tensor_parallel x expert_parallel {saved_layout} with ZeRO-0; "
+            f"changing these sizes needs a ZeRO 1-2 checkpoint (resume at the saved sizes, or export it)."
         )
     if partitioned and (resharded or (with_optimizer and saved["dp_size"] != layout.dp_size)):
         ds.setdefault("checkpoint", {})["load_universal"] = True
@@ -213,7 +214,7 @@ def pretrain(config: Config, ds_user: dict[str, Any], ds_where: str = "the DeepS
 
     def save() -> None:
         checkpoint.save(engine, run_dir, progress, layout, train.keep_last, config.model.to_dict(),
-                        universal_checkpoint_info(config.model))
+                        universal_checkpoint_info(config.model, layout.expert_parallel))
 
     # 5. the loop
     bad_in_a_row = 0

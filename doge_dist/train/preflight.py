@@ -29,10 +29,12 @@ def check_layout(config: Config, world_size: int) -> ParallelLayout:
         check_tensor_parallel(config.model, layout.tensor_parallel, config.parallel.sequence_parallel)
     if layout.expert_parallel > 1:
         check_expert_parallel(config.model, layout.expert_parallel)
-        raise ConfigError(
-            "parallel.expert_parallel > 1 is implemented for the model (doge_dist.parallel.expert) but not yet "
-            "wired into the DeepSpeed trainer's gradient reduction; train MoE models with expert_parallel=1."
-        )
+        if layout.tensor_parallel > 1:
+            raise ConfigError(
+                "parallel.expert_parallel > 1 with parallel.tensor_parallel > 1 runs at the model level "
+                "(doge_dist.parallel) but the trainer does not combine them yet (DeepSpeed's gradient norm cannot "
+                "tell tensor-split from expert-split tensors); use one of the two."
+            )
     return layout
 
 
@@ -70,6 +72,8 @@ def check_run(config: Config, ds_user: dict[str, Any], world_size: int, where: s
     if config.train.decay_groups not in DECAY_GROUPS:
         raise ConfigError(f"train.decay_groups = {config.train.decay_groups!r} is not one of {', '.join(DECAY_GROUPS)}.")
     ds = resolve_ds_config(ds_user, config.train, layout.dp_size, where)
+    if layout.expert_parallel > 1 and ds.get("zero_optimization", {}).get("stage", 0) > 2:
+        raise ConfigError(f"{where}: expert parallelism trains with ZeRO 0-2; ZeRO-3 is not supported with it.")
     check_data(config)
     if config.run.init_from and not Path(config.run.init_from).exists():
         raise ConfigError(f"run.init_from = '{config.run.init_from}' does not exist: give a Hugging Face Doge directory or a run directory.")
