@@ -5,6 +5,7 @@ small-doge key renames on import, and the tied LM head dropped from the file on 
 """
 import dataclasses
 import json
+import warnings
 import shutil
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -130,6 +131,13 @@ def save_hf(model: DogeForCausalLM, path: Union[str, Path], tokenizer: Optional[
     from safetensors.torch import save_file
 
     path = Path(path)
+    if model.config.is_moe and model.config.router_layout == "split":
+        warnings.warn(
+            "transformers' DogeForCausalLM routes CDMoE tokens with the reference's cross-token reshape "
+            "(router_layout 'hf_compat'); this model was built with the per-token 'split' router, so "
+            "transformers computes a different function for batches of more than one token. "
+            "doge_dist.convert.hf.load_hf(path) (router_layout 'split' by default) keeps it exact."
+        )
     tmp = path.with_name(path.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
