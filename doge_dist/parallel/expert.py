@@ -52,11 +52,18 @@ class ExpertParallelCDMoE(CDMoE):
         weights = F.softmax(scores, dim=-1)
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        tokens = gather(x.reshape(B * T, H), 0, self.ep_group)
-        gates = gather(weights, 0, self.ep_group)
-        ids = gather_for_replicated_use(expert_ids.int(), self.ep_group).long()  # int32 halves the exchange
+        # ranks may hold different token counts (padded fine-tuning batches): pad to the largest, with
+        # expert id -1 (no expert) on the padding rows
+        N = B * T
+        rows = torch.tensor([N], device=x.device)
+        dist.all_reduce(rows, op=dist.ReduceOp.MAX, group=self.ep_group)
+        pad = int(rows) - N
+        tokens = gather(F.pad(x.reshape(N, H), (0, 0, 0, pad)), 0, self.ep_group)
+        gates = gather(F.pad(weights, (0, 0, 0, pad)), 0, self.ep_group)
+        ids = F.pad(expert_ids.int(), (0, 0, 0, pad), value=-1)  # int32 halves the exchange
+        ids = gather_for_replicated_use(ids, self.ep_group).long()
         partial = self.local_experts(tokens, ids, gates)
-        experts_out = reduce_scatter(partial, 0, self.ep_group)
+        experts_out = reduce_scatter(partial, 0, self.ep_group)[:N]
         return self.shared_expert(x) + experts_out.view(B, T, H), routing
 
     def shared_expert(self, x: torch.Tensor) -> torch.Tensor:

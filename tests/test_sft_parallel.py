@@ -1,0 +1,28 @@
+"""SFT on the parallel layouts of pretraining: tensor parallel 2 (dense) and expert parallel 2 (CDMoE)
+match one process (per-step loss within 2e-5 relative, fp32)."""
+import pytest
+import torch
+
+from chat_helpers import LR, STEPS, chat_tokenizer, finetune, single_run
+from doge_dist.config import ModelConfig
+from doge_dist.convert.hf import save_hf
+from doge_dist.model import build_model
+from train_helpers import losses, scratch
+
+TOLERANCE = 2e-5
+SAME_BATCHES = {"train.micro_batch_size": 2, "train.gradient_accumulation_steps": 2, "train.max_steps": STEPS["sft"],
+                "train.lr": LR["sft"]}
+
+
+def test_sft_tensor_parallel_matches_one_process():
+    run = finetune("sft", scratch() / "sft_tp2", 1, 2, **SAME_BATCHES, **{"parallel.tensor_parallel": 2})
+    assert losses(run) == pytest.approx(losses(single_run("sft")), rel=TOLERANCE)
+
+
+def test_sft_expert_parallel_matches_one_process():
+    torch.manual_seed(0)
+    moe = save_hf(build_model(ModelConfig.from_preset("doge-tiny-moe")), scratch() / "hf_moe_init", tokenizer=chat_tokenizer())
+    single = finetune("sft", scratch() / "sft_moe_single", 0, 1, **SAME_BATCHES, **{"run.init_from": str(moe)})
+    ep2 = finetune("sft", scratch() / "sft_moe_ep2", 2, 2, **{**SAME_BATCHES, "train.gradient_accumulation_steps": 1},
+                   **{"run.init_from": str(moe), "parallel.expert_parallel": 2})
+    assert losses(ep2) == pytest.approx(losses(single), rel=TOLERANCE)
