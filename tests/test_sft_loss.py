@@ -10,13 +10,16 @@ from doge_dist.train.finetune import SFTTask
 
 
 class Engine:
-    """What the task needs of a DeepSpeed engine: a callable module on a device."""
+    """What the task needs of a DeepSpeed engine: a callable module on a device, ZeRO stage below 3."""
 
     def __init__(self, module):
         self.module, self.device = module, torch.device("cpu")
 
     def __call__(self, *args, **kwargs):
         return self.module(*args, **kwargs)
+
+    def zero_optimization_partition_weights(self) -> bool:
+        return False
 
 
 def test_sft_loss_is_the_mean_over_assistant_tokens():
