@@ -4,7 +4,6 @@ import subprocess
 
 import pytest
 
-import data_helpers
 from doge_dist.config import ConfigError, load_config
 from doge_dist.data import DataError
 from doge_dist.train.checkpoint import META, check_model_shape

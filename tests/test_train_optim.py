@@ -3,7 +3,7 @@ import math
 
 import torch
 
-from doge_dist.config import ModelConfig, TrainConfig
+from doge_dist.config import ModelConfig
 from doge_dist.model import build_model
 from doge_dist.train.optim import SkipNonFiniteAdamW, decayed_parameter_names
 

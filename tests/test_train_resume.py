@@ -4,7 +4,6 @@ DeepSpeed's universal checkpoint, 1 -> 2) at the same sample position; SIGTERM s
 import json
 import signal
 import subprocess
-import time
 
 import pytest
 

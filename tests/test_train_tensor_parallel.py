@@ -6,7 +6,7 @@ from functools import lru_cache
 import pytest
 import torch
 
-from train_helpers import REPO, STEPS, losses, pretrain, scratch, single_process_run
+from train_helpers import STEPS, losses, pretrain, scratch, single_process_run
 
 TOLERANCE = 2e-5
 FOUR_KV_HEADS = {"model.num_key_value_heads": 4}  # so that 4 tensor-parallel ranks split the heads

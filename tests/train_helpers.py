@@ -11,7 +11,6 @@ import tempfile
 import atexit
 from functools import lru_cache
 from pathlib import Path
-from typing import Optional
 
 import data_helpers
 
