@@ -1,5 +1,6 @@
 """Expert parallelism in the trainer: EP 2 (2 ranks, ZeRO-2) reproduces one process's 10 losses; a
-checkpoint saved at EP 2 resumes at EP 1 continuing the same losses and exports to Hugging Face.
+checkpoint saved at EP 2 resumes at EP 1 and one saved at EP 1 resumes at EP 2, continuing the same
+losses; an EP 2 checkpoint exports to Hugging Face.
 Tolerance as in test_train_zero_parity: 2e-5 relative, fp32."""
 from functools import lru_cache
 
@@ -15,18 +16,22 @@ MOE = {"model.preset": "doge-tiny-moe"}
 @lru_cache(maxsize=None)
 def runs():
     single, ep2, ep1 = scratch() / "moe_single", scratch() / "moe_ep2", scratch() / "moe_ep2_to_ep1"
+    back = scratch() / "moe_ep1_to_ep2"
     pretrain(single, 0, nproc=1, launcher="python", micro_batch_size=2, gradient_accumulation_steps=2, save_interval=5, **MOE)
     pretrain(ep2, 2, nproc=2, micro_batch_size=2, gradient_accumulation_steps=1, save_interval=5,
              **MOE, **{"parallel.expert_parallel": 2})
-    pretrain(ep1, 1, nproc=1, launcher="python", micro_batch_size=2, gradient_accumulation_steps=2,
+    pretrain(ep1, 1, nproc=1, launcher="python", micro_batch_size=2, gradient_accumulation_steps=2, save_interval=7,
              **MOE, **{"run.resume": str(ep2 / "checkpoints" / "step_00000005")})
-    return single, ep2, ep1
+    pretrain(back, 2, nproc=2, micro_batch_size=2, gradient_accumulation_steps=1,
+             **MOE, **{"parallel.expert_parallel": 2, "run.resume": str(ep1 / "checkpoints" / "step_00000007")})
+    return single, ep2, ep1, back
 
 
-def test_ep2_matches_one_process_and_resumes_at_ep1():
-    single, ep2, ep1 = (losses(run) for run in runs())
+def test_ep2_matches_one_process_and_checkpoints_move_between_ep_sizes():
+    single, ep2, ep1, back = (losses(run) for run in runs())
     assert ep2 == pytest.approx(single, rel=TOLERANCE)
     assert ep1 == pytest.approx(single[5:], rel=TOLERANCE)
+    assert back == pytest.approx(single[7:], rel=TOLERANCE)
 
 
 def test_ep2_checkpoint_exports_to_transformers(tmp_path):
@@ -34,7 +39,7 @@ def test_ep2_checkpoint_exports_to_transformers(tmp_path):
 
     from doge_dist.train.export import export_hf, load_checkpoint_model
 
-    single, ep2, _ = runs()
+    single, ep2, *_ = runs()
     export_hf(ep2 / "checkpoints" / "step_00000005", tmp_path / "hf")
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
     same_step_one_process = load_checkpoint_model(single / "checkpoints" / "step_00000005").eval()
