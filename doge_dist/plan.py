@@ -36,6 +36,7 @@ import torch
 
 from .config import Config, ConfigError, ModelConfig
 from .model.flops import parameter_count
+from .parallel.state import check_layout as check_parallel_layout
 
 GB = 1e9
 BUCKET_DEFAULT = int(5e8)  # DeepSpeed's reduce_bucket_size default (elements)
@@ -56,21 +57,11 @@ class Layout:
 
 
 def check_layout(config: Config, gpus: int) -> Layout:
-    """The parallel layout on ``gpus`` GPUs; a count the sizes do not divide is an error."""
-    tp, ep = config.parallel.tensor_parallel, config.parallel.expert_parallel
+    """The parallel layout on ``gpus`` GPUs, by the trainer's own rules (doge_dist.parallel.state)."""
     if gpus < 1:
         raise ConfigError(f"The GPU count must be at least 1, got {gpus}.")
-    if gpus % tp:
-        raise ConfigError(
-            f"{gpus} GPUs are not divisible by parallel.tensor_parallel = {tp}: use a multiple of {tp} GPUs "
-            f"(nodes x GPUs per node), or a tensor-parallel size that divides {gpus}."
-        )
-    if (gpus // tp) % ep:
-        raise ConfigError(
-            f"The data-parallel size {gpus // tp} ({gpus} GPUs / tensor_parallel {tp}) is not divisible by "
-            f"parallel.expert_parallel = {ep}: experts are sharded within the data-parallel group."
-        )
-    return Layout(gpus, tp, ep, config.parallel.sequence_parallel)
+    layout = check_parallel_layout(config.parallel, gpus)
+    return Layout(gpus, layout.tensor_parallel, layout.expert_parallel, config.parallel.sequence_parallel)
 
 
 def recipe_global_batch(recipe: Config) -> int:
