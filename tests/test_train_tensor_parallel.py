@@ -1,4 +1,5 @@
-"""Tensor parallelism in the trainer: TP 2 x DP 2 with ZeRO-2 matches one process; checkpoints move
+"""Tensor parallelism in the trainer: TP 2 x DP 2 with ZeRO-2 matches one process, and so do TP 2's
+gradient norms at ZeRO-0 fp32, where our optimizer clips; checkpoints move
 2 -> 1 -> 4 tensor-parallel ranks (DeepSpeed universal checkpoints) continuing the same losses; a TP = 2
 checkpoint exports to Hugging Face. Tolerance as in test_train_zero_parity: 2e-5 relative, fp32."""
 from functools import lru_cache
@@ -6,7 +7,7 @@ from functools import lru_cache
 import pytest
 import torch
 
-from train_helpers import STEPS, losses, pretrain, scratch, single_process_run
+from train_helpers import STEPS, losses, pretrain, scalars, scratch, single_process_run
 
 TOLERANCE = 2e-5
 FOUR_KV_HEADS = {"model.num_key_value_heads": 4}  # so that 4 tensor-parallel ranks split the heads
@@ -17,6 +18,17 @@ def test_tp2_dp2_zero2_matches_one_process():
     pretrain(run_dir, 2, nproc=4, micro_batch_size=2, gradient_accumulation_steps=1,
              **{"parallel.tensor_parallel": 2, "parallel.sequence_parallel": "true"})
     assert losses(run_dir) == pytest.approx(losses(single_process_run()), rel=TOLERANCE)
+
+
+def test_tp2_zero0_fp32_clips_by_the_global_gradient_norm():
+    """At ZeRO-0 in fp32 our optimizer clips: its norm must sum the tensor-parallel slices once each."""
+    run_dir = scratch() / "tp2_zero0"
+    pretrain(run_dir, 0, nproc=2, micro_batch_size=2, gradient_accumulation_steps=2, **{"parallel.tensor_parallel": 2})
+    single = single_process_run()
+    norms, tp_norms = scalars(single, "train/grad_norm"), scalars(run_dir, "train/grad_norm")
+    assert max(norms.values()) > 1.0  # gradient_clipping is 1.0: clipping is exercised
+    assert [tp_norms[s] for s in sorted(norms)] == pytest.approx([norms[s] for s in sorted(norms)], rel=TOLERANCE)
+    assert losses(run_dir) == pytest.approx(losses(single), rel=TOLERANCE)
 
 
 @lru_cache(maxsize=None)

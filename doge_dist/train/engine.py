@@ -64,12 +64,13 @@ def build_engine(config: Config, ds: dict[str, Any], device: torch.device):
     if zero_stage(ds) == 0 and not bf16_enabled(ds):
         stage0_fp32_clip = float(ds.get("gradient_clipping", 0.0))
         ds["gradient_clipping"] = 0.0
-    optimizer = build_optimizer(model, config.train, stage0_fp32_clip)
+    mpu = deepspeed_mpu(config.parallel)
+    optimizer = build_optimizer(model, config.train, stage0_fp32_clip, mpu)
     scheduler = build_scheduler(optimizer, config.train)
     if config.parallel.expert_parallel > 1:  # DeepSpeed's batch arithmetic counts its own data-parallel ranks
         dp = torch.distributed.get_world_size() // config.parallel.tensor_parallel
         ds["train_batch_size"] = (ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"]
                                   * deepspeed_data_parallel_size(config.parallel, dp))
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds,
-                                      mpu=deepspeed_mpu(config.parallel))
+                                      mpu=mpu)
     return engine, ds

@@ -63,20 +63,22 @@ class SkipNonFiniteAdamW(torch.optim.AdamW):
     optimizer directly at ZeRO stage 0, after clipping without keeping the norm. For that one case the
     engine glue moves clipping here (DeepSpeed's ``gradient_clipping`` set to 0), so it has the same
     contract and reports the pre-clip norm as ``_global_grad_norm`` as the other optimizers do.
-    Gradients are already all-reduced at stage 0, so the local norm is the global one.
+    Gradients are already all-reduced over data parallel at stage 0; under model parallelism the norm
+    is summed over the ``mpu``'s model-parallel group by DeepSpeed's rules (``model_parallel_grad_norm``).
     """
 
-    def __init__(self, params, max_grad_norm: float = 0.0, **kwargs) -> None:
+    def __init__(self, params, max_grad_norm: float = 0.0, mpu=None, **kwargs) -> None:
         super().__init__(params, **kwargs)
         self.max_grad_norm = max_grad_norm
+        self.mpu = mpu
         self.overflow = False
         self._global_grad_norm = 0.0
 
     @torch.no_grad()
     def step(self, closure=None):
-        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])) if grads else torch.zeros(())
-        self._global_grad_norm = norm.item()
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        grads = [p.grad for p in params]
+        self._global_grad_norm = model_parallel_grad_norm(params, self.mpu)
         self.overflow = not math.isfinite(self._global_grad_norm)
         if self.overflow:
             return None
@@ -85,7 +87,22 @@ class SkipNonFiniteAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
-def build_optimizer(model: nn.Module, train: TrainConfig, stage0_fp32_clip: float | None) -> torch.optim.Optimizer:
+def model_parallel_grad_norm(params: list[nn.Parameter], mpu=None) -> float:
+    """The global L2 norm of ``params``' gradients as DeepSpeed's ZeRO and bf16 optimizers count it:
+    a tensor marked model-parallel on every rank of the mpu's model-parallel group, any other tensor on
+    that group's rank 0 only, never one flagged ``ds_pipe_replicated``; squares summed over the group."""
+    from deepspeed.runtime.utils import get_global_norm_of_tensors, is_model_parallel_parameter
+
+    rank = mpu.get_model_parallel_rank() if mpu is not None else 0
+    counted = [p.grad for p in params
+               if not getattr(p, "ds_pipe_replicated", False) and (rank == 0 or is_model_parallel_parameter(p))]
+    if not counted:
+        counted = [torch.zeros(1, device=params[0].device if params else None)]
+    norm = get_global_norm_of_tensors(counted, mpu=mpu).item()
+    return norm if norm >= 0 else float("inf")  # DeepSpeed marks a non-finite norm as -1
+
+
+def build_optimizer(model: nn.Module, train: TrainConfig, stage0_fp32_clip: float | None, mpu=None) -> torch.optim.Optimizer:
     """AdamW (fused on CUDA). ``stage0_fp32_clip`` is not None exactly when DeepSpeed will call the
     optimizer directly (ZeRO 0 in fp32): then the optimizer clips and guards by itself (see above)."""
     groups = parameter_groups(model, train)
@@ -93,5 +110,5 @@ def build_optimizer(model: nn.Module, train: TrainConfig, stage0_fp32_clip: floa
     if next(model.parameters()).is_cuda:
         kwargs["fused"] = True
     if stage0_fp32_clip is not None:
-        return SkipNonFiniteAdamW(groups, max_grad_norm=stage0_fp32_clip, **kwargs)
+        return SkipNonFiniteAdamW(groups, max_grad_norm=stage0_fp32_clip, mpu=mpu, **kwargs)
     return torch.optim.AdamW(groups, **kwargs)
