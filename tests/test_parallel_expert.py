@@ -13,21 +13,22 @@ from doge_dist.parallel.spawn import run_distributed
 from model_helpers import perturb_all, unique_tokens
 
 
-def _ep_matches_single(rank, world_size, tensor_parallel):
+def _ep_matches_single(rank, world_size, tensor_parallel, sequence_parallel):
     from megatron.core import parallel_state
 
     from doge_dist.parallel.expert import parallelize_experts
     from doge_dist.parallel.tensor import merge_state_dicts, parallelize_tensor
 
     expert_parallel = world_size // tensor_parallel
-    initialize_parallel(ParallelConfig(tensor_parallel=tensor_parallel, expert_parallel=expert_parallel))
+    initialize_parallel(ParallelConfig(tensor_parallel=tensor_parallel, expert_parallel=expert_parallel,
+                                       sequence_parallel=sequence_parallel))
     config = ModelConfig.from_preset("doge-tiny-moe", num_experts=64, num_experts_per_tok=8, num_key_value_heads=4)
     torch.manual_seed(0)
     single = build_model(config)
     perturb_all(single)
     sharded = copy.deepcopy(single)
     if tensor_parallel > 1:
-        sharded = parallelize_tensor(sharded, parallel_state.get_tensor_model_parallel_group())
+        sharded = parallelize_tensor(sharded, parallel_state.get_tensor_model_parallel_group(), sequence_parallel)
     sharded = parallelize_experts(sharded, parallel_state.get_expert_model_parallel_group())
     dp_rank, dp = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
 
@@ -69,9 +70,10 @@ def _ep_matches_single(rank, world_size, tensor_parallel):
     }
 
 
-@pytest.mark.parametrize("world_size, tensor_parallel", [(2, 1), (4, 2)], ids=["ep2", "ep2xtp2"])
-def test_expert_parallel_equals_single_device(world_size, tensor_parallel):
-    for result in run_distributed(_ep_matches_single, world_size, tensor_parallel):
+@pytest.mark.parametrize("world_size, tensor_parallel, sequence_parallel", [(2, 1, False), (4, 2, False), (4, 2, True)],
+                         ids=["ep2", "ep2xtp2", "ep2xtp2_sequence_parallel"])
+def test_expert_parallel_equals_single_device(world_size, tensor_parallel, sequence_parallel):
+    for result in run_distributed(_ep_matches_single, world_size, tensor_parallel, sequence_parallel):
         single, sharded = result["loss"]
         assert abs(single - sharded) <= 1e-5
         worst = max(result["grads"], key=result["grads"].get)

@@ -51,8 +51,9 @@ def test_world_size_not_divisible_by_parallel_sizes():
         _check(_config("parallel.tensor_parallel=2"), world=3)
     with pytest.raises(ConfigError, match="num_key_value_heads"):  # doge-tiny has 2 key/value heads
         _check(_config("parallel.tensor_parallel=4"), world=4)
-    with pytest.raises(ConfigError, match="does not combine them yet"):
-        _check(_config("model.preset=doge-tiny-moe", "parallel.tensor_parallel=2", "parallel.expert_parallel=2"), world=4)
+    with pytest.raises(ConfigError, match=r"model.vocab_size \(513\) must be a multiple of parallel.tensor_parallel \(2\)"):
+        _check(_config("model.preset=doge-tiny-moe", "model.vocab_size=513", "parallel.tensor_parallel=2",
+                       "parallel.expert_parallel=2"), world=4)
     with pytest.raises(ConfigError, match="needs a MoE model"):
         _check(_config("parallel.expert_parallel=2"), world=2)
 

@@ -34,17 +34,22 @@ def test_ep2_matches_one_process_and_checkpoints_move_between_ep_sizes():
     assert back == pytest.approx(single[7:], rel=TOLERANCE)
 
 
-def test_ep2_checkpoint_exports_to_transformers(tmp_path):
+def assert_exports_like(checkpoint, reference, tmp_path):
+    """``checkpoint`` exported to Hugging Face gives transformers' logits of the one-process ``reference``."""
     from transformers import AutoModelForCausalLM
 
     from doge_dist.train.export import export_hf, load_checkpoint_model
 
-    single, ep2, *_ = runs()
-    export_hf(ep2 / "checkpoints" / "step_00000005", tmp_path / "hf")
+    export_hf(checkpoint, tmp_path / "hf")
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
-    same_step_one_process = load_checkpoint_model(single / "checkpoints" / "step_00000005").eval()
+    same_step_one_process = load_checkpoint_model(reference).eval()
     for layer in same_step_one_process.model.layers:  # transformers always routes with the reference reshape
         layer.mlp.router_layout = "hf_compat"
     ids = torch.randint(3, 512, (2, 16))
     with torch.no_grad():
         assert (hf(ids).logits - same_step_one_process(ids).logits).abs().max() <= 1e-3
+
+
+def test_ep2_checkpoint_exports_to_transformers(tmp_path):
+    single, ep2, *_ = runs()
+    assert_exports_like(ep2 / "checkpoints" / "step_00000005", single / "checkpoints" / "step_00000005", tmp_path)

@@ -9,6 +9,7 @@ the all-to-all's variable split sizes; routing weights and int32 ids add about 6
 ``launch/bench.py --comm`` prints the per-step volumes of both designs at EP 2, 4 and 8.
 """
 import re
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -38,6 +39,15 @@ def shard_experts(state: dict, rank: int, ep: int) -> dict:
 def merge_experts(shards: list[dict]) -> dict:
     """Inverse of ``shard_experts``."""
     return {n: torch.cat([s[n] for s in shards]) if is_expert_param(n) else t for n, t in shards[0].items()}
+
+
+def expert_universal_info() -> dict:
+    """How DeepSpeed's ``ds_to_universal`` merges expert-parallel shards (DeepSpeed's model-parallel
+    ranks under ``ExpertParallelMPU``): expert tables along dim 0, everything else replicated."""
+    from deepspeed.checkpoint import constants as uc
+
+    return {"universal_checkpoint_version": 0.2,
+            uc.TP_REPLICATED_PARAMETER_PATTERNS: [r"^(?!.*mlp\.(down|up)_embed\.weight$).*$"]}
 
 
 class ExpertParallelCDMoE(CDMoE):
@@ -96,24 +106,30 @@ def parallelize_experts(model: DogeForCausalLM, group: dist.ProcessGroup) -> Dog
         moe = layer.mlp
         if not isinstance(moe, CDMoE):
             continue
-        moe.down_embed = torch.nn.Embedding.from_pretrained(expert_rows(moe.down_embed.weight.data, rank, ep), freeze=False)
-        moe.up_embed = torch.nn.Embedding.from_pretrained(expert_rows(moe.up_embed.weight.data, rank, ep), freeze=False)
-        for param in (moe.down_embed.weight, moe.up_embed.weight):
-            param.expert_parallel = True  # reduced over the expert-data-parallel group only
+        for table in (moe.down_embed, moe.up_embed):
+            # the same Parameter keeps its rows only, so hooks added earlier (sequence parallel) stay
+            table.weight.data = expert_rows(table.weight.data, rank, ep)
+            table.num_embeddings = local
+            table.weight.expert_parallel = True  # reduced over the expert-data-parallel group only
         moe.__class__ = ExpertParallelCDMoE
         moe.ep_group, moe.expert_offset = group, rank * local
     return model
 
 
-def prepare_expert_gradients(model: DogeForCausalLM, group: dist.ProcessGroup) -> None:
+def prepare_expert_gradients(model: DogeForCausalLM, group: dist.ProcessGroup, tp_group: Optional[dist.ProcessGroup] = None) -> None:
     """Gradient bookkeeping for training under ``ExpertParallelMPU``, where DeepSpeed averages over
     the expert-data-parallel group only (1/EP of the data-parallel ranks):
     - a dense parameter's gradient is summed over the expert-parallel group and divided by EP here,
       so with DeepSpeed's average it is the mean over all data-parallel ranks;
     - an expert shard's gradient already sums every expert-parallel rank's tokens (the exchange's
-      backward), so it is only divided by EP; it is marked model-parallel so that DeepSpeed's
-      gradient norm adds every shard once."""
-    ep = dist.get_world_size(group)
+      backward), so it is only divided by EP.
+    DeepSpeed's gradient norm sums, over its model-parallel group (tp x ep), every tensor marked
+    model-parallel plus the others from that group's rank 0. Expert shards are marked model-parallel;
+    a tensor that another rank of the group holds too (a tensor-parallel slice on expert-parallel
+    ranks > 0, an expert shard on tensor-parallel ranks > 0) gets DeepSpeed's ``ds_pipe_replicated``,
+    the flag that keeps a replicated tensor out of the norm, so every tensor counts exactly once."""
+    ep, ep_rank = dist.get_world_size(group), dist.get_rank(group)
+    tp_rank = dist.get_rank(tp_group) if tp_group is not None else 0
 
     def mean_over_expert_group(grad: torch.Tensor) -> torch.Tensor:
         grad = grad.clone()
@@ -123,6 +139,8 @@ def prepare_expert_gradients(model: DogeForCausalLM, group: dist.ProcessGroup) -
     for name, param in model.named_parameters():
         if is_expert_param(name):
             param.tensor_model_parallel, param.partition_dim, param.partition_stride = True, 0, 1
+            param.ds_pipe_replicated = tp_rank > 0
             param.register_hook(lambda grad: grad / ep)
         else:
+            param.ds_pipe_replicated = bool(getattr(param, "tensor_model_parallel", False)) and ep_rank > 0
             param.register_hook(mean_over_expert_group)

@@ -82,15 +82,16 @@ class MegatronMPU:
 
 
 class ExpertParallelMPU(MegatronMPU):
-    """The ``mpu`` for expert parallelism (tensor_parallel = 1): DeepSpeed sees the expert-parallel
-    group as its model-parallel group and the expert-data-parallel group (ranks holding the same
-    experts) as its data-parallel group. So ZeRO reduces and partitions every gradient only among
-    replicas of the same shard, saves one model file per expert shard, and sums the expert shards'
-    norms in the gradient norm; ``expert.prepare_expert_gradients`` makes the dense gradients whole."""
+    """The ``mpu`` for expert parallelism (alone or with tensor parallelism): DeepSpeed sees the
+    expert-tensor-and-model-parallel group (the tp x ep ranks that together hold one copy of every
+    expert) as its model-parallel group and the expert-data-parallel group (ranks holding the same
+    shard) as its data-parallel group. So ZeRO reduces and partitions every gradient only among
+    replicas of the same shard and saves one model file per shard; ``expert.prepare_expert_gradients``
+    makes the dense gradients whole and marks the copies the gradient norm must count once."""
 
-    get_model_parallel_rank = staticmethod(parallel_state.get_expert_model_parallel_rank)
-    get_model_parallel_world_size = staticmethod(parallel_state.get_expert_model_parallel_world_size)
-    get_model_parallel_group = staticmethod(parallel_state.get_expert_model_parallel_group)
+    get_model_parallel_rank = staticmethod(parallel_state.get_expert_tensor_and_model_parallel_rank)
+    get_model_parallel_world_size = staticmethod(parallel_state.get_expert_tensor_and_model_parallel_world_size)
+    get_model_parallel_group = staticmethod(parallel_state.get_expert_tensor_and_model_parallel_group)
     get_tensor_model_parallel_rank = get_model_parallel_rank
     get_tensor_model_parallel_world_size = get_model_parallel_world_size
     get_tensor_model_parallel_group = get_model_parallel_group

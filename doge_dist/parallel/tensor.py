@@ -96,16 +96,11 @@ def shard_state_dict(state: dict, config: ModelConfig, rank: int, tp: int) -> di
     return shards
 
 
-def universal_checkpoint_info(config: ModelConfig, expert_parallel: int = 1) -> dict:
+def universal_checkpoint_info(config: ModelConfig) -> dict:
     """How DeepSpeed's ``ds_to_universal`` merges our tensor-parallel shards (and how a load at another
     tp size re-splits them): row-parallel weights along dim 1, vocabulary tensors without padding,
-    everything not in ``TP_SPLIT_DIMS`` replicated. Under expert parallelism DeepSpeed's model-parallel
-    ranks are the expert shards: expert tables concatenate along dim 0, everything else is replicated."""
+    everything not in ``TP_SPLIT_DIMS`` replicated."""
     from deepspeed.checkpoint import constants as uc
-
-    if expert_parallel > 1:
-        return {"universal_checkpoint_version": 0.2,
-                uc.TP_REPLICATED_PARAMETER_PATTERNS: [r"^(?!.*mlp\.(down|up)_embed\.weight$).*$"]}
 
     layer = r".*\.layers\.\d+\."
     replicated = [layer + r"(input_layernorm|post_attention_layernorm)\.weight$",

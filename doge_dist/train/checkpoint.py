@@ -174,8 +174,12 @@ def convert_to_universal(root: Path, tag: str) -> Path:
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
             raise RuntimeError(f"ds_to_universal failed for {root / tag}:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
-        for name in (META,):
-            shutil.copy2(root / tag / name, tmp / name)
+        saved = read_meta(root, tag)
+        if saved.get("tensor_parallel", 1) > 1 and saved.get("expert_parallel", 1) > 1:
+            from ..parallel.grid_checkpoint import label_universal
+
+            label_universal(tmp)  # merged with affine maps: name the split dims for other layouts' loaders
+        shutil.copy2(root / tag / META, tmp / META)
         for rng in (root / tag).glob("rng_rank*.pt"):
             shutil.copy2(rng, tmp / rng.name)
         tmp.rename(target)

@@ -24,19 +24,15 @@ def consolidated_state(root: Path, tag: str) -> dict[str, torch.Tensor]:
     """Full fp32 weights of a checkpoint of any ZeRO stage and tensor-parallel size."""
     meta = checkpoint.read_meta(root, tag)
     partitioned = any((root / tag).glob("*zero_pp_rank_*_optim_states.pt"))
-    if meta.get("expert_parallel", 1) > 1 and not partitioned:
-        from ..parallel.expert import merge_experts
-
-        return merge_experts([_module_states(file) for file in sorted((root / tag).glob("mp_rank_*_model_states.pt"))])
     if meta.get("tensor_parallel", 1) > 1 or meta.get("expert_parallel", 1) > 1:
         if partitioned:  # DeepSpeed's universal checkpoint merges the model-parallel slices
             universal = checkpoint.convert_to_universal(root, tag) / "zero"
             return {p.name: torch.load(p / "fp32.pt", weights_only=False)["param"].float()
                     for p in universal.iterdir() if (p / "fp32.pt").is_file()}
-        from ..parallel.tensor import merge_state_dicts
+        from ..parallel.grid_checkpoint import merge_grid
 
         shards = [_module_states(file) for file in sorted((root / tag).glob("mp_rank_*_model_states.pt"))]
-        return merge_state_dicts(shards, ModelConfig(**meta["model"]))
+        return merge_grid(shards, ModelConfig(**meta["model"]), meta.get("tensor_parallel", 1))
     if partitioned:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

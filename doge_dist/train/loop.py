@@ -21,8 +21,8 @@ from megatron.core import parallel_state
 
 from ..config import Config, ConfigError
 from ..model.moe_stats import MoEStats
+from ..parallel.apply import universal_checkpoint_info
 from ..parallel.state import ParallelLayout, data_parallel_group, initialize_parallel
-from ..parallel.tensor import universal_checkpoint_info
 from ..model.flops import training_flops_per_token
 from . import checkpoint
 from .checkpoint import Progress
@@ -214,7 +214,7 @@ def pretrain(config: Config, ds_user: dict[str, Any], ds_where: str = "the DeepS
 
     def save() -> None:
         checkpoint.save(engine, run_dir, progress, layout, train.keep_last, config.model.to_dict(),
-                        universal_checkpoint_info(config.model, layout.expert_parallel))
+                        universal_checkpoint_info(config.model, layout.tensor_parallel, layout.expert_parallel))
 
     # 5. the loop
     bad_in_a_row = 0

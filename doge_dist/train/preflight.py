@@ -12,6 +12,7 @@ from typing import Any
 
 from ..config import Config, ConfigError
 from ..parallel.expert import check_expert_parallel
+from ..parallel.grid_checkpoint import check_grid
 from ..parallel.state import ParallelLayout
 from ..parallel.state import check_layout as check_parallel_layout
 from ..parallel.tensor import check_tensor_parallel
@@ -30,11 +31,7 @@ def check_layout(config: Config, world_size: int) -> ParallelLayout:
     if layout.expert_parallel > 1:
         check_expert_parallel(config.model, layout.expert_parallel)
         if layout.tensor_parallel > 1:
-            raise ConfigError(
-                "parallel.expert_parallel > 1 with parallel.tensor_parallel > 1 runs at the model level "
-                "(doge_dist.parallel) but the trainer does not combine them yet (DeepSpeed's gradient norm cannot "
-                "tell tensor-split from expert-split tensors); use one of the two."
-            )
+            check_grid(config.model, layout.tensor_parallel)
     return layout
 
 
