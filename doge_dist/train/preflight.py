@@ -63,6 +63,10 @@ def check_data(config: Config) -> None:
 def check_run(config: Config, ds_user: dict[str, Any], world_size: int, where: str) -> tuple[ParallelLayout, dict[str, Any]]:
     """All pre-build checks; returns the layout and the effective DeepSpeed config."""
     layout = check_layout(config, world_size)
+    if config.model.attn_backend == "flash":
+        from ..model.flash import check_flash_available
+
+        check_flash_available()
     check_schedule(config.train)
     if config.train.freeze_dense_steps and not config.model.is_moe:
         raise ConfigError("train.freeze_dense_steps is for MoE models continued from a dense one (launch/upcycle.py).")

@@ -1,0 +1,38 @@
+"""DMA through flash-attn's kernel (``pip install -e .[gpu]``, ``model.attn_backend: flash``).
+
+With the per-key bias folded into q and k (``[scale * q, 1] . [k_j, bias_j]``, attention.py), DMA
+without a keep window is plain causal attention, so ``flash_attn_func`` computes it exactly with
+``softmax_scale=1``: q and k carry head_dim + 1 channels, padded (with v) to a multiple of 8.
+Its causal mask is aligned to the bottom right, so T new queries after a cache of S - T keys see
+key j <= i + S - T: the decode rule. Batches with padding (key_valid) and caches longer than the
+keep window take the SDPA path instead (attention.py decides). flash-attn needs CUDA tensors in
+fp16/bf16: under autocast they are cast to its dtype, as autocast does for matmuls.
+"""
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+
+from ..config import ConfigError
+
+
+def check_flash_available() -> None:
+    if importlib.util.find_spec("flash_attn") is None:
+        raise ConfigError("model.attn_backend = 'flash' needs the flash-attn package: pip install -e '.[gpu]' "
+                          "(CUDA), or choose attn_backend auto, sdpa, flex or eager.")
+    if not torch.cuda.is_available():
+        raise ConfigError("model.attn_backend = 'flash' runs on CUDA only: choose attn_backend auto (sdpa on CPU).")
+
+
+def flash_dma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float) -> torch.Tensor:
+    """Folded q [B, nh, T, d + 1], k [B, nkv, S, d + 1], v [B, nkv, S, d] -> [B, nh, T, d], causal."""
+    from flash_attn import flash_attn_func
+
+    device_type = q.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else q.dtype
+    d, width = v.shape[-1], q.shape[-1]
+    pad = -width % 8
+    q, k, v = F.pad(q, (0, pad)), F.pad(k, (0, pad)), F.pad(v, (0, width + pad - d))
+    q, k, v = (t.transpose(1, 2).to(dtype) for t in (q, k, v))  # flash-attn's [B, T, heads, dim]
+    out = flash_attn_func(q, k, v, dropout_p=dropout, softmax_scale=1.0, causal=True)
+    return out.transpose(1, 2)[..., :d]
