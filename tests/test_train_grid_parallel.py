@@ -1,7 +1,7 @@
 """Tensor x expert parallelism in the trainer (TP 2 x EP 2 on 4 ranks, ZeRO-2): the same 10 losses
 and gradient norms as one process (the norm counts every tensor once although each is held by two
-ranks); its checkpoint resumes in one process, a one-process checkpoint resumes at TP 2 x EP 2, and it
-exports to Hugging Face. Tolerance as in test_train_zero_parity: 2e-5 relative, fp32."""
+ranks); its checkpoint resumes in one process, a one-process checkpoint resumes at TP 2 x EP 2 (with
+sequence parallelism), and it exports to Hugging Face. Tolerance as in test_train_zero_parity: 2e-5 relative, fp32."""
 from functools import lru_cache
 
 import pytest
@@ -21,7 +21,7 @@ def runs():
     pretrain(to_single, 1, nproc=1, launcher="python", micro_batch_size=2, gradient_accumulation_steps=2,
              **MOE, **{"run.resume": str(grid / "checkpoints" / "step_00000005")})
     pretrain(back, 2, nproc=4, micro_batch_size=2, gradient_accumulation_steps=1,
-             **GRID, **{"run.resume": str(ep1 / "checkpoints" / "step_00000007")})
+             **GRID, **{"run.resume": str(ep1 / "checkpoints" / "step_00000007"), "parallel.sequence_parallel": "true"})
     return single, grid, to_single, back
 
 
