@@ -70,3 +70,14 @@ def test_prepared_weights_follow_parameter_changes():
         expected = model(after[:, :-1]).logits.argmax(-1)[:, prompt.shape[1] - 1 :]
     assert not torch.equal(before, after)
     assert torch.equal(after[:, prompt.shape[1] :], expected)
+
+
+def test_model_stays_copyable_and_picklable_after_generate(tmp_path):
+    import copy
+
+    model = _model({})
+    generate(model, torch.tensor([[5, 6, 7]]), 3, temperature=0)
+    twin = copy.deepcopy(model)
+    torch.save(model, tmp_path / "model.pt")
+    assert torch.equal(generate(twin, torch.tensor([[5, 6, 7]]), 3, temperature=0),
+                       generate(model, torch.tensor([[5, 6, 7]]), 3, temperature=0))

@@ -3,7 +3,7 @@
 At batch 1 a decode step of a small Doge is hundreds of tiny operations, and their dispatch cost,
 not arithmetic, sets the speed. ``Decoder`` computes the layer math of ``doge.py`` for one new
 position (same formulas, same roundings up to summation order) over weights prepared once and kept
-on the model until a parameter changes:
+until a parameter changes:
 
 - q/k/v (and the MLP's gate/up) concatenated into one matrix each: one matrix-vector product
   instead of three (two); every weight already in the compute dtype (bf16 under autocast, so
@@ -21,6 +21,7 @@ Written by hand: neither transformers nor PyTorch has a decode step for dynamic-
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Optional
 
@@ -70,11 +71,15 @@ class LayerWeights:
     down_proj: Optional[Linear]
 
 
+_PREPARED: "weakref.WeakKeyDictionary[DogeForCausalLM, dict]" = weakref.WeakKeyDictionary()
+
+
 def prepared_weights(model: DogeForCausalLM, dtype: torch.dtype) -> tuple[list[LayerWeights], Linear]:
-    """The decode weights of ``model`` in ``dtype``, kept on the model until a parameter changes
-    (an in-place update bumps its version counter; a replaced tensor has a new address)."""
+    """The decode weights of ``model`` in ``dtype``, kept (beside the model, which stays copyable and
+    picklable) until a parameter changes: an in-place update bumps its version counter, a replaced
+    tensor has a new address."""
     state = tuple((p.data_ptr(), p._version) for p in model.parameters())
-    kept = getattr(model, "_decode_weights", {}).get(dtype)
+    kept = _PREPARED.get(model, {}).get(dtype)
     if kept is not None and kept[0] == state:
         return kept[1]
     layers = []
@@ -94,7 +99,7 @@ def prepared_weights(model: DogeForCausalLM, dtype: torch.dtype) -> tuple[list[L
             down_proj=Linear([mlp.down_proj], dtype) if dense else None,
         ))
     prepared = (layers, Linear([model.lm_head], dtype))
-    model.__dict__.setdefault("_decode_weights", {})[dtype] = (state, prepared)
+    _PREPARED.setdefault(model, {})[dtype] = (state, prepared)
     return prepared
 
 
