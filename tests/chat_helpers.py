@@ -3,7 +3,6 @@ data tests' tokenizer, a tiny synthetic chat/preference sample preprocessed to c
 random doge-tiny Hugging Face directory to start from, and SFT/DPO runs launched like pretraining."""
 from __future__ import annotations
 
-import subprocess
 from functools import lru_cache
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from doge_dist.data.chat_template import CHAT_SUBDIR
 from doge_dist.data.preprocess_chat import preprocess_chat
 from doge_dist.data.sample_chat import build_sample_chat
 from doge_dist.model import build_model
-from train_helpers import BIN, PYTHON, REPO, _port, env, scratch
+from train_helpers import BIN, PYTHON, REPO, _port, run_on_a_free_port, scratch
 
 SFT_CONVERSATIONS, DPO_PAIRS = 32, 16  # small: the DPO test memorises its pairs within a few epochs
 
@@ -50,7 +49,6 @@ def init_dir() -> Path:
 def finetune(kind: str, run_dir: Path, stage: int, nproc: int, **values) -> Path:
     """launch/{sft,dpo}.py: 1 process with plain python, or 2 ranks with the deepspeed launcher."""
     script = str(REPO / "launch" / f"{kind}.py")
-    launcher = [PYTHON] if nproc == 1 else [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(_port())]
     data = prefixes()
     settings = {
         "run.init_from": str(init_dir()), "run.dir": str(run_dir),
@@ -60,8 +58,12 @@ def finetune(kind: str, run_dir: Path, stage: int, nproc: int, **values) -> Path
         "train.warmup_steps": 0, "train.decay_steps": 0,
     }
     settings.update(values)
-    cmd = launcher + [script, "--ds_config", str(REPO / "configs" / f"zero{stage}.json")] + [f"{k}={v}" for k, v in settings.items()]
-    result = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
+
+    def launch() -> list[str]:
+        launcher = [PYTHON] if nproc == 1 else [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(_port())]
+        return launcher + [script, "--ds_config", str(REPO / "configs" / f"zero{stage}.json")] + [f"{k}={v}" for k, v in settings.items()]
+
+    cmd, result = run_on_a_free_port(launch)
     if result.returncode != 0:
         raise AssertionError(f"{kind} failed ({' '.join(cmd)}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
     return run_dir

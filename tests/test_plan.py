@@ -10,15 +10,15 @@ import torch
 from doge_dist.config import ConfigError, load_config
 from doge_dist.plan import (GB, accumulation_steps, activation_bytes_per_sequence, check_layout, model_states)
 from doge_dist.train.ds_config import read_ds_config, resolve_ds_config
-from train_helpers import PYTHON, REPO, _port, env, scratch
+from train_helpers import PYTHON, REPO, _port, env, run_on_a_free_port, scratch
 
 MEASURE = REPO / "tests" / "plan_measure.py"
 
 
 def _measured() -> list[dict]:
     out = scratch() / "plan_measured.json"
-    cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port()), str(MEASURE), str(out), "1", "2", "3"]
-    result = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
+    _, result = run_on_a_free_port(lambda: [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                                            str(_port()), str(MEASURE), str(out), "1", "2", "3"])
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads(out.read_text())
 

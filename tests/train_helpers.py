@@ -74,9 +74,20 @@ def env() -> dict:
     return values
 
 
+def run_on_a_free_port(make_command) -> tuple[list[str], subprocess.CompletedProcess]:
+    """Run ``make_command()`` (which picks a port with ``_port``); once more with a new port if another
+    process took that port between the pick and the rendezvous."""
+    for attempt in range(2):
+        cmd = make_command()
+        result = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
+        if result.returncode == 0 or "address already in use" not in (result.stdout + result.stderr).lower():
+            break
+    return cmd, result
+
+
 def pretrain(run_dir: Path, stage: int, nproc: int = 1, launcher: str = "torchrun", check: bool = True, **train) -> subprocess.CompletedProcess:
-    cmd = command(nproc, launcher) + ["--ds_config", str(REPO / "configs" / f"zero{stage}.json")] + base_overrides(run_dir, **train)
-    result = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
+    cmd, result = run_on_a_free_port(lambda: command(nproc, launcher) + ["--ds_config", str(REPO / "configs" / f"zero{stage}.json")]
+                                     + base_overrides(run_dir, **train))
     if check and result.returncode != 0:
         raise AssertionError(f"pretraining failed ({' '.join(cmd)}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
     return result

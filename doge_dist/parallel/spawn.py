@@ -19,17 +19,30 @@ def _entry(rank: int, world_size: int, port: int, fn, args, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
+        dist.init_process_group("gloo", rank=rank, world_size=world_size)
         results.put((rank, fn(rank, world_size, *args), None))
-    except BaseException:  # report the failure to the parent instead of hanging it
+    except BaseException:  # report the failure (a taken port too) to the parent instead of hanging it
         results.put((rank, None, traceback.format_exc()))
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def run_distributed(fn, world_size: int, *args):
-    """``fn(rank, world_size, *args)`` on every rank; returns the per-rank results in rank order."""
+    """``fn(rank, world_size, *args)`` on every rank; returns the per-rank results in rank order.
+    Started once more on a new port if another process took the free port before the rendezvous."""
+    try:
+        return _run_once(fn, world_size, *args)
+    except PortTaken:
+        return _run_once(fn, world_size, *args)
+
+
+class PortTaken(AssertionError):
+    pass
+
+
+def _run_once(fn, world_size: int, *args):
     context = mp.get_context("spawn")
     results = context.SimpleQueue()
     port = free_port()
@@ -42,7 +55,8 @@ def run_distributed(fn, world_size: int, *args):
         if error:
             for p in procs:
                 p.terminate()
-            raise AssertionError(f"rank {rank} failed:\n{error}")
+            failure = PortTaken if "address already in use" in error.lower() else AssertionError
+            raise failure(f"rank {rank} failed:\n{error}")
         collected[rank] = value
     for p in procs:
         p.join()
