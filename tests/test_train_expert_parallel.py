@@ -1,4 +1,5 @@
-"""Expert parallelism in the trainer: EP 2 (2 ranks, ZeRO-2) reproduces one process's 10 losses; a
+"""Expert parallelism in the trainer: EP 2 (2 ranks, ZeRO-2, and 4 ranks with two replicas of each
+expert shard) reproduces one process's 10 losses; a
 checkpoint saved at EP 2 resumes at EP 1 and one saved at EP 1 resumes at EP 2, continuing the same
 losses; an EP 2 checkpoint exports to Hugging Face.
 Tolerance as in test_train_zero_parity: 2e-5 relative, fp32."""
@@ -32,6 +33,15 @@ def test_ep2_matches_one_process_and_checkpoints_move_between_ep_sizes():
     assert ep2 == pytest.approx(single, rel=TOLERANCE)
     assert ep1 == pytest.approx(single[5:], rel=TOLERANCE)
     assert back == pytest.approx(single[7:], rel=TOLERANCE)
+
+
+def test_ep2_with_two_expert_data_parallel_replicas_matches_one_process():
+    """4 ranks at EP 2: every expert shard has two replicas, so DeepSpeed reduces and partitions the
+    expert gradients over that group of 2 (and the dense ones over all 4 via the expert group)."""
+    run_dir = scratch() / "moe_ep2_edp2"
+    pretrain(run_dir, 2, nproc=4, micro_batch_size=1, gradient_accumulation_steps=1,
+             **MOE, **{"parallel.expert_parallel": 2})
+    assert losses(run_dir) == pytest.approx(losses(runs()[0]), rel=TOLERANCE)
 
 
 def assert_exports_like(checkpoint, reference, tmp_path):
