@@ -20,6 +20,7 @@ from ..config import ModelConfig
 from .cache import KVCache
 from .masks import AttentionLayout, dynamic_mask, keep_window_threshold
 from .norm import RMSNorm
+from .precision import compute_dtype
 from .rope import apply_rotary
 
 
@@ -110,7 +111,7 @@ class DynamicMaskAttention(nn.Module):
         q = torch.cat([q * self.scaling, torch.ones_like(q[..., :1])], dim=-1)
         k = torch.cat([k, bias[..., None].to(k.dtype)], dim=-1)
         device_type = q.device.type
-        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else q.dtype
+        dtype = compute_dtype(q)
         mask, causal = layout.sdpa_mask(dtype)
         if self.backend == "flash" and layout.key_valid is None:
             from .flash import flash_dma

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ConfigError
+from .precision import compute_dtype
 
 
 def check_flash_available() -> None:
@@ -28,8 +29,7 @@ def flash_dma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float)
     """Folded q [B, nh, T, d + 1], k [B, nkv, S, d + 1], v [B, nkv, S, d] -> [B, nh, T, d], causal."""
     from flash_attn import flash_attn_func
 
-    device_type = q.device.type
-    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else q.dtype
+    dtype = compute_dtype(q)
     d, width = v.shape[-1], q.shape[-1]
     pad = -width % 8
     q, k, v = F.pad(q, (0, pad)), F.pad(k, (0, pad)), F.pad(v, (0, width + pad - d))

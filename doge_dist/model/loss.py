@@ -6,6 +6,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .precision import compute_dtype
+
 IGNORE_INDEX = -100
 
 
@@ -68,7 +70,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, counted, chunk_tokens: int):
         device, device_type = hidden.device, hidden.device.type
-        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+        dtype = compute_dtype(hidden)
         want_hidden_grad, want_weight_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         vocab = weight.shape[0]
         with torch.autocast(device_type, enabled=False):
