@@ -32,12 +32,7 @@ from .cache import KVCache
 from .cdmoe import CDMoE
 from .doge import DecoderLayer, DogeForCausalLM
 from .norm import RMSNorm, rms_norm
-
-
-def compute_dtype(reference: torch.Tensor) -> torch.dtype:
-    """The dtype linears compute in here: autocast's, or the weights' own."""
-    device_type = reference.device.type
-    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else reference.dtype
+from .precision import compute_dtype
 
 
 class Linear:
@@ -197,12 +192,6 @@ class Decoder:
             mixed = weights.down_proj(F.silu(gate) * up)
         return torch.addcmul(mixed, layer.post_attention_residual, x)
 
-    def _ones(self, q: torch.Tensor) -> torch.Tensor:
-        """The constant bias channel of the queries, [B, nh, 1, 1]."""
-        if getattr(self, "ones", None) is None or self.ones.shape != q.shape[:-1] + (1,) or self.ones.dtype != q.dtype:
-            self.ones = torch.ones_like(q[..., :1])
-        return self.ones
-
     def _attention(self, i: int, layer: DecoderLayer, h: torch.Tensor, rope: Rope) -> torch.Tensor:
         attn, weights = layer.self_attn, self.layers[i]
         B, d = h.shape[0], attn.head_dim
@@ -222,7 +211,7 @@ class Decoder:
         keys[:, :, position] = torch.cat([k.view(B, heads, d), bias.to(k.dtype)], dim=-1).to(self.dtype)
         values[:, :, position] = v.reshape(B, heads, d).to(self.dtype)
         S = position + 1
-        q = torch.cat([q * attn.scaling, self._ones(q)], dim=-1).to(self.dtype).float()
+        q = torch.cat([q * attn.scaling, torch.ones_like(q[..., :1])], dim=-1).to(self.dtype).float()
         scores = torch.matmul(q.view(B, heads, nh // heads, d + 1), keys[:, :, :S].transpose(2, 3)).to(self.dtype)
         if S > attn.keep_window_size:  # DMA's keep window: only the keys with the largest bias count
             bias_all = keys[:, :, :S, d]
