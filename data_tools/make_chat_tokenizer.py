@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from doge_dist.data import DataError
+from doge_dist.data.errors import run_tool
 from doge_dist.data.chat_template import write_chat_tokenizer
 
 
@@ -20,12 +20,7 @@ def main() -> int:
     parser.add_argument("--tokenizer", required=True, help="sentencepiece .model or Hugging Face tokenizer directory")
     parser.add_argument("--output-dir", required=True)
     args = parser.parse_args()
-    try:
-        print(f"wrote {write_chat_tokenizer(args.tokenizer, args.output_dir)}")
-    except DataError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
+    return run_tool(lambda: f"wrote {write_chat_tokenizer(args.tokenizer, args.output_dir)}")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from doge_dist.data import DataError
+from doge_dist.data.errors import run_tool
 from doge_dist.data.indexed import merge_prefixes
 
 
@@ -33,13 +33,12 @@ def main() -> int:
     parser.add_argument("--output-prefix", required=True)
     args = parser.parse_args()
     prefixes = expand(args.input)
-    try:
+
+    def merge() -> str:
         info = merge_prefixes(prefixes, args.output_prefix)
-    except DataError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(f"Merged {len(prefixes)} prefixes into {args.output_prefix}: {info.documents} documents, {info.tokens} tokens")
-    return 0
+        return f"Merged {len(prefixes)} prefixes into {args.output_prefix}: {info.documents} documents, {info.tokens} tokens"
+
+    return run_tool(merge)
 
 
 if __name__ == "__main__":

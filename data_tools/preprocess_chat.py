@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from doge_dist.data import DataError
+from doge_dist.data.errors import log_to_stderr, run_tool
 from doge_dist.data.preprocess_chat import KINDS, preprocess_chat
 
 
@@ -33,15 +33,9 @@ def main() -> int:
     parser.add_argument("--max-completion-length", type=int, default=512, help="DPO: completion tokens kept (from the right)")
     parser.add_argument("--strict", action="store_true", help="stop at the first malformed record instead of skipping it")
     args = parser.parse_args()
-    try:
-        report = preprocess_chat(args.input, args.output_prefix, args.tokenizer, args.kind, args.loss_on == "assistant",
-                                 args.max_length, args.max_prompt_length, args.max_completion_length, args.strict,
-                                 log=lambda line: print(line, file=sys.stderr, flush=True))
-    except DataError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(report.summary())
-    return 0
+    return run_tool(lambda: preprocess_chat(
+        args.input, args.output_prefix, args.tokenizer, args.kind, args.loss_on == "assistant", args.max_length,
+        args.max_prompt_length, args.max_completion_length, args.strict, log=log_to_stderr).summary())
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ import argparse
 import os
 import sys
 
-from doge_dist.data import DataError, preprocess
+from doge_dist.data import preprocess
+from doge_dist.data.errors import log_to_stderr, run_tool
 from doge_dist.data.tokenizer import TOKENIZER_TYPES
 
 
@@ -40,17 +41,10 @@ def get_args() -> argparse.Namespace:
 
 def main() -> int:
     args = get_args()
-    log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731  (progress goes to stderr, like Megatron-LM)
-    try:
-        report = preprocess(
-            args.input, args.output_prefix, args.tokenizer_model, args.tokenizer_type, args.json_keys,
-            args.append_eod, args.workers, args.log_interval, args.strict, log,
-        )
-    except DataError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(report.summary())
-    return 0
+    return run_tool(lambda: preprocess(
+        args.input, args.output_prefix, args.tokenizer_model, args.tokenizer_type, args.json_keys,
+        args.append_eod, args.workers, args.log_interval, args.strict, log_to_stderr,
+    ).summary())
 
 
 if __name__ == "__main__":

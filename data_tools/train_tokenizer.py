@@ -15,7 +15,7 @@ import argparse
 import sys
 import time
 
-from doge_dist.data import DataError
+from doge_dist.data.errors import DataError, log_to_stderr, run_tool
 from doge_dist.data.train_tokenizer import train_tokenizer
 
 
@@ -34,14 +34,13 @@ def main() -> int:
     args = parser.parse_args()
     special = {"bos": args.bos_id, "eos": args.eos_id, "pad": args.pad_id, "unk": args.unk_id}
     start = time.time()
-    try:
+
+    def train() -> str:
         train_tokenizer(args.input, args.output_dir, args.vocab_size, args.model_type, args.json_keys,
-                        args.max_sentences, special, log=lambda line: print(line, file=sys.stderr, flush=True))
-    except (DataError, ValueError, RuntimeError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(f"trained in {time.time() - start:.1f} s")
-    return 0
+                        args.max_sentences, special, log=log_to_stderr)
+        return f"trained in {time.time() - start:.1f} s"
+
+    return run_tool(train, errors=(DataError, ValueError, RuntimeError))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,24 @@
-"""The one exception type for bad data, tokenizer or blend input."""
+"""The one exception type for bad data, tokenizer or blend input, and how the data tools report it."""
+import sys
+from typing import Callable
 
 
 class DataError(ValueError):
     """Input the data pipeline cannot use; the message names the file (and line), the problem and the fix."""
+
+
+def log_to_stderr(line: str) -> None:
+    """Progress lines go to stderr, as Megatron-LM's tools do; stdout keeps the summary."""
+    print(line, file=sys.stderr, flush=True)
+
+
+def run_tool(work: Callable[[], str], errors: tuple[type[BaseException], ...] = (DataError,)) -> int:
+    """A data tool's exit code: ``work()`` returns the summary printed on stdout (0); a bad-input error
+    prints one ``error: ...`` paragraph on stderr instead of a traceback (1)."""
+    try:
+        summary = work()
+    except errors as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(summary)
+    return 0
