@@ -36,6 +36,7 @@ import torch
 
 from .config import Config, ConfigError, ModelConfig
 from .model.flops import parameter_count
+from .parallel.state import ParallelLayout
 from .parallel.state import check_layout as check_parallel_layout
 
 GB = 1e9
@@ -44,24 +45,11 @@ PREFETCH_DEFAULT = int(5e7)
 PERSISTENCE_DEFAULT = int(1e5)
 
 
-@dataclass(frozen=True)
-class Layout:
-    gpus: int
-    tp: int
-    ep: int
-    sp: bool
-
-    @property
-    def dp(self) -> int:
-        return self.gpus // self.tp
-
-
-def check_layout(config: Config, gpus: int) -> Layout:
+def check_layout(config: Config, gpus: int) -> ParallelLayout:
     """The parallel layout on ``gpus`` GPUs, by the trainer's own rules (doge_dist.parallel.state)."""
     if gpus < 1:
         raise ConfigError(f"The GPU count must be at least 1, got {gpus}.")
-    layout = check_parallel_layout(config.parallel, gpus)
-    return Layout(gpus, layout.tensor_parallel, layout.expert_parallel, config.parallel.sequence_parallel)
+    return check_parallel_layout(config.parallel, gpus)
 
 
 def recipe_global_batch(recipe: Config) -> int:
@@ -139,7 +127,7 @@ def _tp_local(config: Config, groups: list[list[int]], tp: int, ep: int) -> tupl
     return local, sum(map(sum, local))
 
 
-def model_states(config: Config, ds: dict[str, Any], layout: Layout, rank: Optional[int] = None) -> States:
+def model_states(config: Config, ds: dict[str, Any], layout: ParallelLayout, rank: Optional[int] = None) -> States:
     """Bytes of parameters, gradients, optimizer states and buffers on ``rank`` (default: the worst)."""
     zero = ds.get("zero_optimization", {})
     stage = int(zero.get("stage", 0))
@@ -147,8 +135,8 @@ def model_states(config: Config, ds: dict[str, Any], layout: Layout, rank: Optio
     weight = 2 if bf16 else 4
     master = 4 if bf16 else 0
     fp32_grads = stage == 1 and bf16 and ds.get("data_types", {}).get("grad_accum_dtype") in ("fp32", "float32")
-    groups, local = _tp_local(config, parameter_groups_numel(config), layout.tp, layout.ep)
-    dp = layout.dp
+    groups, local = _tp_local(config, parameter_groups_numel(config), layout.tensor_parallel, layout.expert_parallel)
+    dp = layout.dp_size
     shard = sum(math.ceil(sum(g) / dp) for g in groups) if stage >= 1 else local
 
     params = weight * local
@@ -179,7 +167,7 @@ def model_states(config: Config, ds: dict[str, Any], layout: Layout, rank: Optio
 # ----------------------------------------------------------------------------------------------
 
 
-def layer_bytes_per_token(m: ModelConfig, layout: Layout) -> tuple[float, float]:
+def layer_bytes_per_token(m: ModelConfig, tp: int, sequence_parallel: bool) -> tuple[float, float]:
     """(bytes inside the TP-split projections, bytes outside them) one decoder layer keeps per token."""
     h, kv, inter = m.hidden_size, m.num_key_value_heads * m.head_dim, m.intermediate_size
     q = m.num_attention_heads * m.head_dim
@@ -189,16 +177,16 @@ def layer_bytes_per_token(m: ModelConfig, layout: Layout) -> tuple[float, float]
     inside = 12 * q + 12 * kv + 8 * inter
     if m.is_moe:
         inside += 2 * m.num_experts_per_tok * h + 4 * m.num_keys**2
-    outside_split = layout.tp if layout.sp else 1
-    return inside / layout.tp, outside / outside_split
+    outside_split = tp if sequence_parallel else 1
+    return inside / tp, outside / outside_split
 
 
-def activation_bytes_per_sequence(config: Config, layout: Layout, checkpointing: bool) -> float:
+def activation_bytes_per_sequence(config: Config, layout: ParallelLayout, checkpointing: bool) -> float:
     """Peak activation bytes one sequence of ``data.seq_length`` tokens adds to a rank."""
     m, seq = config.model, config.data.seq_length
-    inside, outside = layer_bytes_per_token(m, layout)
+    inside, outside = layer_bytes_per_token(m, layout.tensor_parallel, config.parallel.sequence_parallel)
     layer = inside + outside
-    logits = 10 * m.vocab_size / layout.tp + 8 * m.hidden_size  # + final norm and LM-head input
+    logits = 10 * m.vocab_size / layout.tensor_parallel + 8 * m.hidden_size  # + final norm and LM-head input
     if checkpointing:
         per_token = m.num_hidden_layers * 2 * m.hidden_size + layer + logits
     else:
@@ -217,7 +205,7 @@ def largest_micro_batch(free_bytes: float, per_sequence: float) -> int:
 
 @dataclass(frozen=True)
 class Plan:
-    layout: Layout
+    layout: ParallelLayout
     stage: int
     states: States
     per_sequence: float
@@ -258,7 +246,7 @@ def make_plan(recipe: Config, config: Config, ds: dict[str, Any], gpus: int, gpu
         micro_batch=config.train.micro_batch_size,
         checkpointing=config.train.activation_checkpointing,
         global_batch=global_batch,
-        accumulation=accumulation_steps(global_batch, config.train.micro_batch_size, layout.dp),
+        accumulation=accumulation_steps(global_batch, config.train.micro_batch_size, layout.dp_size),
     )
 
 
@@ -273,11 +261,12 @@ def format_plan(plan: Plan, name: str, params: int) -> list[str]:
     fit_ckpt = largest_micro_batch(plan.free_for_activations, plan.per_sequence_checkpointed)
     verdict = "fits" if plan.total <= plan.gpu_bytes else "does NOT fit"
     return [
-        f"{name}: {params / 1e6:.1f}M params, {l.gpus} GPU(s) = tp {l.tp} x dp {l.dp} (ep {l.ep}), ZeRO-{plan.stage}, per GPU:",
+        f"{name}: {params / 1e6:.1f}M params, {l.world_size} GPU(s) = tp {l.tensor_parallel} x dp {l.dp_size} "
+        f"(ep {l.expert_parallel}), ZeRO-{plan.stage}, per GPU:",
         f"  parameters {_gb(s.params)} + gradients {_gb(s.grads)} + optimizer {_gb(s.optimizer)} + buffers {_gb(s.buffers)} = {_gb(s.total)}",
         f"  activations per sequence: {_gb(plan.per_sequence)}, with activation checkpointing {_gb(plan.per_sequence_checkpointed)}",
         f"  micro {plan.micro_batch}{' (checkpointed)' if plan.checkpointing else ''}: {_gb(s.total)} + {_gb(plan.activations)} "
         f"+ reserve {_gb(plan.reserve_bytes)} = {_gb(plan.total)} of {_gb(plan.gpu_bytes)}: {verdict}",
         f"  largest micro-batch: {fit} without, {fit_ckpt} with activation checkpointing",
-        f"  global batch {plan.global_batch} = micro {plan.micro_batch} x accumulation {plan.accumulation} x dp {l.dp}",
+        f"  global batch {plan.global_batch} = micro {plan.micro_batch} x accumulation {plan.accumulation} x dp {l.dp_size}",
     ]
