@@ -85,3 +85,15 @@ def test_shard_then_merge_experts_is_identity():
     state = build_model(ModelConfig.from_preset("doge-tiny-moe")).state_dict()
     merged = merge_experts([shard_experts(state, r, 4) for r in range(4)])
     assert all(torch.equal(merged[k], state[k]) for k in state)
+
+
+def test_merge_grid_inverts_a_tp2_x_ep2_split():
+    """ZeRO-0 exports merge DeepSpeed's model-parallel files in rank order: ep_rank * tp + tp_rank."""
+    from doge_dist.parallel.grid_checkpoint import merge_grid
+    from doge_dist.parallel.tensor import shard_state_dict
+
+    config = ModelConfig.from_preset("doge-tiny-moe")
+    state = build_model(config).state_dict()
+    shards = [shard_state_dict(shard_experts(state, e, 2), config, t, 2) for e in range(2) for t in range(2)]
+    merged = merge_grid(shards, config, 2)
+    assert merged.keys() == state.keys() and all(torch.equal(merged[k], state[k]) for k in state)
