@@ -295,6 +295,7 @@ class TrainConfig:
     decay_groups: str = "matrices"  # matrices | original (the HF Trainer grouping the recipes used)
     bf16: Optional[bool] = None  # None: as the DeepSpeed JSON says; true/false override it
     activation_checkpointing: bool = False
+    compile: bool = False  # torch.compile each decoder layer (fuses the elementwise work; ZeRO 0-2)
     seed: int = 233
     log_interval: int = 10  # steps between console lines / TensorBoard points
     eval_interval: int = 0  # 0: no validation

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import statistics
@@ -62,7 +63,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--steps", type=int, default=10, help="measured rounds (each model steps once per round)")
     p.add_argument("--warmup", type=int, default=3, help="unmeasured rounds first (compilation, allocator)")
-    p.add_argument("--models", default="ours,hf_eager,hf_sdpa", help="comma list of ours, hf_eager, hf_sdpa")
+    p.add_argument("--models", default="ours,hf_eager,hf_sdpa",
+                   help="comma list of ours, hf_eager, hf_sdpa, and ours_<backend> (ours with another attention "
+                        "backend, e.g. ours_sdpa, compared in the same run)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: table / measured)")
     p.add_argument(
@@ -79,6 +82,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="bytes per step sent by tensor parallelism (counted on --tp local gloo ranks, against the "
                         "analytic volume) and by the expert-parallel exchange at EP 2, 4, 8 (against all-to-all)")
     p.add_argument("--tp", type=int, default=2, help="tensor-parallel size for --comm")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after measuring, profile 2 training steps of ours and print the N ops with the most device time")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -94,13 +99,28 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def our_backend(name: str, default: str) -> Optional[str]:
+    """The attention backend of one of our variants ("ours" or "ours_<backend>"); None for HF models."""
+    if name == "ours":
+        return default
+    backend = name.removeprefix("ours_")
+    return backend if name.startswith("ours_") and backend in ATTN_BACKENDS else None
+
+
 def build_models(config: ModelConfig, device: torch.device, names: list[str], compile_layers: bool) -> dict:
-    """Our model and the requested transformers models, all holding the same weights."""
+    """Our model (one per requested attention backend) and the requested transformers models, all
+    holding the same weights."""
     ours = build_model(config, device)
-    if compile_layers:
-        for layer in ours.model.layers:
-            layer.compile()
     models = {"ours": ours}
+    for name in names:
+        backend = our_backend(name, config.attn_backend)
+        if name != "ours" and backend is not None:
+            models[name] = build_model(dataclasses.replace(config, attn_backend=backend), device)
+            models[name].load_state_dict(ours.state_dict(), strict=True)
+    if compile_layers:
+        for name, model in models.items():
+            for layer in model.model.layers:
+                layer.compile()
     if any(name in HF_VARIANTS for name in names):
         from transformers import DogeForCausalLM as HFDoge
 
@@ -120,7 +140,7 @@ def train_step(name: str, model, optimizer, input_ids: torch.Tensor, device, dty
 
     def step() -> torch.Tensor:
         with autocast(device, dtype):
-            if name == "ours":
+            if name.startswith("ours"):
                 hidden = model(input_ids, compute_logits=False).hidden_states
                 loss_sum, count = chunked_token_loss_sum(hidden, model.lm_head.weight, labels)
                 loss = loss_sum / count
@@ -199,6 +219,9 @@ def device_name(device: torch.device) -> str:
 
 
 def git_commit() -> str:
+    """HEAD's short hash; DOGE_DIST_COMMIT overrides it for a copy of the tree without .git."""
+    if os.environ.get("DOGE_DIST_COMMIT"):
+        return os.environ["DOGE_DIST_COMMIT"]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
@@ -218,6 +241,8 @@ def bench_training(args, config: ModelConfig, device: torch.device, names: list[
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.01, fused=fused)
         steps[name] = train_step(name, model, optimizer, input_ids, device, args.dtype)
     times = interleaved_times(steps, args.warmup, args.steps, device, CLOCKS[args.clock])
+    if args.profile:
+        print_profile(steps["ours"], device, args.profile)
 
     tokens = args.micro_batch * args.seq_len
     flops_per_token = training_flops_per_token(config, args.seq_len)
@@ -236,6 +261,19 @@ def bench_training(args, config: ModelConfig, device: torch.device, names: list[
             "mfu": round(tflops / peak, 4) if peak else None,
         }
     return {"flops_per_token": flops_per_token, "peak_tflops": peak, "peak_source": peak_source, "train": results}
+
+
+def print_profile(step: Callable[[], torch.Tensor], device: torch.device, rows: int) -> None:
+    """The ops of two already-warm training steps with the most self time on the device (the next speed work)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(2):
+            step()
+        synchronize(device)
+    sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort_by, row_limit=rows, max_name_column_width=60), flush=True)
 
 
 def greedy_ours(model, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
@@ -262,7 +300,7 @@ def bench_decode(args, config: ModelConfig, device: torch.device, names: list[st
         def go():
             model.eval()
             with autocast(device, args.dtype):
-                generate = greedy_ours if name == "ours" else greedy_hf
+                generate = greedy_ours if name.startswith("ours") else greedy_hf
                 outputs[name] = generate(model, prompt, DECODE_NEW_TOKENS)
 
         return go
@@ -348,9 +386,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
     device = torch.device(args.device)
     config = ModelConfig.from_preset(args.preset, attn_backend=args.attn_backend)
     names = [n.strip() for n in args.models.split(",") if n.strip()]
-    unknown = set(names) - {"ours", *HF_VARIANTS}
+    unknown = {n for n in names if n not in HF_VARIANTS and our_backend(n, args.attn_backend) is None}
     if unknown or "ours" not in names:
-        raise SystemExit(f"--models must include 'ours' and only ours, hf_eager, hf_sdpa (got {args.models!r})")
+        raise SystemExit(f"--models must include 'ours' and only ours, ours_<backend> ({', '.join(ATTN_BACKENDS)}), "
+                         f"hf_eager, hf_sdpa (got {args.models!r})")
     if args.clock == "thread" and (torch.get_num_threads() != 1 or device.type != "cpu"):
         raise SystemExit("--clock thread measures one CPU thread: use it with --device cpu --threads 1")
 

@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
-# One device session (about 8 minutes on one H100): the CUDA tests, then the GPU benchmarks of
-# doge-20m and doge-320m against transformers, printing every figure. Copy the JSON lines it
-# prints (also written to $OUT when set) into docs/performance.md with the device, date and commit.
+# One device session (about 8 minutes on one H100): the GPU benchmarks of doge-320m and doge-20m
+# against transformers (our default flex path and our SDPA path in the same run, with a profile of
+# the 320m step), the CUDA tests, a short DeepSpeed ZeRO-2 run of the trainer on the GPU, and decode.
+# Most important first: every step has its own time limit and a failure does not stop the others.
+# Copy the JSON lines it prints (also written to $OUT) into docs/performance.md with the device,
+# date and commit.
 #
-#   bash launch/gpu_check.sh                 # PY=python by default; OUT=dir to keep the logs
+#   bash launch/gpu_check.sh         # PY=python, DEEPSPEED=deepspeed by default; OUT=dir keeps the logs
+# The trainer step needs the `make demo` data (data/sample_train_text_document.*, data/tokenizer).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 PY=${PY:-python}
+DEEPSPEED=${DEEPSPEED:-deepspeed}
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
 status=0
@@ -20,14 +25,23 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAM
     [ "$rc" -eq 0 ] || { echo "=== $name FAILED (exit $rc)"; status=1; }
 }
 
-echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown), $(date -u +%Y-%m-%d)"
+echo "commit ${DOGE_DIST_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}, $(date -u +%Y-%m-%d)"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 
-step cuda_tests 150 "$PY" -m pytest -q -m cuda -p no:cacheprovider tests
-BENCH=("$PY" launch/bench.py --dtype bf16 --compile)
-step bench_20m 100 "${BENCH[@]}" --preset doge-20m --seq-len 2048 --micro-batch 16 --steps 10 --warmup 3
-step bench_320m 200 "${BENCH[@]}" --preset doge-320m --seq-len 2048 --micro-batch 4 --steps 8 --warmup 3
+BENCH=("$PY" launch/bench.py --dtype bf16 --compile --models "ours,ours_sdpa,hf_eager,hf_sdpa")
+step bench_320m 200 "${BENCH[@]}" --preset doge-320m --seq-len 2048 --micro-batch 4 --steps 8 --warmup 3 --profile 25
+step bench_20m 150 "${BENCH[@]}" --preset doge-20m --seq-len 2048 --micro-batch 16 --steps 10 --warmup 3
+step cuda_tests 120 "$PY" -m pytest -q -m cuda -p no:cacheprovider tests
+if [ -f data/sample_train_text_document.bin ] && [ -f data/tokenizer/tokenizer.model ]; then
+    # doge-20m's shape with the demo tokenizer's 8192 ids, compiled layers, ZeRO-2, bf16: the trainer's own tokens/s and MFU
+    step train_20m 100 "$DEEPSPEED" --num_gpus 1 launch/pretrain.py --config configs/doge_20m.yaml --ds_config configs/zero2.json \
+        model.vocab_size=8192 "data.train_data=[data/sample_train_text_document]" data.tokenizer=data/tokenizer/tokenizer.model \
+        data.split=100,0,0 train.max_steps=40 train.gradient_accumulation_steps=1 train.warmup_steps=5 train.decay_steps=5 \
+        train.log_interval=10 train.eval_interval=0 train.save_interval=0 train.compile=true run.dir=/tmp/gpu_check_run
+else
+    echo "=== no demo data (make demo builds it): skipping the trainer run"
+fi
 step decode_20m 60 "$PY" launch/bench.py --dtype bf16 --preset doge-20m --decode --steps 5
 if "$PY" -c "import flash_attn" 2>/dev/null; then  # the [gpu] extra: the same 320m bench through flash-attn
     step bench_320m_flash 200 "${BENCH[@]}" --preset doge-320m --seq-len 2048 --micro-batch 4 --steps 8 --warmup 3 --attn-backend flash

@@ -2,7 +2,7 @@
 
 DeepSpeed does ZeRO, bf16 master weights, gradient reduction, clipping and the checkpoint files;
 this file decides what goes in: the seeded single-device model (or the weights of an HF directory)
-split by the parallel layout, activation checkpointing per decoder layer, and the AdamW groups and schedule from the YAML.
+split by the parallel layout, activation checkpointing and torch.compile per decoder layer, and the AdamW groups and schedule from the YAML.
 """
 from __future__ import annotations
 
@@ -37,6 +37,14 @@ def enable_activation_checkpointing(model: DogeForCausalLM) -> None:
         layer.forward = checkpointed
 
 
+def compile_layers(model: DogeForCausalLM) -> None:
+    """``torch.compile`` each decoder layer in place (``nn.Module.compile``), so parameter names and
+    checkpoints are those of the uncompiled model. Layers share their code, so one compiled graph
+    serves them all; the embedding, final norm and chunked loss stay eager."""
+    for layer in model.model.layers:
+        layer.compile()
+
+
 def initial_model(config: Config) -> nn.Module:
     """A fresh model (same weights on every rank for the same seed), or an HF directory's weights."""
     model = build_model(config.model)
@@ -60,6 +68,8 @@ def build_engine(config: Config, ds: dict[str, Any], device: torch.device):
     model = parallelize(initial_model(config), config.parallel).to(device)
     if config.train.activation_checkpointing:
         enable_activation_checkpointing(model)
+    if config.train.compile:
+        compile_layers(model)
     stage0_fp32_clip = None
     if zero_stage(ds) == 0 and not bf16_enabled(ds):
         stage0_fp32_clip = float(ds.get("gradient_clipping", 0.0))

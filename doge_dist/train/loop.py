@@ -209,7 +209,8 @@ def pretrain(config: Config, ds_user: dict[str, Any], ds_where: str = "the DeepS
         reporter.text("config", config_text)
         print(f"[doge-dist] {layout.world_size} rank(s), tp {layout.tensor_parallel}, dp {layout.dp_size}, "
               f"ep {layout.expert_parallel}, ZeRO {ds.get('zero_optimization', {}).get('stage', 0)}, "
-              f"{'bf16' if bf16 else 'fp32'}, {tokens_per_step:,} tokens per step, steps {progress.step} -> {train.max_steps}", flush=True)
+              f"{'bf16' if bf16 else 'fp32'}{', compiled layers' if train.compile else ''}, {tokens_per_step:,} tokens per step, "
+              f"steps {progress.step} -> {train.max_steps}", flush=True)
     stop = StopRequest()
 
     def save() -> None:

@@ -75,6 +75,9 @@ def check_run(config: Config, ds_user: dict[str, Any], world_size: int, where: s
     ds = resolve_ds_config(ds_user, config.train, layout.dp_size, where)
     if layout.expert_parallel > 1 and ds.get("zero_optimization", {}).get("stage", 0) > 2:
         raise ConfigError(f"{where}: expert parallelism trains with ZeRO 0-2; ZeRO-3 is not supported with it.")
+    if config.train.compile and ds.get("zero_optimization", {}).get("stage", 0) > 2:
+        raise ConfigError(f"{where}: train.compile compiles each decoder layer, which ZeRO-3's parameter gathering hooks "
+                          "would break into pieces; use ZeRO 0-2 with it, or set train.compile=false.")
     check_data(config)
     if config.run.init_from and not Path(config.run.init_from).exists():
         raise ConfigError(f"run.init_from = '{config.run.init_from}' does not exist: give a Hugging Face Doge directory or a run directory.")
