@@ -84,6 +84,24 @@ def test_flex_forward_equals_sdpa(overrides):
     assert (sdpa - flex)[mask.bool()].abs().max() <= 1e-5
 
 
+def test_keep_window_block_mask_compiles_with_a_trainable_bias(monkeypatch):
+    """On CUDA the block mask is built by a compiled create_block_mask, which cannot trace a bias that
+    records gradients (the H100 run failed there); compiled here on CPU, it gives the eager mask."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from doge_dist.model import flex
+
+    bias = (torch.randn(2, 2, 40) * 3).requires_grad_()
+    threshold = keep_window_threshold(bias.detach(), AttentionLayout(torch.arange(40), 40).allowed, 9)
+    masks = []
+    for builder in (create_block_mask, torch.compile(create_block_mask)):
+        monkeypatch.setattr(flex, "_create_block_mask", lambda device, builder=builder: builder)
+        layout = AttentionLayout(torch.arange(40), 40)
+        block_mask = flex._block_mask(layout, 2, 4, 40, bias * 1.0, 2, threshold)
+        masks.append(block_mask.to_dense())
+    assert torch.equal(masks[0], masks[1])
+
+
 def test_keep_window_threshold_selects_the_same_keys_as_topk():
     torch.manual_seed(0)
     bias = torch.rand(2, 3, 40)

@@ -42,6 +42,10 @@ def _block_mask(
     threshold: Optional[torch.Tensor],
 ) -> BlockMask:
     query_positions, key_valid = layout.query_positions, layout.key_valid
+    # which keys are visible carries no gradient (the bias reaches the loss through the score_mod);
+    # compiled mask construction cannot trace a tensor that records one
+    bias = bias.detach()
+    threshold = None if threshold is None else threshold.detach()
 
     def visible(b, h, q_idx, kv_idx):
         ok = kv_idx <= query_positions[q_idx]
