@@ -32,6 +32,23 @@ def test_changing_a_token_leaves_earlier_logits_unchanged(backend, preset):
     assert (before[:, t:] - after[:, t:]).abs().max() > 1e-4
 
 
+def test_generation_with_the_flex_backend_runs_sdpa(monkeypatch):
+    """A KV cache takes flex to SDPA: the compiled flex kernel is specialised to one key length and
+    would recompile at every new token (the H100 decode bench timed out). Same logits as flex."""
+    from doge_dist.model import flex
+
+    model = _model(keep_window_size=10)
+    use_backend(model, "flex")
+    ids = unique_tokens(2, 14, 512)
+    with torch.no_grad():
+        full = model(ids).logits
+        monkeypatch.setattr(flex, "flex_dma", lambda *args, **kwargs: pytest.fail("flex with a KV cache"))
+        cache = KVCache()
+        steps = [model(ids[:, :6], cache=cache).logits]
+        steps += [model(ids[:, t : t + 1], cache=cache).logits for t in range(6, 14)]
+    assert (torch.cat(steps, dim=1) - full).abs().max() <= 1e-5
+
+
 def test_reference_router_reshape_leaks_future_tokens():
     """The hf_compat layout mixes tokens (defect 2): a later token changes earlier logits."""
     model = _model("doge-tiny-moe", router_layout="hf_compat")

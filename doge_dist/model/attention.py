@@ -24,9 +24,14 @@ from .precision import compute_dtype
 from .rope import apply_rotary
 
 
-def resolve_backend(name: str, device: torch.device) -> str:
+def resolve_backend(name: str, device: torch.device, cached: bool = False) -> str:
+    """auto: FlexAttention on CUDA, SDPA elsewhere. With a KV cache (generation) flex becomes SDPA:
+    the compiled flex kernel and block mask are specialised to one key length and would recompile
+    at every new token."""
     if name == "auto":
-        return "flex" if device.type == "cuda" else "sdpa"
+        name = "flex" if device.type == "cuda" else "sdpa"
+    if name == "flex" and cached:
+        return "sdpa"
     return name
 
 
@@ -82,7 +87,7 @@ class DynamicMaskAttention(nn.Module):
         if cache is not None:
             k, v, bias = cache.update(self.layer_idx, k, v, bias)
 
-        backend = resolve_backend(self.backend, x.device)
+        backend = resolve_backend(self.backend, x.device, cached=cache is not None)
         dropout = self.dropout if self.training else 0.0
         if backend == "flex":
             out = self._flex(q, k, v, bias, layout)
