@@ -20,7 +20,13 @@ BF16_Optimizer with fp32 gradients). Per rank, with parameters in the optimizer'
 Activations count what autograd keeps per token, in bytes, read off the Doge layer (bf16 tensors 2 B,
 RMSNorm's fp32 upcast 4 B), for the CUDA FlexAttention path, which never builds a [heads, T, T] tensor:
   per layer  32 h + 12 kv + 8 I  (+ 2 k h + 4 nk^2 for CDMoE)   h hidden, kv = n_kv x head_dim
-  logits     10 V per token at the peak of the loss backward (bf16 logits, fp32 log-softmax, fp32 grad)
+  loss       the trainer's path. Below ZeRO-3 on one TP rank the loss is chunked over tokens
+             (``chunked_token_loss_sum``): 2 h per token for the hidden-state gradient it computes
+             ahead, plus a workspace once per micro-batch of up to one chunk of rows x 6 V (bf16
+             logits, fp32 log-probs) and 6 V h (bf16 head copy, fp32 head gradient). Under ZeRO-3
+             or TP the whole (vocab-parallel) logits exist: 14 V / tp per token at the backward's
+             peak (bf16 logits, their fp32 upcast, fp32 log-softmax, its fp32 gradient; measured on
+             an H100 within 5%).
 Activation checkpointing keeps each layer's bf16 input (2 h) and recomputes one layer at a time.
 Tensor parallelism divides the projections' activations (and, with sequence parallelism, the rest).
 """
@@ -36,6 +42,7 @@ import torch
 
 from .config import Config, ConfigError, ModelConfig
 from .model.flops import parameter_count
+from .model.loss import default_chunk_tokens
 from .parallel.state import ParallelLayout
 from .parallel.state import check_layout as check_parallel_layout
 
@@ -181,17 +188,34 @@ def layer_bytes_per_token(m: ModelConfig, tp: int, sequence_parallel: bool) -> t
     return inside / tp, outside / outside_split
 
 
-def activation_bytes_per_sequence(config: Config, layout: ParallelLayout, checkpointing: bool) -> float:
+def full_logits(layout: ParallelLayout, stage: int) -> bool:
+    """Whether the trainer's loss builds the whole [tokens, V / tp] logits (ZeRO-3 gathers the LM head
+    only inside its forward; TP's vocab-parallel loss works on a shard) instead of chunking them."""
+    return stage == 3 or layout.tensor_parallel > 1
+
+
+def activation_bytes_per_sequence(config: Config, layout: ParallelLayout, checkpointing: bool,
+                                  whole_logits: bool = False) -> float:
     """Peak activation bytes one sequence of ``data.seq_length`` tokens adds to a rank."""
     m, seq = config.model, config.data.seq_length
     inside, outside = layer_bytes_per_token(m, layout.tensor_parallel, config.parallel.sequence_parallel)
     layer = inside + outside
-    logits = 10 * m.vocab_size / layout.tensor_parallel + 8 * m.hidden_size  # + final norm and LM-head input
+    head = 8 * m.hidden_size  # final norm and LM-head input
+    loss = 14 * m.vocab_size / layout.tensor_parallel if whole_logits else 2 * m.hidden_size
     if checkpointing:
-        per_token = m.num_hidden_layers * 2 * m.hidden_size + layer + logits
+        per_token = m.num_hidden_layers * 2 * m.hidden_size + layer + head + loss
     else:
-        per_token = m.num_hidden_layers * layer + logits
+        per_token = m.num_hidden_layers * layer + head + loss
     return per_token * seq
+
+
+def loss_workspace_bytes(config: Config, tokens: int, whole_logits: bool) -> float:
+    """Bytes the chunked loss holds once per micro-batch of ``tokens`` tokens (0 for whole logits)."""
+    if whole_logits:
+        return 0.0
+    vocab, hidden = config.model.vocab_size, config.model.hidden_size
+    rows = min(tokens, default_chunk_tokens(vocab, "cuda"))
+    return float(6 * rows * vocab + 6 * vocab * hidden)
 
 
 def largest_micro_batch(free_bytes: float, per_sequence: float) -> int:
@@ -210,6 +234,8 @@ class Plan:
     states: States
     per_sequence: float
     per_sequence_checkpointed: float
+    loss_workspace: float  # at micro_batch
+    loss_workspace_max: float  # at a full chunk: what any larger micro-batch needs
     gpu_bytes: float
     reserve_bytes: float
     micro_batch: int
@@ -219,7 +245,8 @@ class Plan:
 
     @property
     def free_for_activations(self) -> float:
-        return self.gpu_bytes - self.reserve_bytes - self.states.total
+        """What is left for per-sequence activations at any micro-batch size."""
+        return self.gpu_bytes - self.reserve_bytes - self.states.total - self.loss_workspace_max
 
     @property
     def activations(self) -> float:
@@ -227,7 +254,7 @@ class Plan:
 
     @property
     def total(self) -> float:
-        return self.states.total + self.activations + self.reserve_bytes
+        return self.states.total + self.activations + self.loss_workspace + self.reserve_bytes
 
 
 def make_plan(recipe: Config, config: Config, ds: dict[str, Any], gpus: int, gpu_mem_gb: float,
@@ -235,12 +262,17 @@ def make_plan(recipe: Config, config: Config, ds: dict[str, Any], gpus: int, gpu
     """``recipe`` is the YAML alone (its global batch); ``config`` the YAML with overrides (what runs)."""
     layout = check_layout(config, gpus)
     global_batch = global_batch or recipe_global_batch(recipe)
+    stage = int(ds.get("zero_optimization", {}).get("stage", 0))
+    whole = full_logits(layout, stage)
+    tokens = config.train.micro_batch_size * config.data.seq_length
     return Plan(
         layout=layout,
-        stage=int(ds.get("zero_optimization", {}).get("stage", 0)),
+        stage=stage,
         states=model_states(config, ds, layout),
-        per_sequence=activation_bytes_per_sequence(config, layout, False),
-        per_sequence_checkpointed=activation_bytes_per_sequence(config, layout, True),
+        per_sequence=activation_bytes_per_sequence(config, layout, False, whole),
+        per_sequence_checkpointed=activation_bytes_per_sequence(config, layout, True, whole),
+        loss_workspace=loss_workspace_bytes(config, tokens, whole),
+        loss_workspace_max=loss_workspace_bytes(config, 2**62, whole),
         gpu_bytes=gpu_mem_gb * GB,
         reserve_bytes=reserve_gb * GB,
         micro_batch=config.train.micro_batch_size,
@@ -266,7 +298,8 @@ def format_plan(plan: Plan, name: str, params: int) -> list[str]:
         f"  parameters {_gb(s.params)} + gradients {_gb(s.grads)} + optimizer {_gb(s.optimizer)} + buffers {_gb(s.buffers)} = {_gb(s.total)}",
         f"  activations per sequence: {_gb(plan.per_sequence)}, with activation checkpointing {_gb(plan.per_sequence_checkpointed)}",
         f"  micro {plan.micro_batch}{' (checkpointed)' if plan.checkpointing else ''}: {_gb(s.total)} + {_gb(plan.activations)} "
-        f"+ reserve {_gb(plan.reserve_bytes)} = {_gb(plan.total)} of {_gb(plan.gpu_bytes)}: {verdict}",
+        f"+ loss workspace {_gb(plan.loss_workspace)} + reserve {_gb(plan.reserve_bytes)} = {_gb(plan.total)} of "
+        f"{_gb(plan.gpu_bytes)}: {verdict}",
         f"  largest micro-batch: {fit} without, {fit_ckpt} with activation checkpointing",
         f"  global batch {plan.global_batch} = micro {plan.micro_batch} x accumulation {plan.accumulation} x dp {l.dp_size}",
     ]

@@ -42,7 +42,7 @@ if [ -f data/sample_train_text_document.bin ] && [ -f data/tokenizer/tokenizer.m
 else
     echo "=== no demo data (make demo builds it): skipping the trainer run"
 fi
-step decode_20m 60 "$PY" launch/bench.py --dtype bf16 --preset doge-20m --decode --steps 5
+step decode_20m 120 "$PY" launch/bench.py --dtype bf16 --preset doge-20m --decode --steps 5
 if "$PY" -c "import flash_attn" 2>/dev/null; then  # the [gpu] extra: the same 320m bench through flash-attn
     step bench_320m_flash 200 "${BENCH[@]}" --preset doge-320m --seq-len 2048 --micro-batch 4 --steps 8 --warmup 3 --attn-backend flash
 else

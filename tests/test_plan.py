@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from doge_dist.config import ConfigError, load_config
-from doge_dist.plan import (GB, accumulation_steps, activation_bytes_per_sequence, check_layout, model_states)
+from doge_dist.plan import (GB, accumulation_steps, activation_bytes_per_sequence, check_layout, full_logits,
+                            loss_workspace_bytes, model_states)
 from doge_dist.train.ds_config import read_ds_config, resolve_ds_config
 from train_helpers import PYTHON, REPO, _port, env, run_on_a_free_port, scratch
 
@@ -52,6 +53,23 @@ def test_zero_stages_shrink_what_they_partition():
     assert states[3].params < 0.15 * states[2].params
 
 
+def test_loss_path_follows_the_trainer():
+    """Chunked loss (a bounded workspace, 2 h per token) below ZeRO-3 on one TP rank; whole logits
+    (14 V / tp per token, no workspace) under ZeRO-3 or TP, as forward_loss and the TP model do."""
+    config = load_config(str(REPO / "configs" / "doge_20m.yaml"))
+    one, two = check_layout(config, 1), check_layout(load_config(str(REPO / "configs" / "doge_20m.yaml"),
+                                                                 ["parallel.tensor_parallel=2"]), 2)
+    assert [full_logits(one, stage) for stage in range(4)] == [False, False, False, True]
+    assert full_logits(two, 1)
+    m, seq = config.model, config.data.seq_length
+    chunked = activation_bytes_per_sequence(config, one, False, False)
+    assert activation_bytes_per_sequence(config, one, False, True) - chunked == (14 * m.vocab_size - 2 * m.hidden_size) * seq
+    rows = 2**28 // m.vocab_size  # one chunk of the GPU loss
+    assert loss_workspace_bytes(config, 1000, False) == 6 * 1000 * m.vocab_size + 6 * m.vocab_size * m.hidden_size
+    assert loss_workspace_bytes(config, 10**9, False) == loss_workspace_bytes(config, rows, False)
+    assert loss_workspace_bytes(config, 10**9, True) == 0
+
+
 def test_accumulation_keeps_the_global_batch_and_names_the_fix():
     assert accumulation_steps(768, 4, 8) == 24
     assert accumulation_steps(256, 16, 16) == 1
@@ -77,27 +95,36 @@ def test_cli_prints_the_plan_and_one_paragraph_errors():
 @pytest.mark.cuda
 def test_activation_prediction_matches_cuda_peak():
     """doge-60m, seq 2048, bf16, FlexAttention: the peak of one forward+backward above the model's
-    own bytes, within 15% of the prediction, with and without activation checkpointing."""
+    own bytes, within 15% of the prediction, for both of the trainer's loss paths (chunked below
+    ZeRO-3, whole logits under it), with and without activation checkpointing."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU: activation bytes depend on the CUDA FlexAttention path")
-    from doge_dist.model import IGNORE_INDEX, build_model, token_loss_sum  # noqa: F401
+    from doge_dist.model import build_model, shift_labels
     from doge_dist.train.engine import enable_activation_checkpointing
 
     for checkpointing in (False, True):
-        config = load_config(str(REPO / "configs" / "doge_60m.yaml"), [f"train.activation_checkpointing={checkpointing}"])
-        model = build_model(config.model).cuda().bfloat16()
-        if checkpointing:
-            enable_activation_checkpointing(model)
-        ids = torch.randint(0, config.model.vocab_size, (2, config.data.seq_length), device="cuda")
-        for _ in range(2):  # the second pass measures: compiled kernels and gradients already exist
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                logits = model(ids).logits
-            token_loss_sum(logits[:, :-1], ids[:, 1:])[0].backward()
-            del logits
-            peak = torch.cuda.max_memory_allocated() - base
-        predicted = 2 * activation_bytes_per_sequence(config, check_layout(config, 1), checkpointing)
-        print(f"checkpointing={checkpointing}: predicted {predicted / GB:.2f} GB, measured {peak / GB:.2f} GB")
-        assert peak == pytest.approx(predicted, rel=0.15)
+        for whole in (False, True):
+            config = load_config(str(REPO / "configs" / "doge_60m.yaml"), [f"train.activation_checkpointing={checkpointing}"])
+            model = build_model(config.model).cuda().bfloat16()
+            if checkpointing:
+                enable_activation_checkpointing(model)
+            ids = torch.randint(0, config.model.vocab_size, (2, config.data.seq_length), device="cuda")
+            labels = shift_labels(ids)
+            for _ in range(2):  # the second pass measures: compiled kernels and gradients already exist
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    out = model(ids, compute_logits=whole)
+                    if whole:
+                        loss = model.loss_sum(out.logits, labels)[0]
+                    else:
+                        loss = model.hidden_loss_sum(out.hidden_states, labels)[0]
+                loss.backward()
+                del out, loss
+                peak = torch.cuda.max_memory_allocated() - base
+            predicted = (2 * activation_bytes_per_sequence(config, check_layout(config, 1), checkpointing, whole)
+                         + loss_workspace_bytes(config, 2 * config.data.seq_length, whole))
+            print(f"checkpointing={checkpointing} whole_logits={whole}: predicted {predicted / GB:.2f} GB, "
+                  f"measured {peak / GB:.2f} GB")
+            assert peak == pytest.approx(predicted, rel=0.15)

@@ -27,6 +27,11 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return loss, (labels != IGNORE_INDEX).sum()
 
 
+def default_chunk_tokens(vocab_size: int, device_type: str) -> int:
+    """Rows of logits ``chunked_token_loss_sum`` projects at a time: about 2**24 logits on CPU, 2**28 on GPU."""
+    return max(1, (2**24 if device_type == "cpu" else 2**28) // vocab_size)
+
+
 def chunked_token_loss_sum(
     hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_tokens: Optional[int] = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,7 +49,7 @@ def chunked_token_loss_sum(
     labels = labels.reshape(-1)
     counted = (labels != IGNORE_INDEX).nonzero().squeeze(1)
     if chunk_tokens is None:
-        chunk_tokens = max(1, (2**24 if hidden.device.type == "cpu" else 2**28) // weight.shape[0])
+        chunk_tokens = default_chunk_tokens(weight.shape[0], hidden.device.type)
     loss = _LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, labels, counted, chunk_tokens)
     return loss, torch.as_tensor(len(counted), device=labels.device)
 
