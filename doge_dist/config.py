@@ -48,6 +48,8 @@ ATTENTION_VARIANTS = ("v2", "v1")
 ROUTER_LAYOUTS = ("split", "hf_compat")
 BALANCE_LOSSES = ("per_expert", "hf_compat")
 ATTN_BACKENDS = ("auto", "sdpa", "eager", "flex", "flash")
+LOSS_BACKENDS = ("torch", "te")  # te: transformer-engine's fused cross entropy where whole logits exist
+RUNTIME_SWITCHES = ("attn_backend", "loss_backend")  # how the model computes, not what it is
 
 PUBLISHED_ROPE_SCALING = {"rope_type": "dynamic", "factor": 4.0, "original_max_position_embeddings": 2048}
 
@@ -98,6 +100,7 @@ class ModelConfig:
     router_layout: str = "split"
     balance_loss: str = "per_expert"
     attn_backend: str = "auto"
+    loss_backend: str = "torch"
 
     def __post_init__(self) -> None:
         if self.num_key_value_heads is None:
@@ -126,6 +129,7 @@ class ModelConfig:
         choice("router_layout", ROUTER_LAYOUTS)
         choice("balance_loss", BALANCE_LOSSES)
         choice("attn_backend", ATTN_BACKENDS)
+        choice("loss_backend", LOSS_BACKENDS)
         if self.hidden_act != "silu":
             raise ConfigError(f"model.hidden_act = {self.hidden_act!r}: Doge uses 'silu' only.")
         if self.num_attention_heads % self.num_key_value_heads:

@@ -12,7 +12,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from ..config import ConfigError, ModelConfig
+from ..config import RUNTIME_SWITCHES, ConfigError, ModelConfig
 from ..model import DogeForCausalLM, build_model
 
 # small-doge's original module names -> transformers' names
@@ -25,7 +25,7 @@ OLD_KEY_NAMES = {
     "feed_forward": "mlp",
     "final_layernorm": "norm",
 }
-DOGE_DIST_ONLY = ("attention_variant", "router_layout", "balance_loss", "attn_backend", "rope_theta", "rope_scaling")
+DOGE_DIST_ONLY = ("attention_variant", "router_layout", "balance_loss", "rope_theta", "rope_scaling", *RUNTIME_SWITCHES)
 
 
 def to_hf_config(config: ModelConfig):

@@ -7,7 +7,7 @@ import dataclasses
 
 import torch
 
-from ..config import ConfigError, ModelConfig
+from ..config import RUNTIME_SWITCHES, ConfigError, ModelConfig
 from ..model import DogeForCausalLM, build_model
 
 MOE_ONLY_FIELDS = {"is_moe", "num_experts", "num_experts_per_tok", "norm_topk_prob", "output_router_logits",
@@ -26,7 +26,7 @@ def moe_config_for(dense: ModelConfig, moe: ModelConfig) -> ModelConfig:
     if not moe.is_moe:
         raise ConfigError("The target config is not a MoE config (model.is_moe is false); pick a '-moe' preset.")
     for field in dataclasses.fields(ModelConfig):
-        if field.name in MOE_ONLY_FIELDS or field.name == "attn_backend":
+        if field.name in MOE_ONLY_FIELDS or field.name in RUNTIME_SWITCHES:
             continue
         if getattr(dense, field.name) != getattr(moe, field.name):
             raise ConfigError(

@@ -116,6 +116,8 @@ class DogeForCausalLM(nn.Module):
 
     def loss_sum(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum of token losses, token count); parallel forms of the model override it."""
+        if self.config.loss_backend == "te":
+            return self.token_losses(logits, labels).sum(), (labels != IGNORE_INDEX).sum()
         return token_loss_sum(logits, labels)
 
     def hidden_loss_sum(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,6 +128,10 @@ class DogeForCausalLM(nn.Module):
     def token_losses(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """[B, T] fp32 cross entropy per token (0 where ignored), e.g. for DPO's sequence log-probs;
         parallel forms of the model override it."""
+        if self.config.loss_backend == "te":
+            from .te_loss import te_token_losses
+
+            return te_token_losses(logits, labels)
         return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
                                reduction="none").view(labels.shape)
 

@@ -67,6 +67,14 @@ def check_run(config: Config, ds_user: dict[str, Any], world_size: int, where: s
         from ..model.flash import check_flash_available
 
         check_flash_available()
+    if config.model.loss_backend == "te":
+        if config.parallel.tensor_parallel > 1:
+            raise ConfigError("model.loss_backend = 'te': transformer-engine's cross entropy does not take a vocabulary "
+                              "split over tensor-parallel ranks; with parallel.tensor_parallel > 1 set "
+                              "model.loss_backend=torch (megatron-core's vocab-parallel cross entropy).")
+        from ..model.te_loss import check_te_available
+
+        check_te_available()
     check_schedule(config.train)
     if config.train.freeze_dense_steps and not config.model.is_moe:
         raise ConfigError("train.freeze_dense_steps is for MoE models continued from a dense one (launch/upcycle.py).")
