@@ -75,6 +75,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         help="thread: CPU time of the calling thread, which other processes' load does not inflate (needs --threads 1)",
     )
     p.add_argument("--compile", action="store_true", help="torch.compile our decoder layers")
+    p.add_argument("--compile-mode", default=None, choices=("default", "reduce-overhead", "max-autotune",
+                                                             "max-autotune-no-cudagraphs"),
+                   help="compile with this torch.compile mode (reduce-overhead: CUDA graphs against launch overhead)")
     p.add_argument("--attn-backend", default="auto", choices=ATTN_BACKENDS,
                    help="our attention backend (flash: flash-attn from the [gpu] extra)")
     p.add_argument("--decode", action="store_true", help="measure greedy generation at batch 1 instead of training")
@@ -107,7 +110,8 @@ def our_backend(name: str, default: str) -> Optional[str]:
     return backend if name.startswith("ours_") and backend in ATTN_BACKENDS else None
 
 
-def build_models(config: ModelConfig, device: torch.device, names: list[str], compile_layers: bool) -> dict:
+def build_models(config: ModelConfig, device: torch.device, names: list[str], compile_layers: bool,
+                 compile_mode: Optional[str] = None) -> dict:
     """Our model (one per requested attention backend) and the requested transformers models, all
     holding the same weights."""
     ours = build_model(config, device)
@@ -120,7 +124,7 @@ def build_models(config: ModelConfig, device: torch.device, names: list[str], co
     if compile_layers:
         for name, model in models.items():
             for layer in model.model.layers:
-                layer.compile()
+                layer.compile(mode=compile_mode)
     if any(name in HF_VARIANTS for name in names):
         from transformers import DogeForCausalLM as HFDoge
 
@@ -231,7 +235,7 @@ def git_commit() -> str:
 
 
 def bench_training(args, config: ModelConfig, device: torch.device, names: list[str]) -> dict:
-    models = build_models(config, device, names, args.compile)
+    models = build_models(config, device, names, args.compile, args.compile_mode)
     generator = torch.Generator().manual_seed(args.seed)
     input_ids = torch.randint(3, config.vocab_size, (args.micro_batch, args.seq_len), generator=generator).to(device)
     fused = device.type in ("cuda", "cpu")
@@ -380,6 +384,7 @@ def print_table(summary: dict) -> None:
 
 def main(argv: Optional[list[str]] = None) -> dict:
     args = parse_args(argv)
+    args.compile = args.compile or args.compile_mode is not None
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -401,7 +406,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "dtype": args.dtype,
         "device": device_name(device),
         "threads": torch.get_num_threads(),
-        "compile": args.compile,
+        "compile": (args.compile_mode or True) if args.compile else False,
         "clock": args.clock,
         "torch": torch.__version__,
         "commit": git_commit(),

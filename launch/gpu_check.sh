@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One device session (about 8 minutes on one H100): the GPU benchmarks of doge-320m and doge-20m
+# One device session (about 8 minutes on one H100, 5.5 measured without the exploration steps): the GPU benchmarks of doge-320m and doge-20m
 # against transformers (our default flex path and our SDPA path in the same run, with a profile of
 # the 320m step), the CUDA tests, a short DeepSpeed ZeRO-2 run of the trainer on the GPU, and decode.
 # Most important first: every step has its own time limit and a failure does not stop the others.
@@ -48,6 +48,13 @@ if "$PY" -c "import flash_attn" 2>/dev/null; then  # the [gpu] extra: the same 3
 else
     echo "=== flash-attn not installed: pip install -e '.[gpu]' to also bench --attn-backend flash"
 fi
+
+# exploration for the 45% MFU target (docs/performance.md): the launch-bound 320m step with twice the
+# tokens per step, and with CUDA graphs (reduce-overhead)
+step bench_320m_mb8 120 "$PY" launch/bench.py --dtype bf16 --compile --models ours --preset doge-320m --seq-len 2048 \
+    --micro-batch 8 --steps 6 --warmup 3
+step bench_320m_graphs 150 "$PY" launch/bench.py --dtype bf16 --compile-mode reduce-overhead --models ours \
+    --preset doge-320m --seq-len 2048 --micro-batch 4 --steps 8 --warmup 3
 
 echo "=== JSON figures"
 grep -h '^{' "$OUT"/bench_*.log "$OUT"/decode_*.log | tee "$OUT/figures.jsonl"
