@@ -81,3 +81,15 @@ def test_model_stays_copyable_and_picklable_after_generate(tmp_path):
     torch.save(model, tmp_path / "model.pt")
     assert torch.equal(generate(twin, torch.tensor([[5, 6, 7]]), 3, temperature=0),
                        generate(model, torch.tensor([[5, 6, 7]]), 3, temperature=0))
+
+
+def test_generated_tokens_can_feed_a_training_step():
+    """Generation runs in inference mode, but what it returns is an ordinary tensor: a training step on
+    generated samples (self-training, preference pairs) can save it for the backward."""
+    model = _model({})
+    sample = generate(model, torch.tensor([[5, 6, 7]]), 4, temperature=0)
+    assert not sample.is_inference()
+    model.train()
+    total, count = model.loss_sum(model(sample).logits, sample)
+    (total / count).backward()
+    assert model.model.embed_tokens.weight.grad is not None

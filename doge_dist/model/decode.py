@@ -154,7 +154,7 @@ class Decoder:
             values.append(v_buffer)
         return keys, values
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """``tokens`` [B] at the next position -> logits [B, V].
 
