@@ -48,7 +48,7 @@ def test_task_forward_matches_direct_computation():
     task = DPOTask()
     task.beta, task.reference = BETA, reference
     with torch.enable_grad():
-        loss_sum, count, _ = task.forward_loss(Engine(policy), batch, bf16=False)
+        loss_sum, count, _ = task.forward_loss(Engine(policy), batch)
     assert task.count(batch) == int(count) == 2
 
     def logp(model, ids, mask):

@@ -38,3 +38,15 @@ def test_dpo_two_ranks_precomputed_match_one_process():
     reference = losses(single_run("dpo"))
     distributed = losses(zero2_run("dpo", **{"finetune.reference": "precomputed"}))
     assert distributed == pytest.approx(reference, abs=TOLERANCE)
+
+
+def test_bf16_reference_equals_the_untrained_policy():
+    """In bf16 the policy runs as DeepSpeed runs it (bf16 weights); the frozen reference must compute
+    the same way, so that before the first update every reward is exactly 0 and the loss is log 2."""
+    import math
+
+    run = finetune("dpo", scratch() / "dpo_bf16", 0, 1, **{"train.bf16": "true", "train.micro_batch_size": 2,
+                                                           "train.gradient_accumulation_steps": 1,
+                                                           "train.max_steps": 1, "train.lr": LR["dpo"]})
+    assert scalars(run, "dpo/rewards_chosen")[1] == 0.0 and scalars(run, "dpo/rewards_rejected")[1] == 0.0
+    assert scalars(run, "dpo/loss")[1] == pytest.approx(math.log(2), abs=1e-6)

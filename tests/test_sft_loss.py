@@ -30,7 +30,7 @@ def test_sft_loss_is_the_mean_over_assistant_tokens():
     second = (np.array([0, 70, 1, 80, 81, 82, 1]), np.array([0, 0, 0, 1, 1, 1, 1]))
     batch = collate_lm([lm_sample([first]), lm_sample([second])], pad_id=2)
     task = SFTTask()
-    loss_sum, count, _ = task.forward_loss(Engine(model), batch, bf16=False)
+    loss_sum, count, _ = task.forward_loss(Engine(model), batch)
     assert task.count(batch) == int(count) == 3 + 4
 
     with torch.no_grad():

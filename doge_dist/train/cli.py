@@ -72,7 +72,7 @@ def main_finetune(kind: str, config_path: Optional[str], ds_config_path: Optiona
     import yaml
 
     from .distributed import launcher_world_size
-    from .ds_config import bf16_enabled, read_ds_config, resolve_ds_config
+    from .ds_config import read_ds_config
     from .dpo import DPOTask
     from .finetune import SFTTask, model_config_of, size_in_epochs
     from .loop import pretrain
@@ -84,7 +84,7 @@ def main_finetune(kind: str, config_path: Optional[str], ds_config_path: Optiona
         raw = yaml.safe_load(Path(config_path).read_text()) if config_path else {}
         if config.run.init_from and "model" not in (raw or {}) and not any(o.startswith("model.") for o in overrides):
             config.model = model_config_of(config.run.init_from)
-        task = SFTTask() if kind == "sft" else DPOTask(bf16_enabled(resolve_ds_config(ds, config.train, 1, path)))
+        task = SFTTask() if kind == "sft" else DPOTask()
         size_in_epochs(config, task.check(config), launcher_world_size())
         pretrain(config, ds, f"DeepSpeed config '{path}'", task=task)
 

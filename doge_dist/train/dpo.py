@@ -12,6 +12,7 @@ of the global batch. The reference is the ``run.init_from`` model: a frozen copy
 """
 from __future__ import annotations
 
+import itertools
 from functools import partial
 from pathlib import Path
 from typing import Callable, Optional
@@ -45,9 +46,8 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, referen
 
 
 @torch.no_grad()
-def reference_logps(model: DogeForCausalLM, batch: dict, bf16: bool) -> torch.Tensor:
-    with torch.autocast(batch["input_ids"].device.type, dtype=torch.bfloat16, enabled=bf16):
-        logits = model(batch["input_ids"], position_ids=batch.get("position_ids")).logits
+def reference_logps(model: DogeForCausalLM, batch: dict) -> torch.Tensor:
+    logits = model(batch["input_ids"], position_ids=batch.get("position_ids")).logits
     return sequence_logps(model, logits, batch["labels"])
 
 
@@ -65,14 +65,27 @@ def load_reference(init_from: str, device: torch.device) -> DogeForCausalLM:
     return model.to(device).eval()
 
 
+def match_dtypes(model: torch.nn.Module, like: torch.nn.Module) -> None:
+    """Give ``model``'s parameters and buffers the dtypes of the same-named tensors of ``like``: the
+    reference takes the precision DeepSpeed gave the policy (bf16 parameters; buffers such as RoPE's
+    inverse frequencies as the DeepSpeed version leaves them), so that it computes exactly as the
+    untrained policy does and every reward is 0 before the first update."""
+    tensors = lambda m: itertools.chain(m.named_parameters(), m.named_buffers())  # noqa: E731
+    dtypes = {name: tensor.dtype for name, tensor in tensors(like)}
+    for name, tensor in tensors(model):
+        if name in dtypes and tensor.dtype != dtypes[name]:
+            tensor.data = tensor.data.to(dtypes[name])
+
+
 class DPOTask(FinetuneTask):
     pairs = True
 
-    def __init__(self, bf16: bool = False) -> None:
-        self.bf16 = bf16  # for the reference pass of ``precomputed`` (training steps get it from the loop)
+    def __init__(self) -> None:
         self.beta = 0.1
         self.reference: Optional[DogeForCausalLM] = None
         self.table: Optional[torch.Tensor] = None  # [pairs, 2] precomputed reference log-probs
+        self._precompute_into: Optional[tuple[Config, DistEnv, Path]] = None  # until the first step
+        self._reference_ready = False
         self._sums = torch.zeros(len(METRICS), dtype=torch.float64)
         self._pairs = 0
 
@@ -90,8 +103,7 @@ class DPOTask(FinetuneTask):
         self.beta = config.finetune.beta
         self.reference = load_reference(config.run.init_from, env.device)
         if config.finetune.reference == "precomputed":
-            self.table = self._precompute(config, env, Path(config.run.dir) / REFERENCE_FILE)
-            self.reference = None
+            self._precompute_into = (config, env, Path(config.run.dir) / REFERENCE_FILE)
         return super().build_data(config, env, dp_rank, dp_size, consumed_samples, cache_dir)
 
     def _precompute(self, config: Config, env: DistEnv, path: Path) -> torch.Tensor:
@@ -108,22 +120,32 @@ class DPOTask(FinetuneTask):
         for start in range(0, len(mine), config.train.micro_batch_size):
             batch = collate([train[i] for i in mine[start : start + config.train.micro_batch_size]])
             batch = {k: v.to(env.device) for k, v in batch.items()}
-            logps = reference_logps(self.reference, batch, self.bf16).double()
+            logps = reference_logps(self.reference, batch).double()
             table[batch["index"]] = torch.stack(logps.chunk(2), dim=1)
         dist.all_reduce(table)
         if env.is_main:
             torch.save(table.cpu(), path)
         return table
 
-    def forward_loss(self, engine, batch: dict, bf16: bool):
+    def _prepare_reference(self, policy: torch.nn.Module) -> None:
+        """At the first loss, when the policy has DeepSpeed's dtypes: the reference takes them, and with
+        ``precomputed`` scores every training pair once (all ranks call this together) and is dropped."""
+        match_dtypes(self.reference, policy)
+        if self._precompute_into is not None:
+            self.table = self._precompute(*self._precompute_into)
+            self.reference, self._precompute_into = None, None
+
+    def forward_loss(self, engine, batch: dict):
         """(sum of pair losses, pair count, balance loss) for a [2B, T] batch: B chosen, then B rejected."""
-        with torch.autocast(engine.device.type, dtype=torch.bfloat16, enabled=bf16):
-            out = engine(batch["input_ids"], position_ids=batch.get("position_ids"))
+        if not self._reference_ready:
+            self._prepare_reference(engine.module)
+            self._reference_ready = True
+        out = engine(batch["input_ids"], position_ids=batch.get("position_ids"))
         policy = sequence_logps(engine.module, out.logits, batch["labels"])
         if self.table is not None:
             reference = self.table[batch["index"]].to(policy.dtype).T.reshape(-1)
         else:
-            reference = reference_logps(self.reference, batch, bf16)
+            reference = reference_logps(self.reference, batch)
         pairs = len(batch["index"])
         losses, chosen, rejected = dpo_loss(policy[:pairs], policy[pairs:], reference[:pairs], reference[pairs:], self.beta)
         if torch.is_grad_enabled():  # training steps only, not validation

@@ -52,25 +52,26 @@ class StopRequest:
         self.received = signum
 
 
-def forward_loss(engine, batch: dict, bf16: bool, moe_stats: Optional[MoEStats] = None) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+def forward_loss(engine, batch: dict, moe_stats: Optional[MoEStats] = None) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """(sum of token losses, loss-token count, MoE balance loss or None) for one micro-batch;
     ``moe_stats`` records the routing.
 
-    The loss is computed from the final hidden states in vocabulary chunks (no [tokens, vocab] fp32
-    logits), except under ZeRO-3, whose partitioned LM head is gathered only inside its own forward."""
+    The module computes in its own dtype: bf16 weights when the DeepSpeed JSON enables bf16 (DeepSpeed
+    switches an outer CUDA autocast off inside its forward, so none is used, on any device). The loss
+    is computed from the final hidden states in vocabulary chunks (no [tokens, vocab] fp32 logits),
+    except under ZeRO-3, whose partitioned LM head is gathered only inside its own forward."""
     chunked = not engine.zero_optimization_partition_weights()
-    with torch.autocast(engine.device.type, dtype=torch.bfloat16, enabled=bf16):
-        out = engine(batch["input_ids"], position_ids=batch.get("position_ids"), compute_logits=not chunked)
-        if chunked:
-            loss_sum, tokens = engine.module.hidden_loss_sum(out.hidden_states, batch["labels"])
-    if not chunked:
+    out = engine(batch["input_ids"], position_ids=batch.get("position_ids"), compute_logits=not chunked)
+    if chunked:
+        loss_sum, tokens = engine.module.hidden_loss_sum(out.hidden_states, batch["labels"])
+    else:
         loss_sum, tokens = engine.module.loss_sum(out.logits, batch["labels"])
     if moe_stats is not None:
         moe_stats.update(out.routings)
     return loss_sum, tokens, out.balance_loss
 
 
-def train_step(engine, batches: list[dict], env: DistEnv, dp_size: int, bf16: bool, aux_coef: float, stop: StopRequest,
+def train_step(engine, batches: list[dict], env: DistEnv, dp_size: int, aux_coef: float, stop: StopRequest,
                task: Optional[Task] = None) -> dict[str, Any]:
     """One optimizer step over this rank's micro-batches; returns global loss, grad norm and flags.
 
@@ -84,7 +85,7 @@ def train_step(engine, batches: list[dict], env: DistEnv, dp_size: int, bf16: bo
     loss_total = torch.zeros((), dtype=torch.float64, device=env.device)
     balance_total = torch.zeros((), dtype=torch.float64, device=env.device)
     for batch in batches:
-        loss_sum, _, balance = task.forward_loss(engine, batch, bf16)
+        loss_sum, _, balance = task.forward_loss(engine, batch)
         loss = loss_sum * scale
         if balance is not None:
             loss = loss + aux_coef * balance  # DeepSpeed's averaging makes this the mean over micro-batches
@@ -105,12 +106,12 @@ def train_step(engine, batches: list[dict], env: DistEnv, dp_size: int, bf16: bo
 
 
 @torch.no_grad()
-def evaluate(engine, batches: list[dict], env: DistEnv, bf16: bool, task: Optional[Task] = None) -> float:
+def evaluate(engine, batches: list[dict], env: DistEnv, task: Optional[Task] = None) -> float:
     """Mean token loss over the fixed validation batches of all ranks."""
     engine.eval()
     loss, tokens = 0.0, 0.0
     for batch in batches:
-        loss_sum, count, _ = (task or PretrainTask()).forward_loss(engine, move(batch, env.device), bf16)
+        loss_sum, count, _ = (task or PretrainTask()).forward_loss(engine, move(batch, env.device))
         loss, tokens = loss + loss_sum.item(), tokens + count.item()
     engine.train()
     loss, tokens = all_reduce_sum([loss, tokens], env.device, data_parallel_group())
@@ -225,7 +226,7 @@ def pretrain(config: Config, ds_user: dict[str, Any], ds_where: str = "the DeepS
             warnings.warn(f"The training data ran out at step {progress.step}; stopping early.")
             break
         lr = engine.get_lr()[0]  # the lr this step uses (DeepSpeed steps the schedule inside train_step)
-        result = train_step(engine, batches, env, layout.dp_size, bf16, config.model.router_aux_loss_coef, stop, task)
+        result = train_step(engine, batches, env, layout.dp_size, config.model.router_aux_loss_coef, stop, task)
         progress.step += 1
         progress.consumed_samples += data.global_batch
         progress.consumed_tokens += tokens_per_step
@@ -248,7 +249,7 @@ def pretrain(config: Config, ds_user: dict[str, Any], ds_where: str = "the DeepS
                                 env.device, result["balance_loss"])
             reporter.scalars(progress.step, task.log_metrics(env.device))
         if train.eval_interval and (progress.step % train.eval_interval == 0 or progress.step == train.max_steps):
-            reporter.validation(progress.step, evaluate(engine, data.validation_batches(), env, bf16, task))
+            reporter.validation(progress.step, evaluate(engine, data.validation_batches(), env, task))
         if result["stop"]:
             if env.is_main:
                 print(f"[doge-dist] stop signal received: saving at step {progress.step} and exiting", flush=True)

@@ -23,7 +23,7 @@ class Task(Protocol):
 
     def count(self, batch: dict) -> int: ...
 
-    def forward_loss(self, engine, batch: dict, bf16: bool) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]: ...
+    def forward_loss(self, engine, batch: dict) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]: ...
 
     def log_metrics(self, device: torch.device) -> dict[str, float]: ...
 
@@ -43,13 +43,13 @@ class PretrainTask:
     def count(self, batch: dict) -> int:
         return int((batch["labels"] != IGNORE_INDEX).sum())
 
-    def forward_loss(self, engine, batch: dict, bf16: bool):
+    def forward_loss(self, engine, batch: dict):
         from .loop import forward_loss
 
         config = engine.module.config
         if config.is_moe and self.moe_stats is None and engine.module.training:
             self.moe_stats = MoEStats(config.num_experts)
-        return forward_loss(engine, batch, bf16, self.moe_stats if engine.module.training else None)
+        return forward_loss(engine, batch, self.moe_stats if engine.module.training else None)
 
     def log_metrics(self, device: torch.device) -> dict[str, float]:
         """Scalars beyond the loop's own (averaged since the previous log point); a collective call."""
