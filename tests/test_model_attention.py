@@ -132,14 +132,16 @@ def test_keep_window_threshold_selects_the_same_keys_as_topk():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA: flex_attention backward needs a GPU")
-def test_cuda_flex_training_step_matches_sdpa_gradients():
+@pytest.mark.parametrize("packed", [False, True], ids=["one-document", "packed-documents"])
+def test_cuda_flex_training_step_matches_sdpa_gradients(packed):
     model = _model(keep_window_size=16).cuda()
     ids = unique_tokens(2, 48, 512).cuda()
+    documents = (torch.arange(48, device="cuda") >= torch.tensor([[20], [33]], device="cuda")).long() if packed else None
     grads = {}
     for backend in ("sdpa", "flex"):
         use_backend(model, backend)
         model.zero_grad()
-        model(ids).logits.float().pow(2).mean().backward()
+        model(ids, document_ids=documents).logits.float().pow(2).mean().backward()
         grads[backend] = {n: p.grad.clone() for n, p in model.named_parameters()}
     for name, grad in grads["sdpa"].items():
         assert (grad - grads["flex"][name]).abs().max() <= 1e-4 * grad.abs().max().clamp(min=1e-6), name

@@ -118,7 +118,7 @@ class DynamicMaskAttention(nn.Module):
         device_type = q.device.type
         dtype = compute_dtype(q)
         mask, causal = layout.sdpa_mask(dtype)
-        if self.backend == "flash" and layout.key_valid is None:
+        if self.backend == "flash" and layout.key_valid is None and layout.documents is None:
             from .flash import flash_dma
 
             return flash_dma(q, k, v, dropout)

@@ -81,12 +81,17 @@ class DogeForCausalLM(nn.Module):
         position_ids: Optional[torch.Tensor] = None,
         cache: Optional[KVCache] = None,
         compute_logits: bool = True,
+        document_ids: Optional[torch.Tensor] = None,
     ) -> DogeOutput:
         """``input_ids`` [B, T]; ``attention_mask`` [B, past + T] with 1 for real tokens (optional).
 
         ``compute_logits=False`` stops at the final hidden states, for losses that project
-        the vocabulary in chunks instead of materialising [B, T, V].
+        the vocabulary in chunks instead of materialising [B, T, V]. ``document_ids`` [B, T]
+        numbers the documents packed into each row (training without a cache): attention stays
+        within a document (``data.reset_attention_mask``).
         """
+        if document_ids is not None and cache is not None:
+            raise ValueError("document_ids mask attention between packed documents; generation with a cache takes none.")
         past = cache.length if cache is not None else 0
         T = input_ids.shape[1]
         sequence_index = torch.arange(past, past + T, device=input_ids.device)
@@ -95,7 +100,8 @@ class DogeForCausalLM(nn.Module):
             rope_len = past + T
         else:
             rope_len = int(position_ids.max()) + 1
-        layout = AttentionLayout(sequence_index, past + T, None if attention_mask is None else attention_mask.bool())
+        layout = AttentionLayout(sequence_index, past + T, None if attention_mask is None else attention_mask.bool(),
+                                 document_ids)
         x = self.model.embed_tokens(input_ids)
         rope = self.model.rotary_emb(position_ids, rope_len)
         routings = []

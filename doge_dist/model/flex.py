@@ -1,5 +1,6 @@
 """DMA through FlexAttention (the CUDA path): the per-key bias is a ``score_mod`` and causality,
-padding and the keep window form the block mask, so no [B, nh, T, S] tensor is built."""
+padding, documents and the keep window form the block mask, so no [B, nh, T, S] tensor is built
+(and blocks across documents are skipped)."""
 from typing import Optional
 
 import torch
@@ -41,7 +42,7 @@ def _block_mask(
     head_to_bias: int,
     threshold: Optional[torch.Tensor],
 ) -> BlockMask:
-    query_positions, key_valid = layout.query_positions, layout.key_valid
+    query_positions, key_valid, documents = layout.query_positions, layout.key_valid, layout.documents
     # which keys are visible carries no gradient (the bias reaches the loss through the score_mod);
     # compiled mask construction cannot trace a tensor that records one
     bias = bias.detach()
@@ -51,11 +52,13 @@ def _block_mask(
         ok = kv_idx <= query_positions[q_idx]
         if key_valid is not None:
             ok = ok & key_valid[b, kv_idx]
+        if documents is not None:
+            ok = ok & (documents[b, q_idx] == documents[b, kv_idx])
         if threshold is not None:
             ok = ok & (bias[b, h // head_to_bias, kv_idx] >= threshold[b, h // head_to_bias, q_idx])
         return ok
 
-    per_batch = key_valid is not None or threshold is not None
+    per_batch = key_valid is not None or documents is not None or threshold is not None
     return _create_block_mask(query_positions.device)(
         visible,
         batch if per_batch else None,

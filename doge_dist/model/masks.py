@@ -1,4 +1,4 @@
-"""Which keys each query may see (causal + padding), built once per forward and shared by all
+"""Which keys each query may see (causal + padding + documents), built once per forward and shared by all
 layers, and the per-layer dynamic mask of DMA: the per-key bias where allowed, the keep-window
 top-k when there are more keys than ``keep_window_size``."""
 from dataclasses import dataclass, field
@@ -14,11 +14,15 @@ class AttentionLayout:
     ``query_positions`` [T] absolute positions of this call's tokens; ``key_valid`` [B, S] bool
     (False for padding) or None. The causal rule is always applied: key j is visible to query i
     only if j <= position(i) (the reference's sdpa path dropped it: known defect 1).
+    ``documents`` [B, T] (a forward without cache, so keys are the queries) numbers the documents
+    packed into each row: a query sees only keys of its own document (Megatron's
+    ``reset_attention_mask``); None lets attention cross document boundaries, as published.
     """
 
     query_positions: torch.Tensor
     num_keys: int
     key_valid: Optional[torch.Tensor] = None
+    documents: Optional[torch.Tensor] = None
     _allowed: Optional[torch.Tensor] = field(default=None, repr=False)
     _block_mask: Optional[object] = field(default=None, repr=False)
     _additive_masks: dict = field(default_factory=dict, repr=False)
@@ -32,20 +36,22 @@ class AttentionLayout:
             allowed = allowed[None, None]
             if self.key_valid is not None:
                 allowed = allowed & self.key_valid[:, None, None, :].bool()
+            if self.documents is not None:
+                allowed = allowed & (self.documents[:, None, :, None] == self.documents[:, None, None, :])
             self._allowed = allowed
         return self._allowed
 
     def sdpa_mask(self, dtype: torch.dtype) -> tuple[Optional[torch.Tensor], bool]:
         """(additive mask [B or 1, 1, T, S] or None, is_causal) for SDPA, built once per forward.
 
-        Without padding no mask is needed: a full sequence is ``is_causal`` and a single new
+        Without padding or documents no mask is needed: a full sequence is ``is_causal`` and a single new
         query sees every cached key. Otherwise blocked keys get the dtype's minimum (finite, as in
         the reference, so a row with no visible key stays finite).
         """
         T = len(self.query_positions)
-        if self.key_valid is None and T == self.num_keys:
+        if self.key_valid is None and self.documents is None and T == self.num_keys:
             return None, True
-        if self.key_valid is None and T == 1:
+        if self.key_valid is None and self.documents is None and T == 1:
             return None, False
         return self.additive_mask(dtype), False
 

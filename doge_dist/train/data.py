@@ -29,6 +29,7 @@ class TrainData:
             config.data, tokenizer, [train.max_steps * self.global_batch, eval_samples, eval_samples], cache_dir=cache_dir
         )
         self.reset_position_ids = config.data.reset_position_ids
+        self.eod = tokenizer.eod_id if config.data.reset_attention_mask else None
         self.train_samples = len(train_set)
         loader = build_dataloader(train_set, consumed_samples, train.micro_batch_size, dp_rank, dp_size, config.data.num_workers)
         self._train: Iterator[dict] = iter(loader)
@@ -52,12 +53,24 @@ class TrainData:
         return [self._prepare(batch) for batch in self._valid or []]
 
     def _prepare(self, batch: dict) -> dict:
-        """``input_ids``, ``labels`` (IGNORE_INDEX where the loss mask is 0) and optional ``position_ids``."""
+        """``input_ids``, ``labels`` (IGNORE_INDEX where the loss mask is 0) and optional
+        ``position_ids`` and ``document_ids``."""
         labels = batch["labels"].masked_fill(batch["loss_mask"] == 0, IGNORE_INDEX)
         prepared = {"input_ids": batch["input_ids"], "labels": labels}
         if self.reset_position_ids:
             prepared["position_ids"] = batch["position_ids"]
+        if self.eod is not None:
+            prepared["document_ids"] = document_ids(batch["input_ids"], self.eod)
         return prepared
+
+
+def document_ids(input_ids: torch.Tensor, eod: int) -> torch.Tensor:
+    """[B, T] document number of each token, as Megatron's ``reset_attention_mask`` splits a row: a
+    document ends with its end-of-document token, and the tokens after it start the next one. (The
+    GPT dataset can build the [T, T] mask itself; the model takes these ids instead and builds the
+    mask once per batch, or a block mask on CUDA.)"""
+    eod_tokens = (input_ids == eod).long()
+    return eod_tokens.cumsum(-1) - eod_tokens
 
 
 def move(batch: dict, device: torch.device) -> dict:

@@ -61,7 +61,8 @@ def forward_loss(engine, batch: dict, moe_stats: Optional[MoEStats] = None) -> t
     is computed from the final hidden states in vocabulary chunks (no [tokens, vocab] fp32 logits),
     except under ZeRO-3, whose partitioned LM head is gathered only inside its own forward."""
     chunked = not engine.zero_optimization_partition_weights()
-    out = engine(batch["input_ids"], position_ids=batch.get("position_ids"), compute_logits=not chunked)
+    out = engine(batch["input_ids"], position_ids=batch.get("position_ids"), compute_logits=not chunked,
+                 document_ids=batch.get("document_ids"))
     if chunked:
         loss_sum, tokens = engine.module.hidden_loss_sum(out.hidden_states, batch["labels"])
     else:

@@ -52,8 +52,6 @@ def check_data(config: Config) -> None:
     train, valid = parse_blends(data)
     for prefix in train[0] + (valid[0] if valid else []):
         validate_prefix(prefix, scan_tokens=False)
-    if data.reset_attention_mask:
-        raise ConfigError("data.reset_attention_mask is not supported: Doge attends across document boundaries (as published).")
     if data.seq_length < 1:
         raise ConfigError(f"data.seq_length must be positive, got {data.seq_length}.")
     if config.train.eval_interval > 0 and valid is None and len(data.split.split(",")) > 1 and float(data.split.split(",")[1]) == 0:
