@@ -17,6 +17,7 @@ CASES = {
     "moe": ("doge-tiny-moe", {}),
     "v1 untied keep-window": ("doge-tiny", {"attention_variant": "v1", "tie_word_embeddings": False, "keep_window_size": 9}),
     "odd vocab (padded)": ("doge-tiny", {"vocab_size": 509}),
+    "packed documents": ("doge-tiny", {"keep_window_size": 5, "packed_documents": True}),
 }
 
 
@@ -36,7 +37,8 @@ def _compare_all_cases(rank, world_size):
 def _compare_with_single_device(group, world_size, preset, overrides, sequence_parallel):
     from doge_dist.parallel.tensor import parallelize_tensor
 
-    config = ModelConfig.from_preset(preset, **overrides)
+    packed = overrides.get("packed_documents", False)
+    config = ModelConfig.from_preset(preset, **{k: v for k, v in overrides.items() if k != "packed_documents"})
     torch.manual_seed(0)
     single = build_model(config)
     randomise_dynamic_mask(single)
@@ -47,9 +49,10 @@ def _compare_with_single_device(group, world_size, preset, overrides, sequence_p
     mask = torch.ones_like(ids)
     mask[1, 13:] = 0
     labels = shift_labels(ids, mask)
+    documents = (torch.arange(16) >= torch.tensor([[6], [9]])).long() if packed else None
     results = {}
     for name, model in (("single", single), ("tp", sharded)):
-        out = model(ids, attention_mask=mask)
+        out = model(ids, attention_mask=mask, document_ids=documents)
         total, count = model.loss_sum(out.logits, labels)
         loss = total / count + (config.router_aux_loss_coef * out.balance_loss if config.is_moe else 0)
         loss.backward()
