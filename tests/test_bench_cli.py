@@ -52,3 +52,16 @@ def test_comm_bench_counts_what_the_formula_predicts():
         figures = summary["comm_tp"][mode]
         assert figures["counted_mb"] == figures["analytic_mb"] > 0
     assert set(summary["comm_ep_doge_1.4b_moe"]) == {"ep2", "ep4", "ep8"}
+
+
+def test_bench_compares_our_backends_and_profiles():
+    command = [sys.executable, os.path.join(ROOT, "launch", "bench.py"), "--preset", "doge-tiny", "--threads", "1",
+               "--steps", "1", "--warmup", "1", "--seq-len", "16", "--micro-batch", "1", "--models", "ours,ours_eager",
+               "--profile", "5"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=ROOT,
+                            env=dict(os.environ, DOGE_DIST_COMMIT="abc1234"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(summary["train"]) == {"ours", "ours_eager"} and "ours_vs_ours_eager" in summary["ratios"]
+    assert summary["commit"] == "abc1234"
+    assert "Self CPU" in result.stdout  # the profile table of ours' step
