@@ -268,7 +268,8 @@ def bench_training(args, config: ModelConfig, device: torch.device, names: list[
 
 
 def print_profile(step: Callable[[], torch.Tensor], device: torch.device, rows: int) -> None:
-    """The ops of two already-warm training steps with the most self time on the device (the next speed work)."""
+    """The ops of two already-warm training steps with the most self time on the device and on the
+    host (the next speed work)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -276,8 +277,10 @@ def print_profile(step: Callable[[], torch.Tensor], device: torch.device, rows: 
         for _ in range(2):
             step()
         synchronize(device)
-    sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    print(prof.key_averages().table(sort_by=sort_by, row_limit=rows, max_name_column_width=60), flush=True)
+    table = prof.key_averages()
+    if device.type == "cuda":  # the device's time, then the host's (a launch-bound step waits on the host)
+        print(table.table(sort_by="self_device_time_total", row_limit=rows, max_name_column_width=60), flush=True)
+    print(table.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=60), flush=True)
 
 
 def greedy_ours(model, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
