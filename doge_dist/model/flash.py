@@ -8,21 +8,16 @@ key j <= i + S - T: the decode rule. Batches with padding (key_valid) and caches
 keep window take the SDPA path instead (attention.py decides). flash-attn needs CUDA tensors in
 fp16/bf16: under autocast they are cast to its dtype, as autocast does for matmuls.
 """
-import importlib.util
-
 import torch
 import torch.nn.functional as F
 
-from ..config import ConfigError
+from .gpu_extra import require_gpu_package
 from .precision import compute_dtype
 
 
 def check_flash_available() -> None:
-    if importlib.util.find_spec("flash_attn") is None:
-        raise ConfigError("model.attn_backend = 'flash' needs the flash-attn package: pip install -e '.[gpu]' "
-                          "(CUDA), or choose attn_backend auto, sdpa, flex or eager.")
-    if not torch.cuda.is_available():
-        raise ConfigError("model.attn_backend = 'flash' runs on CUDA only: choose attn_backend auto (sdpa on CPU).")
+    require_gpu_package("flash_attn", "model.attn_backend = 'flash'", "the flash-attn package",
+                        "choose attn_backend auto (flex on CUDA, sdpa on CPU), sdpa, flex or eager")
 
 
 def flash_dma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float) -> torch.Tensor:

@@ -18,21 +18,19 @@ TE's fused RMSNorm is not used: Doge's RMSNorm rounds the normalised activations
 before the weight multiplies them, TE's rounds once after, so it is not the reference's arithmetic;
 ``train.compile`` fuses the norm into its neighbours instead.
 """
-import importlib.util
 import inspect
+
 import torch
 
 from ..config import ConfigError
+from .gpu_extra import require_gpu_package
 from .loss import IGNORE_INDEX
 
 
 def check_te_available() -> None:
     """A clear error before any work when ``model.loss_backend: te`` cannot run here."""
-    if importlib.util.find_spec("transformer_engine") is None:
-        raise ConfigError("model.loss_backend = 'te' needs transformer-engine: pip install -e '.[gpu]' (CUDA), "
-                          "or set model.loss_backend=torch.")
-    if not torch.cuda.is_available():
-        raise ConfigError("model.loss_backend = 'te' runs on CUDA only: set model.loss_backend=torch.")
+    require_gpu_package("transformer_engine", "model.loss_backend = 'te'", "transformer-engine",
+                        "set model.loss_backend=torch")
     from transformer_engine.pytorch.cross_entropy import CrossEntropyFunction
 
     if "ignore_idx" not in inspect.signature(CrossEntropyFunction.forward).parameters:

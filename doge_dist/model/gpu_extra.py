@@ -1,0 +1,15 @@
+"""The ``[gpu]`` extra's kernels (flash-attn, transformer-engine) are optional: a setting that needs
+one is checked before any work starts, with what to install or choose instead."""
+import importlib.util
+
+import torch
+
+from ..config import ConfigError
+
+
+def require_gpu_package(module: str, setting: str, package: str, instead: str) -> None:
+    """``setting`` (e.g. "model.attn_backend = 'flash'") needs ``module`` importable and CUDA."""
+    if importlib.util.find_spec(module) is None:
+        raise ConfigError(f"{setting} needs {package}: pip install -e '.[gpu]' (CUDA), or {instead}.")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"{setting} runs on CUDA only: {instead}.")
