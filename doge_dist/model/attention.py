@@ -118,17 +118,19 @@ class DynamicMaskAttention(nn.Module):
         device_type = q.device.type
         dtype = compute_dtype(q)
         mask, causal = layout.sdpa_mask(dtype)
-        if self.backend == "flash" and layout.key_valid is None and layout.documents is None:
+        flash = self.backend == "flash" and layout.key_valid is None and layout.documents is None
+        if device_type == "cpu" and not flash:
+            return self._grouped_matmul_attention(q, k, v, layout.additive_mask(dtype) if causal else mask, dropout)
+        pad = -q.shape[-1] % 8  # fused kernels (SDPA's, flash-attn's) want a head size that is a multiple of 8
+        q, k, v = F.pad(q, (0, pad)), F.pad(k, (0, pad)), F.pad(v, (0, q.shape[-1] + pad - v.shape[-1]))
+        if flash:
             from .flash import flash_dma
 
-            return flash_dma(q, k, v, dropout)
-        if device_type == "cpu":
-            return self._grouped_matmul_attention(q, k, v, layout.additive_mask(dtype) if causal else mask, dropout)
-        pad = -q.shape[-1] % 8  # fused kernels want a head size that is a multiple of 8
-        q, k, v = F.pad(q, (0, pad)), F.pad(k, (0, pad)), F.pad(v, (0, q.shape[-1] + pad - v.shape[-1]))
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout, scale=1.0, enable_gqa=True
-        )
+            out = flash_dma(q, k, v, dropout)
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout, scale=1.0, enable_gqa=True
+            )
         return out[..., : self.head_dim]
 
     def _grouped_matmul_attention(self, q, k, v, mask: Optional[torch.Tensor], dropout: float) -> torch.Tensor:

@@ -2,14 +2,14 @@
 
 With the per-key bias folded into q and k (``[scale * q, 1] . [k_j, bias_j]``, attention.py), DMA
 without a keep window is plain causal attention, so ``flash_attn_func`` computes it exactly with
-``softmax_scale=1``: q and k carry head_dim + 1 channels, padded (with v) to a multiple of 8.
+``softmax_scale=1``: q and k carry head_dim + 1 channels, padded (with v) to a multiple of 8 by
+attention.py, as for SDPA's fused kernels.
 Its causal mask is aligned to the bottom right, so T new queries after a cache of S - T keys see
-key j <= i + S - T: the decode rule. Batches with padding (key_valid) and caches longer than the
-keep window take the SDPA path instead (attention.py decides). flash-attn needs CUDA tensors in
+key j <= i + S - T: the decode rule. Batches with padding (key_valid) or packed documents, and
+caches longer than the keep window, take the SDPA path instead (attention.py decides). flash-attn needs CUDA tensors in
 fp16/bf16: under autocast they are cast to its dtype, as autocast does for matmuls.
 """
 import torch
-import torch.nn.functional as F
 
 from .gpu_extra import require_gpu_package
 from .precision import compute_dtype
@@ -21,13 +21,9 @@ def check_flash_available() -> None:
 
 
 def flash_dma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float) -> torch.Tensor:
-    """Folded q [B, nh, T, d + 1], k [B, nkv, S, d + 1], v [B, nkv, S, d] -> [B, nh, T, d], causal."""
+    """Folded and padded q [B, nh, T, D], k and v [B, nkv, S, D] -> [B, nh, T, D], causal."""
     from flash_attn import flash_attn_func
 
     dtype = compute_dtype(q)
-    d, width = v.shape[-1], q.shape[-1]
-    pad = -width % 8
-    q, k, v = F.pad(q, (0, pad)), F.pad(k, (0, pad)), F.pad(v, (0, width + pad - d))
     q, k, v = (t.transpose(1, 2).to(dtype) for t in (q, k, v))  # flash-attn's [B, T, heads, dim]
-    out = flash_attn_func(q, k, v, dropout_p=dropout, softmax_scale=1.0, causal=True)
-    return out.transpose(1, 2)[..., :d]
+    return flash_attn_func(q, k, v, dropout_p=dropout, softmax_scale=1.0, causal=True).transpose(1, 2)
