@@ -36,7 +36,7 @@ from doge_dist.convert.hf import to_hf_config  # noqa: E402
 from doge_dist.model import build_model, shift_labels  # noqa: E402
 from doge_dist.model.generate import generate  # noqa: E402
 from doge_dist.model.flops import training_flops_per_token  # noqa: E402
-from doge_dist.model.loss import chunked_token_loss_sum  # noqa: E402
+from doge_dist.model.compile import compile_model  # noqa: E402
 
 # Dense (no sparsity) peak TFLOP/s by GPU name fragment: (bf16 tensor cores, fp32 without TF32).
 GPU_PEAK_TFLOPS = {
@@ -123,8 +123,7 @@ def build_models(config: ModelConfig, device: torch.device, names: list[str], co
             models[name].load_state_dict(ours.state_dict(), strict=True)
     if compile_layers:
         for name, model in models.items():
-            for layer in model.model.layers:
-                layer.compile(mode=compile_mode)
+            compile_model(model, compile_mode)
     if any(name in HF_VARIANTS for name in names):
         from transformers import DogeForCausalLM as HFDoge
 
@@ -146,7 +145,7 @@ def train_step(name: str, model, optimizer, input_ids: torch.Tensor, device, dty
         with autocast(device, dtype):
             if name.startswith("ours"):
                 hidden = model(input_ids, compute_logits=False).hidden_states
-                loss_sum, count = chunked_token_loss_sum(hidden, model.lm_head.weight, labels)
+                loss_sum, count = model.hidden_loss_sum(hidden, labels)
                 loss = loss_sum / count
             else:
                 loss = model(input_ids=input_ids, labels=input_ids).loss

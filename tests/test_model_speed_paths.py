@@ -2,10 +2,12 @@
 logits (value and gradients), and the bias-as-key-channel attention equals the explicit DMA mask."""
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from doge_dist.config import ModelConfig
 from doge_dist.model import IGNORE_INDEX, build_model, shift_labels, token_loss_sum
 from doge_dist.model.cache import KVCache
+from doge_dist.model import loss as loss_module
 from doge_dist.model.loss import chunked_token_loss_sum
 from doge_dist.model.masks import AttentionLayout
 from model_helpers import perturb_all, randomise_dynamic_mask, unique_tokens, use_backend
@@ -21,16 +23,19 @@ def _loss_inputs(seed=0):
     return hidden, weight, labels
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("chunk_tokens", [1, 7, 64, None])
-def test_chunked_loss_equals_token_loss_sum_in_value_and_gradient(chunk_tokens):
+def test_chunked_loss_equals_token_loss_sum_in_value_and_gradient(chunk_tokens, compiled):
     hidden, weight, labels = _loss_inputs()
     reference, reference_count = token_loss_sum(hidden @ weight.T, labels)
     (reference / reference_count).backward()
     expected = hidden.grad.clone(), weight.grad.clone()
     hidden.grad = weight.grad = None
 
-    total, count = chunked_token_loss_sum(hidden, weight, labels, chunk_tokens)
+    total, count = chunked_token_loss_sum(hidden, weight, labels, chunk_tokens, compiled=compiled)
     (total / count).backward()
+    if compiled:  # the softmax went through dynamo: a frame of loss.py was compiled
+        assert counters["frames"]["ok"] > 0 and loss_module._compiled is not None
     assert count == reference_count
     assert torch.allclose(total, reference, rtol=1e-6, atol=1e-5)
     assert torch.allclose(hidden.grad, expected[0], atol=1e-6)
@@ -38,11 +43,12 @@ def test_chunked_loss_equals_token_loss_sum_in_value_and_gradient(chunk_tokens):
     assert hidden.grad[1, 12:].abs().max() == 0  # ignored tokens get no gradient
 
 
-def test_chunked_loss_under_bf16_autocast_matches_the_autocast_reference():
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_chunked_loss_under_bf16_autocast_matches_the_autocast_reference(compiled):
     hidden, weight, labels = _loss_inputs(seed=1)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         reference, _ = token_loss_sum(torch.nn.functional.linear(hidden, weight), labels)
-        total, _ = chunked_token_loss_sum(hidden, weight, labels, chunk_tokens=8)
+        total, _ = chunked_token_loss_sum(hidden, weight, labels, chunk_tokens=8, compiled=compiled)
     grads = torch.autograd.grad(total, (hidden, weight))
     expected = torch.autograd.grad(reference, (hidden, weight))
     assert grads[0].dtype == hidden.dtype and grads[1].dtype == weight.dtype

@@ -73,6 +73,7 @@ class DogeForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.compiled_loss = False  # set by compile_model: the chunked loss's softmax as one compiled kernel
 
     def forward(
         self,
@@ -129,7 +130,7 @@ class DogeForCausalLM(nn.Module):
     def hidden_loss_sum(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``loss_sum`` from the final hidden states (``compute_logits=False``), projecting the
         vocabulary in chunks so the [tokens, vocab] fp32 logits of the batch never exist."""
-        return chunked_token_loss_sum(hidden, self.lm_head.weight, labels)
+        return chunked_token_loss_sum(hidden, self.lm_head.weight, labels, compiled=self.compiled_loss)
 
     def token_losses(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """[B, T] fp32 cross entropy per token (0 where ignored), e.g. for DPO's sequence log-probs;

@@ -33,7 +33,11 @@ def default_chunk_tokens(vocab_size: int, device_type: str) -> int:
 
 
 def chunked_token_loss_sum(
-    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_tokens: Optional[int] = None
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    chunk_tokens: Optional[int] = None,
+    compiled: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``token_loss_sum(hidden @ weight.T, labels)`` without the [tokens, vocab] logits of the batch.
 
@@ -44,13 +48,16 @@ def chunked_token_loss_sum(
     ``hidden`` and ``weight`` are computed chunk by chunk in the forward, while the logits are at
     hand, and only scaled in the backward; ignored tokens are dropped before any work. Under
     autocast the projection runs in the autocast dtype, as ``nn.Linear`` would, and the softmax
-    in fp32, as ``token_loss_sum`` does.
+    in fp32, as ``token_loss_sum`` does. ``compiled=True`` runs that softmax and its gradient as
+    one ``torch.compile``d kernel per chunk (``train.compile``): two passes over the logits in
+    their own dtype instead of several over an fp32 copy.
     """
     labels = labels.reshape(-1)
     counted = (labels != IGNORE_INDEX).nonzero().squeeze(1)
     if chunk_tokens is None:
         chunk_tokens = default_chunk_tokens(weight.shape[0], hidden.device.type)
-    loss = _LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, labels, counted, chunk_tokens)
+    loss = _LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, labels, counted, chunk_tokens,
+                                     compiled)
     return loss, torch.as_tensor(len(counted), device=labels.device)
 
 
@@ -71,9 +78,52 @@ def _workspace(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: to
     return buffer[:numel].view(shape)
 
 
+def _fp32_log_softmax(logits: torch.Tensor) -> torch.Tensor:
+    log_probs = _workspace("log_probs", logits.shape, torch.float32, logits.device)
+    return torch.log_softmax(log_probs.copy_(logits), dim=-1, out=log_probs)
+
+
+def _cross_entropy_sum(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Sum over rows of the fp32 cross entropy of ``logits`` [n, V] against ``target`` [n]."""
+    return -_fp32_log_softmax(logits).gather(1, target[:, None]).sum()
+
+
+def _cross_entropy_grad_(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``_cross_entropy_sum``, and ``logits`` overwritten by its gradient softmax - one_hot(target)
+    (computed in fp32, stored in the logits' dtype), as autograd computes it through ``token_loss_sum``."""
+    log_probs = _fp32_log_softmax(logits)
+    picked = (torch.arange(len(target), device=logits.device), target)
+    loss = -log_probs[picked].sum()
+    probs = log_probs.exp_()
+    probs[picked] -= 1
+    logits.copy_(probs)
+    return loss
+
+
+def _fused_cross_entropy_grad_(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``_cross_entropy_grad_`` written for ``torch.compile``, which fuses it into a reduction
+    pass and an element-wise pass over ``logits``; eager PyTorch would allocate every step."""
+    x = logits.float()
+    log_sum_exp = torch.logsumexp(x, dim=-1, keepdim=True)
+    loss = (log_sum_exp - x.gather(1, target[:, None])).sum()
+    one_hot = torch.arange(x.shape[1], device=x.device) == target[:, None]
+    logits.copy_(torch.exp(x - log_sum_exp) - one_hot.float())
+    return loss
+
+
+_compiled = None
+
+
+def _compiled_cross_entropy_grad_():
+    global _compiled
+    if _compiled is None:
+        _compiled = torch.compile(_fused_cross_entropy_grad_)
+    return _compiled
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, counted, chunk_tokens: int):
+    def forward(ctx, hidden, weight, labels, counted, chunk_tokens: int, compiled: bool):
         device, device_type = hidden.device, hidden.device.type
         dtype = compute_dtype(hidden)
         want_hidden_grad, want_weight_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -89,16 +139,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 target = labels.index_select(0, rows)
                 n = len(rows)
                 logits = torch.mm(h, w.T, out=_workspace("logits", (n, vocab), dtype, device))
-                log_probs = _workspace("log_probs", (n, vocab), torch.float32, device)
-                log_probs = torch.log_softmax(log_probs.copy_(logits), dim=-1, out=log_probs)
-                picked = (torch.arange(n, device=device), target)
-                total -= log_probs[picked].sum()
                 if not (want_hidden_grad or want_weight_grad):
+                    total += _cross_entropy_sum(logits, target)
                     continue
-                # d loss / d logits = softmax - one_hot(target), in the projection's dtype
-                probs = log_probs.exp_()
-                probs[picked] -= 1
-                grad_logits = logits.copy_(probs)
+                total += (_compiled_cross_entropy_grad_() if compiled else _cross_entropy_grad_)(logits, target)
+                grad_logits = logits
                 if want_hidden_grad:
                     grad_hidden.index_copy_(0, rows, (grad_logits @ w).to(hidden.dtype))
                 if want_weight_grad:
@@ -119,4 +164,4 @@ class _LinearCrossEntropy(torch.autograd.Function):
         scale = grad_output.float()
         grad_hidden = None if grad_hidden is None else grad_hidden.mul_(scale)
         grad_weight = None if grad_weight is None else grad_weight.mul_(scale).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..config import Config
 from ..model import DogeForCausalLM, build_model
+from ..model.compile import compile_model
 from ..parallel.apply import deepspeed_data_parallel_size, deepspeed_mpu, parallelize
 from .ds_config import bf16_enabled, zero_stage
 from .optim import build_optimizer
@@ -35,14 +36,6 @@ def enable_activation_checkpointing(model: DogeForCausalLM) -> None:
             return torch.utils.checkpoint.checkpoint(_forward, *args, use_reentrant=False, **kwargs)
 
         layer.forward = checkpointed
-
-
-def compile_layers(model: DogeForCausalLM) -> None:
-    """``torch.compile`` each decoder layer in place (``nn.Module.compile``), so parameter names and
-    checkpoints are those of the uncompiled model. Layers share their code, so one compiled graph
-    serves them all; the embedding, final norm and chunked loss stay eager."""
-    for layer in model.model.layers:
-        layer.compile()
 
 
 def initial_model(config: Config) -> nn.Module:
@@ -69,7 +62,7 @@ def build_engine(config: Config, ds: dict[str, Any], device: torch.device):
     if config.train.activation_checkpointing:
         enable_activation_checkpointing(model)
     if config.train.compile:
-        compile_layers(model)
+        compile_model(model)
     stage0_fp32_clip = None
     if zero_stage(ds) == 0 and not bf16_enabled(ds):
         stage0_fp32_clip = float(ds.get("gradient_clipping", 0.0))
