@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from .cache import KVCache
 from .cdmoe import CDMoE
 from .doge import DecoderLayer, DogeForCausalLM
-from .norm import RMSNorm, rms_norm
+from .norm import RMSNorm
 from .precision import compute_dtype
 
 
@@ -136,6 +136,7 @@ class Decoder:
         self.layers, self.lm_head = prepared_weights(model, dtype)
         self.length = cache.length
         self.keys, self.values = self._seed(cache, max_length)
+        self.query: Optional[torch.Tensor] = None
 
     def _seed(self, cache: KVCache, max_length: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Per layer: keys with the bias channel [B, nb, max_length, d + 1] and values [B, nb, max_length, d],
@@ -153,6 +154,13 @@ class Decoder:
             keys.append(k_buffer)
             values.append(v_buffer)
         return keys, values
+
+    def _query(self, *shape: int) -> torch.Tensor:
+        """The query buffer [B, heads, g, d + 1] in the compute dtype; its last channel, the bias
+        channel's weight, stays 1."""
+        if self.query is None or self.query.shape[:-1] != shape[:-1]:
+            self.query = torch.ones(*shape[:-1], shape[-1] + 1, dtype=self.dtype, device=self.keys[0].device)
+        return self.query
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -198,8 +206,8 @@ class Decoder:
         nh, nkv = attn.num_heads, attn.num_kv_heads
         qk, v = weights.qkv(h).split([(nh + nkv) * d, nkv * d], dim=-1)
         qk = qk.view(B, nh + nkv, 1, d)  # query and key heads normed and rotated together
-        if weights.qk_norm is not None:
-            qk = rms_norm(qk, weights.qk_norm, attn.q_norm.eps)
+        if weights.qk_norm is not None:  # norm.rms_norm in fewer operations
+            qk = F.rms_norm(qk.float(), (d,), eps=attn.q_norm.eps).to(qk.dtype) * weights.qk_norm
         q, k = rope.rotate(qk).split([nh, nkv], dim=1)
         dt = weights.dt_proj(v.view(B, 1, nkv * d))  # [B, 1, nb]
         bias = torch.exp(attn.A * F.softplus(dt)).view(B, -1, 1)  # [B, nb, 1]
@@ -211,8 +219,9 @@ class Decoder:
         keys[:, :, position] = torch.cat([k.view(B, heads, d), bias.to(k.dtype)], dim=-1).to(self.dtype)
         values[:, :, position] = v.reshape(B, heads, d).to(self.dtype)
         S = position + 1
-        q = torch.cat([q * attn.scaling, torch.ones_like(q[..., :1])], dim=-1).to(self.dtype).float()
-        scores = torch.matmul(q.view(B, heads, nh // heads, d + 1), keys[:, :, :S].transpose(2, 3)).to(self.dtype)
+        query = self._query(B, heads, nh // heads, d)
+        torch.mul(q.view(B, heads, nh // heads, d), attn.scaling, out=query[..., :d])  # [scale * q, 1], rounded
+        scores = torch.matmul(query.float(), keys[:, :, :S].transpose(2, 3)).to(self.dtype)
         if S > attn.keep_window_size:  # DMA's keep window: only the keys with the largest bias count
             bias_all = keys[:, :, :S, d]
             kept = torch.zeros_like(bias_all, dtype=torch.bool).scatter(-1, bias_all.topk(attn.keep_window_size, dim=-1).indices, True)
