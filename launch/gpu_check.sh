@@ -61,9 +61,11 @@ else
     echo "=== flash-attn not installed: pip install -e '.[gpu]' to also bench --attn-backend flash"
 fi
 
-# exploration for the 45% MFU target (docs/performance.md): the launch-bound 320m step with twice the
-# tokens per step, with CUDA graphs (reduce-overhead), and with autotuned kernels (FlexAttention's
-# block sizes among them)
+# exploration for the H100 targets (docs/performance.md): the launch-bound doge-20m step with 4x the tokens
+# per step (1M tokens/s target), the 320m step (45% MFU target) with twice the tokens per step, with CUDA
+# graphs (reduce-overhead), and with autotuned kernels (FlexAttention's block sizes among them)
+step bench_20m_mb64 100 "$PY" launch/bench.py --dtype bf16 --compile --models ours --preset doge-20m --seq-len 2048 \
+    --micro-batch 64 --steps 6 --warmup 3
 step bench_320m_mb8 120 "$PY" launch/bench.py --dtype bf16 --compile --models ours --preset doge-320m --seq-len 2048 \
     --micro-batch 8 --steps 6 --warmup 3
 step bench_320m_graphs 150 "$PY" launch/bench.py --dtype bf16 --compile-mode reduce-overhead --models ours \
