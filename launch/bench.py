@@ -221,6 +221,13 @@ def device_name(device: torch.device) -> str:
     return f"{name} ({torch.get_num_threads()} threads)"
 
 
+def allocator_env() -> dict:
+    """The environment variables that change how the CPU allocator reuses memory. On a VM where page
+    faults are slow they move a model that allocates large temporaries every step (HF's full fp32
+    logits) by up to 2x, so a figure is only comparable with others measured under the same ones."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_") or k in ("THP_MEM_ALLOC_ENABLE", "LD_PRELOAD")}
+
+
 def git_commit() -> str:
     """HEAD's short hash; DOGE_DIST_COMMIT overrides it for a copy of the tree without .git."""
     if os.environ.get("DOGE_DIST_COMMIT"):
@@ -413,6 +420,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "torch": torch.__version__,
         "commit": git_commit(),
         "date": time.strftime("%Y-%m-%d"),
+        "allocator_env": allocator_env(),
     }
     if args.comm:
         summary.update(bench_comm(args, config))

@@ -59,9 +59,10 @@ def test_bench_compares_our_backends_and_profiles():
                "--steps", "1", "--warmup", "1", "--seq-len", "16", "--micro-batch", "1", "--models", "ours,ours_eager",
                "--profile", "5"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=ROOT,
-                            env=dict(os.environ, DOGE_DIST_COMMIT="abc1234"))
+                            env=dict(os.environ, DOGE_DIST_COMMIT="abc1234", MALLOC_TRIM_THRESHOLD_="1073741824"))
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert set(summary["train"]) == {"ours", "ours_eager"} and "ours_vs_ours_eager" in summary["ratios"]
     assert summary["commit"] == "abc1234"
+    assert summary["allocator_env"]["MALLOC_TRIM_THRESHOLD_"] == "1073741824"
     assert "Self CPU" in result.stdout  # the profile table of ours' step
