@@ -225,7 +225,8 @@ def allocator_env() -> dict:
     """The environment variables that change how the CPU allocator reuses memory. On a VM where page
     faults are slow they move a model that allocates large temporaries every step (HF's full fp32
     logits) by up to 2x, so a figure is only comparable with others measured under the same ones."""
-    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_") or k in ("THP_MEM_ALLOC_ENABLE", "LD_PRELOAD")}
+    names = ("THP_MEM_ALLOC_ENABLE", "LD_PRELOAD")
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_") or k in names}
 
 
 def git_commit() -> str:

@@ -1,5 +1,6 @@
 """Next-token cross entropy as (sum over tokens, number of tokens), so that gradient accumulation
 and data parallelism can divide by the token count of the whole global batch exactly."""
+import functools
 import math
 from typing import Optional
 
@@ -111,14 +112,9 @@ def _fused_cross_entropy_grad_(logits: torch.Tensor, target: torch.Tensor) -> to
     return loss
 
 
-_compiled = None
-
-
+@functools.cache
 def _compiled_cross_entropy_grad_():
-    global _compiled
-    if _compiled is None:
-        _compiled = torch.compile(_fused_cross_entropy_grad_)
-    return _compiled
+    return torch.compile(_fused_cross_entropy_grad_)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
