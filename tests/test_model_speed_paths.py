@@ -138,3 +138,22 @@ def test_bf16_autocast_training_step_runs_the_fast_paths_close_to_eager():
         (total / count).backward()
         losses[backend] = (total / count).item()
     assert abs(losses["eager"] - losses["sdpa"]) <= 2e-2 * abs(losses["eager"])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA: the compiled loss kernel is Triton on a GPU")
+def test_cuda_compiled_loss_matches_the_eager_chunks_under_bf16_autocast():
+    generator = torch.Generator().manual_seed(2)
+    hidden = torch.randn(4, 300, 64, generator=generator).cuda().requires_grad_()
+    weight = (torch.randn(1000, 64, generator=generator) * 0.1).cuda().requires_grad_()
+    labels = torch.randint(0, 1000, (4, 300), generator=generator).cuda()
+    labels[2, 100:] = IGNORE_INDEX
+    results = []
+    for compiled in (False, True):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            total, count = chunked_token_loss_sum(hidden, weight, labels, chunk_tokens=256, compiled=compiled)
+        results.append((total.detach(), *torch.autograd.grad(total / count, (hidden, weight))))
+    (eager_loss, *eager_grads), (compiled_loss, *compiled_grads) = results
+    assert torch.allclose(compiled_loss, eager_loss, rtol=1e-5)
+    for got, want in zip(compiled_grads, eager_grads):
+        assert (got - want).abs().max() <= 1e-2 * want.abs().max()
