@@ -108,8 +108,8 @@ class Rope:
     """``apply_rotary`` at one position, tables cast once per dtype: ``rotate_half(x) * sin`` is the
     two halves swapped times (-sin, sin)."""
 
-    def __init__(self, cos: torch.Tensor, sin_signed: torch.Tensor) -> None:
-        self.tables = {torch.float32: (cos, sin_signed)}
+    def __init__(self, tables: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.tables = tables  # dtype -> (cos, signed sin) [1, 1, 1, d]; fp32 always present
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype not in self.tables:
@@ -117,6 +117,24 @@ class Rope:
         cos, sin = self.tables[x.dtype]
         swapped = x.view(*x.shape[:-1], 2, -1).flip(-2).view(x.shape)
         return x * cos + swapped * sin
+
+
+def decode_ropes(model: DogeForCausalLM, start: int, end: int, dtype: torch.dtype) -> list[Rope]:
+    """The rotation of each position in [start, end), computed together and cast to ``dtype`` once
+    instead of once per step: the model's tables for a ``position + 1`` long sequence. Dynamic NTK
+    grows the base beyond ``max_position_embeddings``, so positions there are computed one by one."""
+    rotary = model.model.rotary_emb
+    device = rotary.inv_freq.device
+    plain_end = end if rotary.dynamic_factor is None else max(start, min(end, rotary.max_positions))
+    parts = [rotary(torch.arange(start, plain_end, device=device)[None], plain_end)] if plain_end > start else []
+    parts += [rotary(torch.tensor([[p]], device=device), p + 1) for p in range(plain_end, end)]
+    cos, sin = (torch.cat([part[i] for part in parts], dim=1)[0] for i in (0, 1))  # [n, d]
+    half = cos.shape[-1] // 2
+    sin = sin * torch.cat([-torch.ones(half, device=device), torch.ones(half, device=device)])
+    casts = {torch.float32: (cos, sin)}
+    casts.setdefault(dtype, (cos.to(dtype), sin.to(dtype)))
+    return [Rope({t: (c[i].view(1, 1, 1, -1), s[i].view(1, 1, 1, -1)) for t, (c, s) in casts.items()})
+            for i in range(end - start)]
 
 
 class Decoder:
@@ -136,6 +154,8 @@ class Decoder:
         self.layers, self.lm_head = prepared_weights(model, dtype)
         self.length = cache.length
         self.keys, self.values = self._seed(cache, max_length)
+        self.start = cache.length
+        self.ropes = decode_ropes(model, self.start, max_length, dtype)
         self.query: Optional[torch.Tensor] = None
 
     def _seed(self, cache: KVCache, max_length: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -177,11 +197,7 @@ class Decoder:
         model = self.model.model
         with torch.autocast(self.device_type, enabled=False):
             x = model.embed_tokens(tokens[:, None])  # [B, 1, H]
-            positions = torch.tensor([[position]], device=tokens.device)
-            cos, sin = model.rotary_emb(positions, position + 1)  # [1, 1, d]
-            half = cos.shape[-1] // 2
-            sign = torch.cat([-torch.ones(half, device=cos.device), torch.ones(half, device=cos.device)])
-            rope = Rope(cos[:, None], (sin * sign)[:, None])  # [1, 1, 1, d]: broadcast over [B, heads, 1, d]
+            rope = self.ropes[position - self.start]  # broadcast over [B, heads, 1, d]
             for i, layer in enumerate(model.layers):
                 x = self._layer(i, layer, x, rope)
             self.length += 1
