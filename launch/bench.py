@@ -37,6 +37,7 @@ from doge_dist.model import build_model, shift_labels  # noqa: E402
 from doge_dist.model.generate import generate  # noqa: E402
 from doge_dist.model.flops import training_flops_per_token  # noqa: E402
 from doge_dist.model.compile import compile_model  # noqa: E402
+from doge_dist.train.host_memory import keep_freed_memory  # noqa: E402
 
 # Dense (no sparsity) peak TFLOP/s by GPU name fragment: (bf16 tensor cores, fp32 without TF32).
 GPU_PEAK_TFLOPS = {
@@ -74,6 +75,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         default="wall",
         help="thread: CPU time of the calling thread, which other processes' load does not inflate (needs --threads 1)",
     )
+    p.add_argument("--keep-freed-memory", action="store_true",
+                   help="CPU: have glibc keep freed memory for reuse, as the trainer does on CPU, for every model "
+                        "(default: the process's allocator as it is)")
     p.add_argument("--compile", action="store_true", help="torch.compile our decoder layers")
     p.add_argument("--compile-mode", default=None, choices=("default", "reduce-overhead", "max-autotune",
                                                              "max-autotune-no-cudagraphs"),
@@ -223,8 +227,9 @@ def device_name(device: torch.device) -> str:
 
 def allocator_env() -> dict:
     """The environment variables that change how the CPU allocator reuses memory. On a VM where page
-    faults are slow they move a model that allocates large temporaries every step (HF's full fp32
-    logits) by up to 2x, so a figure is only comparable with others measured under the same ones."""
+    faults are slow they (or ``--keep-freed-memory``) move a model that allocates large temporaries
+    every step (HF's full fp32 logits) by up to 2x, so a figure is only comparable with others
+    measured under the same allocator settings."""
     names = ("THP_MEM_ALLOC_ENABLE", "LD_PRELOAD")
     return {k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_") or k in names}
 
@@ -408,6 +413,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     if args.clock == "thread" and (torch.get_num_threads() != 1 or device.type != "cpu"):
         raise SystemExit("--clock thread measures one CPU thread: use it with --device cpu --threads 1")
 
+    kept_freed_memory = args.keep_freed_memory and keep_freed_memory()  # before any model allocates
     summary = {
         "mode": "comm" if args.comm else "decode" if args.decode else "train",
         "preset": args.preset,
@@ -421,7 +427,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "torch": torch.__version__,
         "commit": git_commit(),
         "date": time.strftime("%Y-%m-%d"),
-        "allocator_env": allocator_env(),
+        "allocator": {"keep_freed_memory": kept_freed_memory, "env": allocator_env()},
     }
     if args.comm:
         summary.update(bench_comm(args, config))

@@ -18,7 +18,9 @@ def _bench(*args: str) -> dict:
 
 
 def test_training_bench_prints_the_expected_json():
-    summary = _bench("--seq-len", "32", "--micro-batch", "2", "--dtype", "bf16", "--peak-tflops", "1.0")
+    summary = _bench("--seq-len", "32", "--micro-batch", "2", "--dtype", "bf16", "--peak-tflops", "1.0",
+                     "--keep-freed-memory")
+    assert summary["allocator"]["keep_freed_memory"] is True  # glibc took the setting
     assert "ours_vs_hf_eager" in summary["ratios"]
     assert summary["mode"] == "train" and summary["preset"] == "doge-tiny"
     for key in ("seq_len", "micro_batch", "dtype", "device", "threads", "commit", "date", "flops_per_token",
@@ -64,5 +66,6 @@ def test_bench_compares_our_backends_and_profiles():
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert set(summary["train"]) == {"ours", "ours_eager"} and "ours_vs_ours_eager" in summary["ratios"]
     assert summary["commit"] == "abc1234"
-    assert summary["allocator_env"]["MALLOC_TRIM_THRESHOLD_"] == "1073741824"
+    assert summary["allocator"]["env"]["MALLOC_TRIM_THRESHOLD_"] == "1073741824"
+    assert summary["allocator"]["keep_freed_memory"] is False
     assert "Self CPU" in result.stdout  # the profile table of ours' step

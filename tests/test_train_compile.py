@@ -11,6 +11,7 @@ def test_compiled_layers_train_like_eager_ones():
     result = pretrain(run_dir, 0, nproc=1, launcher="python", micro_batch_size=2, gradient_accumulation_steps=2,
                       compile="true", activation_checkpointing="true")
     assert "compiled layers" in result.stdout
+    assert "freed host memory kept for reuse" in result.stdout  # CPU training: host_memory.keep_freed_memory
     assert len(losses(run_dir)) == 10
     assert losses(run_dir) == pytest.approx(losses(reference), rel=1e-5)
     norms, expected = scalars(run_dir, "train/grad_norm"), scalars(reference, "train/grad_norm")

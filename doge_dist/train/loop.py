@@ -30,6 +30,7 @@ from .data import move
 from .distributed import DistEnv, all_reduce_sum, init_distributed, launcher_world_size
 from .ds_config import bf16_enabled
 from .engine import build_engine, is_hf_directory
+from .host_memory import keep_freed_memory
 from .metrics import Reporter, peak_tflops
 from .preflight import check_run
 from .task import PretrainTask, Task
@@ -167,6 +168,7 @@ def pretrain(config: Config, ds_user: dict[str, Any], ds_where: str = "the DeepS
     # 1. everything that can be wrong with the input fails here, before any model or group exists
     layout, ds = check_run(config, ds_user, launcher_world_size(), ds_where)
     env = init_distributed()
+    kept_host_memory = env.device.type == "cpu" and keep_freed_memory()
     initialize_parallel(config.parallel)
     train, run_dir = config.train, Path(config.run.dir)
     bf16 = bf16_enabled(ds)
@@ -211,7 +213,8 @@ def pretrain(config: Config, ds_user: dict[str, Any], ds_where: str = "the DeepS
         reporter.text("config", config_text)
         print(f"[doge-dist] {layout.world_size} rank(s), tp {layout.tensor_parallel}, dp {layout.dp_size}, "
               f"ep {layout.expert_parallel}, ZeRO {ds.get('zero_optimization', {}).get('stage', 0)}, "
-              f"{'bf16' if bf16 else 'fp32'}{', compiled layers' if train.compile else ''}, {tokens_per_step:,} tokens per step, "
+              f"{'bf16' if bf16 else 'fp32'}{', compiled layers' if train.compile else ''}"
+              f"{', freed host memory kept for reuse' if kept_host_memory else ''}, {tokens_per_step:,} tokens per step, "
               f"steps {progress.step} -> {train.max_steps}", flush=True)
     stop = StopRequest()
 
