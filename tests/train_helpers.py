@@ -82,7 +82,19 @@ def run_on_a_free_port(make_command) -> tuple[list[str], subprocess.CompletedPro
         result = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
         if result.returncode == 0 or "address already in use" not in (result.stdout + result.stderr).lower():
             break
+    if result.returncode == 0:
+        assert_no_shared_memory_left(cmd, result)
     return cmd, result
+
+
+def assert_no_shared_memory_left(cmd: list[str], result: subprocess.CompletedProcess) -> None:
+    """A run with DeepSpeed's CPU shared-memory all-reduce (the deepspeed launcher) leaves none of its
+    /dev/shm buffers behind (distributed.unlink_shared_memory_buffers)."""
+    if "--master_port" not in cmd or "deepspeed_shm_comm_op built successfully" not in result.stdout + result.stderr:
+        return
+    port = cmd[cmd.index("--master_port") + 1]
+    left = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"))
+    assert not left, f"DeepSpeed's shared-memory buffers left in /dev/shm after {' '.join(cmd)}: {left}"
 
 
 def pretrain(run_dir: Path, stage: int, nproc: int = 1, launcher: str = "torchrun", check: bool = True, **train) -> subprocess.CompletedProcess:

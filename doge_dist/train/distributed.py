@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -50,12 +51,32 @@ def init_distributed() -> DistEnv:
     else:
         device, backend = torch.device("cpu"), "gloo"
     deepspeed.init_distributed(dist_backend=backend)
-    return DistEnv(
-        rank=torch.distributed.get_rank(),
-        world_size=torch.distributed.get_world_size(),
-        local_rank=local_rank,
-        device=device,
-    )
+    rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if device.type == "cpu":
+        unlink_shared_memory_buffers(rank, world_size)
+    return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def shared_memory_buffer(rank: int) -> Path:
+    """The /dev/shm file of DeepSpeed's CPU all-reduce buffer for ``rank`` of this run (shm.cpp's name)."""
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_{os.environ.get('MASTER_PORT', '')}_{rank}"
+    return Path("/dev/shm") / name
+
+
+def unlink_shared_memory_buffers(rank: int, world_size: int) -> None:
+    """Remove the names of DeepSpeed's CPU shared-memory all-reduce buffers once every rank has mapped them.
+
+    Written by hand for a DeepSpeed leak: when all ranks run on one machine under the deepspeed
+    launcher (LOCAL_SIZE = world size), each rank creates a 66 MB file in /dev/shm at
+    ``init_distributed`` and no one ever removes it, so every CPU run left 66 MB per rank of
+    memory-backed files behind until /dev/shm filled the machine's memory. Each rank maps every
+    rank's buffer inside ``init_distributed``; after a barrier each rank unlinks its own name, the
+    mappings stay valid until the process exits, and nothing is left behind, crash or not.
+    """
+    if os.environ.get("LOCAL_SIZE") != str(world_size):  # the condition under which DeepSpeed creates them
+        return
+    torch.distributed.barrier()
+    shared_memory_buffer(rank).unlink(missing_ok=True)
 
 
 def all_reduce_sum(values: list[float], device: torch.device, group=None) -> list[float]:
