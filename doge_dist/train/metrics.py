@@ -1,8 +1,8 @@
 """What a run reports: one TensorBoard writer on rank 0 and a console line every ``log_interval`` steps.
 
 MFU = achieved training FLOP/s per device / the device's peak dense bf16 FLOP/s. The peak comes from
-the table below by device name (``train.peak_tflops`` overrides it; CPUs have no entry and report 0
-unless given one). FLOPs per token come from ``doge_dist.model.flops``.
+the table below by device name (``train.peak_tflops`` overrides it; CPUs have no entry: TensorBoard
+gets 0 and the console "MFU n/a" unless given one). FLOPs per token come from ``doge_dist.model.flops``.
 """
 from __future__ import annotations
 
@@ -106,7 +106,7 @@ class Reporter:
             eta = (self.max_steps - step) * elapsed / max(1, step - self._last_step)
             print(
                 f"step {step:>6}/{self.max_steps} | loss {loss:.4f} | lr {lr:.3e} | grad norm {grad_norm:.3f} | "
-                f"{tokens_per_sec:,.0f} tok/s | MFU {100 * mfu:.1f}% | ETA {_duration(eta)}",
+                f"{tokens_per_sec:,.0f} tok/s | {f'MFU {100 * mfu:.1f}%' if self.peak else 'MFU n/a'} | ETA {_duration(eta)}",
                 flush=True,
             )
         self._last_time, self._last_step, self._last_tokens = now, step, consumed_tokens
