@@ -78,7 +78,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--keep-freed-memory", action="store_true",
                    help="CPU: have glibc keep freed memory for reuse, as the trainer does on CPU, for every model "
                         "(default: the process's allocator as it is)")
-    p.add_argument("--compile", action="store_true", help="torch.compile our decoder layers")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile our decoder layers and loss kernel (the trainer's train.compile)")
     p.add_argument("--compile-mode", default=None, choices=("default", "reduce-overhead", "max-autotune",
                                                              "max-autotune-no-cudagraphs"),
                    help="compile with this torch.compile mode (reduce-overhead: CUDA graphs against launch overhead)")
@@ -114,7 +115,7 @@ def our_backend(name: str, default: str) -> Optional[str]:
     return backend if name.startswith("ours_") and backend in ATTN_BACKENDS else None
 
 
-def build_models(config: ModelConfig, device: torch.device, names: list[str], compile_layers: bool,
+def build_models(config: ModelConfig, device: torch.device, names: list[str], compiled: bool,
                  compile_mode: Optional[str] = None) -> dict:
     """Our model (one per requested attention backend) and the requested transformers models, all
     holding the same weights."""
@@ -125,8 +126,8 @@ def build_models(config: ModelConfig, device: torch.device, names: list[str], co
         if name != "ours" and backend is not None:
             models[name] = build_model(dataclasses.replace(config, attn_backend=backend), device)
             models[name].load_state_dict(ours.state_dict(), strict=True)
-    if compile_layers:
-        for name, model in models.items():
+    if compiled:
+        for model in models.values():
             compile_model(model, compile_mode)
     if any(name in HF_VARIANTS for name in names):
         from transformers import DogeForCausalLM as HFDoge
@@ -310,7 +311,7 @@ def greedy_hf(model, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
 
 
 def bench_decode(args, config: ModelConfig, device: torch.device, names: list[str]) -> dict:
-    models = build_models(config, device, names, compile_layers=False)
+    models = build_models(config, device, names, compiled=False)
     generator = torch.Generator().manual_seed(args.seed)
     prompt = torch.randint(3, config.vocab_size, (1, DECODE_PROMPT), generator=generator).to(device)
     outputs: dict[str, torch.Tensor] = {}

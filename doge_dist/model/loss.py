@@ -138,12 +138,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if not (want_hidden_grad or want_weight_grad):
                     total += _cross_entropy_sum(logits, target)
                     continue
+                # the logits become their gradient in place
                 total += (_compiled_cross_entropy_grad_() if compiled else _cross_entropy_grad_)(logits, target)
-                grad_logits = logits
                 if want_hidden_grad:
-                    grad_hidden.index_copy_(0, rows, (grad_logits @ w).to(hidden.dtype))
+                    grad_hidden.index_copy_(0, rows, (logits @ w).to(hidden.dtype))
                 if want_weight_grad:
-                    partial = torch.mm(grad_logits.T, h, out=_workspace("grad_weight", w.shape, dtype, device))
+                    partial = torch.mm(logits.T, h, out=_workspace("grad_weight", w.shape, dtype, device))
                     if partial.dtype != torch.float32:  # a same-dtype add is several times faster than a mixed one
                         partial = _workspace("grad_weight_fp32", w.shape, torch.float32, device).copy_(partial)
                     grad_weight += partial

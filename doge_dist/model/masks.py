@@ -49,10 +49,11 @@ class AttentionLayout:
         the reference, so a row with no visible key stays finite).
         """
         T = len(self.query_positions)
-        if self.key_valid is None and self.documents is None and T == self.num_keys:
-            return None, True
-        if self.key_valid is None and self.documents is None and T == 1:
-            return None, False
+        if self.key_valid is None and self.documents is None:
+            if T == self.num_keys:
+                return None, True
+            if T == 1:
+                return None, False
         return self.additive_mask(dtype), False
 
     def additive_mask(self, dtype: torch.dtype) -> torch.Tensor:
