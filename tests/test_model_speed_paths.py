@@ -57,6 +57,29 @@ def test_chunked_loss_under_bf16_autocast_matches_the_autocast_reference(compile
         assert (got - want).abs().max() <= 2e-2 * want.abs().max()
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_chunked_loss_weight_gradient_in_groups_of_chunks(monkeypatch, compiled):
+    """On CPU the weight gradient is one product per group of chunks: groups of two 7-row chunks,
+    the last one ragged, added in fp32, give the reference gradients; a returned gradient does not
+    share the workspace that the next call overwrites."""
+    monkeypatch.setattr(loss_module, "CPU_WEIGHT_GRAD_LOGITS", 2 * 7 * 50)
+    assert loss_module.weight_grad_group_tokens(7, 50, "cpu") == 14
+    assert loss_module.weight_grad_group_tokens(7, 50, "cuda") == 7
+    hidden, weight, labels = _loss_inputs()
+    assert (labels != IGNORE_INDEX).sum() == 50  # groups of 14, 14, 14 and 8 rows
+    reference, reference_count = token_loss_sum(hidden @ weight.T, labels)
+    expected = torch.autograd.grad(reference / reference_count, (hidden, weight))
+
+    total, count = chunked_token_loss_sum(hidden, weight, labels, chunk_tokens=7, compiled=compiled)
+    grads = torch.autograd.grad(total / count, (hidden, weight))
+    assert torch.allclose(total, reference, rtol=1e-6, atol=1e-5)
+    for got, want in zip(grads, expected):
+        assert torch.allclose(got, want, atol=1e-6)
+    again, _ = chunked_token_loss_sum(hidden * 2, weight, labels, chunk_tokens=7, compiled=compiled)
+    torch.autograd.grad(again, (hidden, weight))
+    assert torch.allclose(grads[1], expected[1], atol=1e-6)
+
+
 def test_chunked_loss_without_grad_and_a_second_backward_refused():
     hidden, weight, labels = _loss_inputs()
     with torch.no_grad():
