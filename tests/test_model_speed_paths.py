@@ -3,6 +3,7 @@ logits (value and gradients), and the bias-as-key-channel attention equals the e
 import pytest
 import torch
 from torch._dynamo.utils import counters
+from torch.utils.flop_counter import FlopCounterMode
 
 from doge_dist.config import ModelConfig
 from doge_dist.model import IGNORE_INDEX, build_model, shift_labels, token_loss_sum
@@ -124,6 +125,47 @@ def test_bias_as_key_channel_equals_the_explicit_mask_with_gradients(case, padde
     assert (results["eager"][0] - results["sdpa"][0])[real].abs().max() <= 1e-5
     for name, grad in results["eager"][1].items():
         assert (grad - results["sdpa"][1][name]).abs().max() <= 1e-5 * grad.abs().max().clamp(min=1e-6), name
+
+
+@pytest.mark.parametrize("past", [0, 5])
+def test_cpu_attention_query_blocks_skip_a_quarter_of_the_scores(past):
+    """Two causal query blocks: the same output and gradients as one block, from 3/4 of the score
+    and value products (the first half of the queries never meets the second half of the keys)."""
+    attention = _model().model.layers[0].self_attn
+    generator = torch.Generator().manual_seed(3)
+    B, heads, kv_heads, T, d = 2, 4, 2, 12, 9
+    q = torch.randn(B, heads, T, d, generator=generator, requires_grad=True)
+    k = torch.randn(B, kv_heads, past + T, d, generator=generator, requires_grad=True)
+    v = torch.randn(B, kv_heads, past + T, d, generator=generator, requires_grad=True)
+    layout = AttentionLayout(torch.arange(past, past + T), past + T)
+    mask = layout.additive_mask(torch.float32)
+    results = []
+    for blocks in (1, 2):
+        with FlopCounterMode(display=False) as flops:
+            out = attention._grouped_matmul_attention(q, k, v, mask, 0.0, query_blocks=blocks)
+        results.append((flops.get_total_flops(), out, torch.autograd.grad(out.square().sum(), (q, k, v))))
+    (full_flops, full, full_grads), (block_flops, blocked, block_grads) = results
+    per_score = 2 * B * heads * 2 * d  # q.k and p.v multiply-adds per (query, key) pair
+    assert full_flops == per_score * T * (past + T)
+    assert block_flops == per_score * (T // 2) * (2 * past + T // 2 + T)
+    assert torch.allclose(blocked, full, atol=1e-6)
+    for got, want in zip(block_grads, full_grads):
+        assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_left_padded_rows_keep_one_query_block():
+    """A left-padded row's first queries see no key; their uniform weights span all keys, as in one
+    block, so with key padding the CPU attention does not split the queries."""
+    model = _model().eval()
+    ids = unique_tokens(2, 16, 512)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    with torch.no_grad():
+        blocked = model(ids, attention_mask=mask).logits
+        for layer in model.model.layers:
+            layer.self_attn.CPU_CAUSAL_QUERY_BLOCKS = 1
+        single = model(ids, attention_mask=mask).logits
+    assert torch.equal(blocked, single)
 
 
 def test_bias_as_key_channel_cached_decode_and_chunked_prefill():

@@ -36,6 +36,8 @@ def resolve_backend(name: str, device: torch.device, cached: bool = False) -> st
 
 
 class DynamicMaskAttention(nn.Module):
+    CPU_CAUSAL_QUERY_BLOCKS = 2  # the CPU attention's query blocks (_grouped_matmul_attention)
+
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
@@ -120,7 +122,9 @@ class DynamicMaskAttention(nn.Module):
         mask, causal = layout.sdpa_mask(dtype)
         flash = self.backend == "flash" and layout.key_valid is None and layout.documents is None
         if device_type == "cpu" and not flash:
-            return self._grouped_matmul_attention(q, k, v, layout.additive_mask(dtype) if causal else mask, dropout)
+            query_blocks = self.CPU_CAUSAL_QUERY_BLOCKS if layout.key_valid is None else 1
+            return self._grouped_matmul_attention(q, k, v, layout.additive_mask(dtype) if causal else mask, dropout,
+                                                  query_blocks)
         pad = -q.shape[-1] % 8  # fused kernels (SDPA's, flash-attn's) want a head size that is a multiple of 8
         q, k, v = F.pad(q, (0, pad)), F.pad(k, (0, pad)), F.pad(v, (0, q.shape[-1] + pad - v.shape[-1]))
         if flash:
@@ -133,16 +137,34 @@ class DynamicMaskAttention(nn.Module):
             )
         return out[..., : self.head_dim]
 
-    def _grouped_matmul_attention(self, q, k, v, mask: Optional[torch.Tensor], dropout: float) -> torch.Tensor:
+    def _grouped_matmul_attention(self, q, k, v, mask: Optional[torch.Tensor], dropout: float,
+                                  query_blocks: int = 1) -> torch.Tensor:
         """softmax(q k^T + mask) v with the g query heads of a key/value head stacked as one
-        [g * T] block, so keys and values are never repeated; q and k are already scaled/folded."""
-        B, heads, T, _ = q.shape
-        kv_heads = k.shape[1]
-        scores = torch.matmul(q.reshape(B, kv_heads, -1, q.shape[-1]), k.transpose(2, 3))
-        if mask is not None:
-            scores = (scores.view(B, kv_heads, heads // kv_heads, T, -1) + mask[:, :, None]).flatten(2, 3)
-        probs = F.dropout(F.softmax(scores, dim=-1), p=dropout, training=self.training)
-        return torch.matmul(probs, v).view(B, heads, T, -1)
+        [g * T] block, so keys and values are never repeated; q and k are already scaled/folded.
+
+        ``query_blocks`` > 1 splits the queries into blocks of positions, each against the keys up
+        to its last position only. Attention is causal, so the scores skipped are ones the mask
+        sends to exactly zero: with two blocks a quarter of the scores is never computed. The
+        caller asks for blocks only without key padding, where every query row sees some key (a
+        fully masked row would spread its uniform weights over fewer keys).
+        """
+        B, heads, T, d = q.shape
+        kv_heads, S = k.shape[1], k.shape[2]
+        groups, past = heads // kv_heads, S - T
+        q = q.view(B, kv_heads, groups, T, d)
+        query_blocks = min(query_blocks, T)
+        outputs = []
+        for block in range(query_blocks):
+            start, stop = block * T // query_blocks, (block + 1) * T // query_blocks
+            keys = past + stop
+            scores = torch.matmul(q[:, :, :, start:stop].reshape(B, kv_heads, -1, d), k[:, :, :keys].transpose(2, 3))
+            scores = scores.view(B, kv_heads, groups, stop - start, keys)
+            if mask is not None:
+                scores = scores + mask[:, :, None, start:stop, :keys]
+            probs = F.dropout(F.softmax(scores.flatten(2, 3), dim=-1), p=dropout, training=self.training)
+            outputs.append(torch.matmul(probs, v[:, :, :keys]).view(B, kv_heads, groups, stop - start, -1))
+        out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=3)
+        return out.view(B, heads, T, -1)
 
     def _sdpa(self, q, k, v, mask, dropout) -> torch.Tensor:
         return F.scaled_dot_product_attention(
