@@ -115,9 +115,11 @@ class DynamicMaskAttention(nn.Module):
         if bias.shape[1] != k.shape[1]:  # v1: one bias per query head, so one key per query head
             groups = bias.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        device_type = q.device.type
+        if device_type == "cpu":  # folded in the layout the matmuls read, so inductor writes it with vector stores
+            q = q.contiguous()
         q = torch.cat([q * self.scaling, torch.ones_like(q[..., :1])], dim=-1)
         k = torch.cat([k, bias[..., None].to(k.dtype)], dim=-1)
-        device_type = q.device.type
         dtype = compute_dtype(q)
         mask, causal = layout.sdpa_mask(dtype)
         flash = self.backend == "flash" and layout.key_valid is None and layout.documents is None
