@@ -132,9 +132,28 @@ def _softmax_(logits: torch.Tensor) -> torch.Tensor:
     return log_sum_exp.squeeze(1)
 
 
-@functools.cache
-def _compiled_softmax_():
-    return torch.compile(_softmax_)
+def _softmax_one_exp_(logits: torch.Tensor) -> torch.Tensor:
+    """``_softmax_`` as ``exp(x - max) / sum``: one exp per logit instead of two (the same values up
+    to fp32 rounding). Inductor keeps the exponentials as an fp32 buffer, so on CPU it is called on
+    a few rows at a time (``CPU_SOFTMAX_ROWS``), whose exponentials stay in cache."""
+    x = logits.float()
+    row_max = x.amax(dim=-1, keepdim=True)
+    exps = torch.exp(x - row_max)
+    row_sum = exps.sum(dim=-1, keepdim=True)
+    logits.copy_(exps / row_sum)
+    return (row_max + torch.log(row_sum)).squeeze(1)
+
+
+CPU_SOFTMAX_ROWS = 32  # 4 MiB of fp32 exponentials of a 32k vocabulary
+_compile = functools.cache(torch.compile)
+
+
+def _compiled_softmax_(logits: torch.Tensor) -> torch.Tensor:
+    if logits.device.type != "cpu":
+        return _compile(_softmax_)(logits)
+    softmax = _compile(_softmax_one_exp_)
+    rows = CPU_SOFTMAX_ROWS
+    return torch.cat([softmax(logits[start : start + rows]) for start in range(0, len(logits), rows)])
 
 
 def _compiled_cross_entropy_grad_(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -144,7 +163,7 @@ def _compiled_cross_entropy_grad_(logits: torch.Tensor, target: torch.Tensor) ->
     the same bits as the one-hot form's."""
     picked = (torch.arange(len(target), device=logits.device), target)
     target_logits = logits[picked].float()
-    log_sum_exp = _compiled_softmax_()(logits)
+    log_sum_exp = _compiled_softmax_(logits)
     logits[picked] = (torch.exp(target_logits - log_sum_exp) - 1).to(logits.dtype)
     return (log_sum_exp - target_logits).sum()
 
