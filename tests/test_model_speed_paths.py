@@ -63,9 +63,10 @@ def test_chunked_loss_weight_gradient_in_groups_of_chunks(monkeypatch, compiled)
     """On CPU the weight gradient is one product per group of chunks: groups of two 7-row chunks,
     the last one ragged, added in fp32, give the reference gradients; a returned gradient does not
     share the workspace that the next call overwrites."""
-    monkeypatch.setattr(loss_module, "CPU_WEIGHT_GRAD_LOGITS", 2 * 7 * 50)
-    assert loss_module.weight_grad_group_tokens(7, 50, "cpu") == 14
-    assert loss_module.weight_grad_group_tokens(7, 50, "cuda") == 7
+    monkeypatch.setattr(loss_module, "CPU_WEIGHT_GRAD_BYTES", 2 * 7 * 50 * 4)
+    assert loss_module.weight_grad_group_tokens(7, 50, torch.float32, "cpu") == 14
+    assert loss_module.weight_grad_group_tokens(7, 50, torch.bfloat16, "cpu") == 28
+    assert loss_module.weight_grad_group_tokens(7, 50, torch.float32, "cuda") == 7
     hidden, weight, labels = _loss_inputs()
     assert (labels != IGNORE_INDEX).sum() == 50  # groups of 14, 14, 14 and 8 rows
     reference, reference_count = token_loss_sum(hidden @ weight.T, labels)

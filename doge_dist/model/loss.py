@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from .precision import compute_dtype
 
 IGNORE_INDEX = -100
-CPU_WEIGHT_GRAD_LOGITS = 2**26  # see weight_grad_group_tokens
+CPU_WEIGHT_GRAD_BYTES = 2**27  # see weight_grad_group_tokens
 
 
 def shift_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -34,15 +34,16 @@ def default_chunk_tokens(vocab_size: int, device_type: str) -> int:
     return max(1, (2**24 if device_type == "cpu" else 2**28) // vocab_size)
 
 
-def weight_grad_group_tokens(chunk_tokens: int, vocab_size: int, device_type: str) -> int:
+def weight_grad_group_tokens(chunk_tokens: int, vocab_size: int, dtype: torch.dtype, device_type: str) -> int:
     """Rows whose logit gradients ``chunked_token_loss_sum`` keeps for one product with the hidden
-    states, the LM head's weight gradient. On CPU whole chunks up to about 2**26 logits (128 MiB in
-    bf16), so that a micro-batch of a few thousand tokens needs one product and one rounding, as
-    ``nn.Linear``'s backward does, instead of one per chunk plus fp32 adds (2-3% of a doge-20m
-    step here); elsewhere one chunk, whose logits are already about 2**28."""
+    states, the LM head's weight gradient. On CPU whole chunks up to ``CPU_WEIGHT_GRAD_BYTES`` of
+    logits in ``dtype``, so that a micro-batch of a few thousand tokens needs one product and one
+    rounding, as ``nn.Linear``'s backward does, instead of one per chunk plus fp32 adds (2-3% of a
+    doge-20m step here); elsewhere one chunk, whose logits are already about 2**28."""
     if device_type != "cpu":
         return chunk_tokens
-    return chunk_tokens * max(1, CPU_WEIGHT_GRAD_LOGITS // (chunk_tokens * vocab_size))
+    chunk_bytes = chunk_tokens * vocab_size * dtype.itemsize
+    return chunk_tokens * max(1, CPU_WEIGHT_GRAD_BYTES // chunk_bytes)
 
 
 def chunked_token_loss_sum(
@@ -56,13 +57,14 @@ def chunked_token_loss_sum(
 
     ``hidden`` [B, T, H] are the final hidden states (``compute_logits=False``), ``weight`` [V, H]
     the LM head. With a 32k vocabulary the fp32 logits, their log-softmax and their gradient are
-    the largest tensors of a small model's step; here only ``chunk_tokens`` rows of them exist at
-    a time (default: about 64 MiB of fp32 logits on CPU, 1 GiB on GPU). The gradients of
-    ``hidden`` and ``weight`` are computed chunk by chunk in the forward, while the logits are at
-    hand, and only scaled in the backward; ignored tokens are dropped before any work. Under
-    autocast the projection runs in the autocast dtype, as ``nn.Linear`` would, and the softmax
-    in fp32, as ``token_loss_sum`` does. ``compiled=True`` runs that softmax and its gradient as
-    one ``torch.compile``d kernel per chunk (``train.compile``): two passes over the logits in
+    the largest tensors of a small model's step; here they are projected ``chunk_tokens`` rows at
+    a time (default: about 64 MiB of fp32 logits on CPU, 1 GiB on GPU), and on CPU the logit
+    gradients of a group of chunks (``weight_grad_group_tokens``, up to 128 MiB) are kept for one
+    weight-gradient product. The gradients of ``hidden`` and ``weight`` are computed in the
+    forward, while the logits are at hand, and only scaled in the backward; ignored tokens are
+    dropped before any work. Under autocast the projection runs in the autocast dtype, as
+    ``nn.Linear`` would, and the softmax in fp32, as ``token_loss_sum`` does. ``compiled=True``
+    runs that softmax as ``torch.compile``d kernels (``train.compile``): passes over the logits in
     their own dtype instead of several over an fp32 copy.
     """
     labels = labels.reshape(-1)
@@ -182,7 +184,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             total = torch.zeros((), dtype=torch.float32, device=device)
             group_tokens = chunk_tokens
             if want_weight_grad:
-                group_tokens = weight_grad_group_tokens(chunk_tokens, vocab, device_type)
+                group_tokens = weight_grad_group_tokens(chunk_tokens, vocab, dtype, device_type)
             for group_start in range(0, len(counted), group_tokens):
                 group = counted[group_start : group_start + group_tokens]
                 h_group = hidden.index_select(0, group).to(dtype)
