@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from .cache import KVCache
 from .cdmoe import CDMoE
 from .doge import DecoderLayer, DogeForCausalLM
-from .norm import RMSNorm
+from .norm import RMSNorm, rms_norm
 from .precision import compute_dtype
 
 
@@ -222,8 +222,8 @@ class Decoder:
         nh, nkv = attn.num_heads, attn.num_kv_heads
         qk, v = weights.qkv(h).split([(nh + nkv) * d, nkv * d], dim=-1)
         qk = qk.view(B, nh + nkv, 1, d)  # query and key heads normed and rotated together
-        if weights.qk_norm is not None:  # norm.rms_norm in fewer operations
-            qk = F.rms_norm(qk.float(), (d,), eps=attn.q_norm.eps).to(qk.dtype) * weights.qk_norm
+        if weights.qk_norm is not None:
+            qk = rms_norm(qk, weights.qk_norm, attn.q_norm.eps)
         q, k = rope.rotate(qk).split([nh, nkv], dim=1)
         dt = weights.dt_proj(v.view(B, 1, nkv * d))  # [B, 1, nb]
         bias = torch.exp(attn.A * F.softplus(dt)).view(B, -1, 1)  # [B, nb, 1]
