@@ -159,7 +159,7 @@ def _compiled_softmax_(logits: torch.Tensor) -> torch.Tensor:
 
 
 def _compiled_cross_entropy_grad_(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """``_cross_entropy_grad_`` with the softmax as one compiled kernel. The target column, one
+    """``_cross_entropy_grad_`` with the softmax as compiled kernels. The target column, one
     element per row, is read before and written after it: inside the kernel, a one-hot compare
     over every logit took about a tenth of the kernel's time (doge-20m on CPU). The values are
     the same bits as the one-hot form's."""
