@@ -17,6 +17,7 @@ from ..config import ModelConfig
 from .attention import DynamicMaskAttention
 from .cache import KVCache
 from .cdmoe import CDMoE, Routing, balance_loss
+from .embedding import TokenEmbedding
 from .loss import IGNORE_INDEX, chunked_token_loss_sum, token_loss_sum
 from .masks import AttentionLayout
 from .mlp import GatedMLP
@@ -59,7 +60,7 @@ class DecoderLayer(nn.Module):
 class DogeModel(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.embed_tokens = TokenEmbedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
