@@ -149,8 +149,8 @@ def train_step(name: str, model, optimizer, input_ids: torch.Tensor, device, dty
     def step() -> torch.Tensor:
         with autocast(device, dtype):
             if name.startswith("ours"):
-                hidden = model(input_ids, compute_logits=False).hidden_states
-                loss_sum, count = model.hidden_loss_sum(hidden, labels)
+                out = model(input_ids, compute_logits=False)
+                loss_sum, count = model.hidden_loss_sum(out.hidden_states, labels, out.lm_head_weight)
                 loss = loss_sum / count
             else:
                 loss = model(input_ids=input_ids, labels=input_ids).loss

@@ -32,6 +32,9 @@ class DogeOutput:
     balance_loss: Optional[torch.Tensor] = None  # MoE only
     routings: list[Routing] = field(default_factory=list)
     cache: Optional[KVCache] = None
+    # with compute_logits=False and tied weights on CPU: the LM head's weight for hidden_loss_sum,
+    # read through the embedding so that one kept buffer collects the tied gradient (TokenEmbedding)
+    lm_head_weight: Optional[torch.Tensor] = None
 
 
 class DecoderLayer(nn.Module):
@@ -104,7 +107,11 @@ class DogeForCausalLM(nn.Module):
             rope_len = int(position_ids.max()) + 1
         layout = AttentionLayout(sequence_index, past + T, None if attention_mask is None else attention_mask.bool(),
                                  document_ids)
-        x = self.model.embed_tokens(input_ids)
+        lm_head_weight = None
+        if not compute_logits and self.config.tie_word_embeddings and isinstance(self.model.embed_tokens, TokenEmbedding):
+            x, lm_head_weight = self.model.embed_tokens(input_ids, with_weight_alias=True)
+        else:
+            x = self.model.embed_tokens(input_ids)
         rope = self.model.rotary_emb(position_ids, rope_len)
         routings = []
         for layer in self.model.layers:
@@ -117,7 +124,8 @@ class DogeForCausalLM(nn.Module):
             token_mask = None if attention_mask is None else attention_mask[:, past:]
             aux = self.compute_balance_loss(routings, token_mask)
         logits = self.lm_head(hidden) if compute_logits else None
-        return DogeOutput(logits=logits, hidden_states=hidden, balance_loss=aux, routings=routings, cache=cache)
+        return DogeOutput(logits=logits, hidden_states=hidden, balance_loss=aux, routings=routings, cache=cache,
+                          lm_head_weight=lm_head_weight)
 
     def compute_balance_loss(self, routings: list[Routing], token_mask: Optional[torch.Tensor]) -> torch.Tensor:
         return balance_loss(routings, self.config.num_experts, self.config.balance_loss, token_mask)
@@ -128,10 +136,13 @@ class DogeForCausalLM(nn.Module):
             return self.token_losses(logits, labels).sum(), (labels != IGNORE_INDEX).sum()
         return token_loss_sum(logits, labels)
 
-    def hidden_loss_sum(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def hidden_loss_sum(self, hidden: torch.Tensor, labels: torch.Tensor,
+                        lm_head_weight: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``loss_sum`` from the final hidden states (``compute_logits=False``), projecting the
-        vocabulary in chunks so the [tokens, vocab] fp32 logits of the batch never exist."""
-        return chunked_token_loss_sum(hidden, self.lm_head.weight, labels, compiled=self.compiled_loss)
+        vocabulary in chunks so the [tokens, vocab] fp32 logits of the batch never exist.
+        ``lm_head_weight``: the forward's ``DogeOutput.lm_head_weight`` where it has one."""
+        weight = self.lm_head.weight if lm_head_weight is None else lm_head_weight
+        return chunked_token_loss_sum(hidden, weight, labels, compiled=self.compiled_loss)
 
     def token_losses(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """[B, T] fp32 cross entropy per token (0 where ignored), e.g. for DPO's sequence log-probs;

@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .buffers import unshared_buffer
 from .precision import compute_dtype
 
 IGNORE_INDEX = -100
@@ -94,9 +95,12 @@ def _workspace(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: to
 
 
 def _add_weight_grad(total: Optional[torch.Tensor], partial: torch.Tensor) -> torch.Tensor:
-    """``total + partial`` in fp32; ``partial`` is a workspace, so the first one is copied out."""
+    """``total + partial`` in fp32; ``partial`` is a workspace, so the first one is copied out (on
+    CPU into a kept buffer: the LM head's weight gradient is 32 MiB at a 32k vocabulary, see ``buffers``)."""
     if total is None:
-        return partial.to(torch.float32, copy=True)
+        if partial.device.type != "cpu":
+            return partial.to(torch.float32, copy=True)
+        return unshared_buffer("lm_head", partial.shape, torch.float32).copy_(partial)
     if partial.dtype != torch.float32:  # a same-dtype add is several times faster than a mixed one
         partial = _workspace("grad_weight_fp32", partial.shape, torch.float32, partial.device).copy_(partial)
     return total.add_(partial)

@@ -253,7 +253,8 @@ class TensorParallelDoge(DogeForCausalLM):
     def token_losses(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return vocab_parallel_token_losses(logits, labels)
 
-    def hidden_loss_sum(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def hidden_loss_sum(self, hidden: torch.Tensor, labels: torch.Tensor,
+                        lm_head_weight: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         return self.loss_sum(self.lm_head(hidden), labels)  # a vocabulary shard's logits are already small
 
     def compute_balance_loss(self, routings: list[Routing], token_mask: Optional[torch.Tensor]) -> torch.Tensor:

@@ -65,7 +65,7 @@ def forward_loss(engine, batch: dict, moe_stats: Optional[MoEStats] = None) -> t
     out = engine(batch["input_ids"], position_ids=batch.get("position_ids"), compute_logits=not chunked,
                  document_ids=batch.get("document_ids"))
     if chunked:
-        loss_sum, tokens = engine.module.hidden_loss_sum(out.hidden_states, batch["labels"])
+        loss_sum, tokens = engine.module.hidden_loss_sum(out.hidden_states, batch["labels"], out.lm_head_weight)
     else:
         loss_sum, tokens = engine.module.loss_sum(out.logits, batch["labels"])
     if moe_stats is not None:
