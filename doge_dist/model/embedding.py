@@ -1,14 +1,14 @@
 """The token embedding, whose CPU weight gradient is written into buffers kept across steps.
 
 Written by hand: ``nn.Embedding``'s backward allocates a fresh zero-filled [vocab, hidden] fp32
-gradient every step, and with tied weights autograd then adds it to the LM head's gradient, a
-second fresh block of that size. On CPU each such block costs a page fault per 4 KB page
+gradient every step, and with tied weights the LM head's fp32 gradient, which autograd adds it to,
+is a second fresh block of that size. On CPU each such block costs a page fault per 4 KB page
 (``buffers``), 2-3% of a doge-20m step each. Here the embedding's rows go into a kept buffer, and
 with ``with_weight_alias`` the LM head can read the weight through an alias whose gradient comes
 back to this backward, which adds it into that same buffer and hands it on: the tied weight's
-gradient is then a view of a kept buffer, and no [vocab, hidden] block is allocated. The values are
-the same bits as ``nn.Embedding`` plus autograd's sum: rows are added in token order into zeros, as
-``nn.Embedding``'s CPU backward adds them, and then the LM head's gradient once.
+gradient is then a view of a kept buffer, and no [vocab, hidden] gradient block is allocated.
+The values are the same bits as ``nn.Embedding`` plus autograd's sum: rows are added in token
+order into zeros, as ``nn.Embedding``'s CPU backward adds them, and then the LM head's gradient.
 """
 from typing import Optional
 
