@@ -1,13 +1,12 @@
 """Next-token cross entropy as (sum over tokens, number of tokens), so that gradient accumulation
 and data parallelism can divide by the token count of the whole global batch exactly."""
 import functools
-import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from .buffers import unshared_buffer
+from .buffers import unshared_buffer, workspace
 from .precision import compute_dtype
 
 IGNORE_INDEX = -100
@@ -77,37 +76,20 @@ def chunked_token_loss_sum(
     return loss, torch.as_tensor(len(counted), device=labels.device)
 
 
-_cpu_workspaces: dict[tuple, torch.Tensor] = {}
-
-
-def _workspace(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A scratch tensor that persists across calls on CPU. The CPU allocator hands large blocks
-    back to the OS when freed, and touching fresh pages again costs more than the softmax itself
-    (page faults are slow under virtualisation); CUDA's caching allocator already reuses blocks."""
-    if device.type != "cpu":
-        return torch.empty(shape, dtype=dtype, device=device)
-    key = (name, dtype)
-    buffer = _cpu_workspaces.get(key)
-    numel = math.prod(shape)
-    if buffer is None or buffer.numel() < numel:
-        buffer = _cpu_workspaces[key] = torch.empty(numel, dtype=dtype)
-    return buffer[:numel].view(shape)
-
-
 def _add_weight_grad(total: Optional[torch.Tensor], partial: torch.Tensor) -> torch.Tensor:
     """``total + partial`` in fp32; ``partial`` is a workspace, so the first one is copied out (on
-    CPU into a kept buffer: the LM head's weight gradient is 32 MiB at a 32k vocabulary, see ``buffers``)."""
+    CPU into a kept buffer: the LM head's weight gradient is 32 MiB at a 32k vocabulary, ``buffers``)."""
     if total is None:
         if partial.device.type != "cpu":
             return partial.to(torch.float32, copy=True)
         return unshared_buffer("lm_head", partial.shape, torch.float32).copy_(partial)
     if partial.dtype != torch.float32:  # a same-dtype add is several times faster than a mixed one
-        partial = _workspace("grad_weight_fp32", partial.shape, torch.float32, partial.device).copy_(partial)
+        partial = workspace("grad_weight_fp32", partial.shape, torch.float32, partial.device).copy_(partial)
     return total.add_(partial)
 
 
 def _fp32_log_softmax(logits: torch.Tensor) -> torch.Tensor:
-    log_probs = _workspace("log_probs", logits.shape, torch.float32, logits.device)
+    log_probs = workspace("log_probs", logits.shape, torch.float32, logits.device)
     return torch.log_softmax(log_probs.copy_(logits), dim=-1, out=log_probs)
 
 
@@ -193,7 +175,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 group = counted[group_start : group_start + group_tokens]
                 h_group = hidden.index_select(0, group).to(dtype)
                 target_group = labels.index_select(0, group)
-                group_logits = _workspace("logits", (len(group), vocab), dtype, device)
+                group_logits = workspace("logits", (len(group), vocab), dtype, device)
                 for start in range(0, len(group), chunk_tokens):
                     chunk = slice(start, start + chunk_tokens)
                     logits, target = torch.mm(h_group[chunk], w.T, out=group_logits[chunk]), target_group[chunk]
@@ -205,7 +187,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     if want_hidden_grad:
                         grad_hidden.index_copy_(0, group[chunk], (logits @ w).to(hidden.dtype))
                 if want_weight_grad:
-                    partial = torch.mm(group_logits.T, h_group, out=_workspace("grad_weight", w.shape, dtype, device))
+                    partial = torch.mm(group_logits.T, h_group, out=workspace("grad_weight", w.shape, dtype, device))
                     grad_weight = _add_weight_grad(grad_weight, partial)
             if want_weight_grad and grad_weight is None:  # no counted token
                 grad_weight = torch.zeros_like(weight, dtype=torch.float32)
