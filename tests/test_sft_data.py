@@ -101,3 +101,12 @@ def test_preference_truncation(tmp_path):
         assert pair[name]["labels"].tolist() == [IGNORE_INDEX] * 5 + completion + [IGNORE_INDEX]
     with pytest.raises(DataError, match="holds preference pairs"):
         MaskedSequences([str(tmp_path / "dpo_text_document")], pairs=False)
+
+
+def test_missing_chat_data_names_the_chat_tool(tmp_path):
+    """A chat prefix that is not there points at the tool that writes chat data, for its kind."""
+    for pairs, kind in ((False, "sft"), (True, "dpo")):
+        with pytest.raises(DataError, match=rf"nowhere_text_document': missing .*; re-create it with "
+                                            rf"data_tools/preprocess_chat.py --kind {kind} or fix the path"):
+            MaskedSequences([str(tmp_path / "nowhere_text_document")], pairs=pairs)
+

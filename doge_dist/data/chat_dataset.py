@@ -29,9 +29,10 @@ class MaskedSequences:
         if not prefixes:
             raise DataError("No chat data prefixes given: set data.train_data to prefixes written by data_tools/preprocess_chat.py.")
         self.tokens, self.masks, lengths = [], [], []
+        tool = f"data_tools/preprocess_chat.py --kind {'dpo' if pairs else 'sft'}"
         for prefix in map(str, prefixes):
-            tokens_info = validate_prefix(prefix, scan_tokens=False)
-            mask_info = validate_prefix(mask_prefix(prefix), scan_tokens=False)
+            tokens_info = validate_prefix(prefix, scan_tokens=False, tool=tool)
+            mask_info = validate_prefix(mask_prefix(prefix), scan_tokens=False, tool=tool)
             if not np.array_equal(tokens_info.sequence_lengths, mask_info.sequence_lengths):
                 raise DataError(f"'{prefix}' and its loss mask '{mask_prefix(prefix)}' have different sequence lengths; re-run data_tools/preprocess_chat.py.")
             tokens = IndexedDataset(prefix, mmap=True)

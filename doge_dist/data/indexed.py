@@ -26,7 +26,7 @@ INDEX_HEADER = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1
 HEADER_BYTES = 9 + 8 + 1 + 8 + 8  # magic, version, dtype code, sequence count, document count
 SCAN_CHUNK_TOKENS = 1 << 26
-FIX = "re-create it with data_tools/preprocess_data.py"
+PREPROCESS_TOOL = "data_tools/preprocess_data.py"  # what writes a pretraining .bin/.idx pair
 
 
 def document_prefix(output_prefix: str, key: str = "text") -> str:
@@ -70,73 +70,76 @@ class PrefixInfo:
     sequence_lengths: np.ndarray
 
 
-def _read_header(idx_path: Path) -> tuple[np.dtype, int, int]:
+def _read_header(idx_path: Path, fix: str) -> tuple[np.dtype, int, int]:
     from megatron.core.datasets.indexed_dataset import DType
 
     with open(idx_path, "rb") as stream:
         header = stream.read(HEADER_BYTES)
     if len(header) < HEADER_BYTES:
-        raise DataError(f"'{idx_path}' is truncated ({len(header)} bytes, the header alone is {HEADER_BYTES}); {FIX}.")
+        raise DataError(f"'{idx_path}' is truncated ({len(header)} bytes, the header alone is {HEADER_BYTES}); {fix}.")
     if header[:9] != INDEX_HEADER:
-        raise DataError(f"'{idx_path}' is not a Megatron index file (wrong magic {header[:9]!r}); {FIX}.")
+        raise DataError(f"'{idx_path}' is not a Megatron index file (wrong magic {header[:9]!r}); {fix}.")
     version = struct.unpack("<Q", header[9:17])[0]
     if version != INDEX_VERSION:
-        raise DataError(f"'{idx_path}' has index version {version}; only version {INDEX_VERSION} is supported; {FIX}.")
+        raise DataError(f"'{idx_path}' has index version {version}; only version {INDEX_VERSION} is supported; {fix}.")
     code = header[17]
     try:
         dtype = np.dtype(DType.dtype_from_code(code))
     except ValueError:
-        raise DataError(f"'{idx_path}' names an unknown token dtype code {code}; {FIX}.") from None
+        raise DataError(f"'{idx_path}' names an unknown token dtype code {code}; {fix}.") from None
     sequences, documents = struct.unpack("<QQ", header[18:34])
     return dtype, sequences, documents
 
 
-def validate_prefix(prefix: str, vocab_size: Optional[int] = None, scan_tokens: bool = True) -> PrefixInfo:
-    """Check a .bin/.idx pair and return its shape; raise ``DataError`` naming the file on any damage.
+def validate_prefix(prefix: str, vocab_size: Optional[int] = None, scan_tokens: bool = True,
+                    tool: str = PREPROCESS_TOOL) -> PrefixInfo:
+    """Check a .bin/.idx pair and return its shape; raise ``DataError`` naming the file on any damage
+    and ``tool``, the command that writes such a pair (chat data: ``preprocess_chat.py --kind ...``).
 
     With ``vocab_size`` and ``scan_tokens`` every token id is read (chunked, memory-mapped) and
     compared with the vocabulary, so an id the embedding cannot hold fails here, not on step N.
     """
+    fix = f"re-create it with {tool}"
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     bin_path, idx_path = Path(prefix + ".bin"), Path(prefix + ".idx")
     missing = [str(p) for p in (bin_path, idx_path) if not p.is_file()]
     if missing:
         hint = " (pass the prefix without .bin/.idx)" if prefix.endswith((".bin", ".idx")) else ""
-        raise DataError(f"Data prefix '{prefix}'{hint}: missing {' and '.join(missing)}; {FIX} or fix the path.")
-    dtype, sequences, documents = _read_header(idx_path)
+        raise DataError(f"Data prefix '{prefix}'{hint}: missing {' and '.join(missing)}; {fix} or fix the path.")
+    dtype, sequences, documents = _read_header(idx_path, fix)
     expected_idx = HEADER_BYTES + sequences * (4 + 8) + documents * 8
     actual_idx = idx_path.stat().st_size
     if actual_idx != expected_idx:
         raise DataError(
             f"'{idx_path}' is {actual_idx} bytes but its header promises {sequences} sequences and {documents} "
-            f"document boundaries ({expected_idx} bytes): truncated or not written to the end; {FIX}."
+            f"document boundaries ({expected_idx} bytes): truncated or not written to the end; {fix}."
         )
     if documents < 1:
-        raise DataError(f"'{idx_path}' has no document index; {FIX}.")
+        raise DataError(f"'{idx_path}' has no document index; {fix}.")
     if not _document_index_ok(idx_path, sequences, documents):
-        raise DataError(f"'{idx_path}' has a document index that is not increasing from 0 to {sequences}; {FIX}.")
+        raise DataError(f"'{idx_path}' has a document index that is not increasing from 0 to {sequences}; {fix}.")
     dataset = IndexedDataset(prefix, mmap=True)
     lengths = np.asarray(dataset.sequence_lengths, dtype=np.int64)
     pointers = np.asarray(dataset.index.sequence_pointers)
     if np.any(lengths < 0):
-        raise DataError(f"'{idx_path}' has negative sequence lengths; {FIX}.")
+        raise DataError(f"'{idx_path}' has negative sequence lengths; {fix}.")
     tokens = int(lengths.sum())
     expected_pointers = np.concatenate([[0], np.cumsum(lengths[:-1])]) * dtype.itemsize if sequences else pointers
     if not np.array_equal(pointers, expected_pointers):
-        raise DataError(f"'{idx_path}' has sequence pointers that do not follow its lengths; {FIX}.")
+        raise DataError(f"'{idx_path}' has sequence pointers that do not follow its lengths; {fix}.")
     expected_bin = tokens * dtype.itemsize
     actual_bin = bin_path.stat().st_size
     if actual_bin != expected_bin:
         raise DataError(
             f"'{bin_path}' is {actual_bin} bytes but '{idx_path}' describes {tokens} {dtype.name} tokens "
-            f"({expected_bin} bytes): the pair is truncated or mismatched; {FIX}."
+            f"({expected_bin} bytes): the pair is truncated or mismatched; {fix}."
         )
     max_token = _max_token(bin_path, dtype) if scan_tokens and tokens else None
     if vocab_size is not None and max_token is not None and max_token >= vocab_size:
         raise DataError(
             f"'{bin_path}' holds token id {max_token} but the tokenizer/model vocabulary has {vocab_size} ids: "
-            "it was tokenized with a different tokenizer. Re-run data_tools/preprocess_data.py with the "
+            f"it was tokenized with a different tokenizer. Re-run {tool} with the "
             "tokenizer of this run, or set data.tokenizer to the one the data was made with."
         )
     return PrefixInfo(prefix, dtype, sequences, documents - 1, tokens, max_token, lengths)
