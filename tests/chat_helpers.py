@@ -70,18 +70,21 @@ def finetune(kind: str, run_dir: Path, stage: int, nproc: int, **values) -> Path
 
 
 # Runs shared by several test files: one process (micro 2 x accumulation 2) and two ZeRO-2 ranks
-# (micro 2 x accumulation 1) see the same 4 samples per step in the same micro-batches.
+# (micro 2 x accumulation 1) see the same 4 samples per step in the same micro-batches. The DPO runs
+# also score all 8 validation pairs every 10 steps (4 x 2 pairs in one process, 2 x 4 on two ranks).
 STEPS = {"sft": 8, "dpo": 30}
 LR = {"sft": 2e-3, "dpo": 5e-4}
+VALIDATION = {"sft": {}, "dpo": {"train.eval_interval": 10, "train.eval_iters": 4}}
 
 
 @lru_cache(maxsize=None)
 def single_run(kind: str) -> Path:
     return finetune(kind, scratch() / f"{kind}_single", 0, 1, **{"train.micro_batch_size": 2, "train.gradient_accumulation_steps": 2,
-                                                                  "train.max_steps": STEPS[kind], "train.lr": LR[kind]})
+                                                                  "train.max_steps": STEPS[kind], "train.lr": LR[kind]},
+                    **VALIDATION[kind])
 
 
 @lru_cache(maxsize=None)
 def zero2_run(kind: str, **extra) -> Path:
     values = {"train.micro_batch_size": 2, "train.gradient_accumulation_steps": 1, "train.max_steps": STEPS[kind], "train.lr": LR[kind]}
-    return finetune(kind, scratch() / f"{kind}_zero2", 2, 2, **values, **extra)
+    return finetune(kind, scratch() / f"{kind}_zero2", 2, 2, **values, **VALIDATION[kind], **extra)

@@ -63,6 +63,6 @@ def test_task_forward_matches_direct_computation():
         direct.append(-torch.nn.functional.logsigmoid(chosen - rejected))
         margins.append(chosen - rejected)
     assert torch.allclose(loss_sum, sum(direct), atol=1e-5)
-    metrics = task._sums.tolist()  # loss, rewards_chosen, rewards_rejected, margin, accuracy sums
+    metrics = task._sums["train"].tolist()  # loss, rewards_chosen, rewards_rejected, margin, accuracy sums
     assert math.isclose(metrics[3], float(sum(margins)), abs_tol=1e-5)
     assert metrics[4] == sum(float(m > 0) for m in margins)

@@ -5,6 +5,7 @@ within 1e-5 absolute, fp32)."""
 import pytest
 
 from chat_helpers import LR, STEPS, finetune, single_run, zero2_run
+from doge_dist.train.dpo import VALID_METRICS
 from train_helpers import losses, scalars, scratch
 
 TOLERANCE = 1e-5
@@ -38,6 +39,22 @@ def test_dpo_two_ranks_precomputed_match_one_process():
     reference = losses(single_run("dpo"))
     distributed = losses(zero2_run("dpo", **{"finetune.reference": "precomputed"}))
     assert distributed == pytest.approx(reference, abs=TOLERANCE)
+
+
+def test_validation_pairs_scored_against_their_own_reference():
+    """Held-out pairs: the same DPO loss and rewards with a frozen reference model (one process) as
+    with precomputed reference log-probs (two ranks), which then must hold the validation pairs' own;
+    no perplexity for a loss that is not a token cross entropy."""
+    single, distributed = single_run("dpo"), zero2_run("dpo", **{"finetune.reference": "precomputed"})
+    for tag in ("val/loss", *VALID_METRICS):
+        one, two = scalars(single, tag), scalars(distributed, tag)
+        assert set(one) == set(two) == {10, 20, 30}, tag
+        assert [two[step] for step in sorted(two)] == pytest.approx([one[step] for step in sorted(one)], abs=TOLERANCE), tag
+    assert not scalars(single, "val/ppl")
+    accuracy, margin = scalars(single, "dpo_val/accuracy"), scalars(single, "dpo_val/reward_margin")
+    chosen, rejected = scalars(single, "dpo_val/rewards_chosen"), scalars(single, "dpo_val/rewards_rejected")
+    assert all(value in {k / 8 for k in range(9)} for value in accuracy.values())  # a mean over all 8 pairs
+    assert [margin[s] for s in sorted(margin)] == pytest.approx([chosen[s] - rejected[s] for s in sorted(margin)], abs=1e-6)
 
 
 def test_bf16_reference_equals_the_untrained_policy():

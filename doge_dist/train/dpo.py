@@ -8,7 +8,9 @@ Per pair, with summed completion log-probs ``pi`` (policy) and ``ref`` (frozen r
 (trl's ``loss_type="sigmoid"`` without label smoothing). The loop averages the loss over the pairs
 of the global batch. The reference is the ``run.init_from`` model: a frozen copy next to the policy
 (``finetune.reference: model``), or its log-probs computed once before step 1 and kept in
-``run.dir/reference_logps.pt`` (``precomputed``: no second model in memory while training).
+``run.dir/reference_logps.pt`` and, for the validation pairs, ``reference_logps_valid.pt``
+(``precomputed``: no second model in memory while training). Validation reports the held-out pairs'
+loss, rewards, margin and accuracy (``val/loss``, ``dpo_val/*``).
 """
 from __future__ import annotations
 
@@ -28,7 +30,8 @@ from .distributed import DistEnv
 from .finetune import FinetuneData, FinetuneTask, pad_id
 
 METRICS = ("dpo/loss", "dpo/rewards_chosen", "dpo/rewards_rejected", "dpo/reward_margin", "dpo/accuracy")
-REFERENCE_FILE = "reference_logps.pt"
+VALID_METRICS = ("dpo_val/rewards_chosen", "dpo_val/rewards_rejected", "dpo_val/reward_margin", "dpo_val/accuracy")
+REFERENCE_FILES = {"train": "reference_logps.pt", "valid": "reference_logps_valid.pt"}
 
 
 def sequence_logps(model: DogeForCausalLM, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -79,15 +82,16 @@ def match_dtypes(model: torch.nn.Module, like: torch.nn.Module) -> None:
 
 class DPOTask(FinetuneTask):
     pairs = True
+    reports_perplexity = False  # the loss is per pair, not a token cross entropy
 
     def __init__(self) -> None:
         self.beta = 0.1
         self.reference: Optional[DogeForCausalLM] = None
-        self.table: Optional[torch.Tensor] = None  # [pairs, 2] precomputed reference log-probs
-        self._precompute_into: Optional[tuple[Config, DistEnv, Path]] = None  # until the first step
+        self.tables: dict[str, torch.Tensor] = {}  # split -> [pairs, 2] precomputed reference log-probs
+        self._precompute_for: Optional[tuple[Config, DistEnv]] = None  # until the first step
         self._reference_ready = False
-        self._sums = torch.zeros(len(METRICS), dtype=torch.float64)
-        self._pairs = 0
+        self._sums = {split: torch.zeros(len(METRICS), dtype=torch.float64) for split in REFERENCE_FILES}
+        self._pairs = dict.fromkeys(REFERENCE_FILES, 0)
 
     def dataset(self, config: Config, split: str) -> Optional[PreferenceDataset]:
         sequences = self.sequences(config, split)
@@ -103,22 +107,26 @@ class DPOTask(FinetuneTask):
         self.beta = config.finetune.beta
         self.reference = load_reference(config.run.init_from, env.device)
         if config.finetune.reference == "precomputed":
-            self._precompute_into = (config, env, Path(config.run.dir) / REFERENCE_FILE)
+            self._precompute_for = (config, env)
         return super().build_data(config, env, dp_rank, dp_size, consumed_samples, cache_dir)
 
-    def _precompute(self, config: Config, env: DistEnv, path: Path) -> torch.Tensor:
-        """Reference log-probs of every training pair, split over the ranks, summed, saved once by rank 0."""
-        train = self.dataset(config, "train")
+    def _precompute(self, config: Config, env: DistEnv, split: str) -> Optional[torch.Tensor]:
+        """Reference log-probs of every pair of ``split`` (None without such data), split over the
+        ranks, summed, saved once by rank 0 in ``run.dir``."""
+        pairs = self.dataset(config, split)
+        if pairs is None:
+            return None
+        path = Path(config.run.dir) / REFERENCE_FILES[split]
         if path.is_file():
             table = torch.load(path, map_location=env.device)
-            if table.shape == (len(train), 2):
+            if table.shape == (len(pairs), 2):
                 return table
-        table = torch.zeros(len(train), 2, dtype=torch.float64, device=env.device)
+        table = torch.zeros(len(pairs), 2, dtype=torch.float64, device=env.device)
         rank, world = dist.get_rank(), dist.get_world_size()
         collate = self.collate(config)
-        mine = list(range(rank, len(train), world))
+        mine = list(range(rank, len(pairs), world))
         for start in range(0, len(mine), config.train.micro_batch_size):
-            batch = collate([train[i] for i in mine[start : start + config.train.micro_batch_size]])
+            batch = collate([pairs[i] for i in mine[start : start + config.train.micro_batch_size]])
             batch = {k: v.to(env.device) for k, v in batch.items()}
             logps = reference_logps(self.reference, batch).double()
             table[batch["index"]] = torch.stack(logps.chunk(2), dim=1)
@@ -129,38 +137,54 @@ class DPOTask(FinetuneTask):
 
     def _prepare_reference(self, policy: torch.nn.Module) -> None:
         """At the first loss, when the policy has DeepSpeed's dtypes: the reference takes them, and with
-        ``precomputed`` scores every training pair once (all ranks call this together) and is dropped."""
+        ``precomputed`` scores every training pair and, when the run validates, every validation pair
+        once (all ranks call this together) and is dropped."""
         match_dtypes(self.reference, policy)
-        if self._precompute_into is not None:
-            self.table = self._precompute(*self._precompute_into)
-            self.reference, self._precompute_into = None, None
+        if self._precompute_for is not None:
+            config, env = self._precompute_for
+            splits = REFERENCE_FILES if config.train.eval_interval > 0 else ("train",)
+            tables = {split: self._precompute(config, env, split) for split in splits}
+            self.tables = {split: table for split, table in tables.items() if table is not None}
+            self.reference, self._precompute_for = None, None
 
     def forward_loss(self, engine, batch: dict):
-        """(sum of pair losses, pair count, balance loss) for a [2B, T] batch: B chosen, then B rejected."""
+        """(sum of pair losses, pair count, balance loss) for a [2B, T] batch: B chosen, then B rejected;
+        training pairs with gradients enabled, validation pairs (the loop's ``evaluate``) without."""
         if not self._reference_ready:
             self._prepare_reference(engine.module)
             self._reference_ready = True
+        split = "train" if torch.is_grad_enabled() else "valid"
         out = engine(batch["input_ids"], position_ids=batch.get("position_ids"))
         policy = sequence_logps(engine.module, out.logits, batch["labels"])
-        if self.table is not None:
-            reference = self.table[batch["index"]].to(policy.dtype).T.reshape(-1)
+        if self.tables:
+            reference = self.tables[split][batch["index"]].to(policy.dtype).T.reshape(-1)
         else:
             reference = reference_logps(self.reference, batch)
         pairs = len(batch["index"])
         losses, chosen, rejected = dpo_loss(policy[:pairs], policy[pairs:], reference[:pairs], reference[pairs:], self.beta)
-        if torch.is_grad_enabled():  # training steps only, not validation
-            values = [losses.detach().sum(), chosen.sum(), rejected.sum(), (chosen - rejected).sum(), (chosen > rejected).sum()]
-            self._sums += torch.stack([v.double().cpu() for v in values])
-            self._pairs += pairs
+        values = [losses.detach().sum(), chosen.sum(), rejected.sum(), (chosen - rejected).sum(), (chosen > rejected).sum()]
+        self._sums[split] += torch.stack([v.double().cpu() for v in values])
+        self._pairs[split] += pairs
         return losses.sum(), torch.as_tensor(pairs), out.balance_loss
 
     def log_metrics(self, device: torch.device) -> dict[str, float]:
-        """Means over the pairs of all ranks since the previous log point."""
+        """Means over the training pairs of all ranks since the previous log point."""
+        return self._means("train", METRICS, device)
+
+    def validation_metrics(self, device: torch.device) -> dict[str, float]:
+        """Means over the validation pairs of all ranks (the loss itself is the loop's ``val/loss``)."""
+        means = self._means("valid", ("loss",) + VALID_METRICS, device)
+        del means["loss"]
+        return means
+
+    def _means(self, split: str, names: tuple[str, ...], device: torch.device) -> dict[str, float]:
+        """The accumulated sums of ``split`` divided by its pair count, over all data-parallel ranks;
+        a collective call that starts the next accumulation."""
         from ..parallel.state import data_parallel_group
 
-        totals = torch.cat([self._sums, torch.tensor([float(self._pairs)], dtype=torch.float64)]).to(device)
+        totals = torch.cat([self._sums[split], torch.tensor([float(self._pairs[split])], dtype=torch.float64)]).to(device)
         dist.all_reduce(totals, group=data_parallel_group())  # tensor-parallel ranks hold the same pairs
-        self._sums.zero_()
-        self._pairs = 0
+        self._sums[split].zero_()
+        self._pairs[split] = 0
         pairs = max(float(totals[-1]), 1.0)
-        return {name: float(value) / pairs for name, value in zip(METRICS, totals[:-1].tolist())}
+        return {name: float(value) / pairs for name, value in zip(names, totals[:-1].tolist())}

@@ -253,7 +253,8 @@ def pretrain(config: Config, ds_user: dict[str, Any], ds_where: str = "the DeepS
                                 env.device, result["balance_loss"])
             reporter.scalars(progress.step, task.log_metrics(env.device))
         if train.eval_interval and (progress.step % train.eval_interval == 0 or progress.step == train.max_steps):
-            reporter.validation(progress.step, evaluate(engine, data.validation_batches(), env, task))
+            loss = evaluate(engine, data.validation_batches(), env, task)
+            reporter.validation(progress.step, loss, task.reports_perplexity, task.validation_metrics(env.device))
         if result["stop"]:
             if env.is_main:
                 print(f"[doge-dist] stop signal received: saving at step {progress.step} and exiting", flush=True)

@@ -111,11 +111,17 @@ class Reporter:
             )
         self._last_time, self._last_step, self._last_tokens = now, step, consumed_tokens
 
-    def validation(self, step: int, loss: float) -> None:
-        ppl = math.exp(min(loss, 50.0))
-        self.scalars(step, {"val/loss": loss, "val/ppl": ppl})
+    def validation(self, step: int, loss: float, perplexity: bool = True, metrics: Optional[dict[str, float]] = None) -> None:
+        """``perplexity``: the loss is a mean token cross entropy; ``metrics``: the task's other scalars."""
+        values = {"val/loss": loss}
+        if perplexity:
+            values["val/ppl"] = math.exp(min(loss, 50.0))
+        values.update(metrics or {})
+        self.scalars(step, values)
         if self.is_main:
-            print(f"step {step:>6}/{self.max_steps} | validation loss {loss:.4f} | perplexity {ppl:.2f}", flush=True)
+            shown = "".join(f" | perplexity {value:.2f}" if tag == "val/ppl" else f" | {tag} {value:.4f}"
+                            for tag, value in values.items() if tag != "val/loss")
+            print(f"step {step:>6}/{self.max_steps} | validation loss {loss:.4f}{shown}", flush=True)
 
     def close(self) -> None:
         if self.writer:

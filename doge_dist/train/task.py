@@ -4,7 +4,9 @@ one engine, one checkpoint format and one Reporter.
 A task supplies the data (``build_data``: an object with ``next_step()``, ``validation_batches()``
 and ``global_batch``), the loss of one micro-batch as a *sum* over its loss units plus the unit
 count (``forward_loss``, ``count``: tokens for language modelling, pairs for DPO, so the loop's
-exact global-batch mean works for every objective), and extra TensorBoard scalars at log points.
+exact global-batch mean works for every objective; ``forward_loss`` sees training micro-batches
+with gradients enabled and validation ones under ``no_grad``), and extra TensorBoard scalars at log
+points and after each validation.
 """
 from __future__ import annotations
 
@@ -27,10 +29,17 @@ class Task(Protocol):
 
     def log_metrics(self, device: torch.device) -> dict[str, float]: ...
 
+    def validation_metrics(self, device: torch.device) -> dict[str, float]: ...
+
+    # whether the loss is a mean token cross entropy, so that validation reports its perplexity
+    reports_perplexity: bool
+
 
 class PretrainTask:
     """Next-token prediction on megatron-core GPT datasets: the loop's own ``forward_loss``; for MoE
     models it also reports the routing statistics (``moe/*``) of the training micro-batches."""
+
+    reports_perplexity = True
 
     def __init__(self) -> None:
         self.moe_stats: Optional[MoEStats] = None
@@ -58,3 +67,7 @@ class PretrainTask:
         from ..parallel.state import data_parallel_group
 
         return self.moe_stats.summary(data_parallel_group())
+
+    def validation_metrics(self, device: torch.device) -> dict[str, float]:
+        """Scalars beyond the validation loss, over the last validation; a collective call."""
+        return {}
