@@ -110,3 +110,19 @@ def test_missing_chat_data_names_the_chat_tool(tmp_path):
                                             rf"data_tools/preprocess_chat.py --kind {kind} or fix the path"):
             MaskedSequences([str(tmp_path / "nowhere_text_document")], pairs=pairs)
 
+
+def test_too_small_validation_set_warns_and_is_not_scored():
+    """Fewer validation samples than one micro-batch per rank: a warning, and no validation batches
+    (the loop then logs no val/loss instead of the 0 of an empty mean)."""
+    from doge_dist.config import load_config
+    from doge_dist.train.finetune import FinetuneData
+
+    config = load_config(None, ["train.micro_batch_size=2", "train.max_steps=1", "train.eval_interval=1"])
+    samples = [{"x": torch.tensor([i])} for i in range(8)]
+    collate = lambda batch: {"x": torch.stack([s["x"] for s in batch])}  # noqa: E731
+    with pytest.warns(UserWarning, match=r"data.valid_data holds 3 samples, fewer than one micro-batch on every data-parallel rank \(4\)"):
+        data = FinetuneData(samples, samples[:3], collate, config, dp_rank=0, dp_size=2, consumed_samples=0)
+    assert data.validation_batches() == []
+    for rank, expected in ((0, [[0], [1]]), (1, [[2], [3]])):  # four samples: one micro-batch on each rank
+        data = FinetuneData(samples, samples[:4], collate, config, dp_rank=rank, dp_size=2, consumed_samples=0)
+        assert [b["x"].tolist() for b in data.validation_batches()] == [expected]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from functools import partial
 from pathlib import Path
 from typing import Callable, Optional
@@ -38,6 +39,9 @@ class FinetuneData:
         self._train = iter(DataLoader(shuffled, batch_sampler=sampler, collate_fn=collate, num_workers=config.data.num_workers))
         self._valid: list[dict] = []
         per_iter = train.micro_batch_size * dp_size
+        if valid_set is not None and train.eval_interval > 0 and len(valid_set) < per_iter and dp_rank == 0:
+            warnings.warn(f"data.valid_data holds {len(valid_set)} samples, fewer than one micro-batch on every "
+                          f"data-parallel rank ({per_iter}): this run does not validate.")
         if valid_set is not None and train.eval_interval > 0 and len(valid_set) >= per_iter:
             iters = min(train.eval_iters, len(valid_set) // per_iter)
             sampler = ResumableSampler(iters * per_iter, 0, train.micro_batch_size, dp_rank, dp_size)

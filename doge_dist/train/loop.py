@@ -252,8 +252,10 @@ def pretrain(config: Config, ds_user: dict[str, Any], ds_where: str = "the DeepS
             reporter.train_step(progress.step, result["loss"], lr, result["grad_norm"], progress.consumed_tokens,
                                 env.device, result["balance_loss"])
             reporter.scalars(progress.step, task.log_metrics(env.device))
-        if train.eval_interval and (progress.step % train.eval_interval == 0 or progress.step == train.max_steps):
-            loss = evaluate(engine, data.validation_batches(), env, task)
+        validate = train.eval_interval and (progress.step % train.eval_interval == 0 or progress.step == train.max_steps)
+        valid_batches = data.validation_batches() if validate else []
+        if valid_batches:  # fine-tuning data may be too small to validate (FinetuneData warns)
+            loss = evaluate(engine, valid_batches, env, task)
             reporter.validation(progress.step, loss, task.reports_perplexity, task.validation_metrics(env.device))
         if result["stop"]:
             if env.is_main:
