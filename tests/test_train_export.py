@@ -1,6 +1,6 @@
 """launch/export_hf.py: a ZeRO-2 (2 ranks) and a ZeRO-0 checkpoint become Hugging Face directories
 that AutoModelForCausalLM/AutoTokenizer load without remote code, with logits equal to ours; an HF
-directory initialises a new run (run.init_from) with the same weights."""
+directory or a checkpoint of any ZeRO stage initialises a new run (run.init_from) with the same weights."""
 import subprocess
 
 import pytest
@@ -61,3 +61,19 @@ def test_init_from_starts_from_the_given_weights(init):
     # the continued run's first loss is the trained model's: far below a fresh start's
     assert losses(run_dir)[0] < losses(single_process_run())[0] - 0.3
     assert scalars(run_dir, "train/lr")[1] == 0.0  # a fresh WSD starts its re-warmup at 0
+
+
+def test_init_from_weights_of_any_zero_stage():
+    """Weights only (run.init_optimizer false): a checkpoint's consolidated fp32 weights, whatever
+    ZeRO stage saved it and whatever stage the new run uses (DeepSpeed's module-only load reads only
+    its own stage's files)."""
+    zero2, zero3 = two_rank_run(2, "deepspeed"), two_rank_run(3, "torchrun")
+    first = {}
+    for source, stage in (("zero2", 3), ("zero2", 0), ("zero3", 0)):
+        run_dir = scratch() / f"weights_{source}_to_zero{stage}"
+        pretrain(run_dir, stage, nproc=1, launcher="python", max_steps=2, warmup_steps=1, decay_steps=0, eval_interval=0,
+                 **{"run.init_from": str(zero2 if source == "zero2" else zero3)})
+        first[source, stage] = losses(run_dir)[0]
+    assert first["zero2", 3] == pytest.approx(first["zero2", 0], rel=1e-6)  # the same weights, the same batch
+    assert first["zero3", 0] == pytest.approx(first["zero2", 0], rel=1e-4)  # two runs that agree to 2e-5 a step
+    assert first["zero2", 0] < losses(single_process_run())[0] - 0.3  # trained weights, not a fresh start

@@ -71,3 +71,35 @@ def test_resume_one_rank_on_two_and_sigterm_saves():
     assert "stop signal received" in output
     tag = (run_dir / "checkpoints" / "latest").read_text()
     assert json.loads((run_dir / "checkpoints" / tag / "doge_meta.json").read_text())["step"] >= 3
+
+
+@pytest.mark.parametrize("saved,resumed", [(0, 2), (2, 0), (2, 3), (3, 1)])
+def test_resume_across_zero_families_fails_before_any_work(saved, resumed, tmp_path):
+    """DeepSpeed's optimizer checkpoints load within ZeRO-0, ZeRO 1-2 and ZeRO-3 only: across them
+    the run stops with the way out named, instead of an assertion inside DeepSpeed."""
+    from doge_dist.config import ConfigError
+    from doge_dist.parallel.state import ParallelLayout
+    from doge_dist.train import checkpoint
+    from doge_dist.train.loop import loadable_tag
+
+    tag = checkpoint.tag_for(4)
+    (tmp_path / tag).mkdir()
+    (tmp_path / tag / checkpoint.META).write_text(json.dumps({"step": 4, "dp_size": 1, "zero_stage": saved}))
+    layout = ParallelLayout(world_size=1, tensor_parallel=1, expert_parallel=1)
+    with pytest.raises(ConfigError, match=rf"saved with ZeRO-{saved} and this run uses ZeRO-{resumed}: .*Resume with "
+                                          r"ZeRO[- ][0-3-]+, or start a new run.dir from its weights with run.init_from"):
+        loadable_tag(tmp_path, tag, layout, {"zero_optimization": {"stage": resumed}})
+
+
+@pytest.mark.parametrize("files,stage", [([], 0), (["bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"], 2),
+                                         (["zero_pp_rank_0_mp_rank_00_model_states.pt",
+                                           "zero_pp_rank_0_mp_rank_00_optim_states.pt"], 3)])
+def test_saved_zero_stage_of_checkpoints_without_it_in_their_meta(files, stage, tmp_path):
+    from doge_dist.train import checkpoint
+
+    tag = checkpoint.tag_for(4)
+    (tmp_path / tag).mkdir()
+    (tmp_path / tag / checkpoint.META).write_text(json.dumps({"step": 4}))
+    for name in ["mp_rank_00_model_states.pt"] * (stage < 3) + files:
+        (tmp_path / tag / name).touch()
+    assert checkpoint.saved_zero_stage(tmp_path, tag) == stage

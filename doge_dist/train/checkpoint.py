@@ -122,7 +122,7 @@ def save(engine, run_dir: str | Path, progress: Progress, layout, keep_last: int
     dist.barrier()
     torch.save(_rng_state(), root / tag / f"rng_rank{rank:05d}.pt")
     meta = {**asdict(progress), "dp_size": layout.dp_size, "tensor_parallel": layout.tensor_parallel,
-            "expert_parallel": layout.expert_parallel}
+            "expert_parallel": layout.expert_parallel, "zero_stage": engine.zero_optimization_stage()}
     engine.save_checkpoint(str(root), tag=tag, client_state={**meta, "universal_checkpoint_info": universal_info},
                            save_latest=False)
     if rank == 0:
@@ -151,6 +151,18 @@ def _prune(root: Path, keep_last: int) -> None:
     for tag in complete[: max(0, len(complete) - max(1, keep_last))]:
         shutil.rmtree(root / tag, ignore_errors=True)
         shutil.rmtree(root / (tag + UNIVERSAL_SUFFIX), ignore_errors=True)
+
+
+def saved_zero_stage(root: Path, tag: str) -> int:
+    """The ZeRO stage ``tag`` was saved with: from its meta file, or for checkpoints written before
+    the meta recorded it, from DeepSpeed's file layout (3: per-rank model states; 1 and 2, which
+    share a layout, reported as 2: partitioned optimizer states; else 0)."""
+    stage = read_meta(root, tag).get("zero_stage")
+    if stage is not None:
+        return int(stage)
+    if any((root / tag).glob("*zero_pp_rank_*_mp_rank_*_model_states.pt")):
+        return 3
+    return 2 if any((root / tag).glob("*zero_pp_rank_*_optim_states.pt")) else 0
 
 
 def universal_tag(root: Path, tag: str) -> str:
@@ -200,13 +212,13 @@ def check_model_shape(root: Path, tag: str, model_config) -> None:
     load_state_checked(current, saved_state, f"checkpoint {root / tag} (model shape differs from the config)")
 
 
-def load(engine, root: Path, tag: str, rank: int, seed: int, module_only: bool = False, with_optimizer: bool = True) -> Progress:
-    """Load weights (and optimizer/schedule unless ``module_only``) through DeepSpeed; returns progress."""
+def load(engine, root: Path, tag: str, rank: int, seed: int, module_only: bool = False) -> Progress:
+    """Load weights and optimizer states (and the schedule and progress unless ``module_only``: a
+    continuation with the optimizer, ``run.init_optimizer``) through DeepSpeed; returns progress."""
     path, client = engine.load_checkpoint(
         str(root),
         tag=tag,
-        load_module_only=module_only and not with_optimizer,
-        load_optimizer_states=with_optimizer,
+        load_optimizer_states=True,
         load_lr_scheduler_states=not module_only,
     )
     if path is None:

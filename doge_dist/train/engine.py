@@ -38,11 +38,16 @@ def enable_activation_checkpointing(model: DogeForCausalLM) -> None:
         layer.forward = checkpointed
 
 
-def initial_model(config: Config) -> nn.Module:
-    """A fresh model (same weights on every rank for the same seed), or an HF directory's weights."""
+def initial_model(config: Config, weights: Optional[dict[str, torch.Tensor]] = None) -> nn.Module:
+    """A fresh model (same weights on every rank for the same seed), or ``weights`` (a checkpoint's,
+    consolidated), or an HF directory's weights."""
+    from ..convert.hf import load_state_checked
+
     model = build_model(config.model)
-    if is_hf_directory(config.run.init_from):
-        from ..convert.hf import load_hf, load_state_checked
+    if weights is not None:
+        load_state_checked(model, weights, f"run.init_from '{config.run.init_from}'")
+    elif is_hf_directory(config.run.init_from):
+        from ..convert.hf import load_hf
 
         loaded = load_hf(config.run.init_from)
         load_state_checked(model, loaded.state_dict(), f"run.init_from '{config.run.init_from}'")
@@ -53,12 +58,14 @@ def is_hf_directory(path: Optional[str]) -> bool:
     return bool(path) and Path(path, "config.json").is_file()
 
 
-def build_engine(config: Config, ds: dict[str, Any], device: torch.device):
-    """(engine, effective DeepSpeed config). At ZeRO 0 in fp32 the optimizer clips and guards itself."""
+def build_engine(config: Config, ds: dict[str, Any], device: torch.device,
+                 weights: Optional[dict[str, torch.Tensor]] = None):
+    """(engine, effective DeepSpeed config); ``weights``: see ``initial_model``. At ZeRO 0 in fp32 the
+    optimizer clips and guards itself."""
     import deepspeed
 
     ds = copy.deepcopy(ds)
-    model = parallelize(initial_model(config), config.parallel).to(device)
+    model = parallelize(initial_model(config, weights), config.parallel).to(device)
     if config.train.activation_checkpointing:
         enable_activation_checkpointing(model)
     if config.train.compile:

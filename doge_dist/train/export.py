@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 import yaml
 
 from ..config import ConfigError, ModelConfig
@@ -21,12 +22,16 @@ from . import checkpoint
 
 
 def consolidated_state(root: Path, tag: str) -> dict[str, torch.Tensor]:
-    """Full fp32 weights of a checkpoint of any ZeRO stage and tensor-parallel size."""
+    """Full fp32 weights of a checkpoint of any ZeRO stage and tensor-parallel size; in a distributed
+    job a collective call (a model-parallel checkpoint is converted once, by rank 0)."""
     meta = checkpoint.read_meta(root, tag)
     partitioned = any((root / tag).glob("*zero_pp_rank_*_optim_states.pt"))
     if meta.get("tensor_parallel", 1) > 1 or meta.get("expert_parallel", 1) > 1:
         if partitioned:  # DeepSpeed's universal checkpoint merges the model-parallel slices
-            universal = checkpoint.convert_to_universal(root, tag) / "zero"
+            if dist.is_available() and dist.is_initialized():  # every rank of a job calls this: rank 0 converts
+                universal = root / checkpoint.universal_tag(root, tag) / "zero"
+            else:
+                universal = checkpoint.convert_to_universal(root, tag) / "zero"
             return {p.name: torch.load(p / "fp32.pt", weights_only=False)["param"].float()
                     for p in universal.iterdir() if (p / "fp32.pt").is_file()}
         from ..parallel.grid_checkpoint import merge_grid

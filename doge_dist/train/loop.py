@@ -28,8 +28,9 @@ from . import checkpoint
 from .checkpoint import Progress
 from .data import move
 from .distributed import DistEnv, all_reduce_sum, init_distributed, launcher_world_size
-from .ds_config import bf16_enabled
+from .ds_config import bf16_enabled, zero_stage
 from .engine import build_engine, is_hf_directory
+from .export import consolidated_state
 from .host_memory import keep_freed_memory
 from .metrics import Reporter, peak_tflops
 from .preflight import check_run
@@ -135,20 +136,33 @@ def find_start(config: Config) -> Optional[tuple[Path, str]]:
     return (root, tag) if tag else None
 
 
-def loadable_tag(root: Path, tag: str, layout: ParallelLayout, ds: dict, with_optimizer: bool) -> str:
-    """The tag to load with this layout: a checkpoint saved with another tensor-parallel size, or with
-    partitioned optimizer states at another dp size, goes through DeepSpeed's universal checkpoint
-    (converted once; "load_universal" set in ``ds``), which re-splits every tensor."""
+ZERO_FAMILIES = ("ZeRO-0", "ZeRO 1-2", "ZeRO 1-2", "ZeRO-3")  # stages whose checkpoints load into each other
+
+
+def loadable_tag(root: Path, tag: str, layout: ParallelLayout, ds: dict) -> str:
+    """The tag to load weights and optimizer states from with this layout: a checkpoint saved with
+    another tensor/expert-parallel or data-parallel size goes through DeepSpeed's universal checkpoint
+    (converted once; "load_universal" set in ``ds``), which re-splits every tensor. DeepSpeed's
+    optimizer checkpoints load within ZeRO-0, within ZeRO 1-2 and within ZeRO-3 only (torch's format,
+    flat partitions, per-rank parameter partitions); across them a clear error names the way out."""
     saved = checkpoint.read_meta(root, tag)
-    partitioned = any((root / tag).glob("*zero_pp_rank_*_optim_states.pt"))
+    saved_stage, stage = checkpoint.saved_zero_stage(root, tag), zero_stage(ds)
+    if ZERO_FAMILIES[saved_stage] != ZERO_FAMILIES[stage]:
+        raise ConfigError(
+            f"Checkpoint {root / tag} was saved with ZeRO-{saved_stage} and this run uses ZeRO-{stage}: DeepSpeed's "
+            f"optimizer checkpoints do not load from {ZERO_FAMILIES[saved_stage]} into {ZERO_FAMILIES[stage]}. Resume "
+            f"with {ZERO_FAMILIES[saved_stage]}, or start a new run.dir from its weights with run.init_from "
+            "(a fresh optimizer and schedule)."
+        )
     saved_layout = (saved.get("tensor_parallel", 1), saved.get("expert_parallel", 1))
     resharded = saved_layout != (layout.tensor_parallel, layout.expert_parallel)
-    if resharded and not partitioned:
+    if resharded and saved_stage == 0:
         raise ConfigError(
             f"Checkpoint {root / tag} was saved at tensor_parallel x expert_parallel {saved_layout} with ZeRO-0; "
-            f"changing these sizes needs a ZeRO 1-2 checkpoint (resume at the saved sizes, or export it)."
+            f"changing these sizes needs a ZeRO 1-3 checkpoint (resume at the saved sizes, or continue from its "
+            f"weights with run.init_from)."
         )
-    if partitioned and (resharded or (with_optimizer and saved["dp_size"] != layout.dp_size)):
+    if saved_stage and (resharded or saved["dp_size"] != layout.dp_size):
         ds.setdefault("checkpoint", {})["load_universal"] = True
         return checkpoint.universal_tag(root, tag)
     return tag
@@ -182,23 +196,28 @@ def pretrain(config: Config, ds_user: dict[str, Any], ds_where: str = "the DeepS
     if start is None and config.run.init_from and not is_hf_directory(config.run.init_from):
         init_checkpoint = checkpoint.resolve_checkpoint(config.run.init_from)
     source = start or init_checkpoint
+    init_weights = None
     if source:
         checkpoint.check_model_shape(*source, config.model)
-        with_optimizer = start is not None or config.run.init_optimizer
-        source = (source[0], loadable_tag(*source, layout, ds, with_optimizer))
+        if start or config.run.init_optimizer:
+            source = (source[0], loadable_tag(*source, layout, ds))
+        else:  # weights only: the checkpoint's fp32 master weights, from any stage and layout
+            init_weights = consolidated_state(*source)
 
     # 3. the DeepSpeed engine, then its state
-    engine, ds = build_engine(config, ds, env.device)
+    engine, ds = build_engine(config, ds, env.device, init_weights)
+    del init_weights
     progress = Progress()
     if start:
         progress = checkpoint.load(engine, *source, env.rank, train.seed)
         if env.is_main:
             print(f"[doge-dist] resumed from {source[0] / source[1]} at step {progress.step}", flush=True)
     elif init_checkpoint:
-        checkpoint.load(engine, *source, env.rank, train.seed, module_only=True, with_optimizer=config.run.init_optimizer)
-        scheduler = engine.lr_scheduler  # loaded optimizer groups carry the old lr: start the fresh schedule at 0
-        for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
-            group["lr"] = base * scheduler.lr_lambdas[0](0)
+        if config.run.init_optimizer:
+            checkpoint.load(engine, *source, env.rank, train.seed, module_only=True)
+            scheduler = engine.lr_scheduler  # loaded optimizer groups carry the old lr: start the fresh schedule at 0
+            for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
+                group["lr"] = base * scheduler.lr_lambdas[0](0)
         if env.is_main:
             print(f"[doge-dist] continuing from the weights of {source[0] / source[1]} with a fresh schedule", flush=True)
 
