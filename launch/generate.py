@@ -1,8 +1,12 @@
 #!/usr/bin/env python
-"""Sample text from a pretraining run (latest checkpoint) or a Hugging Face Doge directory.
+"""Sample text from a run (latest checkpoint) or a Hugging Face Doge directory.
 
     python launch/generate.py --model runs/doge_tiny_cpu --prompt "The list" --max_new_tokens 60
     python launch/generate.py --model hf/doge_tiny_cpu --temperature 0
+    python launch/generate.py --model runs/sft_tiny_cpu --chat --prompt "What is a list?"
+
+--chat sends the prompt as a user turn through the tokenizer's chat template (an SFT/DPO run's
+data.tokenizer, or an export of one) and prints the assistant's reply.
 """
 import argparse
 import sys
@@ -20,6 +24,7 @@ if __name__ == "__main__":
     parser.add_argument("--top_p", type=float, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tokenizer", default=None, help="default: the HF directory's, or the run's data.tokenizer")
+    parser.add_argument("--chat", action="store_true", help="the prompt is a user turn of the chat template")
     args = parser.parse_args()
 
     def run() -> None:
@@ -37,10 +42,18 @@ if __name__ == "__main__":
 
             model, tokenizer_path = load_checkpoint_model(args.model), args.tokenizer or run_tokenizer_path(args.model)
         tokenizer = load_tokenizer(tokenizer_path)
-        prompt = [tokenizer.eod_id]  # training documents start after an end-of-document token
-        ids = torch.tensor([prompt + tokenizer.encode(args.prompt)])
-        out = generate(model, ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+        if args.chat:
+            from doge_dist.data.chat_template import load_chat_tokenizer
+
+            chat = load_chat_tokenizer(tokenizer_path)
+            prompt = list(chat.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=True,
+                                                   return_dict=True, add_generation_prompt=True)["input_ids"])
+            decode = lambda new: chat.decode(new, skip_special_tokens=True)  # noqa: E731
+        else:
+            prompt = [tokenizer.eod_id] + tokenizer.encode(args.prompt)  # documents start after an end-of-document
+            decode = lambda new: tokenizer.decode(prompt[1:] + new)  # noqa: E731
+        out = generate(model, torch.tensor([prompt]), args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                        tokenizer.eos_id, torch.Generator().manual_seed(args.seed))
-        print(tokenizer.decode(out[0, len(prompt):].tolist()))
+        print(decode(out[0, len(prompt):].tolist()))
 
     sys.exit(report_errors(run))

@@ -1,11 +1,16 @@
 """An SFT run exported with launch/export_hf.py carries the chat template: AutoTokenizer's
-apply_chat_template gives the ids the run trained on, and transformers' generate runs from it."""
+apply_chat_template gives the ids the run trained on, and transformers' generate runs from it;
+launch/generate.py --chat replies as transformers does, from the run or from the export."""
+import dataclasses
 import subprocess
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from chat_helpers import single_run
+from chat_helpers import chat_tokenizer, single_run
+from doge_dist.config import ModelConfig
+from doge_dist.convert.hf import save_hf
+from doge_dist.model import build_model
 from doge_dist.data.chat import encode_conversation
 from doge_dist.data.chat_template import DOGE_CHAT_TEMPLATE, load_chat_tokenizer
 from doge_dist.train.export import load_checkpoint_model
@@ -32,3 +37,26 @@ def test_exported_sft_model_chats_in_transformers():
     with torch.no_grad():  # the exported weights are the fine-tuned ones
         ours = load_checkpoint_model(single_run("sft")).eval()(prompt["input_ids"]).logits
         assert torch.allclose(model(prompt["input_ids"]).logits, ours, atol=1e-4, rtol=1e-4)
+
+    # launch/generate.py --chat replies as transformers does: from the export and from the run (this
+    # briefly trained model answers with spaces), and from a random model whose larger weights make
+    # its greedy reply varied text (at the usual 0.02 it answers with newlines)
+    torch.manual_seed(0)
+    varied = save_hf(build_model(dataclasses.replace(ModelConfig.from_preset("doge-tiny"), initializer_range=0.2)),
+                     scratch() / "hf_varied", tokenizer=chat_tokenizer())
+    for source, hf_dir in ((output, output), (single_run("sft"), output), (varied, varied)):
+        reply = _transformers_reply(hf_dir, MESSAGES[0]["content"], 6)
+        result = subprocess.run([PYTHON, "launch/generate.py", "--model", str(source), "--chat", "--prompt", MESSAGES[0]["content"],
+                                 "--temperature", "0", "--max_new_tokens", "6"], cwd=REPO, env=env(), capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert result.stdout.endswith(reply + "\n"), (source, reply, result.stdout[-200:])
+    assert len(set(reply.strip())) > 3
+
+
+def _transformers_reply(directory, question: str, new_tokens: int) -> str:
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    model = AutoModelForCausalLM.from_pretrained(directory, attn_implementation="eager").eval()
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                           return_tensors="pt", return_dict=True)
+    out = model.generate(**prompt, max_new_tokens=new_tokens, do_sample=False)
+    return tokenizer.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
