@@ -80,3 +80,24 @@ def test_command_line_prints_one_paragraph_and_exits_2():
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error: Unknown key 'warmup_stepz'") and "Did you mean 'warmup_steps'" in result.stderr
     assert "Traceback" not in result.stderr and not (scratch() / "cli").exists()
+
+
+@pytest.mark.parametrize("outcome", ["done", "bad input"])
+def test_the_process_group_is_destroyed_before_exit(outcome, monkeypatch):
+    """report_errors (behind launch/*.py) destroys the process group a run made, on success and on
+    the errors every rank reaches alike, instead of leaving it to the interpreter's teardown."""
+    import torch.distributed as dist
+
+    from doge_dist.train.cli import report_errors
+    from doge_dist.train.distributed import _free_port
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+
+    def run():
+        dist.init_process_group("gloo", rank=0, world_size=1)
+        if outcome == "bad input":
+            raise ConfigError("train.lr = 'abc' is not a number.")
+
+    assert report_errors(run) == (0 if outcome == "done" else 2)
+    assert not dist.is_initialized()
