@@ -42,18 +42,18 @@ if __name__ == "__main__":
 
             model, tokenizer_path = load_checkpoint_model(args.model), args.tokenizer or run_tokenizer_path(args.model)
         tokenizer = load_tokenizer(tokenizer_path)
-        if args.chat:
+        if args.chat:  # the reply alone
             from doge_dist.data.chat_template import load_chat_tokenizer
 
             chat = load_chat_tokenizer(tokenizer_path)
             prompt = list(chat.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=True,
                                                    return_dict=True, add_generation_prompt=True)["input_ids"])
-            decode = lambda new: chat.decode(new, skip_special_tokens=True)  # noqa: E731
-        else:
-            prompt = [tokenizer.eod_id] + tokenizer.encode(args.prompt)  # documents start after an end-of-document
-            decode = lambda new: tokenizer.decode(prompt[1:] + new)  # noqa: E731
+            shown = len(prompt)
+        else:  # the prompt and its continuation; documents start after an end-of-document token
+            prompt, shown = [tokenizer.eod_id] + tokenizer.encode(args.prompt), 1
         out = generate(model, torch.tensor([prompt]), args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                        tokenizer.eos_id, torch.Generator().manual_seed(args.seed))
-        print(decode(out[0, len(prompt):].tolist()))
+        text = out[0, shown:].tolist()
+        print(chat.decode(text, skip_special_tokens=True) if args.chat else tokenizer.decode(text))
 
     sys.exit(report_errors(run))
