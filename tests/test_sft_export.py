@@ -41,11 +41,12 @@ def test_exported_sft_model_chats_in_transformers():
     # launch/generate.py --chat replies as transformers does: from the export and from the run (this
     # briefly trained model answers with spaces), and from a random model whose larger weights make
     # its greedy reply varied text (at the usual 0.02 it answers with newlines)
+    exported = tokenizer.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
     torch.manual_seed(0)
     varied = save_hf(build_model(dataclasses.replace(ModelConfig.from_preset("doge-tiny"), initializer_range=0.2)),
                      scratch() / "hf_varied", tokenizer=chat_tokenizer())
-    for source, hf_dir in ((output, output), (single_run("sft"), output), (varied, varied)):
-        reply = _transformers_reply(hf_dir, MESSAGES[0]["content"], 6)
+    for source, reply in ((output, exported), (single_run("sft"), exported),
+                          (varied, _transformers_reply(varied, MESSAGES[0]["content"], 6))):
         result = subprocess.run([PYTHON, "launch/generate.py", "--model", str(source), "--chat", "--prompt", MESSAGES[0]["content"],
                                  "--temperature", "0", "--max_new_tokens", "6"], cwd=REPO, env=env(), capture_output=True, text=True)
         assert result.returncode == 0, result.stderr[-3000:]
