@@ -1,11 +1,15 @@
 """Upcycling a dense Doge to CDMoE keeps the dense function exactly at step 0."""
+import subprocess
+
 import pytest
 import torch
 
 from doge_dist.config import ConfigError, ModelConfig
-from doge_dist.convert.upcycle import is_new_moe_parameter, upcycle
+from doge_dist.convert.hf import load_hf, save_hf
+from doge_dist.convert.upcycle import is_new_moe_parameter, upcycle, upcycle_to_hf
 from doge_dist.model import build_model
 from model_helpers import perturb_all, unique_tokens
+from train_helpers import PYTHON, REPO, env
 
 
 def test_upcycled_logits_equal_dense_logits_exactly():
@@ -25,3 +29,21 @@ def test_shape_mismatch_is_named():
         upcycle(dense, ModelConfig.from_preset("doge-tiny-moe", hidden_size=128))
     with pytest.raises(ConfigError, match="not a MoE config"):
         upcycle(dense, ModelConfig.from_preset("doge-tiny"))
+
+
+def test_dense_model_of_no_preset_shape_upcycles_with_model_overrides(tmp_path):
+    """launch/upcycle.py's model.key=value overrides: the demo's doge_tiny_cpu.yaml shape is no preset."""
+    dense = build_model(ModelConfig.from_preset("doge-tiny", vocab_size=640, num_hidden_layers=1))
+    perturb_all(dense)
+    save_hf(dense, tmp_path / "dense")
+    with pytest.raises(ConfigError, match=r"override it \(model.vocab_size=640\)"):
+        upcycle_to_hf(str(tmp_path / "dense"), "doge-tiny-moe", str(tmp_path / "moe"))
+    with pytest.raises(ConfigError, match="must all be model.key=value"):
+        upcycle_to_hf(str(tmp_path / "dense"), "doge-tiny-moe", str(tmp_path / "moe"), overrides=["train.lr=1"])
+    command = [PYTHON, str(REPO / "launch" / "upcycle.py"), "--checkpoint", str(tmp_path / "dense"),
+               "--preset", "doge-tiny-moe", "--output", str(tmp_path / "moe"), "model.vocab_size=640", "model.num_hidden_layers=1"]
+    subprocess.run(command, cwd=REPO, env=env(), check=True, capture_output=True, text=True)
+    moe = load_hf(tmp_path / "moe")
+    ids = unique_tokens(2, 16, 640)
+    with torch.no_grad():
+        assert torch.equal(moe(ids).logits, dense(ids).logits)

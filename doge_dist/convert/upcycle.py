@@ -7,7 +7,7 @@ import dataclasses
 
 import torch
 
-from ..config import RUNTIME_SWITCHES, ConfigError, ModelConfig
+from ..config import RUNTIME_SWITCHES, ConfigError, ModelConfig, apply_overrides
 from ..model import DogeForCausalLM, build_model
 
 MOE_ONLY_FIELDS = {"is_moe", "num_experts", "num_experts_per_tok", "norm_topk_prob", "output_router_logits",
@@ -31,7 +31,8 @@ def moe_config_for(dense: ModelConfig, moe: ModelConfig) -> ModelConfig:
         if getattr(dense, field.name) != getattr(moe, field.name):
             raise ConfigError(
                 f"model.{field.name} differs: the dense checkpoint has {getattr(dense, field.name)!r}, the MoE "
-                f"config {getattr(moe, field.name)!r}. Upcycling needs the same shape."
+                f"config {getattr(moe, field.name)!r}. Upcycling needs the same shape: pick the matching preset or "
+                f"override it (model.{field.name}={getattr(dense, field.name)!r})."
             )
     return moe
 
@@ -48,9 +49,17 @@ def upcycle(dense: DogeForCausalLM, moe_config: ModelConfig, seed: int = 0) -> D
     return moe
 
 
-def upcycle_to_hf(source: str, preset: str, output: str, step=None, seed: int = 0):
-    """``launch/upcycle.py``: load a dense model from a run or HF directory, upcycle it to ``preset``,
-    save it with its tokenizer as a Hugging Face directory."""
+def moe_config_from(preset: str, overrides=(), **switches) -> ModelConfig:
+    """``preset`` with ``model.key=value`` overrides (the training config's), as the trainer reads them."""
+    if any(not item.startswith("model.") for item in overrides):
+        raise ConfigError(f"Overrides {list(overrides)} must all be model.key=value (the MoE model's shape).")
+    model = apply_overrides({"model": {"preset": preset}}, list(overrides))["model"]
+    return ModelConfig.from_dict({**model, **switches}, "the upcycle overrides")
+
+
+def upcycle_to_hf(source: str, preset: str, output: str, step=None, seed: int = 0, overrides=()):
+    """``launch/upcycle.py``: load a dense model from a run or HF directory, upcycle it to ``preset``
+    (with ``model.key=value`` overrides), save it with its tokenizer as a Hugging Face directory."""
     from pathlib import Path
 
     from .hf import load_hf, save_hf
@@ -64,5 +73,5 @@ def upcycle_to_hf(source: str, preset: str, output: str, step=None, seed: int = 
         dense = load_checkpoint_model(source, step)
         tokenizer_path = run_tokenizer_path(source)
         tokenizer = load_tokenizer(tokenizer_path).hf_dir if tokenizer_path else None
-    moe = upcycle(dense, ModelConfig.from_preset(preset, attn_backend=dense.config.attn_backend), seed)
+    moe = upcycle(dense, moe_config_from(preset, overrides, attn_backend=dense.config.attn_backend), seed)
     return save_hf(moe, output, tokenizer=tokenizer)
