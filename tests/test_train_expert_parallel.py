@@ -1,7 +1,7 @@
 """Expert parallelism in the trainer: EP 2 (2 ranks, ZeRO-2, and 4 ranks with two replicas of each
 expert shard) reproduces one process's 10 losses; a
-checkpoint saved at EP 2 resumes at EP 1 and one saved at EP 1 resumes at EP 2, continuing the same
-losses; an EP 2 checkpoint exports to Hugging Face.
+checkpoint saved at EP 2 resumes at EP 1 (and at TP 2) and one saved at EP 1 resumes at EP 2, continuing
+the same losses; an EP 2 checkpoint exports to Hugging Face.
 Tolerance as in test_train_zero_parity: 2e-5 relative, fp32."""
 from functools import lru_cache
 
@@ -33,6 +33,15 @@ def test_ep2_matches_one_process_and_checkpoints_move_between_ep_sizes():
     assert ep2 == pytest.approx(single, rel=TOLERANCE)
     assert ep1 == pytest.approx(single[5:], rel=TOLERANCE)
     assert back == pytest.approx(single[7:], rel=TOLERANCE)
+
+
+def test_ep2_checkpoint_resumes_at_tensor_parallel_2():
+    """The universal checkpoint of an EP 2 run names the tensor-parallel split dims (row-parallel
+    weights along dim 1), so a TP 2 run cuts them right."""
+    run_dir = scratch() / "moe_ep2_to_tp2"
+    pretrain(run_dir, 2, nproc=2, micro_batch_size=2, gradient_accumulation_steps=2,
+             **MOE, **{"parallel.tensor_parallel": 2, "run.resume": str(runs()[1] / "checkpoints" / "step_00000005")})
+    assert losses(run_dir) == pytest.approx(losses(runs()[0])[5:], rel=TOLERANCE)
 
 
 def test_ep2_with_two_expert_data_parallel_replicas_matches_one_process():

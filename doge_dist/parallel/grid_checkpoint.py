@@ -91,7 +91,8 @@ def grid_universal_info(config: ModelConfig, tp: int, ep: int) -> dict:
 
 
 def label_universal(universal: Path) -> None:
-    """Add to every tensor of a universal checkpoint converted with affine maps the keys the category
+    """Add to every tensor of a universal checkpoint of an expert-parallel run (merged with affine maps,
+    or with ``expert_universal_info``'s rules, which know no tensor-parallel dims) the keys the tensor-parallel
     converter writes: the dimension a loader at another layout splits along, and the vocabulary flag."""
     from deepspeed.checkpoint import constants as uc
 

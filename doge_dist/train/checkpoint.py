@@ -187,10 +187,10 @@ def convert_to_universal(root: Path, tag: str) -> Path:
         if result.returncode != 0:
             raise RuntimeError(f"ds_to_universal failed for {root / tag}:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
         saved = read_meta(root, tag)
-        if saved.get("tensor_parallel", 1) > 1 and saved.get("expert_parallel", 1) > 1:
+        if saved.get("expert_parallel", 1) > 1:
             from ..parallel.grid_checkpoint import label_universal
 
-            label_universal(tmp)  # merged with affine maps: name the split dims for other layouts' loaders
+            label_universal(tmp)  # merged by expert rules or affine maps: name the tensor-parallel split dims
         shutil.copy2(root / tag / META, tmp / META)
         for rng in (root / tag).glob("rng_rank*.pt"):
             shutil.copy2(rng, tmp / rng.name)
