@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from train_helpers import (REPO, STEPS, base_overrides, command, env, losses, pretrain, scratch,
+from train_helpers import (REPO, STEPS, base_overrides, command, env, losses, pretrain, scalars, scratch,
                            single_process_run, two_rank_run)
 
 
@@ -103,3 +103,20 @@ def test_saved_zero_stage_of_checkpoints_without_it_in_their_meta(files, stage, 
     for name in ["mp_rank_00_model_states.pt"] * (stage < 3) + files:
         (tmp_path / tag / name).touch()
     assert checkpoint.saved_zero_stage(tmp_path, tag) == stage
+
+
+def test_resume_follows_the_schedule_of_the_resumed_config():
+    """A resumed run with another train.lr and train.max_steps uses them from its first step on (the
+    checkpoint holds the old peak lr and the old schedule's last lr)."""
+    from doge_dist.config import TrainConfig
+    from doge_dist.train.schedule import lr_multiplier
+
+    run_dir = scratch() / "longer"
+    changed = dict(micro_batch_size=2, gradient_accumulation_steps=2, max_steps=STEPS + 4, lr=1.0e-3)
+    pretrain(run_dir, 0, nproc=1, launcher="python", **changed,
+             **{"run.resume": str(single_process_run() / "checkpoints" / f"step_{STEPS:08d}")})
+    train = TrainConfig(max_steps=STEPS + 4, lr=1.0e-3, warmup_steps=2, decay_steps=3)
+    logged = scalars(run_dir, "train/lr")
+    assert sorted(logged) == list(range(STEPS + 1, STEPS + 5))
+    for step, lr in logged.items():
+        assert lr == pytest.approx(1.0e-3 * lr_multiplier(step - 1, train), rel=1e-6), step

@@ -34,6 +34,7 @@ from .export import consolidated_state
 from .host_memory import keep_freed_memory
 from .metrics import Reporter, peak_tflops
 from .preflight import check_run
+from .schedule import reapply_schedule
 from .task import PretrainTask, Task
 
 
@@ -210,6 +211,7 @@ def pretrain(config: Config, ds_user: dict[str, Any], ds_where: str = "the DeepS
     progress = Progress()
     if start:
         progress = checkpoint.load(engine, *source, env.rank, train.seed)
+        reapply_schedule(engine.lr_scheduler, train)
         if env.is_main:
             print(f"[doge-dist] resumed from {source[0] / source[1]} at step {progress.step}", flush=True)
     elif init_checkpoint:

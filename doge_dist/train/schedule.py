@@ -81,3 +81,14 @@ def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig) -> tor
         return lambda step: 0.0 if step < start else lr_multiplier(step - start, rest)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, [multiplier(group) for group in optimizer.param_groups])
+
+
+def reapply_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, train: TrainConfig) -> None:
+    """After a resume, the lr of this run's ``train`` section at the loaded step. DeepSpeed restores
+    the scheduler's ``base_lrs`` and the optimizer groups' current lr from the checkpoint, that is from
+    the config of the run that wrote it: a changed ``train.lr`` would be ignored, and a changed
+    ``train.max_steps`` (or phase lengths) would leave the first step at the old schedule's lr."""
+    scheduler.base_lrs = [train.lr] * len(scheduler.optimizer.param_groups)
+    for group, base, multiplier in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * multiplier(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
