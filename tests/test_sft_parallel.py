@@ -26,3 +26,13 @@ def test_sft_expert_parallel_matches_one_process():
     ep2 = finetune("sft", scratch() / "sft_moe_ep2", 2, 2, **{**SAME_BATCHES, "train.gradient_accumulation_steps": 1},
                    **{"run.init_from": str(moe), "parallel.expert_parallel": 2})
     assert losses(ep2) == pytest.approx(losses(single), rel=TOLERANCE)
+
+
+def test_sft_padded_batches_run_sequence_parallel():
+    """Padded (unpacked) micro-batches have any length: under sequence parallelism they are padded up to a
+    multiple of tensor_parallel, so every rank holds T/tp tokens, and the losses stay one process's."""
+    padded = {**SAME_BATCHES, "finetune.packing": "false"}
+    single = finetune("sft", scratch() / "sft_padded_single", 0, 1, **padded)
+    sp = finetune("sft", scratch() / "sft_padded_tp2_sp", 1, 2, **padded,
+                  **{"parallel.tensor_parallel": 2, "parallel.sequence_parallel": "true"})
+    assert losses(sp) == pytest.approx(losses(single), rel=TOLERANCE)

@@ -56,6 +56,8 @@ def test_world_size_not_divisible_by_parallel_sizes():
                        "parallel.expert_parallel=2"), world=4)
     with pytest.raises(ConfigError, match="needs a MoE model"):
         _check(_config("parallel.expert_parallel=2"), world=2)
+    with pytest.raises(ConfigError, match=r"data.seq_length \(63\) must be a multiple of parallel.tensor_parallel \(2\)"):
+        _check(_config("data.seq_length=63", "parallel.tensor_parallel=2", "parallel.sequence_parallel=true"), world=2)
 
 
 def test_impossible_batch_arithmetic_in_the_json():
@@ -80,6 +82,15 @@ def test_command_line_prints_one_paragraph_and_exits_2():
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error: Unknown key 'warmup_stepz'") and "Did you mean 'warmup_steps'" in result.stderr
     assert "Traceback" not in result.stderr and not (scratch() / "cli").exists()
+
+
+def test_overrides_may_come_before_the_options():
+    """``launch/pretrain.py --config X train.max_steps=20 --ds_config Y run.dir=Z``: every override is read."""
+    cmd = [PYTHON, "launch/pretrain.py"] + base_overrides(scratch() / "cli_mixed") + ["--ds_config", "configs/zero1.json",
+                                                                                      "train.warmup_stepz=3"]
+    result = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True)
+    assert result.returncode == 2 and "unrecognized arguments" not in result.stderr
+    assert result.stderr.strip().startswith("error: Unknown key 'warmup_stepz'")
 
 
 @pytest.mark.parametrize("outcome", ["done", "bad input"])

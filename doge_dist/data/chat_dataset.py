@@ -112,17 +112,18 @@ class PreferenceDataset(Dataset):
         return {"chosen": trim(chosen), "rejected": trim(rejected), "index": index}
 
 
-def collate_lm(samples: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest sample of the micro-batch (labels with IGNORE_INDEX)."""
-    length = max(len(s["input_ids"]) for s in samples)
+def collate_lm(samples: list[dict[str, torch.Tensor]], pad_id: int, multiple: int = 1) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest sample of the micro-batch, rounded up to ``multiple`` (sequence
+    parallelism splits the sequence over the tensor-parallel ranks), labels with IGNORE_INDEX."""
+    length = -(-max(len(s["input_ids"]) for s in samples) // multiple) * multiple
     fill = {"input_ids": pad_id, "labels": IGNORE_INDEX, "position_ids": 0}
     return {key: torch.stack([torch.nn.functional.pad(s[key], (0, length - len(s[key])), value=value) for s in samples])
             for key, value in fill.items()}
 
 
-def collate_pairs(samples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+def collate_pairs(samples: list[dict], pad_id: int, multiple: int = 1) -> dict[str, torch.Tensor]:
     """One [2B, T] batch: the B chosen sequences, then the B rejected ones; ``index`` [B] of the pairs."""
-    batch = collate_lm([s["chosen"] for s in samples] + [s["rejected"] for s in samples], pad_id)
+    batch = collate_lm([s["chosen"] for s in samples] + [s["rejected"] for s in samples], pad_id, multiple)
     batch["index"] = torch.tensor([s["index"] for s in samples])
     return batch
 

@@ -26,7 +26,7 @@ def run_launcher(doc: str, config_help: str, main: Callable[[Optional[str], Opti
     parser.add_argument("--resume", default=None, help="auto | never | PATH (same as run.resume=...)")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_steps=20 run.dir=runs/try1")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()  # overrides before and after --ds_config etc., as on the other launchers
     overrides = args.overrides + ([f"run.resume={args.resume}"] if args.resume else [])
     sys.exit(main(args.config, args.ds_config, overrides))
 

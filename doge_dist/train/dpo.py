@@ -27,7 +27,7 @@ from ..config import Config
 from ..data.chat_dataset import PreferenceDataset, collate_pairs
 from ..model import DogeForCausalLM
 from .distributed import DistEnv
-from .finetune import FinetuneData, FinetuneTask, pad_id
+from .finetune import FinetuneData, FinetuneTask, pad_id, pad_multiple
 
 METRICS = ("dpo/loss", "dpo/rewards_chosen", "dpo/rewards_rejected", "dpo/reward_margin", "dpo/accuracy")
 VALID_METRICS = ("dpo_val/rewards_chosen", "dpo_val/rewards_rejected", "dpo_val/reward_margin", "dpo_val/accuracy")
@@ -98,7 +98,7 @@ class DPOTask(FinetuneTask):
         return PreferenceDataset(sequences, config.data.seq_length) if sequences else None
 
     def collate(self, config: Config) -> Callable:
-        return partial(collate_pairs, pad_id=pad_id(config))
+        return partial(collate_pairs, pad_id=pad_id(config), multiple=pad_multiple(config))
 
     def count(self, batch: dict) -> int:
         return len(batch["index"])

@@ -69,6 +69,11 @@ def pad_id(config: Config) -> int:
     return config.model.pad_token_id if config.model.pad_token_id is not None else 0
 
 
+def pad_multiple(config: Config) -> int:
+    """Padded batches' length multiple: sequence parallelism gives every tensor-parallel rank T/tp tokens."""
+    return config.parallel.tensor_parallel if config.parallel.sequence_parallel else 1
+
+
 class FinetuneTask(PretrainTask):
     """A language-model task whose data comes from chat prefixes; subclasses choose the dataset."""
 
@@ -78,7 +83,7 @@ class FinetuneTask(PretrainTask):
         raise NotImplementedError
 
     def collate(self, config: Config) -> Callable:
-        return partial(collate_lm, pad_id=pad_id(config))
+        return partial(collate_lm, pad_id=pad_id(config), multiple=pad_multiple(config))
 
     def sequences(self, config: Config, split: str) -> Optional[MaskedSequences]:
         entries = config.data.train_data if split == "train" else config.data.valid_data

@@ -28,6 +28,12 @@ def check_layout(config: Config, world_size: int) -> ParallelLayout:
     layout = check_parallel_layout(config.parallel, world_size)
     if layout.tensor_parallel > 1:
         check_tensor_parallel(config.model, layout.tensor_parallel, config.parallel.sequence_parallel)
+        if config.parallel.sequence_parallel and config.data.seq_length % layout.tensor_parallel:
+            raise ConfigError(
+                f"data.seq_length ({config.data.seq_length}) must be a multiple of parallel.tensor_parallel "
+                f"({layout.tensor_parallel}) with parallel.sequence_parallel=true: each tensor-parallel rank holds "
+                f"seq_length / tensor_parallel tokens."
+            )
     if layout.expert_parallel > 1:
         check_expert_parallel(config.model, layout.expert_parallel)
         if layout.tensor_parallel > 1:
