@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from doge_dist.config import ATTN_BACKENDS, ModelConfig  # noqa: E402
+from doge_dist.config import ATTN_BACKENDS, ConfigError, ModelConfig  # noqa: E402
 from doge_dist.convert.hf import to_hf_config  # noqa: E402
 from doge_dist.model import build_model, shift_labels  # noqa: E402
 from doge_dist.model.generate import generate  # noqa: E402
@@ -93,7 +93,40 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="after measuring, profile 2 training steps of ours and print the N ops with the most device time")
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_ranges(p, args)
+    return args
+
+
+def check_ranges(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Sizes and counts that would otherwise fail deep inside a model or a median, and training-only
+    flags that --decode/--comm would silently ignore, named by their flag."""
+    for flag, value, least in (("--seq-len", args.seq_len, 1), ("--micro-batch", args.micro_batch, 1),
+                               ("--steps", args.steps, 1), ("--warmup", args.warmup, 0), ("--tp", args.tp, 1),
+                               ("--threads", args.threads, 1), ("--profile", args.profile, 0)):
+        if value is not None and value < least:
+            parser.error(f"{flag} must be at least {least}, got {value}")
+    if args.peak_tflops is not None and args.peak_tflops <= 0:
+        parser.error(f"--peak-tflops must be positive, got {args.peak_tflops}")
+    if (args.decode or args.comm) and (args.compile or args.compile_mode or args.profile):
+        parser.error("--compile, --compile-mode and --profile apply to the training step, not to --decode or --comm")
+
+
+def check_backends(args: argparse.Namespace, device: torch.device, names: list[str]) -> None:
+    """The device and our attention backends can run here: CUDA present, flash-attn installed,
+    FlexAttention trained on CUDA only (PyTorch has no CPU backward for it)."""
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda, but this torch sees no CUDA device; use --device cpu.")
+    backends = {our_backend(name, args.attn_backend) for name in names} - {None}
+    if "flash" in backends:
+        from doge_dist.model.flash import check_flash_available
+
+        check_flash_available()
+        if device.type != "cuda":
+            raise ConfigError("The flash attention backend runs on CUDA only: --device cuda, or another --attn-backend.")
+    if "flex" in backends and device.type == "cpu" and not (args.decode or args.comm):
+        raise ConfigError("FlexAttention has no backward on CPU: train with --attn-backend auto, sdpa or eager there "
+                          "(or ours_sdpa, ours_eager in --models).")
 
 
 def autocast(device: torch.device, dtype: str):
@@ -354,7 +387,12 @@ def ratios(results: dict, key: str) -> dict:
 def bench_comm(args, config: ModelConfig) -> dict:
     """Per rank and step (one micro-batch, forward + backward), in MB."""
     from doge_dist.parallel.comm_volume import analytic_tp_bytes, measure_tp_bytes, moe_exchange_bytes
+    from doge_dist.parallel.tensor import check_tensor_parallel
 
+    check_tensor_parallel(config, args.tp, sequence_parallel=True)  # here, not in the spawned ranks
+    if args.seq_len % args.tp:
+        raise ConfigError(f"--seq-len ({args.seq_len}) must be a multiple of --tp ({args.tp}): sequence parallelism "
+                          "gives every rank seq_len / tp tokens.")
     tokens = args.micro_batch * args.seq_len
     counted = measure_tp_bytes([(config, False), (config, True)], args.micro_batch, args.seq_len, args.tp)
     tp = {
@@ -413,6 +451,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
                          f"hf_eager, hf_sdpa (got {args.models!r})")
     if args.clock == "thread" and (torch.get_num_threads() != 1 or device.type != "cpu"):
         raise SystemExit("--clock thread measures one CPU thread: use it with --device cpu --threads 1")
+    check_backends(args, device, names)
 
     kept_freed_memory = args.keep_freed_memory and keep_freed_memory()  # before any model allocates
     summary = {
@@ -444,4 +483,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ConfigError as error:  # an unknown preset, a tp size the heads do not allow, a missing kernel
+        sys.exit(f"error: {error}")

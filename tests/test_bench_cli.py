@@ -69,3 +69,43 @@ def test_bench_compares_our_backends_and_profiles():
     assert summary["allocator"]["env"]["MALLOC_TRIM_THRESHOLD_"] == "1073741824"
     assert summary["allocator"]["keep_freed_memory"] is False
     assert "Self CPU" in result.stdout  # the profile table of ours' step
+
+
+def _bench_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_cli", os.path.join(ROOT, "launch", "bench.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_names_bad_sizes_and_layouts_before_any_work(capsys):
+    """Sizes, counts, layouts and backends that would fail deep in a model, a median or a spawned rank."""
+    import pytest
+
+    from doge_dist.config import ConfigError
+
+    bench = _bench_module()
+    for flag, value in (("--seq-len", "0"), ("--micro-batch", "0"), ("--steps", "0"), ("--tp", "0"), ("--threads", "0"),
+                        ("--peak-tflops", "0")):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--preset", "doge-tiny", flag, value])
+        assert flag in capsys.readouterr().err
+    for argv in (["--decode", "--compile"], ["--comm", "--profile", "3"]):  # would be ignored, yet recorded
+        with pytest.raises(SystemExit):
+            bench.parse_args(argv)
+        assert "apply to the training step" in capsys.readouterr().err
+    for argv, message in ((["--comm", "--tp", "3"], "not divisible by parallel.tensor_parallel = 3"),
+                          (["--comm", "--tp", "2", "--seq-len", "15"], r"--seq-len \(15\) must be a multiple of --tp"),
+                          (["--attn-backend", "flash", "--device", "cpu"], "runs on CUDA only|flash-attn"),
+                          (["--models", "ours,ours_flex", "--device", "cpu"], "no backward on CPU")):
+        with pytest.raises(ConfigError, match=message):
+            bench.main(["--preset", "doge-tiny", "--threads", "1", *argv])
+
+
+def test_bench_unknown_preset_is_one_line():
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "bench.py"), "--preset", "doge-nope"],
+                            capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert result.returncode == 1 and "error: Unknown model preset 'doge-nope'" in result.stderr
+    assert "Traceback" not in result.stderr
