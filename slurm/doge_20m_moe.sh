@@ -18,7 +18,7 @@
 #SBATCH --requeue
 #SBATCH --signal=B:USR1@120
 
-# configs/doge_20m_moe.yaml comes with the MoE recipe; until then this script stops with a clear error.
+# The run starts from run.init_from of configs/doge_20m_moe.yaml: launch/upcycle.py's output (see that file).
 # Slurm runs a copy of this file from its spool directory: paths are relative to the submit directory.
 cd "${SLURM_SUBMIT_DIR:-.}" || exit 1
 exec bash slurm/launch.sh configs/doge_20m_moe.yaml configs/zero2.json "$@"
