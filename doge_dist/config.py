@@ -33,11 +33,45 @@ def dataclass_from_dict(cls, values: dict[str, Any], where: str):
         values = {}
     if not isinstance(values, dict):
         raise ConfigError(f"{where} must be a mapping of keys to values, got {type(values).__name__}.")
-    valid = [f.name for f in dataclasses.fields(cls)]
+    fields = {f.name: f.type for f in dataclasses.fields(cls)}
     for key in values:
-        if key not in valid:
-            raise _unknown_key_error(key, valid, where)
-    return cls(**values)
+        if key not in fields:
+            raise _unknown_key_error(key, list(fields), where)
+    return cls(**{key: _typed_value(key, value, fields[key], where) for key, value in values.items()})
+
+
+_SCALAR_TYPES = {"int": (int, "an integer"), "float": (float, "a number"), "bool": (bool, "true or false"), "str": (str, "a string")}
+
+
+def _typed_value(key: str, value: Any, annotation: str, where: str) -> Any:
+    """``value`` as the field's type: YAML reads 3e-3 (no dot) as a string, so numeric strings and
+    ints are accepted for floats, whole numbers (2.4e+4, "1e4") for ints, numbers for strings and one
+    string for a list (one data prefix); any other mismatch is an error naming the key, before it
+    fails somewhere deep in the run."""
+    optional = annotation.startswith("Optional[")
+    kind = annotation[len("Optional["):-1] if optional else annotation
+    if (value is None and optional) or kind not in (*_SCALAR_TYPES, "list"):
+        return value
+    if kind == "list":
+        return [value] if isinstance(value, str) else value
+    if not isinstance(value, bool):
+        if kind == "float" and isinstance(value, (str, int)):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if kind == "int" and isinstance(value, (str, float)):
+            try:
+                if float(value).is_integer():
+                    return int(float(value))
+            except ValueError:
+                pass
+        if kind == "str" and isinstance(value, (int, float)):
+            return str(value)
+    python_type, name = _SCALAR_TYPES[kind]
+    if isinstance(value, python_type) and (kind == "bool" or not isinstance(value, bool)):
+        return value
+    raise ConfigError(f"Key '{key}' in {where} must be {name}, got {value!r}.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -311,18 +345,11 @@ class TrainConfig:
     freeze_dense_steps: int = 0  # MoE after upcycling: only router/expert tables update for this many steps
 
     def __post_init__(self) -> None:
-        _coerce_floats(self, "train")
-
-
-def _coerce_floats(section, name: str) -> None:
-    """YAML reads 3e-3 (no dot) as a string; accept it, and ints, for float fields."""
-    for f in dataclasses.fields(section):
-        value = getattr(section, f.name)
-        if f.type in ("float", "Optional[float]") and isinstance(value, (str, int)) and not isinstance(value, bool):
-            try:
-                setattr(section, f.name, float(value))
-            except ValueError:
-                raise ConfigError(f"{name}.{f.name} = {value!r} is not a number.") from None
+        if self.log_interval < 1:
+            raise ConfigError(f"train.log_interval must be at least 1, got {self.log_interval}.")
+        for key in ("eval_interval", "save_interval"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"train.{key} must be 0 (off) or a number of steps, got {getattr(self, key)}.")
 
 
 @dataclass
@@ -353,7 +380,6 @@ class FinetuneConfig:
     reference: str = "model"  # DPO: model (a frozen copy) | precomputed (its log-probs, computed once before step 1)
 
     def __post_init__(self) -> None:
-        _coerce_floats(self, "finetune")
         if self.reference not in ("model", "precomputed"):
             raise ConfigError(f"finetune.reference = {self.reference!r} is not one of model, precomputed.")
         if self.epochs < 0 or not 0 <= self.warmup_ratio <= 1 or not 0 <= self.decay_ratio <= 1 or self.beta <= 0:

@@ -61,3 +61,30 @@ def test_yaml_and_overrides(tmp_path):
         load_config(str(path), ["train.max_step=7"])
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(str(tmp_path / "missing.yaml"))
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.max_steps=abc", "Key 'max_steps' in the command-line overrides: train must be an integer, got 'abc'"),
+        ("train.max_steps=20.5", "'max_steps' .* must be an integer, got 20.5"),
+        ("train.micro_batch_size=", "'micro_batch_size' .* must be an integer, got None"),
+        ("train.bf16=abc", "'bf16' .* must be true or false"),
+        ("model.hidden_size=abc", "'hidden_size' .* must be an integer"),
+        ("train.log_interval=0", "train.log_interval must be at least 1"),
+        ("train.save_interval=-1", "train.save_interval must be 0"),
+    ],
+)
+def test_values_of_the_wrong_type_or_range_name_the_key(override, message):
+    """Refused when the config is read, not as a TypeError or ZeroDivisionError inside the run."""
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_yaml_spellings_of_numbers_and_one_data_prefix_are_accepted():
+    config = load_config(None, ["train.lr=3e-3", "train.max_steps=1e4", "train.warmup_steps=2.0e+2",
+                                "data.train_data=data/sample_train_text_document", "data.split=100"])
+    assert (config.train.lr, config.train.max_steps, config.train.warmup_steps) == (3e-3, 10000, 200)
+    assert type(config.train.max_steps) is int
+    assert config.data.train_data == ["data/sample_train_text_document"]  # not one prefix per character
+    assert config.data.split == "100"
