@@ -67,6 +67,18 @@ def test_impossible_batch_arithmetic_in_the_json():
         _check(_config("train.micro_batch_size=0"))
 
 
+def test_misspelled_deepspeed_keys_name_the_key():
+    """DeepSpeed ignores unknown top-level keys (a misspelled section would train at ZeRO-0) and refuses
+    unknown keys in its sections only once the model is built: both fail here, naming the key."""
+    with pytest.raises(ConfigError, match="has the key 'zero_optimisation', which DeepSpeed would ignore: did you mean 'zero_optimization'"):
+        _check(_config(), {"zero_optimisation": {"stage": 2}})
+    with pytest.raises(ConfigError, match=r"x.json'?: zero_optimization.stag: Extra inputs are not permitted"):
+        _check(_config(), {**ZERO1, "zero_optimization": {"stag": 2}})
+    with pytest.raises(ConfigError, match="bf16.enable: Extra inputs are not permitted"):
+        _check(_config(), {**ZERO1, "bf16": {"enable": True}})
+    _check(_config(), {**ZERO1, "tensorboard": {"enabled": False}, "comms_logger": {"enabled": False}})  # DeepSpeed's own keys pass
+
+
 def test_checkpoint_of_another_shape_names_the_tensor():
     tag = scratch() / "shape_ckpt" / "step_00000001"
     tag.mkdir(parents=True, exist_ok=True)

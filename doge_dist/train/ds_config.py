@@ -8,6 +8,7 @@ The optimizer and schedule come from the YAML train section, so JSON "optimizer"
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 from pathlib import Path
 from typing import Any, Optional
@@ -15,6 +16,12 @@ from typing import Any, Optional
 from ..config import ConfigError, TrainConfig
 
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+# DeepSpeed's usual top-level keys: one spelled close to these (and not one of them) is a typo that DeepSpeed
+# would silently ignore ("zero_optimisation" would train at ZeRO-0)
+KNOWN_KEYS = (*BATCH_KEYS, "bf16", "bfloat16", "fp16", "zero_optimization", "gradient_clipping", "steps_per_print",
+              "wall_clock_breakdown", "checkpoint", "activation_checkpointing", "communication_data_type",
+              "prescale_gradients", "gradient_predivide_factor", "flops_profiler", "tensorboard", "wandb", "csv_monitor",
+              "comms_logger", "optimizer", "scheduler", "data_types", "memory_breakdown", "dump_state")
 
 
 def read_ds_config(path: Optional[str]) -> dict[str, Any]:
@@ -27,6 +34,26 @@ def read_ds_config(path: Optional[str]) -> dict[str, Any]:
         return json.loads(file.read_text())
     except json.JSONDecodeError as error:
         raise ConfigError(f"DeepSpeed config '{path}' is not valid JSON: {error}.") from error
+
+
+def check_ds_keys(user: dict[str, Any], where: str) -> None:
+    """Misspelled keys, before any work: a top-level key close to a known one (DeepSpeed ignores unknown
+    top-level keys), and the zero_optimization and bf16 sections through DeepSpeed's own models (which
+    would otherwise refuse them only once the model is built, with a traceback)."""
+    for key in user:
+        close = difflib.get_close_matches(key, KNOWN_KEYS, n=1, cutoff=0.8)
+        if key not in KNOWN_KEYS and close:
+            raise ConfigError(f"{where} has the key '{key}', which DeepSpeed would ignore: did you mean '{close[0]}'?")
+    from deepspeed.runtime.precision_config import get_bfloat16_config
+    from deepspeed.runtime.zero.config import get_zero_config
+    from pydantic import ValidationError
+
+    for section, parse in (("zero_optimization", get_zero_config), ("bf16", get_bfloat16_config)):
+        try:
+            parse(user)
+        except ValidationError as error:
+            problems = "; ".join(f"{section}.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+            raise ConfigError(f"{where}: {problems}.") from None
 
 
 def zero_stage(ds: dict[str, Any]) -> int:
@@ -68,5 +95,6 @@ def resolve_ds_config(user: dict[str, Any], train: TrainConfig, dp_size: int, wh
         ds["bf16"] = {**ds.get("bf16", {}), "enabled": train.bf16}
     if zero_stage(ds) not in (0, 1, 2, 3):
         raise ConfigError(f"{where}: zero_optimization.stage must be 0, 1, 2 or 3, got {zero_stage(ds)}.")
+    check_ds_keys(user, where)
     ds.setdefault("steps_per_print", 10**9)  # our own log line replaces DeepSpeed's
     return ds
