@@ -33,6 +33,12 @@ def test_sigkill_and_resume_equals_uninterrupted():
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000004"
     pretrain(run_dir, 0, nproc=1, launcher="python", **settings)
     assert losses(run_dir) == losses(single_process_run())  # exactly
+    # TensorBoard reads the directory as one run: the killed run's steps after its checkpoint are purged
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    board.Reload()
+    assert [event.step for event in board.Scalars("train/loss")] == list(range(1, STEPS + 1))
 
 
 def test_resume_two_ranks_on_one_keeps_the_sample_order():
@@ -120,3 +126,22 @@ def test_resume_follows_the_schedule_of_the_resumed_config():
     assert sorted(logged) == list(range(STEPS + 1, STEPS + 5))
     for step, lr in logged.items():
         assert lr == pytest.approx(1.0e-3 * lr_multiplier(step - 1, train), rel=1e-6), step
+
+
+def test_a_refused_resume_leaves_the_run_files_as_they_were(tmp_path):
+    """The run's config.yaml and ds_config.json keep describing its checkpoints when a restart with
+    another ZeRO family is refused (they are written only once the start is settled)."""
+    from doge_dist.config import ModelConfig
+    from doge_dist.train import checkpoint
+
+    tag = checkpoint.tag_for(4)
+    (tmp_path / "checkpoints" / tag).mkdir(parents=True)
+    meta = {"step": 4, "dp_size": 1, "zero_stage": 2, "model": ModelConfig.from_preset("doge-tiny").to_dict()}
+    (tmp_path / "checkpoints" / tag / checkpoint.META).write_text(json.dumps(meta))
+    (tmp_path / "checkpoints" / checkpoint.LATEST).write_text(tag)
+    for name in ("config.yaml", "ds_config.json"):
+        (tmp_path / name).write_text("the ZeRO-2 run's\n")
+    cmd = command(1, "python") + ["--ds_config", str(REPO / "configs" / "zero0.json")] + base_overrides(tmp_path)
+    result = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "saved with ZeRO-2 and this run uses ZeRO-0" in result.stderr, result.stderr[-3000:]
+    assert [(tmp_path / name).read_text() for name in ("config.yaml", "ds_config.json")] == ["the ZeRO-2 run's\n"] * 2

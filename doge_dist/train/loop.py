@@ -188,8 +188,6 @@ def pretrain(config: Config, ds_user: dict[str, Any], ds_where: str = "the DeepS
     train, run_dir = config.train, Path(config.run.dir)
     bf16 = bf16_enabled(ds)
     checkpoint.seed_everything(train.seed)
-    if env.is_main:
-        config_text = write_run_files(run_dir, config, ds)
 
     # 2. what we start from: our own latest checkpoint, or weights to continue from, or nothing
     start = find_start(config)
@@ -204,6 +202,9 @@ def pretrain(config: Config, ds_user: dict[str, Any], ds_where: str = "the DeepS
             source = (source[0], loadable_tag(*source, layout, ds))
         else:  # weights only: the checkpoint's fp32 master weights, from any stage and layout
             init_weights = consolidated_state(*source)
+
+    if env.is_main:  # only now, so that a refused resume leaves the files of the checkpoints' run as they were
+        config_text = write_run_files(run_dir, config, ds)
 
     # 3. the DeepSpeed engine, then its state
     engine, ds = build_engine(config, ds, env.device, init_weights)
@@ -222,6 +223,8 @@ def pretrain(config: Config, ds_user: dict[str, Any], ds_where: str = "the DeepS
                 group["lr"] = base * scheduler.lr_lambdas[0](0)
         if env.is_main:
             print(f"[doge-dist] continuing from the weights of {source[0] / source[1]} with a fresh schedule", flush=True)
+    elif is_hf_directory(config.run.init_from) and env.is_main:
+        print(f"[doge-dist] starting from the weights of the Hugging Face directory {config.run.init_from}", flush=True)
 
     # 4. data, reporting, signals
     cache_dir = config.data.cache_dir or str(run_dir / "data_cache")

@@ -68,7 +68,8 @@ class Reporter:
         if is_main:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            # a resumed run hides what a killed run logged after its checkpoint (TensorBoard's purge_step)
+            self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=start_step + 1 if start_step else None)
         self._last_time = time.perf_counter()
         self._last_step, self._last_tokens = start_step, start_tokens
 
