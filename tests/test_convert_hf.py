@@ -75,3 +75,16 @@ def test_not_doge_and_mismatched_shapes_are_named(tmp_path):
 def test_v1_export_is_refused_clearly(tmp_path):
     with pytest.raises(ConfigError, match="v1"):
         save_hf(build_model(ModelConfig.from_preset("doge-tiny", attention_variant="v1")), tmp_path / "x")
+
+
+def test_export_replaces_only_an_earlier_export_or_an_empty_directory(tmp_path):
+    """A mistyped output (here the run directory itself) is refused, not deleted."""
+    model = build_model(ModelConfig.from_preset("doge-tiny"))
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="not a Hugging Face model directory"):
+        save_hf(model, run_dir)
+    assert (run_dir / "checkpoints").is_dir()
+    (tmp_path / "empty").mkdir()
+    for output in ("hf", "hf", "empty"):  # a new directory, an earlier export, an empty directory
+        assert (save_hf(model, tmp_path / output) / "config.json").is_file()

@@ -56,8 +56,9 @@ def test_init_from_starts_from_the_given_weights(init):
         _export(single_process_run(), output)
     source = output if init == "hf" else single_process_run()
     run_dir = scratch() / f"from_{init}"
-    pretrain(run_dir, 0, nproc=1, launcher="python", max_steps=2, warmup_steps=1, decay_steps=0, eval_interval=0,
-             **{"run.init_from": str(source), "run.init_optimizer": str(init == "checkpoint").lower()})
+    result = pretrain(run_dir, 0, nproc=1, launcher="python", max_steps=2, warmup_steps=1, decay_steps=0, eval_interval=0,
+                      **{"run.init_from": str(source), "run.init_optimizer": str(init == "checkpoint").lower()})
+    assert f"from the weights of {'the Hugging Face directory ' if init == 'hf' else ''}{source}" in result.stdout
     # the continued run's first loss is the trained model's: far below a fresh start's
     assert losses(run_dir)[0] < losses(single_process_run())[0] - 0.3
     assert scalars(run_dir, "train/lr")[1] == 0.0  # a fresh WSD starts its re-warmup at 0
@@ -77,3 +78,23 @@ def test_init_from_weights_of_any_zero_stage():
     assert first["zero2", 3] == pytest.approx(first["zero2", 0], rel=1e-6)  # the same weights, the same batch
     assert first["zero3", 0] == pytest.approx(first["zero2", 0], rel=1e-4)  # two runs that agree to 2e-5 a step
     assert first["zero2", 0] < losses(single_process_run())[0] - 0.3  # trained weights, not a fresh start
+
+
+def test_a_run_tokenizer_not_found_from_here_names_the_way_out(tmp_path, monkeypatch):
+    """config.yaml keeps data.tokenizer as given (relative to where the run started): exporting or
+    sampling from another directory says so and names --tokenizer."""
+    import json
+
+    from doge_dist.config import ConfigError
+    from doge_dist.train.export import run_tokenizer_path
+
+    (tmp_path / "run" / "checkpoints" / "step_00000001").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "step_00000001" / "doge_meta.json").write_text(json.dumps({"step": 1}))
+    (tmp_path / "run" / "checkpoints" / "latest").write_text("step_00000001")
+    (tmp_path / "run" / "config.yaml").write_text("data:\n  tokenizer: data/tokenizer/tokenizer.model\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"relative to the directory the run was started in\): run from that directory, or pass --tokenizer"):
+        run_tokenizer_path(tmp_path / "run")
+    (tmp_path / "data" / "tokenizer").mkdir(parents=True)
+    (tmp_path / "data" / "tokenizer" / "tokenizer.model").touch()
+    assert run_tokenizer_path(tmp_path / "run") == "data/tokenizer/tokenizer.model"

@@ -126,10 +126,21 @@ def load_hf(path: Union[str, Path], **config_overrides) -> DogeForCausalLM:
     return model
 
 
+def check_output(path: Union[str, Path]) -> None:
+    """An export replaces an earlier export (a directory with a config.json) or an empty directory,
+    never anything else: a mistyped output (the run directory, data/) must not be deleted."""
+    path = Path(path)
+    if path.exists() and not (path.is_dir() and ((path / "config.json").is_file() or not any(path.iterdir()))):
+        raise ConfigError(f"Output '{path}' exists and is not a Hugging Face model directory; an export replaces only an "
+                          "earlier export or an empty directory: choose a new output directory.")
+
+
 def save_hf(model: DogeForCausalLM, path: Union[str, Path], tokenizer: Optional[Union[str, Path, Any]] = None) -> Path:
-    """Write a directory that ``AutoModelForCausalLM.from_pretrained`` loads as DogeForCausalLM."""
+    """Write a directory that ``AutoModelForCausalLM.from_pretrained`` loads as DogeForCausalLM; an
+    earlier export there is replaced (``check_output``)."""
     from safetensors.torch import save_file
 
+    check_output(path)
     path = Path(path)
     if model.config.is_moe and model.config.router_layout == "split":
         warnings.warn(

@@ -72,22 +72,31 @@ def load_checkpoint_model(path: str | Path, step: Optional[int] = None) -> DogeF
 
 
 def run_tokenizer_path(path: str | Path) -> Optional[str]:
-    """data.tokenizer of the run that wrote the checkpoint under ``path`` (from its config.yaml)."""
+    """data.tokenizer of the run that wrote the checkpoint under ``path`` (from its config.yaml); a
+    path that does not exist from here (relative to where the run was started) is an error naming --tokenizer."""
     root, _ = checkpoint.resolve_checkpoint(path)
     config_file = root.parent / "config.yaml"
     if not config_file.is_file():
         return None
-    return (yaml.safe_load(config_file.read_text()).get("data") or {}).get("tokenizer")
+    tokenizer = (yaml.safe_load(config_file.read_text()).get("data") or {}).get("tokenizer")
+    if tokenizer and not Path(tokenizer).exists():
+        raise ConfigError(
+            f"{config_file} names data.tokenizer '{tokenizer}', which does not exist from {Path.cwd()}"
+            f"{'' if Path(tokenizer).is_absolute() else ' (the path is relative to the directory the run was started in)'}: "
+            "run from that directory, or pass --tokenizer."
+        )
+    return tokenizer
 
 
 def export_hf(path: str | Path, output: str | Path, step: Optional[int] = None, tokenizer: Optional[str] = None) -> Path:
-    from ..convert.hf import save_hf
+    from ..convert.hf import check_output, save_hf
     from ..data import load_tokenizer
 
-    model = load_checkpoint_model(path, step)
+    check_output(output)  # the output and the tokenizer before the consolidation, which takes a while for a large model
     tokenizer = tokenizer or run_tokenizer_path(path)
     if not tokenizer:
         raise ConfigError(f"No tokenizer known for {path}: pass --tokenizer (the run's config.yaml has no data.tokenizer).")
+    model = load_checkpoint_model(path, step)
     with tempfile.TemporaryDirectory() as scratch:
         hf_tokenizer = load_tokenizer(tokenizer).save_hf(Path(scratch) / "tokenizer")
         return save_hf(model, output, tokenizer=hf_tokenizer)
