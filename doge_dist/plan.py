@@ -69,11 +69,13 @@ def accumulation_steps(global_batch: int, micro_batch: int, dp: int) -> int:
     per_step = micro_batch * dp
     if global_batch % per_step:
         fits = [d for d in range(1, global_batch + 1) if global_batch % (micro_batch * d) == 0]
+        way_out = (f"Use a GPU count whose data-parallel size is one of {fits[:12]}, change" if fits else
+                   "No data-parallel size keeps it with this micro-batch: change")
         raise ConfigError(
             f"The global batch of {global_batch} sequences is not divisible by train.micro_batch_size {micro_batch} x "
-            f"data-parallel size {dp} = {per_step}, so no whole train.gradient_accumulation_steps keeps it. Use a GPU "
-            f"count whose data-parallel size is one of {fits[:12]}, change train.micro_batch_size, or set "
-            f"GLOBAL_BATCH to a multiple of {per_step}."
+            f"data-parallel size {dp} = {per_step}, so no whole train.gradient_accumulation_steps keeps it. {way_out} "
+            f"train.micro_batch_size, or set the global batch (--global-batch; GLOBAL_BATCH for slurm/launch.sh) to a "
+            f"multiple of {per_step}."
         )
     return global_batch // per_step
 

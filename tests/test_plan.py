@@ -75,6 +75,8 @@ def test_accumulation_keeps_the_global_batch_and_names_the_fix():
     assert accumulation_steps(256, 16, 16) == 1
     with pytest.raises(ConfigError, match="not divisible .* GLOBAL_BATCH"):
         accumulation_steps(256, 16, 3)
+    with pytest.raises(ConfigError, match="No data-parallel size keeps it with this micro-batch: change"):
+        accumulation_steps(100, 16, 3)  # not "one of []"
     config = load_config(str(REPO / "configs" / "doge_20m.yaml"), ["parallel.tensor_parallel=2"])
     with pytest.raises(ConfigError, match=r"world size \(3 processes\) is not a multiple of parallel.tensor_parallel \(2\)"):
         check_layout(config, 3)
