@@ -41,7 +41,7 @@ class Progress:
 
     step: int = 0  # optimizer steps taken (applied or skipped)
     consumed_samples: int = 0  # sequences drawn from the training set, all ranks together
-    consumed_tokens: int = 0  # loss tokens those sequences contained
+    consumed_tokens: int = 0  # tokens those sequences contained (x data.seq_length each, loss-masked ones included)
 
 
 def tag_for(step: int) -> str:
