@@ -337,7 +337,7 @@ class TrainConfig:
     seed: int = 233
     log_interval: int = 10  # steps between console lines / TensorBoard points
     eval_interval: int = 0  # 0: no validation
-    eval_iters: int = 10  # validation micro-batches per rank
+    eval_iters: int = 10  # validation iterations of one global batch each (Megatron's --eval-iters)
     save_interval: int = 0  # 0: only on exit signals and at the end
     keep_last: int = 3  # checkpoints kept (older ones deleted after a newer one is complete)
     max_bad_steps: int = 5  # non-finite steps in a row before the run stops

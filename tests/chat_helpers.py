@@ -71,10 +71,11 @@ def finetune(kind: str, run_dir: Path, stage: int, nproc: int, **values) -> Path
 
 # Runs shared by several test files: one process (micro 2 x accumulation 2) and two ZeRO-2 ranks
 # (micro 2 x accumulation 1) see the same 4 samples per step in the same micro-batches. The DPO runs
-# also score all 8 validation pairs every 10 steps (4 x 2 pairs in one process, 2 x 4 on two ranks).
+# also score all 8 validation pairs every 10 steps: 2 global batches of 4 pairs (4 x 2 pairs in one
+# process, 2 x 4 on two ranks).
 STEPS = {"sft": 8, "dpo": 30}
 LR = {"sft": 2e-3, "dpo": 5e-4}
-VALIDATION = {"sft": {}, "dpo": {"train.eval_interval": 10, "train.eval_iters": 4}}
+VALIDATION = {"sft": {}, "dpo": {"train.eval_interval": 10, "train.eval_iters": 2}}
 
 
 @lru_cache(maxsize=None)

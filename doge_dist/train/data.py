@@ -11,7 +11,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from ..config import Config
+from ..config import Config, TrainConfig
 from ..data import load_tokenizer
 from ..data.blend import build_datasets
 from ..data.sampler import build_dataloader
@@ -23,7 +23,7 @@ class TrainData:
         train = config.train
         self.micro_batches_per_step = train.gradient_accumulation_steps
         self.global_batch = train.micro_batch_size * train.gradient_accumulation_steps * dp_size
-        eval_samples = max(1, train.eval_iters) * train.micro_batch_size * dp_size
+        eval_samples = max(1, train.eval_iters) * self.global_batch
         tokenizer = load_tokenizer(config.data.tokenizer)
         train_set, valid_set, _ = build_datasets(
             config.data, tokenizer, [train.max_steps * self.global_batch, eval_samples, eval_samples], cache_dir=cache_dir
@@ -35,9 +35,9 @@ class TrainData:
         self._train: Iterator[dict] = iter(loader)
         self._valid = None
         if valid_set is not None and train.eval_interval > 0:
-            eval_iters = min(train.eval_iters, len(valid_set) // (train.micro_batch_size * dp_size))
+            rounds = validation_rounds(train, len(valid_set), dp_size)
             valid_loader = build_dataloader(valid_set, 0, train.micro_batch_size, dp_rank, dp_size)
-            self._valid = [batch for _, batch in zip(range(eval_iters), valid_loader)]
+            self._valid = [batch for _, batch in zip(range(rounds), valid_loader)]
 
     def next_step(self) -> Optional[list[dict]]:
         """This rank's micro-batches for one optimizer step, or None when the data is exhausted."""
@@ -62,6 +62,13 @@ class TrainData:
         if self.eod is not None:
             prepared["document_ids"] = document_ids(batch["input_ids"], self.eod)
         return prepared
+
+
+def validation_rounds(train: TrainConfig, valid_samples: int, dp_size: int) -> int:
+    """Validation micro-batches per rank: ``train.eval_iters`` global batches, as Megatron-LM counts
+    them, so that every layout of the same global batch (2 ranks, or 1 with twice the accumulation)
+    scores the same sequences; fewer when the validation set is smaller (whole rounds of all ranks)."""
+    return min(train.eval_iters * train.gradient_accumulation_steps, valid_samples // (train.micro_batch_size * dp_size))
 
 
 def document_ids(input_ids: torch.Tensor, eod: int) -> torch.Tensor:

@@ -20,6 +20,7 @@ from ..config import Config, ConfigError, ModelConfig
 from ..data import DataError, ResumableSampler
 from ..data.blend import parse_blend
 from ..data.chat_dataset import EpochShuffled, MaskedSequences, SFTDataset, collate_lm
+from .data import validation_rounds
 from .distributed import DistEnv
 from .task import PretrainTask
 
@@ -43,8 +44,8 @@ class FinetuneData:
             warnings.warn(f"data.valid_data holds {len(valid_set)} samples, fewer than one micro-batch on every "
                           f"data-parallel rank ({per_iter}): this run does not validate.")
         if valid_set is not None and train.eval_interval > 0 and len(valid_set) >= per_iter:
-            iters = min(train.eval_iters, len(valid_set) // per_iter)
-            sampler = ResumableSampler(iters * per_iter, 0, train.micro_batch_size, dp_rank, dp_size)
+            rounds = validation_rounds(train, len(valid_set), dp_size)
+            sampler = ResumableSampler(rounds * per_iter, 0, train.micro_batch_size, dp_rank, dp_size)
             self._valid = list(DataLoader(valid_set, batch_sampler=sampler, collate_fn=collate))
 
     def next_step(self) -> Optional[list[dict]]:
