@@ -1,8 +1,11 @@
 """preprocess_data: megatron-core reads what we write, with the ids and bytes Megatron-LM's tool gives."""
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
+import os
+import signal
 import subprocess
 import sys
 from argparse import Namespace
@@ -122,3 +125,30 @@ def test_failed_run_leaves_no_partial_prefix(tmp_path) -> None:
     # The last good pair is untouched and the failed run left nothing behind.
     assert files_of(prefix + "_text_document") == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "good.jsonl", "out_text_document.bin", "out_text_document.idx"]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigterm_removes_partial_files(tmp_path, workers) -> None:
+    # The input is a FIFO that this test keeps open: the tool is mid-run, deterministically, when it gets SIGTERM.
+    fifo = tmp_path / "in.jsonl"
+    os.mkfifo(fifo)
+    writer = os.open(fifo, os.O_RDWR)
+    tool = subprocess.Popen(
+        [sys.executable, str(ROOT / "data_tools" / "preprocess_data.py"), "--input", str(fifo), "--output-prefix",
+         str(tmp_path / "out"), "--tokenizer-model", str(assets().tokenizer_model), "--workers", str(workers)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+    )
+    try:
+        os.write(writer, b"".join(json.dumps({"text": f"document {i}"}).encode() + b"\n" for i in range(1100)))
+        while "Processed 1000 documents" not in tool.stderr.readline():
+            assert tool.poll() is None, tool.stderr.read()
+        assert (tmp_path / "out_text_document.bin.partial").is_file()
+        tool.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            tool.wait(timeout=5)  # with workers, the pool's reader thread finishes at the end of the input
+        os.close(writer)
+        _, stderr = tool.communicate(timeout=60)
+    finally:
+        tool.kill()
+    assert tool.returncode == 128 + signal.SIGTERM and "Traceback" not in stderr, stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]

@@ -2,7 +2,7 @@
 
 Writing uses megatron-core's ``IndexedDatasetBuilder`` (what Megatron-LM's tool uses), pointed at
 ``*.partial`` files that are renamed only when the index is complete: an interrupted run never
-leaves a prefix that ``IndexedDataset.exists`` accepts.
+leaves a prefix that ``IndexedDataset.exists`` accepts, and Ctrl-C or SIGTERM removes the partial files.
 
 Checking is by hand because megatron-core's reader only ``assert``s (or reads garbage) on a bad
 file: ``validate_prefix`` checks the header, the index size, the document index, the sequence
@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Type
@@ -34,23 +36,43 @@ def document_prefix(output_prefix: str, key: str = "text") -> str:
     return f"{output_prefix}_{key}_document"
 
 
+def _exit_on_sigterm(signum: int, _frame) -> None:
+    raise SystemExit(128 + signum)
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """While partial files exist, a SIGTERM that would kill the process outright (the default action)
+    raises SystemExit(143) instead, so they are removed; a handler the program installed is kept."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 @contextlib.contextmanager
 def atomic_builder(prefix: str, dtype: Type[np.number]) -> Iterator:
-    """Yield a megatron-core ``IndexedDatasetBuilder`` whose files appear under ``prefix`` only on success."""
+    """Yield a megatron-core ``IndexedDatasetBuilder`` whose files appear under ``prefix`` only on success
+    (also when the process is stopped with SIGTERM: ``kill``, a scheduler's time limit)."""
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     final_bin, final_idx = Path(prefix + ".bin"), Path(prefix + ".idx")
     partial_bin, partial_idx = Path(prefix + ".bin.partial"), Path(prefix + ".idx.partial")
     final_bin.parent.mkdir(parents=True, exist_ok=True)
-    builder = IndexedDatasetBuilder(str(partial_bin), dtype=dtype)
-    try:
-        yield builder
-        builder.finalize(str(partial_idx))
-    except BaseException:
-        builder.data_file.close()
-        for path in (partial_bin, partial_idx):
-            path.unlink(missing_ok=True)
-        raise
+    with _sigterm_unwinds():
+        builder = IndexedDatasetBuilder(str(partial_bin), dtype=dtype)
+        try:
+            yield builder
+            builder.finalize(str(partial_idx))
+        except BaseException:
+            builder.data_file.close()
+            for path in (partial_bin, partial_idx):
+                path.unlink(missing_ok=True)
+            raise
     # The old .idx goes first so that a stale index never pairs with the new .bin.
     final_idx.unlink(missing_ok=True)
     os.replace(partial_bin, final_bin)
@@ -119,7 +141,7 @@ def validate_prefix(prefix: str, vocab_size: Optional[int] = None, scan_tokens: 
         raise DataError(f"'{idx_path}' has no document index; {fix}.")
     if not _document_index_ok(idx_path, sequences, documents):
         raise DataError(f"'{idx_path}' has a document index that is not increasing from 0 to {sequences}; {fix}.")
-    dataset = IndexedDataset(prefix, mmap=True)
+    dataset = IndexedDataset(prefix, mmap=False)  # only the index is read here; an empty .bin cannot be mmapped
     lengths = np.asarray(dataset.sequence_lengths, dtype=np.int64)
     pointers = np.asarray(dataset.index.sequence_pointers)
     if np.any(lengths < 0):

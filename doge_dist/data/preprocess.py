@@ -5,7 +5,8 @@ document is ``tokenizer.tokenize(text)`` (+ eod with --append-eod), a list of st
 sentence by sentence, and megatron-core's ``IndexedDatasetBuilder`` writes with
 ``DType.optimal_dtype(vocab_size)``. Differences, on purpose: empty documents are skipped and counted
 (Megatron-LM writes a zero-length document entry), bad records are skipped and reported (or stop
-the run with ``strict``), every --json-keys key is finalized, and files appear only when complete.
+the run with ``strict``; a missing key stops it when no document was written yet, as that means a
+wrong --json-keys), every --json-keys key is finalized, and files appear only when complete.
 
 Workers: a ``multiprocessing.Pool`` with ``imap`` keeps input order, so the bytes do not depend on the
 worker count. Reading is throttled to a fixed number of batches in flight (Pool's feeder thread would
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -38,6 +40,12 @@ _STATE: tuple = ()
 def _init_worker(tokenizer_path: str, tokenizer_type: Optional[str], keys: Sequence[str], append_eod: bool, dtype) -> None:
     global _STATE
     _STATE = (load_tokenizer(tokenizer_path, tokenizer_type), tuple(keys), append_eod, dtype)
+
+
+def _init_pool_worker(*init_args) -> None:
+    """A pool process: the default SIGTERM (Pool.terminate stops workers with it), then ``_init_worker``."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _init_worker(*init_args)
 
 
 def _encode_record(record: Record) -> tuple:
@@ -113,15 +121,18 @@ class PreprocessReport:
         return "\n".join(lines)
 
 
-class _Progress:
-    """A log line every ``interval`` documents: documents/s, MB/s, tokens so far, and ETA when known."""
+class Progress:
+    """A log line every ``interval`` records: documents/s, MB/s, tokens so far, and ETA when the input
+    size is known (uncompressed inputs)."""
 
-    def __init__(self, interval: int, total_bytes: Optional[int], log: Callable[[str], None]) -> None:
-        self.interval, self.total_bytes, self.log = interval, total_bytes, log
+    def __init__(self, interval: int, inputs: Sequence[InputFile], log: Callable[[str], None]) -> None:
+        plain = not any(item.compressed for item in inputs)
+        self.interval, self.log = interval, log
+        self.total_bytes = sum(item.size for item in inputs) if plain else None
         self.start = time.time()
 
     def __call__(self, report: PreprocessReport, records: int) -> None:
-        if self.interval <= 0 or records % self.interval:
+        if self.interval <= 0 or not records or records % self.interval:
             return
         elapsed = max(time.time() - self.start, 1e-9)
         line = (
@@ -158,8 +169,7 @@ def preprocess(
     init_args = (str(tokenizer_model), tokenizer_type, tuple(json_keys), append_eod, dtype)
     prefixes = [document_prefix(output_prefix, key) for key in json_keys]
     report = PreprocessReport(prefixes)
-    plain = not any(item.compressed for item in inputs)
-    progress = _Progress(log_interval, sum(item.size for item in inputs) if plain else None, log)
+    progress = Progress(log_interval, inputs, log)
     log(f"Tokenizing {len(inputs)} input file(s) with {workers} worker(s) into {', '.join(prefixes)}")
 
     stop = threading.Event()
@@ -168,7 +178,7 @@ def preprocess(
     with contextlib.ExitStack() as stack:
         builders = {key: stack.enter_context(atomic_builder(p, dtype)) for key, p in zip(json_keys, prefixes)}
         if workers > 1:
-            pool = stack.enter_context(multiprocessing.Pool(workers, initializer=_init_worker, initargs=init_args))
+            pool = stack.enter_context(multiprocessing.Pool(workers, initializer=_init_pool_worker, initargs=init_args))
             stack.callback(stop.set)  # runs before the pool terminates: the feeder must not block
             results = pool.imap(_encode_batch, batches, chunksize=1)
         else:
@@ -182,8 +192,9 @@ def preprocess(
                 records += 1
                 report.input_bytes += size
                 where = f"{inputs[index].path}:{line}"
-                if fatal:
-                    raise DataError(f"{where}: {fatal}")
+                if fatal and not report.documents:
+                    raise DataError(f"{where}: {fatal}")  # no record had the key so far: --json-keys is wrong
+                problem = problem or fatal
                 if problem:
                     if strict:
                         raise DataError(f"{where}: {problem} (--strict stops at the first bad record; without it, bad records are skipped and reported)")
