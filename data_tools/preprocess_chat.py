@@ -32,10 +32,12 @@ def main() -> int:
     parser.add_argument("--max-prompt-length", type=int, default=512, help="DPO: prompt tokens kept (from the left)")
     parser.add_argument("--max-completion-length", type=int, default=512, help="DPO: completion tokens kept (from the right)")
     parser.add_argument("--strict", action="store_true", help="stop at the first malformed record instead of skipping it")
+    parser.add_argument("--log-interval", type=int, default=1000, help="records between progress lines")
     args = parser.parse_args()
     return run_tool(lambda: preprocess_chat(
         args.input, args.output_prefix, args.tokenizer, args.kind, args.loss_on == "assistant", args.max_length,
-        args.max_prompt_length, args.max_completion_length, args.strict, log=log_to_stderr).summary())
+        args.max_prompt_length, args.max_completion_length, args.strict, log=log_to_stderr,
+        log_interval=args.log_interval).summary())
 
 
 if __name__ == "__main__":

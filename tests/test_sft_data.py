@@ -126,3 +126,12 @@ def test_too_small_validation_set_warns_and_is_not_scored():
     for rank, expected in ((0, [[0], [1]]), (1, [[2], [3]])):  # four samples: one micro-batch on each rank
         data = FinetuneData(samples, samples[:4], collate, config, dp_rank=rank, dp_size=2, consumed_samples=0)
         assert [b["x"].tolist() for b in data.validation_batches()] == [expected]
+
+
+def test_preprocess_chat_prints_progress(tmp_path):
+    source = write_jsonl(tmp_path / "chat.jsonl", [{"messages": MESSAGES}] * 5)
+    lines = []
+    report = preprocess_chat(str(source), str(tmp_path / "out"), str(chat_tokenizer()), log=lines.append, log_interval=2)
+    progress = [line for line in lines if line.startswith("Processed")]
+    assert [line.split()[1] for line in progress] == ["2", "4"] and report.documents == 5
+    assert "docs/s" in progress[0] and "% of input, ETA" in progress[0]

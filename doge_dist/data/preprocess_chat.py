@@ -23,7 +23,7 @@ from doge_dist.data.chat_template import load_chat_tokenizer
 from doge_dist.data.errors import DataError
 from doge_dist.data.indexed import atomic_builder, document_prefix
 from doge_dist.data.inputs import BadRecord, iter_records, list_inputs
-from doge_dist.data.preprocess import MAX_REPORTED, PreprocessReport
+from doge_dist.data.preprocess import MAX_REPORTED, PreprocessReport, Progress
 
 KINDS = {"sft": ("messages",), "dpo": ("prompt", "chosen", "rejected")}
 TEXT_KEY, MASK_KEY = "text", "loss_mask"
@@ -68,6 +68,7 @@ def preprocess_chat(
     max_completion_length: int = 512,
     strict: bool = False,
     log: Callable[[str], None] = print,
+    log_interval: int = 1000,
 ) -> PreprocessReport:
     """Tokenize conversations (``kind="sft"``) or preference pairs (``"dpo"``); see the module doc."""
     from megatron.core.datasets.indexed_dataset import DType
@@ -80,11 +81,14 @@ def preprocess_chat(
     dtype = DType.optimal_dtype(len(tokenizer))
     prefixes = chat_prefixes(output_prefix)
     report = PreprocessReport(list(prefixes))
+    progress = Progress(log_interval, inputs, log)
     log(f"Tokenizing {kind} records of {len(inputs)} input file(s) into {prefixes[0]} (+ loss mask)")
     trained = 0
     with contextlib.ExitStack() as stack:
         tokens, masks = (stack.enter_context(atomic_builder(p, t)) for p, t in zip(prefixes, (dtype, np.uint8)))
-        for index, line, record_kind, payload in iter_records(inputs, KINDS[kind]):
+        for done, (index, line, record_kind, payload) in enumerate(iter_records(inputs, KINDS[kind])):
+            progress(report, done)
+            report.input_bytes += len(payload) if isinstance(payload, bytes) else 0
             where = f"{inputs[index].path}:{line}"
             try:
                 record = _record(record_kind, payload)
@@ -112,7 +116,6 @@ def preprocess_chat(
             report.documents += 1
             report.tokens += sum(lengths)
             trained += sum(sum(m) for _, m in sequences)
-            report.input_bytes += len(payload) if isinstance(payload, bytes) else 0
     report.seconds = time.time() - start
     log(f"{trained} of {report.tokens} tokens carry loss")
     return report
