@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import pytest
-from data_helpers import VOCAB, assets, quiet, tokenizer
+from data_helpers import VOCAB, assets, quiet, tokenizer, write_jsonl
 from transformers import AutoTokenizer
 
 from doge_dist.data import DataError, load_tokenizer
@@ -73,3 +73,17 @@ def test_bad_tokenizer_paths(tmp_path) -> None:
 def test_special_ids_must_be_distinct(tmp_path) -> None:
     with pytest.raises(ValueError, match="distinct"):
         train_tokenizer(assets().train_jsonl, tmp_path, vocab_size=VOCAB, special_ids={"bos": 0, "eos": 1, "pad": 1, "unk": 3})
+
+
+def test_training_input_without_the_key(tmp_path) -> None:
+    wrong = write_jsonl(tmp_path / "wrong.jsonl", [{"body": "x"}, {"text": "y"}])
+    with pytest.raises(DataError, match=r"wrong\.jsonl:1: no key 'text'; this record has keys 'body'"):
+        train_tokenizer(wrong, tmp_path / "a", vocab_size=VOCAB, log=quiet)
+    with pytest.raises(DataError, match="has no text under --json-keys text"):
+        train_tokenizer(write_jsonl(tmp_path / "empty.jsonl", []), tmp_path / "b", vocab_size=VOCAB, log=quiet)
+    # One record without the key among good ones is skipped, as preprocess_data.py skips it.
+    texts = [{"text": t} for t in assets().texts()]
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", texts[:5] + [{"body": "x"}] + texts[5:])
+    lines = []
+    train_tokenizer(mixed, tmp_path / "c", vocab_size=VOCAB, threads=2, log=lines.append)
+    assert lines[-2].endswith("skipped 1 bad records")

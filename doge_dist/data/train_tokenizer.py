@@ -7,12 +7,14 @@ byte fallback (no <unk> for unseen characters), digits split. Documents are fed 
 """
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from doge_dist.data.chat_template import CHAT_SUBDIR, write_chat_tokenizer
+from doge_dist.data.errors import DataError
 from doge_dist.data.inputs import BadRecord, decode_record, iter_records, list_inputs
 from doge_dist.data.tokenizer import DOGE_SPECIAL_IDS, SP_MODEL_NAME, write_hf_tokenizer
 
@@ -20,11 +22,19 @@ MAX_SENTENCE_BYTES = 1 << 14
 
 
 def _sentences(inputs: str | Sequence[str], keys: Sequence[str], log: Callable[[str], None]) -> Iterator[str]:
+    """Text lines of every record; bad records are skipped, and so is a record without a --json-keys
+    key once earlier records had it (before that, a missing key means the keys are wrong: DataError)."""
     start, count, skipped = time.time(), 0, 0
-    for _, _, kind, payload in iter_records(list_inputs(inputs), keys):
+    files = list_inputs(inputs)
+    for index, number, kind, payload in iter_records(files, keys):
         try:
             fields = decode_record(kind, payload, keys)
         except BadRecord:
+            skipped += 1
+            continue
+        except DataError as error:
+            if not count:
+                raise DataError(f"{files[index].path}:{number}: {error}") from None
             skipped += 1
             continue
         for key in keys:
@@ -58,11 +68,17 @@ def train_tokenizer(
         raise ValueError(f"model_type must be 'bpe' or 'unigram', got {model_type!r}.")
     if len(set(special_ids.values())) != len(special_ids):
         raise ValueError(f"Special ids must be distinct (pad must differ from eos): {special_ids}.")
+    # The first line is read here, not inside sentencepiece, which would turn a DataError into a stack dump.
+    sentences = _sentences(inputs, json_keys, log)
+    first = next(sentences, None)
+    if first is None:
+        shown = inputs if isinstance(inputs, (str, os.PathLike)) else " ".join(map(str, inputs))
+        raise DataError(f"--input {shown} has no text under --json-keys {' '.join(json_keys)} to train a tokenizer on.")
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     spm.set_random_generator_seed(seed)
     spm.SentencePieceTrainer.train(
-        sentence_iterator=_sentences(inputs, json_keys, log),
+        sentence_iterator=itertools.chain([first], sentences),
         model_prefix=str(out / Path(SP_MODEL_NAME).stem),
         model_type=model_type,
         vocab_size=vocab_size,
