@@ -14,6 +14,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
 from doge_dist.config import DataConfig
 from doge_dist.data import DataError, build_datasets, preprocess, validate_prefix
+from doge_dist.data.indexed import merge_prefixes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,6 +32,11 @@ def test_malformed_lines_are_skipped_and_reported(tmp_path) -> None:
     assert f"{path}:3: field 'text' is int" in summary
     assert f"{path}:4: undecodable bytes" in summary
     assert "Skipped: 0 empty documents, 3 bad records" in summary
+
+
+def test_json_errors_read_as_one_phrase(tmp_path) -> None:
+    path = write_jsonl(tmp_path / "in.jsonl", [{"text": "good"}, b'{"text": "tab\there"}'])
+    assert f"{path}:2: malformed JSON (Invalid control character at column 14)" in run(path, tmp_path).summary()
 
 
 def test_strict_stops_at_the_first_bad_line(tmp_path) -> None:
@@ -51,11 +57,34 @@ def test_missing_key_names_the_keys_that_exist(tmp_path) -> None:
         run(tmp_path / "in.parquet", tmp_path)
 
 
+def test_a_record_missing_the_key_after_good_ones_is_skipped(tmp_path) -> None:
+    path = write_jsonl(tmp_path / "in.jsonl", [{"text": "good one"}, {"body": "x"}, {"text": "good two"}])
+    report = run(path, tmp_path, workers=2)
+    assert (report.documents, report.bad) == (2, 1)
+    assert f"{path}:2: no key 'text'; this record has keys 'body'" in report.summary()
+    with pytest.raises(DataError, match=r"in\.jsonl:2: no key 'text'"):
+        run(path, tmp_path, strict=True)
+
+
 def test_empty_documents_are_skipped_and_counted(tmp_path) -> None:
     path = write_jsonl(tmp_path / "in.jsonl", [{"text": ""}, {"text": "words"}, "", {"text": None}])
     report = run(path, tmp_path, append_eod=True)
     assert (report.documents, report.empty, report.bad) == (1, 3, 0)
     assert validate_prefix(str(tmp_path / "out_text_document")).documents == 1
+
+
+def test_input_without_documents_gives_a_readable_empty_prefix(tmp_path) -> None:
+    run(write_jsonl(tmp_path / "in.jsonl", [{"text": ""}, ""]), tmp_path)
+    empty = str(tmp_path / "out_text_document")
+    assert validate_prefix(empty, VOCAB).documents == 0
+    tool = str(ROOT / "data_tools" / "inspect_data.py")
+    result = subprocess.run([sys.executable, tool, empty], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 0 and "documents 0, sequences 0, tokens 0" in result.stdout, result.stderr
+    merged = merge_prefixes([empty, assets().train_prefix], str(tmp_path / "merged"))
+    assert merged.documents == validate_prefix(assets().train_prefix).documents
+    config = DataConfig(train_data=[empty], seq_length=16, cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(DataError, match="train split gets no tokens"):
+        build_datasets(config, tokenizer(), [10, 2, 1])
 
 
 def test_command_line_reports_errors_without_traceback(tmp_path) -> None:
@@ -143,7 +172,8 @@ def test_blend_naming_a_missing_prefix(tmp_path) -> None:
 @pytest.mark.parametrize(
     "field, value, message",
     [("split", "90,abc", "data.split"), ("train_data", [], "train_data is empty"),
-     ("train_data", ["0.5", "a", "b"], "mixes weights and prefixes")],
+     ("train_data", ["0.5", "a", "b"], "mixes weights and prefixes"),
+     ("train_data", ["nan", "a", "1", "b"], "must be finite"), ("train_data", [float("inf"), "a", 1, "b"], "must be finite")],
 )
 def test_bad_data_config(tmp_path, field, value, message) -> None:
     config = DataConfig(train_data=[assets().train_prefix], seq_length=16, cache_dir=str(tmp_path / "cache"))
@@ -157,3 +187,21 @@ def test_split_without_tokens_fails_instead_of_hanging(tmp_path) -> None:
     config = DataConfig(train_data=[assets().train_prefix], seq_length=16, split="969,30,1", cache_dir=str(tmp_path / "c"))
     with pytest.raises(DataError, match="test split gets no tokens"):
         build_datasets(config, tokenizer(), [10, 2, 1])
+
+
+def test_a_single_prefix_string_is_one_prefix(tmp_path) -> None:
+    # YAML "train_data: data/x_text_document" (no brackets) is a string, not a list of characters.
+    config = DataConfig(train_data=assets().train_prefix, valid_data=str(tmp_path / "nope"), seq_length=16,
+                        cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(DataError, match=r"Data prefix '.*nope': missing"):
+        build_datasets(config, tokenizer(), [10, 2, 1])
+    config.valid_data = assets().train_prefix
+    train, valid, _ = build_datasets(config, tokenizer(), [10, 2, 1])
+    assert train.dataset_path == valid.dataset_path == assets().train_prefix
+
+
+def test_split_as_a_yaml_number(tmp_path) -> None:
+    # "split: 100" in YAML is the number 100: all documents train, as the string "100".
+    config = DataConfig(train_data=[assets().train_prefix], seq_length=16, split=100, cache_dir=str(tmp_path / "cache"))
+    train, valid, test = build_datasets(config, tokenizer(), [10, 2, 1])
+    assert train is not None and valid is None and test is None

@@ -46,6 +46,12 @@ def test_tokenizer_and_model_vocab_mismatch():
         _check(_config("model.vocab_size=32768"))
 
 
+@pytest.mark.parametrize("split", ["100,0", "'100'", "100"])  # "100" gives the validation split no weight too
+def test_evaluation_without_a_validation_split(split):
+    with pytest.raises(ConfigError, match="gives the validation split no weight"):
+        _check(_config(f"data.split={split}"))
+
+
 def test_world_size_not_divisible_by_parallel_sizes():
     with pytest.raises(ConfigError, match=r"world size \(3 processes\) is not a multiple of parallel.tensor_parallel \(2\)"):
         _check(_config("parallel.tensor_parallel=2"), world=3)

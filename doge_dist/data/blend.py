@@ -14,6 +14,7 @@ checks this with two gloo ranks).
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 import tempfile
@@ -30,9 +31,13 @@ Blend = tuple[list[str], Optional[list[float]]]
 
 
 def parse_blend(entries: Sequence, where: str = "data.train_data") -> Optional[Blend]:
-    """``[w1, p1, w2, p2, ...]`` or ``[p1, p2, ...]`` -> (prefixes, weights or None), as Megatron's --data-path."""
+    """``[w1, p1, w2, p2, ...]`` or ``[p1, p2, ...]`` -> (prefixes, weights or None), as Megatron's --data-path.
+
+    A single string (``train_data: data/x_text_document`` in YAML) is one prefix."""
     from megatron.core.datasets.utils import get_blend_from_list
 
+    if isinstance(entries, str):
+        entries = [entries]
     if not entries:
         return None
     entries = [str(entry) for entry in entries]
@@ -44,8 +49,8 @@ def parse_blend(entries: Sequence, where: str = "data.train_data") -> Optional[B
             "or only prefixes."
         )
     prefixes, weights = get_blend_from_list(entries)
-    if weights is not None and (any(w < 0 for w in weights) or sum(weights) <= 0):
-        raise DataError(f"{where} weights {weights} must be non-negative and not all zero.")
+    if weights is not None and (not all(0 <= w < math.inf for w in weights) or sum(weights) <= 0):
+        raise DataError(f"{where} weights {weights} must be finite, non-negative and not all zero.")
     return list(prefixes), weights
 
 
@@ -57,13 +62,16 @@ def _is_number(text: str) -> bool:
         return False
 
 
-def check_split(split: str) -> None:
-    """The split string is 1-3 comma-separated non-negative numbers, not all zero ("969,30,1")."""
-    parts = split.split(",") if isinstance(split, str) else []
+def split_weights(split) -> list[float]:
+    """The train, valid, test weights of data.split: 1-3 comma-separated non-negative numbers, not all
+    zero ("969,30,1"; "100" or YAML's number 100 is all train); absent trailing weights are 0."""
+    text = str(split) if isinstance(split, (int, float)) and not isinstance(split, bool) else split
+    parts = text.split(",") if isinstance(text, str) else []
     if not 1 <= len(parts) <= 3 or not all(re.fullmatch(r"\s*\d+(\.\d*)?\s*", p) for p in parts) or not any(
         float(p) > 0 for p in parts
     ):
         raise DataError(f"data.split = {split!r}: write train,valid,test weights such as \"969,30,1\".")
+    return [float(p) for p in parts] + [0.0] * (3 - len(parts))
 
 
 def _check_data(splits: list[Optional[Blend]], split_matrix: list, vocab_size: int) -> None:
@@ -133,7 +141,7 @@ def parse_blends(config) -> tuple:
         raise DataError("data.train_data is empty: list prefixes written by data_tools/preprocess_data.py.")
     valid = parse_blend(config.valid_data, "data.valid_data")
     if valid is None:
-        check_split(config.split)
+        split_weights(config.split)
     return train, valid
 
 
@@ -164,7 +172,7 @@ def build_datasets(
         sequence_length=config.seq_length,
         blend=None if valid else train,
         blend_per_split=[train, valid, None] if valid else None,
-        split=None if valid else config.split,
+        split=None if valid else str(config.split),
         path_to_cache=cache,
         tokenizer=tokenizer.megatron,
         reset_position_ids=config.reset_position_ids,

@@ -203,7 +203,7 @@ def decode_record(kind: str, payload: Union[bytes, dict], keys: Sequence[str]) -
         except UnicodeDecodeError as error:
             raise BadRecord(f"undecodable bytes (invalid UTF-8 at byte {error.start} of the line)") from None
         except json.JSONDecodeError as error:
-            raise BadRecord(f"malformed JSON ({error.msg} at column {error.colno})") from None
+            raise BadRecord(f"malformed JSON ({error.msg.removesuffix(' at')} at column {error.colno})") from None
         if not isinstance(data, dict):
             raise BadRecord(f"a JSON {type(data).__name__}, not an object")
     else:

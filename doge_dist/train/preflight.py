@@ -43,7 +43,7 @@ def check_layout(config: Config, world_size: int) -> ParallelLayout:
 
 def check_data(config: Config) -> None:
     from ..data import load_tokenizer, validate_prefix
-    from ..data.blend import parse_blends
+    from ..data.blend import parse_blends, split_weights
 
     data = config.data
     if not data.tokenizer:
@@ -60,7 +60,7 @@ def check_data(config: Config) -> None:
         validate_prefix(prefix, scan_tokens=False)
     if data.seq_length < 1:
         raise ConfigError(f"data.seq_length must be positive, got {data.seq_length}.")
-    if config.train.eval_interval > 0 and valid is None and len(data.split.split(",")) > 1 and float(data.split.split(",")[1]) == 0:
+    if config.train.eval_interval > 0 and valid is None and split_weights(data.split)[1] == 0:
         raise ConfigError("train.eval_interval > 0 but data.split gives the validation split no weight; set data.valid_data or a split like 969,30,1.")
 
 
