@@ -9,7 +9,9 @@ the same object is the ``tokenizer`` that megatron-core's GPTDataset needs (``eo
 The Hugging Face directory written for a sentencepiece model (``write_hf_tokenizer``) is a plain
 ``tokenizer.json`` built by transformers' own sentencepiece converter: no remote code, no network,
 and the same ids as sentencepiece for any text (``split_special_tokens`` is on because sentencepiece
-encodes a literal "</s>" in text as characters, and so did the training data).
+encodes a literal "</s>" in text as characters, and so did the training data). Unigram models are the
+exception: where two segmentations score the same up to rounding, sentencepiece (float32 sums) and
+tokenizers (float64) may choose different ones.
 """
 from __future__ import annotations
 
