@@ -66,6 +66,13 @@ def test_a_record_missing_the_key_after_good_ones_is_skipped(tmp_path) -> None:
         run(path, tmp_path, strict=True)
 
 
+def test_input_whose_every_record_is_bad_writes_nothing(tmp_path) -> None:
+    path = write_jsonl(tmp_path / "in.jsonl", ["{not json", "[1, 2]"])
+    with pytest.raises(DataError, match=r"None of the 2 records could be used \(the first: .*in\.jsonl:1: malformed JSON"):
+        run(path, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
 def test_empty_documents_are_skipped_and_counted(tmp_path) -> None:
     path = write_jsonl(tmp_path / "in.jsonl", [{"text": ""}, {"text": "words"}, "", {"text": None}])
     report = run(path, tmp_path, append_eod=True)

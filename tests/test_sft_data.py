@@ -135,3 +135,12 @@ def test_preprocess_chat_prints_progress(tmp_path):
     progress = [line for line in lines if line.startswith("Processed")]
     assert [line.split()[1] for line in progress] == ["2", "4"] and report.documents == 5
     assert "docs/s" in progress[0] and "% of input, ETA" in progress[0]
+
+
+def test_data_of_the_other_kind_is_refused_and_nothing_written(tmp_path):
+    """SFT conversations given to --kind dpo (or all records bad otherwise): an error naming --kind,
+    not an empty prefix that only the trainer would refuse."""
+    source = write_jsonl(tmp_path / "chat.jsonl", [{"messages": MESSAGES}] * 3)
+    with pytest.raises(DataError, match=r"None of the 3 records could be used \(the first: .*chat.jsonl:1: .*is --kind right"):
+        preprocess_chat(str(source), str(tmp_path / "out"), str(chat_tokenizer()), kind="dpo", log=quiet)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chat.jsonl"]

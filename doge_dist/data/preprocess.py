@@ -120,6 +120,13 @@ class PreprocessReport:
         lines += [f"Wrote {prefix}.bin/.idx" for prefix in self.prefixes]
         return "\n".join(lines)
 
+    def check_usable(self, hint: str) -> None:
+        """Raise (before the outputs are finalized) when every record was bad: an empty prefix would
+        only fail later, in the trainer."""
+        if self.bad and not self.documents:
+            raise DataError(f"None of the {self.bad} records could be used (the first: {self.bad_locations[0]}); "
+                            f"{hint}. Nothing was written.")
+
 
 class Progress:
     """A log line every ``interval`` records: documents/s, MB/s, tokens so far, and ETA when the input
@@ -211,5 +218,6 @@ def preprocess(
                 report.documents += written
                 report.empty += not written
                 progress(report, records)
+        report.check_usable("check the input format and --json-keys")
     report.seconds = time.time() - start
     return report

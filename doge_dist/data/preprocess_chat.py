@@ -116,6 +116,7 @@ def preprocess_chat(
             report.documents += 1
             report.tokens += sum(lengths)
             trained += sum(sum(m) for _, m in sequences)
+        report.check_usable("--kind sft reads a 'messages' list, --kind dpo 'prompt', 'chosen' and 'rejected': is --kind right?")
     report.seconds = time.time() - start
     log(f"{trained} of {report.tokens} tokens carry loss")
     return report
