@@ -4,6 +4,7 @@ DeepSpeed's universal checkpoint, 1 -> 2) at the same sample position; SIGTERM s
 import json
 import signal
 import subprocess
+import warnings
 
 import pytest
 
@@ -145,3 +146,18 @@ def test_a_refused_resume_leaves_the_run_files_as_they_were(tmp_path):
     result = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "saved with ZeRO-2 and this run uses ZeRO-0" in result.stderr, result.stderr[-3000:]
     assert [(tmp_path / name).read_text() for name in ("config.yaml", "ds_config.json")] == ["the ZeRO-2 run's\n"] * 2
+
+
+def test_a_resume_that_changes_the_global_batch_says_how_to_keep_it():
+    from doge_dist.config import TrainConfig
+    from doge_dist.train.loop import warn_if_global_batch_changed
+
+    saved = {"step": 10, "consumed_samples": 40}  # 4 sequences per step: 2 ranks x micro 2
+    with pytest.warns(UserWarning, match=r"took 4 sequences each and this run takes 2 .* "
+                                         r"train.gradient_accumulation_steps=2 keeps it on 1 data-parallel rank"):
+        warn_if_global_batch_changed(saved, TrainConfig(micro_batch_size=2, gradient_accumulation_steps=1), dp_size=1)
+    with pytest.warns(UserWarning, match="no whole accumulation keeps it"):
+        warn_if_global_batch_changed(saved, TrainConfig(micro_batch_size=3, gradient_accumulation_steps=1), dp_size=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_if_global_batch_changed(saved, TrainConfig(micro_batch_size=2, gradient_accumulation_steps=2), dp_size=1)

@@ -19,7 +19,7 @@ import torch
 import yaml
 from megatron.core import parallel_state
 
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, TrainConfig
 from ..model.moe_stats import MoEStats
 from ..parallel.apply import universal_checkpoint_info
 from ..parallel.state import ParallelLayout, data_parallel_group, initialize_parallel
@@ -169,6 +169,23 @@ def loadable_tag(root: Path, tag: str, layout: ParallelLayout, ds: dict) -> str:
     return tag
 
 
+def warn_if_global_batch_changed(saved: dict, train: TrainConfig, dp_size: int) -> None:
+    """A resume with another number of data-parallel ranks keeps micro-batch and accumulation, so the
+    global batch (sequences per optimizer step) changes with it unless the accumulation is changed
+    too; say so, and which accumulation keeps the checkpoint's batch."""
+    steps, samples = saved.get("step", 0), saved.get("consumed_samples", 0)
+    global_batch = train.micro_batch_size * train.gradient_accumulation_steps * dp_size
+    if not steps or samples == steps * global_batch:
+        return
+    saved_batch = samples / steps
+    keep = saved_batch / (train.micro_batch_size * dp_size)
+    way_out = (f"train.gradient_accumulation_steps={keep:.0f} keeps it on {dp_size} data-parallel rank(s)" if keep.is_integer()
+               else "no whole accumulation keeps it with this micro-batch and data-parallel size")
+    warnings.warn(f"The checkpoint's steps took {saved_batch:g} sequences each and this run takes {global_batch} "
+                  f"(train.micro_batch_size {train.micro_batch_size} x train.gradient_accumulation_steps "
+                  f"{train.gradient_accumulation_steps} x {dp_size} data-parallel rank(s)): {way_out}.")
+
+
 def write_run_files(run_dir: Path, config: Config, ds: dict) -> str:
     text = yaml.safe_dump(config.to_dict(), sort_keys=False)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -198,6 +215,8 @@ def pretrain(config: Config, ds_user: dict[str, Any], ds_where: str = "the DeepS
     init_weights = None
     if source:
         checkpoint.check_model_shape(*source, config.model)
+        if start and env.is_main:
+            warn_if_global_batch_changed(checkpoint.read_meta(*start), train, layout.dp_size)
         if start or config.run.init_optimizer:
             source = (source[0], loadable_tag(*source, layout, ds))
         else:  # weights only: the checkpoint's fp32 master weights, from any stage and layout
