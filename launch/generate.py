@@ -9,6 +9,7 @@
 data.tokenizer, or an export of one) and prints the assistant's reply.
 """
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -33,14 +34,15 @@ if __name__ == "__main__":
         from doge_dist.data import load_tokenizer
         from doge_dist.model.generate import generate
 
-        if (Path(args.model) / "config.json").is_file():
-            from doge_dist.convert.hf import load_hf
+        with contextlib.redirect_stdout(sys.stderr):  # loading messages (DeepSpeed's too): stdout is the text alone
+            if (Path(args.model) / "config.json").is_file():
+                from doge_dist.convert.hf import load_hf
 
-            model, tokenizer_path = load_hf(args.model), args.tokenizer or args.model
-        else:
-            from doge_dist.train.export import load_checkpoint_model, run_tokenizer_path
+                model, tokenizer_path = load_hf(args.model), args.tokenizer or args.model
+            else:
+                from doge_dist.train.export import load_checkpoint_model, run_tokenizer_path
 
-            model, tokenizer_path = load_checkpoint_model(args.model), args.tokenizer or run_tokenizer_path(args.model)
+                model, tokenizer_path = load_checkpoint_model(args.model), args.tokenizer or run_tokenizer_path(args.model)
         tokenizer = load_tokenizer(tokenizer_path)
         if args.chat:  # the reply alone
             from doge_dist.data.chat_template import load_chat_tokenizer
