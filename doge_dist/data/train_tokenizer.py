@@ -45,7 +45,7 @@ def _sentences(inputs: str | Sequence[str], keys: Sequence[str], log: Callable[[
                     if count % 200_000 == 0:
                         log(f"read {count} lines ({count / (time.time() - start):.0f} lines/s)")
                     yield line
-    log(f"read {count} lines, skipped {skipped} bad records")
+    log(f"read {count} lines, skipped {skipped} bad records; sentencepiece trains now (no progress lines until it is done)")
 
 
 def train_tokenizer(
@@ -77,6 +77,7 @@ def train_tokenizer(
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     spm.set_random_generator_seed(seed)
+    start = time.time()
     spm.SentencePieceTrainer.train(
         sentence_iterator=itertools.chain([first], sentences),
         model_prefix=str(out / Path(SP_MODEL_NAME).stem),
@@ -98,6 +99,7 @@ def train_tokenizer(
         num_threads=threads,
         minloglevel=1,
     )
+    log(f"trained in {time.time() - start:.0f} s")
     model = out / SP_MODEL_NAME
     write_hf_tokenizer(model, out)
     write_chat_tokenizer(model, out / CHAT_SUBDIR)
