@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from doge_dist.data.errors import run_tool
+from doge_dist.data.errors import log_to_stderr, run_tool
 from doge_dist.data.indexed import merge_prefixes
 
 
@@ -35,7 +35,7 @@ def main() -> int:
     prefixes = expand(args.input)
 
     def merge() -> str:
-        info = merge_prefixes(prefixes, args.output_prefix)
+        info = merge_prefixes(prefixes, args.output_prefix, log=log_to_stderr)
         return f"Merged {len(prefixes)} prefixes into {args.output_prefix}: {info.documents} documents, {info.tokens} tokens"
 
     return run_tool(merge)

@@ -27,6 +27,8 @@ def test_merge_is_the_concatenation(tmp_path) -> None:
     expected = [seq.tolist() for part in parts for seq in IndexedDataset(part)]
     assert [merged[i].tolist() for i in range(len(merged))] == expected
     assert Path(str(tmp_path / "merged") + ".bin").read_bytes() == b"".join(Path(p + ".bin").read_bytes() for p in parts)
+    progress = [line for line in result.stderr.splitlines() if line.startswith("merged ")]
+    assert [line.split()[1] for line in progress] == ["1/2", "2/2"] and "MB/s, ETA 0 s)" in progress[-1]
 
 
 def test_merge_refuses_mixed_dtypes(tmp_path) -> None:

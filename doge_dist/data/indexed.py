@@ -16,9 +16,10 @@ import os
 import signal
 import struct
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Type
+from typing import Callable, Iterator, Optional, Type
 
 import numpy as np
 
@@ -178,8 +179,9 @@ def _max_token(bin_path: Path, dtype: np.dtype) -> int:
     return max(int(data[i : i + SCAN_CHUNK_TOKENS].max()) for i in range(0, data.shape[0], SCAN_CHUNK_TOKENS))
 
 
-def merge_prefixes(prefixes: list[str], output_prefix: str) -> PrefixInfo:
-    """Concatenate .bin/.idx pairs in order with megatron-core's ``IndexedDatasetBuilder.add_index``."""
+def merge_prefixes(prefixes: list[str], output_prefix: str, log: Callable[[str], None] = print) -> PrefixInfo:
+    """Concatenate .bin/.idx pairs in order with megatron-core's ``IndexedDatasetBuilder.add_index``;
+    a log line after each input with the rate and ETA."""
     if not prefixes:
         raise DataError("Nothing to merge: pass at least one input prefix.")
     infos = [validate_prefix(prefix, scan_tokens=False) for prefix in prefixes]
@@ -189,7 +191,13 @@ def merge_prefixes(prefixes: list[str], output_prefix: str) -> PrefixInfo:
         raise DataError(f"Cannot merge prefixes with different token dtypes: {listing}; re-tokenize with one tokenizer.")
     if output_prefix in prefixes:
         raise DataError(f"--output-prefix {output_prefix} is also an input; choose a new prefix.")
+    sizes = [Path(prefix + ".bin").stat().st_size for prefix in prefixes]
+    start, done = time.time(), 0
     with atomic_builder(output_prefix, infos[0].dtype.type) as builder:
-        for prefix in prefixes:
+        for number, (prefix, size) in enumerate(zip(prefixes, sizes), 1):
             builder.add_index(prefix)
+            done += size
+            rate = done / max(time.time() - start, 1e-9)
+            log(f"merged {number}/{len(prefixes)} {prefix}: {done / 1e6:.1f} of {sum(sizes) / 1e6:.1f} MB "
+                f"({rate / 1e6:.1f} MB/s, ETA {(sum(sizes) - done) / max(rate, 1e-9):.0f} s)")
     return validate_prefix(output_prefix, scan_tokens=False)
