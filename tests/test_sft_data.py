@@ -144,3 +144,11 @@ def test_data_of_the_other_kind_is_refused_and_nothing_written(tmp_path):
     with pytest.raises(DataError, match=r"None of the 3 records could be used \(the first: .*chat.jsonl:1: .*is --kind right"):
         preprocess_chat(str(source), str(tmp_path / "out"), str(chat_tokenizer()), kind="dpo", log=quiet)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["chat.jsonl"]
+
+
+def test_plain_text_input_is_named(tmp_path):
+    source = tmp_path / "notes.txt"
+    source.write_text("Just prose.\n")
+    with pytest.raises(DataError, match=r"notes\.txt: chat data must be jsonl, parquet or a datasets directory"):
+        preprocess_chat(str(source), str(tmp_path / "out"), str(chat_tokenizer()), log=quiet)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]

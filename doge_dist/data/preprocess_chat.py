@@ -44,8 +44,6 @@ def mask_prefix(text_prefix: str) -> str:
 def _record(kind: str, payload) -> Optional[dict]:
     if kind == "row":
         return payload
-    if kind != "json":
-        raise DataError("chat data must be jsonl, parquet or a datasets directory, not plain text")
     if not payload.strip():
         return None
     try:
@@ -77,6 +75,9 @@ def preprocess_chat(
         raise DataError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}.")
     start = time.time()
     inputs = list_inputs(input)
+    plain_text = [str(item.path) for item in inputs if item.kind == "text"]
+    if plain_text:
+        raise DataError(f"{', '.join(plain_text)}: chat data must be jsonl, parquet or a datasets directory, not plain text.")
     tokenizer = load_chat_tokenizer(tokenizer_dir)
     dtype = DType.optimal_dtype(len(tokenizer))
     prefixes = chat_prefixes(output_prefix)
