@@ -152,3 +152,18 @@ def test_sigterm_removes_partial_files(tmp_path, workers) -> None:
         tool.kill()
     assert tool.returncode == 128 + signal.SIGTERM and "Traceback" not in stderr, stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+def test_forked_workers_keep_the_default_sigterm(tmp_path) -> None:
+    """While the partial files are open the tool unwinds on SIGTERM, but a forked pool worker must die
+    by it at once (Pool.terminate): a Python handler would wait for bytecode a stuck worker never runs."""
+    from doge_dist.data.indexed import atomic_builder
+
+    with atomic_builder(str(tmp_path / "out"), np.uint16):
+        assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0 if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL else 1)
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL

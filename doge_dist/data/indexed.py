@@ -41,6 +41,17 @@ def _exit_on_sigterm(signum: int, _frame) -> None:
     raise SystemExit(128 + signum)
 
 
+def _default_sigterm_in_forked_child() -> None:
+    """A forked child (a preprocessing pool worker) does not inherit ``_exit_on_sigterm``: Pool.terminate
+    stops workers with SIGTERM, which a Python handler runs only between bytecodes, so a worker still
+    starting up or blocked in C would never die and the pool's join would wait for ever."""
+    if signal.getsignal(signal.SIGTERM) is _exit_on_sigterm:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+os.register_at_fork(after_in_child=_default_sigterm_in_forked_child)
+
+
 @contextlib.contextmanager
 def _sigterm_unwinds() -> Iterator[None]:
     """While partial files exist, a SIGTERM that would kill the process outright (the default action)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
-import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -40,12 +39,6 @@ _STATE: tuple = ()
 def _init_worker(tokenizer_path: str, tokenizer_type: Optional[str], keys: Sequence[str], append_eod: bool, dtype) -> None:
     global _STATE
     _STATE = (load_tokenizer(tokenizer_path, tokenizer_type), tuple(keys), append_eod, dtype)
-
-
-def _init_pool_worker(*init_args) -> None:
-    """A pool process: the default SIGTERM (Pool.terminate stops workers with it), then ``_init_worker``."""
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    _init_worker(*init_args)
 
 
 def _encode_record(record: Record) -> tuple:
@@ -185,7 +178,7 @@ def preprocess(
     with contextlib.ExitStack() as stack:
         builders = {key: stack.enter_context(atomic_builder(p, dtype)) for key, p in zip(json_keys, prefixes)}
         if workers > 1:
-            pool = stack.enter_context(multiprocessing.Pool(workers, initializer=_init_pool_worker, initargs=init_args))
+            pool = stack.enter_context(multiprocessing.Pool(workers, initializer=_init_worker, initargs=init_args))
             stack.callback(stop.set)  # runs before the pool terminates: the feeder must not block
             results = pool.imap(_encode_batch, batches, chunksize=1)
         else:
