@@ -27,6 +27,12 @@ if __name__ == "__main__":
     parser.add_argument("--tokenizer", default=None, help="default: the HF directory's, or the run's data.tokenizer")
     parser.add_argument("--chat", action="store_true", help="the prompt is a user turn of the chat template")
     args = parser.parse_args()
+    try:
+        from doge_dist.model.generate import check_options
+
+        check_options(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    except ValueError as error:
+        parser.error(str(error))
 
     def run() -> None:
         import torch
@@ -44,6 +50,11 @@ if __name__ == "__main__":
 
                 model, tokenizer_path = load_checkpoint_model(args.model), args.tokenizer or run_tokenizer_path(args.model)
         tokenizer = load_tokenizer(tokenizer_path)
+        if tokenizer.vocab_size > model.config.vocab_size:
+            from doge_dist.config import ConfigError
+
+            raise ConfigError(f"Tokenizer '{tokenizer_path}' has {tokenizer.vocab_size} ids but the model's vocab_size is "
+                              f"{model.config.vocab_size}: pass --tokenizer with the tokenizer this model was made for.")
         if args.chat:  # the reply alone
             from doge_dist.data.chat_template import load_chat_tokenizer
 

@@ -1,16 +1,25 @@
 """The decode step (``model.decode.Decoder``) equals the model's own cached forward, one new token at
 a time: fp32 logits within 1e-5 for every attention variant, GQA, MoE, biases, a keep window that
 the cache outgrows, dynamic NTK past the trained length and batch 2; bf16 autocast logits within
-bf16 rounding; its prepared weights follow every change of the parameters."""
+bf16 rounding; its prepared weights follow every change of the parameters. ``generate`` and
+launch/generate.py refuse out-of-range options and a tokenizer larger than the model's vocabulary by name."""
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
+from data_helpers import assets
 from doge_dist.config import ModelConfig
-from doge_dist.model import build_model
+from doge_dist.convert.hf import save_hf
+from doge_dist.model import build_model, shift_labels
 from doge_dist.model.cache import KVCache
 from doge_dist.model.decode import Decoder
 from doge_dist.model.generate import generate
 from model_helpers import perturb_all, randomise_dynamic_mask
+
+REPO = Path(__file__).resolve().parents[1]
 
 CASES = {
     "v2_gqa": {},
@@ -90,6 +99,48 @@ def test_generated_tokens_can_feed_a_training_step():
     sample = generate(model, torch.tensor([[5, 6, 7]]), 4, temperature=0)
     assert not sample.is_inference()
     model.train()
-    total, count = model.loss_sum(model(sample).logits, sample)
+    total, count = model.loss_sum(model(sample).logits, shift_labels(sample))
     (total / count).backward()
     assert model.model.embed_tokens.weight.grad is not None
+
+
+def test_generate_leaves_the_model_in_the_mode_it_was_in():
+    """A training loop that samples between steps keeps its dropout; an evaluated model stays in eval."""
+    model = _model({}).train()
+    generate(model, torch.tensor([[5, 6, 7]]), 2, temperature=0)
+    assert model.training and all(module.training for module in model.modules())
+    generate(model.eval(), torch.tensor([[5, 6, 7]]), 2, temperature=0)
+    assert not model.training
+
+@pytest.mark.parametrize("options, message", [
+    ({"max_new_tokens": -1}, "max_new_tokens must be 0 or more, got -1"),
+    ({"temperature": -1.0}, "temperature must be 0"),
+    ({"top_k": -5}, "top_k must be 0"),
+    ({"top_p": 1.5}, "top_p must be between 0 and 1"),
+    ({"top_p": -0.1}, "top_p must be between 0 and 1"),
+])
+def test_out_of_range_sampling_options_are_refused_by_name(options, message):
+    """Not a shape error from the decoder, a topk error, a multinomial error or silent greedy decoding."""
+    with pytest.raises(ValueError, match=message):
+        generate(_model({}), torch.tensor([[5, 6, 7]]), **{"max_new_tokens": 3, "temperature": 1.0, **options})
+
+
+def test_zero_new_tokens_returns_the_prompt_and_an_empty_prompt_is_refused():
+    prompt = torch.tensor([[5, 6, 7]])
+    assert torch.equal(generate(_model({}), prompt, 0, temperature=0), prompt)
+    with pytest.raises(ValueError, match="at least one prompt token"):
+        generate(_model({}), torch.zeros(1, 0, dtype=torch.long), 3, temperature=0)
+
+
+def test_generate_command_refuses_bad_options_before_loading_the_model():
+    result = subprocess.run([sys.executable, "launch/generate.py", "--model", "no/such/run", "--top_p", "1.5"],
+                            cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 2 and "top_p must be between 0 and 1" in result.stderr and "got 1.5" in result.stderr
+
+
+def test_generate_command_refuses_a_tokenizer_larger_than_the_model_vocabulary(tmp_path):
+    """Not an IndexError from the embedding: the tokenizer (512 ids) does not belong to the model (256)."""
+    save_hf(build_model(ModelConfig.from_preset("doge-tiny", vocab_size=256)), tmp_path / "hf")
+    result = subprocess.run([sys.executable, "launch/generate.py", "--model", str(tmp_path / "hf"),
+                             "--tokenizer", str(assets().tokenizer_dir)], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 2 and "has 512 ids but the model's vocab_size is 256" in result.stderr, result.stderr[-2000:]
