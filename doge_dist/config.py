@@ -139,6 +139,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
+        self.check_sizes()
         if self.head_dim is None:
             if self.hidden_size % self.num_attention_heads:
                 raise ConfigError(
@@ -153,6 +154,13 @@ class ModelConfig:
                 f"directly, as in transformers; drop head_dim or set it to {self.hidden_size // self.num_attention_heads}."
             )
         self.validate()
+
+    def check_sizes(self) -> None:
+        """Every size at least 1 (before any division by a head count)."""
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                    "num_key_value_heads", "max_position_embeddings"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"model.{key} must be at least 1, got {getattr(self, key)}.")
 
     def validate(self) -> None:
         def choice(key: str, options: tuple[str, ...]) -> None:
@@ -179,6 +187,12 @@ class ModelConfig:
                 raise ConfigError(f"model.rope_scaling.rope_type = {rope_type!r}: supported are 'default' and 'dynamic'.")
             if rope_type == "dynamic" and "factor" not in self.rope_scaling:
                 raise ConfigError("model.rope_scaling with rope_type 'dynamic' needs a 'factor'.")
+        if self.sliding_window is not None:
+            raise ConfigError(
+                f"model.sliding_window = {self.sliding_window}: doge-dist does not implement transformers' sliding-window "
+                "causal mask, so this model would compute a different function; set it to null (Doge's own sparsity "
+                "is DMA's keep_window_size)."
+            )
         if self.keep_window_size < 1:
             raise ConfigError(f"model.keep_window_size must be positive, got {self.keep_window_size}.")
         if self.is_moe:

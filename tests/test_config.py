@@ -39,6 +39,10 @@ def test_built_models_have_the_counted_parameters(preset):
         ({"is_moe": True, "num_experts": 1000}, "perfect square"),
         ({"attn_backend": "xformers"}, "attn_backend"),
         ({"router_layout": "reshape"}, "router_layout"),
+        ({"num_attention_heads": 0}, r"num_attention_heads must be at least 1, got 0"),
+        ({"num_key_value_heads": 0}, r"num_key_value_heads must be at least 1, got 0"),
+        ({"hidden_size": 0}, r"hidden_size must be at least 1, got 0"),
+        ({"sliding_window": 6}, "sliding_window = 6: doge-dist does not implement"),
     ],
 )
 def test_bad_model_config_is_refused_with_the_key_named(overrides, message):
