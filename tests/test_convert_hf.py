@@ -88,3 +88,30 @@ def test_export_replaces_only_an_earlier_export_or_an_empty_directory(tmp_path):
     (tmp_path / "empty").mkdir()
     for output in ("hf", "hf", "empty"):  # a new directory, an earlier export, an empty directory
         assert (save_hf(model, tmp_path / output) / "config.json").is_file()
+
+
+def test_corrupt_config_or_weights_are_named(tmp_path):
+    save_hf(build_model(ModelConfig.from_preset("doge-tiny")), tmp_path / "hf")
+    weights = tmp_path / "hf" / "model.safetensors"
+    with open(weights, "r+b") as file:
+        file.truncate(100)
+    with pytest.raises(ConfigError, match="model.safetensors cannot be read as safetensors"):
+        load_hf(tmp_path / "hf")
+    (tmp_path / "hf" / "config.json").write_text("{bad")
+    with pytest.raises(ConfigError, match="config.json is not valid JSON"):
+        load_hf(tmp_path / "hf")
+
+
+def test_a_transformers_directory_with_a_sliding_window_is_refused(tmp_path):
+    """transformers masks keys beyond sliding_window; our attention does not, so loading it would change the function."""
+    save_hf(build_model(ModelConfig.from_preset("doge-tiny")), tmp_path / "hf")
+    config_file = tmp_path / "hf" / "config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "sliding_window": 6}))
+    with pytest.raises(ConfigError, match="sliding_window = 6"):
+        load_hf(tmp_path / "hf")
+
+
+def test_a_failed_export_leaves_nothing_behind(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a Hugging Face tokenizer directory"):
+        save_hf(build_model(ModelConfig.from_preset("doge-tiny")), tmp_path / "hf", tokenizer=tmp_path / "tokenizer.model")
+    assert list(tmp_path.iterdir()) == []

@@ -66,11 +66,15 @@ def from_hf_config(hf: dict[str, Any], state_keys: tuple[str, ...] = (), a_shape
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     files = sorted(path.glob("*.safetensors"))
     if files:
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         state = {}
         for file in files:
-            state.update(load_file(str(file)))
+            try:
+                state.update(load_file(str(file)))
+            except SafetensorError as error:  # its message names no file
+                raise ConfigError(f"{file} cannot be read as safetensors ({error}); is the download or copy complete?") from error
         return state
     bins = sorted(path.glob("pytorch_model*.bin"))
     if not bins:
@@ -115,7 +119,10 @@ def load_hf(path: Union[str, Path], **config_overrides) -> DogeForCausalLM:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{path} is not a Hugging Face model directory: config.json is missing.")
-    hf = json.loads(config_file.read_text())
+    try:
+        hf = json.loads(config_file.read_text())
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{config_file} is not valid JSON: {error}.") from error
     if hf.get("model_type") != "doge":
         raise ConfigError(f"{config_file}: model_type is {hf.get('model_type')!r}, not 'doge'.")
     state = rename_old_keys(_read_state_dict(path))
@@ -153,15 +160,19 @@ def save_hf(model: DogeForCausalLM, path: Union[str, Path], tokenizer: Optional[
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    hf_config = to_hf_config(model.config)
-    hf_config.architectures = ["DogeForCausalLM"]
-    hf_config.save_pretrained(tmp)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
-        state.pop("lm_head.weight")
-    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    if tokenizer is not None:
-        _save_tokenizer(tokenizer, tmp)
+    try:
+        hf_config = to_hf_config(model.config)
+        hf_config.architectures = ["DogeForCausalLM"]
+        hf_config.save_pretrained(tmp)
+        state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+        if model.config.tie_word_embeddings:
+            state.pop("lm_head.weight")
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if tokenizer is not None:
+            _save_tokenizer(tokenizer, tmp)
+    except BaseException:  # a bad tokenizer, a full disk, Ctrl-C: no half-written directory stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if path.exists():
         shutil.rmtree(path)
     tmp.rename(path)
