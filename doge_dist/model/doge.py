@@ -131,7 +131,8 @@ class DogeForCausalLM(nn.Module):
         return balance_loss(routings, self.config.num_experts, self.config.balance_loss, token_mask)
 
     def loss_sum(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sum of token losses, token count); parallel forms of the model override it."""
+        """(sum of token losses, token count) for ``labels`` aligned with ``logits`` (the next-token
+        targets: ``shift_labels(input_ids)``); parallel forms of the model override it."""
         if self.config.loss_backend == "te":
             return self.token_losses(logits, labels).sum(), (labels != IGNORE_INDEX).sum()
         return token_loss_sum(logits, labels)
