@@ -115,3 +115,31 @@ def test_a_failed_export_leaves_nothing_behind(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a Hugging Face tokenizer directory"):
         save_hf(build_model(ModelConfig.from_preset("doge-tiny")), tmp_path / "hf", tokenizer=tmp_path / "tokenizer.model")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_moe_router_layout_is_recorded_and_a_foreign_moe_directory_keeps_transformers_routing(tmp_path):
+    """Our MoE export records its router in config.json, so load_hf keeps it; a MoE directory without the
+    key (transformers', small-doge's) loads with transformers' cross-token router, the function it computes."""
+    import warnings
+
+    from transformers import AutoModelForCausalLM
+
+    ours, _ = model_pair(ModelConfig.from_preset("doge-tiny-moe"))
+    with pytest.warns(UserWarning, match="cross-token reshape"):
+        save_hf(ours, tmp_path / "hf")
+    config_file = tmp_path / "hf" / "config.json"
+    config = json.loads(config_file.read_text())
+    assert config["router_layout"] == "split"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_hf(tmp_path / "hf").config.router_layout == "split"
+    del config["router_layout"]
+    config_file.write_text(json.dumps(config))
+    with pytest.warns(UserWarning, match="not written by doge-dist: loaded with transformers' cross-token router"):
+        foreign = load_hf(tmp_path / "hf")
+    assert foreign.config.router_layout == "hf_compat"
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
+    ids = unique_tokens(2, 16, 512)
+    with torch.no_grad():
+        assert (foreign.eval()(ids).logits - reference(ids).logits).abs().max() <= 1e-5
+    assert load_hf(tmp_path / "hf", router_layout="split").config.router_layout == "split"

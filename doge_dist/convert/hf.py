@@ -59,6 +59,13 @@ def from_hf_config(hf: dict[str, Any], state_keys: tuple[str, ...] = (), a_shape
             values[key] = values[key][0]
     if state_keys:
         values["attention_variant"] = "v2" if any(".q_norm." in k for k in state_keys) else "v1"
+    if hf.get("is_moe") and "router_layout" not in hf and "router_layout" not in overrides:
+        warnings.warn(
+            "A MoE Doge directory not written by doge-dist: loaded with transformers' cross-token router "
+            "(router_layout 'hf_compat'), the function transformers computes and it was trained with; pass "
+            "router_layout='split' (model.router_layout) for doge-dist's per-token router."
+        )
+        values["router_layout"] = "hf_compat"
     values.update(overrides)
     return ModelConfig(**values)
 
@@ -154,7 +161,7 @@ def save_hf(model: DogeForCausalLM, path: Union[str, Path], tokenizer: Optional[
             "transformers' DogeForCausalLM routes CDMoE tokens with the reference's cross-token reshape "
             "(router_layout 'hf_compat'); this model was built with the per-token 'split' router, so "
             "transformers computes a different function for batches of more than one token. "
-            "doge_dist.convert.hf.load_hf(path) (router_layout 'split' by default) keeps it exact."
+            "doge_dist.convert.hf.load_hf(path) reads the router_layout recorded in config.json and keeps it exact."
         )
     tmp = path.with_name(path.name + ".tmp")
     if tmp.exists():
@@ -163,6 +170,8 @@ def save_hf(model: DogeForCausalLM, path: Union[str, Path], tokenizer: Optional[
     try:
         hf_config = to_hf_config(model.config)
         hf_config.architectures = ["DogeForCausalLM"]
+        if model.config.is_moe:
+            hf_config.router_layout = model.config.router_layout  # for load_hf; transformers ignores it
         hf_config.save_pretrained(tmp)
         state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
         if model.config.tie_word_embeddings:
