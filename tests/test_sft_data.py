@@ -152,3 +152,46 @@ def test_plain_text_input_is_named(tmp_path):
     with pytest.raises(DataError, match=r"notes\.txt: chat data must be jsonl, parquet or a datasets directory"):
         preprocess_chat(str(source), str(tmp_path / "out"), str(chat_tokenizer()), log=quiet)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_explicit_max_steps_wins_over_epochs_and_the_sizing_is_said():
+    """``launch/sft.py --config configs/sft_tiny_cpu.yaml train.max_steps=6``: 6 steps, not the 2 epochs
+    of the YAML, with the warmup/decay ratios of 6 (as the HF Trainer's max_steps); without a step count
+    the epochs size the run. Either way the printed line says so."""
+    from doge_dist.config import load_config
+    from doge_dist.train.finetune import max_steps_given, size_in_epochs
+
+    raw = {"train": {"micro_batch_size": 8}, "finetune": {"epochs": 2}}
+    overrides = ["train.micro_batch_size=8", "train.max_steps=6"]
+    config = load_config(None, overrides)
+    line = size_in_epochs(config, 810, 2, max_steps_given(raw, overrides))
+    assert (config.train.max_steps, config.train.warmup_steps, config.train.decay_steps) == (6, 1, 1)  # the ratios of 6
+    assert line == ("train.max_steps = 6 as given, which wins over finetune.epochs (0.119 epochs of 810 samples, "
+                    "16 per step), warmup 1, decay 1 steps")
+    assert max_steps_given({"train": {"max_steps": 9}}, []) and not max_steps_given(raw, overrides[:1])
+    config = load_config(None, overrides[:1])
+    line = size_in_epochs(config, 810, 2, max_steps_given(raw, overrides[:1]))
+    assert (config.train.max_steps, config.train.warmup_steps) == (102, 10)
+    assert line == ("train.max_steps = 102 from finetune.epochs = 2 (2.01 epochs of 810 samples, 16 per step), "
+                    "warmup 10, decay 10 steps")
+
+
+def test_pairs_cut_to_nothing_by_seq_length_are_reported():
+    """DPO pairs whose prompt fills data.seq_length train nothing (reward 0, never accurate): warned."""
+    import warnings
+
+    from chat_helpers import prefixes
+    from doge_dist.config import load_config
+    from doge_dist.train.dpo import DPOTask
+
+    def check(seq_length):
+        config = load_config(None, ["run.init_from=runs/any", f"data.train_data=[{prefixes()['dpo_train']}]",
+                                    f"data.seq_length={seq_length}"])
+        return DPOTask().check(config)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert check(128) == 16
+    assert not [w for w in caught if "training pairs" in str(w.message)]
+    with pytest.warns(UserWarning, match=r"16 of 16 training pairs have a completion wholly beyond data.seq_length = 4 tokens"):
+        check(4)

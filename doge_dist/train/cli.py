@@ -86,7 +86,7 @@ def main_finetune(kind: str, config_path: Optional[str], ds_config_path: Optiona
     from .distributed import launcher_world_size
     from .ds_config import read_ds_config
     from .dpo import DPOTask
-    from .finetune import SFTTask, model_config_of, size_in_epochs
+    from .finetune import SFTTask, max_steps_given, model_config_of, size_in_epochs
     from .loop import pretrain
 
     def run() -> None:
@@ -97,7 +97,9 @@ def main_finetune(kind: str, config_path: Optional[str], ds_config_path: Optiona
         if config.run.init_from and "model" not in (raw or {}) and not any(o.startswith("model.") for o in overrides):
             config.model = model_config_of(config.run.init_from)
         task = SFTTask() if kind == "sft" else DPOTask()
-        size_in_epochs(config, task.check(config), launcher_world_size())
+        sizing = size_in_epochs(config, task.check(config), launcher_world_size(), max_steps_given(raw, overrides))
+        if os.environ.get("RANK", "0") == "0":
+            print(f"[doge-dist] {sizing}", flush=True)
         pretrain(config, ds, f"DeepSpeed config '{path}'", task=task)
 
     return report_errors(run)

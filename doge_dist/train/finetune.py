@@ -114,17 +114,32 @@ class SFTTask(FinetuneTask):
         return SFTDataset(sequences, config.data.seq_length, config.finetune.packing) if sequences else None
 
 
-def size_in_epochs(config: Config, samples: int, world_size: int) -> None:
-    """train.max_steps/warmup_steps(/decay_steps) from finetune.epochs (see FinetuneConfig)."""
+def max_steps_given(raw: Optional[dict], overrides: list[str]) -> bool:
+    """Whether the YAML's train section or a ``train.max_steps=`` override sets the run's length."""
+    train = (raw or {}).get("train") or {}
+    return "max_steps" in train or any(o.startswith("train.max_steps=") for o in overrides)
+
+
+def size_in_epochs(config: Config, samples: int, world_size: int, steps_given: bool = False) -> str:
+    """train.max_steps/warmup_steps(/decay_steps) from finetune.epochs (see FinetuneConfig); a
+    train.max_steps the user gave (``steps_given``) wins over the epochs, as in the HF Trainer, and the
+    ratios then apply to it. Returns the line that says how the run was sized."""
     finetune, train = config.finetune, config.train
-    if finetune.epochs <= 0:
-        return
     dp_size = max(1, world_size // config.parallel.tensor_parallel)
     global_batch = train.micro_batch_size * train.gradient_accumulation_steps * dp_size
-    train.max_steps = max(1, math.ceil(finetune.epochs * samples / global_batch))
+    if finetune.epochs <= 0:
+        return (f"finetune.epochs = 0: train.max_steps {train.max_steps}, warmup {train.warmup_steps} steps as written "
+                f"({train.max_steps * global_batch / samples:.3g} epochs of {samples} samples)")
+    if not steps_given:
+        train.max_steps = max(1, math.ceil(finetune.epochs * samples / global_batch))
     train.warmup_steps = round(finetune.warmup_ratio * train.max_steps)
     if train.scheduler == "wsd":
         train.decay_steps = min(round(finetune.decay_ratio * train.max_steps), train.max_steps - train.warmup_steps)
+    decay = f", decay {train.decay_steps}" if train.scheduler == "wsd" else ""
+    source = ("as given, which wins over finetune.epochs" if steps_given
+              else f"from finetune.epochs = {finetune.epochs:g}")
+    return (f"train.max_steps = {train.max_steps} {source} ({train.max_steps * global_batch / samples:.3g} epochs of "
+            f"{samples} samples, {global_batch} per step), warmup {train.warmup_steps}{decay} steps")
 
 
 def model_config_of(init_from: str) -> ModelConfig:
