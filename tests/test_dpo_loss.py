@@ -66,3 +66,38 @@ def test_task_forward_matches_direct_computation():
     metrics = task._sums["train"].tolist()  # loss, rewards_chosen, rewards_rejected, margin, accuracy sums
     assert math.isclose(metrics[3], float(sum(margins)), abs_tol=1e-5)
     assert metrics[4] == sum(float(m > 0) for m in margins)
+
+
+def test_precomputed_table_is_reused_only_for_its_own_reference(tmp_path, monkeypatch, capsys):
+    """finetune.reference=precomputed: a resume reuses run.dir/reference_logps.pt, but a table left in
+    run.dir by a run from another reference model is recomputed, not trusted; the work is reported."""
+    import torch.distributed as dist
+
+    from chat_helpers import prefixes
+    from doge_dist.config import load_config
+    from doge_dist.train.distributed import DistEnv, _free_port
+    from doge_dist.train.dpo import REFERENCE_FILES
+
+    data = prefixes()["dpo_train"]
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        env = DistEnv(0, 1, 0, torch.device("cpu"))
+        tables = []
+        for seed, init_from in ((0, "init_a"), (0, "init_a"), (1, "init_b")):
+            (tmp_path / init_from).mkdir(exist_ok=True)
+            (tmp_path / init_from / "config.json").write_text("{}")
+            config = load_config(None, [f"run.dir={tmp_path}", f"run.init_from={tmp_path / init_from}", f"data.train_data=[{data}]",
+                                        "data.seq_length=128", "train.micro_batch_size=4"])
+            torch.manual_seed(seed)
+            task = DPOTask()
+            task.reference = build_model(ModelConfig.from_preset("doge-tiny")).eval()
+            tables.append(task._precompute(config, env, "train").clone())
+            assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == [REFERENCE_FILES["train"]]
+    finally:
+        dist.destroy_process_group()
+    assert torch.equal(tables[0], tables[1]) and not torch.allclose(tables[0], tables[2])
+    printed = capsys.readouterr().out
+    assert printed.count("reference log-probs of the 16 train pairs, once") == 2
+    assert "train reference log-probs: 4/4 micro-batches" in printed

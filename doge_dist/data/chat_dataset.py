@@ -112,6 +112,13 @@ class PreferenceDataset(Dataset):
         return {"chosen": trim(chosen), "rejected": trim(rejected), "index": index}
 
 
+def pairs_without_loss(sequences: MaskedSequences, seq_length: int) -> int:
+    """Pairs whose chosen or rejected completion lies wholly beyond ``seq_length`` tokens (a prompt as
+    long as the sequence): cut there, it carries no loss, its reward is 0 and it is never accurate."""
+    return sum(not all(sequences[2 * pair + k][1][1 : seq_length + 1].any() for k in (0, 1))
+               for pair in range(len(sequences) // 2))
+
+
 def collate_lm(samples: list[dict[str, torch.Tensor]], pad_id: int, multiple: int = 1) -> dict[str, torch.Tensor]:
     """Right-pad to the longest sample of the micro-batch, rounded up to ``multiple`` (sequence
     parallelism splits the sequence over the tensor-parallel ranks), labels with IGNORE_INDEX."""

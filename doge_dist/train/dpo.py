@@ -9,12 +9,15 @@ Per pair, with summed completion log-probs ``pi`` (policy) and ``ref`` (frozen r
 of the global batch. The reference is the ``run.init_from`` model: a frozen copy next to the policy
 (``finetune.reference: model``), or its log-probs computed once before step 1 and kept in
 ``run.dir/reference_logps.pt`` and, for the validation pairs, ``reference_logps_valid.pt``
-(``precomputed``: no second model in memory while training). Validation reports the held-out pairs'
+(``precomputed``: no second model in memory while training; a resume reuses them, a table of another
+reference model, data, sequence length or precision is recomputed). Validation reports the held-out pairs'
 loss, rewards, margin and accuracy (``val/loss``, ``dpo_val/*``).
 """
 from __future__ import annotations
 
 import itertools
+import os
+import warnings
 from functools import partial
 from pathlib import Path
 from typing import Callable, Optional
@@ -24,10 +27,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..config import Config
-from ..data.chat_dataset import PreferenceDataset, collate_pairs
+from ..data.chat_dataset import PreferenceDataset, collate_pairs, pairs_without_loss
 from ..model import DogeForCausalLM
+from . import checkpoint
 from .distributed import DistEnv
-from .finetune import FinetuneData, FinetuneTask, pad_id, pad_multiple
+from .finetune import FinetuneData, FinetuneTask, data_prefixes, pad_id, pad_multiple
 
 METRICS = ("dpo/loss", "dpo/rewards_chosen", "dpo/rewards_rejected", "dpo/reward_margin", "dpo/accuracy")
 VALID_METRICS = ("dpo_val/rewards_chosen", "dpo_val/rewards_rejected", "dpo_val/reward_margin", "dpo_val/accuracy")
@@ -97,6 +101,15 @@ class DPOTask(FinetuneTask):
         sequences = self.sequences(config, split)
         return PreferenceDataset(sequences, config.data.seq_length) if sequences else None
 
+    def check(self, config: Config) -> int:
+        pairs = super().check(config)
+        cut = pairs_without_loss(self.sequences(config, "train"), config.data.seq_length)
+        if cut and os.environ.get("RANK", "0") == "0":
+            warnings.warn(f"{cut} of {pairs} training pairs have a completion wholly beyond data.seq_length = "
+                          f"{config.data.seq_length} tokens: they train nothing and count as reward 0, not accurate. "
+                          "Preprocess with --max-prompt-length + --max-completion-length <= data.seq_length.")
+        return pairs
+
     def collate(self, config: Config) -> Callable:
         return partial(collate_pairs, pad_id=pad_id(config), multiple=pad_multiple(config))
 
@@ -117,23 +130,43 @@ class DPOTask(FinetuneTask):
         if pairs is None:
             return None
         path = Path(config.run.dir) / REFERENCE_FILES[split]
+        source = self._table_source(config, split, len(pairs))
         if path.is_file():
-            table = torch.load(path, map_location=env.device)
-            if table.shape == (len(pairs), 2):
-                return table
+            saved = torch.load(path, map_location=env.device)
+            if isinstance(saved, dict) and saved.get("source") == source:
+                return saved["logps"]
         table = torch.zeros(len(pairs), 2, dtype=torch.float64, device=env.device)
         rank, world = dist.get_rank(), dist.get_world_size()
         collate = self.collate(config)
         mine = list(range(rank, len(pairs), world))
-        for start in range(0, len(mine), config.train.micro_batch_size):
+        starts = range(0, len(mine), config.train.micro_batch_size)
+        every = -(-len(starts) // 10)  # about ten progress lines
+        if env.is_main:
+            print(f"[doge-dist] reference log-probs of the {len(pairs):,} {split} pairs, once, into {path}", flush=True)
+        for done, start in enumerate(starts, start=1):
             batch = collate([pairs[i] for i in mine[start : start + config.train.micro_batch_size]])
             batch = {k: v.to(env.device) for k, v in batch.items()}
             logps = reference_logps(self.reference, batch).double()
             table[batch["index"]] = torch.stack(logps.chunk(2), dim=1)
+            if env.is_main and (done % every == 0 or done == len(starts)):
+                print(f"[doge-dist]   {split} reference log-probs: {done}/{len(starts)} micro-batches", flush=True)
         dist.all_reduce(table)
-        if env.is_main:
-            torch.save(table.cpu(), path)
+        if env.is_main:  # whole or not at all: a run killed while saving recomputes on resume
+            unfinished = path.with_name(path.name + ".partial")
+            torch.save({"source": source, "logps": table.cpu()}, unfinished)
+            os.replace(unfinished, path)
         return table
+
+    def _table_source(self, config: Config, split: str, pairs: int) -> dict:
+        """What a saved reference table was computed from: a table of another reference model, data,
+        sequence length or precision (a rerun in the same run.dir with other settings) is recomputed."""
+        init_from = Path(config.run.init_from)
+        if not (init_from / "config.json").is_file():
+            init_from = Path(*checkpoint.resolve_checkpoint(init_from))
+        entries = config.data.train_data if split == "train" else config.data.valid_data
+        data = [str(Path(prefix).resolve()) for prefix in data_prefixes(entries, f"data.{split}_data")]
+        return {"init_from": str(init_from.resolve()), "data": data, "pairs": pairs, "seq_length": config.data.seq_length,
+                "dtype": str(next(self.reference.parameters()).dtype)}
 
     def _prepare_reference(self, policy: torch.nn.Module) -> None:
         """At the first loss, when the policy has DeepSpeed's dtypes: the reference takes them, and with
