@@ -27,16 +27,21 @@ def main() -> int:
     parser.add_argument("--input", nargs="+", required=True, help="jsonl(.gz), parquet files, directories or globs")
     parser.add_argument("--tokenizer", required=True, help="Hugging Face tokenizer directory with the chat template")
     parser.add_argument("--output-prefix", required=True)
-    parser.add_argument("--loss-on", choices=["assistant", "all"], default="assistant", help="SFT: tokens that carry loss")
-    parser.add_argument("--max-length", type=int, default=0, help="SFT: truncate conversations (tokens, from the right); 0 = keep")
-    parser.add_argument("--max-prompt-length", type=int, default=512, help="DPO: prompt tokens kept (from the left)")
-    parser.add_argument("--max-completion-length", type=int, default=512, help="DPO: completion tokens kept (from the right)")
+    parser.add_argument("--loss-on", choices=["assistant", "all"], help="SFT: tokens that carry loss (default assistant)")
+    parser.add_argument("--max-length", type=int, help="SFT: truncate conversations (tokens, from the right); 0 = keep (default)")
+    parser.add_argument("--max-prompt-length", type=int, help="DPO: prompt tokens kept (from the left; default 512)")
+    parser.add_argument("--max-completion-length", type=int, help="DPO: completion tokens kept (from the right; default 512)")
     parser.add_argument("--strict", action="store_true", help="stop at the first malformed record instead of skipping it")
     parser.add_argument("--log-interval", type=int, default=1000, help="records between progress lines")
     args = parser.parse_args()
+    for flag, value, kind in (("--loss-on", args.loss_on, "sft"), ("--max-length", args.max_length, "sft"),
+                              ("--max-prompt-length", args.max_prompt_length, "dpo"),
+                              ("--max-completion-length", args.max_completion_length, "dpo")):
+        if value is not None and kind != args.kind:  # it would be ignored
+            parser.error(f"{flag} applies to --kind {kind}, not {args.kind}")
     return run_tool(lambda: preprocess_chat(
-        args.input, args.output_prefix, args.tokenizer, args.kind, args.loss_on == "assistant", args.max_length,
-        args.max_prompt_length, args.max_completion_length, args.strict, log=log_to_stderr,
+        args.input, args.output_prefix, args.tokenizer, args.kind, args.loss_on != "all", args.max_length or 0,
+        args.max_prompt_length or 512, args.max_completion_length or 512, args.strict, log=log_to_stderr,
         log_interval=args.log_interval).summary())
 
 

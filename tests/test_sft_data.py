@@ -195,3 +195,32 @@ def test_pairs_cut_to_nothing_by_seq_length_are_reported():
     assert not [w for w in caught if "training pairs" in str(w.message)]
     with pytest.warns(UserWarning, match=r"16 of 16 training pairs have a completion wholly beyond data.seq_length = 4 tokens"):
         check(4)
+
+
+def test_conversations_longer_than_seq_length_are_reported():
+    import warnings
+
+    from chat_helpers import prefixes
+    from doge_dist.config import load_config
+    from doge_dist.train.finetune import SFTTask
+
+    def check(seq_length):
+        config = load_config(None, ["run.init_from=runs/any", f"data.train_data=[{prefixes()['sft_train']}]",
+                                    f"data.seq_length={seq_length}"])
+        return SFTTask().check(config)
+
+    lengths = SFTTask().sequences(load_config(None, [f"data.train_data=[{prefixes()['sft_train']}]"]), "train").lengths
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        check(int(lengths.max()))
+    assert not [w for w in caught if "longer than data.seq_length" in str(w.message)]
+    longer = int((lengths > 16).sum())
+    assert 0 < longer
+    with pytest.warns(UserWarning, match=rf"{longer} of {len(lengths)} training conversations are longer than data.seq_length = 16"):
+        check(16)
+
+
+def test_options_of_the_other_kind_are_refused():
+    result = subprocess.run([PYTHON, "data_tools/preprocess_chat.py", "--kind", "dpo", "--input", "x.jsonl", "--tokenizer",
+                             "t", "--output-prefix", "o", "--loss-on", "all"], cwd=REPO, env=env(), capture_output=True, text=True)
+    assert result.returncode == 2 and "--loss-on applies to --kind sft, not dpo" in result.stderr

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import warnings
 from functools import partial
 from pathlib import Path
@@ -112,6 +113,16 @@ class SFTTask(FinetuneTask):
     def dataset(self, config: Config, split: str) -> Optional[SFTDataset]:
         sequences = self.sequences(config, split)
         return SFTDataset(sequences, config.data.seq_length, config.finetune.packing) if sequences else None
+
+    def check(self, config: Config) -> int:
+        samples = super().check(config)
+        lengths = self.sequences(config, "train").lengths
+        cut = int((lengths > config.data.seq_length).sum())
+        if cut and os.environ.get("RANK", "0") == "0":
+            warnings.warn(f"{cut} of {len(lengths)} training conversations are longer than data.seq_length = "
+                          f"{config.data.seq_length} tokens: their tokens beyond it are not trained on. Raise "
+                          "data.seq_length, or cut them when preprocessing (preprocess_chat.py --max-length).")
+        return samples
 
 
 def max_steps_given(raw: Optional[dict], overrides: list[str]) -> bool:
