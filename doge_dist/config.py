@@ -45,15 +45,12 @@ _SCALAR_TYPES = {"int": (int, "an integer"), "float": (float, "a number"), "bool
 
 def _typed_value(key: str, value: Any, annotation: str, where: str) -> Any:
     """``value`` as the field's type: YAML reads 3e-3 (no dot) as a string, so numeric strings and
-    ints are accepted for floats, whole numbers (2.4e+4, "1e4") for ints, numbers for strings and one
-    string for a list (one data prefix); any other mismatch is an error naming the key, before it
-    fails somewhere deep in the run."""
+    ints are accepted for floats, whole numbers (2.4e+4, "1e4") for ints and numbers for strings; any
+    other mismatch is an error naming the key, before it fails somewhere deep in the run."""
     optional = annotation.startswith("Optional[")
     kind = annotation[len("Optional["):-1] if optional else annotation
-    if (value is None and optional) or kind not in (*_SCALAR_TYPES, "list"):
+    if (value is None and optional) or kind not in _SCALAR_TYPES:
         return value
-    if kind == "list":
-        return [value] if isinstance(value, str) else value
     if not isinstance(value, bool):
         if kind == "float" and isinstance(value, (str, int)):
             try:
@@ -316,6 +313,14 @@ class DataConfig:
     reset_attention_mask: bool = False
     eod_mask_loss: bool = False
     num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        """YAML spellings: ``train_data: data/x_text_document`` is one prefix, ``split: 100`` is "100"."""
+        for key in ("train_data", "valid_data"):
+            if isinstance(getattr(self, key), str):
+                setattr(self, key, [getattr(self, key)])
+        if isinstance(self.split, (int, float)) and not isinstance(self.split, bool):
+            self.split = str(self.split)
 
 
 @dataclass

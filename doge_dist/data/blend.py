@@ -31,12 +31,10 @@ Blend = tuple[list[str], Optional[list[float]]]
 
 
 def parse_blend(entries: Sequence, where: str = "data.train_data") -> Optional[Blend]:
-    """``[w1, p1, w2, p2, ...]`` or ``[p1, p2, ...]`` -> (prefixes, weights or None), as Megatron's --data-path.
-
-    A single string (``train_data: data/x_text_document`` in YAML) is one prefix."""
+    """``[w1, p1, w2, p2, ...]`` or ``[p1, p2, ...]`` -> (prefixes, weights or None), as Megatron's --data-path."""
     from megatron.core.datasets.utils import get_blend_from_list
 
-    if isinstance(entries, str):
+    if isinstance(entries, str):  # one prefix (DataConfig normalizes this too; a field assigned later does not)
         entries = [entries]
     if not entries:
         return None
@@ -64,9 +62,8 @@ def _is_number(text: str) -> bool:
 
 def split_weights(split) -> list[float]:
     """The train, valid, test weights of data.split: 1-3 comma-separated non-negative numbers, not all
-    zero ("969,30,1"; "100" or YAML's number 100 is all train); absent trailing weights are 0."""
-    text = str(split) if isinstance(split, (int, float)) and not isinstance(split, bool) else split
-    parts = text.split(",") if isinstance(text, str) else []
+    zero ("969,30,1"; "100" is all train); absent trailing weights are 0."""
+    parts = split.split(",") if isinstance(split, str) else []
     if not 1 <= len(parts) <= 3 or not all(re.fullmatch(r"\s*\d+(\.\d*)?\s*", p) for p in parts) or not any(
         float(p) > 0 for p in parts
     ):
@@ -172,7 +169,7 @@ def build_datasets(
         sequence_length=config.seq_length,
         blend=None if valid else train,
         blend_per_split=[train, valid, None] if valid else None,
-        split=None if valid else str(config.split),
+        split=None if valid else config.split,
         path_to_cache=cache,
         tokenizer=tokenizer.megatron,
         reset_position_ids=config.reset_position_ids,
