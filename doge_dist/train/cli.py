@@ -1,7 +1,6 @@
 """Entry points behind launch/*.py: turn input errors into one readable paragraph and an exit code."""
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Callable, Optional
@@ -37,12 +36,13 @@ def report_errors(run: Callable[[], None]) -> int:
     the process group (if ``run`` made one) is destroyed before the interpreter exits, as PyTorch
     asks: left to the interpreter's teardown, a gloo run ended now and then in "terminate called
     without an active exception" (exit code 250) after its last checkpoint."""
+    from .distributed import is_launcher_main
     from .loop import TrainingStopped
 
     try:
         run()
     except (*_input_errors(), TrainingStopped) as error:
-        if os.environ.get("RANK", "0") == "0":
+        if is_launcher_main():
             print(f"error: {error}", file=sys.stderr, flush=True)
         _destroy_process_group()
         return 3 if isinstance(error, TrainingStopped) else 2
@@ -83,7 +83,7 @@ def main_finetune(kind: str, config_path: Optional[str], ds_config_path: Optiona
     comes from run.init_from when the YAML has no model section and no model.* override."""
     import yaml
 
-    from .distributed import launcher_world_size
+    from .distributed import is_launcher_main, launcher_world_size
     from .ds_config import read_ds_config
     from .dpo import DPOTask
     from .finetune import SFTTask, max_steps_given, model_config_of, size_in_epochs
@@ -98,7 +98,7 @@ def main_finetune(kind: str, config_path: Optional[str], ds_config_path: Optiona
             config.model = model_config_of(config.run.init_from)
         task = SFTTask() if kind == "sft" else DPOTask()
         sizing = size_in_epochs(config, task.check(config), launcher_world_size(), max_steps_given(raw, overrides))
-        if os.environ.get("RANK", "0") == "0":
+        if is_launcher_main():
             print(f"[doge-dist] {sizing}", flush=True)
         pretrain(config, ds, f"DeepSpeed config '{path}'", task=task)
 

@@ -37,6 +37,11 @@ def launcher_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def is_launcher_main() -> bool:
+    """Whether this process is rank 0 of the launch (true under plain python), before any group exists."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def init_distributed() -> DistEnv:
     """Create the default process group (gloo on CPU, NCCL on CUDA) and pick this rank's device."""
     import deepspeed

@@ -30,7 +30,7 @@ from ..config import Config
 from ..data.chat_dataset import PreferenceDataset, collate_pairs, pairs_without_loss
 from ..model import DogeForCausalLM
 from . import checkpoint
-from .distributed import DistEnv
+from .distributed import DistEnv, is_launcher_main
 from .finetune import FinetuneData, FinetuneTask, data_prefixes, pad_id, pad_multiple
 
 METRICS = ("dpo/loss", "dpo/rewards_chosen", "dpo/rewards_rejected", "dpo/reward_margin", "dpo/accuracy")
@@ -104,7 +104,7 @@ class DPOTask(FinetuneTask):
     def check(self, config: Config) -> int:
         pairs = super().check(config)
         cut = pairs_without_loss(self.sequences(config, "train"), config.data.seq_length)
-        if cut and os.environ.get("RANK", "0") == "0":
+        if cut and is_launcher_main():
             warnings.warn(f"{cut} of {pairs} training pairs have a completion wholly beyond data.seq_length = "
                           f"{config.data.seq_length} tokens: they train nothing and count as reward 0, not accurate. "
                           "Preprocess with --max-prompt-length + --max-completion-length <= data.seq_length.")

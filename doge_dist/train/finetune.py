@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import warnings
 from functools import partial
 from pathlib import Path
@@ -22,7 +21,7 @@ from ..data import DataError, ResumableSampler
 from ..data.blend import parse_blend
 from ..data.chat_dataset import EpochShuffled, MaskedSequences, SFTDataset, collate_lm
 from .data import validation_rounds
-from .distributed import DistEnv
+from .distributed import DistEnv, is_launcher_main
 from .task import PretrainTask
 
 
@@ -118,7 +117,7 @@ class SFTTask(FinetuneTask):
         samples = super().check(config)
         lengths = self.sequences(config, "train").lengths
         cut = int((lengths > config.data.seq_length).sum())
-        if cut and os.environ.get("RANK", "0") == "0":
+        if cut and is_launcher_main():
             warnings.warn(f"{cut} of {len(lengths)} training conversations are longer than data.seq_length = "
                           f"{config.data.seq_length} tokens: their tokens beyond it are not trained on. Raise "
                           "data.seq_length, or cut them when preprocessing (preprocess_chat.py --max-length).")
