@@ -237,9 +237,7 @@ def pretrain(config: Config, ds_user: dict[str, Any], ds_where: str = "the DeepS
     elif init_checkpoint:
         if config.run.init_optimizer:
             checkpoint.load(engine, *source, env.rank, train.seed, module_only=True)
-            scheduler = engine.lr_scheduler  # loaded optimizer groups carry the old lr: start the fresh schedule at 0
-            for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
-                group["lr"] = base * scheduler.lr_lambdas[0](0)
+            reapply_schedule(engine.lr_scheduler, train)  # the loaded groups carry the old lr: the fresh schedule's step 0
         if env.is_main:
             print(f"[doge-dist] continuing from the weights of {source[0] / source[1]} with a fresh schedule", flush=True)
     elif is_hf_directory(config.run.init_from) and env.is_main:

@@ -84,10 +84,12 @@ def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig) -> tor
 
 
 def reapply_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, train: TrainConfig) -> None:
-    """After a resume, the lr of this run's ``train`` section at the loaded step. DeepSpeed restores
-    the scheduler's ``base_lrs`` and the optimizer groups' current lr from the checkpoint, that is from
-    the config of the run that wrote it: a changed ``train.lr`` would be ignored, and a changed
-    ``train.max_steps`` (or phase lengths) would leave the first step at the old schedule's lr."""
+    """Every optimizer group's lr from this run's ``train`` section at the scheduler's step, after a
+    checkpoint load: DeepSpeed restores ``base_lrs`` and the groups' current lr from the checkpoint,
+    that is from the config of the run that wrote it, so a changed ``train.lr`` would be ignored and a
+    changed ``train.max_steps`` (or phase lengths) would leave the first step at the old schedule's
+    lr; a continuation with the optimizer state (fresh scheduler) starts at its step 0, each group
+    by its own multiplier (frozen groups at 0)."""
     scheduler.base_lrs = [train.lr] * len(scheduler.optimizer.param_groups)
     for group, base, multiplier in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
         group["lr"] = base * multiplier(scheduler.last_epoch)
