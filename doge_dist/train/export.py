@@ -25,7 +25,7 @@ def consolidated_state(root: Path, tag: str) -> dict[str, torch.Tensor]:
     """Full fp32 weights of a checkpoint of any ZeRO stage and tensor-parallel size; in a distributed
     job a collective call (a model-parallel checkpoint is converted once, by rank 0)."""
     meta = checkpoint.read_meta(root, tag)
-    partitioned = any((root / tag).glob("*zero_pp_rank_*_optim_states.pt"))
+    partitioned = checkpoint.saved_zero_stage(root, tag) > 0  # ZeRO 1-3: DeepSpeed partitioned the fp32 states
     if meta.get("tensor_parallel", 1) > 1 or meta.get("expert_parallel", 1) > 1:
         if partitioned:  # DeepSpeed's universal checkpoint merges the model-parallel slices
             if dist.is_available() and dist.is_initialized():  # every rank of a job calls this: rank 0 converts
