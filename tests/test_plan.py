@@ -94,6 +94,16 @@ def test_cli_prints_the_plan_and_one_paragraph_errors():
     assert uneven.returncode == 2 and "not divisible" in uneven.stderr and "Traceback" not in uneven.stderr
 
 
+def test_cli_is_quiet_about_transformer_engine_and_apex():
+    """megatron-core's import-time "Transformer Engine and Apex are not installed" warnings are filtered
+    by the doge_dist package itself, so entry points that reach megatron.core without doge_dist.data
+    (plan.py through doge_dist.parallel) print none of them either."""
+    quiet = {k: v for k, v in env().items() if k != "PYTHONWARNINGS"}  # env() hides every warning
+    out = subprocess.run([PYTHON, "launch/plan.py", "--config", "configs/doge_tiny_cpu.yaml", "--gpus", "1"],
+                         cwd=REPO, env=quiet, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "Transformer Engine and Apex" not in out.stderr
+
 @pytest.mark.cuda
 def test_activation_prediction_matches_cuda_peak():
     """doge-60m, seq 2048, bf16, FlexAttention: the peak of one forward+backward above the model's

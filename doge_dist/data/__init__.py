@@ -12,17 +12,12 @@ Public API (what the trainer, the exporter and data_tools use):
   ``collate`` / ``build_dataloader``: batches keyed by consumed samples, resumable across DP sizes.
 - ``preprocess(...)``: raw text -> .bin/.idx (data_tools/preprocess_data.py).
 """
-import warnings
-
-# megatron.core warns on import that Transformer Engine/Apex are absent; the data path does not use them.
-warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
-
-from doge_dist.data.blend import build_datasets, parse_blend  # noqa: E402
-from doge_dist.data.errors import DataError  # noqa: E402
-from doge_dist.data.indexed import PrefixInfo, document_prefix, validate_prefix  # noqa: E402
-from doge_dist.data.preprocess import PreprocessReport, preprocess  # noqa: E402
-from doge_dist.data.sampler import ResumableSampler, build_dataloader, collate  # noqa: E402
-from doge_dist.data.tokenizer import DOGE_SPECIAL_IDS, Tokenizer, load_tokenizer  # noqa: E402
+from doge_dist.data.blend import build_datasets, parse_blend
+from doge_dist.data.errors import DataError
+from doge_dist.data.indexed import PrefixInfo, document_prefix, validate_prefix
+from doge_dist.data.preprocess import PreprocessReport, preprocess
+from doge_dist.data.sampler import ResumableSampler, build_dataloader, collate
+from doge_dist.data.tokenizer import DOGE_SPECIAL_IDS, Tokenizer, load_tokenizer
 
 __all__ = [
     "DOGE_SPECIAL_IDS",
