@@ -18,6 +18,8 @@
 #SBATCH --requeue
 #SBATCH --signal=B:USR1@120
 
-# Slurm runs a copy of this file from its spool directory: paths are relative to the submit directory.
-cd "${SLURM_SUBMIT_DIR:-.}" || exit 1
+# Slurm runs a copy of this file from its spool directory, in the directory sbatch was run in (or its
+# --chdir): paths are relative to that, which must be the repository root.
+[[ -f slurm/launch.sh ]] || { echo "error: slurm/launch.sh is not in $PWD, the job's working directory (where sbatch" \
+    "was run, or its --chdir). Submit from the repository root: cd /path/to/doge-dist && sbatch slurm/doge_20m.sh" >&2; exit 2; }
 exec bash slurm/launch.sh configs/doge_20m.yaml configs/zero1.json "$@"

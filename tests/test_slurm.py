@@ -1,9 +1,9 @@
 """slurm/*.sh on a CPU machine with a fake Slurm: stub sbatch, srun and scontrol on PATH that behave
 like the real ones where the scripts depend on them (sbatch runs a spool copy of the script with
-SLURM_JOB_NAME and SLURM_SUBMIT_DIR; srun starts the task and forwards USR1/TERM to it; scontrol
-prints the node list and records every call). One script trains end to end on 1 node x 2 ranks, is
-sent the preemption USR1, checkpoints, requeues, and resumes; the others are checked in dry-run mode,
-which prints the exact command the launcher would run."""
+SLURM_JOB_NAME and SLURM_SUBMIT_DIR, in the submit directory or --chdir; srun starts the task and
+forwards USR1/TERM to it; scontrol prints the node list and records every call). One script trains
+end to end on 1 node x 2 ranks, is sent the preemption USR1, checkpoints, requeues, and resumes; the
+others are checked in dry-run mode, which prints the exact command the launcher would run."""
 import os
 import shlex
 import shutil
@@ -37,13 +37,17 @@ echo "scontrol $*" >> "$FAKE_SLURM_LOG"
 if [[ $1 == show && $2 == hostnames ]]; then echo localhost; fi
 """
 SBATCH = """#!/bin/bash
-# fake sbatch: run a spool copy of the script in the foreground, as Slurm's batch step would
+# fake sbatch: run a spool copy of the script in the foreground, as Slurm's batch step would: in the
+# submit directory, or --chdir=DIR
 echo "sbatch $*" >> "$FAKE_SLURM_LOG"
+workdir=$PWD
+while [[ $1 == -* ]]; do [[ $1 == --chdir=* ]] && workdir=${1#--chdir=}; shift; done
 script=$1; shift
 spool=$(mktemp -d)/slurm_script
 cp "$script" "$spool"
 SLURM_JOB_NAME=$(sed -n 's/^#SBATCH --job-name=//p' "$script")
 export SLURM_JOB_NAME SLURM_SUBMIT_DIR=$PWD
+cd "$workdir" || exit 1
 exec bash "$spool" "$@"
 """
 
@@ -116,6 +120,22 @@ def test_impossible_gpu_count_is_one_clear_paragraph(tmp_path):
     assert out.startswith("error: The global batch of 256 sequences is not divisible by train.micro_batch_size 16 x data-parallel size 3")
     assert "Traceback" not in out
 
+
+@pytest.mark.parametrize("script", [s for s in SCRIPTS if s.name.startswith("doge_")], ids=lambda s: s.stem)
+def test_submitted_outside_the_repository_says_where_to_submit_from(script, tmp_path):
+    """sbatch run in another directory: the spool copy runs there, finds no slurm/launch.sh and says
+    which directory it looked in and how to submit, before anything else happens (no bare bash
+    'No such file or directory')."""
+    env = fake_slurm(tmp_path, DRY_RUN="1")
+    result = subprocess.run(["sbatch", str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"error: slurm/launch.sh is not in {tmp_path.resolve()}, the job's working directory")
+    assert f"Submit from the repository root: cd /path/to/doge-dist && sbatch slurm/{script.name}" in result.stderr
+    assert result.stdout == "" and log_lines(tmp_path, "scontrol") == []
+    # what launch.sh's missing-config error also offers: --chdir runs the job in the repository root
+    result = subprocess.run(["sbatch", f"--chdir={REPO}", str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "launch/pretrain.py --config configs/" in result.stdout
 
 def test_end_to_end_preemption_requeue_and_resume():
     """doge_20m.sh with a tiny model: USR1 to the batch shell mid-run saves a checkpoint, exits 0 and
