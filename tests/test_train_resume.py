@@ -59,6 +59,31 @@ def test_resume_two_ranks_on_one_keeps_the_sample_order():
     assert resumed == pytest.approx(uninterrupted[5:], rel=2e-5)
 
 
+def _files(directory):
+    return sorted((str(p.relative_to(directory)), p.stat().st_size, p.stat().st_mtime_ns) for p in directory.rglob("*"))
+
+
+def test_init_optimizer_at_another_layout_converts_into_its_own_run_dir():
+    """run.init_from with run.init_optimizer on 1 rank from the 2-rank ZeRO-2 run: the universal
+    conversion goes into the new run's converted/ directory, not into the source run's, which may
+    be read-only, shared or still training (made read-only here; root ignores that: it is also
+    compared file by file)."""
+    source = two_rank_run(2, "deepspeed")
+    run_dir = scratch() / "init_optimizer_other_layout"
+    before = _files(source)
+    subprocess.run(["chmod", "-R", "a-w", str(source)], check=True)
+    try:
+        result = pretrain(run_dir, 2, nproc=1, launcher="python", micro_batch_size=2, gradient_accumulation_steps=2,
+                          max_steps=2, warmup_steps=1, decay_steps=0, eval_interval=0,
+                          **{"run.init_from": str(source), "run.init_optimizer": "true"})
+    finally:
+        subprocess.run(["chmod", "-R", "u+w", str(source)], check=True)
+    assert _files(source) == before
+    converted = run_dir / "converted" / "step_00000010_universal"
+    assert f"continuing from the weights of {converted} with a fresh schedule" in result.stdout
+    assert (converted / "converted_from").read_text() == str((source / "checkpoints" / "step_00000010").resolve())
+    assert losses(run_dir)[0] < losses(single_process_run())[0] - 0.3  # the trained weights, not a fresh start
+
 def test_resume_one_rank_on_two_and_sigterm_saves():
     """1 -> 2 ranks from the reference's step-5 checkpoint; then SIGTERM stops a run with a checkpoint."""
     source = single_process_run()
@@ -87,7 +112,7 @@ def test_resume_across_zero_families_fails_before_any_work(saved, resumed, tmp_p
     from doge_dist.config import ConfigError
     from doge_dist.parallel.state import ParallelLayout
     from doge_dist.train import checkpoint
-    from doge_dist.train.loop import loadable_tag
+    from doge_dist.train.loop import loadable_checkpoint
 
     tag = checkpoint.tag_for(4)
     (tmp_path / tag).mkdir()
@@ -95,7 +120,7 @@ def test_resume_across_zero_families_fails_before_any_work(saved, resumed, tmp_p
     layout = ParallelLayout(world_size=1, tensor_parallel=1, expert_parallel=1)
     with pytest.raises(ConfigError, match=rf"saved with ZeRO-{saved} and this run uses ZeRO-{resumed}: .*Resume with "
                                           r"ZeRO[- ][0-3-]+, or start a new run.dir from its weights with run.init_from"):
-        loadable_tag(tmp_path, tag, layout, {"zero_optimization": {"stage": resumed}})
+        loadable_checkpoint(tmp_path, tag, layout, {"zero_optimization": {"stage": resumed}}, tmp_path)
 
 
 @pytest.mark.parametrize("files,stage", [([], 0), (["bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"], 2),

@@ -7,6 +7,9 @@ corrupts the last good one.
             doge_meta.json          our client state (step, consumed samples/tokens, dp size)
             rng_rank00000.pt        python/numpy/torch RNG states, one file per rank
         step_00000040_universal/    made on demand by ds_to_universal when the dp size changes
+    <run.dir>/converted/
+        step_00000040_universal/    the same for a checkpoint of another run (run.init_from,
+                                    run.resume PATH): never written into that run's directory
 
 By hand (DeepSpeed has no equivalent): the ``latest`` pointer only after every rank finished
 (``save_latest=False`` and a barrier), pruning to ``keep_last`` only after that, per-rank RNG files,
@@ -33,6 +36,8 @@ from ..config import ConfigError
 LATEST = "latest"
 META = "doge_meta.json"
 UNIVERSAL_SUFFIX = "_universal"
+CONVERTED = "converted"  # <run.dir>/converted/: universal conversions of other runs' checkpoints
+CONVERTED_FROM = "converted_from"  # in a universal checkpoint: the checkpoint directory it was made from
 
 
 @dataclass
@@ -165,22 +170,37 @@ def saved_zero_stage(root: Path, tag: str) -> int:
     return 2 if any((root / tag).glob("*zero_pp_rank_*_optim_states.pt")) else 0
 
 
-def universal_tag(root: Path, tag: str) -> str:
-    """Convert ``tag`` with DeepSpeed's ds_to_universal once (rank 0); every rank returns the
-    universal tag. A collective call."""
+def universal_root(root: Path, run_dir: str | Path) -> Path:
+    """Where the run in ``run_dir`` puts the universal conversion of a checkpoint under ``root``: beside
+    it in the run's own checkpoints, else in <run.dir>/converted/ (another run's directory may be
+    read-only, shared or still training; resume, pruning and export look only in checkpoints/)."""
+    own = checkpoint_root(run_dir)
+    return root if root.resolve() == own.resolve() else Path(run_dir) / CONVERTED
+
+
+def universal_tag(root: Path, tag: str, output_root: Optional[Path] = None) -> str:
+    """Convert ``tag`` with DeepSpeed's ds_to_universal once (rank 0), into ``output_root`` (default:
+    ``root``); every rank returns the universal tag. A collective call."""
     if dist.get_rank() == 0:
-        convert_to_universal(root, tag)
+        convert_to_universal(root, tag, output_root)
     dist.barrier()
     return tag + UNIVERSAL_SUFFIX
 
 
-def convert_to_universal(root: Path, tag: str) -> Path:
-    """DeepSpeed's ds_to_universal into a temporary directory renamed when complete (done once)."""
-    target = root / (tag + UNIVERSAL_SUFFIX)
+def convert_to_universal(root: Path, tag: str, output_root: Optional[Path] = None) -> Path:
+    """DeepSpeed's ds_to_universal into a temporary directory in ``output_root`` (default: ``root``)
+    renamed when complete; done once per source checkpoint (a conversion of another one of the same
+    step, recorded in its CONVERTED_FROM file, is replaced)."""
+    output_root = output_root or root
+    target = output_root / (tag + UNIVERSAL_SUFFIX)
+    source = str((root / tag).resolve())
+    if target.is_dir() and (target / CONVERTED_FROM).is_file() and (target / CONVERTED_FROM).read_text() != source:
+        shutil.rmtree(target)
     if not target.is_dir():
-        tmp = root / (tag + UNIVERSAL_SUFFIX + ".tmp")
+        tmp = output_root / (tag + UNIVERSAL_SUFFIX + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        print(f"[doge-dist] converting {root / tag} to a universal checkpoint (new parallel layout)", flush=True)
+        output_root.mkdir(parents=True, exist_ok=True)
+        print(f"[doge-dist] converting {root / tag} to a universal checkpoint in {target} (new parallel layout)", flush=True)
         command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(root / tag),
                    "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1"]
         result = subprocess.run(command, capture_output=True, text=True)
@@ -194,6 +214,7 @@ def convert_to_universal(root: Path, tag: str) -> Path:
         shutil.copy2(root / tag / META, tmp / META)
         for rng in (root / tag).glob("rng_rank*.pt"):
             shutil.copy2(rng, tmp / rng.name)
+        (tmp / CONVERTED_FROM).write_text(source)
         tmp.rename(target)
     return target
 

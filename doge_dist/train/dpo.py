@@ -58,8 +58,9 @@ def reference_logps(model: DogeForCausalLM, batch: dict) -> torch.Tensor:
     return sequence_logps(model, logits, batch["labels"])
 
 
-def load_reference(init_from: str, device: torch.device) -> DogeForCausalLM:
-    """The frozen reference: the weights fine-tuning started from (also after a resume)."""
+def load_reference(init_from: str, device: torch.device, run_dir: Path) -> DogeForCausalLM:
+    """The frozen reference: the weights fine-tuning started from (also after a resume); a universal
+    conversion of init_from's checkpoint goes into this run's ``run_dir``."""
     if (Path(init_from) / "config.json").is_file():
         from ..convert.hf import load_hf
 
@@ -67,7 +68,7 @@ def load_reference(init_from: str, device: torch.device) -> DogeForCausalLM:
     else:
         from .export import load_checkpoint_model
 
-        model = load_checkpoint_model(init_from)
+        model = load_checkpoint_model(init_from, run_dir=run_dir)
     model.requires_grad_(False)
     return model.to(device).eval()
 
@@ -118,7 +119,7 @@ class DPOTask(FinetuneTask):
 
     def build_data(self, config: Config, env: DistEnv, dp_rank: int, dp_size: int, consumed_samples: int, cache_dir: str) -> FinetuneData:
         self.beta = config.finetune.beta
-        self.reference = load_reference(config.run.init_from, env.device)
+        self.reference = load_reference(config.run.init_from, env.device, Path(config.run.dir))
         if config.finetune.reference == "precomputed":
             self._precompute_for = (config, env)
         return super().build_data(config, env, dp_rank, dp_size, consumed_samples, cache_dir)

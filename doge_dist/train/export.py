@@ -21,17 +21,18 @@ from ..model import DogeForCausalLM, build_model
 from . import checkpoint
 
 
-def consolidated_state(root: Path, tag: str) -> dict[str, torch.Tensor]:
+def consolidated_state(root: Path, tag: str, universal_root: Optional[Path] = None) -> dict[str, torch.Tensor]:
     """Full fp32 weights of a checkpoint of any ZeRO stage and tensor-parallel size; in a distributed
-    job a collective call (a model-parallel checkpoint is converted once, by rank 0)."""
+    job a collective call (a model-parallel checkpoint is converted once, by rank 0, into
+    ``universal_root``, default ``root``: see checkpoint.universal_root)."""
     meta = checkpoint.read_meta(root, tag)
     partitioned = checkpoint.saved_zero_stage(root, tag) > 0  # ZeRO 1-3: DeepSpeed partitioned the fp32 states
     if meta.get("tensor_parallel", 1) > 1 or meta.get("expert_parallel", 1) > 1:
         if partitioned:  # DeepSpeed's universal checkpoint merges the model-parallel slices
             if dist.is_available() and dist.is_initialized():  # every rank of a job calls this: rank 0 converts
-                universal = root / checkpoint.universal_tag(root, tag) / "zero"
+                universal = (universal_root or root) / checkpoint.universal_tag(root, tag, universal_root) / "zero"
             else:
-                universal = checkpoint.convert_to_universal(root, tag) / "zero"
+                universal = checkpoint.convert_to_universal(root, tag, universal_root) / "zero"
             return {p.name: torch.load(p / "fp32.pt", weights_only=False)["param"].float()
                     for p in universal.iterdir() if (p / "fp32.pt").is_file()}
         from ..parallel.grid_checkpoint import merge_grid
@@ -60,14 +61,16 @@ def find_checkpoint(path: str | Path, step: Optional[int] = None) -> tuple[Path,
     return root, tag
 
 
-def load_checkpoint_model(path: str | Path, step: Optional[int] = None) -> DogeForCausalLM:
-    """Our model with a checkpoint's consolidated fp32 weights (``model.config`` from the checkpoint)."""
+def load_checkpoint_model(path: str | Path, step: Optional[int] = None, run_dir: Optional[Path] = None) -> DogeForCausalLM:
+    """Our model with a checkpoint's consolidated fp32 weights (``model.config`` from the checkpoint);
+    ``run_dir``: the run that loads it, where a universal conversion goes (checkpoint.universal_root)."""
     from ..convert.hf import load_state_checked
 
     root, tag = find_checkpoint(path, step)
     model = build_model(ModelConfig(**checkpoint.read_meta(root, tag)["model"]))
     print(f"[doge-dist] consolidating {root / tag}", flush=True)
-    load_state_checked(model, consolidated_state(root, tag), str(root / tag))
+    universal_root = checkpoint.universal_root(root, run_dir) if run_dir else None
+    load_state_checked(model, consolidated_state(root, tag, universal_root), str(root / tag))
     return model
 
 

@@ -140,12 +140,13 @@ def find_start(config: Config) -> Optional[tuple[Path, str]]:
 ZERO_FAMILIES = ("ZeRO-0", "ZeRO 1-2", "ZeRO 1-2", "ZeRO-3")  # stages whose checkpoints load into each other
 
 
-def loadable_tag(root: Path, tag: str, layout: ParallelLayout, ds: dict) -> str:
-    """The tag to load weights and optimizer states from with this layout: a checkpoint saved with
-    another tensor/expert-parallel or data-parallel size goes through DeepSpeed's universal checkpoint
-    (converted once; "load_universal" set in ``ds``), which re-splits every tensor. DeepSpeed's
-    optimizer checkpoints load within ZeRO-0, within ZeRO 1-2 and within ZeRO-3 only (torch's format,
-    flat partitions, per-rank parameter partitions); across them a clear error names the way out."""
+def loadable_checkpoint(root: Path, tag: str, layout: ParallelLayout, ds: dict, run_dir: Path) -> tuple[Path, str]:
+    """The (root, tag) to load weights and optimizer states from with this layout: a checkpoint saved
+    with another tensor/expert-parallel or data-parallel size goes through DeepSpeed's universal
+    checkpoint (converted once, within this run's ``run_dir``: checkpoint.universal_root;
+    "load_universal" set in ``ds``), which re-splits every tensor. DeepSpeed's optimizer checkpoints
+    load within ZeRO-0, within ZeRO 1-2 and within ZeRO-3 only (torch's format, flat partitions,
+    per-rank parameter partitions); across them a clear error names the way out."""
     saved = checkpoint.read_meta(root, tag)
     saved_stage, stage = checkpoint.saved_zero_stage(root, tag), zero_stage(ds)
     if ZERO_FAMILIES[saved_stage] != ZERO_FAMILIES[stage]:
@@ -165,8 +166,9 @@ def loadable_tag(root: Path, tag: str, layout: ParallelLayout, ds: dict) -> str:
         )
     if saved_stage and (resharded or saved["dp_size"] != layout.dp_size):
         ds.setdefault("checkpoint", {})["load_universal"] = True
-        return checkpoint.universal_tag(root, tag)
-    return tag
+        output_root = checkpoint.universal_root(root, run_dir)
+        return output_root, checkpoint.universal_tag(root, tag, output_root)
+    return root, tag
 
 
 def warn_if_global_batch_changed(saved: dict, train: TrainConfig, dp_size: int) -> None:
@@ -218,9 +220,9 @@ def pretrain(config: Config, ds_user: dict[str, Any], ds_where: str = "the DeepS
         if start and env.is_main:
             warn_if_global_batch_changed(checkpoint.read_meta(*start), train, layout.dp_size)
         if start or config.run.init_optimizer:
-            source = (source[0], loadable_tag(*source, layout, ds))
+            source = loadable_checkpoint(*source, layout, ds, run_dir)
         else:  # weights only: the checkpoint's fp32 master weights, from any stage and layout
-            init_weights = consolidated_state(*source)
+            init_weights = consolidated_state(*source, checkpoint.universal_root(source[0], run_dir))
 
     if env.is_main:  # only now, so that a refused resume leaves the files of the checkpoints' run as they were
         config_text = write_run_files(run_dir, config, ds)
