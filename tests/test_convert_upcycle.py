@@ -1,4 +1,5 @@
 """Upcycling a dense Doge to CDMoE keeps the dense function exactly at step 0."""
+import re
 import subprocess
 
 import pytest
@@ -47,3 +48,22 @@ def test_dense_model_of_no_preset_shape_upcycles_with_model_overrides(tmp_path):
     ids = unique_tokens(2, 16, 640)
     with torch.no_grad():
         assert torch.equal(moe(ids).logits, dense(ids).logits)
+
+
+@pytest.mark.parametrize("preset,overrides,output,error", [
+    ("doge-tiny-mo", [], "moe", "Unknown model preset 'doge-tiny-mo'. Did you mean 'doge-tiny-moe'"),
+    ("doge-tiny-moe", ["model.hidden_sise=64"], "moe", "hidden_sise"),
+    ("doge-tiny-moe", [], "run", "exists and is not a Hugging Face model directory"),
+])
+def test_bad_preset_override_or_output_fails_before_the_dense_model_is_loaded(preset, overrides, output, error, tmp_path, monkeypatch):
+    """Loading (for a run: consolidating a checkpoint) takes a while for a large model; what can be
+    checked without it is checked first, as export_hf does."""
+    from doge_dist.train import export
+
+    def never(*args, **kwargs):
+        raise AssertionError("the dense model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(export, "load_checkpoint_model", never)
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)  # a run directory is no export: never overwritten
+    with pytest.raises(ConfigError, match=re.escape(error)):
+        upcycle_to_hf(str(tmp_path / "run"), preset, str(tmp_path / output), overrides=overrides)

@@ -49,12 +49,12 @@ def upcycle(dense: DogeForCausalLM, moe_config: ModelConfig, seed: int = 0) -> D
     return moe
 
 
-def moe_config_from(preset: str, overrides=(), **switches) -> ModelConfig:
+def moe_config_from(preset: str, overrides=()) -> ModelConfig:
     """``preset`` with ``model.key=value`` overrides (the training config's), as the trainer reads them."""
     if any(not item.startswith("model.") for item in overrides):
         raise ConfigError(f"Overrides {list(overrides)} must all be model.key=value (the MoE model's shape).")
     model = apply_overrides({"model": {"preset": preset}}, list(overrides))["model"]
-    return ModelConfig.from_dict({**model, **switches}, "the upcycle overrides")
+    return ModelConfig.from_dict(model, "the upcycle overrides")
 
 
 def upcycle_to_hf(source: str, preset: str, output: str, step=None, seed: int = 0, overrides=()):
@@ -62,8 +62,10 @@ def upcycle_to_hf(source: str, preset: str, output: str, step=None, seed: int = 
     (with ``model.key=value`` overrides), save it with its tokenizer as a Hugging Face directory."""
     from pathlib import Path
 
-    from .hf import load_hf, save_hf
+    from .hf import check_output, load_hf, save_hf
 
+    check_output(output)  # a bad output, preset or override fails before the dense model is loaded (a while for a large one)
+    moe_config = moe_config_from(preset, overrides)
     if Path(source, "config.json").is_file():
         dense, tokenizer = load_hf(source), source
     else:
@@ -73,5 +75,5 @@ def upcycle_to_hf(source: str, preset: str, output: str, step=None, seed: int = 
         dense = load_checkpoint_model(source, step)
         tokenizer_path = run_tokenizer_path(source)
         tokenizer = load_tokenizer(tokenizer_path).hf_dir if tokenizer_path else None
-    moe = upcycle(dense, moe_config_from(preset, overrides, attn_backend=dense.config.attn_backend), seed)
+    moe = upcycle(dense, dataclasses.replace(moe_config, attn_backend=dense.config.attn_backend), seed)
     return save_hf(moe, output, tokenizer=tokenizer)
