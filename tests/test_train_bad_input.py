@@ -94,6 +94,15 @@ def test_checkpoint_of_another_shape_names_the_tensor():
         check_model_shape(tag.parent, tag.name, small)
 
 
+def test_init_optimizer_without_a_checkpoint_to_take_them_from(tmp_path):
+    """run.init_optimizer with no run.init_from, or with a Hugging Face directory (no optimizer states),
+    was ignored without a word: the run started with a fresh optimizer."""
+    with pytest.raises(ConfigError, match="run.init_optimizer takes the optimizer states of run.init_from's checkpoint, but run.init_from is not set"):
+        _check(_config("run.init_optimizer=true"))
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match=f"run.init_from is '{tmp_path}', a Hugging Face directory"):
+        _check(_config(f"run.init_from={tmp_path}", "run.init_optimizer=true"))
+
 def test_command_line_prints_one_paragraph_and_exits_2():
     cmd = [PYTHON, "launch/pretrain.py", "--ds_config", "configs/zero1.json"] + base_overrides(scratch() / "cli") + ["train.warmup_stepz=3"]
     result = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True)

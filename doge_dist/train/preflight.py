@@ -93,6 +93,10 @@ def check_run(config: Config, ds_user: dict[str, Any], world_size: int, where: s
     check_data(config)
     if config.run.init_from and not Path(config.run.init_from).exists():
         raise ConfigError(f"run.init_from = '{config.run.init_from}' does not exist: give a Hugging Face Doge directory or a run directory.")
+    if config.run.init_optimizer and (not config.run.init_from or Path(config.run.init_from, "config.json").is_file()):
+        what = f"'{config.run.init_from}', a Hugging Face directory (weights only)" if config.run.init_from else "not set"
+        raise ConfigError(f"run.init_optimizer takes the optimizer states of run.init_from's checkpoint, but run.init_from is "
+                          f"{what}: set run.init_from to a run directory or checkpoint, or drop run.init_optimizer.")
     if config.run.resume not in ("auto", "never") and not Path(config.run.resume).exists():
         raise ConfigError(f"run.resume = '{config.run.resume}' is neither auto, never, nor an existing checkpoint directory.")
     return layout, ds
