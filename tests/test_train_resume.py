@@ -80,9 +80,11 @@ def test_init_optimizer_at_another_layout_converts_into_its_own_run_dir():
         subprocess.run(["chmod", "-R", "u+w", str(source)], check=True)
     assert _files(source) == before
     converted = run_dir / "converted" / "step_00000010_universal"
-    assert f"continuing from the weights of {converted} with a fresh schedule" in result.stdout
+    assert f"continuing from the weights of {source / 'checkpoints' / 'step_00000010'} with a fresh schedule" in result.stdout
+    assert f"universal checkpoint in {converted}" in result.stdout and "100%" in result.stderr  # ds_to_universal's progress
     assert (converted / "converted_from").read_text() == str((source / "checkpoints" / "step_00000010").resolve())
     assert losses(run_dir)[0] < losses(single_process_run())[0] - 0.3  # the trained weights, not a fresh start
+
 
 def test_resume_one_rank_on_two_and_sigterm_saves():
     """1 -> 2 ranks from the reference's step-5 checkpoint; then SIGTERM stops a run with a checkpoint."""

@@ -203,9 +203,10 @@ def convert_to_universal(root: Path, tag: str, output_root: Optional[Path] = Non
         print(f"[doge-dist] converting {root / tag} to a universal checkpoint in {target} (new parallel layout)", flush=True)
         command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(root / tag),
                    "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1"]
-        result = subprocess.run(command, capture_output=True, text=True)
+        # its progress bars (stderr) reach the user; its stdout (arguments, phase names) is kept for an error
+        result = subprocess.run(command, stdout=subprocess.PIPE, text=True)
         if result.returncode != 0:
-            raise RuntimeError(f"ds_to_universal failed for {root / tag}:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
+            raise RuntimeError(f"ds_to_universal failed for {root / tag} (its errors above):\n{result.stdout[-2000:]}")
         saved = read_meta(root, tag)
         if saved.get("expert_parallel", 1) > 1:
             from ..parallel.grid_checkpoint import label_universal

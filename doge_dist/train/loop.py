@@ -213,7 +213,7 @@ def pretrain(config: Config, ds_user: dict[str, Any], ds_where: str = "the DeepS
     init_checkpoint = None
     if start is None and config.run.init_from and not is_hf_directory(config.run.init_from):
         init_checkpoint = checkpoint.resolve_checkpoint(config.run.init_from)
-    source = start or init_checkpoint
+    source = origin = start or init_checkpoint  # source: what is loaded (a universal conversion of origin)
     init_weights = None
     if source:
         checkpoint.check_model_shape(*source, config.model)
@@ -235,13 +235,13 @@ def pretrain(config: Config, ds_user: dict[str, Any], ds_where: str = "the DeepS
         progress = checkpoint.load(engine, *source, env.rank, train.seed)
         reapply_schedule(engine.lr_scheduler, train)
         if env.is_main:
-            print(f"[doge-dist] resumed from {source[0] / source[1]} at step {progress.step}", flush=True)
+            print(f"[doge-dist] resumed from {origin[0] / origin[1]} at step {progress.step}", flush=True)
     elif init_checkpoint:
         if config.run.init_optimizer:
             checkpoint.load(engine, *source, env.rank, train.seed, module_only=True)
             reapply_schedule(engine.lr_scheduler, train)  # the loaded groups carry the old lr: the fresh schedule's step 0
         if env.is_main:
-            print(f"[doge-dist] continuing from the weights of {source[0] / source[1]} with a fresh schedule", flush=True)
+            print(f"[doge-dist] continuing from the weights of {origin[0] / origin[1]} with a fresh schedule", flush=True)
     elif is_hf_directory(config.run.init_from) and env.is_main:
         print(f"[doge-dist] starting from the weights of the Hugging Face directory {config.run.init_from}", flush=True)
 
