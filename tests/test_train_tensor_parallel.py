@@ -3,6 +3,7 @@ gradient norms at ZeRO-0 fp32, where our optimizer clips; checkpoints move
 2 -> 1 -> 4 tensor-parallel ranks (DeepSpeed universal checkpoints) continuing the same losses; a TP = 2
 checkpoint exports to Hugging Face. Tolerance as in test_train_zero_parity: 2e-5 relative, fp32."""
 from functools import lru_cache
+from pathlib import Path
 
 import pytest
 import torch
@@ -58,12 +59,16 @@ def test_another_runs_checkpoint_is_converted_in_the_run_that_loads_it():
     a, b, _ = reshard_chain()
     source = a / "checkpoints" / "step_00000004"
     run_dir, dpo_dir = scratch() / "weights_from_tp2", scratch() / "dpo_reference_from_tp2"
-    pretrain(run_dir, 1, nproc=1, launcher="python", max_steps=1, warmup_steps=1, decay_steps=0, eval_interval=0,
-             **FOUR_KV_HEADS, **{"run.init_from": str(source)})
+    result = pretrain(run_dir, 1, nproc=1, launcher="python", max_steps=1, warmup_steps=1, decay_steps=0,
+                      eval_interval=0, **FOUR_KV_HEADS, **{"run.init_from": str(source)})
     load_reference(str(source), torch.device("cpu"), dpo_dir)
-    for run in (b, run_dir, dpo_dir):
-        assert (run / "converted" / "step_00000004_universal" / "converted_from").read_text() == str(source.resolve())
+    converted = Path("converted") / "step_00000004_universal"
+    assert (dpo_dir / converted / "converted_from").read_text() == str(source.resolve())
+    assert f"universal checkpoint in {run_dir / converted}" in result.stdout
+    for run in (b, run_dir):  # served the start only: removed once the run saved its own checkpoint
+        assert not (run / "converted").exists() and (run / "checkpoints" / "latest").is_file()
     assert not (a / "checkpoints" / "step_00000004_universal").exists()
+
 
 def test_tp2_checkpoint_exports_to_transformers(tmp_path):
     from transformers import AutoModelForCausalLM

@@ -9,7 +9,8 @@ corrupts the last good one.
         step_00000040_universal/    made on demand by ds_to_universal when the dp size changes
     <run.dir>/converted/
         step_00000040_universal/    the same for a checkpoint of another run (run.init_from,
-                                    run.resume PATH): never written into that run's directory
+                                    run.resume PATH): never written into that run's directory;
+                                    removed once the run saved a checkpoint of its own
 
 By hand (DeepSpeed has no equivalent): the ``latest`` pointer only after every rank finished
 (``save_latest=False`` and a barrier), pruning to ``keep_last`` only after that, per-rank RNG files,
@@ -136,6 +137,8 @@ def save(engine, run_dir: str | Path, progress: Progress, layout, keep_last: int
     if rank == 0:
         _write_atomic(root / LATEST, tag)
         _prune(root, keep_last)
+        # conversions of another run's checkpoint served the start only: a restart resumes from this one
+        shutil.rmtree(Path(run_dir) / CONVERTED, ignore_errors=True)
     dist.barrier()
     return root / tag
 
