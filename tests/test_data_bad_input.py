@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from data_helpers import VOCAB, assets, quiet, tokenizer, write_jsonl
-from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 
 from doge_dist.config import DataConfig
 from doge_dist.data import DataError, build_datasets, preprocess, validate_prefix
@@ -31,7 +31,46 @@ def test_malformed_lines_are_skipped_and_reported(tmp_path) -> None:
     assert f"{path}:2: malformed JSON" in summary
     assert f"{path}:3: field 'text' is int" in summary
     assert f"{path}:4: undecodable bytes" in summary
-    assert "Skipped: 0 empty documents, 3 bad records" in summary
+    assert "Skipped: 0 blank lines, 3 bad records" in summary
+
+
+def test_progress_lines_also_count_bad_records(tmp_path) -> None:
+    path = write_jsonl(tmp_path / "in.jsonl", [{"text": "good"}] + ["{broken"] * 5)
+    lines: list[str] = []
+    preprocess(path, str(tmp_path / "out"), str(assets().tokenizer_model), log_interval=2, log=lines.append)
+    assert [line.split(" (")[0] for line in lines[1:]] == [f"Processed {n} documents" for n in (2, 4, 6)]
+
+
+def test_a_byte_order_mark_is_not_text(tmp_path) -> None:
+    plain = write_jsonl(tmp_path / "plain.jsonl", [{"text": "first"}, {"text": "second"}])
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbffirst\n\nsecond\n")
+    want = [tokenizer().encode("first"), tokenizer().encode("second")]
+    for name in ("bom.jsonl", "bom.txt"):
+        prefix = str(tmp_path / name.replace(".", "_"))
+        report = preprocess(tmp_path / name, prefix, str(assets().tokenizer_model), log=quiet)
+        assert report.bad == 0, report.summary()
+        dataset = IndexedDataset(prefix + "_text_document")
+        assert [dataset[i].tolist() for i in range(len(dataset))] == want, name
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_truncated_or_damaged_input_files_fail_clearly(tmp_path, workers) -> None:
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    whole = gzip.compress(assets().valid_jsonl.read_bytes())
+    (tmp_path / "cut.jsonl.gz").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "plain.jsonl.gz").write_bytes(assets().valid_jsonl.read_bytes())  # not compressed
+    pq.write_table(pa.table({"text": assets().texts("valid")}), tmp_path / "whole.parquet")
+    (tmp_path / "cut.parquet").write_bytes((tmp_path / "whole.parquet").read_bytes()[:-100])
+    names = ["cut.jsonl.gz", "plain.jsonl.gz", "cut.parquet"]
+    for name in names:
+        with pytest.raises(DataError, match=rf"'.*{name}' cannot be read.*: the file is truncated, damaged or unreadable"):
+            run(tmp_path / name, tmp_path, workers=workers)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names + ["whole.parquet"])
 
 
 def test_json_errors_read_as_one_phrase(tmp_path) -> None:
@@ -57,6 +96,13 @@ def test_missing_key_names_the_keys_that_exist(tmp_path) -> None:
         run(tmp_path / "in.parquet", tmp_path)
 
 
+def test_a_json_key_given_twice_is_refused_before_any_file(tmp_path) -> None:
+    path = write_jsonl(tmp_path / "in.jsonl", [{"text": "words"}])
+    with pytest.raises(DataError, match="--json-keys names 'text' more than once"):
+        run(path, tmp_path, json_keys=["text", "text"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
 def test_a_record_missing_the_key_after_good_ones_is_skipped(tmp_path) -> None:
     path = write_jsonl(tmp_path / "in.jsonl", [{"text": "good one"}, {"body": "x"}, {"text": "good two"}])
     report = run(path, tmp_path, workers=2)
@@ -73,22 +119,26 @@ def test_input_whose_every_record_is_bad_writes_nothing(tmp_path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
 
 
-def test_empty_documents_are_skipped_and_counted(tmp_path) -> None:
+def test_empty_fields_are_zero_length_documents_and_blank_lines_are_skipped(tmp_path) -> None:
     path = write_jsonl(tmp_path / "in.jsonl", [{"text": ""}, {"text": "words"}, "", {"text": None}])
     report = run(path, tmp_path, append_eod=True)
-    assert (report.documents, report.empty, report.bad) == (1, 3, 0)
-    assert validate_prefix(str(tmp_path / "out_text_document")).documents == 1
+    assert (report.documents, report.blank_lines, report.bad, report.empty_fields) == (3, 1, 0, {"text": 2})
+    info = validate_prefix(str(tmp_path / "out_text_document"))
+    assert (info.documents, info.sequences) == (3, 1)  # as Megatron-LM writes them: document i is record i
+    summary = report.summary()
+    assert "Empty fields, written as zero-length documents (as Megatron-LM does): text 2." in summary
+    assert "Skipped: 1 blank lines, 0 bad records." in summary
 
 
-def test_input_without_documents_gives_a_readable_empty_prefix(tmp_path) -> None:
+def test_input_without_tokens_gives_a_readable_empty_prefix(tmp_path) -> None:
     run(write_jsonl(tmp_path / "in.jsonl", [{"text": ""}, ""]), tmp_path)
     empty = str(tmp_path / "out_text_document")
-    assert validate_prefix(empty, VOCAB).documents == 0
+    assert validate_prefix(empty, VOCAB).documents == 1
     tool = str(ROOT / "data_tools" / "inspect_data.py")
     result = subprocess.run([sys.executable, tool, empty], capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert result.returncode == 0 and "documents 0, sequences 0, tokens 0" in result.stdout, result.stderr
+    assert result.returncode == 0 and "documents 1, sequences 0, tokens 0" in result.stdout, result.stderr
     merged = merge_prefixes([empty, assets().train_prefix], str(tmp_path / "merged"))
-    assert merged.documents == validate_prefix(assets().train_prefix).documents
+    assert merged.documents == validate_prefix(assets().train_prefix).documents + 1
     config = DataConfig(train_data=[empty], seq_length=16, cache_dir=str(tmp_path / "cache"))
     with pytest.raises(DataError, match="train split gets no tokens"):
         build_datasets(config, tokenizer(), [10, 2, 1])

@@ -88,3 +88,30 @@ def test_training_input_without_the_key(tmp_path) -> None:
     train_tokenizer(mixed, tmp_path / "c", vocab_size=VOCAB, threads=2, log=lines.append)
     assert "skipped 1 bad records; sentencepiece trains now" in lines[-3]  # the silent phase is announced
     assert lines[-2].startswith("trained in ")
+
+
+def test_an_interrupted_training_leaves_no_tokenizer_model(tmp_path, monkeypatch) -> None:
+    """make builds data/tokenizer/tokenizer.model as a file target: it must appear only with both twins."""
+    import doge_dist.data.train_tokenizer as module
+
+    model = train_tokenizer(assets().train_jsonl, tmp_path, vocab_size=VOCAB, threads=2, log=quiet)
+    assert not [path.name for path in tmp_path.iterdir() if "partial" in path.name]
+    assert model == tmp_path / "tokenizer.model" and (tmp_path / "tokenizer.vocab").is_file()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, "write_chat_tokenizer", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_tokenizer(assets().train_jsonl, tmp_path, vocab_size=VOCAB, threads=2, log=quiet)
+    assert not model.exists()  # the old one is gone too: it no longer matches the new tokenizer.json
+
+
+def test_a_truncated_input_fails_clearly(tmp_path) -> None:
+    import gzip
+
+    whole = gzip.compress(assets().train_jsonl.read_bytes())
+    (tmp_path / "cut.jsonl.gz").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(DataError, match=r"cut\.jsonl\.gz' cannot be read past its first \d+ records \(EOFError"):
+        train_tokenizer(tmp_path / "cut.jsonl.gz", tmp_path / "out", vocab_size=VOCAB, threads=2, log=quiet)
+    assert not (tmp_path / "out" / "tokenizer.model").exists()

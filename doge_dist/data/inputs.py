@@ -12,6 +12,7 @@ import glob
 import gzip
 import json
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence, Union
@@ -22,6 +23,7 @@ JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 TEXT_SUFFIXES = (".txt", ".txt.gz")
 PARQUET_SUFFIXES = (".parquet",)
 ROW_BATCH = 1024
+UTF8 = "utf-8-sig"  # UTF-8 that drops a leading byte order mark
 
 # A record travels to a worker as (file index, line or row number, kind, payload):
 # kind "json" -> payload is the raw line (bytes); "text" -> a paragraph (bytes); "row" -> a dict.
@@ -116,7 +118,10 @@ def check_keys(inputs: Sequence[InputFile], keys: Sequence[str]) -> None:
         if item.kind == "parquet":
             import pyarrow.parquet as pq
 
-            columns = pq.ParquetFile(item.path).schema_arrow.names
+            try:
+                columns = pq.ParquetFile(item.path).schema_arrow.names
+            except _read_errors() as error:
+                raise _unreadable(item, error, 0) from None
         elif item.kind == "arrow":
             columns = json.loads((item.path / "dataset_info.json").read_text()).get("features", {}).keys()
         if columns is not None:
@@ -164,20 +169,47 @@ def _rows(item: InputFile, keys: Sequence[str]) -> Iterator[dict]:
                 yield dict(zip(columns, values))
 
 
+def _file_records(item: InputFile, keys: Sequence[str]) -> Iterator[tuple[int, str, Union[bytes, dict]]]:
+    """(line or row number, kind, payload) of every record of one input."""
+    if item.kind == "jsonl":
+        with _open_binary(item.path) as stream:
+            for number, line in enumerate(stream, start=1):
+                yield number, "json", line
+    elif item.kind == "text":
+        with _open_binary(item.path) as stream:
+            for number, block in _paragraphs(stream):
+                yield number, "text", block
+    else:
+        for number, row in enumerate(_rows(item, keys), start=1):
+            yield number, "row", row
+
+
+def _read_errors() -> tuple[type[BaseException], ...]:
+    """What a truncated or damaged input raises while it is read: gzip's errors, pyarrow's."""
+    import pyarrow
+
+    return OSError, EOFError, zlib.error, pyarrow.ArrowException
+
+
+def _unreadable(item: InputFile, error: BaseException, records: int) -> DataError:
+    where = f" past its first {records} records" if records else ""
+    return DataError(
+        f"'{item.path}' cannot be read{where} ({type(error).__name__}: {error}): "
+        "the file is truncated, damaged or unreadable; re-create it or leave it out of --input."
+    )
+
+
 def iter_records(inputs: Sequence[InputFile], keys: Sequence[str]) -> Iterator[Record]:
-    """Yield every record of every input in order, reading lazily (memory stays flat)."""
+    """Yield every record of every input in order, reading lazily (memory stays flat); a file that
+    cannot be read to its end raises a ``DataError`` naming it."""
     for index, item in enumerate(inputs):
-        if item.kind == "jsonl":
-            with _open_binary(item.path) as stream:
-                for number, line in enumerate(stream, start=1):
-                    yield index, number, "json", line
-        elif item.kind == "text":
-            with _open_binary(item.path) as stream:
-                for number, block in _paragraphs(stream):
-                    yield index, number, "text", block
-        else:
-            for number, row in enumerate(_rows(item, keys), start=1):
-                yield index, number, "row", row
+        records = 0
+        try:
+            for number, kind, payload in _file_records(item, keys):
+                yield index, number, kind, payload
+                records += 1
+        except _read_errors() as error:
+            raise _unreadable(item, error, records) from None
 
 
 def _check_text(key: str, value: Any) -> Union[str, list]:
@@ -189,17 +221,18 @@ def _check_text(key: str, value: Any) -> Union[str, list]:
 
 
 def decode_record(kind: str, payload: Union[bytes, dict], keys: Sequence[str]) -> dict[str, Union[str, list]]:
-    """Turn one record into {key: text}; raises BadRecord for malformed input, DataError for a missing key."""
+    """Turn one record into {key: text}; raises BadRecord for malformed input, DataError for a missing key.
+    A UTF-8 byte order mark (what Windows tools write at the start of a file) is dropped."""
     if kind == "text":
         try:
-            return {keys[0]: payload.decode("utf-8")}
+            return {keys[0]: payload.decode(UTF8)}
         except UnicodeDecodeError as error:
             raise BadRecord(f"undecodable bytes (invalid UTF-8 at byte {error.start} of the paragraph)") from None
     if kind == "json":
         if not payload.strip():
             return {key: "" for key in keys}
         try:
-            data = json.loads(payload.decode("utf-8"))
+            data = json.loads(payload.decode(UTF8))
         except UnicodeDecodeError as error:
             raise BadRecord(f"undecodable bytes (invalid UTF-8 at byte {error.start} of the line)") from None
         except json.JSONDecodeError as error:

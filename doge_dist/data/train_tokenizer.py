@@ -61,7 +61,11 @@ def train_tokenizer(
     log: Callable[[str], None] = print,
 ) -> Path:
     """Write ``output_dir/tokenizer.model``, a Hugging Face tokenizer in ``output_dir`` and the chat twin
-    (chat template, see chat_template.py) in ``output_dir/chat``; return the .model path."""
+    (chat template, see chat_template.py) in ``output_dir/chat``; return the .model path.
+
+    The .model appears last (sentencepiece writes ``tokenizer.partial.model``, renamed once both twins
+    are written) and an old one is removed first: a directory with a ``tokenizer.model`` is complete,
+    which is what ``make`` goes by."""
     import sentencepiece as spm
 
     if model_type not in ("bpe", "unigram"):
@@ -76,32 +80,50 @@ def train_tokenizer(
         raise DataError(f"--input {shown} has no text under --json-keys {' '.join(json_keys)} to train a tokenizer on.")
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    model = out / SP_MODEL_NAME
+    model.unlink(missing_ok=True)
+    partial = out / f"{model.stem}.partial"
     spm.set_random_generator_seed(seed)
     start = time.time()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=itertools.chain([first], sentences),
-        model_prefix=str(out / Path(SP_MODEL_NAME).stem),
-        model_type=model_type,
-        vocab_size=vocab_size,
-        bos_id=special_ids["bos"],
-        eos_id=special_ids["eos"],
-        pad_id=special_ids["pad"],
-        unk_id=special_ids["unk"],
-        byte_fallback=True,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        allow_whitespace_only_pieces=True,
-        split_digits=True,
-        character_coverage=0.9995,
-        input_sentence_size=max_sentences,
-        shuffle_input_sentence=True,
-        max_sentence_length=MAX_SENTENCE_BYTES,
-        num_threads=threads,
-        minloglevel=1,
-    )
+    failed: list[DataError] = []  # an input that cannot be read to its end, raised from inside sentencepiece
+
+    def reading(lines: Iterator[str]) -> Iterator[str]:
+        try:
+            yield from lines
+        except DataError as error:
+            failed.append(error)
+            raise
+
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=reading(itertools.chain([first], sentences)),
+            model_prefix=str(partial),
+            model_type=model_type,
+            vocab_size=vocab_size,
+            bos_id=special_ids["bos"],
+            eos_id=special_ids["eos"],
+            pad_id=special_ids["pad"],
+            unk_id=special_ids["unk"],
+            byte_fallback=True,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            allow_whitespace_only_pieces=True,
+            split_digits=True,
+            character_coverage=0.9995,
+            input_sentence_size=max_sentences,
+            shuffle_input_sentence=True,
+            max_sentence_length=MAX_SENTENCE_BYTES,
+            num_threads=threads,
+            minloglevel=1,
+        )
+    except RuntimeError:
+        if failed:
+            raise failed[0] from None  # not sentencepiece's "INTERNAL: ..." stack dump
+        raise
     log(f"trained in {time.time() - start:.0f} s")
-    model = out / SP_MODEL_NAME
-    write_hf_tokenizer(model, out)
-    write_chat_tokenizer(model, out / CHAT_SUBDIR)
+    write_hf_tokenizer(f"{partial}.model", out)
+    write_chat_tokenizer(f"{partial}.model", out / CHAT_SUBDIR)
+    os.replace(f"{partial}.vocab", model.with_suffix(".vocab"))
+    os.replace(f"{partial}.model", model)
     log(f"Wrote {model}, a Hugging Face tokenizer in {out} and its chat twin in {out / CHAT_SUBDIR}")
     return model
