@@ -31,6 +31,26 @@ def test_merge_is_the_concatenation(tmp_path) -> None:
     assert [line.split()[1] for line in progress] == ["1/2", "2/2"] and "MB/s, ETA 0 s)" in progress[-1]
 
 
+def test_merge_keeps_zero_length_documents(tmp_path) -> None:
+    """preprocess_data.py writes an empty field as a zero-length document; merged, every document keeps its place."""
+    path = write_jsonl(tmp_path / "a.jsonl", [{"text": "one"}, {"text": ""}, {"text": "three"}])
+    preprocess(path, str(tmp_path / "a"), str(assets().tokenizer_model), append_eod=True, log=quiet)
+    part = str(tmp_path / "a_text_document")
+    merge_prefixes([part, part], str(tmp_path / "merged"), log=quiet)
+    assert IndexedDataset(str(tmp_path / "merged")).document_indices.tolist() == [0, 1, 1, 2, 3, 3, 4]
+
+
+def test_merge_refuses_its_own_output_as_input(tmp_path, monkeypatch) -> None:
+    """Also spelled differently: merging a directory again into ./DIR/merged must not read the old merged pair."""
+    (tmp_path / "parts").mkdir()
+    for suffix in (".bin", ".idx"):
+        Path(str(tmp_path / "parts" / "a") + suffix).write_bytes(Path(assets().train_prefix + suffix).read_bytes())
+    monkeypatch.chdir(tmp_path)
+    merge_prefixes(["parts/a"], "parts/merged", log=quiet)
+    with pytest.raises(DataError, match="is also an input"):
+        merge_prefixes(["parts/a", "parts/merged"], "./parts/merged", log=quiet)
+
+
 def test_merge_refuses_mixed_dtypes(tmp_path) -> None:
     wide = str(tmp_path / "wide")
     builder = IndexedDatasetBuilder(wide + ".bin", dtype=np.int32)

@@ -200,7 +200,7 @@ def merge_prefixes(prefixes: list[str], output_prefix: str, log: Callable[[str],
     if len(dtypes) > 1:
         listing = ", ".join(f"{info.prefix} ({info.dtype.name})" for info in infos)
         raise DataError(f"Cannot merge prefixes with different token dtypes: {listing}; re-tokenize with one tokenizer.")
-    if output_prefix in prefixes:
+    if any(os.path.realpath(prefix) == os.path.realpath(output_prefix) for prefix in prefixes):
         raise DataError(f"--output-prefix {output_prefix} is also an input; choose a new prefix.")
     sizes = [Path(prefix + ".bin").stat().st_size for prefix in prefixes]
     start, done = time.time(), 0
