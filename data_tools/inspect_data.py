@@ -3,8 +3,9 @@
 
     python data_tools/inspect_data.py data/sample_train_text_document --tokenizer-model data/tokenizer
 
-Prints documents, sequences, tokens, dtype, the largest token id, a histogram of document lengths
-and (with --tokenizer-model) the start of a few decoded documents.
+Prints documents (and how many are zero-length: empty fields, as preprocess_data.py and Megatron-LM
+write them), sequences, tokens, dtype, the largest token id, a histogram of sequence lengths and
+(with --tokenizer-model) the start of a few decoded documents (document i: the i-th record written).
 """
 from __future__ import annotations
 
@@ -29,6 +30,12 @@ def histogram(lengths: np.ndarray) -> list[str]:
     ]
 
 
+def document_tokens(dataset, index: int) -> list[int]:
+    """The token ids of document ``index``: its sequences (sentences) in order; none for a zero-length one."""
+    first, last = dataset.document_indices[index : index + 2]
+    return [token for sequence in range(first, last) for token in dataset[int(sequence)].tolist()]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("prefix", help="path without .bin/.idx")
@@ -43,21 +50,24 @@ def main() -> int:
     except DataError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    dataset = IndexedDataset(args.prefix, mmap=False)  # an empty .bin cannot be memory-mapped
     lengths = info.sequence_lengths
+    zero_length = int(np.sum(np.diff(dataset.document_indices) == 0))
     print(f"{info.prefix}: OK")
     print(f"  documents {info.documents}, sequences {info.sequences}, tokens {info.tokens}, dtype {info.dtype.name}")
+    if zero_length:
+        print(f"  zero-length documents {zero_length} (empty fields of the input)")
     print(f"  largest token id {info.max_token}" + (f" (vocabulary {tokenizer.vocab_size})" if tokenizer else ""))
     if len(lengths):
         print(f"  sequence length: min {lengths.min()}, mean {lengths.mean():.1f}, max {lengths.max()}")
         print("  length histogram (tokens per sequence):")
         print("\n".join(histogram(lengths)))
-    if tokenizer and info.sequences:
-        from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-        dataset = IndexedDataset(args.prefix)
-        for index in np.linspace(0, info.sequences - 1, num=min(args.samples, info.sequences), dtype=int):
-            text = tokenizer.decode(dataset[int(index)].tolist())
-            print(f"--- sequence {index} ({lengths[index]} tokens) ---\n{text[: args.chars]}")
+    if tokenizer and info.documents:
+        for index in np.linspace(0, info.documents - 1, num=min(args.samples, info.documents), dtype=int):
+            ids = document_tokens(dataset, int(index))
+            print(f"--- document {index} ({len(ids)} tokens) ---\n{tokenizer.decode(ids)[: args.chars]}")
     return 0
 
 

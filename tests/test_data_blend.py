@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 from data_helpers import assets, quiet, tokenizer, write_jsonl
 
 from doge_dist.config import DataConfig
-from doge_dist.data import build_datasets, preprocess
+from doge_dist.data import build_datasets, preprocess, validate_prefix
 
 SEQ = 32
 
@@ -36,6 +36,28 @@ def test_blend_proportions_follow_the_weights(tmp_path) -> None:
     assert abs(np.mean(from_other) - 0.7) < 0.1  # the samples themselves, not only the index
     sample = train[0]
     assert sample["tokens"].shape == (SEQ,) and torch.equal(sample["tokens"][1:], sample["labels"][:-1])
+
+
+def test_zero_length_documents_change_no_sample(tmp_path) -> None:
+    """preprocess_data.py writes an empty field as a zero-length document (as Megatron-LM); megatron-core's
+    GPTDataset samples sequences, so a prefix with them splits, blends and samples exactly like one without."""
+    texts = assets().texts("valid")
+    records = [{"text": text if number % 3 else ""} for number, text in enumerate(texts)]
+    prefixes = {}
+    for name, kept in (("with", records), ("without", [r for r in records if r["text"]])):
+        path = write_jsonl(tmp_path / f"{name}.jsonl", kept)
+        preprocess(path, str(tmp_path / name), str(assets().tokenizer_model), append_eod=True, log=quiet)
+        prefixes[name] = str(tmp_path / f"{name}_text_document")
+    zero_length = validate_prefix(prefixes["with"])
+    assert zero_length.documents == len(records) > zero_length.sequences == len(records) - len(records[::3])
+    samples = {}
+    for name, prefix in prefixes.items():
+        config = DataConfig(train_data=[0.5, prefix, 0.5, assets().train_prefix], seq_length=SEQ, split="90,10,0",
+                            cache_dir=str(tmp_path / f"cache_{name}"))
+        train, valid, _ = build_datasets(config, tokenizer(), [200, 20, 0])
+        samples[name] = [split[i]["tokens"] for split in (train, valid) for i in range(len(split))]
+    assert len(samples["with"]) == 220
+    assert all(torch.equal(a, b) for a, b in zip(samples["with"], samples["without"], strict=True))
 
 
 def test_separate_validation_blend_and_cache_reuse(tmp_path) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import itertools
 import json
 import os
 import signal
@@ -26,6 +27,13 @@ def read_prefix(prefix: str) -> list[list[int]]:
     return [dataset[i].tolist() for i in range(len(dataset))]
 
 
+def read_documents(prefix: str) -> list[list[int]]:
+    """Token ids per document: its sequences joined, none for a zero-length document."""
+    dataset = IndexedDataset(prefix)
+    return [[token for sequence in range(first, last) for token in dataset[sequence].tolist()]
+            for first, last in itertools.pairwise(dataset.document_indices)]
+
+
 def files_of(prefix: str) -> tuple[bytes, bytes]:
     return Path(prefix + ".bin").read_bytes(), Path(prefix + ".idx").read_bytes()
 
@@ -38,24 +46,28 @@ def test_megatron_reads_tokens_equal_encode_plus_eod() -> None:
     assert read_prefix(assets().train_prefix) == [tok.encode(text) + [tok.eos_id] for text in texts]
 
 
-def megatron_lm_write(input_jsonl: Path, prefix: str, model: Path) -> None:
-    """What Megatron-LM's tools/preprocess_data.py does (its tokenizer builder, Encoder.encode, builder loop)."""
+def megatron_lm_write(input_jsonl: Path, output_prefix: str, model: Path, keys: tuple[str, ...] = ("text",)) -> None:
+    """What Megatron-LM's tools/preprocess_data.py --append-eod does (its tokenizer builder, Encoder.encode,
+    builder loop): every record is one document per key, an empty field a zero-length one."""
     from megatron.core.tokenizers.text.utils.build_tokenizer import build_tokenizer
 
     args = Namespace(tokenizer_type="SentencePieceTokenizer", tokenizer_model=str(model), tokenizer_metadata=None,
                      tokenizer_sentencepiece_legacy=False, tokenizer_special_tokens=None)
     megatron_tokenizer = build_tokenizer(args)
-    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=DType.optimal_dtype(megatron_tokenizer.vocab_size))
+    dtype = DType.optimal_dtype(megatron_tokenizer.vocab_size)
+    builders = {key: IndexedDatasetBuilder(f"{output_prefix}_{key}_document.bin", dtype=dtype) for key in keys}
     for line in input_jsonl.read_text().splitlines():
-        ids = megatron_tokenizer.tokenize(json.loads(line)["text"])
-        if ids:
-            builder.add_document(ids + [megatron_tokenizer.eod], [len(ids) + 1])
-    builder.finalize(prefix + ".idx")
+        for key in keys:
+            ids = megatron_tokenizer.tokenize(json.loads(line)[key])
+            ids, lengths = (ids + [megatron_tokenizer.eod], [len(ids) + 1]) if ids else ([], [])
+            builders[key].add_document(ids, lengths)
+    for key in keys:
+        builders[key].finalize(f"{output_prefix}_{key}_document.idx")
 
 
 def test_byte_identical_to_megatron_lm_tool_and_worker_count(tmp_path) -> None:
     megatron_lm_write(assets().train_jsonl, str(tmp_path / "reference"), assets().tokenizer_model)
-    reference = files_of(str(tmp_path / "reference"))
+    reference = files_of(str(tmp_path / "reference_text_document"))
     assert files_of(assets().train_prefix) == reference  # written with workers=1
     preprocess(assets().train_jsonl, str(tmp_path / "two"), str(assets().tokenizer_dir), append_eod=True, workers=2, log=quiet)
     assert files_of(str(tmp_path / "two_text_document")) == reference  # 2 workers, HF tokenizer directory
@@ -101,6 +113,44 @@ def test_several_json_keys_and_sentence_lists(tmp_path) -> None:
     assert body.document_indices.tolist() == [0, 2]
 
 
+def test_several_json_keys_stay_aligned_when_fields_are_empty(tmp_path) -> None:
+    """Document i of every key's prefix comes from record i: an empty field is a zero-length document
+    (as Megatron-LM writes it, byte for byte), a bad record or a blank line is skipped for every key."""
+    records = [{"title": "One", "body": "First body."}, {"title": "", "body": "Second body, no title."},
+               {"title": "Three", "body": ""}, {"title": "", "body": "Fourth body."}, {"title": "", "body": ""},
+               {"title": "Six", "body": "Sixth body."}]
+    clean = write_jsonl(tmp_path / "clean.jsonl", records)
+    megatron_lm_write(clean, str(tmp_path / "reference"), assets().tokenizer_model, keys=("title", "body"))
+    messy = write_jsonl(tmp_path / "messy.jsonl", records[:2] + ["{broken", {"title": "x"}, ""] + records[2:])
+    report = preprocess(messy, str(tmp_path / "out"), str(assets().tokenizer_model), json_keys=["title", "body"],
+                        append_eod=True, workers=2, log=quiet)
+    tok = tokenizer()
+    for key in ("title", "body"):
+        prefix = f"_{key}_document"
+        documents = read_documents(str(tmp_path / "out") + prefix)
+        assert documents == [tok.encode(r[key]) + [tok.eod_id] if r[key] else [] for r in records], key
+        assert files_of(str(tmp_path / "out") + prefix) == files_of(str(tmp_path / "reference") + prefix), key
+    assert (report.documents, report.blank_lines, report.bad, report.empty_fields) == (6, 1, 2, {"title": 3, "body": 2})
+    assert "Empty fields, written as zero-length documents (as Megatron-LM does): title 3, body 2." in report.summary()
+
+
+def test_inspect_data_shows_documents_numbered_as_records(tmp_path) -> None:
+    path = write_jsonl(tmp_path / "in.jsonl", [{"text": "first"}, {"text": ""}, {"text": ["one.", "two."]}])
+    preprocess(path, str(tmp_path / "out"), str(assets().tokenizer_model), append_eod=True, log=quiet)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "data_tools" / "inspect_data.py"), str(tmp_path / "out_text_document"),
+         "--tokenizer-model", str(assets().tokenizer_model), "--samples", "3"],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "documents 3, sequences 3," in result.stdout and "zero-length documents 1" in result.stdout
+    tok = tokenizer()
+    sizes = [len(tok.encode("first")) + 1, 0, len(tok.encode("one.")) + len(tok.encode("two.")) + 1]
+    shown = [line for line in result.stdout.splitlines() if line.startswith("---")]
+    assert shown == [f"--- document {i} ({n} tokens) ---" for i, n in enumerate(sizes)]
+    assert "\none. two.\n" in result.stdout  # a document is all of its sentences
+
+
 def test_command_line_prints_progress_and_totals(tmp_path) -> None:
     result = subprocess.run(
         [sys.executable, str(ROOT / "data_tools" / "preprocess_data.py"), "--input", str(assets().valid_jsonl),
@@ -110,7 +160,7 @@ def test_command_line_prints_progress_and_totals(tmp_path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "docs/s" in result.stderr and "MB/s" in result.stderr and "tokens" in result.stderr
-    assert "Skipped: 0 empty documents, 0 bad records" in result.stdout
+    assert "Skipped: 0 blank lines, 0 bad records" in result.stdout
     assert (tmp_path / "cli_text_document.bin").is_file() and (tmp_path / "cli_text_document.idx").is_file()
 
 
@@ -152,6 +202,23 @@ def test_sigterm_removes_partial_files(tmp_path, workers) -> None:
         tool.kill()
     assert tool.returncode == 128 + signal.SIGTERM and "Traceback" not in stderr, stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+def test_pool_workers_are_forked_before_the_sigterm_handler(tmp_path, monkeypatch) -> None:
+    """A worker forked while the tool's SIGTERM handler is installed can lose Pool.terminate's SIGTERM
+    (it arrives before the at-fork reset); the pool then waits for that worker for ever."""
+    import multiprocessing
+
+    handlers = []
+    pool = multiprocessing.Pool
+
+    def recording_pool(*args, **kwargs):
+        handlers.append(signal.getsignal(signal.SIGTERM))
+        return pool(*args, **kwargs)
+
+    monkeypatch.setattr(multiprocessing, "Pool", recording_pool)
+    preprocess(assets().valid_jsonl, str(tmp_path / "out"), str(assets().tokenizer_model), workers=2, log=quiet)
+    assert handlers == [signal.SIG_DFL]
 
 
 def test_forked_workers_keep_the_default_sigterm(tmp_path) -> None:

@@ -1,12 +1,14 @@
 """Raw text -> Megatron ``{prefix}_{key}_document.bin/.idx``, the engine of data_tools/preprocess_data.py.
 
 Same output as Megatron-LM's tools/preprocess_data.py for the same input, tokenizer and flags: each
-document is ``tokenizer.tokenize(text)`` (+ eod with --append-eod), a list of strings is encoded
-sentence by sentence, and megatron-core's ``IndexedDatasetBuilder`` writes with
-``DType.optimal_dtype(vocab_size)``. Differences, on purpose: empty documents are skipped and counted
-(Megatron-LM writes a zero-length document entry), bad records are skipped and reported (or stop
-the run with ``strict``; a missing key stops it when no document was written yet, as that means a
-wrong --json-keys), every --json-keys key is finalized, and files appear only when complete.
+document is ``tokenizer.tokenize(text)`` (+ eod with --append-eod, when not empty), a list of strings
+is encoded sentence by sentence, and megatron-core's ``IndexedDatasetBuilder`` writes with
+``DType.optimal_dtype(vocab_size)``. Every record is one document in the prefix of every key, an
+empty (or null) field a zero-length document, as there: document i of each prefix comes from the
+same record. Differences, on purpose: blank jsonl lines are skipped (Megatron-LM's json.loads fails
+on them), bad records are skipped for every key and reported (or stop the run with ``strict``; a
+missing key stops it when no document was written yet, as that means a wrong --json-keys), every
+--json-keys key is finalized, and files appear only when complete.
 
 Workers: a ``multiprocessing.Pool`` with ``imap`` keeps input order, so the bytes do not depend on the
 worker count. Reading is throttled to a fixed number of batches in flight (Pool's feeder thread would
@@ -42,10 +44,13 @@ def _init_worker(tokenizer_path: str, tokenizer_type: Optional[str], keys: Seque
 
 
 def _encode_record(record: Record) -> tuple:
-    """-> (file index, line, input bytes, problem, fatal, {key: (ids, sentence lengths)})."""
+    """-> (file index, line, input bytes, problem, fatal, {key: (ids, sentence lengths)}); the dict is
+    None for a blank jsonl line, which is no record."""
     tokenizer, keys, append_eod, dtype = _STATE
     index, line, kind, payload = record
     size = len(payload) if isinstance(payload, bytes) else sum(len(str(v)) for v in payload.values())
+    if kind == "json" and not payload.strip():
+        return index, line, size, None, None, None
     try:
         fields = decode_record(kind, payload, keys)
     except BadRecord as problem:
@@ -96,17 +101,21 @@ class PreprocessReport:
     tokens: int = 0
     input_bytes: int = 0
     seconds: float = 0.0
-    empty: int = 0
+    blank_lines: int = 0  # skipped: no record
     bad: int = 0
     bad_locations: list[str] = field(default_factory=list)
+    empty_fields: dict[str, int] = field(default_factory=dict)  # per key: written as zero-length documents
 
     def summary(self) -> str:
         rate = self.documents / max(self.seconds, 1e-9)
         lines = [
             f"Done: {self.documents} documents, {self.tokens} tokens, {self.input_bytes / 1e6:.1f} MB in "
             f"{self.seconds:.1f} s ({rate:.0f} docs/s, {self.input_bytes / 1e6 / max(self.seconds, 1e-9):.2f} MB/s).",
-            f"Skipped: {self.empty} empty documents, {self.bad} bad records.",
         ]
+        if self.empty_fields:
+            counts = ", ".join(f"{key} {count}" for key, count in self.empty_fields.items())
+            lines.append(f"Empty fields, written as zero-length documents (as Megatron-LM does): {counts}.")
+        lines.append(f"Skipped: {self.blank_lines} blank lines, {self.bad} bad records.")
         lines += [f"  bad record: {where}" for where in self.bad_locations]
         if self.bad > len(self.bad_locations):
             lines.append(f"  ... and {self.bad - len(self.bad_locations)} more")
@@ -162,13 +171,16 @@ def preprocess(
     from megatron.core.datasets.indexed_dataset import DType
 
     start = time.time()
+    repeated = sorted({key for key in json_keys if list(json_keys).count(key) > 1})
+    if repeated:
+        raise DataError(f"--json-keys names {', '.join(map(repr, repeated))} more than once; each key gets one prefix, list it once.")
     inputs: list[InputFile] = list_inputs(input)
     check_keys(inputs, json_keys)
     tokenizer = load_tokenizer(tokenizer_model, tokenizer_type)
     dtype = DType.optimal_dtype(tokenizer.vocab_size)
     init_args = (str(tokenizer_model), tokenizer_type, tuple(json_keys), append_eod, dtype)
     prefixes = [document_prefix(output_prefix, key) for key in json_keys]
-    report = PreprocessReport(prefixes)
+    report = PreprocessReport(prefixes, empty_fields=dict.fromkeys(json_keys, 0))
     progress = Progress(log_interval, inputs, log)
     log(f"Tokenizing {len(inputs)} input file(s) with {workers} worker(s) into {', '.join(prefixes)}")
 
@@ -176,7 +188,9 @@ def preprocess(
     slots = threading.Semaphore(workers * BATCHES_IN_FLIGHT_PER_WORKER) if workers > 1 else None
     batches = _batches(iter_records(inputs, json_keys), slots, stop)
     with contextlib.ExitStack() as stack:
-        builders = {key: stack.enter_context(atomic_builder(p, dtype)) for key, p in zip(json_keys, prefixes)}
+        # The pool first: its workers are forked before atomic_builder installs its SIGTERM handler. A
+        # worker forked with it could lose Pool.terminate's SIGTERM (arriving before the at-fork reset)
+        # and the pool would wait for it for ever.
         if workers > 1:
             pool = stack.enter_context(multiprocessing.Pool(workers, initializer=_init_worker, initargs=init_args))
             stack.callback(stop.set)  # runs before the pool terminates: the feeder must not block
@@ -184,6 +198,7 @@ def preprocess(
         else:
             _init_worker(*init_args)
             results = map(_encode_batch, batches)
+        builders = {key: stack.enter_context(atomic_builder(p, dtype)) for key, p in zip(json_keys, prefixes)}
         records = 0
         for batch in results:
             if slots is not None:
@@ -191,6 +206,7 @@ def preprocess(
             for index, line, size, problem, fatal, encoded in batch:
                 records += 1
                 report.input_bytes += size
+                progress(report, records)  # also when this record is bad or blank
                 where = f"{inputs[index].path}:{line}"
                 if fatal and not report.documents:
                     raise DataError(f"{where}: {fatal}")  # no record had the key so far: --json-keys is wrong
@@ -202,15 +218,14 @@ def preprocess(
                     if len(report.bad_locations) < MAX_REPORTED:
                         report.bad_locations.append(f"{where}: {problem}")
                     continue
-                written = False
-                for key, (ids, lengths) in encoded.items():
-                    if lengths:
-                        builders[key].add_document(ids, lengths)
-                        report.tokens += len(ids)
-                        written = True
-                report.documents += written
-                report.empty += not written
-                progress(report, records)
+                if encoded is None:
+                    report.blank_lines += 1
+                    continue
+                for key, (ids, lengths) in encoded.items():  # every key, so that the prefixes stay aligned
+                    builders[key].add_document(ids, lengths)
+                    report.tokens += len(ids)
+                    report.empty_fields[key] += not lengths
+                report.documents += 1
         report.check_usable("check the input format and --json-keys")
     report.seconds = time.time() - start
     return report

@@ -22,7 +22,7 @@ from doge_dist.data.chat import check_messages, encode_conversation, encode_pref
 from doge_dist.data.chat_template import load_chat_tokenizer
 from doge_dist.data.errors import DataError
 from doge_dist.data.indexed import atomic_builder, document_prefix
-from doge_dist.data.inputs import BadRecord, iter_records, list_inputs
+from doge_dist.data.inputs import UTF8, BadRecord, iter_records, list_inputs
 from doge_dist.data.preprocess import MAX_REPORTED, PreprocessReport, Progress
 
 KINDS = {"sft": ("messages",), "dpo": ("prompt", "chosen", "rejected")}
@@ -47,7 +47,7 @@ def _record(kind: str, payload) -> Optional[dict]:
     if not payload.strip():
         return None
     try:
-        data = json.loads(payload.decode("utf-8"))
+        data = json.loads(payload.decode(UTF8))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise BadRecord(f"malformed JSON ({error})") from None
     if not isinstance(data, dict):
@@ -94,7 +94,7 @@ def preprocess_chat(
             try:
                 record = _record(record_kind, payload)
                 if record is None:
-                    report.empty += 1
+                    report.blank_lines += 1
                     continue
                 if kind == "sft":
                     if "messages" not in record:
