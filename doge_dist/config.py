@@ -360,7 +360,7 @@ class TrainConfig:
     save_interval: int = 0  # 0: only on exit signals and at the end
     keep_last: int = 3  # checkpoints kept (older ones deleted after a newer one is complete)
     max_bad_steps: int = 5  # non-finite steps in a row before the run stops
-    peak_tflops: Optional[float] = None  # per device, for MFU; default from the device name
+    peak_tflops: Optional[float] = None  # per device, for MFU; default: a GPU by name, a CPU measured (train/metrics.py)
     freeze_dense_steps: int = 0  # MoE after upcycling: only router/expert tables update for this many steps
 
     def __post_init__(self) -> None:

@@ -38,18 +38,8 @@ from doge_dist.model.generate import generate  # noqa: E402
 from doge_dist.model.flops import training_flops_per_token  # noqa: E402
 from doge_dist.model.compile import compile_model  # noqa: E402
 from doge_dist.train.host_memory import keep_freed_memory  # noqa: E402
+from doge_dist.train.metrics import device_peak_tflops  # noqa: E402
 
-# Dense (no sparsity) peak TFLOP/s by GPU name fragment: (bf16 tensor cores, fp32 without TF32).
-GPU_PEAK_TFLOPS = {
-    "H200": (989.0, 67.0),
-    "H100 PCIe": (756.0, 51.0),
-    "H100": (989.0, 67.0),
-    "A100": (312.0, 19.5),
-    "L40S": (362.0, 91.6),
-    "RTX 4090": (165.2, 82.6),
-    "L4": (121.0, 30.3),
-    "A10": (125.0, 31.2),
-}
 HF_VARIANTS = ("hf_eager", "hf_sdpa")
 CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
 DECODE_PROMPT, DECODE_NEW_TOKENS = 32, 128
@@ -222,31 +212,11 @@ def interleaved_times(
     return times
 
 
-def measured_cpu_peak_tflops(dtype: str, clock: Callable[[], float], size: int = 2048, seconds: float = 1.0) -> float:
-    """Dense matmul FLOP/s this CPU reaches with the current thread count: the MFU denominator on CPU."""
-    torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
-    a, b = torch.randn(size, size, dtype=torch_dtype), torch.randn(size, size, dtype=torch_dtype)
-    torch.mm(a, b)
-    best, deadline = 0.0, time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        start = clock()
-        torch.mm(a, b)
-        best = max(best, 2 * size**3 / max(clock() - start, 1e-9))
-    return best / 1e12
-
-
 def peak_tflops(args: argparse.Namespace, device: torch.device) -> tuple[Optional[float], str]:
     if args.peak_tflops:
         return args.peak_tflops, "--peak-tflops"
-    if device.type == "cpu":
-        return measured_cpu_peak_tflops(args.dtype, CLOCKS[args.clock]), f"measured {args.dtype} matmul"
-    if device.type == "cuda":
-        gpu = torch.cuda.get_device_name(device)
-        for fragment, (bf16, fp32) in GPU_PEAK_TFLOPS.items():
-            if fragment in gpu:
-                return (bf16 if args.dtype == "bf16" else fp32), f"table: {fragment}"
-        return None, f"unknown GPU {gpu!r}: pass --peak-tflops"
-    return None, "pass --peak-tflops"
+    peak, source = device_peak_tflops(device, args.dtype == "bf16", CLOCKS[args.clock])
+    return peak, source if peak else f"{source}: pass --peak-tflops"
 
 
 def device_name(device: torch.device) -> str:

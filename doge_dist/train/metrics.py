@@ -1,46 +1,76 @@
 """What a run reports: one TensorBoard writer on rank 0 and a console line every ``log_interval`` steps.
 
-MFU = achieved training FLOP/s per device / the device's peak dense bf16 FLOP/s. The peak comes from
-the table below by device name (``train.peak_tflops`` overrides it; CPUs have no entry: TensorBoard
-gets 0 and the console "MFU n/a" unless given one). FLOPs per token come from ``doge_dist.model.flops``.
+MFU = achieved training FLOP/s per device / the device's peak dense bf16 FLOP/s. The peak of a GPU
+comes from the table below by device name; a CPU's is measured (a dense bf16 matmul with the run's
+threads, about a second: no datasheet covers a machine's or a VM's share of a CPU);
+``train.peak_tflops`` overrides both. FLOPs per token come from ``doge_dist.model.flops``.
+launch/bench.py uses the same peaks.
 """
 from __future__ import annotations
 
 import math
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
-# dense bf16 peak TFLOP/s per device (vendor datasheets, without sparsity)
+# Dense (no sparsity) peak TFLOP/s by device-name fragment, most specific first (vendor datasheets):
+# (bf16 tensor cores, fp32 without TF32)
 PEAK_TFLOPS = {
-    "H200": 989.0,
-    "H100 SXM": 989.0,
-    "H100 NVL": 835.0,
-    "H100 PCIe": 756.0,
-    "H100": 989.0,
-    "H800": 989.0,
-    "A100": 312.0,
-    "A800": 312.0,
-    "L40S": 362.0,
-    "RTX 4090": 165.2,
-    "RTX 3090": 71.0,
-    "A6000": 154.8,
-    "V100": 125.0,
+    "H200": (989.0, 67.0),
+    "H100 SXM": (989.0, 67.0),
+    "H100 NVL": (835.0, 60.0),
+    "H100 PCIe": (756.0, 51.0),
+    "H100": (989.0, 67.0),
+    "H800": (989.0, 67.0),
+    "A100": (312.0, 19.5),
+    "A800": (312.0, 19.5),
+    "L40S": (362.0, 91.6),
+    "RTX 4090": (165.2, 82.6),
+    "RTX 3090": (71.0, 35.6),
+    "A6000": (154.8, 38.7),
+    "L4": (121.0, 30.3),
+    "A10": (125.0, 31.2),
+    "V100": (125.0, 15.7),  # fp16 tensor cores: a V100 has no bf16
 }
 
 
+def measured_cpu_peak_tflops(bf16: bool = True, clock: Callable[[], float] = time.perf_counter, size: int = 2048,
+                             seconds: float = 1.0) -> float:
+    """The dense matmul TFLOP/s this CPU reaches with the current thread count (the best of the
+    products that fit in ``seconds``)."""
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    torch.mm(a, b)
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = clock()
+        torch.mm(a, b)
+        best = max(best, 2 * size**3 / max(clock() - start, 1e-9))
+    return best / 1e12
+
+
+def device_peak_tflops(device: torch.device, bf16: bool = True, clock: Callable[[], float] = time.perf_counter,
+                       seconds: float = 1.0) -> tuple[Optional[float], str]:
+    """The device's dense peak TFLOP/s in bf16 (or fp32) and where it comes from; None if unknown."""
+    precision = "bf16" if bf16 else "fp32"
+    if device.type == "cpu":
+        return measured_cpu_peak_tflops(bf16, clock, seconds=seconds), f"measured {precision} matmul"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for fragment, (bf16_peak, fp32_peak) in PEAK_TFLOPS.items():
+            if fragment in name:
+                return (bf16_peak if bf16 else fp32_peak), f"table: {fragment}"
+        return None, f"unknown GPU {name!r}"
+    return None, f"no peak known for {device.type}"
+
+
 def peak_tflops(device: torch.device, override: Optional[float]) -> float:
+    """The trainer's MFU denominator (0: unknown, "MFU n/a")."""
     if override is not None:
         return override
-    if device.type != "cuda":
-        return 0.0
-    name = torch.cuda.get_device_name(device)
-    for key, value in PEAK_TFLOPS.items():  # most specific names first
-        if key in name:
-            return value
-    return 0.0
+    return device_peak_tflops(device, seconds=0.25)[0] or 0.0
 
 
 def memory_gb(device: torch.device) -> float:
