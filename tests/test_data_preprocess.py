@@ -6,6 +6,7 @@ import gzip
 import itertools
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -234,3 +235,22 @@ def test_forked_workers_keep_the_default_sigterm(tmp_path) -> None:
         _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_a_full_disk_is_one_error_and_leaves_no_partial_files(tmp_path) -> None:
+    """A write that fails (here a file size limit, as ``ulimit -f`` sets; a full disk alike) prints one
+    error naming the prefix, removes its partial files and leaves the pair already there untouched."""
+    prefix = str(tmp_path / "out")
+    preprocess(assets().train_jsonl, prefix, str(assets().tokenizer_model), log=quiet)
+    before = files_of(prefix + "_text_document")
+    limit = len(before[0]) // 2
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "data_tools" / "preprocess_data.py"), "--input", str(assets().train_jsonl),
+         "--output-prefix", prefix, "--tokenizer-model", str(assets().tokenizer_model)],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)),
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert f"error: Writing {prefix}_text_document.bin/.idx failed: [Errno 27] File too large" in result.stderr
+    assert files_of(prefix + "_text_document") == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out_text_document.bin", "out_text_document.idx"]

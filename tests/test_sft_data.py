@@ -224,3 +224,29 @@ def test_options_of_the_other_kind_are_refused():
     result = subprocess.run([PYTHON, "data_tools/preprocess_chat.py", "--kind", "dpo", "--input", "x.jsonl", "--tokenizer",
                              "t", "--output-prefix", "o", "--loss-on", "all"], cwd=REPO, env=env(), capture_output=True, text=True)
     assert result.returncode == 2 and "--loss-on applies to --kind sft, not dpo" in result.stderr
+
+
+def test_a_failed_write_keeps_the_old_tokens_and_mask_together(tmp_path, monkeypatch):
+    """Tokens and loss mask are one dataset: a write that fails on the second index (a full disk)
+    leaves both old files as they were, not a new mask beside the old tokens."""
+    import errno
+
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    prefix = str(tmp_path / "sft")
+    preprocess_chat(str(write_jsonl(tmp_path / "old.jsonl", [{"messages": MESSAGES}])), prefix, str(chat_tokenizer()), log=quiet)
+    before = {p.name: p.read_bytes() for p in tmp_path.glob("sft_*")}
+    finalize, calls = IndexedDatasetBuilder.finalize, []
+
+    def finalize_then_fill_the_disk(builder, idx_path):
+        calls.append(idx_path)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        finalize(builder, idx_path)
+
+    monkeypatch.setattr(IndexedDatasetBuilder, "finalize", finalize_then_fill_the_disk)
+    new = write_jsonl(tmp_path / "new.jsonl", [{"messages": MESSAGES[1:3]}] * 2)
+    with pytest.raises((DataError, OSError)) as error:
+        preprocess_chat(str(new), prefix, str(chat_tokenizer()), log=quiet)
+    assert len(calls) == 2 and {p.name: p.read_bytes() for p in tmp_path.glob("sft_*")} == before
+    assert isinstance(error.value, DataError) and "files already there are untouched" in str(error.value)

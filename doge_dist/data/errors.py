@@ -1,10 +1,21 @@
 """The one exception type for bad data, tokenizer or blend input, and how the data tools report it."""
+import errno
 import sys
 from typing import Callable
+
+WRITE_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)  # a full disk, a file size limit (ulimit -f), a quota
 
 
 class DataError(ValueError):
     """Input the data pipeline cannot use; the message names the file (and line), the problem and the fix."""
+
+
+def is_write_failure(error: BaseException) -> bool:
+    """A write that failed for lack of space: an OSError with one of ``WRITE_ERRNOS``, or the I/O error
+    of a Rust writer (safetensors, tokenizers), which says only "... (os error 28)"."""
+    if isinstance(error, OSError):
+        return error.errno in WRITE_ERRNOS
+    return any(f"(os error {number})" in str(error) for number in WRITE_ERRNOS)
 
 
 def log_to_stderr(line: str) -> None:

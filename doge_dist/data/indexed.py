@@ -2,7 +2,8 @@
 
 Writing uses megatron-core's ``IndexedDatasetBuilder`` (what Megatron-LM's tool uses), pointed at
 ``*.partial`` files that are renamed only when the index is complete: an interrupted run never
-leaves a prefix that ``IndexedDataset.exists`` accepts, and Ctrl-C or SIGTERM removes the partial files.
+leaves a prefix that ``IndexedDataset.exists`` accepts, and Ctrl-C, SIGTERM or a failed write (a full
+disk) removes the partial files.
 
 Checking is by hand because megatron-core's reader only ``assert``s (or reads garbage) on a bad
 file: ``validate_prefix`` checks the header, the index size, the document index, the sequence
@@ -19,11 +20,11 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Type
+from typing import Callable, Iterator, Optional, Sequence, Type
 
 import numpy as np
 
-from doge_dist.data.errors import DataError
+from doge_dist.data.errors import DataError, is_write_failure
 
 INDEX_HEADER = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1
@@ -67,28 +68,46 @@ def _sigterm_unwinds() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def atomic_builder(prefix: str, dtype: Type[np.number]) -> Iterator:
-    """Yield a megatron-core ``IndexedDatasetBuilder`` whose files appear under ``prefix`` only on success
-    (also when the process is stopped with SIGTERM: ``kill``, a scheduler's time limit)."""
+def atomic_builders(outputs: Sequence[tuple[str, Type[np.number]]]) -> Iterator[list]:
+    """Yield one megatron-core ``IndexedDatasetBuilder`` per (prefix, dtype), whose files appear under
+    their prefixes only on success (also when the process is stopped with SIGTERM: ``kill``, a
+    scheduler's time limit). Every index is written before any file is renamed, so a failure (a full
+    disk) never leaves one new prefix beside an old one that belonged with it (chat tokens and loss mask)."""
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-    final_bin, final_idx = Path(prefix + ".bin"), Path(prefix + ".idx")
-    partial_bin, partial_idx = Path(prefix + ".bin.partial"), Path(prefix + ".idx.partial")
-    final_bin.parent.mkdir(parents=True, exist_ok=True)
+    partials = [(Path(prefix + ".bin.partial"), Path(prefix + ".idx.partial")) for prefix, _ in outputs]
+    builders = []
     with _sigterm_unwinds():
-        builder = IndexedDatasetBuilder(str(partial_bin), dtype=dtype)
         try:
-            yield builder
-            builder.finalize(str(partial_idx))
-        except BaseException:
-            builder.data_file.close()
-            for path in (partial_bin, partial_idx):
+            for (_, dtype), (partial_bin, _) in zip(outputs, partials):
+                partial_bin.parent.mkdir(parents=True, exist_ok=True)
+                builders.append(IndexedDatasetBuilder(str(partial_bin), dtype=dtype))
+            yield builders
+            for builder, (_, partial_idx) in zip(builders, partials):
+                builder.finalize(str(partial_idx))
+        except BaseException as error:
+            for builder in builders:
+                with contextlib.suppress(OSError):  # closing flushes, which fails again on a full disk
+                    builder.data_file.close()
+            for path in (path for pair in partials for path in pair):
                 path.unlink(missing_ok=True)
+            if is_write_failure(error):
+                written = " and ".join(f"{prefix}.bin/.idx" for prefix, _ in outputs)
+                raise DataError(f"Writing {written} failed: {error} (a full disk or a file size limit?). Nothing was "
+                                "written; files already there are untouched.") from error
             raise
-    # The old .idx goes first so that a stale index never pairs with the new .bin.
-    final_idx.unlink(missing_ok=True)
-    os.replace(partial_bin, final_bin)
-    os.replace(partial_idx, final_idx)
+    for (prefix, _), (partial_bin, partial_idx) in zip(outputs, partials):
+        # The old .idx goes first so that a stale index never pairs with the new .bin.
+        Path(prefix + ".idx").unlink(missing_ok=True)
+        os.replace(partial_bin, prefix + ".bin")
+        os.replace(partial_idx, prefix + ".idx")
+
+
+@contextlib.contextmanager
+def atomic_builder(prefix: str, dtype: Type[np.number]) -> Iterator:
+    """``atomic_builders`` for one prefix: yields its builder."""
+    with atomic_builders([(prefix, dtype)]) as (builder,):
+        yield builder
 
 
 @dataclass

@@ -26,7 +26,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import numpy as np
 
 from doge_dist.data.errors import DataError
-from doge_dist.data.indexed import atomic_builder, document_prefix
+from doge_dist.data.indexed import atomic_builders, document_prefix
 from doge_dist.data.inputs import BadRecord, InputFile, Record, check_keys, decode_record, iter_records, list_inputs
 from doge_dist.data.tokenizer import load_tokenizer
 
@@ -188,7 +188,7 @@ def preprocess(
     slots = threading.Semaphore(workers * BATCHES_IN_FLIGHT_PER_WORKER) if workers > 1 else None
     batches = _batches(iter_records(inputs, json_keys), slots, stop)
     with contextlib.ExitStack() as stack:
-        # The pool first: its workers are forked before atomic_builder installs its SIGTERM handler. A
+        # The pool first: its workers are forked before atomic_builders installs its SIGTERM handler. A
         # worker forked with it could lose Pool.terminate's SIGTERM (arriving before the at-fork reset)
         # and the pool would wait for it for ever.
         if workers > 1:
@@ -198,7 +198,7 @@ def preprocess(
         else:
             _init_worker(*init_args)
             results = map(_encode_batch, batches)
-        builders = {key: stack.enter_context(atomic_builder(p, dtype)) for key, p in zip(json_keys, prefixes)}
+        builders = dict(zip(json_keys, stack.enter_context(atomic_builders([(p, dtype) for p in prefixes]))))
         records = 0
         for batch in results:
             if slots is not None:

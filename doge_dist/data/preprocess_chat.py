@@ -11,7 +11,6 @@ and reported with file and line (or stop the run with ``strict``), like data_too
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from typing import Callable, Optional, Sequence
@@ -21,7 +20,7 @@ import numpy as np
 from doge_dist.data.chat import check_messages, encode_conversation, encode_preference
 from doge_dist.data.chat_template import load_chat_tokenizer
 from doge_dist.data.errors import DataError
-from doge_dist.data.indexed import atomic_builder, document_prefix
+from doge_dist.data.indexed import atomic_builders, document_prefix
 from doge_dist.data.inputs import UTF8, BadRecord, iter_records, list_inputs
 from doge_dist.data.preprocess import MAX_REPORTED, PreprocessReport, Progress
 
@@ -85,8 +84,7 @@ def preprocess_chat(
     progress = Progress(log_interval, inputs, log)
     log(f"Tokenizing {kind} records of {len(inputs)} input file(s) into {prefixes[0]} (+ loss mask)")
     trained = 0
-    with contextlib.ExitStack() as stack:
-        tokens, masks = (stack.enter_context(atomic_builder(p, t)) for p, t in zip(prefixes, (dtype, np.uint8)))
+    with atomic_builders(list(zip(prefixes, (dtype, np.uint8)))) as (tokens, masks):
         for done, (index, line, record_kind, payload) in enumerate(iter_records(inputs, KINDS[kind])):
             progress(report, done)
             report.input_bytes += len(payload) if isinstance(payload, bytes) else 0
