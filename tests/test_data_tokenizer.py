@@ -1,6 +1,12 @@
 """Tokenizer training, loading and the Hugging Face twin (identical ids, Doge's special ids)."""
 from __future__ import annotations
 
+import resource
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 from data_helpers import VOCAB, assets, quiet, tokenizer, write_jsonl
 from transformers import AutoTokenizer
@@ -90,13 +96,16 @@ def test_training_input_without_the_key(tmp_path) -> None:
     assert lines[-2].startswith("trained in ")
 
 
-def test_an_interrupted_training_leaves_no_tokenizer_model(tmp_path, monkeypatch) -> None:
-    """make builds data/tokenizer/tokenizer.model as a file target: it must appear only with both twins."""
+def test_an_interrupted_training_leaves_the_earlier_tokenizer_whole(tmp_path, monkeypatch) -> None:
+    """make builds data/tokenizer/tokenizer.model as a file target: it must appear only with both twins,
+    and an interrupted retraining leaves the tokenizer already there as it was (not a new tokenizer.json
+    beside the old .model, nor no .model at all)."""
     import doge_dist.data.train_tokenizer as module
 
     model = train_tokenizer(assets().train_jsonl, tmp_path, vocab_size=VOCAB, threads=2, log=quiet)
-    assert not [path.name for path in tmp_path.iterdir() if "partial" in path.name]
+    assert not tmp_path.with_name(tmp_path.name + ".partial").exists()
     assert model == tmp_path / "tokenizer.model" and (tmp_path / "tokenizer.vocab").is_file()
+    before = {str(p.relative_to(tmp_path)): p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -104,7 +113,7 @@ def test_an_interrupted_training_leaves_no_tokenizer_model(tmp_path, monkeypatch
     monkeypatch.setattr(module, "write_chat_tokenizer", interrupted)
     with pytest.raises(KeyboardInterrupt):
         train_tokenizer(assets().train_jsonl, tmp_path, vocab_size=VOCAB, threads=2, log=quiet)
-    assert not model.exists()  # the old one is gone too: it no longer matches the new tokenizer.json
+    assert {str(p.relative_to(tmp_path)): p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()} == before
 
 
 def test_a_truncated_input_fails_clearly(tmp_path) -> None:
@@ -115,3 +124,24 @@ def test_a_truncated_input_fails_clearly(tmp_path) -> None:
     with pytest.raises(DataError, match=r"cut\.jsonl\.gz' cannot be read past its first \d+ records \(EOFError"):
         train_tokenizer(tmp_path / "cut.jsonl.gz", tmp_path / "out", vocab_size=VOCAB, threads=2, log=quiet)
     assert not (tmp_path / "out" / "tokenizer.model").exists()
+
+
+def test_a_failed_write_leaves_the_earlier_tokenizer_as_it_was(tmp_path) -> None:
+    """Retraining into a tokenizer directory on a full disk (here a file size limit, as ``ulimit -f``
+    sets: sentencepiece truncates its .model without an error) is one error naming the cause; the
+    tokenizer already there, its HF twin and chat twin stay as they were and nothing half-written is left."""
+    out = tmp_path / "tokenizer"
+    shutil.copytree(assets().tokenizer_dir, out)
+    before = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    limit = (out / "tokenizer.model").stat().st_size // 2
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, str(root / "data_tools" / "train_tokenizer.py"), "--input", str(assets().train_jsonl),
+         "--output-dir", str(out), "--vocab-size", str(VOCAB)],
+        capture_output=True, text=True, cwd=root, timeout=300,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)),
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "error: Writing the tokenizer failed" in result.stderr and f"{out} was left as it was" in result.stderr
+    assert {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tokenizer"]

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from doge_dist.data.chat_template import CHAT_SUBDIR, write_chat_tokenizer
-from doge_dist.data.errors import DataError
+from doge_dist.data.errors import DataError, is_write_failure
 from doge_dist.data.inputs import BadRecord, decode_record, iter_records, list_inputs
 from doge_dist.data.tokenizer import DOGE_SPECIAL_IDS, SP_MODEL_NAME, write_hf_tokenizer
 
@@ -63,9 +64,9 @@ def train_tokenizer(
     """Write ``output_dir/tokenizer.model``, a Hugging Face tokenizer in ``output_dir`` and the chat twin
     (chat template, see chat_template.py) in ``output_dir/chat``; return the .model path.
 
-    The .model appears last (sentencepiece writes ``tokenizer.partial.model``, renamed once both twins
-    are written) and an old one is removed first: a directory with a ``tokenizer.model`` is complete,
-    which is what ``make`` goes by."""
+    All is written to ``output_dir.partial`` first and moved in when complete, the .model last: a failed
+    or killed run leaves a tokenizer already in ``output_dir`` as it was, and a directory with a
+    ``tokenizer.model`` is complete, which is what ``make`` goes by."""
     import sentencepiece as spm
 
     if model_type not in ("bpe", "unigram"):
@@ -79,12 +80,9 @@ def train_tokenizer(
         shown = inputs if isinstance(inputs, (str, os.PathLike)) else " ".join(map(str, inputs))
         raise DataError(f"--input {shown} has no text under --json-keys {' '.join(json_keys)} to train a tokenizer on.")
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model = out / SP_MODEL_NAME
-    model.unlink(missing_ok=True)
-    partial = out / f"{model.stem}.partial"
-    spm.set_random_generator_seed(seed)
-    start = time.time()
+    scratch = out.resolve().with_name(out.resolve().name + ".partial")  # written here first (see _move_into); "." too
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
     failed: list[DataError] = []  # an input that cannot be read to its end, raised from inside sentencepiece
 
     def reading(lines: Iterator[str]) -> Iterator[str]:
@@ -95,9 +93,11 @@ def train_tokenizer(
             raise
 
     try:
+        spm.set_random_generator_seed(seed)
+        start = time.time()
         spm.SentencePieceTrainer.train(
             sentence_iterator=reading(itertools.chain([first], sentences)),
-            model_prefix=str(partial),
+            model_prefix=str(scratch / Path(SP_MODEL_NAME).stem),
             model_type=model_type,
             vocab_size=vocab_size,
             bos_id=special_ids["bos"],
@@ -116,14 +116,45 @@ def train_tokenizer(
             num_threads=threads,
             minloglevel=1,
         )
-    except RuntimeError:
+        log(f"trained in {time.time() - start:.0f} s")
+        _check_written(scratch / SP_MODEL_NAME, out)
+        write_hf_tokenizer(scratch / SP_MODEL_NAME, scratch)
+        write_chat_tokenizer(scratch / SP_MODEL_NAME, scratch / CHAT_SUBDIR)
+    except BaseException as error:
+        shutil.rmtree(scratch, ignore_errors=True)
         if failed:
             raise failed[0] from None  # not sentencepiece's "INTERNAL: ..." stack dump
+        if is_write_failure(error):
+            raise DataError(f"Writing the tokenizer failed: {error} (a full disk or a file size limit?); {out} was left "
+                            "as it was.") from error
         raise
-    log(f"trained in {time.time() - start:.0f} s")
-    write_hf_tokenizer(f"{partial}.model", out)
-    write_chat_tokenizer(f"{partial}.model", out / CHAT_SUBDIR)
-    os.replace(f"{partial}.vocab", model.with_suffix(".vocab"))
-    os.replace(f"{partial}.model", model)
+    model = _move_into(scratch, out)
     log(f"Wrote {model}, a Hugging Face tokenizer in {out} and its chat twin in {out / CHAT_SUBDIR}")
     return model
+
+
+def _check_written(model: Path, out: Path) -> None:
+    """sentencepiece does not report a failed write (a full disk, a file size limit): it leaves the
+    .model cut short, which only a read shows."""
+    import sentencepiece as spm
+
+    try:
+        spm.SentencePieceProcessor(model_file=str(model))
+    except RuntimeError:
+        raise DataError(f"Writing the tokenizer failed: sentencepiece wrote a {model.name} it cannot read back (a full "
+                        f"disk or a file size limit?); {out} was left as it was.") from None
+
+
+def _move_into(scratch: Path, out: Path) -> Path:
+    """Move the complete tokenizer from ``scratch`` into ``out`` (renames: nothing can fail for lack of
+    space), the chat twin as a whole directory and the sentencepiece .model (the Makefile's target) last;
+    return the .model path. A run that fails before this leaves ``out`` as it was; one killed during it
+    leaves no .model (the old one goes first), so ``make`` trains again."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / SP_MODEL_NAME).unlink(missing_ok=True)
+    shutil.rmtree(out / CHAT_SUBDIR, ignore_errors=True)
+    os.replace(scratch / CHAT_SUBDIR, out / CHAT_SUBDIR)
+    for file in sorted(scratch.iterdir(), key=lambda path: path.name == SP_MODEL_NAME):
+        os.replace(file, out / file.name)
+    scratch.rmdir()
+    return out / SP_MODEL_NAME
