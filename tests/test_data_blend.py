@@ -108,3 +108,16 @@ def test_two_ranks_build_the_cache_once(tmp_path) -> None:
     mp.spawn(_rank, args=args, nprocs=2, join=True)
     assert np.load(tmp_path / "built0.npy") > 0 and np.load(tmp_path / "built1.npy") == 0
     assert np.array_equal(np.load(tmp_path / "rank0.npy"), np.load(tmp_path / "rank1.npy"))
+
+
+def test_an_index_cache_cut_short_is_built_again(tmp_path) -> None:
+    """A run killed (or out of disk) while megatron-core wrote its index cache leaves a short .npy that
+    megatron-core would load ("mmap length is greater than file size" in every later run)."""
+    config = DataConfig(train_data=[assets().train_prefix], seq_length=SEQ, split="90,10,0", cache_dir=str(tmp_path / "cache"))
+    train, _, _ = build_datasets(config, tokenizer(), [100, 10, 0])
+    shuffle_index = next((tmp_path / "cache").glob("*-train-shuffle_index.npy"))
+    complete = shuffle_index.read_bytes()
+    shuffle_index.write_bytes(complete[: len(complete) // 2])
+    again, _, _ = build_datasets(config, tokenizer(), [100, 10, 0])
+    assert shuffle_index.read_bytes() == complete
+    assert all(torch.equal(again[i]["tokens"], train[i]["tokens"]) for i in range(len(train)))

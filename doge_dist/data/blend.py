@@ -9,11 +9,12 @@ Index caches: with torch.distributed initialized, megatron-core builds each data
 first, then ``barrier()``, then the other ranks build it and hit the cache
 (``BlendedMegatronDatasetBuilder.build_generic_dataset``); inside GPTDataset/BlendedDataset only
 rank 0 writes .npy files. So the cache is written once and never raced (tests/test_data_blend.py
-checks this with two gloo ranks).
+checks this with two gloo ranks). Rank 0 first removes cache files cut short by an interrupted run.
 """
 from __future__ import annotations
 
 import contextlib
+import glob
 import math
 import os
 import re
@@ -186,4 +187,22 @@ def build_datasets(
     check_data(splits, split_matrix, tokenizer.vocab_size)
     builder = BlendedMegatronDatasetBuilder(GPTDataset, sizes, is_built_on_rank, gpt_config)
     with _process_group_for_megatron():
+        if torch.distributed.get_rank() == 0:  # the rank that writes the cache, before any rank reads it
+            remove_cut_short_caches(cache)
         return tuple(builder.build())
+
+
+def remove_cut_short_caches(cache: str) -> None:
+    """megatron-core writes each index cache in place (a description, then .npy files) and loads any set
+    whose files exist: a file cut short by a kill or a full disk failed every later run of the data
+    with "mmap length is greater than file size". Such a set is removed, so megatron-core builds it again."""
+    import numpy as np
+
+    for description in glob.glob(os.path.join(glob.escape(cache), "*-description.txt")):
+        arrays = glob.glob(glob.escape(description[: -len("description.txt")]) + "*.npy")
+        try:
+            for array in arrays:
+                np.load(array, mmap_mode="r", allow_pickle=True)
+        except (ValueError, OSError, EOFError):
+            for path in (description, *arrays):
+                os.remove(path)
