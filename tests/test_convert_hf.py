@@ -1,12 +1,16 @@
 """Hugging Face export/import: transformers loads our export with equal logits; round trips are exact."""
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
+import safetensors.torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from doge_dist.config import ConfigError, ModelConfig
-from doge_dist.convert.hf import OLD_KEY_NAMES, load_hf, save_hf
+from doge_dist.convert.hf import OLD_KEY_NAMES, ExportWriteError, load_hf, save_hf
 from doge_dist.model import build_model
 from model_helpers import model_pair, unique_tokens
 
@@ -115,6 +119,40 @@ def test_a_failed_export_leaves_nothing_behind(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a Hugging Face tokenizer directory"):
         save_hf(build_model(ModelConfig.from_preset("doge-tiny")), tmp_path / "hf", tokenizer=tmp_path / "tokenizer.model")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_export_killed_while_replacing_an_earlier_one_leaves_a_whole_export(tmp_path, monkeypatch):
+    """The process dies while it deletes files (here after the weights): the output directory is then
+    still a loadable export, the earlier or the new one, never one without its weights."""
+    class Killed(BaseException):
+        pass
+
+    def rmtree_killed_part_way(path, ignore_errors=False):
+        if Path(path).exists():
+            (Path(path) / "model.safetensors").unlink()
+            raise Killed()
+
+    torch.manual_seed(0)
+    earlier = save_hf(build_model(ModelConfig.from_preset("doge-tiny")), tmp_path / "hf")
+    monkeypatch.setattr(shutil, "rmtree", rmtree_killed_part_way)
+    torch.manual_seed(1)
+    with pytest.raises(Killed):
+        save_hf(build_model(ModelConfig.from_preset("doge-tiny")), earlier)
+    assert load_hf(earlier).config.hidden_size == ModelConfig.from_preset("doge-tiny").hidden_size
+
+
+def test_an_export_on_a_full_disk_is_one_error_and_keeps_the_earlier_export(tmp_path, monkeypatch):
+    def full_disk(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    earlier = save_hf(build_model(ModelConfig.from_preset("doge-tiny")), tmp_path / "hf")
+    before = {p.name: p.read_bytes() for p in earlier.iterdir()}
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with pytest.raises(ExportWriteError, match=r"Writing the Hugging Face export .*hf failed: SafetensorError: .*"
+                                               r"No space left on device .*the earlier export there is untouched\."):
+        save_hf(build_model(ModelConfig.from_preset("doge-tiny")), earlier)
+    assert {p.name: p.read_bytes() for p in earlier.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["hf"]  # no partial directory beside it
 
 
 def test_moe_router_layout_is_recorded_and_a_foreign_moe_directory_keeps_transformers_routing(tmp_path):

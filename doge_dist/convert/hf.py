@@ -179,13 +179,26 @@ def save_hf(model: DogeForCausalLM, path: Union[str, Path], tokenizer: Optional[
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if tokenizer is not None:
             _save_tokenizer(tokenizer, tmp)
-    except BaseException:  # a bad tokenizer, a full disk, Ctrl-C: no half-written directory stays behind
+    except BaseException as error:  # a bad tokenizer, a full disk, Ctrl-C: no half-written directory stays behind
         shutil.rmtree(tmp, ignore_errors=True)
+        from ..data.errors import is_write_failure
+
+        if is_write_failure(error):
+            kept = "the earlier export there is untouched" if (path / "config.json").is_file() else "nothing was written"
+            raise ExportWriteError(f"Writing the Hugging Face export {path} failed: {type(error).__name__}: {error} "
+                                   f"(a full disk or a file size limit?); {kept}.") from error
         raise
-    if path.exists():
-        shutil.rmtree(path)
+    earlier = path.with_name(path.name + ".old")  # an earlier export is set aside, not deleted, before the new one
+    if path.exists():  # takes its name: a crash in between leaves it whole
+        shutil.rmtree(earlier, ignore_errors=True)
+        path.rename(earlier)
     tmp.rename(path)
+    shutil.rmtree(earlier, ignore_errors=True)
     return path
+
+
+class ExportWriteError(RuntimeError):
+    """An export could not be written (a full disk, a file size limit); an earlier export is untouched."""
 
 
 def _save_tokenizer(tokenizer: Union[str, Path, Any], directory: Path) -> None:
