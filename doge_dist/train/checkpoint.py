@@ -4,7 +4,8 @@ corrupts the last good one.
     <run.dir>/checkpoints/
         latest                      tag of the newest complete checkpoint (written last, atomically)
         step_00000040/              engine.save_checkpoint(...): model, optimizer, lr schedule, and
-            doge_meta.json          our client state (step, consumed samples/tokens, dp size)
+            doge_meta.json          our client state (step, consumed samples/tokens, dp size); written
+                                    once every rank finished, so it marks a complete checkpoint
             rng_rank00000.pt        python/numpy/torch RNG states, one file per rank
         step_00000040_universal/    made on demand by ds_to_universal when the dp size changes
     <run.dir>/converted/
@@ -12,12 +13,13 @@ corrupts the last good one.
                                     run.resume PATH): never written into that run's directory;
                                     removed once the run saved a checkpoint of its own
 
-By hand (DeepSpeed has no equivalent): the ``latest`` pointer only after every rank finished
+By hand (DeepSpeed has no equivalent): the meta file and the ``latest`` pointer only after every rank finished
 (``save_latest=False`` and a barrier), pruning to ``keep_last`` only after that, per-rank RNG files,
 and converting to a universal checkpoint when a ZeRO 1-3 run resumes with another data-parallel size.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -26,7 +28,7 @@ import subprocess
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -126,16 +128,17 @@ def save(engine, run_dir: str | Path, progress: Progress, layout, keep_last: int
             shutil.rmtree(root / tag)
         (root / tag).mkdir(parents=True, exist_ok=True)
     dist.barrier()
-    torch.save(_rng_state(), root / tag / f"rng_rank{rank:05d}.pt")
     meta = {**asdict(progress), "dp_size": layout.dp_size, "tensor_parallel": layout.tensor_parallel,
             "expert_parallel": layout.expert_parallel, "zero_stage": engine.zero_optimization_stage()}
-    engine.save_checkpoint(str(root), tag=tag, client_state={**meta, "universal_checkpoint_info": universal_info},
-                           save_latest=False)
+    with _reported_as_write_failure(root, tag):
+        torch.save(_rng_state(), root / tag / f"rng_rank{rank:05d}.pt")
+        engine.save_checkpoint(str(root), tag=tag, client_state={**meta, "universal_checkpoint_info": universal_info},
+                               save_latest=False)
+    dist.barrier()  # every rank's files are complete: only now the meta file marks the checkpoint complete
     if rank == 0:
-        _write_atomic(root / tag / META, json.dumps({**meta, "model": model_config}, indent=1))
-    dist.barrier()  # every rank's files and the meta file are complete
-    if rank == 0:
-        _write_atomic(root / LATEST, tag)
+        with _reported_as_write_failure(root, tag):
+            write_atomic(root / tag / META, json.dumps({**meta, "model": model_config}, indent=1))
+            write_atomic(root / LATEST, tag)
         _prune(root, keep_last)
         # conversions of another run's checkpoint served the start only: a restart resumes from this one
         shutil.rmtree(Path(run_dir) / CONVERTED, ignore_errors=True)
@@ -143,12 +146,38 @@ def save(engine, run_dir: str | Path, progress: Progress, layout, keep_last: int
     return root / tag
 
 
-def _write_atomic(path: Path, text: str) -> None:
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (a full disk, a file size limit); the last good one is untouched."""
+
+
+@contextlib.contextmanager
+def _reported_as_write_failure(root: Path, tag: str) -> Iterator[None]:
+    """Turn the errors of torch.save ("basic_ios::clear: iostream error"), DeepSpeed and the OS while
+    writing ``tag`` into a ``CheckpointWriteError`` that names the checkpoint, the likely cause and
+    the checkpoint a restart resumes from."""
+    try:
+        yield
+    except Exception as error:
+        latest = read_latest(root)
+        resumes = f"`latest` still names {latest}, which a restart resumes from" if latest else "no earlier checkpoint exists"
+        free_gib = shutil.disk_usage(root).free / 2**30
+        raise CheckpointWriteError(
+            f"Writing checkpoint {root / tag} failed: {type(error).__name__}: {error}. Is the disk full ({free_gib:.1f} GiB "
+            f"free there) or the file size limited (ulimit -f)? The incomplete {tag} is never loaded, and {resumes}."
+        ) from error
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` whole: a crash or a failed write (a full disk) leaves the old file."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
+    try:
+        with open(tmp, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 
@@ -157,6 +186,7 @@ def _prune(root: Path, keep_last: int) -> None:
     tags = sorted(p.name for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(UNIVERSAL_SUFFIX))
     complete = [t for t in tags if t <= latest]
     for tag in complete[: max(0, len(complete) - max(1, keep_last))]:
+        (root / tag / META).unlink(missing_ok=True)  # first: a checkpoint half deleted by a crash is never complete
         shutil.rmtree(root / tag, ignore_errors=True)
         shutil.rmtree(root / (tag + UNIVERSAL_SUFFIX), ignore_errors=True)
 
@@ -206,19 +236,23 @@ def convert_to_universal(root: Path, tag: str, output_root: Optional[Path] = Non
         print(f"[doge-dist] converting {root / tag} to a universal checkpoint in {target} (new parallel layout)", flush=True)
         command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(root / tag),
                    "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1"]
-        # its progress bars (stderr) reach the user; its stdout (arguments, phase names) is kept for an error
-        result = subprocess.run(command, stdout=subprocess.PIPE, text=True)
-        if result.returncode != 0:
-            raise RuntimeError(f"ds_to_universal failed for {root / tag} (its errors above):\n{result.stdout[-2000:]}")
-        saved = read_meta(root, tag)
-        if saved.get("expert_parallel", 1) > 1:
-            from ..parallel.grid_checkpoint import label_universal
+        try:
+            # its progress bars (stderr) reach the user; its stdout (arguments, phase names) is kept for an error
+            result = subprocess.run(command, stdout=subprocess.PIPE, text=True)
+            if result.returncode != 0:
+                raise RuntimeError(f"ds_to_universal failed for {root / tag} (its errors above):\n{result.stdout[-2000:]}")
+            saved = read_meta(root, tag)
+            if saved.get("expert_parallel", 1) > 1:
+                from ..parallel.grid_checkpoint import label_universal
 
-            label_universal(tmp)  # merged by expert rules or affine maps: name the tensor-parallel split dims
-        shutil.copy2(root / tag / META, tmp / META)
-        for rng in (root / tag).glob("rng_rank*.pt"):
-            shutil.copy2(rng, tmp / rng.name)
-        (tmp / CONVERTED_FROM).write_text(source)
+                label_universal(tmp)  # merged by expert rules or affine maps: name the tensor-parallel split dims
+            shutil.copy2(root / tag / META, tmp / META)
+            for rng in (root / tag).glob("rng_rank*.pt"):
+                shutil.copy2(rng, tmp / rng.name)
+            (tmp / CONVERTED_FROM).write_text(source)
+        except BaseException:  # a full disk, Ctrl-C: the partial conversion (the size of the model) is not left behind
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         tmp.rename(target)
     return target
 

@@ -32,20 +32,24 @@ def run_launcher(doc: str, config_help: str, main: Callable[[Optional[str], Opti
 
 def report_errors(run: Callable[[], None]) -> int:
     """Run ``run``; a bad-input error prints one paragraph (rank 0 only) and returns exit code 2,
-    a run stopped for non-finite losses exit code 3. On these ends, which every rank reaches alike,
-    the process group (if ``run`` made one) is destroyed before the interpreter exits, as PyTorch
-    asks: left to the interpreter's teardown, a gloo run ended now and then in "terminate called
-    without an active exception" (exit code 250) after its last checkpoint."""
+    a run stopped for non-finite losses exit code 3, a checkpoint or export that could not be written
+    (printed by every rank it failed on) exit code 4. On these ends the process group (if ``run`` made one) is
+    destroyed before the interpreter exits, as PyTorch asks: left to the interpreter's teardown, a gloo
+    run ended now and then in "terminate called without an active exception" (exit code 250) after its
+    last checkpoint."""
+    from ..convert.hf import ExportWriteError
+    from .checkpoint import CheckpointWriteError
     from .distributed import is_launcher_main
     from .loop import TrainingStopped
 
+    write_errors = (CheckpointWriteError, ExportWriteError)
     try:
         run()
-    except (*_input_errors(), TrainingStopped) as error:
-        if is_launcher_main():
+    except (*_input_errors(), TrainingStopped, *write_errors) as error:
+        if is_launcher_main() or isinstance(error, write_errors):
             print(f"error: {error}", file=sys.stderr, flush=True)
         _destroy_process_group()
-        return 3 if isinstance(error, TrainingStopped) else 2
+        return 4 if isinstance(error, write_errors) else 3 if isinstance(error, TrainingStopped) else 2
     _destroy_process_group()
     return 0
 

@@ -189,10 +189,12 @@ def warn_if_global_batch_changed(saved: dict, train: TrainConfig, dp_size: int) 
 
 
 def write_run_files(run_dir: Path, config: Config, ds: dict) -> str:
+    """The resolved config.yaml (export_hf reads its tokenizer there) and ds_config.json, each replaced
+    whole: a restart on a full disk leaves the previous ones readable."""
     text = yaml.safe_dump(config.to_dict(), sort_keys=False)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(text)
-    (run_dir / "ds_config.json").write_text(json.dumps(ds, indent=2))
+    checkpoint.write_atomic(run_dir / "config.yaml", text)
+    checkpoint.write_atomic(run_dir / "ds_config.json", json.dumps(ds, indent=2))
     return text
 
 
