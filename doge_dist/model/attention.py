@@ -118,7 +118,9 @@ class DynamicMaskAttention(nn.Module):
         device_type = q.device.type
         if device_type == "cpu":  # folded in the layout the matmuls read, so inductor writes it with vector stores
             q = q.contiguous()
-        q = torch.cat([q * self.scaling, torch.ones_like(q[..., :1])], dim=-1)
+        bias_weight = layout.bias_weight(q.dtype)
+        bias_weight = torch.ones_like(q[..., :1]) if bias_weight is None else bias_weight.expand_as(q[..., :1])
+        q = torch.cat([q * self.scaling, bias_weight], dim=-1)
         k = torch.cat([k, bias[..., None].to(k.dtype)], dim=-1)
         dtype = compute_dtype(q)
         mask, causal = layout.sdpa_mask(dtype)

@@ -26,6 +26,7 @@ class AttentionLayout:
     _allowed: Optional[torch.Tensor] = field(default=None, repr=False)
     _block_mask: Optional[object] = field(default=None, repr=False)
     _additive_masks: dict = field(default_factory=dict, repr=False)
+    _bias_weights: dict = field(default_factory=dict, repr=False)
 
     @property
     def allowed(self) -> torch.Tensor:
@@ -63,6 +64,18 @@ class AttentionLayout:
             blocked = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=device)
             self._additive_masks[dtype] = torch.zeros((), dtype=dtype, device=device).where(self.allowed, blocked)
         return self._additive_masks[dtype]
+
+    def bias_weight(self, dtype: torch.dtype) -> Optional[torch.Tensor]:
+        """[B, 1, T, 1]: 1 for a query that may attend some key, 0 for one that may attend none (a
+        left-padding position); None when every query sees one. The weight of the bias folded into the
+        scores (``scale * q.k_j + weight * bias_j``): a row without a visible key is the dtype's minimum
+        everywhere either way, but with weight 1 autograd would pass its gradient on to every key's
+        bias, which the reference's masked_fill blocks."""
+        if self.key_valid is None:  # causal only: every query sees its own key (documents too)
+            return None
+        if dtype not in self._bias_weights:
+            self._bias_weights[dtype] = self.allowed.any(-1, keepdim=True).to(dtype)
+        return self._bias_weights[dtype]
 
 
 def dynamic_mask(bias: torch.Tensor, allowed: torch.Tensor, keep_window_size: int, dtype: torch.dtype) -> torch.Tensor:
