@@ -262,3 +262,14 @@ def test_split_as_a_yaml_number(tmp_path) -> None:
     config = DataConfig(train_data=[assets().train_prefix], seq_length=16, split=100, cache_dir=str(tmp_path / "cache"))
     train, valid, test = build_datasets(config, tokenizer(), [10, 2, 1])
     assert train is not None and valid is None and test is None
+
+
+def test_ctrl_c_is_one_line_and_exit_code_130(capsys) -> None:
+    from doge_dist.data.errors import run_tool
+
+    def interrupted() -> str:
+        raise KeyboardInterrupt
+
+    assert run_tool(interrupted) == 130
+    captured = capsys.readouterr()
+    assert captured.err == "interrupted (Ctrl-C)\n" and captured.out == ""

@@ -25,11 +25,15 @@ def log_to_stderr(line: str) -> None:
 
 def run_tool(work: Callable[[], str], errors: tuple[type[BaseException], ...] = (DataError,)) -> int:
     """A data tool's exit code: ``work()`` returns the summary printed on stdout (0); a bad-input error
-    prints one ``error: ...`` paragraph on stderr instead of a traceback (1)."""
+    prints one ``error: ...`` paragraph on stderr instead of a traceback (1); Ctrl-C one line (130, as
+    a shell reports SIGINT; the tools' partial outputs are removed as the interrupt unwinds)."""
     try:
         summary = work()
     except errors as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
     print(summary)
     return 0
