@@ -38,7 +38,7 @@ def main() -> int:
     def train() -> str:
         train_tokenizer(args.input, args.output_dir, args.vocab_size, args.model_type, args.json_keys,
                         args.max_sentences, special, log=log_to_stderr)
-        return f"trained in {time.time() - start:.1f} s"
+        return f"tokenizer written in {time.time() - start:.1f} s"
 
     return run_tool(train, errors=(DataError, ValueError, RuntimeError))
 

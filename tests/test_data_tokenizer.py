@@ -93,7 +93,7 @@ def test_training_input_without_the_key(tmp_path) -> None:
     lines = []
     train_tokenizer(mixed, tmp_path / "c", vocab_size=VOCAB, threads=2, log=lines.append)
     assert "skipped 1 bad records; sentencepiece trains now" in lines[-3]  # the silent phase is announced
-    assert lines[-2].startswith("trained in ")
+    assert lines[-2].startswith("sentencepiece trained in ")
 
 
 def test_an_interrupted_training_leaves_the_earlier_tokenizer_whole(tmp_path, monkeypatch) -> None:

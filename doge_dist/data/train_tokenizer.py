@@ -116,7 +116,7 @@ def train_tokenizer(
             num_threads=threads,
             minloglevel=1,
         )
-        log(f"trained in {time.time() - start:.0f} s")
+        log(f"sentencepiece trained in {time.time() - start:.0f} s")
         _check_written(scratch / SP_MODEL_NAME, out)
         write_hf_tokenizer(scratch / SP_MODEL_NAME, scratch)
         write_chat_tokenizer(scratch / SP_MODEL_NAME, scratch / CHAT_SUBDIR)
