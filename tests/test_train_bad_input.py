@@ -1,5 +1,6 @@
 """Bad input fails before any model is built, in one paragraph naming the key or file and the fix."""
 import json
+import socket
 import subprocess
 
 import pytest
@@ -109,6 +110,20 @@ def test_command_line_prints_one_paragraph_and_exits_2():
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error: Unknown key 'warmup_stepz'") and "Did you mean 'warmup_steps'" in result.stderr
     assert "Traceback" not in result.stderr and not (scratch() / "cli").exists()
+
+
+def test_a_taken_rendezvous_port_is_named():
+    """Two runs on one machine with the launcher's default port: the second says so and how to move."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cmd = [PYTHON, "launch/pretrain.py", "--ds_config", "configs/zero0.json"] + base_overrides(scratch() / "port")
+        launched = dict(env(), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        result = subprocess.run(cmd, cwd=REPO, env=launched, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert f"error: The rendezvous port {port} (MASTER_PORT) is taken" in result.stderr
+    assert "deepspeed --master_port N" in result.stderr
 
 
 def test_overrides_may_come_before_the_options():

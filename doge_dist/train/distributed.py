@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from ..config import ConfigError
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -55,7 +57,15 @@ def init_distributed() -> DistEnv:
         device, backend = torch.device("cuda", local_rank), "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
-    deepspeed.init_distributed(dist_backend=backend)
+    try:
+        deepspeed.init_distributed(dist_backend=backend)
+    except torch.distributed.DistNetworkError as error:
+        if "EADDRINUSE" not in str(error):
+            raise
+        raise ConfigError(
+            f"The rendezvous port {os.environ.get('MASTER_PORT')} (MASTER_PORT) is taken, most likely by another run on "
+            "this machine: give this run another one (deepspeed --master_port N, torchrun --master-port N)."
+        ) from None
     rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
     if device.type == "cpu":
         unlink_shared_memory_buffers(rank, world_size)
