@@ -2,7 +2,9 @@
 and the resolved config is stored as text."""
 import math
 import re
+from functools import lru_cache
 
+import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from train_helpers import scalars, scratch, single_process_run, pretrain
@@ -25,10 +27,22 @@ def test_tags_exist_with_finite_values():
     assert any("config" in tag for tag in accumulator.Tags()["tensors"])
 
 
+MOE_TAGS = ["moe/balance_loss", "moe/expert_load_max_over_mean", "moe/unused_expert_fraction", "moe/router_entropy"]
+
+
+def moe_run(name: str, nproc: int = 1, **parallel):
+    return pretrain(scratch() / name, 1, nproc=nproc, launcher="python" if nproc == 1 else "torchrun", max_steps=2,
+                    warmup_steps=0, decay_steps=0, eval_interval=0, **{"model.preset": "doge-tiny-moe", **parallel})
+
+
+@lru_cache(maxsize=None)
+def one_process_moe_run():
+    return moe_run("moe")
+
+
 def test_moe_balance_and_routing_statistics_are_logged():
     run_dir = scratch() / "moe"
-    result = pretrain(run_dir, 1, nproc=1, launcher="python", max_steps=2, warmup_steps=0, decay_steps=0, eval_interval=0,
-                      **{"model.preset": "doge-tiny-moe"})
+    result = one_process_moe_run()
     assert re.search(r"\| MFU \d+\.\d% \|", result.stdout)  # the CPU's peak is measured
     values = scalars(run_dir, "moe/balance_loss")
     assert len(values) == 2 and all(math.isfinite(v) and v > 0 for v in values.values())
@@ -38,3 +52,12 @@ def test_moe_balance_and_routing_statistics_are_logged():
     assert all(0.0 <= v < 1.0 for v in unused.values())
     entropy = scalars(run_dir, "moe/router_entropy")
     assert all(0.0 < v <= math.log(16) + 1e-6 for v in entropy.values())  # 16 experts
+
+
+def test_moe_statistics_under_sequence_parallelism_count_every_token():
+    """Tensor-parallel ranks with sequence parallelism route different parts of each sequence: the
+    moe/* scalars count all of them, as one process does."""
+    one_process_moe_run()
+    moe_run("moe_tp2_sp", nproc=2, **{"parallel.tensor_parallel": 2, "parallel.sequence_parallel": "true"})
+    for tag in MOE_TAGS:
+        assert scalars(scratch() / "moe_tp2_sp", tag) == pytest.approx(scalars(scratch() / "moe", tag), rel=1e-4), tag

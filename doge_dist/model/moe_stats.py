@@ -40,7 +40,8 @@ class MoEStats:
 
     def summary(self, group: Optional[object] = None) -> dict[str, float]:
         """``moe/expert_load_max_over_mean``, ``moe/unused_expert_fraction``, ``moe/router_entropy``,
-        over all ranks of ``group`` when given (a collective call then)."""
+        over all ranks of ``group`` (default: every rank once torch.distributed is initialised; a
+        collective call then)."""
         if not self.window:
             return {}
         counts = torch.stack(list(self.window)).sum(0)  # [layers, E]

@@ -61,12 +61,14 @@ class PretrainTask:
         return forward_loss(engine, batch, self.moe_stats if engine.module.training else None)
 
     def log_metrics(self, device: torch.device) -> dict[str, float]:
-        """Scalars beyond the loop's own (averaged since the previous log point); a collective call."""
+        """Scalars beyond the loop's own (averaged since the previous log point); a collective call.
+
+        The routing statistics sum over all ranks: under sequence parallelism each tensor-parallel rank
+        routes its own part of the sequences (the data-parallel group alone would count one part);
+        without it they route the same tokens, which scales every count alike and leaves the ratios as they are."""
         if self.moe_stats is None:
             return {}
-        from ..parallel.state import data_parallel_group
-
-        return self.moe_stats.summary(data_parallel_group())
+        return self.moe_stats.summary()
 
     def validation_metrics(self, device: torch.device) -> dict[str, float]:
         """Scalars beyond the validation loss, over the last validation; a collective call."""
