@@ -6,7 +6,9 @@ crash late, and the single-4090 YAML recipes cite these numbers for their micro-
 
 Model states follow DeepSpeed 0.19 with bf16 (its default gradient accumulation dtype is the model
 dtype, so gradients are bf16; ``data_types.grad_accum_dtype: fp32`` at ZeRO-1 switches to its
-BF16_Optimizer with fp32 gradients). Per rank, with parameters in the optimizer's flat order:
+BF16_Optimizer with fp32 gradients). Per rank, with parameters in the optimizer's flat order, and dp
+DeepSpeed's data-parallel size (under expert parallelism the ranks holding the same expert shard,
+data-parallel size / EP, for every parameter: ``parallel.state.ExpertParallelMPU``):
   parameters  2 B each; ZeRO-3 keeps 1/dp of each flat group plus whole copies of tensors below
               ``stage3_param_persistence_threshold``.
   gradients   ZeRO 0/1: every parameter's gradient lives between micro-batches of an accumulation.
@@ -19,7 +21,8 @@ BF16_Optimizer with fp32 gradients). Per rank, with parameters in the optimizer'
               ``stage3_prefetch_bucket_size`` parameters ahead.
 Activations count what autograd keeps per token, in bytes, read off the Doge layer (bf16 tensors 2 B,
 RMSNorm's fp32 upcast 4 B), for the CUDA FlexAttention path, which never builds a [heads, T, T] tensor:
-  per layer  32 h + 12 kv + 8 I  (+ 2 k h + 4 nk^2 for CDMoE)   h hidden, kv = n_kv x head_dim
+  per layer  32 h + 12 kv + 8 I  (+ 2 k h + 4 nk^2 for CDMoE, 8 k h + 4 nk^2 under expert parallelism)
+             h hidden, kv = n_kv x head_dim
   loss       the trainer's path. Below ZeRO-3 on one TP rank the loss is chunked over tokens
              (``chunked_token_loss_sum``): 2 h per token for the hidden-state gradient it computes
              ahead, plus a workspace once per micro-batch of up to one chunk of rows x 6 V (bf16
@@ -43,6 +46,7 @@ import torch
 from .config import Config, ConfigError, ModelConfig
 from .model.flops import parameter_count
 from .model.loss import default_chunk_tokens
+from .parallel.expert import check_expert_parallel
 from .parallel.state import ParallelLayout
 from .parallel.state import check_layout as check_parallel_layout
 
@@ -53,10 +57,14 @@ PERSISTENCE_DEFAULT = int(1e5)
 
 
 def check_layout(config: Config, gpus: int) -> ParallelLayout:
-    """The parallel layout on ``gpus`` GPUs, by the trainer's own rules (doge_dist.parallel.state)."""
+    """The parallel layout on ``gpus`` GPUs, by the trainer's own rules (doge_dist.parallel.state,
+    doge_dist.parallel.expert)."""
     if gpus < 1:
         raise ConfigError(f"The GPU count must be at least 1, got {gpus}.")
-    return check_parallel_layout(config.parallel, gpus)
+    layout = check_parallel_layout(config.parallel, gpus)
+    if layout.expert_parallel > 1:
+        check_expert_parallel(config.model, layout.expert_parallel)
+    return layout
 
 
 def recipe_global_batch(recipe: Config) -> int:
@@ -137,7 +145,8 @@ def _tp_local(config: Config, groups: list[list[int]], tp: int, ep: int) -> tupl
 
 
 def model_states(config: Config, ds: dict[str, Any], layout: ParallelLayout, rank: Optional[int] = None) -> States:
-    """Bytes of parameters, gradients, optimizer states and buffers on ``rank`` (default: the worst)."""
+    """Bytes of parameters, gradients, optimizer states and buffers on ``rank`` of DeepSpeed's
+    data-parallel group (default: the worst)."""
     zero = ds.get("zero_optimization", {})
     stage = int(zero.get("stage", 0))
     bf16 = bool(ds.get("bf16", {}).get("enabled", False)) if config.train.bf16 is None else config.train.bf16
@@ -145,7 +154,7 @@ def model_states(config: Config, ds: dict[str, Any], layout: ParallelLayout, ran
     master = 4 if bf16 else 0
     fp32_grads = stage == 1 and bf16 and ds.get("data_types", {}).get("grad_accum_dtype") in ("fp32", "float32")
     groups, local = _tp_local(config, parameter_groups_numel(config), layout.tensor_parallel, layout.expert_parallel)
-    dp = layout.dp_size
+    dp = layout.dp_size // layout.expert_parallel  # what ZeRO partitions over (see the module docstring)
     shard = sum(math.ceil(sum(g) / dp) for g in groups) if stage >= 1 else local
 
     params = weight * local
@@ -176,7 +185,7 @@ def model_states(config: Config, ds: dict[str, Any], layout: ParallelLayout, ran
 # ----------------------------------------------------------------------------------------------
 
 
-def layer_bytes_per_token(m: ModelConfig, tp: int, sequence_parallel: bool) -> tuple[float, float]:
+def layer_bytes_per_token(m: ModelConfig, tp: int, sequence_parallel: bool, ep: int = 1) -> tuple[float, float]:
     """(bytes inside the TP-split projections, bytes outside them) one decoder layer keeps per token."""
     h, kv, inter = m.hidden_size, m.num_key_value_heads * m.head_dim, m.intermediate_size
     q = m.num_attention_heads * m.head_dim
@@ -185,7 +194,12 @@ def layer_bytes_per_token(m: ModelConfig, tp: int, sequence_parallel: bool) -> t
     # q/k norms 6q + 6kv, q,k,v after RoPE 2q + 4kv, dt_proj input 2kv, attention out 2q, o_proj input 2q, MLP 8I
     inside = 12 * q + 12 * kv + 8 * inter
     if m.is_moe:
-        inside += 2 * m.num_experts_per_tok * h + 4 * m.num_keys**2
+        # the router and expert tables are replicated over tensor-parallel ranks: outside the split.
+        # Gathered rows per (token, slot): one device keeps the down_embed rows (up_embed goes through
+        # embedding_bag); the expert-parallel exchange (parallel.expert.local_experts) keeps the down and
+        # up rows, the token copies and their product
+        rows = 8 if ep > 1 else 2
+        outside += rows * m.num_experts_per_tok * h + 4 * m.num_keys**2
     outside_split = tp if sequence_parallel else 1
     return inside / tp, outside / outside_split
 
@@ -200,7 +214,8 @@ def activation_bytes_per_sequence(config: Config, layout: ParallelLayout, checkp
                                   whole_logits: bool = False) -> float:
     """Peak activation bytes one sequence of ``data.seq_length`` tokens adds to a rank."""
     m, seq = config.model, config.data.seq_length
-    inside, outside = layer_bytes_per_token(m, layout.tensor_parallel, config.parallel.sequence_parallel)
+    inside, outside = layer_bytes_per_token(m, layout.tensor_parallel, config.parallel.sequence_parallel,
+                                            layout.expert_parallel)
     layer = inside + outside
     head = 8 * m.hidden_size  # final norm and LM-head input
     loss = 14 * m.vocab_size / layout.tensor_parallel if whole_logits else 2 * m.hidden_size

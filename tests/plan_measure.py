@@ -6,7 +6,9 @@ storage, so a view into a flat buffer is not counted twice. Gradients are measur
 micro-batch of two (the accumulation state a recipe sits in most of the time), parameters and
 optimizer states after the optimizer step (Adam's moments exist only then).
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/plan_measure.py OUT.json STAGE...
+    python -m torch.distributed.run --nproc_per_node 2 tests/plan_measure.py OUT.json STAGE... [section.key=value...]
+
+The overrides replace OVERRIDES' keys (e.g. the model preset) or add to them (e.g. parallel.expert_parallel=2).
 """
 import json
 import sys
@@ -15,6 +17,7 @@ import deepspeed
 import torch
 
 from doge_dist.config import load_config
+from doge_dist.parallel.state import initialize_parallel
 from doge_dist.train.ds_config import read_ds_config, resolve_ds_config
 from doge_dist.train.engine import build_engine
 
@@ -66,8 +69,9 @@ def by_kind(found) -> dict[str, int]:
     return kinds
 
 
-def measure(stage: int) -> dict[str, int]:
-    config = load_config(None, OVERRIDES)
+def measure(stage: int, overrides: list[str]) -> dict[str, int]:
+    config = load_config(None, OVERRIDES + overrides)
+    initialize_parallel(config.parallel)
     ds = resolve_ds_config(read_ds_config(f"configs/zero{stage}.json"), config.train, torch.distributed.get_world_size())
     engine, _ = build_engine(config, ds, torch.device("cpu"))
     ids = torch.randint(0, config.model.vocab_size, (1, 64), generator=torch.Generator().manual_seed(0))
@@ -82,7 +86,8 @@ def measure(stage: int) -> dict[str, int]:
 if __name__ == "__main__":
     deepspeed.init_distributed(dist_backend="gloo")
     rank = torch.distributed.get_rank()
-    results = {stage: measure(int(stage)) for stage in sys.argv[2:]}
+    overrides = [arg for arg in sys.argv[2:] if "=" in arg]
+    results = {stage: measure(int(stage), overrides) for stage in sys.argv[2:] if "=" not in stage}
     gathered = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(gathered, results)
     if rank == 0:

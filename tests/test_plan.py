@@ -16,10 +16,11 @@ from train_helpers import PYTHON, REPO, _port, env, run_on_a_free_port, scratch
 MEASURE = REPO / "tests" / "plan_measure.py"
 
 
-def _measured() -> list[dict]:
+def _measured(*args: str) -> list[dict]:
+    """Per rank, per ZeRO stage in ``args`` ("1", "2", ...): what DeepSpeed holds (``args`` may add overrides)."""
     out = scratch() / "plan_measured.json"
     _, result = run_on_a_free_port(lambda: [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                                            str(_port()), str(MEASURE), str(out), "1", "2", "3"])
+                                            str(_port()), str(MEASURE), str(out), *args])
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads(out.read_text())
 
@@ -31,7 +32,7 @@ def test_model_states_match_deepspeed_on_two_ranks():
 
     config = load_config(None, plan_measure.OVERRIDES)
     layout = check_layout(config, 2)
-    for rank, per_stage in enumerate(_measured()):
+    for rank, per_stage in enumerate(_measured("1", "2", "3")):
         for stage, measured in per_stage.items():
             ds = resolve_ds_config(read_ds_config(str(REPO / "configs" / f"zero{stage}.json")), config.train, 2)
             predicted = model_states(config, ds, layout, rank)
@@ -39,6 +40,106 @@ def test_model_states_match_deepspeed_on_two_ranks():
                 assert getattr(predicted, kind) == pytest.approx(measured[kind], rel=0.05), (rank, stage, kind)
             if stage == "3":  # the reduce bucket exists from the start at ZeRO-3
                 assert measured["buffers"] == 2 * ds["zero_optimization"]["reduce_bucket_size"]
+
+
+def test_model_states_match_deepspeed_under_expert_parallelism():
+    """doge-20m-moe at EP 2 on 2 ranks: ZeRO 1-2 partition over the ranks holding the same expert
+    shard (here one), not over the data-parallel size, so each rank keeps the optimizer states of all
+    the dense parameters and of its half of the expert tables."""
+    import plan_measure
+
+    ep = ["model.preset=doge-20m-moe", "parallel.expert_parallel=2"]
+    config = load_config(None, plan_measure.OVERRIDES + ep)
+    layout = check_layout(config, 2)
+    for per_stage in _measured("1", "2", *ep):
+        for stage, measured in per_stage.items():
+            ds = resolve_ds_config(read_ds_config(str(REPO / "configs" / f"zero{stage}.json")), config.train, 2)
+            predicted = model_states(config, ds, layout)
+            for kind in ("params", "grads", "optimizer"):
+                assert getattr(predicted, kind) == pytest.approx(measured[kind], rel=0.05), (stage, kind)
+
+
+def test_experts_that_do_not_split_over_expert_parallel_ranks_are_refused():
+    """As the trainer refuses them (doge_dist.train.preflight), before any plan is printed."""
+    config = load_config(str(REPO / "configs" / "doge_20m_moe.yaml"), ["model.num_experts=1089", "parallel.expert_parallel=2"])
+    with pytest.raises(ConfigError, match=r"num_experts \(1089\) is not divisible by parallel.expert_parallel \(2\)"):
+        check_layout(config, 2)
+
+
+@pytest.mark.parametrize("recipe", sorted(path.name for path in (REPO / "configs").glob("doge_*.yaml")
+                                            if path.name != "doge_tiny_cpu.yaml"))
+def test_single_gpu_recipes_quote_the_plan(recipe):
+    """Each RTX 4090 recipe's "Why it fits 24 GB" comment states what launch/plan.py prints for it."""
+    from doge_dist.plan import largest_micro_batch, make_plan
+
+    config = load_config(str(REPO / "configs" / recipe))
+    plan = make_plan(config, config, read_ds_config(str(REPO / config.run.ds_config)), 1, 24.0, 1.5)
+    s = plan.states
+    checkpointed = " checkpointed" if plan.checkpointing else ""
+    fits = "fits" if plan.total <= plan.gpu_bytes else "does NOT fit"
+    expected = [
+        f"python launch/plan.py --config configs/{recipe} --gpus 1 --gpu-mem-gb 24, ZeRO-{plan.stage};",
+        f"parameters {s.params / GB:.2f} + gradients {s.grads / GB:.2f} + optimizer {s.optimizer / GB:.2f} + "
+        f"buffers {s.buffers / GB:.2f} = {s.total / GB:.2f} GB;",
+        f"activations {plan.per_sequence / GB:.2f} GB per sequence ({plan.per_sequence_checkpointed / GB:.2f} checkpointed) "
+        f"+ a loss workspace of {plan.loss_workspace / GB:.2f} GB per micro-batch;",
+        f"micro {plan.micro_batch}{checkpointed}: {plan.total / GB:.2f} GB with a 1.5 GB reserve, {fits}; largest micro "
+        f"{largest_micro_batch(plan.free_for_activations, plan.per_sequence)} "
+        f"({largest_micro_batch(plan.free_for_activations, plan.per_sequence_checkpointed)} checkpointed)",
+    ]
+    text = (REPO / "configs" / recipe).read_text()
+    for line in expected:
+        assert line in text, line
+
+
+def _cdmoe_saved_bytes_per_token(rank: int, world_size: int) -> tuple[float, float]:
+    """Bytes autograd keeps per token for one bf16 doge-20m-moe CDMoE layer (parameters not counted):
+    on one device, and through the expert-parallel exchange (a group of one rank holds every expert)."""
+    import torch.distributed as dist
+
+    from doge_dist.config import ModelConfig
+    from doge_dist.model.cdmoe import CDMoE
+    from doge_dist.parallel.expert import ExpertParallelCDMoE
+
+    torch.manual_seed(0)
+    moe = CDMoE(ModelConfig.from_preset("doge-20m-moe")).to(torch.bfloat16)
+    weights = {p.untyped_storage().data_ptr() for p in moe.parameters()}
+    x = torch.randn(1, 256, moe.down_embed.embedding_dim, dtype=torch.bfloat16, requires_grad=True)
+
+    def saved() -> float:
+        kept = {}
+
+        def pack(tensor):
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in weights:
+                kept[storage.data_ptr()] = storage.nbytes()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            moe(x)
+        return sum(kept.values()) / x.shape[1]
+
+    one_device = saved()
+    moe.__class__ = ExpertParallelCDMoE
+    moe.ep_group, moe.expert_offset = dist.group.WORLD, 0
+    return one_device, saved()
+
+
+def test_expert_parallel_activations_follow_the_exchange():
+    """The expert-parallel exchange keeps more per token than the single-device CDMoE (four [pairs, h]
+    tensors instead of one); the planner counts the difference. The MoE part is also not divided by
+    tensor parallelism without sequence parallelism (router and expert tables are replicated)."""
+    from doge_dist.config import ModelConfig
+    from doge_dist.parallel.spawn import run_distributed
+    from doge_dist.plan import layer_bytes_per_token
+
+    (one_device, exchange), = run_distributed(_cdmoe_saved_bytes_per_token, 1)
+    m = ModelConfig.from_preset("doge-20m-moe")
+    predicted = sum(layer_bytes_per_token(m, 1, False, ep=2)) - sum(layer_bytes_per_token(m, 1, False, ep=1))
+    assert predicted == pytest.approx(exchange - one_device, rel=0.1)
+    dense = ModelConfig.from_preset("doge-20m")
+    moe_part = sum(layer_bytes_per_token(m, 2, False)) - sum(layer_bytes_per_token(dense, 2, False))
+    assert moe_part == sum(layer_bytes_per_token(m, 1, False)) - sum(layer_bytes_per_token(dense, 1, False))
 
 
 def test_zero_stages_shrink_what_they_partition():
