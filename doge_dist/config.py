@@ -366,7 +366,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.log_interval < 1:
             raise ConfigError(f"train.log_interval must be at least 1, got {self.log_interval}.")
-        for key in ("eval_interval", "save_interval"):
+        for key in ("eval_interval", "save_interval", "freeze_dense_steps"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key} must be 0 (off) or a number of steps, got {getattr(self, key)}.")
 

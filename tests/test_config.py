@@ -77,6 +77,7 @@ def test_yaml_and_overrides(tmp_path):
         ("model.hidden_size=abc", "'hidden_size' .* must be an integer"),
         ("train.log_interval=0", "train.log_interval must be at least 1"),
         ("train.save_interval=-1", "train.save_interval must be 0"),
+        ("train.freeze_dense_steps=-3", "train.freeze_dense_steps must be 0"),
     ],
 )
 def test_values_of_the_wrong_type_or_range_name_the_key(override, message):

@@ -53,6 +53,7 @@ def test_dense_model_of_no_preset_shape_upcycles_with_model_overrides(tmp_path):
 @pytest.mark.parametrize("preset,overrides,output,error", [
     ("doge-tiny-mo", [], "moe", "Unknown model preset 'doge-tiny-mo'. Did you mean 'doge-tiny-moe'"),
     ("doge-tiny-moe", ["model.hidden_sise=64"], "moe", "hidden_sise"),
+    ("doge-tiny", [], "moe", "not a MoE config"),
     ("doge-tiny-moe", [], "run", "exists and is not a Hugging Face model directory"),
 ])
 def test_bad_preset_override_or_output_fails_before_the_dense_model_is_loaded(preset, overrides, output, error, tmp_path, monkeypatch):

@@ -19,12 +19,17 @@ def is_new_moe_parameter(name: str) -> bool:
     return name.endswith(NEW_PARAMETERS)
 
 
+def check_moe_target(moe: ModelConfig) -> ModelConfig:
+    if not moe.is_moe:
+        raise ConfigError("The target config is not a MoE config (model.is_moe is false); pick a '-moe' preset.")
+    return moe
+
+
 def moe_config_for(dense: ModelConfig, moe: ModelConfig) -> ModelConfig:
     """The MoE config ``moe`` checked against ``dense``: every non-MoE field must agree."""
     if dense.is_moe:
         raise ConfigError("The checkpoint to upcycle is already a MoE model.")
-    if not moe.is_moe:
-        raise ConfigError("The target config is not a MoE config (model.is_moe is false); pick a '-moe' preset.")
+    check_moe_target(moe)
     for field in dataclasses.fields(ModelConfig):
         if field.name in MOE_ONLY_FIELDS or field.name in RUNTIME_SWITCHES:
             continue
@@ -54,7 +59,7 @@ def moe_config_from(preset: str, overrides=()) -> ModelConfig:
     if any(not item.startswith("model.") for item in overrides):
         raise ConfigError(f"Overrides {list(overrides)} must all be model.key=value (the MoE model's shape).")
     model = apply_overrides({"model": {"preset": preset}}, list(overrides))["model"]
-    return ModelConfig.from_dict(model, "the upcycle overrides")
+    return check_moe_target(ModelConfig.from_dict(model, "the upcycle overrides"))
 
 
 def upcycle_to_hf(source: str, preset: str, output: str, step=None, seed: int = 0, overrides=()):
