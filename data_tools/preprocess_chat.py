@@ -6,7 +6,8 @@
     python data_tools/preprocess_chat.py --kind dpo --input data/sample_chat/dpo_train.jsonl \\
         --tokenizer data/tokenizer/chat --output-prefix data/sample_dpo_train --max-prompt-length 512
 
-SFT records: {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}.
+SFT records: {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}: an optional system
+message first, then turns alternating user, assistant, user, ...
 DPO records: {"prompt": str or messages, "chosen": str or messages, "rejected": str or messages}.
 The tokenizer is a Hugging Face directory with the chat template (data_tools/make_chat_tokenizer.py).
 Writes {output-prefix}_text_document.bin/.idx and {output-prefix}_loss_mask_document.bin/.idx.
@@ -29,8 +30,8 @@ def main() -> int:
     parser.add_argument("--output-prefix", required=True)
     parser.add_argument("--loss-on", choices=["assistant", "all"], help="SFT: tokens that carry loss (default assistant)")
     parser.add_argument("--max-length", type=int, help="SFT: truncate conversations (tokens, from the right); 0 = keep (default)")
-    parser.add_argument("--max-prompt-length", type=int, help="DPO: prompt tokens kept (from the left; default 512)")
-    parser.add_argument("--max-completion-length", type=int, help="DPO: completion tokens kept (from the right; default 512)")
+    parser.add_argument("--max-prompt-length", type=int, help="DPO: prompt tokens kept (from the left; default 512, 0 = no limit)")
+    parser.add_argument("--max-completion-length", type=int, help="DPO: completion tokens kept (from the right; default 512, 0 = no limit)")
     parser.add_argument("--strict", action="store_true", help="stop at the first malformed record instead of skipping it")
     parser.add_argument("--log-interval", type=int, default=1000, help="records between progress lines")
     args = parser.parse_args()
@@ -39,10 +40,13 @@ def main() -> int:
                               ("--max-completion-length", args.max_completion_length, "dpo")):
         if value is not None and kind != args.kind:  # it would be ignored
             parser.error(f"{flag} applies to --kind {kind}, not {args.kind}")
+        if isinstance(value, int) and value < 0:
+            parser.error(f"{flag} must be 0 (no limit) or a positive number of tokens, not {value}")
+    prompt_limit = 512 if args.max_prompt_length is None else args.max_prompt_length  # 0 is no limit, not the default
+    completion_limit = 512 if args.max_completion_length is None else args.max_completion_length
     return run_tool(lambda: preprocess_chat(
         args.input, args.output_prefix, args.tokenizer, args.kind, args.loss_on != "all", args.max_length or 0,
-        args.max_prompt_length or 512, args.max_completion_length or 512, args.strict, log=log_to_stderr,
-        log_interval=args.log_interval).summary())
+        prompt_limit, completion_limit, args.strict, log=log_to_stderr, log_interval=args.log_interval).summary())
 
 
 if __name__ == "__main__":

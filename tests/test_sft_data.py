@@ -62,6 +62,36 @@ def test_malformed_conversations_are_reported_with_line_numbers(tmp_path):
     assert cli.returncode == 1 and "chat.jsonl:2:" in cli.stderr
 
 
+def test_roles_out_of_order_and_non_string_content_are_named(tmp_path):
+    """An answer to no question, two turns of one role in a row and non-string content are bad records
+    with their own reason (not "empty content"); SFT conversations and DPO prompt + completion alike."""
+    user, answer = {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}
+    lines = [
+        {"messages": [answer, user, answer]},
+        {"messages": [user, user, answer]},
+        {"messages": [MESSAGES[0], user, answer, answer]},
+        {"messages": [user, {"role": "assistant", "content": 5}]},
+        {"messages": [MESSAGES[0], user, answer, user, answer]},
+    ]
+    source = write_jsonl(tmp_path / "chat.jsonl", lines)
+    report = preprocess_chat(str(source), str(tmp_path / "out"), str(chat_tokenizer()), log=quiet)
+    assert (report.documents, report.bad) == (1, 4)
+    expected = {1: "message 1 is 'assistant' where 'user' belongs", 2: "message 2 is 'user' where 'assistant' belongs",
+                3: "message 4 is 'assistant' where 'user' belongs", 4: "content of type int, not a string"}
+    for (line, reason), where in zip(expected.items(), report.bad_locations):
+        assert where.startswith(f"{source}:{line}: ") and reason in where, where
+    pairs = [
+        {"prompt": [answer, user], "chosen": "yes", "rejected": "no"},
+        {"prompt": "hi", "chosen": 5, "rejected": "no"},
+        {"prompt": "hi", "chosen": "yes", "rejected": "no"},
+    ]
+    source = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    report = preprocess_chat(str(source), str(tmp_path / "pairs"), str(chat_tokenizer()), kind="dpo", log=quiet)
+    assert (report.documents, report.bad) == (1, 2)
+    assert "message 1 is 'assistant' where 'user' belongs" in report.bad_locations[0]
+    assert "'chosen' is of type int" in report.bad_locations[1]
+
+
 def test_sft_files_and_packing(tmp_path):
     source = write_jsonl(tmp_path / "chat.jsonl", [{"messages": MESSAGES}, {"messages": MESSAGES[1:3]}, {"messages": MESSAGES[3:]}])
     preprocess_chat(str(source), str(tmp_path / "sft"), str(chat_tokenizer()), log=quiet)
@@ -214,16 +244,58 @@ def test_conversations_longer_than_seq_length_are_reported():
         warnings.simplefilter("always")
         check(int(lengths.max()))
     assert not [w for w in caught if "longer than data.seq_length" in str(w.message)]
-    longer = int((lengths > 16).sum())
+    shorter = int(lengths.max()) - 1  # cuts the longest; 16 would leave no assistant token at all (refused)
+    longer = int((lengths > shorter).sum())
     assert 0 < longer
-    with pytest.warns(UserWarning, match=rf"{longer} of {len(lengths)} training conversations are longer than data.seq_length = 16"):
-        check(16)
+    with pytest.warns(UserWarning, match=rf"{longer} of {len(lengths)} training conversations are longer than data.seq_length = {shorter} "
+                                         r"tokens: their tokens beyond it are not trained on \(0 have no assistant token left\)"):
+        check(shorter)
+
+
+def test_conversations_cut_to_nothing_by_seq_length_are_refused():
+    """A data.seq_length shorter than every conversation's prompt leaves no assistant token: the run
+    would train nothing and report loss 0 and perplexity 1.00, so it stops before starting."""
+    from chat_helpers import prefixes
+    from doge_dist.config import load_config
+    from doge_dist.data.chat_dataset import conversations_without_loss
+    from doge_dist.train.finetune import SFTTask
+
+    config = load_config(None, ["run.init_from=runs/any", f"data.train_data=[{prefixes()['sft_train']}]",
+                                f"data.valid_data=[{prefixes()['sft_valid']}]", "data.seq_length=4"])
+    with pytest.raises(DataError, match=r"None of the 32 conversations of data.train_data has an assistant token within data.seq_length = 4"):
+        SFTTask().check(config)
+    sequences = SFTTask().sequences(config, "train")
+    assert conversations_without_loss(sequences, 4) == 32
+    assert conversations_without_loss(sequences, int(sequences.lengths.max())) == 0
 
 
 def test_options_of_the_other_kind_are_refused():
     result = subprocess.run([PYTHON, "data_tools/preprocess_chat.py", "--kind", "dpo", "--input", "x.jsonl", "--tokenizer",
                              "t", "--output-prefix", "o", "--loss-on", "all"], cwd=REPO, env=env(), capture_output=True, text=True)
     assert result.returncode == 2 and "--loss-on applies to --kind sft, not dpo" in result.stderr
+
+
+def test_dpo_length_limits_of_0_keep_everything(tmp_path):
+    """--max-prompt-length 0 / --max-completion-length 0 mean no limit (as --max-length 0), not the
+    default 512; a negative limit is refused."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    words = " ".join(["word"] * 700)
+    source = write_jsonl(tmp_path / "long.jsonl", [{"prompt": words, "chosen": "yes " + words, "rejected": "no"}])
+
+    def preprocess(*limits):
+        return subprocess.run([PYTHON, "data_tools/preprocess_chat.py", "--kind", "dpo", "--input", str(source), "--tokenizer",
+                               str(chat_tokenizer()), "--output-prefix", str(tmp_path / "out"), *limits],
+                              cwd=REPO, env=env(), capture_output=True, text=True)
+
+    assert preprocess("--max-prompt-length", "0", "--max-completion-length", "0").returncode == 0
+    tokenizer = load_chat_tokenizer(chat_tokenizer())
+    prompt, chosen, _ = encode_preference(tokenizer, {"prompt": words, "chosen": "yes " + words, "rejected": "no"}, 0, 0)
+    assert len(prompt) > 512 and len(chosen) > 512
+    stored = len(IndexedDataset(str(tmp_path / "out_text_document"))[0])  # prompt + chosen
+    assert stored == len(prompt) + len(chosen)
+    refused = preprocess("--max-completion-length", "-1")
+    assert refused.returncode == 2 and "--max-completion-length must be 0 (no limit) or a positive number" in refused.stderr
 
 
 def test_a_failed_write_keeps_the_old_tokens_and_mask_together(tmp_path, monkeypatch):
@@ -250,3 +322,19 @@ def test_a_failed_write_keeps_the_old_tokens_and_mask_together(tmp_path, monkeyp
         preprocess_chat(str(new), prefix, str(chat_tokenizer()), log=quiet)
     assert len(calls) == 2 and {p.name: p.read_bytes() for p in tmp_path.glob("sft_*")} == before
     assert isinstance(error.value, DataError) and "files already there are untouched" in str(error.value)
+
+
+def test_a_tokenizer_without_chat_template_is_refused_before_training():
+    """data.tokenizer is exported with the fine-tuned model: the pretraining twin (no chat template)
+    would give an export that apply_chat_template and generate.py --chat cannot prompt."""
+    from chat_helpers import prefixes
+    from doge_dist.config import load_config
+    from doge_dist.train.finetune import SFTTask
+
+    def check(tokenizer):
+        return SFTTask().check(load_config(None, ["run.init_from=runs/any", f"data.train_data=[{prefixes()['sft_train']}]",
+                                                  f"data.tokenizer={tokenizer}"]))
+
+    assert check(chat_tokenizer()) > 0
+    with pytest.raises(DataError, match=r"data.tokenizer: Tokenizer .* has no chat template"):
+        check(chat_tokenizer().parent)

@@ -29,11 +29,26 @@ def check_messages(messages: Any, field: str = "messages", need_assistant: bool 
             raise BadRecord(f"'{field}' message {number} has unknown role {role!r} (use {', '.join(ROLES)})")
         if role == "system" and number != 1:
             raise BadRecord(f"'{field}' message {number}: a system message may only come first")
-        if not isinstance(content, str) or not content.strip():
+        if not isinstance(content, str):
+            raise BadRecord(f"'{field}' message {number} ({role}) has content of type {type(content).__name__}, not a string")
+        if not content.strip():
             raise BadRecord(f"'{field}' message {number} ({role}) has empty content")
-    if need_assistant and not any(m["role"] == "assistant" for m in messages):
-        raise BadRecord(f"'{field}' has no assistant turn: nothing to train on")
+    if need_assistant:
+        check_turn_order(messages, field)
+        if not any(m["role"] == "assistant" for m in messages):
+            raise BadRecord(f"'{field}' has no assistant turn: nothing to train on")
     return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def check_turn_order(messages: Messages, field: str = "messages") -> None:
+    """``BadRecord`` unless the turns after an optional system message alternate user, assistant, user, ...
+    (an answer to no question, or two turns of one role in a row, is a mislabelled conversation)."""
+    start = 1 if messages[0]["role"] == "system" else 0
+    for number, message in enumerate(messages[start:], start=start + 1):
+        expected = ("user", "assistant")[(number - start - 1) % 2]
+        if message["role"] != expected:
+            raise BadRecord(f"'{field}' message {number} is {message['role']!r} where {expected!r} belongs "
+                            "(after an optional system message, turns alternate user, assistant, user, ...)")
 
 
 def encode_conversation(tokenizer, messages: Messages, assistant_only: bool = True, max_length: int = 0) -> tuple[list[int], list[int]]:
@@ -51,6 +66,8 @@ def encode_conversation(tokenizer, messages: Messages, assistant_only: bool = Tr
 def _as_messages(value: Any, field: str, role: str) -> Messages:
     if isinstance(value, str):
         return check_messages([{"role": role, "content": value}], field, need_assistant=False)
+    if not isinstance(value, list):
+        raise BadRecord(f"'{field}' is of type {type(value).__name__}: use a string or a non-empty list of {{role, content}} objects")
     return check_messages(value, field, need_assistant=False)
 
 
@@ -70,6 +87,7 @@ def preference_messages(record: dict) -> tuple[Messages, Messages, Messages]:
             completion = completion[len(prompt) :]
         if not completion or any(m["role"] != "assistant" for m in completion):
             raise BadRecord(f"'{field}' must be the assistant's answer (assistant messages after the prompt)")
+        check_turn_order(prompt + completion, f"prompt + {field}")
         completions.append(completion)
     if completions[0] == completions[1]:
         raise BadRecord("'chosen' and 'rejected' are identical")

@@ -119,6 +119,13 @@ def pairs_without_loss(sequences: MaskedSequences, seq_length: int) -> int:
                for pair in range(len(sequences) // 2))
 
 
+def conversations_without_loss(sequences: MaskedSequences, seq_length: int) -> int:
+    """Conversations whose assistant tokens lie wholly beyond ``seq_length`` tokens: cut there, they
+    carry no loss (a micro-batch of only such conversations would report loss 0)."""
+    longer = np.flatnonzero(sequences.lengths > seq_length)
+    return sum(not sequences[int(index)][1][1 : seq_length + 1].any() for index in longer)
+
+
 def collate_lm(samples: list[dict[str, torch.Tensor]], pad_id: int, multiple: int = 1) -> dict[str, torch.Tensor]:
     """Right-pad to the longest sample of the micro-batch, rounded up to ``multiple`` (sequence
     parallelism splits the sequence over the tensor-parallel ranks), labels with IGNORE_INDEX."""

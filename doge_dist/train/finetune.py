@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..config import Config, ConfigError, ModelConfig
 from ..data import DataError, ResumableSampler
 from ..data.blend import parse_blend
-from ..data.chat_dataset import EpochShuffled, MaskedSequences, SFTDataset, collate_lm
+from ..data.chat_dataset import EpochShuffled, MaskedSequences, SFTDataset, collate_lm, conversations_without_loss
 from .data import validation_rounds
 from .distributed import DistEnv, is_launcher_main
 from .task import PretrainTask
@@ -75,6 +75,18 @@ def pad_multiple(config: Config) -> int:
     return config.parallel.tensor_parallel if config.parallel.sequence_parallel else 1
 
 
+def check_chat_tokenizer(path: str) -> None:
+    """data.tokenizer goes into every export of a fine-tuned run: without the chat template the export
+    could not be prompted with ``apply_chat_template`` (nor ``launch/generate.py --chat``)."""
+    from ..data.chat_template import load_chat_tokenizer
+
+    try:
+        load_chat_tokenizer(path)
+    except DataError as error:
+        raise DataError(f"data.tokenizer: {error} A fine-tuned model is exported with this tokenizer as its chat "
+                        "tokenizer (data_tools/train_tokenizer.py writes one to OUTPUT_DIR/chat).") from None
+
+
 class FinetuneTask(PretrainTask):
     """A language-model task whose data comes from chat prefixes; subclasses choose the dataset."""
 
@@ -99,6 +111,8 @@ class FinetuneTask(PretrainTask):
         if train is None or len(train) == 0:
             raise DataError("data.train_data is empty: list prefixes written by data_tools/preprocess_chat.py.")
         self.dataset(config, "valid")
+        if config.data.tokenizer:
+            check_chat_tokenizer(config.data.tokenizer)
         return len(train)
 
     def build_data(self, config: Config, env: DistEnv, dp_rank: int, dp_size: int, consumed_samples: int, cache_dir: str) -> FinetuneData:
@@ -115,12 +129,21 @@ class SFTTask(FinetuneTask):
 
     def check(self, config: Config) -> int:
         samples = super().check(config)
-        lengths = self.sequences(config, "train").lengths
-        cut = int((lengths > config.data.seq_length).sum())
-        if cut and is_launcher_main():
-            warnings.warn(f"{cut} of {len(lengths)} training conversations are longer than data.seq_length = "
-                          f"{config.data.seq_length} tokens: their tokens beyond it are not trained on. Raise "
-                          "data.seq_length, or cut them when preprocessing (preprocess_chat.py --max-length).")
+        seq_length = config.data.seq_length
+        for split in ("train", "valid"):
+            sequences = self.sequences(config, split)
+            if sequences is None:
+                continue
+            empty = conversations_without_loss(sequences, seq_length)
+            if empty == len(sequences):
+                raise DataError(f"None of the {len(sequences)} conversations of data.{split}_data has an assistant token "
+                                f"within data.seq_length = {seq_length} tokens: there is nothing to train on or score "
+                                "(the loss would read 0). Raise data.seq_length.")
+            cut = int((sequences.lengths > seq_length).sum())
+            if split == "train" and cut and is_launcher_main():
+                warnings.warn(f"{cut} of {len(sequences)} training conversations are longer than data.seq_length = "
+                              f"{seq_length} tokens: their tokens beyond it are not trained on ({empty} have no assistant "
+                              "token left). Raise data.seq_length, or cut them when preprocessing (preprocess_chat.py --max-length).")
         return samples
 
 
