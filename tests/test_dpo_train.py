@@ -67,3 +67,11 @@ def test_bf16_reference_equals_the_untrained_policy():
                                                            "train.max_steps": 1, "train.lr": LR["dpo"]})
     assert scalars(run, "dpo/rewards_chosen")[1] == 0.0 and scalars(run, "dpo/rewards_rejected")[1] == 0.0
     assert scalars(run, "dpo/loss")[1] == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_tokens_per_step_count_both_sequences_of_a_pair():
+    """A DPO sample is a pair: chosen and rejected both run through the policy, so the tokens per step
+    (and with them tok/s and MFU) are pairs x 2 x data.seq_length, as an SFT step of as many sequences."""
+    run = finetune("dpo", scratch() / "dpo_tokens", 0, 1, **{"train.micro_batch_size": 2, "train.gradient_accumulation_steps": 1,
+                                                            "train.max_steps": 1, "train.lr": LR["dpo"]})
+    assert scalars(run, "train/consumed_tokens")[1] == 2 * 2 * 128

@@ -250,7 +250,7 @@ def pretrain(config: Config, ds_user: dict[str, Any], ds_where: str = "the DeepS
     # 4. data, reporting, signals
     cache_dir = config.data.cache_dir or str(run_dir / "data_cache")
     data = task.build_data(config, env, parallel_state.get_data_parallel_rank(), layout.dp_size, progress.consumed_samples, cache_dir)
-    tokens_per_step = data.global_batch * config.data.seq_length
+    tokens_per_step = data.global_batch * task.sequences_per_sample * config.data.seq_length
     flops = training_flops_per_token(config.model, config.data.seq_length)
     reporter = Reporter(str(run_dir), env.is_main, flops, peak_tflops(env.device, train.peak_tflops),
                         env.world_size, train.max_steps, progress.step, progress.consumed_tokens)

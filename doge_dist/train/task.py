@@ -34,12 +34,16 @@ class Task(Protocol):
     # whether the loss is a mean token cross entropy, so that validation reports its perplexity
     reports_perplexity: bool
 
+    # sequences of data.seq_length slots in one sample of ``global_batch`` (DPO: chosen and rejected)
+    sequences_per_sample: int
+
 
 class PretrainTask:
     """Next-token prediction on megatron-core GPT datasets: the loop's own ``forward_loss``; for MoE
     models it also reports the routing statistics (``moe/*``) of the training micro-batches."""
 
     reports_perplexity = True
+    sequences_per_sample = 1
 
     def __init__(self) -> None:
         self.moe_stats: Optional[MoEStats] = None
