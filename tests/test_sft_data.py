@@ -338,3 +338,49 @@ def test_a_tokenizer_without_chat_template_is_refused_before_training():
     assert check(chat_tokenizer()) > 0
     with pytest.raises(DataError, match=r"data.tokenizer: Tokenizer .* has no chat template"):
         check(chat_tokenizer().parent)
+
+
+def test_padding_stays_out_of_the_moe_balance_loss_and_routing_statistics():
+    """Fine-tuning batches are right-padded; as transformers (given the attention mask) the balance
+    loss and moe/* count only the real tokens: collate_lm's token_mask reaches both through the
+    trainer's forward_loss, and the attention of the real tokens does not change."""
+    from doge_dist.config import ModelConfig
+    from doge_dist.data.chat_dataset import collate_lm
+    from doge_dist.model import build_model
+    from doge_dist.model.moe_stats import MoEStats
+    from doge_dist.train.loop import forward_loss
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.from_preset("doge-tiny-moe"))
+    samples = [{"input_ids": torch.randint(3, 500, (n,)), "labels": torch.randint(3, 500, (n,)),
+                "position_ids": torch.arange(n)} for n in (20, 64)]
+    batch = collate_lm(samples, pad_id=2)
+    assert batch["token_mask"].sum(1).tolist() == [20, 64]
+
+    class Engine:  # what forward_loss asks of DeepSpeed's engine
+        module = model
+
+        def zero_optimization_partition_weights(self):
+            return False
+
+        def __call__(self, *args, **kwargs):
+            return model(*args, **kwargs)
+
+    stats = MoEStats(model.config.num_experts)
+    _, _, balance = forward_loss(Engine(), batch, stats)
+    masked = model(batch["input_ids"], attention_mask=batch["token_mask"], position_ids=batch["position_ids"])
+    unmasked = model(batch["input_ids"], position_ids=batch["position_ids"])
+    assert balance.item() == pytest.approx(masked.balance_loss.item(), rel=1e-6)
+    assert abs(balance.item() - unmasked.balance_loss.item()) > 1e-3
+    routed = stats.window[-1].sum(-1)  # per layer: (token, slot) assignments counted
+    assert routed.tolist() == [84.0 * model.config.num_experts_per_tok] * model.config.num_hidden_layers
+
+
+def test_a_sequence_parallel_rank_counts_its_chunk_of_the_token_mask(monkeypatch):
+    from doge_dist.train import loop
+
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 0, 0, 0, 0]])
+    assert loop.local_tokens(mask, routed=12) is mask
+    monkeypatch.setattr(loop.parallel_state, "get_tensor_model_parallel_world_size", lambda: 2)
+    monkeypatch.setattr(loop.parallel_state, "get_tensor_model_parallel_rank", lambda: 1)
+    assert loop.local_tokens(mask, routed=6).tolist() == [[1, 1, 0], [0, 0, 0]]  # rank 1: the second half of each row

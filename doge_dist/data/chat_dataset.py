@@ -128,11 +128,15 @@ def conversations_without_loss(sequences: MaskedSequences, seq_length: int) -> i
 
 def collate_lm(samples: list[dict[str, torch.Tensor]], pad_id: int, multiple: int = 1) -> dict[str, torch.Tensor]:
     """Right-pad to the longest sample of the micro-batch, rounded up to ``multiple`` (sequence
-    parallelism splits the sequence over the tensor-parallel ranks), labels with IGNORE_INDEX."""
+    parallelism splits the sequence over the tensor-parallel ranks), labels with IGNORE_INDEX;
+    ``token_mask`` marks the real tokens (the MoE balance loss leaves the padding out, as transformers does)."""
     length = -(-max(len(s["input_ids"]) for s in samples) // multiple) * multiple
     fill = {"input_ids": pad_id, "labels": IGNORE_INDEX, "position_ids": 0}
-    return {key: torch.stack([torch.nn.functional.pad(s[key], (0, length - len(s[key])), value=value) for s in samples])
-            for key, value in fill.items()}
+    batch = {key: torch.stack([torch.nn.functional.pad(s[key], (0, length - len(s[key])), value=value) for s in samples])
+             for key, value in fill.items()}
+    lengths = torch.tensor([len(s["input_ids"]) for s in samples])
+    batch["token_mask"] = (torch.arange(length)[None] < lengths[:, None]).long()
+    return batch
 
 
 def collate_pairs(samples: list[dict], pad_id: int, multiple: int = 1) -> dict[str, torch.Tensor]:

@@ -87,13 +87,16 @@ class DogeForCausalLM(nn.Module):
         cache: Optional[KVCache] = None,
         compute_logits: bool = True,
         document_ids: Optional[torch.Tensor] = None,
+        token_mask: Optional[torch.Tensor] = None,
     ) -> DogeOutput:
         """``input_ids`` [B, T]; ``attention_mask`` [B, past + T] with 1 for real tokens (optional).
 
         ``compute_logits=False`` stops at the final hidden states, for losses that project
         the vocabulary in chunks instead of materialising [B, T, V]. ``document_ids`` [B, T]
         numbers the documents packed into each row (training without a cache): attention stays
-        within a document (``data.reset_attention_mask``).
+        within a document (``data.reset_attention_mask``). ``token_mask`` [B, T]: 1 for the tokens the
+        MoE balance loss counts (default: ``attention_mask``'s); fine-tuning passes its right padding
+        here, which causality already keeps out of the real tokens' attention.
         """
         if document_ids is not None and cache is not None:
             raise ValueError("document_ids mask attention between packed documents; generation with a cache takes none.")
@@ -121,7 +124,8 @@ class DogeForCausalLM(nn.Module):
         hidden = self.model.norm(x)
         aux = None
         if routings:
-            token_mask = None if attention_mask is None else attention_mask[:, past:]
+            if token_mask is None and attention_mask is not None:
+                token_mask = attention_mask[:, past:]
             aux = self.compute_balance_loss(routings, token_mask)
         logits = self.lm_head(hidden) if compute_logits else None
         return DogeOutput(logits=logits, hidden_states=hidden, balance_loss=aux, routings=routings, cache=cache,

@@ -31,11 +31,14 @@ class MoEStats:
         self.entropies: list[float] = []  # since the last summary
 
     @torch.no_grad()
-    def update(self, routings: list[Routing]) -> None:
-        """Record one micro-batch's routing."""
-        self.window.append(
-            torch.stack([torch.bincount(r.expert_ids.reshape(-1), minlength=self.num_experts).float() for r in routings])
-        )
+    def update(self, routings: list[Routing], token_mask: Optional[torch.Tensor] = None) -> None:
+        """Record one micro-batch's routing; ``token_mask`` (the routed tokens' order): only its 1s count."""
+        def counts(routing: Routing) -> torch.Tensor:
+            ids = routing.expert_ids
+            weights = None if token_mask is None else token_mask.reshape(-1, 1).expand_as(ids).reshape(-1).float()
+            return torch.bincount(ids.reshape(-1), weights, minlength=self.num_experts).float()
+
+        self.window.append(torch.stack([counts(r) for r in routings]))
         self.entropies.append(sum(router_entropy(r).item() for r in routings) / len(routings))
 
     def summary(self, group: Optional[object] = None) -> dict[str, float]:

@@ -189,7 +189,7 @@ class DPOTask(FinetuneTask):
             self._prepare_reference(engine.module)
             self._reference_ready = True
         split = "train" if torch.is_grad_enabled() else "valid"
-        out = engine(batch["input_ids"], position_ids=batch.get("position_ids"))
+        out = engine(batch["input_ids"], position_ids=batch.get("position_ids"), token_mask=batch.get("token_mask"))
         policy = sequence_logps(engine.module, out.logits, batch["labels"])
         if self.tables:
             reference = self.tables[split][batch["index"]].to(policy.dtype).T.reshape(-1)

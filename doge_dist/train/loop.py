@@ -55,6 +55,15 @@ class StopRequest:
         self.received = signum
 
 
+def local_tokens(token_mask: Optional[torch.Tensor], routed: int) -> Optional[torch.Tensor]:
+    """The part of a [B, T] token mask that this rank's ``routed`` tokens are: under sequence
+    parallelism each tensor-parallel rank routes its own chunk of every sequence."""
+    if token_mask is None or token_mask.numel() == routed:
+        return token_mask
+    chunks = token_mask.chunk(parallel_state.get_tensor_model_parallel_world_size(), dim=1)
+    return chunks[parallel_state.get_tensor_model_parallel_rank()]
+
+
 def forward_loss(engine, batch: dict, moe_stats: Optional[MoEStats] = None) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """(sum of token losses, loss-token count, MoE balance loss or None) for one micro-batch;
     ``moe_stats`` records the routing.
@@ -65,13 +74,13 @@ def forward_loss(engine, batch: dict, moe_stats: Optional[MoEStats] = None) -> t
     except under ZeRO-3, whose partitioned LM head is gathered only inside its own forward."""
     chunked = not engine.zero_optimization_partition_weights()
     out = engine(batch["input_ids"], position_ids=batch.get("position_ids"), compute_logits=not chunked,
-                 document_ids=batch.get("document_ids"))
+                 document_ids=batch.get("document_ids"), token_mask=batch.get("token_mask"))
     if chunked:
         loss_sum, tokens = engine.module.hidden_loss_sum(out.hidden_states, batch["labels"], out.lm_head_weight)
     else:
         loss_sum, tokens = engine.module.loss_sum(out.logits, batch["labels"])
     if moe_stats is not None:
-        moe_stats.update(out.routings)
+        moe_stats.update(out.routings, local_tokens(batch.get("token_mask"), len(out.routings[0].expert_ids)))
     return loss_sum, tokens, out.balance_loss
 
 
