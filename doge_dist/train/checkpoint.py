@@ -211,13 +211,14 @@ def universal_root(root: Path, run_dir: str | Path) -> Path:
     return root if root.resolve() == own.resolve() else Path(run_dir) / CONVERTED
 
 
-def universal_tag(root: Path, tag: str, output_root: Optional[Path] = None) -> str:
+def universal_checkpoint(root: Path, tag: str, output_root: Optional[Path] = None) -> tuple[Path, str]:
     """Convert ``tag`` with DeepSpeed's ds_to_universal once (rank 0), into ``output_root`` (default:
-    ``root``); every rank returns the universal tag. A collective call."""
+    ``root``); every rank returns the universal checkpoint's (root, tag). A collective call."""
+    output_root = output_root or root
     if dist.get_rank() == 0:
         convert_to_universal(root, tag, output_root)
     dist.barrier()
-    return tag + UNIVERSAL_SUFFIX
+    return output_root, tag + UNIVERSAL_SUFFIX
 
 
 def convert_to_universal(root: Path, tag: str, output_root: Optional[Path] = None) -> Path:

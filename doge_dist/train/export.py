@@ -30,7 +30,7 @@ def consolidated_state(root: Path, tag: str, universal_root: Optional[Path] = No
     if meta.get("tensor_parallel", 1) > 1 or meta.get("expert_parallel", 1) > 1:
         if partitioned:  # DeepSpeed's universal checkpoint merges the model-parallel slices
             if dist.is_available() and dist.is_initialized():  # every rank of a job calls this: rank 0 converts
-                universal = (universal_root or root) / checkpoint.universal_tag(root, tag, universal_root) / "zero"
+                universal = Path(*checkpoint.universal_checkpoint(root, tag, universal_root)) / "zero"
             else:
                 universal = checkpoint.convert_to_universal(root, tag, universal_root) / "zero"
             return {p.name: torch.load(p / "fp32.pt", weights_only=False)["param"].float()

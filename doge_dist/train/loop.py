@@ -175,8 +175,7 @@ def loadable_checkpoint(root: Path, tag: str, layout: ParallelLayout, ds: dict, 
         )
     if saved_stage and (resharded or saved["dp_size"] != layout.dp_size):
         ds.setdefault("checkpoint", {})["load_universal"] = True
-        output_root = checkpoint.universal_root(root, run_dir)
-        return output_root, checkpoint.universal_tag(root, tag, output_root)
+        return checkpoint.universal_checkpoint(root, tag, checkpoint.universal_root(root, run_dir))
     return root, tag
 
 
