@@ -178,7 +178,18 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ConfigError(f"model.head_dim ({self.head_dim}) must be even for rotary embeddings.")
+        for key in ("hidden_dropout", "attention_dropout"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ConfigError(f"model.{key} must be within [0, 1), got {getattr(self, key)}.")
+        if self.rope_theta <= 0:
+            raise ConfigError(f"model.rope_theta must be positive, got {self.rope_theta}.")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
+            raise ConfigError(f"model.rope_scaling must be a mapping such as {PUBLISHED_ROPE_SCALING} (or null), "
+                              f"got {self.rope_scaling!r}.")
         if self.rope_scaling is not None:
+            factor = self.rope_scaling.get("factor", 1.0)
+            if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor < 1:
+                raise ConfigError(f"model.rope_scaling.factor must be a number >= 1, got {factor!r}.")
             rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
             if rope_type not in ("default", "dynamic"):
                 raise ConfigError(f"model.rope_scaling.rope_type = {rope_type!r}: supported are 'default' and 'dynamic'.")
@@ -321,6 +332,12 @@ class DataConfig:
                 setattr(self, key, [getattr(self, key)])
         if isinstance(self.split, (int, float)) and not isinstance(self.split, bool):
             self.split = str(self.split)
+        for key in ("train_data", "valid_data"):
+            if not isinstance(getattr(self, key), list):
+                raise ConfigError(f"data.{key} must be a list of prefixes ([prefix, ...] or [weight, prefix, ...]), "
+                                  f"got {getattr(self, key)!r}.")
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers must be >= 0 (0: load in the training process), got {self.num_workers}.")
 
 
 @dataclass
@@ -369,6 +386,17 @@ class TrainConfig:
         for key in ("eval_interval", "save_interval", "freeze_dense_steps"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key} must be 0 (off) or a number of steps, got {getattr(self, key)}.")
+        for key in ("lr", "adam_eps", "weight_decay"):  # AdamW would refuse them only once the model is built
+            if getattr(self, key) < 0:
+                raise ConfigError(f"train.{key} must be >= 0, got {getattr(self, key)}.")
+        for key in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ConfigError(f"train.{key} must be within [0, 1), got {getattr(self, key)}.")
+        if self.eval_interval and self.eval_iters < 1:
+            raise ConfigError(f"train.eval_iters must be at least 1 when train.eval_interval > 0 (it validated nothing), "
+                              f"got {self.eval_iters}; set train.eval_interval=0 to turn validation off.")
+        if self.peak_tflops is not None and self.peak_tflops <= 0:
+            raise ConfigError(f"train.peak_tflops must be positive (or null: measured), got {self.peak_tflops}.")
 
 
 @dataclass
@@ -454,6 +482,20 @@ def config_from_dict(raw: dict[str, Any], where: str = "config") -> Config:
     )
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise ConfigError(f"Config file '{self.name}' gives '{key}' twice (lines {seen[key] + 1} and "
+                                  f"{key_node.start_mark.line + 1}); the second would silently replace the first. Merge them.")
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
 def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
     """Read a YAML run config (or none) and apply ``section.key=value`` overrides."""
     raw: dict[str, Any] = {}
@@ -462,6 +504,7 @@ def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
         file = Path(path)
         if not file.is_file():
             raise ConfigError(f"Config file '{path}' does not exist; pass --config with a YAML file from configs/.")
-        raw = yaml.safe_load(file.read_text()) or {}
+        with open(file) as stream:
+            raw = yaml.load(stream, Loader=_UniqueKeyLoader) or {}
         where = f"config file '{path}'"
     return config_from_dict(apply_overrides(raw, list(overrides)), where)

@@ -78,12 +78,24 @@ def test_yaml_and_overrides(tmp_path):
         ("train.log_interval=0", "train.log_interval must be at least 1"),
         ("train.save_interval=-1", "train.save_interval must be 0"),
         ("train.freeze_dense_steps=-3", "train.freeze_dense_steps must be 0"),
+        ("train.lr=-1", r"train.lr must be >= 0, got -1.0"),
+        ("train.adam_beta2=1.5", r"train.adam_beta2 must be within \[0, 1\), got 1.5"),
+        ("train.adam_eps=-1e-8", r"train.adam_eps must be >= 0"),
+        ("train.weight_decay=-0.1", r"train.weight_decay must be >= 0"),
+        ("train.eval_iters=0", r"train.eval_iters must be at least 1 when train.eval_interval > 0"),
+        ("train.peak_tflops=0", r"train.peak_tflops must be positive"),
+        ("data.num_workers=-1", r"data.num_workers must be >= 0"),
+        ("data.train_data=123", r"data.train_data must be a list of prefixes"),
+        ("model.rope_scaling=dynamic", r"model.rope_scaling must be a mapping"),
+        ("model.rope_scaling={rope_type: dynamic, factor: x}", r"model.rope_scaling.factor must be a number >= 1"),
+        ("model.rope_theta=0", r"model.rope_theta must be positive"),
+        ("model.attention_dropout=1.5", r"model.attention_dropout must be within \[0, 1\)"),
     ],
 )
 def test_values_of_the_wrong_type_or_range_name_the_key(override, message):
     """Refused when the config is read, not as a TypeError or ZeroDivisionError inside the run."""
     with pytest.raises(ConfigError, match=message):
-        load_config(None, [override])
+        load_config(None, ["train.eval_interval=10", override])
 
 
 def test_yaml_spellings_of_numbers_and_one_data_prefix_are_accepted():
@@ -93,3 +105,11 @@ def test_yaml_spellings_of_numbers_and_one_data_prefix_are_accepted():
     assert type(config.train.max_steps) is int
     assert config.data.train_data == ["data/sample_train_text_document"]  # not one prefix per character
     assert config.data.split == "100"
+
+
+def test_a_key_given_twice_in_the_yaml_is_named(tmp_path):
+    """PyYAML keeps the last of two equal keys: a second `train:` section silently dropped the first."""
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  lr: 0.01\n  max_steps: 7\nmodel:\n  preset: doge-tiny\ntrain:\n  lr: 0.02\n")
+    with pytest.raises(ConfigError, match=r"run.yaml' gives 'train' twice \(lines 1 and 6\)"):
+        load_config(str(path))
