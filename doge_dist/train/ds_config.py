@@ -10,11 +10,14 @@ from __future__ import annotations
 import copy
 import difflib
 import json
+import logging
 from pathlib import Path
 from typing import Any, Optional
 
 from ..config import ConfigError, TrainConfig
 
+SECTIONS = ("bf16", "bfloat16", "fp16", "zero_optimization", "checkpoint", "activation_checkpointing", "flops_profiler",
+            "tensorboard", "wandb", "csv_monitor", "comms_logger", "data_types")  # keys whose values are JSON objects
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 # DeepSpeed's usual top-level keys: one spelled close to these (and not one of them) is a typo that DeepSpeed
 # would silently ignore ("zero_optimisation" would train at ZeRO-0)
@@ -56,16 +59,49 @@ def check_ds_keys(user: dict[str, Any], where: str) -> None:
             raise ConfigError(f"{where}: {problems}.") from None
 
 
+def check_ds_sections(user: Any, where: str) -> None:
+    """The JSON is an object and its sections are objects (``"bf16": true`` would fail deep inside)."""
+    if not isinstance(user, dict):
+        raise ConfigError(f"{where} must hold a JSON object of DeepSpeed keys, got {type(user).__name__}.")
+    for key in SECTIONS:
+        if key in user and not isinstance(user[key], dict):
+            raise ConfigError(f"{where}: '{key}' must be a JSON object such as {{\"enabled\": true}}, got {user[key]!r}.")
+
+
+def check_with_deepspeed(ds: dict[str, Any], where: str) -> None:
+    """Everything else DeepSpeed checks in its config (removed keys such as "amp", value types), here
+    rather than in ``deepspeed.initialize`` once the model is built. Its batch arithmetic counts
+    the ranks of the process group if one exists (else one rank), so the batch size is given for those."""
+    import torch.distributed as dist
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from deepspeed.utils import logger
+
+    ranks = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    checked = {**ds, "train_batch_size": ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * ranks}
+    level = logger.level
+    logger.setLevel(logging.WARNING)  # its "world_size = 1" line would mislead a multi-rank run
+    try:
+        DeepSpeedConfig(checked)
+    except Exception as error:  # DeepSpeedConfigError, pydantic's ValidationError, ValueError, AssertionError...
+        raise ConfigError(f"{where}: DeepSpeed refuses it: {error}") from None
+    finally:
+        logger.setLevel(level)
+
+
 def zero_stage(ds: dict[str, Any]) -> int:
     return int(ds.get("zero_optimization", {}).get("stage", 0))
 
 
 def bf16_enabled(ds: dict[str, Any]) -> bool:
-    return bool(ds.get("bf16", {}).get("enabled", False))
+    """As DeepSpeed reads it: "bf16", or its older name "bfloat16", with "enabled" parsed as a boolean."""
+    from deepspeed.runtime.precision_config import get_bfloat16_config
+
+    return get_bfloat16_config(ds).enabled
 
 
 def resolve_ds_config(user: dict[str, Any], train: TrainConfig, dp_size: int, where: str = "the DeepSpeed config") -> dict[str, Any]:
     """The effective DeepSpeed config: ``user`` + batch sizes (+ ``train.bf16`` when set)."""
+    check_ds_sections(user, where)
     if train.micro_batch_size < 1 or train.gradient_accumulation_steps < 1:
         raise ConfigError(
             f"train.micro_batch_size ({train.micro_batch_size}) and train.gradient_accumulation_steps "
@@ -96,5 +132,6 @@ def resolve_ds_config(user: dict[str, Any], train: TrainConfig, dp_size: int, wh
     if zero_stage(ds) not in (0, 1, 2, 3):
         raise ConfigError(f"{where}: zero_optimization.stage must be 0, 1, 2 or 3, got {zero_stage(ds)}.")
     check_ds_keys(user, where)
+    check_with_deepspeed(ds, where)
     ds.setdefault("steps_per_print", 10**9)  # our own log line replaces DeepSpeed's
     return ds
