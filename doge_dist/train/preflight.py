@@ -7,6 +7,7 @@ are scanned later by the data pipeline itself (on rank 0 only).
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -60,8 +61,26 @@ def check_data(config: Config) -> None:
         validate_prefix(prefix, scan_tokens=False)
     if data.seq_length < 1:
         raise ConfigError(f"data.seq_length must be positive, got {data.seq_length}.")
+    if data.seq_length > config.model.max_position_embeddings:
+        raise ConfigError(
+            f"data.seq_length ({data.seq_length}) exceeds model.max_position_embeddings "
+            f"({config.model.max_position_embeddings}), the context the model (and its Hugging Face export) is made for; "
+            f"raise model.max_position_embeddings to at least {data.seq_length} or lower data.seq_length."
+        )
     if config.train.eval_interval > 0 and valid is None and split_weights(data.split)[1] == 0:
         raise ConfigError("train.eval_interval > 0 but data.split gives the validation split no weight; set data.valid_data or a split like 969,30,1.")
+
+
+def check_writable_dir(path: str, key: str) -> None:
+    """``path`` is, or can be made, a directory this process writes to: otherwise the first write, after
+    the process group and the model exist, would fail with a traceback."""
+    existing = Path(path)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{key} = '{path}' cannot be created: '{existing}' is a file. Choose another {key}.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key} = '{path}' cannot be written: '{existing}' is read-only for this user. Choose another {key}.")
 
 
 def check_run(config: Config, ds_user: dict[str, Any], world_size: int, where: str) -> tuple[ParallelLayout, dict[str, Any]]:
@@ -91,6 +110,9 @@ def check_run(config: Config, ds_user: dict[str, Any], world_size: int, where: s
         raise ConfigError(f"{where}: train.compile compiles each decoder layer, which ZeRO-3's parameter gathering hooks "
                           "would break into pieces; use ZeRO 0-2 with it, or set train.compile=false.")
     check_data(config)
+    check_writable_dir(config.run.dir, "run.dir")
+    if config.data.cache_dir:
+        check_writable_dir(config.data.cache_dir, "data.cache_dir")
     if config.run.init_from and not Path(config.run.init_from).exists():
         raise ConfigError(f"run.init_from = '{config.run.init_from}' does not exist: give a Hugging Face Doge directory or a run directory.")
     if config.run.init_optimizer and (not config.run.init_from or Path(config.run.init_from, "config.json").is_file()):
