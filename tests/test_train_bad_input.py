@@ -154,3 +154,35 @@ def test_the_process_group_is_destroyed_before_exit(outcome, monkeypatch):
 
     assert report_errors(run) == (0 if outcome == "done" else 2)
     assert not dist.is_initialized()
+
+
+def test_sequences_longer_than_the_model_positions_are_refused():
+    with pytest.raises(ConfigError, match=r"data.seq_length \(512\) exceeds model.max_position_embeddings \(256\)"):
+        _check(_config("data.seq_length=512"))
+
+
+@pytest.mark.parametrize("ds, message", [
+    ({"bf16": True}, r"'bf16' must be a JSON object such as \{\"enabled\": true\}, got True"),
+    ({"zero_optimization": 2}, r"'zero_optimization' must be a JSON object"),
+    ([1, 2], r"must hold a JSON object"),
+    ({"amp": {"enabled": True}}, r"x.json'.*Apex AMP integration has been removed"),
+    ({"communication_data_type": "fp8"}, r"x.json'.*Invalid communication_data_type"),
+])
+def test_deepspeed_json_that_deepspeed_would_refuse_is_named_before_any_work(ds, message):
+    with pytest.raises(ConfigError, match=message):
+        _check(_config(), ds)
+
+
+def test_bf16_under_its_old_name_is_bf16():
+    """DeepSpeed reads "bfloat16" as "bf16": the trainer must agree (ZeRO-0 fp32 moves clipping into the optimizer)."""
+    from doge_dist.train.ds_config import bf16_enabled
+
+    assert bf16_enabled({"bfloat16": {"enabled": True}}) and not bf16_enabled({"bf16": {"enabled": "false"}})
+
+
+def test_a_run_dir_that_cannot_be_made_is_named(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ConfigError, match=r"run.dir = '.*a_file/run' cannot be created: '.*a_file' is a file"):
+        _check(_config(f"run.dir={tmp_path / 'a_file' / 'run'}"))
+    with pytest.raises(ConfigError, match=r"data.cache_dir = '.*a_file' cannot be created: '.*a_file' is a file"):
+        _check(_config(f"data.cache_dir={tmp_path / 'a_file'}"))

@@ -188,3 +188,48 @@ def test_a_resume_that_changes_the_global_batch_says_how_to_keep_it():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         warn_if_global_batch_changed(saved, TrainConfig(micro_batch_size=2, gradient_accumulation_steps=2), dp_size=1)
+
+
+def _data_order(*overrides, consumed=STEPS * 4):
+    """data.data_order of the single-process reference run's data (micro 2 x accumulation 2) at ``consumed``."""
+    from doge_dist.config import load_config
+    from doge_dist.train.data import TrainData
+    from doge_dist.train.data import data_order
+
+    config = load_config(None, base_overrides(scratch() / "unused", micro_batch_size=2, gradient_accumulation_steps=2)
+                         + list(overrides))
+    return data_order(config, TrainData(config, 0, 1, consumed, str(scratch() / "data_cache")), consumed)
+
+
+def test_a_resume_whose_data_order_changed_says_what_changed():
+    """The checkpoint records what fixed its sample order; a resume that reads another order at the same
+    consumed_samples (another seq_length, or a longer run that megatron-core shuffles over more epochs)
+    names the change; extending the run within the same epochs continues the same order silently."""
+    from doge_dist.train.checkpoint import read_meta, tag_for
+    from doge_dist.train.data import warn_if_data_order_changed
+
+    saved = read_meta(single_process_run() / "checkpoints", tag_for(STEPS))
+    assert saved["data_order"] == _data_order()  # what the run saved is what a resume computes
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_if_data_order_changed(saved, _data_order("train.max_steps=14"), STEPS * 4)
+    with pytest.warns(UserWarning, match=r"data.seq_length 64 -> 32\).* at sample 40 of another order"):
+        warn_if_data_order_changed(saved, _data_order("data.seq_length=32"), STEPS * 4)
+    with pytest.warns(UserWarning, match=r"train.max_steps x global batch 40 -> 40000 samples"):
+        warn_if_data_order_changed(saved, _data_order("train.max_steps=10000"), STEPS * 4)
+
+
+def test_a_checkpoint_past_max_steps_is_refused_before_any_model(tmp_path):
+    from doge_dist.config import ModelConfig
+    from doge_dist.train import checkpoint
+
+    tag = checkpoint.tag_for(STEPS + 5)
+    (tmp_path / "checkpoints" / tag).mkdir(parents=True)
+    meta = {"step": STEPS + 5, "consumed_samples": 60, "dp_size": 1, "zero_stage": 0,
+            "model": ModelConfig.from_preset("doge-tiny").to_dict()}
+    (tmp_path / "checkpoints" / tag / checkpoint.META).write_text(json.dumps(meta))
+    (tmp_path / "checkpoints" / checkpoint.LATEST).write_text(tag)
+    cmd = command(1, "python") + ["--ds_config", str(REPO / "configs" / "zero0.json")] + base_overrides(tmp_path)
+    result = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"is at step {STEPS + 5}, past train.max_steps = {STEPS}: set train.max_steps to at least {STEPS + 5}" in result.stderr

@@ -116,8 +116,9 @@ def restore_rng(directory: Path, rank: int, seed: int) -> None:
 
 
 def save(engine, run_dir: str | Path, progress: Progress, layout, keep_last: int, model_config: dict,
-         universal_info: dict) -> Path:
-    """Save on every rank; move ``latest`` only once all ranks are done; then prune old checkpoints."""
+         universal_info: dict, data_order: Optional[dict] = None) -> Path:
+    """Save on every rank; move ``latest`` only once all ranks are done; then prune old checkpoints.
+    ``data_order`` (data.data_order) goes into the meta file, for a resume to check its data against."""
     root = checkpoint_root(run_dir)
     tag = tag_for(progress.step)
     rank = dist.get_rank()
@@ -137,7 +138,7 @@ def save(engine, run_dir: str | Path, progress: Progress, layout, keep_last: int
     dist.barrier()  # every rank's files are complete: only now the meta file marks the checkpoint complete
     if rank == 0:
         with _reported_as_write_failure(root, tag):
-            write_atomic(root / tag / META, json.dumps({**meta, "model": model_config}, indent=1))
+            write_atomic(root / tag / META, json.dumps({**meta, "model": model_config, "data_order": data_order}, indent=1))
             write_atomic(root / LATEST, tag)
         _prune(root, keep_last)
         # conversions of another run's checkpoint served the start only: a restart resumes from this one

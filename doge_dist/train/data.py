@@ -7,9 +7,13 @@ global order; the ``ResumableSampler`` position is the global ``consumed_samples
 """
 from __future__ import annotations
 
+import hashlib
+import warnings
 from typing import Iterator, Optional
 
+import numpy as np
 import torch
+from torch.utils.data import Dataset
 
 from ..config import Config, TrainConfig
 from ..data import load_tokenizer
@@ -31,6 +35,7 @@ class TrainData:
         self.reset_position_ids = config.data.reset_position_ids
         self.eod = tokenizer.eod_id if config.data.reset_attention_mask else None
         self.train_samples = len(train_set)
+        self.train_set = train_set
         loader = build_dataloader(train_set, consumed_samples, train.micro_batch_size, dp_rank, dp_size, config.data.num_workers)
         self._train: Iterator[dict] = iter(loader)
         self._valid = None
@@ -62,6 +67,61 @@ class TrainData:
         if self.eod is not None:
             prepared["document_ids"] = document_ids(batch["input_ids"], self.eod)
         return prepared
+
+
+def order_fingerprint(train_set: Dataset, consumed_samples: int) -> str:
+    """A digest of the first and the last sample a run consumed (positions 0 and consumed - 1 of the
+    global order). A resume compares it with the checkpoint's: megatron-core shuffles over as many
+    epochs as train.max_steps needs, so extending a run past an epoch boundary, or another blend,
+    split, seq_length, seed or tokenizer, puts other sequences at the same positions, and
+    ``consumed_samples`` would then skip some and repeat others."""
+    digest = hashlib.sha256()
+    for index in sorted({0, max(0, consumed_samples - 1)}):
+        _digest_update(digest, train_set[index])
+    return digest.hexdigest()[:16]
+
+
+def _digest_update(digest, value) -> None:
+    """Feed a sample (a dict, tuple or list of arrays, tensors and numbers, nested) into ``digest``."""
+    if isinstance(value, dict):
+        for key in sorted(value):
+            digest.update(str(key).encode())
+            _digest_update(digest, value[key])
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            _digest_update(digest, item)
+    else:
+        digest.update(np.ascontiguousarray(np.asarray(value)).tobytes())
+
+
+ORDER_KEYS = ("train_data", "valid_data", "split", "seq_length", "seed", "tokenizer")  # data.* that set the sample order
+
+
+def data_order(config: Config, data, consumed_samples: int) -> dict:
+    """What fixed the global sample order a checkpoint's ``consumed_samples`` counts in: the data keys,
+    the number of samples the shuffle was sized for, and a digest of the samples (data.order_fingerprint)."""
+    return {"fingerprint": order_fingerprint(data.train_set, consumed_samples),
+            "train_samples": config.train.max_steps * data.global_batch,
+            "data": {key: getattr(config.data, key) for key in ORDER_KEYS}}
+
+
+def warn_if_data_order_changed(saved: dict, current: dict, consumed_samples: int) -> None:
+    """A resume continues at ``consumed_samples`` of its own sample order; when that order is not the
+    checkpoint's (another blend, seq_length..., or a train.max_steps that changes the number of epochs
+    megatron-core shuffles over), say what changed: the run would repeat some sequences and skip others."""
+    before = saved.get("data_order")
+    if not before or before["fingerprint"] == current["fingerprint"]:
+        return
+    changed = [f"data.{key} {before['data'].get(key)!r} -> {current['data'][key]!r}"
+               for key in ORDER_KEYS if before["data"].get(key) != current["data"][key]]
+    if before["train_samples"] != current["train_samples"]:
+        changed.append(f"train.max_steps x global batch {before['train_samples']} -> {current['train_samples']} samples "
+                       "(megatron-core shuffles over as many epochs as they need: another number of epochs is another order)")
+    warnings.warn(f"The training data is not in the order the checkpoint's run read it ({'; '.join(changed) or 'the data files changed'}): "
+                  f"this run goes on at sample {consumed_samples} of another order, so some sequences come again and others "
+                  "are never read. Resume with the checkpoint's settings to continue its order exactly (a longer run: set "
+                  "train.max_steps to its final value from the start, as with Megatron's --train-iters); for a deliberate "
+                  "change of data this is expected.")
 
 
 def validation_rounds(train: TrainConfig, valid_samples: int, dp_size: int) -> int:

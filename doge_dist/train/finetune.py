@@ -37,6 +37,7 @@ class FinetuneData:
         total = train.max_steps * self.global_batch
         sampler = ResumableSampler(total, consumed_samples, train.micro_batch_size, dp_rank, dp_size)
         shuffled = EpochShuffled(train_set, total, config.data.seed)
+        self.train_set = shuffled
         self._train = iter(DataLoader(shuffled, batch_sampler=sampler, collate_fn=collate, num_workers=config.data.num_workers))
         self._valid: list[dict] = []
         per_iter = train.micro_batch_size * dp_size

@@ -26,7 +26,7 @@ from ..parallel.state import ParallelLayout, data_parallel_group, initialize_par
 from ..model.flops import training_flops_per_token
 from . import checkpoint
 from .checkpoint import Progress
-from .data import move
+from .data import data_order, move, warn_if_data_order_changed
 from .distributed import DistEnv, all_reduce_sum, init_distributed, launcher_world_size
 from .ds_config import bf16_enabled, zero_stage
 from .engine import build_engine, is_hf_directory
@@ -196,6 +196,15 @@ def warn_if_global_batch_changed(saved: dict, train: TrainConfig, dp_size: int) 
                   f"{train.gradient_accumulation_steps} x {dp_size} data-parallel rank(s)): {way_out}.")
 
 
+def check_not_past_the_end(saved: dict, train: TrainConfig, start: tuple[Path, str]) -> None:
+    """A checkpoint beyond train.max_steps has nothing left to train (its data position may even lie past
+    the end of the shorter run's samples): refuse it before any model is built."""
+    if saved["step"] > train.max_steps:
+        raise ConfigError(f"Checkpoint {start[0] / start[1]} is at step {saved['step']}, past train.max_steps = "
+                          f"{train.max_steps}: set train.max_steps to at least {saved['step']} to resume it (more to train "
+                          "on), or start a new run.dir.")
+
+
 def write_run_files(run_dir: Path, config: Config, ds: dict) -> str:
     """The resolved config.yaml (export_hf reads its tokenizer there) and ds_config.json, each replaced
     whole: a restart on a full disk leaves the previous ones readable."""
@@ -227,6 +236,8 @@ def pretrain(config: Config, ds_user: dict[str, Any], ds_where: str = "the DeepS
     init_weights = None
     if source:
         checkpoint.check_model_shape(*source, config.model)
+        if start:
+            check_not_past_the_end(checkpoint.read_meta(*start), train, start)
         if start and env.is_main:
             warn_if_global_batch_changed(checkpoint.read_meta(*start), train, layout.dp_size)
         if start or config.run.init_optimizer:
@@ -258,6 +269,9 @@ def pretrain(config: Config, ds_user: dict[str, Any], ds_where: str = "the DeepS
     # 4. data, reporting, signals
     cache_dir = config.data.cache_dir or str(run_dir / "data_cache")
     data = task.build_data(config, env, parallel_state.get_data_parallel_rank(), layout.dp_size, progress.consumed_samples, cache_dir)
+    if start and env.is_main:
+        warn_if_data_order_changed(checkpoint.read_meta(*start), data_order(config, data, progress.consumed_samples),
+                                   progress.consumed_samples)
     tokens_per_step = data.global_batch * task.sequences_per_sample * config.data.seq_length
     flops = training_flops_per_token(config.model, config.data.seq_length)
     reporter = Reporter(str(run_dir), env.is_main, flops, peak_tflops(env.device, train.peak_tflops),
@@ -273,7 +287,8 @@ def pretrain(config: Config, ds_user: dict[str, Any], ds_where: str = "the DeepS
 
     def save() -> None:
         checkpoint.save(engine, run_dir, progress, layout, train.keep_last, config.model.to_dict(),
-                        universal_checkpoint_info(config.model, layout.tensor_parallel, layout.expert_parallel))
+                        universal_checkpoint_info(config.model, layout.tensor_parallel, layout.expert_parallel),
+                        data_order(config, data, progress.consumed_samples) if env.is_main else None)
 
     # 5. the loop
     bad_in_a_row = 0
