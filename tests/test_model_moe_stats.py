@@ -30,3 +30,16 @@ def test_load_and_unused_fraction_over_the_window():
     assert summary["moe/expert_load_max_over_mean"] == 3.0
     assert summary["moe/unused_expert_fraction"] == 0.5
     assert summary["moe/router_entropy"] == pytest.approx(math.log(4))
+
+
+def test_router_entropy_leaves_the_padding_out():
+    """Fine-tuning batches are right-padded: the padding's routing (here sharply peaked, entropy ~0)
+    must not pull moe/router_entropy down, as it stays out of the expert counts; micro-batches with
+    fewer real tokens weigh less (the mean over every real token)."""
+    uniform, peaked = torch.zeros(3, 4), torch.tensor([[50.0, 0, 0, 0]]).expand(3, 4)
+    ids = torch.zeros(3, 1, dtype=torch.long)
+    stats = MoEStats(num_experts=16)
+    stats.update([Routing(torch.cat([uniform[:1], peaked[:2]]), torch.cat([uniform[:1], peaked[:2]]), ids)],
+                 token_mask=torch.tensor([[1, 0, 0]]))  # one real token (uniform routing), two pads
+    stats.update([Routing(peaked, peaked, ids)], token_mask=torch.tensor([[1, 1, 1]]))  # three real, entropy ~0
+    assert stats.summary()["moe/router_entropy"] == pytest.approx(math.log(16) / 4, abs=1e-6)

@@ -13,33 +13,42 @@ import torch.nn.functional as F
 from .cdmoe import Routing
 
 
-def router_entropy(routing: Routing) -> torch.Tensor:
-    """Mean entropy (nats) of each token's distribution over all E experts. The product-key softmax
+def token_entropies(routing: Routing) -> torch.Tensor:
+    """[N] entropy (nats) of each token's distribution over all E experts. The product-key softmax
     factorises into softmax(x) x softmax(y), so the entropy is H(x half) + H(y half)."""
 
     def entropy(logits: torch.Tensor) -> torch.Tensor:
         logp = F.log_softmax(logits.float(), dim=-1)
         return -(logp.exp() * logp).sum(-1)
 
-    return (entropy(routing.logits_x) + entropy(routing.logits_y)).mean()
+    return entropy(routing.logits_x) + entropy(routing.logits_y)
+
+
+def router_entropy(routing: Routing) -> torch.Tensor:
+    """Mean entropy (nats) of the tokens' distributions over all E experts."""
+    return token_entropies(routing).mean()
 
 
 class MoEStats:
     def __init__(self, num_experts: int, window: int = 100) -> None:
         self.num_experts = num_experts
         self.window: deque = deque(maxlen=window)  # [layers, E] expert counts per micro-batch
-        self.entropies: list[float] = []  # since the last summary
+        self.entropy = torch.zeros(2, dtype=torch.float64)  # since the last summary: sum over real tokens, their count
 
     @torch.no_grad()
     def update(self, routings: list[Routing], token_mask: Optional[torch.Tensor] = None) -> None:
-        """Record one micro-batch's routing; ``token_mask`` (the routed tokens' order): only its 1s count."""
+        """Record one micro-batch's routing; ``token_mask`` (the routed tokens' order): only its 1s count,
+        in the expert loads and in the entropy (a mean over every real token, averaged over layers)."""
+        real = torch.ones(len(routings[0].expert_ids)) if token_mask is None else token_mask.reshape(-1).float().cpu()
+
         def counts(routing: Routing) -> torch.Tensor:
             ids = routing.expert_ids
             weights = None if token_mask is None else token_mask.reshape(-1, 1).expand_as(ids).reshape(-1).float()
             return torch.bincount(ids.reshape(-1), weights, minlength=self.num_experts).float()
 
         self.window.append(torch.stack([counts(r) for r in routings]))
-        self.entropies.append(sum(router_entropy(r).item() for r in routings) / len(routings))
+        entropy_sum = sum((token_entropies(r).cpu() * real).sum().item() for r in routings) / len(routings)
+        self.entropy += torch.tensor([entropy_sum, real.sum().item()], dtype=torch.float64)
 
     def summary(self, group: Optional[object] = None) -> dict[str, float]:
         """``moe/expert_load_max_over_mean``, ``moe/unused_expert_fraction``, ``moe/router_entropy``,
@@ -48,11 +57,10 @@ class MoEStats:
         if not self.window:
             return {}
         counts = torch.stack(list(self.window)).sum(0)  # [layers, E]
-        entropy = torch.tensor([sum(self.entropies), float(len(self.entropies))], dtype=torch.float64)
+        entropy, self.entropy = self.entropy.to(counts.device), torch.zeros_like(self.entropy)  # NCCL reduces CUDA tensors only
         if group is not None or dist.is_initialized():
             dist.all_reduce(counts, group=group)
             dist.all_reduce(entropy, group=group)
-        self.entropies = []
         mean = counts.mean(-1).clamp(min=1e-9)
         return {
             "moe/expert_load_max_over_mean": (counts.max(-1).values / mean).mean().item(),
