@@ -70,8 +70,17 @@ def test_bf16_reference_equals_the_untrained_policy():
 
 
 def test_tokens_per_step_count_both_sequences_of_a_pair():
-    """A DPO sample is a pair: chosen and rejected both run through the policy, so the tokens per step
-    (and with them tok/s and MFU) are pairs x 2 x data.seq_length, as an SFT step of as many sequences."""
+    """A DPO sample is a pair: chosen and rejected both run through the policy, so the tokens of a step
+    (and with them tok/s and MFU) are those of both sequences of every pair: their real tokens, not the
+    padding to the longest of the micro-batch nor data.seq_length (128; these pairs are 62-96 long)."""
+    from doge_dist.config import load_config
+    from doge_dist.data.chat_dataset import EpochShuffled
+    from doge_dist.train.dpo import DPOTask
+
     run = finetune("dpo", scratch() / "dpo_tokens", 0, 1, **{"train.micro_batch_size": 2, "train.gradient_accumulation_steps": 1,
                                                             "train.max_steps": 1, "train.lr": LR["dpo"]})
-    assert scalars(run, "train/consumed_tokens")[1] == 2 * 2 * 128
+    config = load_config(str(run / "config.yaml"))
+    pairs = EpochShuffled(DPOTask().dataset(config, "train"), 2, config.data.seed)
+    real = sum(len(pairs[i][side]["input_ids"]) for i in range(2) for side in ("chosen", "rejected"))
+    assert real < 2 * 2 * 128
+    assert scalars(run, "train/consumed_tokens")[1] == real

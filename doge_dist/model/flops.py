@@ -47,3 +47,9 @@ def training_flops_per_token(c: ModelConfig, seq_length: int) -> float:
     """Forward + backward FLOPs per trained token at ``seq_length``."""
     attention_scores = 12 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * seq_length
     return 6 * matmul_weights_per_token(c) + attention_scores
+
+
+def training_flops(c: ModelConfig, sequence_lengths: list[int]) -> float:
+    """Forward + backward FLOPs of training on sequences of these (real, unpadded) lengths, each
+    token's attention at the length of its own sequence."""
+    return float(sum(n * training_flops_per_token(c, n) for n in sequence_lengths))

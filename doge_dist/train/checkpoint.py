@@ -49,7 +49,7 @@ class Progress:
 
     step: int = 0  # optimizer steps taken (applied or skipped)
     consumed_samples: int = 0  # sequences drawn from the training set, all ranks together
-    consumed_tokens: int = 0  # tokens those sequences contained (x data.seq_length each, loss-masked ones included)
+    consumed_tokens: int = 0  # tokens those sequences contained (loss-masked ones included, fine-tuning's padding not)
 
 
 def tag_for(step: int) -> str:

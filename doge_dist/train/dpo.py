@@ -88,7 +88,7 @@ def match_dtypes(model: torch.nn.Module, like: torch.nn.Module) -> None:
 class DPOTask(FinetuneTask):
     pairs = True
     reports_perplexity = False  # the loss is per pair, not a token cross entropy
-    sequences_per_sample = 2  # a pair: chosen and rejected, both through the policy (tokens per step, tok/s, MFU)
+    sequences_per_sample = 2  # a pair: chosen and rejected, both through the policy (the tokens per step at most)
 
     def __init__(self) -> None:
         self.beta = 0.1

@@ -23,7 +23,7 @@ from ..config import Config, ConfigError, TrainConfig
 from ..model.moe_stats import MoEStats
 from ..parallel.apply import universal_checkpoint_info
 from ..parallel.state import ParallelLayout, data_parallel_group, initialize_parallel
-from ..model.flops import training_flops_per_token
+from ..model.flops import training_flops
 from . import checkpoint
 from .checkpoint import Progress
 from .data import data_order, move, warn_if_data_order_changed
@@ -84,16 +84,27 @@ def forward_loss(engine, batch: dict, moe_stats: Optional[MoEStats] = None) -> t
     return loss_sum, tokens, out.balance_loss
 
 
+def real_lengths(batch: dict) -> list[int]:
+    """Each sequence's real token count: fine-tuning batches are right-padded (``token_mask``),
+    pretraining sequences are whole (DPO's [2B, T] batch: chosen and rejected, each one a sequence)."""
+    if "token_mask" in batch:
+        return batch["token_mask"].sum(1).tolist()
+    return [batch["input_ids"].shape[1]] * batch["input_ids"].shape[0]
+
+
 def train_step(engine, batches: list[dict], env: DistEnv, dp_size: int, aux_coef: float, stop: StopRequest,
                task: Optional[Task] = None) -> dict[str, Any]:
-    """One optimizer step over this rank's micro-batches; returns global loss, grad norm and flags.
+    """One optimizer step over this rank's micro-batches; returns global loss, grad norm, the real
+    tokens and their training FLOPs (for tok/s and MFU), and flags.
 
     Sums run over the data-parallel group: tensor-parallel ranks hold the same tokens."""
     task = task or PretrainTask()
     batches = [move(b, env.device) for b in batches]
     local_tokens = sum(task.count(b) for b in batches)  # loss units: tokens, or pairs for DPO
+    lengths = [n for batch in batches for n in real_lengths(batch)]
     stop_vote = float(stop.received is not None)
-    global_tokens, stop_votes = all_reduce_sum([local_tokens, stop_vote], env.device, data_parallel_group())
+    global_tokens, stop_votes, tokens, flops = all_reduce_sum(
+        [local_tokens, stop_vote, sum(lengths), training_flops(engine.module.config, lengths)], env.device, data_parallel_group())
     scale = len(batches) * dp_size / max(global_tokens, 1.0)
     loss_total = torch.zeros((), dtype=torch.float64, device=env.device)
     balance_total = torch.zeros((), dtype=torch.float64, device=env.device)
@@ -113,6 +124,8 @@ def train_step(engine, batches: list[dict], env: DistEnv, dp_size: int, aux_coef
         "loss": loss_sum_global / max(global_tokens, 1.0),
         "balance_loss": balance_global / (len(batches) * dp_size) if engine.module.config.is_moe else None,
         "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+        "tokens": int(tokens),
+        "flops": flops,
         "applied": engine.was_step_applied(),
         "stop": stop_votes > 0,
     }
@@ -272,10 +285,9 @@ def pretrain(config: Config, ds_user: dict[str, Any], ds_where: str = "the DeepS
     if start and env.is_main:
         warn_if_data_order_changed(checkpoint.read_meta(*start), data_order(config, data, progress.consumed_samples),
                                    progress.consumed_samples)
-    tokens_per_step = data.global_batch * task.sequences_per_sample * config.data.seq_length
-    flops = training_flops_per_token(config.model, config.data.seq_length)
-    reporter = Reporter(str(run_dir), env.is_main, flops, peak_tflops(env.device, train.peak_tflops),
-                        env.world_size, train.max_steps, progress.step, progress.consumed_tokens)
+    tokens_per_step = data.global_batch * task.sequences_per_sample * config.data.seq_length  # at most, when padded
+    reporter = Reporter(str(run_dir), env.is_main, peak_tflops(env.device, train.peak_tflops), env.world_size,
+                        train.max_steps, progress.step)
     if env.is_main:
         reporter.text("config", config_text)
         print(f"[doge-dist] {layout.world_size} rank(s), tp {layout.tensor_parallel}, dp {layout.dp_size}, "
@@ -301,7 +313,8 @@ def pretrain(config: Config, ds_user: dict[str, Any], ds_where: str = "the DeepS
         result = train_step(engine, batches, env, layout.dp_size, config.model.router_aux_loss_coef, stop, task)
         progress.step += 1
         progress.consumed_samples += data.global_batch
-        progress.consumed_tokens += tokens_per_step
+        progress.consumed_tokens += result["tokens"]
+        reporter.count(result["tokens"], result["flops"])
 
         if not result["applied"] or not math.isfinite(result["loss"]):
             bad_in_a_row += 1
@@ -323,14 +336,16 @@ def pretrain(config: Config, ds_user: dict[str, Any], ds_where: str = "the DeepS
         validate = train.eval_interval and (progress.step % train.eval_interval == 0 or progress.step == train.max_steps)
         valid_batches = data.validation_batches() if validate else []
         if valid_batches:  # fine-tuning data may be too small to validate (FinetuneData warns)
-            loss = evaluate(engine, valid_batches, env, task)
-            reporter.validation(progress.step, loss, task.reports_perplexity, task.validation_metrics(env.device))
+            with reporter.paused():
+                loss = evaluate(engine, valid_batches, env, task)
+                reporter.validation(progress.step, loss, task.reports_perplexity, task.validation_metrics(env.device))
         if result["stop"]:
             if env.is_main:
                 print(f"[doge-dist] stop signal received: saving at step {progress.step} and exiting", flush=True)
             break
         if train.save_interval and progress.step % train.save_interval == 0:
-            save()
+            with reporter.paused():
+                save()
     save()  # the end, a stop signal or exhausted data (a no-op when this step is saved already)
     reporter.close()
     return progress

@@ -3,15 +3,18 @@
 MFU = achieved training FLOP/s per device / the device's peak dense bf16 FLOP/s. The peak of a GPU
 comes from the table below by device name; a CPU's is measured (a dense bf16 matmul with the run's
 threads, about a second: no datasheet covers a machine's or a VM's share of a CPU);
-``train.peak_tflops`` overrides both. FLOPs per token come from ``doge_dist.model.flops``.
+``train.peak_tflops`` overrides both. Tokens are the real ones of the global batch (fine-tuning pads
+its sequences to the longest of a micro-batch), their FLOPs ``doge_dist.model.flops.training_flops``;
+time spent validating and checkpointing is left out, as Megatron-LM does.
 launch/bench.py uses the same peaks.
 """
 from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -85,12 +88,8 @@ def memory_gb(device: torch.device) -> float:
 class Reporter:
     """Throughput, MFU and ETA between log points; writes TensorBoard scalars on rank 0 only."""
 
-    def __init__(
-        self, run_dir: str, is_main: bool, flops_per_token: float, peak: float, world_size: int, max_steps: int,
-        start_step: int = 0, start_tokens: int = 0,
-    ) -> None:
+    def __init__(self, run_dir: str, is_main: bool, peak: float, world_size: int, max_steps: int, start_step: int = 0) -> None:
         self.is_main = is_main
-        self.flops_per_token = flops_per_token
         self.peak = peak
         self.world_size = world_size
         self.max_steps = max_steps
@@ -101,7 +100,24 @@ class Reporter:
             # a resumed run hides what a killed run logged after its checkpoint (TensorBoard's purge_step)
             self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=start_step + 1 if start_step else None)
         self._last_time = time.perf_counter()
-        self._last_step, self._last_tokens = start_step, start_tokens
+        self._last_step = start_step
+        self._tokens, self._flops = 0, 0.0  # since the last log point, all ranks together
+
+    def count(self, tokens: int, flops: float) -> None:
+        """One step's work, all ranks together: real tokens (fine-tuning pads its sequences) and their
+        training FLOPs (``doge_dist.model.flops.training_flops``)."""
+        self._tokens += tokens
+        self._flops += flops
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Time spent in here (validation, checkpoints) stays out of tok/s, MFU and the ETA, as
+        Megatron-LM stops its interval timer for them."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._last_time += time.perf_counter() - start
 
     def text(self, tag: str, text: str) -> None:
         if self.writer:
@@ -117,8 +133,8 @@ class Reporter:
         """Log at a log point: rates are averaged over the steps since the previous log point."""
         now = time.perf_counter()
         elapsed = max(now - self._last_time, 1e-9)
-        tokens_per_sec = (consumed_tokens - self._last_tokens) / elapsed
-        tflops = tokens_per_sec / self.world_size * self.flops_per_token / 1e12
+        tokens_per_sec = self._tokens / elapsed
+        tflops = self._flops / elapsed / self.world_size / 1e12
         mfu = tflops / self.peak if self.peak else 0.0
         values = {
             "train/loss": loss,
@@ -140,7 +156,8 @@ class Reporter:
                 f"{tokens_per_sec:,.0f} tok/s | {f'MFU {100 * mfu:.1f}%' if self.peak else 'MFU n/a'} | ETA {_duration(eta)}",
                 flush=True,
             )
-        self._last_time, self._last_step, self._last_tokens = now, step, consumed_tokens
+        self._last_time, self._last_step = now, step
+        self._tokens, self._flops = 0, 0.0
 
     def validation(self, step: int, loss: float, perplexity: bool = True, metrics: Optional[dict[str, float]] = None) -> None:
         """``perplexity``: the loss is a mean token cross entropy; ``metrics``: the task's other scalars."""

@@ -1,0 +1,50 @@
+"""tok/s, TFLOP/s and MFU: the real tokens of a step (fine-tuning pads its sequences) at their own
+lengths' FLOPs, over training time only (validation and checkpoints left out, as in Megatron-LM).
+The clock is a fake one: the numbers are exact."""
+import pytest
+import torch
+
+from doge_dist.config import ModelConfig
+from doge_dist.data.chat_dataset import collate_lm, collate_pairs
+from doge_dist.model.flops import training_flops, training_flops_per_token
+from doge_dist.train import metrics
+from doge_dist.train.loop import real_lengths
+from train_helpers import scalars
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_rates_count_the_logged_steps_work_and_leave_validation_and_checkpoints_out(monkeypatch, tmp_path):
+    clock = FakeClock()
+    monkeypatch.setattr(metrics.time, "perf_counter", clock)
+    reporter = metrics.Reporter(str(tmp_path), True, peak=2.0, world_size=4, max_steps=10)
+    for _ in range(2):  # two steps of 1,000 tokens and 8e12 FLOPs (all ranks), 1 s each
+        clock.now += 1.0
+        reporter.count(1000, 8e12)
+    with reporter.paused():  # a validation and a checkpoint: 30 s
+        clock.now += 30.0
+    reporter.train_step(2, 5.0, 1e-3, 1.0, 2000, torch.device("cpu"), None)
+    clock.now += 4.0
+    reporter.count(500, 2e12)
+    reporter.train_step(3, 5.0, 1e-3, 1.0, 2500, torch.device("cpu"), None)
+    reporter.close()
+    assert scalars(tmp_path, "train/tokens_per_sec") == {2: 1000.0, 3: 125.0}
+    assert scalars(tmp_path, "train/tflops_per_device") == {2: pytest.approx(2.0), 3: pytest.approx(0.125)}
+    assert scalars(tmp_path, "train/mfu") == {2: pytest.approx(1.0), 3: pytest.approx(0.0625)}
+    assert scalars(tmp_path, "train/consumed_tokens") == {2: 2000.0, 3: 2500.0}
+
+
+def test_padded_sequences_count_their_real_tokens_at_their_own_length():
+    samples = [{"input_ids": torch.arange(n), "labels": torch.arange(n), "position_ids": torch.arange(n)} for n in (20, 50)]
+    assert real_lengths(collate_lm(samples, pad_id=2, multiple=8)) == [20, 50]  # padded to 56
+    pairs = collate_pairs([{"chosen": samples[0], "rejected": samples[1], "index": 0}], pad_id=2)
+    assert real_lengths(pairs) == [20, 50]
+    assert real_lengths({"input_ids": torch.zeros(3, 64, dtype=torch.long)}) == [64, 64, 64]  # pretraining
+    config = ModelConfig.from_preset("doge-tiny")
+    assert training_flops(config, [20, 50]) == 20 * training_flops_per_token(config, 20) + 50 * training_flops_per_token(config, 50)
