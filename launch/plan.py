@@ -14,10 +14,26 @@ numbers is described in doge_dist/plan.py.
 """
 import argparse
 import sys
+from pathlib import Path
 
-from doge_dist.config import ConfigError, load_config
+import yaml
+
+from doge_dist.config import Config, ConfigError, ModelConfig, load_config
 from doge_dist.model.flops import parameter_count
 from doge_dist.plan import accumulation_steps, check_layout, format_plan, make_plan, recipe_global_batch
+
+
+def planned_model(config_path: str, config: Config, overrides: list[str]) -> ModelConfig:
+    """The model launch/sft.py and dpo.py train: run.init_from's for a YAML without a model section."""
+    from doge_dist.train.finetune import model_config_of, model_from_init
+
+    if not model_from_init(config, yaml.safe_load(Path(config_path).read_text()), overrides):
+        return config.model
+    if not Path(config.run.init_from).exists():
+        raise ConfigError(f"{config_path} has no model section: its model is the one run.init_from = "
+                          f"'{config.run.init_from}' holds, which does not exist yet. Plan the model it will be with "
+                          f"an override such as model.preset=doge-20m, or point run.init_from at an existing run.")
+    return model_config_of(config.run.init_from)
 
 
 def main() -> int:
@@ -45,6 +61,7 @@ def main() -> int:
             dp = check_layout(config, args.gpus).dp_size
             print(accumulation_steps(args.global_batch or recipe_global_batch(recipe), config.train.micro_batch_size, dp))
             return 0
+        config.model = planned_model(args.config, config, args.overrides)
         plan = make_plan(recipe, config, read_ds_config(ds_path), args.gpus, args.gpu_mem_gb, args.reserve_gb,
                          args.global_batch)
     except ConfigError as error:

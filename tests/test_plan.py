@@ -195,6 +195,29 @@ def test_cli_prints_the_plan_and_one_paragraph_errors():
     assert uneven.returncode == 2 and "not divisible" in uneven.stderr and "Traceback" not in uneven.stderr
 
 
+def test_cli_plans_a_finetuning_recipe_as_the_model_of_its_init_from():
+    """The SFT/DPO recipes have no model section: launch/sft.py and dpo.py train the model of
+    run.init_from, so the plan counts that one (not ModelConfig's defaults, 403M parameters); before
+    init_from exists, the plan says which override stands in for it."""
+    from doge_dist.config import ModelConfig
+    from doge_dist.convert.hf import save_hf
+    from doge_dist.model import build_model
+    from doge_dist.model.flops import parameter_count
+
+    run = lambda *args: subprocess.run([PYTHON, "launch/plan.py", *args], cwd=REPO, env=env(), capture_output=True, text=True)  # noqa: E731
+    pretrained = ModelConfig.from_preset("doge-tiny")
+    init_from = scratch() / "pretrained"
+    save_hf(build_model(pretrained), str(init_from), None)
+    out = run("--config", "configs/sft_doge_20m.yaml", f"run.init_from={init_from}")
+    assert out.returncode == 0, out.stderr
+    assert f"{parameter_count(pretrained) / 1e6:.1f}M params" in out.stdout
+    missing = run("--config", "configs/sft_doge_20m.yaml", "run.init_from=runs/no_such_run")
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert "run.init_from" in missing.stderr and "model.preset=" in missing.stderr
+    out = run("--config", "configs/sft_doge_20m.yaml", "run.init_from=runs/no_such_run", "model.preset=doge-20m")
+    assert out.returncode == 0 and "13.1M params" in out.stdout, out.stderr
+
+
 def test_cli_is_quiet_about_transformer_engine_and_apex():
     """megatron-core's import-time "Transformer Engine and Apex are not installed" warnings are filtered
     by the doge_dist package itself, so entry points that reach megatron.core without doge_dist.data

@@ -90,7 +90,7 @@ def main_finetune(kind: str, config_path: Optional[str], ds_config_path: Optiona
     from .distributed import is_launcher_main, launcher_world_size
     from .ds_config import read_ds_config
     from .dpo import DPOTask
-    from .finetune import SFTTask, max_steps_given, model_config_of, size_in_epochs
+    from .finetune import SFTTask, max_steps_given, model_config_of, model_from_init, size_in_epochs
     from .loop import pretrain
 
     def run() -> None:
@@ -98,7 +98,7 @@ def main_finetune(kind: str, config_path: Optional[str], ds_config_path: Optiona
         path = ds_config_path_of(config, ds_config_path)
         ds = read_ds_config(path)
         raw = yaml.safe_load(Path(config_path).read_text()) if config_path else {}
-        if config.run.init_from and "model" not in (raw or {}) and not any(o.startswith("model.") for o in overrides):
+        if model_from_init(config, raw, overrides):
             config.model = model_config_of(config.run.init_from)
         task = SFTTask() if kind == "sft" else DPOTask()
         sizing = size_in_epochs(config, task.check(config), launcher_world_size(), max_steps_given(raw, overrides))

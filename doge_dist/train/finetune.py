@@ -176,6 +176,12 @@ def size_in_epochs(config: Config, samples: int, world_size: int, steps_given: b
             f"{samples} samples, {global_batch} per step), warmup {train.warmup_steps}{decay} steps")
 
 
+def model_from_init(config: Config, raw: Optional[dict], overrides: list[str]) -> bool:
+    """Whether the model shape comes from run.init_from: a YAML without a model section (the SFT/DPO
+    recipes) and no model.* override continues the model it starts from (``model_config_of``)."""
+    return bool(config.run.init_from) and "model" not in (raw or {}) and not any(o.startswith("model.") for o in overrides)
+
+
 def model_config_of(init_from: str) -> ModelConfig:
     """The model shape of a Hugging Face directory or a doge-dist run/checkpoint."""
     from . import checkpoint
