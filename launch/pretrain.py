@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Pretrain a Doge model with DeepSpeed.
+r"""Pretrain a Doge model with DeepSpeed.
 
     deepspeed launch/pretrain.py --config configs/doge_20m.yaml --ds_config configs/zero1.json [section.key=value ...]
     torchrun --nproc_per_node 8 launch/pretrain.py --config ... --ds_config ...

@@ -1,6 +1,7 @@
 """The pretraining command lines that the README, the Makefile, launch/pretrain.py and the config
 headers show work as written: their overrides fit the lr schedule, and two of them that write the
 same run.dir use the same ZeRO family (else the later one stops at the earlier one's checkpoint)."""
+import ast
 import shlex
 from pathlib import Path
 
@@ -45,3 +46,14 @@ def test_documented_commands_sharing_a_run_dir_use_one_zero_family(monkeypatch):
         families.setdefault(config.run.dir, set()).add(f"{ZERO_FAMILIES[stage]} ({source})")
     shared = {run_dir: found for run_dir, found in families.items() if len({f.split(' (')[0] for f in found}) > 1}
     assert not shared, f"documented commands resume each other's checkpoints across ZeRO families: {shared}"
+
+
+def test_script_help_keeps_continued_command_lines():
+    """``--help`` prints each launch/ and data_tools/ script's docstring, whose example commands continue
+    over lines with a backslash: a docstring that is not a raw string swallows backslash-newline and
+    prints one long line with a gap in the middle instead of the command as written."""
+    for script in sorted([*(REPO / "launch").glob("*.py"), *(REPO / "data_tools").glob("*.py")]):
+        text = script.read_text()
+        docstring = next(node for node in ast.parse(text).body if isinstance(node, ast.Expr)).value
+        if "\\\n" in ast.get_source_segment(text, docstring):
+            assert "\\\n" in docstring.value, f"{script.relative_to(REPO)}: make the docstring raw (r\"\"\"...)"
