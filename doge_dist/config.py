@@ -461,10 +461,22 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         section, key = dotted.split(".", 1)
         if section not in SECTIONS:
             raise _unknown_key_error(section, list(SECTIONS), "the override sections")
+        parsed = yaml.safe_load(value) if value != "" else None
+        _check_override(section, key, parsed, f"the command-line override '{item}'")
         raw.setdefault(section, {})
         raw[section] = dict(raw[section] or {})
-        raw[section][key] = yaml.safe_load(value) if value != "" else None
+        raw[section][key] = parsed
     return raw
+
+
+def _check_override(section: str, key: str, value: Any, where: str) -> None:
+    """An override's key and type, named as the override (the merged config would name the YAML file)."""
+    fields = {f.name: f.type for f in dataclasses.fields(SECTIONS[section])}
+    if section == "model":
+        fields["preset"] = "Optional[str]"
+    if key not in fields:
+        raise _unknown_key_error(key, list(fields), where)
+    _typed_value(key, value, fields[key], where)
 
 
 def config_from_dict(raw: dict[str, Any], where: str = "config") -> Config:

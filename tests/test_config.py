@@ -61,8 +61,12 @@ def test_yaml_and_overrides(tmp_path):
     config = load_config(str(path), ["train.max_steps=7", "model.num_hidden_layers=3"])
     assert (config.model.hidden_size, config.model.num_hidden_layers, config.train.max_steps) == (128, 3, 7)
     assert config.model.vocab_size == 512
-    with pytest.raises(ConfigError, match="Did you mean 'max_steps'"):
+    # an override's mistake is named as the override, not as the YAML file it is merged into
+    with pytest.raises(ConfigError, match=r"Unknown key 'max_step' in the command-line override 'train.max_step=7'. Did you mean 'max_steps'"):
         load_config(str(path), ["train.max_step=7"])
+    with pytest.raises(ConfigError, match=r"Key 'lr' in the command-line override 'train.lr=abc' must be a number"):
+        load_config(str(path), ["train.lr=abc"])
+    assert load_config(str(path), ["model.preset=doge-20m"]).model.hidden_size == 128  # preset is a model key
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(str(tmp_path / "missing.yaml"))
 
@@ -70,7 +74,7 @@ def test_yaml_and_overrides(tmp_path):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("train.max_steps=abc", "Key 'max_steps' in the command-line overrides: train must be an integer, got 'abc'"),
+        ("train.max_steps=abc", "Key 'max_steps' in the command-line override 'train.max_steps=abc' must be an integer, got 'abc'"),
         ("train.max_steps=20.5", "'max_steps' .* must be an integer, got 20.5"),
         ("train.micro_batch_size=", "'micro_batch_size' .* must be an integer, got None"),
         ("train.bf16=abc", "'bf16' .* must be true or false"),
