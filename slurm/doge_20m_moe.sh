@@ -23,4 +23,4 @@
 # --chdir): paths are relative to that, which must be the repository root.
 [[ -f slurm/launch.sh ]] || { echo "error: slurm/launch.sh is not in $PWD, the job's working directory (where sbatch" \
     "was run, or its --chdir). Submit from the repository root: cd /path/to/doge-dist && sbatch slurm/doge_20m_moe.sh" >&2; exit 2; }
-exec bash slurm/launch.sh configs/doge_20m_moe.yaml configs/zero2.json "$@"
+exec bash slurm/launch.sh configs/doge_20m_moe.yaml configs/zero1.json "$@"

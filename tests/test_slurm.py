@@ -92,6 +92,16 @@ def test_scripts_parse_and_pass_shellcheck():
         assert result.returncode == 0, result.stdout
 
 
+def test_each_script_uses_the_deepspeed_json_of_its_config():
+    """A script and its YAML's run.ds_config share one run directory: the same JSON keeps their checkpoints one ZeRO family."""
+    from doge_dist.config import load_config
+
+    for script in (REPO / "slurm").glob("doge_*.sh"):
+        launch = next(line for line in script.read_text().splitlines() if line.startswith("exec bash slurm/launch.sh"))
+        yaml_path, json_path = shlex.split(launch)[3:5]
+        assert load_config(str(REPO / yaml_path)).run.ds_config == json_path, script.name
+
+
 @pytest.mark.parametrize("name", sorted(DENSE))
 def test_dry_run_keeps_the_global_batch_on_two_nodes(name, tmp_path):
     """2 nodes x 8 GPUs = dp 16: accumulation = global batch / (micro x 16); overrides come last."""
