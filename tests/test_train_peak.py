@@ -1,5 +1,7 @@
 """The MFU denominator: a GPU's datasheet peak by name (the most specific fragment wins), a CPU's
 measured matmul peak, train.peak_tflops over both."""
+import time
+
 import pytest
 import torch
 
@@ -34,3 +36,21 @@ def test_cpu_peak_is_measured():
     peak, source = device_peak_tflops(torch.device("cpu"), seconds=0.05)
     assert source == "measured bf16 matmul" and 0.001 < peak < 100
     assert peak_tflops(torch.device("cpu"), 2.5) == 2.5
+
+
+def test_cpu_peak_is_not_lowered_by_other_processes_holding_the_cores(monkeypatch):
+    """The trainer measures the CPU peak at startup, maybe while other work runs: time the process is
+    not on the cores (simulated: each product waits 4x its length in a sleep) must not count, or MFU
+    reads far above 100% once the machine is idle (368% was seen)."""
+    cpu = torch.device("cpu")
+    idle = peak_tflops(cpu, None)
+    mm = torch.mm
+
+    def descheduled_mm(*args, **kwargs):
+        start = time.perf_counter()
+        out = mm(*args, **kwargs)
+        time.sleep(4 * (time.perf_counter() - start))
+        return out
+
+    monkeypatch.setattr(torch, "mm", descheduled_mm)
+    assert peak_tflops(cpu, None) > 0.5 * idle  # a wall clock reads 1/5 of it

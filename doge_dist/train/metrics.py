@@ -69,11 +69,18 @@ def device_peak_tflops(device: torch.device, bf16: bool = True, clock: Callable[
     return None, f"no peak known for {device.type}"
 
 
+def cpu_time_per_thread() -> float:
+    """This process's CPU seconds divided by its compute threads: a clock that stops while other
+    processes hold the cores, so that a machine busy at startup does not lower the measured peak
+    (and put MFU above 100% once it is idle again)."""
+    return time.process_time() / torch.get_num_threads()
+
+
 def peak_tflops(device: torch.device, override: Optional[float]) -> float:
     """The trainer's MFU denominator (0: unknown, "MFU n/a")."""
     if override is not None:
         return override
-    return device_peak_tflops(device, seconds=0.25)[0] or 0.0
+    return device_peak_tflops(device, clock=cpu_time_per_thread, seconds=0.25)[0] or 0.0
 
 
 def memory_gb(device: torch.device) -> float:
