@@ -53,4 +53,5 @@ def test_cpu_peak_is_not_lowered_by_other_processes_holding_the_cores(monkeypatc
         return out
 
     monkeypatch.setattr(torch, "mm", descheduled_mm)
-    assert peak_tflops(cpu, None) > 0.5 * idle  # a wall clock reads 1/5 of it
+    busy = peak_tflops(cpu, None)
+    assert busy > 0.4 * idle, (busy, idle)  # a wall clock reads 1/5 of it
