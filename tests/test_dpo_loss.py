@@ -47,6 +47,7 @@ def test_task_forward_matches_direct_computation():
     batch = collate_pairs(samples, pad_id=2)
     task = DPOTask()
     task.beta, task.reference = BETA, reference
+    task.prepare(Engine(policy))
     with torch.enable_grad():
         loss_sum, count, _ = task.forward_loss(Engine(policy), batch)
     assert task.count(batch) == int(count) == 2
@@ -101,3 +102,24 @@ def test_precomputed_table_is_reused_only_for_its_own_reference(tmp_path, monkey
     printed = capsys.readouterr().out
     assert printed.count("reference log-probs of the 16 train pairs, once") == 2
     assert "train reference log-probs: 4/4 micro-batches" in printed
+
+
+def test_precomputed_reference_is_scored_in_prepare_not_inside_a_step(monkeypatch):
+    """The loop calls Task.prepare once before step 1 with its throughput clock paused: scoring every
+    pair with the reference there, not inside step 1's loss, keeps that work out of tok/s and the ETA."""
+    from doge_dist.config import load_config
+
+    pair = {"chosen": lm_sample([(torch.tensor([0, 5, 6, 1]).numpy(), torch.tensor([0, 0, 1, 1]).numpy())]),
+            "rejected": lm_sample([(torch.tensor([0, 5, 7, 1]).numpy(), torch.tensor([0, 0, 1, 1]).numpy())]), "index": 0}
+    table = torch.tensor([[-3.0, -4.0]], dtype=torch.float64)
+    scored = []
+    task = DPOTask()
+    task.beta, task.reference = BETA, build_model(ModelConfig.from_preset("doge-tiny"))
+    task._precompute_for = (load_config(None, ["train.eval_interval=0"]), None)
+    monkeypatch.setattr(task, "_precompute", lambda config, env, split: scored.append(split) or table)
+    engine = Engine(build_model(ModelConfig.from_preset("doge-tiny")))
+    with torch.enable_grad():
+        task.forward_loss(engine, collate_pairs([pair], pad_id=2))
+    assert scored == []  # a step's loss scores nothing
+    task.prepare(engine)
+    assert scored == ["train"] and task.reference is None and torch.equal(task.tables["train"], table)

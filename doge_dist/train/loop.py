@@ -295,6 +295,8 @@ def pretrain(config: Config, ds_user: dict[str, Any], ds_where: str = "the DeepS
               f"{'bf16' if bf16 else 'fp32'}{', compiled layers' if train.compile else ''}"
               f"{', freed host memory kept for reuse' if kept_host_memory else ''}, {tokens_per_step:,} tokens per step, "
               f"steps {progress.step} -> {train.max_steps}", flush=True)
+    with reporter.paused():  # DPO's reference log-probs, computed once, are no training throughput
+        task.prepare(engine)
     stop = StopRequest()
 
     def save() -> None:

@@ -6,7 +6,7 @@ and ``global_batch``), the loss of one micro-batch as a *sum* over its loss unit
 count (``forward_loss``, ``count``: tokens for language modelling, pairs for DPO, so the loop's
 exact global-batch mean works for every objective; ``forward_loss`` sees training micro-batches
 with gradients enabled and validation ones under ``no_grad``), and extra TensorBoard scalars at log
-points and after each validation.
+points and after each validation; ``prepare`` runs once between the engine's set-up and step 1.
 """
 from __future__ import annotations
 
@@ -24,6 +24,8 @@ class Task(Protocol):
     def build_data(self, config: Config, env: DistEnv, dp_rank: int, dp_size: int, consumed_samples: int, cache_dir: str): ...
 
     def count(self, batch: dict) -> int: ...
+
+    def prepare(self, engine) -> None: ...
 
     def forward_loss(self, engine, batch: dict) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]: ...
 
@@ -55,6 +57,9 @@ class PretrainTask:
 
     def count(self, batch: dict) -> int:
         return int((batch["labels"] != IGNORE_INDEX).sum())
+
+    def prepare(self, engine) -> None:
+        """Once the engine exists, before the first step (DPO readies its reference model here)."""
 
     def forward_loss(self, engine, batch: dict):
         from .loop import forward_loss
