@@ -186,3 +186,24 @@ def test_a_run_dir_that_cannot_be_made_is_named(tmp_path):
         _check(_config(f"run.dir={tmp_path / 'a_file' / 'run'}"))
     with pytest.raises(ConfigError, match=r"data.cache_dir = '.*a_file' cannot be created: '.*a_file' is a file"):
         _check(_config(f"data.cache_dir={tmp_path / 'a_file'}"))
+
+
+def test_a_lock_left_by_an_interrupted_op_build_is_named_not_waited_on(tmp_path, monkeypatch, capsys):
+    """torch waits for ever, silently, on the lock file of a DeepSpeed op build that was killed (Ctrl-C at a
+    first start); the trainer names the stale lock, and says that it waits on a recent one."""
+    import os
+    import time
+
+    from doge_dist.train.distributed import SHM_OP, check_op_build_lock
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    check_op_build_lock(SHM_OP)  # no lock: nothing to say
+    lock = tmp_path / SHM_OP / "lock"
+    lock.parent.mkdir(exist_ok=True)
+    lock.write_text("")
+    check_op_build_lock(SHM_OP)
+    assert "another process is building (or checking) DeepSpeed's deepspeed_shm_comm op: waiting" in capsys.readouterr().out
+    hour_ago = time.time() - 3600
+    os.utime(lock, (hour_ago, hour_ago))
+    with pytest.raises(ConfigError, match=rf"{lock} is 60 minutes old: .* delete the file \(rm {lock}\)"):
+        check_op_build_lock(SHM_OP)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +58,7 @@ def init_distributed() -> DistEnv:
         device, backend = torch.device("cuda", local_rank), "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
+        check_op_build_lock(SHM_OP)
     try:
         deepspeed.init_distributed(dist_backend=backend)
     except torch.distributed.DistNetworkError as error:
@@ -70,6 +72,31 @@ def init_distributed() -> DistEnv:
     if device.type == "cpu":
         unlink_shared_memory_buffers(rank, world_size)
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+SHM_OP = "deepspeed_shm_comm"  # the op DeepSpeed builds at its first CPU start (about 90 s), for its all-reduce
+STALE_BUILD_LOCK_SECONDS = 600
+
+
+def check_op_build_lock(op: str) -> None:
+    """torch builds a DeepSpeed op under a lock file in the op's build directory and waits, silently and
+    for ever, while that file exists; a build killed midway (Ctrl-C at a first start) leaves it behind.
+    A lock older than any build takes is refused with the way out; a recent one is another process's
+    build, which is said to be awaited. (torch's FileBaton has no notion of a dead owner.)"""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = Path(_get_build_directory(op, verbose=False)) / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > STALE_BUILD_LOCK_SECONDS:
+        raise ConfigError(
+            f"{lock} is {age / 60:.0f} minutes old: a build of DeepSpeed's {op} op was interrupted and left its lock, "
+            f"on which every start would wait for ever. If no other run on this machine is building it, delete the "
+            f"file (rm {lock}) and start again."
+        )
+    print(f"[doge-dist] another process is building (or checking) DeepSpeed's {op} op: waiting for its lock {lock}", flush=True)
 
 
 def shared_memory_buffer(rank: int) -> Path:
