@@ -178,6 +178,13 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ConfigError(f"model.head_dim ({self.head_dim}) must be even for rotary embeddings.")
+        for key in ("initializer_range", "router_aux_loss_coef"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"model.{key} must be >= 0, got {getattr(self, key)}.")
+        for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            token = getattr(self, key)
+            if token is not None and not 0 <= token < self.vocab_size:
+                raise ConfigError(f"model.{key} = {token} is not an id of the vocabulary (0 to {self.vocab_size - 1}).")
         for key in ("hidden_dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise ConfigError(f"model.{key} must be within [0, 1), got {getattr(self, key)}.")
@@ -381,8 +388,9 @@ class TrainConfig:
     freeze_dense_steps: int = 0  # MoE after upcycling: only router/expert tables update for this many steps
 
     def __post_init__(self) -> None:
-        if self.log_interval < 1:
-            raise ConfigError(f"train.log_interval must be at least 1, got {self.log_interval}.")
+        for key in ("log_interval", "keep_last", "max_bad_steps"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"train.{key} must be at least 1, got {getattr(self, key)}.")
         for key in ("eval_interval", "save_interval", "freeze_dense_steps"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key} must be 0 (off) or a number of steps, got {getattr(self, key)}.")

@@ -94,6 +94,11 @@ def test_yaml_and_overrides(tmp_path):
         ("model.rope_scaling={rope_type: dynamic, factor: x}", r"model.rope_scaling.factor must be a number >= 1"),
         ("model.rope_theta=0", r"model.rope_theta must be positive"),
         ("model.attention_dropout=1.5", r"model.attention_dropout must be within \[0, 1\)"),
+        ("train.keep_last=0", r"train.keep_last must be at least 1, got 0"),
+        ("train.max_bad_steps=-1", r"train.max_bad_steps must be at least 1"),
+        ("model.initializer_range=-0.02", r"model.initializer_range must be >= 0"),
+        ("model.router_aux_loss_coef=-1", r"model.router_aux_loss_coef must be >= 0"),
+        ("model.pad_token_id=40000", r"model.pad_token_id = 40000 is not an id of the vocabulary \(0 to 32767\)"),
     ],
 )
 def test_values_of_the_wrong_type_or_range_name_the_key(override, message):
