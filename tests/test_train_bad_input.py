@@ -207,3 +207,12 @@ def test_a_lock_left_by_an_interrupted_op_build_is_named_not_waited_on(tmp_path,
     os.utime(lock, (hour_ago, hour_ago))
     with pytest.raises(ConfigError, match=rf"{lock} is 60 minutes old: .* delete the file \(rm {lock}\)"):
         check_op_build_lock(SHM_OP)
+
+
+def test_init_from_must_be_a_directory(tmp_path):
+    """A plain file (a .pt, a .safetensors) was accepted here and failed only once the process group existed."""
+    (tmp_path / "model.safetensors").write_text("")
+    with pytest.raises(ConfigError, match=r"run.init_from = '.*model.safetensors' is a file: give a Hugging Face Doge directory"):
+        _check(_config(f"run.init_from={tmp_path / 'model.safetensors'}"))
+    with pytest.raises(ConfigError, match=r"run.init_from = '.*missing' does not exist"):
+        _check(_config(f"run.init_from={tmp_path / 'missing'}"))

@@ -113,8 +113,9 @@ def check_run(config: Config, ds_user: dict[str, Any], world_size: int, where: s
     check_writable_dir(config.run.dir, "run.dir")
     if config.data.cache_dir:
         check_writable_dir(config.data.cache_dir, "data.cache_dir")
-    if config.run.init_from and not Path(config.run.init_from).exists():
-        raise ConfigError(f"run.init_from = '{config.run.init_from}' does not exist: give a Hugging Face Doge directory or a run directory.")
+    if config.run.init_from and not Path(config.run.init_from).is_dir():
+        problem = "is a file" if Path(config.run.init_from).exists() else "does not exist"
+        raise ConfigError(f"run.init_from = '{config.run.init_from}' {problem}: give a Hugging Face Doge directory or a run directory.")
     if config.run.init_optimizer and (not config.run.init_from or Path(config.run.init_from, "config.json").is_file()):
         what = f"'{config.run.init_from}', a Hugging Face directory (weights only)" if config.run.init_from else "not set"
         raise ConfigError(f"run.init_optimizer takes the optimizer states of run.init_from's checkpoint, but run.init_from is "
