@@ -32,9 +32,13 @@ RMSNorm's fp32 upcast 4 B), for the CUDA FlexAttention path, which never builds 
              both paths' predictions were within 6% of the measured peak.
 Activation checkpointing keeps each layer's bf16 input (2 h) and recomputes one layer at a time.
 Tensor parallelism divides the projections' activations (and, with sequence parallelism, the rest).
+DPO (``task="dpo"``): a sample is a pair, two sequences through the policy, whose loss reads the whole
+logits; with ``finetune.reference: model`` every rank also holds the frozen reference in bf16 (2 B per
+parameter; its forward, without gradients, peaks below the policy's backward).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -129,10 +133,11 @@ class States:
     grads: float
     optimizer: float
     buffers: float
+    reference: float = 0.0  # DPO's frozen reference model
 
     @property
     def total(self) -> float:
-        return self.params + self.grads + self.optimizer + self.buffers
+        return self.params + self.grads + self.optimizer + self.buffers + self.reference
 
 
 def _tp_local(config: Config, groups: list[list[int]], tp: int, ep: int) -> tuple[list[list[int]], int]:
@@ -261,6 +266,7 @@ class Plan:
     checkpointing: bool
     global_batch: int
     accumulation: int
+    pairs: bool = False  # DPO: per_sequence* are per pair (chosen and rejected)
 
     @property
     def free_for_activations(self) -> float:
@@ -276,20 +282,31 @@ class Plan:
         return self.states.total + self.activations + self.loss_workspace + self.reserve_bytes
 
 
+TASKS = ("pretrain", "sft", "dpo")
+
+
 def make_plan(recipe: Config, config: Config, ds: dict[str, Any], gpus: int, gpu_mem_gb: float,
-              reserve_gb: float, global_batch: Optional[int] = None) -> Plan:
-    """``recipe`` is the YAML alone (its global batch); ``config`` the YAML with overrides (what runs)."""
+              reserve_gb: float, global_batch: Optional[int] = None, task: str = "pretrain") -> Plan:
+    """``recipe`` is the YAML alone (its global batch); ``config`` the YAML with overrides (what runs);
+    ``task`` the trainer (SFT's memory is pretraining's at data.seq_length; a DPO sample is a pair)."""
+    if task not in TASKS:
+        raise ConfigError(f"task {task!r}: plan one of {', '.join(TASKS)}.")
     layout = check_layout(config, gpus)
     global_batch = global_batch or recipe_global_batch(recipe)
     stage = int(ds.get("zero_optimization", {}).get("stage", 0))
-    whole = full_logits(layout, stage)
+    dpo = task == "dpo"
+    whole = full_logits(layout, stage) or dpo
+    sequences = 2 if dpo else 1
     tokens = config.train.micro_batch_size * config.data.seq_length
+    states = model_states(config, ds, layout)
+    if dpo and config.finetune.reference == "model":
+        states = dataclasses.replace(states, reference=2.0 * parameter_count(config.model))
     return Plan(
         layout=layout,
         stage=stage,
-        states=model_states(config, ds, layout),
-        per_sequence=activation_bytes_per_sequence(config, layout, False, whole),
-        per_sequence_checkpointed=activation_bytes_per_sequence(config, layout, True, whole),
+        states=states,
+        per_sequence=sequences * activation_bytes_per_sequence(config, layout, False, whole),
+        per_sequence_checkpointed=sequences * activation_bytes_per_sequence(config, layout, True, whole),
         loss_workspace=loss_workspace_bytes(config, tokens, whole),
         loss_workspace_max=loss_workspace_bytes(config, None, whole),
         gpu_bytes=gpu_mem_gb * GB,
@@ -298,6 +315,7 @@ def make_plan(recipe: Config, config: Config, ds: dict[str, Any], gpus: int, gpu
         checkpointing=config.train.activation_checkpointing,
         global_batch=global_batch,
         accumulation=accumulation_steps(global_batch, config.train.micro_batch_size, layout.dp_size),
+        pairs=dpo,
     )
 
 
@@ -314,8 +332,9 @@ def format_plan(plan: Plan, name: str, params: int) -> list[str]:
     return [
         f"{name}: {params / 1e6:.1f}M params, {l.world_size} GPU(s) = tp {l.tensor_parallel} x dp {l.dp_size} "
         f"(ep {l.expert_parallel}), ZeRO-{plan.stage}, per GPU:",
-        f"  parameters {_gb(s.params)} + gradients {_gb(s.grads)} + optimizer {_gb(s.optimizer)} + buffers {_gb(s.buffers)} = {_gb(s.total)}",
-        f"  activations per sequence: {_gb(plan.per_sequence)}, with activation checkpointing {_gb(plan.per_sequence_checkpointed)}",
+        f"  parameters {_gb(s.params)} + gradients {_gb(s.grads)} + optimizer {_gb(s.optimizer)} + buffers {_gb(s.buffers)}"
+        f"{f' + reference model {_gb(s.reference)}' if s.reference else ''} = {_gb(s.total)}",
+        f"  activations per {'pair' if plan.pairs else 'sequence'}: {_gb(plan.per_sequence)}, with activation checkpointing {_gb(plan.per_sequence_checkpointed)}",
         f"  micro {plan.micro_batch}{' (checkpointed)' if plan.checkpointing else ''}: {_gb(s.total)} + {_gb(plan.activations)} "
         f"+ loss workspace {_gb(plan.loss_workspace)} + reserve {_gb(plan.reserve_bytes)} = {_gb(plan.total)} of "
         f"{_gb(plan.gpu_bytes)}: {verdict}",

@@ -3,6 +3,7 @@
 
     python launch/plan.py --config configs/doge_160m.yaml --ds_config configs/zero2.json --gpus 1 --gpu-mem-gb 24
     python launch/plan.py --config configs/doge_320m.yaml --gpus 16 --gpu-mem-gb 80 parallel.tensor_parallel=2
+    python launch/plan.py --config configs/dpo_doge_20m.yaml --task dpo run.init_from=runs/sft_doge_20m
 
 Prints bytes per GPU for parameters, gradients, optimizer states and communication buffers (per ZeRO
 stage, tensor and expert parallel size), activations per sequence with and without activation
@@ -20,7 +21,7 @@ import yaml
 
 from doge_dist.config import Config, ConfigError, ModelConfig, load_config
 from doge_dist.model.flops import parameter_count
-from doge_dist.plan import accumulation_steps, check_layout, format_plan, make_plan, recipe_global_batch
+from doge_dist.plan import TASKS, accumulation_steps, check_layout, format_plan, make_plan, recipe_global_batch
 
 
 def planned_model(config_path: str, config: Config, overrides: list[str]) -> ModelConfig:
@@ -47,6 +48,9 @@ def main() -> int:
     parser.add_argument("--global-batch", type=int, default=None,
                         help="sequences per step to keep (default: the YAML's micro x accumulation)")
     parser.add_argument("--accumulation", action="store_true", help="print only the accumulation steps for --gpus")
+    parser.add_argument("--task", choices=TASKS, default="pretrain",
+                        help="the trainer that runs the config: launch/pretrain.py, sft.py (planned as pretrain.py) "
+                             "or dpo.py (a sample is a pair; the frozen reference model)")
     parser.add_argument("overrides", nargs="*", help="section.key=value, as for launch/pretrain.py")
     args = parser.parse_args()
     try:
@@ -63,7 +67,7 @@ def main() -> int:
             return 0
         config.model = planned_model(args.config, config, args.overrides)
         plan = make_plan(recipe, config, read_ds_config(ds_path), args.gpus, args.gpu_mem_gb, args.reserve_gb,
-                         args.global_batch)
+                         args.global_batch, args.task)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

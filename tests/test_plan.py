@@ -9,7 +9,7 @@ import torch
 
 from doge_dist.config import ConfigError, load_config
 from doge_dist.plan import (GB, accumulation_steps, activation_bytes_per_sequence, check_layout, full_logits,
-                            loss_workspace_bytes, model_states)
+                            loss_workspace_bytes, make_plan, model_states)
 from doge_dist.train.ds_config import read_ds_config, resolve_ds_config
 from train_helpers import PYTHON, REPO, _port, env, run_on_a_free_port, scratch
 
@@ -70,7 +70,7 @@ def test_experts_that_do_not_split_over_expert_parallel_ranks_are_refused():
                                             if path.name != "doge_tiny_cpu.yaml"))
 def test_single_gpu_recipes_quote_the_plan(recipe):
     """Each RTX 4090 recipe's "Why it fits 24 GB" comment states what launch/plan.py prints for it."""
-    from doge_dist.plan import largest_micro_batch, make_plan
+    from doge_dist.plan import largest_micro_batch
 
     config = load_config(str(REPO / "configs" / recipe))
     plan = make_plan(config, config, read_ds_config(str(REPO / config.run.ds_config)), 1, 24.0, 1.5)
@@ -264,3 +264,22 @@ def test_activation_prediction_matches_cuda_peak():
             print(f"checkpointing={checkpointing} whole_logits={whole}: predicted {predicted / GB:.2f} GB, "
                   f"measured {peak / GB:.2f} GB")
             assert peak == pytest.approx(predicted, rel=0.15)
+
+
+@pytest.mark.parametrize("reference", ["model", "precomputed"])
+def test_a_dpo_sample_is_a_pair_with_whole_logits_and_the_reference_model(reference):
+    """launch/dpo.py runs chosen and rejected through the policy and reads their whole logits; with
+    finetune.reference=model every rank holds the frozen reference in bf16 (planned as SFT, a DPO run
+    of the 20M recipe counted a quarter of its activations and no reference)."""
+    from doge_dist.model.flops import parameter_count
+
+    config = load_config(str(REPO / "configs" / "dpo_doge_20m.yaml"), ["model.preset=doge-20m", f"finetune.reference={reference}"])
+    ds = read_ds_config(str(REPO / config.run.ds_config))
+    sft, dpo = make_plan(config, config, ds, 1, 24.0, 1.5), make_plan(config, config, ds, 1, 24.0, 1.5, task="dpo")
+    layout = check_layout(config, 1)
+    assert dpo.per_sequence == 2 * activation_bytes_per_sequence(config, layout, False, whole_logits=True) > 2 * sft.per_sequence
+    assert dpo.loss_workspace == 0.0 and dpo.pairs and not sft.pairs
+    assert dpo.states.reference == (2.0 * parameter_count(config.model) if reference == "model" else 0.0)
+    assert dpo.states.total == sft.states.total + dpo.states.reference
+    with pytest.raises(ConfigError, match="task 'ppo': plan one of pretrain, sft, dpo"):
+        make_plan(config, config, ds, 1, 24.0, 1.5, task="ppo")
