@@ -181,3 +181,22 @@ def test_moe_router_layout_is_recorded_and_a_foreign_moe_directory_keeps_transfo
     with torch.no_grad():
         assert (foreign.eval()(ids).logits - reference(ids).logits).abs().max() <= 1e-5
     assert load_hf(tmp_path / "hf", router_layout="split").config.router_layout == "split"
+
+
+def test_a_tokenizer_taken_from_a_sharded_model_directory_brings_no_weights(tmp_path):
+    """save_hf(model, out, tokenizer=DIR) copies DIR's tokenizer files (launch/upcycle.py passes the dense
+    model's own directory): a sharded directory's weight shards and index must stay behind, or the new
+    directory holds the old model beside the new one and readers that follow the index load the old one."""
+    from transformers import DogeForCausalLM
+
+    from data_helpers import assets
+
+    ours, _ = model_pair(ModelConfig.from_preset("doge-tiny"))
+    save_hf(ours, tmp_path / "dense", tokenizer=str(assets().tokenizer_dir))
+    DogeForCausalLM.from_pretrained(tmp_path / "dense").save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    for file in (tmp_path / "dense").glob("tokenizer*"):
+        shutil.copy2(file, tmp_path / "sharded" / file.name)
+    assert len(list((tmp_path / "sharded").glob("model-*.safetensors"))) > 1
+    save_hf(ours, tmp_path / "copy", tokenizer=tmp_path / "sharded")
+    assert sorted(p.name for p in (tmp_path / "copy").iterdir() if "safetensors" in p.name) == ["model.safetensors"]
+    assert (tmp_path / "copy" / "tokenizer.json").is_file() and (tmp_path / "copy" / "tokenizer.model").is_file()

@@ -120,10 +120,9 @@ def load_state_checked(model: DogeForCausalLM, state: dict[str, torch.Tensor], s
     model.load_state_dict(state, strict=not model.config.tie_word_embeddings)
 
 
-def load_hf(path: Union[str, Path], **config_overrides) -> DogeForCausalLM:
-    """Our model from a transformers (or small-doge) Doge directory; ``model.config`` is its ModelConfig."""
-    path = Path(path)
-    config_file = path / "config.json"
+def read_hf_config(path: Union[str, Path]) -> dict[str, Any]:
+    """The config.json mapping of a Doge model directory; a missing, corrupt or non-Doge file is named."""
+    config_file = Path(path) / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{path} is not a Hugging Face model directory: config.json is missing.")
     try:
@@ -132,6 +131,13 @@ def load_hf(path: Union[str, Path], **config_overrides) -> DogeForCausalLM:
         raise ConfigError(f"{config_file} is not valid JSON: {error}.") from error
     if hf.get("model_type") != "doge":
         raise ConfigError(f"{config_file}: model_type is {hf.get('model_type')!r}, not 'doge'.")
+    return hf
+
+
+def load_hf(path: Union[str, Path], **config_overrides) -> DogeForCausalLM:
+    """Our model from a transformers (or small-doge) Doge directory; ``model.config`` is its ModelConfig."""
+    path = Path(path)
+    hf = read_hf_config(path)
     state = rename_old_keys(_read_state_dict(path))
     state = {k: v for k, v in state.items() if "rotary_emb" not in k}
     config = from_hf_config(hf, tuple(state), **config_overrides)
@@ -209,5 +215,11 @@ def _save_tokenizer(tokenizer: Union[str, Path, Any], directory: Path) -> None:
     if not source.is_dir():
         raise FileNotFoundError(f"Tokenizer '{source}' is not a Hugging Face tokenizer directory.")
     for file in source.iterdir():
-        if file.is_file() and file.name not in ("config.json", "model.safetensors"):
+        if file.is_file() and not is_model_file(file.name):
             shutil.copy2(file, directory / file.name)
+
+
+def is_model_file(name: str) -> bool:
+    """The config and weights of a model directory (one file or shards with their index, safetensors or
+    pytorch_model*.bin), which a tokenizer taken from that directory leaves behind."""
+    return name == "config.json" or name.endswith((".safetensors", ".safetensors.index.json")) or name.startswith("pytorch_model")

@@ -49,7 +49,7 @@ def initial_model(config: Config, weights: Optional[dict[str, torch.Tensor]] = N
     elif is_hf_directory(config.run.init_from):
         from ..convert.hf import load_hf
 
-        loaded = load_hf(config.run.init_from)
+        loaded = load_hf(config.run.init_from, router_layout=config.model.router_layout)  # the run's (checked before)
         load_state_checked(model, loaded.state_dict(), f"run.init_from '{config.run.init_from}'")
     return model
 

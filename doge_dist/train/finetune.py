@@ -7,7 +7,6 @@ sizing a run in epochs, and the model shape inherited from ``run.init_from``.
 """
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from functools import partial
@@ -187,8 +186,34 @@ def model_config_of(init_from: str) -> ModelConfig:
     from . import checkpoint
 
     if (Path(init_from) / "config.json").is_file():
-        from ..convert.hf import from_hf_config
+        from ..convert.hf import from_hf_config, read_hf_config
 
-        return from_hf_config(json.loads((Path(init_from) / "config.json").read_text()))
+        return from_hf_config(read_hf_config(init_from))
     root, tag = checkpoint.resolve_checkpoint(init_from)
     return ModelConfig(**checkpoint.read_meta(root, tag)["model"])
+
+
+# ModelConfig fields beside the tensor shapes that decide what a model's weights compute (max_position_embeddings
+# only moves where dynamic NTK starts, beyond the trained length)
+FUNCTION_FIELDS = ("rms_norm_eps", "hidden_act", "rope_theta", "rope_scaling", "keep_window_size",
+                   "num_experts_per_tok", "norm_topk_prob", "router_layout")
+
+
+def check_continued_model(saved: ModelConfig, model: ModelConfig, source: str) -> None:
+    """Compare run.init_from's own config (``saved``, from ``model_config_of``) with the run's model
+    section, which the loaded weights are built into: only tensor shapes are checked on load, so a
+    tied model would silently drop a trained untied LM head (an error), and any other field of
+    ``FUNCTION_FIELDS`` that differs makes the run start from another function than the one it
+    continues (a warning naming both values: a longer context or the per-token router may be meant)."""
+    if model.tie_word_embeddings and not saved.tie_word_embeddings:
+        raise ConfigError(
+            f"run.init_from '{source}' has an untied LM head (tie_word_embeddings false) and this run's model ties it to "
+            "the embeddings, which would drop the trained LM head: set model.tie_word_embeddings=false."
+        )
+    for field in FUNCTION_FIELDS:
+        if getattr(saved, field) != getattr(model, field):
+            warnings.warn(
+                f"run.init_from '{source}' was trained with model.{field}={getattr(saved, field)!r} and this run has "
+                f"{getattr(model, field)!r}: its weights compute another function in this run; set "
+                f"model.{field}={getattr(saved, field)!r} to continue the same model."
+            )

@@ -31,6 +31,7 @@ from .distributed import DistEnv, all_reduce_sum, init_distributed, launcher_wor
 from .ds_config import bf16_enabled, zero_stage
 from .engine import build_engine, is_hf_directory
 from .export import consolidated_state
+from .finetune import check_continued_model, model_config_of
 from .host_memory import keep_freed_memory
 from .metrics import Reporter, peak_tflops
 from .preflight import check_run
@@ -242,6 +243,11 @@ def pretrain(config: Config, ds_user: dict[str, Any], ds_where: str = "the DeepS
 
     # 2. what we start from: our own latest checkpoint, or weights to continue from, or nothing
     start = find_start(config)
+    if start is None and config.run.init_from:  # a new run from other weights: is it built as the model they were?
+        with warnings.catch_warnings():  # rank 0 says it; load_hf's note on a foreign MoE router is said for this run instead
+            warnings.simplefilter("default" if env.is_main else "ignore")
+            warnings.filterwarnings("ignore", message="A MoE Doge directory not written by doge-dist")
+            check_continued_model(model_config_of(config.run.init_from), config.model, config.run.init_from)
     init_checkpoint = None
     if start is None and config.run.init_from and not is_hf_directory(config.run.init_from):
         init_checkpoint = checkpoint.resolve_checkpoint(config.run.init_from)
