@@ -50,11 +50,9 @@ if __name__ == "__main__":
 
                 model, tokenizer_path = load_checkpoint_model(args.model), args.tokenizer or run_tokenizer_path(args.model)
         tokenizer = load_tokenizer(tokenizer_path)
-        if tokenizer.vocab_size > model.config.vocab_size:
-            from doge_dist.config import ConfigError
+        from doge_dist.train.export import check_tokenizer_fits
 
-            raise ConfigError(f"Tokenizer '{tokenizer_path}' has {tokenizer.vocab_size} ids but the model's vocab_size is "
-                              f"{model.config.vocab_size}: pass --tokenizer with the tokenizer this model was made for.")
+        check_tokenizer_fits(tokenizer, tokenizer_path, model.config.vocab_size)
         if args.chat:  # the reply alone
             from doge_dist.data.chat_template import load_chat_tokenizer
 

@@ -15,7 +15,7 @@ config, e.g. the demo run of configs/doge_tiny_cpu.yaml:
 import argparse
 import sys
 
-from doge_dist.convert.upcycle import upcycle_to_hf
+from doge_dist.train.cli import report_errors
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -26,7 +26,10 @@ if __name__ == "__main__":
     parser.add_argument("--seed", type=int, default=0, help="seed of the new router and expert tables")
     parser.add_argument("overrides", nargs="*", help="model.key=value changes to the preset, e.g. model.vocab_size=8192")
     args = parser.parse_intermixed_args()
-    try:
+
+    def run() -> None:
+        from doge_dist.convert.upcycle import upcycle_to_hf
+
         print(f"wrote {upcycle_to_hf(args.checkpoint, args.preset, args.output, args.step, args.seed, args.overrides)}")
-    except (ValueError, FileNotFoundError) as error:
-        sys.exit(f"error: {error}")
+
+    sys.exit(report_errors(run))

@@ -68,3 +68,43 @@ def test_bad_preset_override_or_output_fails_before_the_dense_model_is_loaded(pr
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)  # a run directory is no export: never overwritten
     with pytest.raises(ConfigError, match=re.escape(error)):
         upcycle_to_hf(str(tmp_path / "run"), preset, str(tmp_path / output), overrides=overrides)
+
+
+@pytest.mark.parametrize("saved,error", [
+    (ModelConfig.from_preset("doge-tiny", hidden_size=128), "model.hidden_size differs"),
+    (ModelConfig.from_preset("doge-tiny-moe"), "already a MoE model"),
+])
+def test_a_checkpoint_of_another_shape_or_a_moe_one_is_refused_before_it_is_loaded(saved, error, tmp_path, monkeypatch):
+    """The dense model's config is in its checkpoint's meta file (or config.json): a checkpoint that cannot
+    be upcycled to the preset is refused without consolidating it (a tensor- or expert-parallel ZeRO 1-3
+    checkpoint would first be converted to a universal one, the size of its optimizer states)."""
+    import json
+
+    from doge_dist.train import export
+
+    def never(*args, **kwargs):
+        raise AssertionError("the dense model was loaded before it was checked against the MoE config")
+
+    monkeypatch.setattr(export, "load_checkpoint_model", never)
+    step = tmp_path / "run" / "checkpoints" / "step_00000004"
+    step.mkdir(parents=True)
+    (step / "doge_meta.json").write_text(json.dumps({"step": 4, "model": saved.to_dict()}))
+    (step.parent / "latest").write_text(step.name)
+    with pytest.raises(ConfigError, match=re.escape(error)):
+        upcycle_to_hf(str(tmp_path / "run"), "doge-tiny-moe", str(tmp_path / "moe"))
+
+
+def test_upcycle_on_a_full_disk_is_one_error_with_exit_code_4(tmp_path):
+    """As launch/export_hf.py: a write that fails (here a file size limit, as ``ulimit -f`` sets; a full
+    disk alike) is one paragraph and exit code 4, not a traceback; nothing is left behind."""
+    import resource
+
+    save_hf(build_model(ModelConfig.from_preset("doge-tiny")), tmp_path / "dense")
+    limit = 64 * 1024  # the dense tiny model's weights are 430 kB
+    result = subprocess.run(
+        [PYTHON, str(REPO / "launch" / "upcycle.py"), "--checkpoint", str(tmp_path / "dense"), "--preset", "doge-tiny-moe",
+         "--output", str(tmp_path / "moe")], cwd=REPO, env=env(), capture_output=True, text=True,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    assert result.returncode == 4 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert f"error: Writing the Hugging Face export {tmp_path / 'moe'} failed" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dense"]

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from doge_dist.model import build_model
 from doge_dist.model.generate import generate
 from doge_dist.train.export import load_checkpoint_model
-from train_helpers import PYTHON, REPO, env, losses, pretrain, scalars, scratch, single_process_run, two_rank_run
+from train_helpers import PYTHON, REPO, base_overrides, env, losses, pretrain, scalars, scratch, single_process_run, two_rank_run
 
 
 def _export(run_dir, output):
@@ -98,3 +98,104 @@ def test_a_run_tokenizer_not_found_from_here_names_the_way_out(tmp_path, monkeyp
     (tmp_path / "data" / "tokenizer").mkdir(parents=True)
     (tmp_path / "data" / "tokenizer" / "tokenizer.model").touch()
     assert run_tokenizer_path(tmp_path / "run") == "data/tokenizer/tokenizer.model"
+
+
+def _transformers_directory(path, **config):
+    """A randomly initialised transformers DogeForCausalLM of doge-tiny's shape, saved with save_pretrained."""
+    from transformers import DogeConfig, DogeForCausalLM
+
+    torch.manual_seed(0)
+    shape = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=256, keep_window_size=256)
+    DogeForCausalLM(DogeConfig(**shape, **config)).save_pretrained(path)
+    return path
+
+
+def test_init_from_a_transformers_directory_starts_at_its_loss_and_never_drops_its_lm_head():
+    """A directory written by transformers' own save_pretrained with an untied LM head: a run of the same
+    model starts at the loss transformers computes on the run's first batch; a run configured with tied
+    embeddings (doge-tiny's) would throw the trained LM head away, and is refused before training."""
+    from doge_dist.config import load_config
+    from doge_dist.train.data import TrainData
+
+    source = _transformers_directory(scratch() / "transformers_untied", tie_word_embeddings=False)
+    tied = pretrain(scratch() / "from_transformers_tied", 0, nproc=1, launcher="python", check=False, max_steps=2,
+                    warmup_steps=1, decay_steps=0, eval_interval=0, **{"run.init_from": str(source)})
+    assert tied.returncode == 2, tied.stderr[-3000:]
+    assert "model.tie_word_embeddings=false" in tied.stderr and "train/loss" not in tied.stdout
+
+    run_dir = scratch() / "from_transformers_untied"
+    overrides = {"run.init_from": str(source), "model.tie_word_embeddings": "false", "micro_batch_size": 2,
+                 "gradient_accumulation_steps": 1, "max_steps": 2, "warmup_steps": 1, "decay_steps": 0, "eval_interval": 0}
+    pretrain(run_dir, 0, nproc=1, launcher="python", **overrides)
+    config = load_config(None, base_overrides(run_dir, **overrides))
+    batch = TrainData(config, 0, 1, 0, str(scratch() / "data_cache")).next_step()[0]
+    hf = AutoModelForCausalLM.from_pretrained(source, attn_implementation="eager").eval()
+    with torch.no_grad():
+        logits = hf(batch["input_ids"]).logits
+    expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100)
+    assert losses(run_dir)[0] == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_a_continued_model_that_computes_another_function_is_named():
+    """run.init_from's own config against the run's model section: an untied LM head into a tied model
+    is an error (its weights would be dropped), any other field that changes what the weights compute
+    (RoPE, norm epsilon, keep window, router) a warning naming both values."""
+    import warnings
+
+    from doge_dist.config import ConfigError, ModelConfig
+    from doge_dist.train.finetune import check_continued_model
+
+    saved = ModelConfig.from_preset("doge-tiny", tie_word_embeddings=False, rope_theta=5e5)
+    with pytest.raises(ConfigError, match=r"src.*tie_word_embeddings.*model\.tie_word_embeddings=false"):
+        check_continued_model(saved, ModelConfig.from_preset("doge-tiny"), "src")
+    with pytest.warns(UserWarning, match=r"src.*model\.rope_theta=500000\.0.*this run has 10000\.0"):
+        check_continued_model(saved, ModelConfig.from_preset("doge-tiny", tie_word_embeddings=False), "src")
+    moe = ModelConfig.from_preset("doge-tiny-moe", router_layout="hf_compat")
+    with pytest.warns(UserWarning, match=r"model\.router_layout='hf_compat'"):
+        check_continued_model(moe, ModelConfig.from_preset("doge-tiny-moe"), "src")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same function (a tied model may untie; dropout, backends may change)
+        check_continued_model(saved, ModelConfig.from_preset("doge-tiny", tie_word_embeddings=False, rope_theta=5e5,
+                                                             hidden_dropout=0.1, attn_backend="eager"), "src")
+        check_continued_model(ModelConfig.from_preset("doge-tiny"), ModelConfig.from_preset("doge-tiny", tie_word_embeddings=False), "src")
+
+
+@pytest.mark.parametrize("tokenizer,error", [
+    ("missing", "does not exist"),
+    ("512 ids", "has 512 ids but the model's vocab_size is 256"),
+])
+def test_a_missing_or_foreign_tokenizer_is_refused_before_the_checkpoint_is_consolidated(tokenizer, error, tmp_path, monkeypatch):
+    """--tokenizer is checked against the checkpoint's vocabulary (its meta file) before the weights are
+    consolidated: a tokenizer with more ids than the model would make an export whose tokens index
+    past the embedding in transformers."""
+    import json
+    import re
+
+    from data_helpers import assets
+    from doge_dist.config import ConfigError, ModelConfig
+    from doge_dist.data import DataError
+    from doge_dist.train import export
+
+    def never(*args, **kwargs):
+        raise AssertionError("the checkpoint was consolidated before the tokenizer was checked")
+
+    monkeypatch.setattr(export, "load_checkpoint_model", never)
+    step = tmp_path / "run" / "checkpoints" / "step_00000004"
+    step.mkdir(parents=True)
+    (step / "doge_meta.json").write_text(json.dumps({"step": 4, "model": ModelConfig.from_preset("doge-tiny", vocab_size=256).to_dict()}))
+    (step.parent / "latest").write_text(step.name)
+    path = str(tmp_path / "missing.model") if tokenizer == "missing" else str(assets().tokenizer_model)
+    with pytest.raises((ConfigError, DataError), match=re.escape(error)):
+        export.export_hf(tmp_path / "run", tmp_path / "hf", tokenizer=path)
+
+
+def test_a_corrupt_config_json_of_init_from_is_named(tmp_path):
+    """run.init_from's config.json is read before the model is built (its shape for SFT/DPO, its function
+    for every run): a truncated file is a one-paragraph error naming it, not a JSONDecodeError traceback."""
+    from doge_dist.config import ConfigError
+    from doge_dist.train.finetune import model_config_of
+
+    (tmp_path / "config.json").write_text('{"model_type": "doge", "hidden_size": 6')
+    with pytest.raises(ConfigError, match=r"config\.json is not valid JSON"):
+        model_config_of(str(tmp_path))

@@ -67,10 +67,12 @@ def upcycle_to_hf(source: str, preset: str, output: str, step=None, seed: int = 
     (with ``model.key=value`` overrides), save it with its tokenizer as a Hugging Face directory."""
     from pathlib import Path
 
+    from ..train.finetune import model_config_of
     from .hf import check_output, load_hf, save_hf
 
     check_output(output)  # a bad output, preset or override fails before the dense model is loaded (a while for a large one)
     moe_config = moe_config_from(preset, overrides)
+    moe_config_for(model_config_of(source), moe_config)  # from its config.json or meta file, before it is loaded
     if Path(source, "config.json").is_file():
         dense, tokenizer = load_hf(source), source
     else:

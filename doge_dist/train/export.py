@@ -91,15 +91,25 @@ def run_tokenizer_path(path: str | Path) -> Optional[str]:
     return tokenizer
 
 
+def check_tokenizer_fits(tokenizer, path: str | Path, vocab_size: int) -> None:
+    """A tokenizer with more ids than the model's vocabulary is another model's (its ids would index past
+    the embedding); fewer is a padded vocabulary, as the trainer allows."""
+    if tokenizer.vocab_size > vocab_size:
+        raise ConfigError(f"Tokenizer '{path}' has {tokenizer.vocab_size} ids but the model's vocab_size is "
+                          f"{vocab_size}: pass --tokenizer with the tokenizer this model was made for.")
+
+
 def export_hf(path: str | Path, output: str | Path, step: Optional[int] = None, tokenizer: Optional[str] = None) -> Path:
     from ..convert.hf import check_output, save_hf
     from ..data import load_tokenizer
 
     check_output(output)  # the output and the tokenizer before the consolidation, which takes a while for a large model
-    tokenizer = tokenizer or run_tokenizer_path(path)
-    if not tokenizer:
+    tokenizer_path = tokenizer or run_tokenizer_path(path)
+    if not tokenizer_path:
         raise ConfigError(f"No tokenizer known for {path}: pass --tokenizer (the run's config.yaml has no data.tokenizer).")
+    tokenizer = load_tokenizer(tokenizer_path)
+    check_tokenizer_fits(tokenizer, tokenizer_path, checkpoint.read_meta(*find_checkpoint(path, step))["model"]["vocab_size"])
     model = load_checkpoint_model(path, step)
     with tempfile.TemporaryDirectory() as scratch:
-        hf_tokenizer = load_tokenizer(tokenizer).save_hf(Path(scratch) / "tokenizer")
+        hf_tokenizer = tokenizer.save_hf(Path(scratch) / "tokenizer")
         return save_hf(model, output, tokenizer=hf_tokenizer)
