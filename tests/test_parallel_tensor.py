@@ -106,3 +106,77 @@ def test_invalid_layouts_fail_before_building():
         check_layout(ParallelConfig(tensor_parallel=2), 3)
     with pytest.raises(ConfigError, match="sequence_parallel"):
         check_layout(ParallelConfig(tensor_parallel=1, sequence_parallel=True), 2)
+
+
+def _dropout_masks(rank, world_size, sequence_parallel):
+    """Every dropout mask of one training forward at tensor parallel ``world_size``, as drawn on each rank."""
+    import torch.nn.functional as F
+    from megatron.core import parallel_state
+
+    from doge_dist.parallel.tensor import parallelize_tensor
+
+    initialize_parallel(ParallelConfig(tensor_parallel=world_size, sequence_parallel=sequence_parallel))
+    group = parallel_state.get_tensor_model_parallel_group()
+    config = ModelConfig.from_preset("doge-tiny", hidden_dropout=0.5, attention_dropout=0.5, attn_backend="eager")
+    torch.manual_seed(0)
+    model = parallelize_tensor(build_model(config), group, sequence_parallel).train()
+    masks, dropout = [], F.dropout
+
+    def recording_dropout(x, p=0.5, training=True, inplace=False):
+        out = dropout(x, p, training, inplace)
+        masks.append(out == 0)
+        return out
+
+    F.dropout = recording_dropout
+    torch.manual_seed(1)  # the same default generator state on every rank, as the trainer seeds them
+    model(unique_tokens(2, 16, config.vocab_size))
+    every_rank = [None] * world_size
+    dist.all_gather_object(every_rank, masks, group=group)
+    return every_rank
+
+
+@pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp", "tp+sp"])
+def test_dropout_masks_differ_on_sharded_activations_only(sequence_parallel):
+    """As Megatron's RNG tracker: attention dropout acts on this rank's heads and, with sequence
+    parallelism, hidden dropout on this rank's tokens, so tensor-parallel ranks draw different masks
+    there (the same mask on two shards would correlate heads or positions a single device draws
+    independently); hidden dropout of replicated activations draws the same mask on every rank, or the
+    replicas would stop being copies of each other. Per layer: attention probabilities, then the
+    two hidden dropouts."""
+    rank0, rank1 = run_distributed(_dropout_masks, 2, sequence_parallel)[0]
+    assert len(rank0) == len(rank1) == 3 * ModelConfig.from_preset("doge-tiny").num_hidden_layers
+    for call, (mask0, mask1) in enumerate(zip(rank0, rank1)):
+        sharded = call % 3 == 0 or sequence_parallel
+        assert torch.equal(mask0, mask1) != sharded, f"dropout call {call}: sharded={sharded}"
+
+
+def _compiled_and_eager(rank, world_size):
+    from megatron.core import parallel_state
+
+    from doge_dist.model.compile import compile_model
+    from doge_dist.parallel.tensor import parallelize_tensor
+
+    initialize_parallel(ParallelConfig(tensor_parallel=world_size))
+    group = parallel_state.get_tensor_model_parallel_group()
+    torch.manual_seed(0)
+    single = build_model(ModelConfig.from_preset("doge-tiny"))
+    eager, compiled = (parallelize_tensor(copy.deepcopy(single), group) for _ in range(2))
+    compile_model(compiled)
+    ids = unique_tokens(2, 16, single.config.vocab_size)
+    losses = []
+    for model in (eager, compiled):
+        out = model(ids)
+        total, count = model.loss_sum(out.logits, shift_labels(ids))
+        (total / count).backward()
+        losses.append((total / count).item())
+    worst_grad = max((p.grad - q.grad).abs().max().item() for p, q in zip(eager.parameters(), compiled.parameters()))
+    return losses, worst_grad
+
+
+def test_compiled_tensor_parallel_layers_equal_eager_ones():
+    """train.compile with tensor parallelism: dt_proj's all-reduce of partial sums (HeadLocalDtProj)
+    compiles (megatron's all-reduces its input in place and returns it, which the compiled
+    autograd refused for a view modified in place)."""
+    for (eager, compiled), worst_grad in run_distributed(_compiled_and_eager, 2):
+        assert compiled == pytest.approx(eager, rel=1e-6)
+        assert worst_grad <= 1e-6

@@ -36,6 +36,22 @@ class _ReduceScatter(torch.autograd.Function):
         return _Gather.apply(grad, ctx.dim, ctx.group), None, None
 
 
+class _AllReduce(torch.autograd.Function):
+    """Sum over the group (forward), identity (backward): megatron's ``reduce_from_tensor_model_parallel_region``
+    out of place. Megatron's all-reduces its input in place and returns it as its output, which a
+    compiled layer (``train.compile``) refuses once that output passes another such function."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        out = x.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
 class _GatherForReplicatedUse(torch.autograd.Function):
     """Concatenate along dim 0 for a computation every rank repeats identically: the backward hands
     each rank its own rows' gradient, without summing the identical copies."""
@@ -58,6 +74,10 @@ def gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
 
 def reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     return _ReduceScatter.apply(x, dim, group)
+
+
+def all_reduce(x: torch.Tensor, group) -> torch.Tensor:
+    return _AllReduce.apply(x, group)
 
 
 def gather_for_replicated_use(x: torch.Tensor, group) -> torch.Tensor:

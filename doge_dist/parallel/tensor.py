@@ -17,6 +17,9 @@ What is split, over the tensor-parallel group of size tp (``TP_SPLIT_DIMS``):
   logits are never gathered.
 Key/value heads are never replicated: nkv must be divisible by tp (a clear error otherwise).
 
+Dropout: masks of split activations (attention probabilities of local heads; with sequence parallelism,
+a layer's hidden states) are drawn per rank, those of replicated ones alike on every rank (``rng``).
+
 Sequence parallel: between the tensor-parallel regions each rank holds T/tp tokens; column layers
 all-gather the sequence and row layers reduce-scatter it, as in Megatron-LM (with our unfused q/k/v
 and gate/up projections that is one gather per projection). Parameters that then see only a shard of the
@@ -44,7 +47,8 @@ from ..config import ConfigError, ModelConfig
 from ..model.cdmoe import CDMoE, Routing, balance_loss
 from ..model.doge import DogeForCausalLM
 from ..model.loss import IGNORE_INDEX
-from .comm import gather, gather_for_replicated_use, reduce_scatter, sum_gradients_over_group
+from .comm import all_reduce, gather, gather_for_replicated_use, reduce_scatter, sum_gradients_over_group
+from .rng import draw_per_rank
 
 # (parameter name pattern, dimension split over the tensor-parallel group)
 TP_SPLIT_DIMS = [
@@ -182,7 +186,7 @@ class HeadLocalDtProj(nn.Module):
         self.group = group
 
     def forward(self, values: torch.Tensor) -> torch.Tensor:
-        dt = reduce_from_tensor_model_parallel_region(F.linear(values, self.weight), self.group)
+        dt = all_reduce(F.linear(values, self.weight), self.group)
         if self.bias is not None:
             dt = dt + self.bias
         return copy_to_tensor_model_parallel_region(dt, self.group)[..., self.local_heads]
@@ -345,4 +349,15 @@ def parallelize_tensor(model: DogeForCausalLM, group: dist.ProcessGroup, sequenc
     mark_split_parameters(model)
     for param in replicated_partial_grads:
         sum_gradients_over_group(param, group)
+    draw_sharded_dropout_per_rank(model, rank, sequence_parallel)
     return model
+
+
+def draw_sharded_dropout_per_rank(model: TensorParallelDoge, rank: int, sequence_parallel: bool) -> None:
+    """Dropout masks of this rank's own: attention dropout acts on this rank's heads, and with
+    sequence parallelism a whole decoder layer's dropouts on this rank's tokens (``rng``)."""
+    config = model.config
+    if not (config.attention_dropout or (sequence_parallel and config.hidden_dropout)):
+        return
+    for layer in model.model.layers:
+        draw_per_rank(layer if sequence_parallel else layer.self_attn, rank)
