@@ -216,3 +216,14 @@ def test_init_from_must_be_a_directory(tmp_path):
         _check(_config(f"run.init_from={tmp_path / 'model.safetensors'}"))
     with pytest.raises(ConfigError, match=r"run.init_from = '.*missing' does not exist"):
         _check(_config(f"run.init_from={tmp_path / 'missing'}"))
+
+
+def test_bf16_zero0_under_model_parallelism_is_refused():
+    """DeepSpeed's ZeRO-0 bf16 optimizer counts the gradient norm without the tensor-parallel marks (they
+    are on the parameters, it reads the gradients): TP 2 logged and clipped by 0.59 for one process's 1.21."""
+    zero0 = {**ZERO1, "zero_optimization": {"stage": 0}}
+    for layout in (["parallel.tensor_parallel=2"], ["model.preset=doge-tiny-moe", "parallel.expert_parallel=2"]):
+        with pytest.raises(ConfigError, match=r"ZeRO-0 in bf16 .* ZeRO-1 \(configs/zero1.json"):
+            _check(_config("train.bf16=true", *layout), zero0)
+    _check(_config("parallel.tensor_parallel=2"), zero0)  # fp32 ZeRO-0: doge-dist's optimizer counts the norm
+    _check(_config("train.bf16=true"), zero0)  # data parallel only

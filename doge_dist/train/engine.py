@@ -83,4 +83,21 @@ def build_engine(config: Config, ds: dict[str, Any], device: torch.device,
                                   * deepspeed_data_parallel_size(config.parallel, dp))
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds,
                                       mpu=mpu)
+    undo_states_of_a_zero_gradient_step(engine.optimizer)
     return engine, ds
+
+
+def undo_states_of_a_zero_gradient_step(optimizer) -> None:
+    """DeepSpeed's ZeRO-0 bf16 wrapper (``FP16_UnfusedOptimizer``) creates AdamW's states by one step
+    on zero gradients: AdamW then counts a step more than it took, so its bias correction shrinks the
+    first updates (by a quarter at the first), and that step decays the fp32 master weights, unlike
+    ZeRO 1-3 and fp32 runs of the same config. Drop the states (AdamW creates them at its first real
+    step) and copy the masters back from the bf16 weights they were made from."""
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    if not isinstance(optimizer, FP16_UnfusedOptimizer):
+        return
+    optimizer.optimizer.state.clear()
+    for masters, weights in zip(optimizer.fp32_groups, optimizer.fp16_groups):
+        for master, weight in zip(masters, weights):
+            master.data.copy_(weight.data)

@@ -17,7 +17,7 @@ from ..parallel.grid_checkpoint import check_grid
 from ..parallel.state import ParallelLayout
 from ..parallel.state import check_layout as check_parallel_layout
 from ..parallel.tensor import check_tensor_parallel
-from .ds_config import resolve_ds_config
+from .ds_config import bf16_enabled, resolve_ds_config, zero_stage
 from .optim import DECAY_GROUPS
 from .schedule import check_schedule
 
@@ -106,6 +106,12 @@ def check_run(config: Config, ds_user: dict[str, Any], world_size: int, where: s
     ds = resolve_ds_config(ds_user, config.train, layout.dp_size, where)
     if layout.expert_parallel > 1 and ds.get("zero_optimization", {}).get("stage", 0) > 2:
         raise ConfigError(f"{where}: expert parallelism trains with ZeRO 0-2; ZeRO-3 is not supported with it.")
+    model_parallel = layout.tensor_parallel > 1 or layout.expert_parallel > 1
+    if model_parallel and zero_stage(ds) == 0 and bf16_enabled(ds):
+        raise ConfigError(f"{where}: ZeRO-0 in bf16 with tensor or expert parallelism is not supported: DeepSpeed's "
+                          "ZeRO-0 bf16 optimizer computes the gradient norm for clipping without the model-parallel "
+                          "marks of the parameters, so it leaves out other ranks' slices (at tensor_parallel 2 about "
+                          "half the norm). Use ZeRO-1 (configs/zero1.json, the same steps), or ZeRO-0 in fp32.")
     if config.train.compile and ds.get("zero_optimization", {}).get("stage", 0) > 2:
         raise ConfigError(f"{where}: train.compile compiles each decoder layer, which ZeRO-3's parameter gathering hooks "
                           "would break into pieces; use ZeRO 0-2 with it, or set train.compile=false.")
