@@ -233,3 +233,19 @@ def test_a_checkpoint_past_max_steps_is_refused_before_any_model(tmp_path):
     result = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stderr[-3000:]
     assert f"is at step {STEPS + 5}, past train.max_steps = {STEPS}: set train.max_steps to at least {STEPS + 5}" in result.stderr
+
+
+def test_a_rank_the_saving_run_did_not_have_continues_rank_0s_random_stream(tmp_path):
+    """Every rank starts from one seed and draws alike, so tensor-parallel replicas draw the same dropout
+    masks; a rank added on resume (1 process -> tensor parallel 2) must join that stream, not a seed of its own."""
+    import torch
+
+    from doge_dist.train.checkpoint import _rng_state, restore_rng, seed_everything
+
+    seed_everything(7)
+    torch.rand(3)
+    torch.save(_rng_state(), tmp_path / "rng_rank00000.pt")
+    saved_stream = torch.rand(5)
+    seed_everything(1234)
+    restore_rng(tmp_path, 1, 1234)
+    assert torch.equal(torch.rand(5), saved_stream)

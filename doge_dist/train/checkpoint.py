@@ -102,10 +102,14 @@ def seed_everything(seed: int) -> None:
 
 
 def restore_rng(directory: Path, rank: int, seed: int) -> None:
-    """This rank's saved RNG states; a rank the saving run did not have gets a fresh seed."""
+    """This rank's saved RNG states. A rank the saving run did not have takes rank 0's: every rank
+    starts from one seed and draws alike, and tensor-parallel replicas must go on doing so (their
+    dropout masks of replicated activations must be equal; ``parallel.rng``)."""
     file = directory / f"rng_rank{rank:05d}.pt"
     if not file.is_file():
-        seed_everything(seed + rank)
+        file = directory / "rng_rank00000.pt"
+    if not file.is_file():
+        seed_everything(seed)
         return
     state = torch.load(file, weights_only=False)
     random.setstate(state["python"])
@@ -273,9 +277,11 @@ def check_model_shape(root: Path, tag: str, model_config) -> None:
     load_state_checked(current, saved_state, f"checkpoint {root / tag} (model shape differs from the config)")
 
 
-def load(engine, root: Path, tag: str, rank: int, seed: int, module_only: bool = False) -> Progress:
+def load(engine, root: Path, tag: str, module_only: bool = False) -> Progress:
     """Load weights and optimizer states (and the schedule and progress unless ``module_only``: a
-    continuation with the optimizer, ``run.init_optimizer``) through DeepSpeed; returns progress."""
+    continuation with the optimizer, ``run.init_optimizer``) through DeepSpeed; returns progress.
+    The RNG states are the caller's to restore (``restore_rng``), once nothing else draws before the
+    first step."""
     path, client = engine.load_checkpoint(
         str(root),
         tag=tag,
@@ -286,5 +292,4 @@ def load(engine, root: Path, tag: str, rank: int, seed: int, module_only: bool =
         raise ConfigError(f"DeepSpeed could not load checkpoint {root / tag}.")
     if module_only:
         return Progress()
-    restore_rng(root / tag, rank, seed)
     return Progress(**{k: client[k] for k in ("step", "consumed_samples", "consumed_tokens")})

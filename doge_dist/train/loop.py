@@ -272,13 +272,13 @@ def pretrain(config: Config, ds_user: dict[str, Any], ds_where: str = "the DeepS
     del init_weights
     progress = Progress()
     if start:
-        progress = checkpoint.load(engine, *source, env.rank, train.seed)
+        progress = checkpoint.load(engine, *source)
         reapply_schedule(engine.lr_scheduler, train)
         if env.is_main:
             print(f"[doge-dist] resumed from {origin[0] / origin[1]} at step {progress.step}", flush=True)
     elif init_checkpoint:
         if config.run.init_optimizer:
-            checkpoint.load(engine, *source, env.rank, train.seed, module_only=True)
+            checkpoint.load(engine, *source, module_only=True)
             reapply_schedule(engine.lr_scheduler, train)  # the loaded groups carry the old lr: the fresh schedule's step 0
         if env.is_main:
             print(f"[doge-dist] continuing from the weights of {origin[0] / origin[1]} with a fresh schedule", flush=True)
@@ -304,6 +304,8 @@ def pretrain(config: Config, ds_user: dict[str, Any], ds_where: str = "the DeepS
     with reporter.paused():  # DPO's reference log-probs, computed once, are no training throughput
         task.prepare(engine)
     stop = StopRequest()
+    if start:  # last: setting up draws random numbers too (the CPU peak for MFU), which shifted every dropout mask
+        checkpoint.restore_rng(source[0] / source[1], env.rank, train.seed)
 
     def save() -> None:
         checkpoint.save(engine, run_dir, progress, layout, train.keep_last, config.model.to_dict(),
