@@ -168,6 +168,9 @@ class ModelConfig:
         choice("router_layout", ROUTER_LAYOUTS)
         choice("balance_loss", BALANCE_LOSSES)
         choice("attn_backend", ATTN_BACKENDS)
+        if self.attn_backend == "flex" and self.attention_dropout:
+            raise ConfigError(f"model.attn_backend = 'flex' has no attention dropout (model.attention_dropout = "
+                              f"{self.attention_dropout}): use attn_backend 'auto' or 'sdpa' with dropout, or dropout 0.")
         choice("loss_backend", LOSS_BACKENDS)
         if self.hidden_act != "silu":
             raise ConfigError(f"model.hidden_act = {self.hidden_act!r}: Doge uses 'silu' only.")

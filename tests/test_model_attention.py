@@ -49,6 +49,19 @@ def test_generation_with_the_flex_backend_runs_sdpa(monkeypatch):
     assert (torch.cat(steps, dim=1) - full).abs().max() <= 1e-5
 
 
+def test_attention_dropout_never_goes_to_flex_which_has_none():
+    """FlexAttention takes no dropout: on CUDA 'auto' trained with attention_dropout silently off.
+    'auto' picks SDPA while dropout is on (training), and an explicit 'flex' with dropout is refused."""
+    from doge_dist.config import ConfigError
+    from doge_dist.model.attention import resolve_backend
+
+    cuda = torch.device("cuda")
+    assert resolve_backend("auto", cuda) == "flex" and resolve_backend("auto", cuda, dropout=0.1) == "sdpa"
+    assert resolve_backend("auto", torch.device("cpu"), dropout=0.1) == "sdpa"
+    with pytest.raises(ConfigError, match="model.attn_backend = 'flex' has no attention dropout"):
+        ModelConfig.from_preset("doge-tiny", attn_backend="flex", attention_dropout=0.1)
+
+
 def test_reference_router_reshape_leaks_future_tokens():
     """The hf_compat layout mixes tokens (defect 2): a later token changes earlier logits."""
     model = _model("doge-tiny-moe", router_layout="hf_compat")

@@ -24,12 +24,13 @@ from .precision import compute_dtype
 from .rope import apply_rotary
 
 
-def resolve_backend(name: str, device: torch.device, cached: bool = False) -> str:
-    """auto: FlexAttention on CUDA, SDPA elsewhere. With a KV cache (generation) flex becomes SDPA:
-    the compiled flex kernel and block mask are specialised to one key length and would recompile
-    at every new token."""
+def resolve_backend(name: str, device: torch.device, cached: bool = False, dropout: float = 0.0) -> str:
+    """auto: FlexAttention on CUDA, SDPA elsewhere and wherever attention dropout is on (FlexAttention
+    has none; an explicit ``flex`` with dropout is refused by ModelConfig). With a KV cache
+    (generation) flex becomes SDPA: the compiled flex kernel and block mask are specialised to one
+    key length and would recompile at every new token."""
     if name == "auto":
-        name = "flex" if device.type == "cuda" else "sdpa"
+        name = "flex" if device.type == "cuda" and not dropout else "sdpa"
     if name == "flex" and cached:
         return "sdpa"
     return name
@@ -89,8 +90,8 @@ class DynamicMaskAttention(nn.Module):
         if cache is not None:
             k, v, bias = cache.update(self.layer_idx, k, v, bias)
 
-        backend = resolve_backend(self.backend, x.device, cached=cache is not None)
         dropout = self.dropout if self.training else 0.0
+        backend = resolve_backend(self.backend, x.device, cached=cache is not None, dropout=dropout)
         if backend == "flex":
             out = self._flex(q, k, v, bias, layout)
         elif backend in ("sdpa", "flash") and k.shape[-2] <= self.keep_window_size:
