@@ -384,3 +384,21 @@ def test_a_sequence_parallel_rank_counts_its_chunk_of_the_token_mask(monkeypatch
     monkeypatch.setattr(loop.parallel_state, "get_tensor_model_parallel_world_size", lambda: 2)
     monkeypatch.setattr(loop.parallel_state, "get_tensor_model_parallel_rank", lambda: 1)
     assert loop.local_tokens(mask, routed=6).tolist() == [[1, 1, 0], [0, 0, 0]]  # rank 1: the second half of each row
+
+
+def test_a_template_with_only_a_generation_prompt_is_refused(tmp_path):
+    """The loss mask needs {% generation %} markers; "add_generation_prompt" alone contains the word
+    and passed the check, leaving every assistant token out of the loss."""
+    import shutil
+
+    copy = tmp_path / "tokenizer"
+    shutil.copytree(chat_tokenizer(), copy)
+    unmarked = ("{%- for message in messages %}{{- message['content'] + eos_token }}{%- endfor %}"
+                "{%- if add_generation_prompt %}{{- 'assistant: ' }}{%- endif %}")
+    tokenizer = AutoTokenizer.from_pretrained(str(copy))
+    tokenizer.chat_template = unmarked
+    tokenizer.save_pretrained(str(copy))
+    assert AutoTokenizer.from_pretrained(str(copy)).chat_template == unmarked
+    load_chat_tokenizer(chat_tokenizer())
+    with pytest.raises(DataError, match=r"has no chat template with \{% generation %\} markers"):
+        load_chat_tokenizer(copy)

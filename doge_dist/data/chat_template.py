@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -55,6 +56,9 @@ def write_chat_tokenizer(source: str | os.PathLike, output_dir: str | os.PathLik
     return output
 
 
+GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
 def load_chat_tokenizer(path: str | os.PathLike):
     """``AutoTokenizer`` of a chat tokenizer directory; its template must mark assistant turns."""
     from transformers import AutoTokenizer
@@ -64,7 +68,7 @@ def load_chat_tokenizer(path: str | os.PathLike):
         raise DataError(f"'{directory}' is not a Hugging Face tokenizer directory (no tokenizer_config.json); {FIX}.")
     tokenizer = AutoTokenizer.from_pretrained(str(directory))
     template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
-    if not template or "generation" not in template:
+    if not template or not GENERATION_MARKER.search(template):  # not "add_generation_prompt" alone
         raise DataError(
             f"Tokenizer '{directory}' has no chat template with {{% generation %}} markers, which the loss mask "
             f"needs; {FIX}."
