@@ -108,3 +108,12 @@ def test_upcycle_on_a_full_disk_is_one_error_with_exit_code_4(tmp_path):
     assert result.returncode == 4 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert f"error: Writing the Hugging Face export {tmp_path / 'moe'} failed" in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dense"]
+
+
+def test_the_dense_source_is_never_the_output(tmp_path):
+    """An export replaces an earlier export: --output equal to the dense HF directory replaced the model it upcycled."""
+
+    save_hf(build_model(ModelConfig.from_preset("doge-tiny")), tmp_path / "dense")
+    with pytest.raises(ConfigError, match="is the dense model being upcycled"):
+        upcycle_to_hf(str(tmp_path / "dense"), "doge-tiny-moe", str(tmp_path / "dense" / "."))
+    assert (tmp_path / "dense" / "model.safetensors").is_file()

@@ -71,6 +71,9 @@ def upcycle_to_hf(source: str, preset: str, output: str, step=None, seed: int = 
     from .hf import check_output, load_hf, save_hf
 
     check_output(output)  # a bad output, preset or override fails before the dense model is loaded (a while for a large one)
+    if Path(output).resolve() == Path(source).resolve():
+        raise ConfigError(f"--output '{output}' is the dense model being upcycled, which the MoE model would replace: "
+                          "write it to a new directory.")
     moe_config = moe_config_from(preset, overrides)
     moe_config_for(model_config_of(source), moe_config)  # from its config.json or meta file, before it is loaded
     if Path(source, "config.json").is_file():
