@@ -435,7 +435,7 @@ class FinetuneConfig:
     epochs: float = 2.0
     warmup_ratio: float = 0.1
     decay_ratio: float = 0.1
-    packing: bool = False  # SFT: whole conversations packed into data.seq_length (positions restart per conversation)
+    packing: bool = False  # SFT: whole conversations packed into data.seq_length (positions restart, attention stays within each)
     beta: float = 0.1  # DPO: strength of the KL penalty towards the reference model
     reference: str = "model"  # DPO: model (a frozen copy) | precomputed (its log-probs, computed once before step 1)
 

@@ -3,7 +3,8 @@ padded, and DPO pairs; plus the epoch-wise shuffle that makes both resumable by 
 
 Labels are next-token targets: position t predicts token t+1, counted only where the loss mask of
 token t+1 is 1 (assistant content and its eos), and never across two packed conversations.
-Sequences are right-padded, so with causal attention no real token ever sees a pad.
+Sequences are right-padded, so with causal attention no real token ever sees a pad; packed
+conversations carry document ids, so none sees another conversation either.
 """
 from __future__ import annotations
 
@@ -56,16 +57,19 @@ class MaskedSequences:
         return self.tokens[part][local].astype(np.int64), self.masks[part][local].astype(np.int64)
 
 
-def lm_sample(pieces: Sequence[tuple[np.ndarray, np.ndarray]]) -> dict[str, torch.Tensor]:
-    """``input_ids``, ``labels``, ``position_ids`` of one or more (packed) sequences."""
-    ids, labels, positions = [], [], []
-    for tokens, mask in pieces:
+def lm_sample(pieces: Sequence[tuple[np.ndarray, np.ndarray]], documents: bool = False) -> dict[str, torch.Tensor]:
+    """``input_ids``, ``labels``, ``position_ids`` of one or more (packed) sequences; with ``documents``
+    also ``document_ids`` (the piece each token belongs to), so that attention stays within each
+    packed conversation and it is scored as it would be alone in a padded row."""
+    ids, labels, positions, pieces_of = [], [], [], []
+    for number, (tokens, mask) in enumerate(pieces):
         target = np.where(mask[1:] > 0, tokens[1:], IGNORE_INDEX)
         ids.append(tokens)
         labels.append(np.append(target, IGNORE_INDEX))
         positions.append(np.arange(len(tokens)))
-    return {name: torch.from_numpy(np.concatenate(parts)) for name, parts in
-            (("input_ids", ids), ("labels", labels), ("position_ids", positions))}
+        pieces_of.append(np.full(len(tokens), number))
+    names = (("input_ids", ids), ("labels", labels), ("position_ids", positions)) + ((("document_ids", pieces_of),) if documents else ())
+    return {name: torch.from_numpy(np.concatenate(parts)) for name, parts in names}
 
 
 def pack(lengths: np.ndarray, seq_length: int) -> list[list[int]]:
@@ -86,7 +90,7 @@ class SFTDataset(Dataset):
     """One sample = one conversation (padded) or several whole conversations (``packing``)."""
 
     def __init__(self, sequences: MaskedSequences, seq_length: int, packing: bool) -> None:
-        self.sequences, self.seq_length = sequences, seq_length
+        self.sequences, self.seq_length, self.packing = sequences, seq_length, packing
         self.samples = pack(sequences.lengths, seq_length) if packing else [[i] for i in range(len(sequences))]
 
     def __len__(self) -> int:
@@ -94,7 +98,7 @@ class SFTDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         pieces = [self.sequences[i] for i in self.samples[index]]
-        return {k: v[: self.seq_length] for k, v in lm_sample(pieces).items()}
+        return {k: v[: self.seq_length] for k, v in lm_sample(pieces, documents=self.packing).items()}
 
 
 class PreferenceDataset(Dataset):
@@ -128,10 +132,13 @@ def conversations_without_loss(sequences: MaskedSequences, seq_length: int) -> i
 
 def collate_lm(samples: list[dict[str, torch.Tensor]], pad_id: int, multiple: int = 1) -> dict[str, torch.Tensor]:
     """Right-pad to the longest sample of the micro-batch, rounded up to ``multiple`` (sequence
-    parallelism splits the sequence over the tensor-parallel ranks), labels with IGNORE_INDEX;
-    ``token_mask`` marks the real tokens (the MoE balance loss leaves the padding out, as transformers does)."""
+    parallelism splits the sequence over the tensor-parallel ranks), labels with IGNORE_INDEX, packed
+    rows' ``document_ids`` with -1 (the padding is a document of its own); ``token_mask`` marks the real
+    tokens (the MoE balance loss leaves the padding out, as transformers does)."""
     length = -(-max(len(s["input_ids"]) for s in samples) // multiple) * multiple
     fill = {"input_ids": pad_id, "labels": IGNORE_INDEX, "position_ids": 0}
+    if "document_ids" in samples[0]:
+        fill["document_ids"] = -1
     batch = {key: torch.stack([torch.nn.functional.pad(s[key], (0, length - len(s[key])), value=value) for s in samples])
              for key, value in fill.items()}
     lengths = torch.tensor([len(s["input_ids"]) for s in samples])
