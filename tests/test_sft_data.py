@@ -133,6 +133,42 @@ def test_preference_truncation(tmp_path):
         MaskedSequences([str(tmp_path / "dpo_text_document")], pairs=False)
 
 
+def test_pairs_identical_after_truncation_are_reported(tmp_path):
+    """Completions that differ only beyond --max-completion-length are one sequence twice: such a pair has
+    no gradient, its margin is 0 and it counts as never accurate, so it is skipped like an identical pair."""
+    record = {"prompt": "What is 12 + 30?", "chosen": "12 + 30 = 42.", "rejected": "12 + 30 = 52."}
+    source = write_jsonl(tmp_path / "pairs.jsonl", [record])
+    report = preprocess_chat(str(source), str(tmp_path / "long"), str(chat_tokenizer()), kind="dpo", log=quiet)
+    assert (report.documents, report.bad) == (1, 0)
+    source = write_jsonl(tmp_path / "pairs.jsonl", [record, record])
+    with pytest.raises(DataError, match=r"pairs.jsonl:1: 'chosen' and 'rejected' are identical within "
+                                        r"--max-completion-length = 6 tokens"):
+        preprocess_chat(str(source), str(tmp_path / "short"), str(chat_tokenizer()), kind="dpo", max_completion_length=6,
+                        log=quiet)
+
+
+def test_truncation_is_reported(tmp_path):
+    """--max-length (SFT) and --max-prompt-length / --max-completion-length (DPO) cut silently before:
+    the tool now says how many conversations, prompts and completions it cut, and from which side."""
+    source = write_jsonl(tmp_path / "chat.jsonl", [{"messages": MESSAGES}, {"messages": MESSAGES[1:3]}])
+    tokenizer = load_chat_tokenizer(chat_tokenizer())
+    short = len(encode_conversation(tokenizer, MESSAGES)[0]) - 3  # cuts the last answer, not the short conversation
+    assert len(encode_conversation(tokenizer, MESSAGES[1:3])[0]) <= short
+    lines = []
+    preprocess_chat(str(source), str(tmp_path / "sft"), str(chat_tokenizer()), max_length=short, log=lines.append)
+    assert f"Truncated from the right to --max-length = {short} tokens: 1 of 2 conversations." in lines
+    lines.clear()
+    preprocess_chat(str(source), str(tmp_path / "all"), str(chat_tokenizer()), log=lines.append)
+    assert not [line for line in lines if "Truncated" in line]
+    record = {"prompt": "Tell me about lists in Python.", "chosen": "Lists are mutable sequences.", "rejected": "No."}
+    source = write_jsonl(tmp_path / "pairs.jsonl", [record, {**record, "prompt": "Hi?"}])
+    lines.clear()
+    preprocess_chat(str(source), str(tmp_path / "dpo"), str(chat_tokenizer()), kind="dpo", max_prompt_length=len(
+        encode_preference(tokenizer, {**record, "prompt": "Hi?"}, 0, 0)[0]), max_completion_length=4, log=lines.append)
+    assert ("Truncated: 1 of 2 prompts from the left to --max-prompt-length, 2 of 4 completions from the right to "
+            "--max-completion-length.") in lines
+
+
 def test_missing_chat_data_names_the_chat_tool(tmp_path):
     """A chat prefix that is not there points at the tool that writes chat data, for its kind."""
     for pairs, kind in ((False, "sft"), (True, "dpo")):

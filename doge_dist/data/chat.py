@@ -9,7 +9,8 @@ Malformed input raises ``BadRecord`` with a one-line reason; the caller adds fil
 """
 from __future__ import annotations
 
-from typing import Any
+from collections import Counter
+from typing import Any, Optional
 
 from doge_dist.data.inputs import BadRecord
 
@@ -51,13 +52,17 @@ def check_turn_order(messages: Messages, field: str = "messages") -> None:
                             "(after an optional system message, turns alternate user, assistant, user, ...)")
 
 
-def encode_conversation(tokenizer, messages: Messages, assistant_only: bool = True, max_length: int = 0) -> tuple[list[int], list[int]]:
-    """(ids, loss mask) of one conversation; ``max_length`` > 0 truncates from the right."""
+def encode_conversation(tokenizer, messages: Messages, assistant_only: bool = True, max_length: int = 0,
+                        cut: Optional[Counter] = None) -> tuple[list[int], list[int]]:
+    """(ids, loss mask) of one conversation; ``max_length`` > 0 truncates from the right (counted in
+    ``cut["conversations"]``, so that the tool can say how many it cut)."""
     out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
     ids = list(out["input_ids"])
     mask = list(out["assistant_masks"]) if assistant_only else [1] * len(ids)
-    if max_length > 0:
+    if 0 < max_length < len(ids):
         ids, mask = ids[:max_length], mask[:max_length]
+        if cut is not None:
+            cut["conversations"] += 1
     if not any(mask):
         raise BadRecord("no trainable token left (the assistant turns are beyond the maximum length)")
     return ids, mask
@@ -99,10 +104,13 @@ def _ids(tokenizer, messages: Messages, add_generation_prompt: bool) -> list[int
                                               add_generation_prompt=add_generation_prompt)["input_ids"])
 
 
-def encode_preference(tokenizer, record: dict, max_prompt_length: int, max_completion_length: int) -> tuple[list[int], list[int], list[int]]:
+def encode_preference(tokenizer, record: dict, max_prompt_length: int, max_completion_length: int,
+                      cut: Optional[Counter] = None) -> tuple[list[int], list[int], list[int]]:
     """(prompt ids, chosen ids, rejected ids) of one pair. The prompt is rendered with the generation
     prompt and truncated from the left to ``max_prompt_length``; each completion is the rest of the
-    full conversation's ids, truncated from the right to ``max_completion_length`` (0: no limit)."""
+    full conversation's ids, truncated from the right to ``max_completion_length`` (0: no limit).
+    ``cut["prompts"]`` and ``cut["completions"]`` count what was truncated."""
+    cut = Counter() if cut is None else cut
     prompt, chosen, rejected = preference_messages(record)
     prompt_ids = _ids(tokenizer, prompt, add_generation_prompt=True)
     completions = []
@@ -111,7 +119,14 @@ def encode_preference(tokenizer, record: dict, max_prompt_length: int, max_compl
         if full[: len(prompt_ids)] != prompt_ids:
             raise BadRecord("the chat template tokenizes the prompt differently inside the full conversation")
         completion_ids = full[len(prompt_ids) :]
-        completions.append(completion_ids[:max_completion_length] if max_completion_length > 0 else completion_ids)
-    if max_prompt_length > 0:
+        if 0 < max_completion_length < len(completion_ids):
+            completion_ids = completion_ids[:max_completion_length]
+            cut["completions"] += 1
+        completions.append(completion_ids)
+    if completions[0] == completions[1]:  # e.g. they differ only beyond the limit: no gradient, margin 0, never accurate
+        within = f" within --max-completion-length = {max_completion_length} tokens" if max_completion_length > 0 else " as tokens"
+        raise BadRecord(f"'chosen' and 'rejected' are identical{within}")
+    if 0 < max_prompt_length < len(prompt_ids):
         prompt_ids = prompt_ids[-max_prompt_length:]
+        cut["prompts"] += 1
     return prompt_ids, completions[0], completions[1]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -83,12 +84,13 @@ def preprocess_chat(
     report = PreprocessReport(list(prefixes))
     progress = Progress(log_interval, inputs, log)
     log(f"Tokenizing {kind} records of {len(inputs)} input file(s) into {prefixes[0]} (+ loss mask)")
-    trained = 0
+    trained, truncated = 0, Counter()
     with atomic_builders(list(zip(prefixes, (dtype, np.uint8)))) as (tokens, masks):
         for done, (index, line, record_kind, payload) in enumerate(iter_records(inputs, KINDS[kind])):
             progress(report, done)
             report.input_bytes += len(payload) if isinstance(payload, bytes) else 0
             where = f"{inputs[index].path}:{line}"
+            cut = Counter()  # counted only for records that are written
             try:
                 record = _record(record_kind, payload)
                 if record is None:
@@ -97,10 +99,10 @@ def preprocess_chat(
                 if kind == "sft":
                     if "messages" not in record:
                         raise BadRecord(f"no key 'messages'; this record has keys {', '.join(map(repr, record)) or '(none)'}")
-                    ids, mask = encode_conversation(tokenizer, check_messages(record["messages"]), assistant_only, max_length)
+                    ids, mask = encode_conversation(tokenizer, check_messages(record["messages"]), assistant_only, max_length, cut)
                     sequences = [(ids, mask)]
                 else:
-                    prompt, chosen, rejected = encode_preference(tokenizer, record, max_prompt_length, max_completion_length)
+                    prompt, chosen, rejected = encode_preference(tokenizer, record, max_prompt_length, max_completion_length, cut)
                     sequences = [(prompt + c, [0] * len(prompt) + [1] * len(c)) for c in (chosen, rejected)]
             except BadRecord as problem:
                 if strict:
@@ -113,9 +115,20 @@ def preprocess_chat(
             tokens.add_document(np.concatenate([np.asarray(ids, dtype=dtype) for ids, _ in sequences]), lengths)
             masks.add_document(np.concatenate([np.asarray(m, dtype=np.uint8) for _, m in sequences]), lengths)
             report.documents += 1
+            truncated.update(cut)
             report.tokens += sum(lengths)
             trained += sum(sum(m) for _, m in sequences)
         report.check_usable("--kind sft reads a 'messages' list, --kind dpo 'prompt', 'chosen' and 'rejected': is --kind right?")
     report.seconds = time.time() - start
     log(f"{trained} of {report.tokens} tokens carry loss")
+    if any(truncated.values()):
+        log(truncation_line(kind, truncated, report.documents, max_length))
     return report
+
+
+def truncation_line(kind: str, truncated: Counter, documents: int, max_length: int) -> str:
+    """How many sequences the length limits cut, and from which side (the rest was kept whole)."""
+    if kind == "sft":
+        return f"Truncated from the right to --max-length = {max_length} tokens: {truncated['conversations']} of {documents} conversations."
+    return (f"Truncated: {truncated['prompts']} of {documents} prompts from the left to --max-prompt-length, "
+            f"{truncated['completions']} of {2 * documents} completions from the right to --max-completion-length.")
