@@ -438,3 +438,38 @@ def test_a_template_with_only_a_generation_prompt_is_refused(tmp_path):
     load_chat_tokenizer(chat_tokenizer())
     with pytest.raises(DataError, match=r"has no chat template with \{% generation %\} markers"):
         load_chat_tokenizer(copy)
+
+
+def test_make_chat_tokenizer_never_deletes_its_source_or_other_files(tmp_path):
+    """The tool replaced --output-dir whole: pointed at the tokenizer's own directory (or a folder above
+    it) it deleted the sentencepiece model, the pretraining twin and everything else there. Such an
+    output, or an existing directory that is no tokenizer, is refused with nothing touched."""
+    import shutil
+
+    from doge_dist.data.chat_template import write_chat_tokenizer
+
+    source = tmp_path / "data" / "tokenizer"
+    shutil.copytree(chat_tokenizer().parent, source)
+    other = tmp_path / "data" / "sft_train.jsonl"
+    other.write_text("{}\n")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    for output in (source, tmp_path / "data", tmp_path):
+        with pytest.raises(DataError, match=rf"--output-dir '{output}' holds the source tokenizer"):
+            write_chat_tokenizer(source / "tokenizer.model", output)
+    with pytest.raises(DataError, match=rf"--output-dir '{tmp_path / 'data'}' exists and is not a tokenizer directory"):
+        write_chat_tokenizer(chat_tokenizer().parent / "tokenizer.model", tmp_path / "data")
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    written = write_chat_tokenizer(source / "tokenizer.model", source / "chat")  # an old chat twin is replaced
+    assert load_chat_tokenizer(written).chat_template
+
+
+def test_a_missing_init_from_is_named_by_its_key(tmp_path):
+    """SFT/DPO read the model shape from run.init_from before the other checks: a path that is not there,
+    or a run directory not trained yet, was reported without the key that names it."""
+    from doge_dist.config import ConfigError
+    from doge_dist.train.finetune import model_config_of
+
+    with pytest.raises(ConfigError, match=r"run.init_from = '.*missing' does not exist"):
+        model_config_of(str(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match=r"run.init_from = '.*' holds no doge-dist checkpoint"):
+        model_config_of(str(tmp_path))

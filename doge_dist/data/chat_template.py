@@ -42,6 +42,7 @@ def write_chat_tokenizer(source: str | os.PathLike, output_dir: str | os.PathLik
     from doge_dist.data.tokenizer import load_tokenizer
 
     output = Path(output_dir)
+    check_replaceable(Path(source), output)
     scratch = output.with_name(output.name + ".partial")
     shutil.rmtree(scratch, ignore_errors=True)
     load_tokenizer(source).save_hf(scratch)
@@ -54,6 +55,18 @@ def write_chat_tokenizer(source: str | os.PathLike, output_dir: str | os.PathLik
     shutil.rmtree(output, ignore_errors=True)
     os.replace(scratch, output)
     return output
+
+
+def check_replaceable(source: Path, output: Path) -> None:
+    """The output directory is replaced whole: refuse one that holds the source tokenizer (its own
+    directory or a folder above it: the sentencepiece model and the pretraining twin would be deleted)
+    or an existing directory that is not a tokenizer directory (its files would be deleted)."""
+    if source.resolve().is_relative_to(output.resolve()):
+        raise DataError(f"--output-dir '{output}' holds the source tokenizer '{source}' and would be replaced whole; "
+                        f"choose a new directory, e.g. '{source.parent if source.is_file() else source}/{CHAT_SUBDIR}'.")
+    if output.exists() and not (output / "tokenizer_config.json").is_file():
+        raise DataError(f"--output-dir '{output}' exists and is not a tokenizer directory; it would be replaced whole: "
+                        "choose a new directory.")
 
 
 GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")

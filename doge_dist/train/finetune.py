@@ -184,12 +184,17 @@ def model_from_init(config: Config, raw: Optional[dict], overrides: list[str]) -
 def model_config_of(init_from: str) -> ModelConfig:
     """The model shape of a Hugging Face directory or a doge-dist run/checkpoint."""
     from . import checkpoint
+    from .preflight import check_init_from
 
+    check_init_from(init_from)
     if (Path(init_from) / "config.json").is_file():
         from ..convert.hf import from_hf_config, read_hf_config
 
         return from_hf_config(read_hf_config(init_from))
-    root, tag = checkpoint.resolve_checkpoint(init_from)
+    try:
+        root, tag = checkpoint.resolve_checkpoint(init_from)
+    except ConfigError as error:  # e.g. the pretraining run has not saved a checkpoint yet
+        raise ConfigError(f"run.init_from = {error}") from None
     return ModelConfig(**checkpoint.read_meta(root, tag)["model"])
 
 

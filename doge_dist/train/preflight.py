@@ -83,6 +83,13 @@ def check_writable_dir(path: str, key: str) -> None:
         raise ConfigError(f"{key} = '{path}' cannot be written: '{existing}' is read-only for this user. Choose another {key}.")
 
 
+def check_init_from(init_from: str) -> None:
+    """run.init_from is a directory (SFT/DPO read their model shape from it before the other checks)."""
+    if not Path(init_from).is_dir():
+        problem = "is a file" if Path(init_from).exists() else "does not exist"
+        raise ConfigError(f"run.init_from = '{init_from}' {problem}: give a Hugging Face Doge directory or a run directory.")
+
+
 def check_run(config: Config, ds_user: dict[str, Any], world_size: int, where: str) -> tuple[ParallelLayout, dict[str, Any]]:
     """All pre-build checks; returns the layout and the effective DeepSpeed config."""
     layout = check_layout(config, world_size)
@@ -119,9 +126,8 @@ def check_run(config: Config, ds_user: dict[str, Any], world_size: int, where: s
     check_writable_dir(config.run.dir, "run.dir")
     if config.data.cache_dir:
         check_writable_dir(config.data.cache_dir, "data.cache_dir")
-    if config.run.init_from and not Path(config.run.init_from).is_dir():
-        problem = "is a file" if Path(config.run.init_from).exists() else "does not exist"
-        raise ConfigError(f"run.init_from = '{config.run.init_from}' {problem}: give a Hugging Face Doge directory or a run directory.")
+    if config.run.init_from:
+        check_init_from(config.run.init_from)
     if config.run.init_optimizer and (not config.run.init_from or Path(config.run.init_from, "config.json").is_file()):
         what = f"'{config.run.init_from}', a Hugging Face directory (weights only)" if config.run.init_from else "not set"
         raise ConfigError(f"run.init_optimizer takes the optimizer states of run.init_from's checkpoint, but run.init_from is "
