@@ -473,3 +473,13 @@ def test_a_missing_init_from_is_named_by_its_key(tmp_path):
         model_config_of(str(tmp_path / "missing"))
     with pytest.raises(ConfigError, match=r"run.init_from = '.*' holds no doge-dist checkpoint"):
         model_config_of(str(tmp_path))
+
+
+def test_pairs_identical_within_seq_length_count_as_without_loss():
+    """Chosen and rejected that differ only beyond data.seq_length train nothing (margin 0), as a
+    completion cut away wholly does; positions 0 .. seq_length - 1 predict tokens up to seq_length."""
+    from doge_dist.data.chat_dataset import pairs_without_loss
+
+    mask = np.array([0, 0, 0, 1, 1, 1])
+    pair = [(np.array([0, 5, 6, 7, 8, 1]), mask), (np.array([0, 5, 6, 7, 9, 1]), mask)]  # they differ at token 4
+    assert [pairs_without_loss(pair, seq_length) for seq_length in (2, 3, 4, 5)] == [1, 1, 0, 0]

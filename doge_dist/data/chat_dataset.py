@@ -117,10 +117,17 @@ class PreferenceDataset(Dataset):
 
 
 def pairs_without_loss(sequences: MaskedSequences, seq_length: int) -> int:
-    """Pairs whose chosen or rejected completion lies wholly beyond ``seq_length`` tokens (a prompt as
-    long as the sequence): cut there, it carries no loss, its reward is 0 and it is never accurate."""
-    return sum(not all(sequences[2 * pair + k][1][1 : seq_length + 1].any() for k in (0, 1))
-               for pair in range(len(sequences) // 2))
+    """Pairs that train nothing when cut to ``seq_length`` tokens: a chosen or rejected completion
+    wholly beyond it (a prompt as long as the sequence), or chosen and rejected identical within it
+    (they differ only later). Such a pair has reward margin 0 and is never accurate."""
+    def without_loss(pair: int) -> bool:
+        (chosen, chosen_mask), (rejected, rejected_mask) = sequences[2 * pair], sequences[2 * pair + 1]
+        targets = slice(1, seq_length + 1)  # positions 0 .. seq_length - 1 predict tokens 1 .. seq_length
+        if not (chosen_mask[targets].any() and rejected_mask[targets].any()):
+            return True
+        return np.array_equal(chosen[: seq_length + 1], rejected[: seq_length + 1])
+
+    return sum(without_loss(pair) for pair in range(len(sequences) // 2))
 
 
 def conversations_without_loss(sequences: MaskedSequences, seq_length: int) -> int:

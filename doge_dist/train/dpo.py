@@ -107,7 +107,7 @@ class DPOTask(FinetuneTask):
         cut = pairs_without_loss(self.sequences(config, "train"), config.data.seq_length)
         if cut and is_launcher_main():
             warnings.warn(f"{cut} of {pairs} training pairs have a completion wholly beyond data.seq_length = "
-                          f"{config.data.seq_length} tokens: they train nothing and count as reward 0, not accurate. "
+                          f"{config.data.seq_length} tokens or chosen and rejected identical within it: they train nothing and count as reward 0, not accurate. "
                           "Preprocess with --max-prompt-length + --max-completion-length <= data.seq_length.")
         return pairs
 
