@@ -205,6 +205,35 @@ def test_sigterm_removes_partial_files(tmp_path, workers) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
 
 
+def test_ctrl_c_to_the_process_group_stops_workers_without_tracebacks(tmp_path) -> None:
+    """Ctrl-C in a terminal signals every process of the group, the pool workers too: a worker that
+    died of it mid-read left half a task in the pool's pipe, and the tool then hung for ever in
+    Pool.terminate (2 of 5 runs on the sample corpus). The workers leave Ctrl-C to the main process."""
+    fifo = tmp_path / "in.jsonl"
+    os.mkfifo(fifo)
+    writer = os.open(fifo, os.O_RDWR)
+    tool = subprocess.Popen(
+        [sys.executable, str(ROOT / "data_tools" / "preprocess_data.py"), "--input", str(fifo), "--output-prefix",
+         str(tmp_path / "out"), "--tokenizer-model", str(assets().tokenizer_model), "--workers", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as in a terminal, also under a runner that ignores it
+    )
+    try:
+        os.write(writer, b"".join(json.dumps({"text": f"document {i}"}).encode() + b"\n" for i in range(1100)))
+        while "Processed 1000 documents" not in tool.stderr.readline():
+            assert tool.poll() is None, tool.stderr.read()
+        os.killpg(tool.pid, signal.SIGINT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            tool.wait(timeout=5)  # the pool's reader thread finishes at the end of the input
+        os.close(writer)
+        _, stderr = tool.communicate(timeout=60)
+    finally:
+        tool.kill()
+    assert tool.returncode == 130 and "Traceback" not in stderr, stderr
+    assert stderr.rstrip().endswith("interrupted (Ctrl-C)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
 def test_pool_workers_are_forked_before_the_sigterm_handler(tmp_path, monkeypatch) -> None:
     """A worker forked while the tool's SIGTERM handler is installed can lose Pool.terminate's SIGTERM
     (it arrives before the at-fork reset); the pool then waits for that worker for ever."""

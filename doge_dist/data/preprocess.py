@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -41,6 +42,14 @@ _STATE: tuple = ()
 def _init_worker(tokenizer_path: str, tokenizer_type: Optional[str], keys: Sequence[str], append_eod: bool, dtype) -> None:
     global _STATE
     _STATE = (load_tokenizer(tokenizer_path, tokenizer_type), tuple(keys), append_eod, dtype)
+
+
+def _init_pool_worker(*init_args) -> None:
+    """A pool worker ignores Ctrl-C, which a terminal sends to the whole process group: one that died of
+    it mid-read left half a task in the pool's pipe, and Pool.terminate then waited for the rest for
+    ever. The main process stops the workers itself (Pool.terminate's SIGTERM)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _init_worker(*init_args)
 
 
 def _encode_record(record: Record) -> tuple:
@@ -192,7 +201,7 @@ def preprocess(
         # worker forked with it could lose Pool.terminate's SIGTERM (arriving before the at-fork reset)
         # and the pool would wait for it for ever.
         if workers > 1:
-            pool = stack.enter_context(multiprocessing.Pool(workers, initializer=_init_worker, initargs=init_args))
+            pool = stack.enter_context(multiprocessing.Pool(workers, initializer=_init_pool_worker, initargs=init_args))
             stack.callback(stop.set)  # runs before the pool terminates: the feeder must not block
             results = pool.imap(_encode_batch, batches, chunksize=1)
         else:
