@@ -283,3 +283,35 @@ def test_a_full_disk_is_one_error_and_leaves_no_partial_files(tmp_path) -> None:
     assert f"error: Writing {prefix}_text_document.bin/.idx failed: [Errno 27] File too large" in result.stderr
     assert files_of(prefix + "_text_document") == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out_text_document.bin", "out_text_document.idx"]
+
+
+def test_a_directory_holding_saved_datasets_reads_their_rows(tmp_path) -> None:
+    """A save_to_disk folder inside an --input directory is one input: its dataset_info.json and
+    state.json were read as jsonl (every line a bad record) and its rows left out."""
+    from datasets import Dataset
+
+    from doge_dist.data.inputs import list_inputs
+
+    texts = assets().texts("valid")
+    (tmp_path / "dir").mkdir()
+    write_jsonl(tmp_path / "dir" / "a.jsonl", [{"text": t} for t in texts[:3]])
+    Dataset.from_dict({"text": texts[3:], "id": list(range(len(texts) - 3))}).save_to_disk(str(tmp_path / "dir" / "saved"))
+    assert [(item.path.name, item.kind) for item in list_inputs(tmp_path / "dir")] == [("a.jsonl", "jsonl"), ("saved", "arrow")]
+    report = preprocess(tmp_path / "dir", str(tmp_path / "out"), str(assets().tokenizer_model), workers=1, log=quiet)
+    assert read_prefix(str(tmp_path / "out_text_document")) == [tokenizer().encode(t) for t in texts]
+    assert report.bad == 0
+    Dataset.from_dict({"text": texts}).train_test_split(0.5).save_to_disk(str(tmp_path / "dir" / "splits"))
+    with pytest.raises(DataError, match="is a datasets DatasetDict with splits"):
+        list_inputs(tmp_path / "dir")
+
+
+def test_an_output_prefix_that_cannot_be_written_is_one_error(tmp_path) -> None:
+    """An --output-prefix under a file (or a read-only directory) failed with two chained tracebacks."""
+    from doge_dist.data.indexed import merge_prefixes
+
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(DataError, match=rf"Cannot write {tmp_path}/afile/x_text_document.bin/.idx: .*choose another"):
+        preprocess(assets().valid_jsonl, str(tmp_path / "afile" / "x"), str(assets().tokenizer_model), workers=2, log=quiet)
+    with pytest.raises(DataError, match=rf"Cannot write {tmp_path}/afile/merged.bin/.idx"):
+        merge_prefixes([assets().train_prefix], str(tmp_path / "afile" / "merged"), log=quiet)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]

@@ -73,15 +73,13 @@ def atomic_builders(outputs: Sequence[tuple[str, Type[np.number]]]) -> Iterator[
     their prefixes only on success (also when the process is stopped with SIGTERM: ``kill``, a
     scheduler's time limit). Every index is written before any file is renamed, so a failure (a full
     disk) never leaves one new prefix beside an old one that belonged with it (chat tokens and loss mask)."""
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
     partials = [(Path(prefix + ".bin.partial"), Path(prefix + ".idx.partial")) for prefix, _ in outputs]
+    written = " and ".join(f"{prefix}.bin/.idx" for prefix, _ in outputs)
     builders = []
     with _sigterm_unwinds():
         try:
             for (_, dtype), (partial_bin, _) in zip(outputs, partials):
-                partial_bin.parent.mkdir(parents=True, exist_ok=True)
-                builders.append(IndexedDatasetBuilder(str(partial_bin), dtype=dtype))
+                builders.append(_open_builder(partial_bin, dtype, written))
             yield builders
             for builder, (_, partial_idx) in zip(builders, partials):
                 builder.finalize(str(partial_idx))
@@ -89,10 +87,9 @@ def atomic_builders(outputs: Sequence[tuple[str, Type[np.number]]]) -> Iterator[
             for builder in builders:
                 with contextlib.suppress(OSError):  # closing flushes, which fails again on a full disk
                     builder.data_file.close()
-            for path in (path for pair in partials for path in pair):
+            for path in (path for pair in partials[: len(builders)] for path in pair):
                 path.unlink(missing_ok=True)
             if is_write_failure(error):
-                written = " and ".join(f"{prefix}.bin/.idx" for prefix, _ in outputs)
                 raise DataError(f"Writing {written} failed: {error} (a full disk or a file size limit?). Nothing was "
                                 "written; files already there are untouched.") from error
             raise
@@ -101,6 +98,21 @@ def atomic_builders(outputs: Sequence[tuple[str, Type[np.number]]]) -> Iterator[
         Path(prefix + ".idx").unlink(missing_ok=True)
         os.replace(partial_bin, prefix + ".bin")
         os.replace(partial_idx, prefix + ".idx")
+
+
+def _open_builder(partial_bin: Path, dtype: Type[np.number], written: str):
+    """A megatron-core builder writing ``partial_bin``; a place this process cannot write (a read-only
+    directory, a path under a file) is a ``DataError`` before any input is read."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    try:
+        partial_bin.parent.mkdir(parents=True, exist_ok=True)
+        return IndexedDatasetBuilder(str(partial_bin), dtype=dtype)
+    except OSError as error:
+        if is_write_failure(error):
+            raise
+        raise DataError(f"Cannot write {written}: {error}; choose another --output-prefix, in a directory this "
+                        "user can write.") from None
 
 
 @contextlib.contextmanager

@@ -66,15 +66,14 @@ def _expand(path: Path) -> list[InputFile]:
     if kind is not None:
         return [InputFile(path, kind)]
     if path.is_dir():
-        if (path / "dataset_dict.json").is_file():
-            splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
-            raise DataError(
-                f"'{path}' is a datasets DatasetDict with splits {', '.join(splits)}; "
-                f"pass one split directory, for example --input {path / (splits[0] if splits else 'train')}."
-            )
         found = []
         for directory, dirs, files in os.walk(path):
+            _refuse_dataset_dict(Path(directory))
             dirs.sort()
+            if _kind(Path(directory)) == "arrow":  # a save_to_disk folder inside: one input, not its .json metadata
+                found.append(InputFile(Path(directory), "arrow"))
+                dirs.clear()
+                continue
             for name in sorted(files):
                 child = Path(directory, name)
                 if _kind(child) is not None:
@@ -84,6 +83,16 @@ def _expand(path: Path) -> list[InputFile]:
         f"Input '{path}' is not a supported file: use .jsonl/.json(.gz), .txt(.gz), .parquet, "
         "a directory of those, or a datasets directory saved with save_to_disk."
     )
+
+
+def _refuse_dataset_dict(path: Path) -> None:
+    """A DatasetDict folder holds several splits; reading them all would mix train and test."""
+    if (path / "dataset_dict.json").is_file():
+        splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
+        raise DataError(
+            f"'{path}' is a datasets DatasetDict with splits {', '.join(splits)}; "
+            f"pass one split directory, for example --input {path / (splits[0] if splits else 'train')}."
+        )
 
 
 def list_inputs(specs: Sequence[str | os.PathLike] | str | os.PathLike) -> list[InputFile]:
