@@ -273,3 +273,29 @@ def test_ctrl_c_is_one_line_and_exit_code_130(capsys) -> None:
     assert run_tool(interrupted) == 130
     captured = capsys.readouterr()
     assert captured.err == "interrupted (Ctrl-C)\n" and captured.out == ""
+
+
+def test_a_zero_blend_weight_is_named_not_asserted(tmp_path) -> None:
+    # megatron-core's BlendedDataset asserts every weight > 0 (a bare AssertionError after the model was built).
+    other = str(tmp_path / "other")
+    for suffix in (".bin", ".idx"):
+        shutil.copy(assets().train_prefix + suffix, other + suffix)
+    config = DataConfig(train_data=[1, assets().train_prefix, 0, other], seq_length=16, split="90,10,0",
+                        cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(DataError, match=r"weights \[1.0, 0.0\] must be finite and positive: leave a prefix out"):
+        build_datasets(config, tokenizer(), [10, 2, 1])
+
+
+def test_a_split_without_training_weight_is_refused(tmp_path) -> None:
+    # "0,1,0" gave no training dataset: the trainer failed with len(None) after building the model.
+    config = DataConfig(train_data=[assets().train_prefix], seq_length=16, split="0,1,0", cache_dir=str(tmp_path / "c"))
+    with pytest.raises(DataError, match="gives the training split no weight"):
+        build_datasets(config, tokenizer(), [10, 2, 1])
+
+
+def test_an_empty_validation_split_is_not_told_to_use_99_1_0(tmp_path) -> None:
+    # 70 documents and "999,1,0": the validation split gets none; "99,1,0" would not give it any either.
+    config = DataConfig(train_data=[assets().train_prefix], seq_length=16, split="999,1,0", cache_dir=str(tmp_path / "c"))
+    with pytest.raises(DataError, match="valid split gets no tokens") as error:
+        build_datasets(config, tokenizer(), [10, 2, 1])
+    assert "99,1,0" not in str(error.value) and "data.valid_data" in str(error.value)

@@ -227,3 +227,21 @@ def test_bf16_zero0_under_model_parallelism_is_refused():
             _check(_config("train.bf16=true", *layout), zero0)
     _check(_config("parallel.tensor_parallel=2"), zero0)  # fp32 ZeRO-0: doge-dist's optimizer counts the norm
     _check(_config("train.bf16=true"), zero0)  # data parallel only
+
+
+def test_a_split_without_tokens_is_refused_before_the_model_is_built(tmp_path):
+    """A prefix of one document with data.split 90,10,0: the validation split gets none. megatron-core's
+    split was checked only when the datasets were built, after the model and the DeepSpeed engine."""
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    prefix = str(tmp_path / "one_text_document")
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+    builder.add_document(np.arange(4, 200), [196])
+    builder.finalize(prefix + ".idx")
+    run_dir = tmp_path / "run"
+    cmd = [PYTHON, "launch/pretrain.py", "--ds_config", "configs/zero0.json"] + base_overrides(run_dir) + [f"data.train_data=[{prefix}]"]
+    result = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "error: The valid split gets no tokens from" in result.stderr
+    assert not run_dir.exists()  # refused before the run wrote anything (or built a model)

@@ -29,6 +29,11 @@ from doge_dist.data.indexed import validate_prefix
 from doge_dist.data.tokenizer import Tokenizer
 
 Blend = tuple[list[str], Optional[list[float]]]
+SPLIT_FIXES = {  # what else helps a split of data.split that gets no tokens
+    "train": 'a larger share of data.split for it, such as "969,30,1"',
+    "valid": 'a larger share of data.split for it, such as "90,10,0", or a separate data.valid_data',
+    "test": 'a data.split that gives the test split none, such as "99,1,0"',
+}
 
 
 def parse_blend(entries: Sequence, where: str = "data.train_data") -> Optional[Blend]:
@@ -48,8 +53,9 @@ def parse_blend(entries: Sequence, where: str = "data.train_data") -> Optional[B
             "or only prefixes."
         )
     prefixes, weights = get_blend_from_list(entries)
-    if weights is not None and (not all(0 <= w < math.inf for w in weights) or sum(weights) <= 0):
-        raise DataError(f"{where} weights {weights} must be finite, non-negative and not all zero.")
+    if weights is not None and not all(0 < w < math.inf for w in weights):  # megatron-core asserts weights > 0
+        raise DataError(f"{where} weights {weights} must be finite and positive: leave a prefix out of the blend "
+                        "rather than give it weight 0.")
     return list(prefixes), weights
 
 
@@ -72,8 +78,9 @@ def split_weights(split) -> list[float]:
     return [float(p) for p in parts] + [0.0] * (3 - len(parts))
 
 
-def _check_data(splits: list[Optional[Blend]], split_matrix: list, vocab_size: int) -> None:
-    """Every prefix is intact and every requested split gets tokens from every prefix of its blend.
+def _check_data(splits: list[Optional[Blend]], split_matrix: list, vocab_size: Optional[int]) -> None:
+    """Every prefix is intact and every requested split gets tokens from every prefix of its blend;
+    with ``vocab_size``, every token id is within it (a scan of all the tokens).
 
     megatron-core's GPTDataset loops forever when a split it must sample from has no tokens (a small
     dataset with split "969,30,1" gives the test split no document), so that is an error here.
@@ -82,9 +89,8 @@ def _check_data(splits: list[Optional[Blend]], split_matrix: list, vocab_size: i
     for blend in splits:
         for prefix in blend[0] if blend else []:
             if prefix not in infos:
-                infos[prefix] = validate_prefix(prefix, vocab_size)
-    names = ("train", "valid", "test")
-    for index, (blend, bookends) in enumerate(zip(splits, split_matrix)):
+                infos[prefix] = validate_prefix(prefix, vocab_size, scan_tokens=vocab_size is not None)
+    for name, blend, bookends in zip(SPLIT_FIXES, splits, split_matrix):
         if blend is None or bookends is None:
             continue
         for prefix in blend[0]:
@@ -92,9 +98,15 @@ def _check_data(splits: list[Optional[Blend]], split_matrix: list, vocab_size: i
             begin, end = (int(round(edge * info.sequences)) for edge in bookends)
             if info.sequence_lengths[begin:end].sum() == 0:
                 raise DataError(
-                    f"The {names[index]} split gets no tokens from '{prefix}' ({info.documents} documents, "
-                    f"split bookends {bookends}): use more data or a data.split that gives it none, such as \"99,1,0\"."
+                    f"The {name} split gets no tokens from '{prefix}' ({info.documents} documents, "
+                    f"split bookends {bookends}): use more data, or {SPLIT_FIXES[name]}."
                 )
+
+
+def check_splits(config: DataConfig) -> None:
+    """``_check_data`` without the token scan, for launch/pretrain.py before any model is built (the ids
+    are scanned by ``build_datasets``, on rank 0)."""
+    _check_data(*split_plan(config), vocab_size=None)
 
 
 def check_data(splits: list[Optional[Blend]], split_matrix: list, vocab_size: int) -> None:
@@ -138,9 +150,25 @@ def parse_blends(config) -> tuple:
     if train is None:
         raise DataError("data.train_data is empty: list prefixes written by data_tools/preprocess_data.py.")
     valid = parse_blend(config.valid_data, "data.valid_data")
-    if valid is None:
-        split_weights(config.split)
+    if valid is None and split_weights(config.split)[0] == 0:
+        raise DataError(f"data.split = {config.split!r} gives the training split no weight: megatron-core would build no "
+                        "training dataset. Give train the first weight, such as \"969,30,1\".")
     return train, valid
+
+
+def split_plan(config: DataConfig) -> tuple[list[Optional[Blend]], list]:
+    """The blend and the bookends (fractions of each prefix's documents) of the train, valid and test
+    splits, as ``build_datasets`` has megatron-core cut them: with ``data.valid_data``, train reads all of
+    train_data and valid all of valid_data (no test split); otherwise ``data.split`` cuts every prefix."""
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix,
+        parse_and_normalize_split,
+    )
+
+    train, valid = parse_blends(config)
+    if valid:
+        return [train, valid, None], [(0.0, 1.0), (0.0, 1.0), None]
+    return [train] * 3, convert_split_vector_to_split_matrix(parse_and_normalize_split(config.split))
 
 
 def build_datasets(
@@ -179,8 +207,7 @@ def build_datasets(
         create_attention_mask=False,
     )
     sizes = list(num_samples) + [None] * (3 - len(num_samples))
-    splits = [train, valid, None] if valid else [train] * 3
-    split_matrix = [(0.0, 1.0), (0.0, 1.0), None] if valid else gpt_config.split_matrix
+    splits, split_matrix = split_plan(config)
     for blend, bookends, size in zip(splits, split_matrix, sizes):
         if blend and bookends and blend[1] is not None and size is None:
             raise DataError(f"A weighted blend needs a sample count for every split; got num_samples={list(num_samples)}.")

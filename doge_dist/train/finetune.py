@@ -115,6 +115,9 @@ class FinetuneTask(PretrainTask):
             check_chat_tokenizer(config.data.tokenizer)
         return len(train)
 
+    def check_data(self, config: Config) -> None:
+        """Chat prefixes are read whole (no data.split); ``check``, which the launcher runs first, validated them."""
+
     def build_data(self, config: Config, env: DistEnv, dp_rank: int, dp_size: int, consumed_samples: int, cache_dir: str) -> FinetuneData:
         return FinetuneData(self.dataset(config, "train"), self.dataset(config, "valid"), self.collate(config),
                             config, dp_rank, dp_size, consumed_samples)

@@ -234,6 +234,7 @@ def pretrain(config: Config, ds_user: dict[str, Any], ds_where: str = "the DeepS
     task = task or PretrainTask()
     # 1. everything that can be wrong with the input fails here, before any model or group exists
     layout, ds = check_run(config, ds_user, launcher_world_size(), ds_where)
+    task.check_data(config)
     env = init_distributed()
     kept_host_memory = env.device.type == "cpu" and keep_freed_memory()
     initialize_parallel(config.parallel)

@@ -6,7 +6,8 @@ and ``global_batch``), the loss of one micro-batch as a *sum* over its loss unit
 count (``forward_loss``, ``count``: tokens for language modelling, pairs for DPO, so the loop's
 exact global-batch mean works for every objective; ``forward_loss`` sees training micro-batches
 with gradients enabled and validation ones under ``no_grad``), and extra TensorBoard scalars at log
-points and after each validation; ``prepare`` runs once between the engine's set-up and step 1.
+points and after each validation; ``check_data`` runs with the other input checks, before any process
+group or model exists, and ``prepare`` once between the engine's set-up and step 1.
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ from .distributed import DistEnv
 
 
 class Task(Protocol):
+    def check_data(self, config: Config) -> None: ...
+
     def build_data(self, config: Config, env: DistEnv, dp_rank: int, dp_size: int, consumed_samples: int, cache_dir: str): ...
 
     def count(self, batch: dict) -> int: ...
@@ -49,6 +52,13 @@ class PretrainTask:
 
     def __init__(self) -> None:
         self.moe_stats: Optional[MoEStats] = None
+
+    def check_data(self, config: Config) -> None:
+        """Before any process group or model exists: every prefix is intact and every split that data.split
+        asks for gets tokens from each (``build_data`` would refuse it only after the model and engine were built)."""
+        from ..data.blend import check_splits
+
+        check_splits(config.data)
 
     def build_data(self, config: Config, env: DistEnv, dp_rank: int, dp_size: int, consumed_samples: int, cache_dir: str):
         from .data import TrainData
