@@ -3,8 +3,10 @@ checkpoint is never marked complete, ``latest`` keeps naming the last good one, 
 the checkpoint and the one a restart resumes from. DeepSpeed's save_checkpoint is replaced by a
 stand-in that writes one file per rank, on gloo ranks. A checkpoint half pruned is not complete, a
 failed universal conversion leaves no partial copy, and the run's config.yaml survives a restart on
-a full disk."""
+a full disk. Afterwards: pruning counts complete checkpoints only, a `latest` naming a deleted one or
+a checkpoint with a missing or cut file names the checkpoint to fall back to, and a run.dir has one trainer."""
 import resource
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +20,7 @@ from doge_dist.parallel.state import ParallelLayout
 from doge_dist.train import checkpoint
 from doge_dist.train.checkpoint import CheckpointWriteError, Progress
 from doge_dist.train.cli import report_errors
-from doge_dist.train.export import find_checkpoint
+from doge_dist.train.export import find_checkpoint, run_tokenizer_path
 from doge_dist.train.loop import write_run_files
 
 REPO = Path(__file__).resolve().parents[1]
@@ -132,3 +134,82 @@ def test_a_failed_universal_conversion_leaves_nothing_behind(tmp_path, monkeypat
     with pytest.raises(RuntimeError, match="(?s)ds_to_universal failed for .*step_00000004.*No space left on device"):
         checkpoint.convert_to_universal(root, tag)
     assert sorted(p.name for p in root.iterdir()) == [tag]
+
+
+class TorchFileEngine(StandInEngine):
+    """Writes this rank's optimizer file as a whole torch file (what a resume can read)."""
+
+    def __init__(self) -> None:
+        super().__init__(failing_rank=-1)
+
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+        import torch
+
+        torch.save({"step": client_state["step"]}, Path(save_dir) / tag / f"zero_pp_rank_{dist.get_rank()}_mp_rank_00_optim_states.pt")
+
+
+def _save_steps(rank: int, world_size: int, run_dir: str, steps: list, keep_last: int, leftover: int = 0) -> list:
+    """Save ``steps`` in order; before the last one, leave a save of step ``leftover`` cut short by a crash."""
+    for step in steps:
+        if step == steps[-1] and leftover:
+            (Path(run_dir) / "checkpoints" / checkpoint.tag_for(leftover)).mkdir()
+        checkpoint.save(TorchFileEngine(), run_dir, Progress(step=step), ParallelLayout(world_size, 1, 1), keep_last, {}, {})
+    return checkpoint.complete_tags(Path(run_dir) / "checkpoints")
+
+
+def test_pruning_keeps_keep_last_complete_checkpoints_and_drops_leftovers(tmp_path):
+    """A save cut short (no meta file) is no checkpoint: it is not counted among the keep_last kept ones
+    (which left one complete checkpoint where two were asked for) and pruning removes it."""
+    complete = run_distributed(_save_steps, 1, str(tmp_path), [2, 4, 8], 2, 6)[0]
+    assert complete == ["step_00000004", "step_00000008"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == complete
+
+
+def test_latest_naming_a_deleted_checkpoint_says_which_one_to_use(tmp_path):
+    root = tmp_path / "checkpoints"
+    run_distributed(_save_steps, 1, str(tmp_path), [4, 8], 2)
+    shutil.rmtree(root / "step_00000008")
+    with pytest.raises(ConfigError, match=rf"names 'step_00000008', but {root / 'step_00000008'} does not exist \(deleted\?\)\. "
+                                          rf"The newest complete checkpoint there is step_00000004: to continue from it, "
+                                          rf"run `echo step_00000004 > {root / 'latest'}`"):
+        checkpoint.read_latest(root)
+    (tmp_path / "config.yaml").write_text(f"data:\n  tokenizer: {tmp_path}\n")
+    assert find_checkpoint(tmp_path, step=4) == (root, "step_00000004")  # export_hf --step 4 needs no `latest`
+    assert run_tokenizer_path(tmp_path, step=4) == str(tmp_path)
+
+
+def test_a_missing_or_truncated_checkpoint_file_is_named(tmp_path):
+    """Found before any model is built (checkpoint.check_complete from the resume and every export), with
+    the checkpoint to fall back to: DeepSpeed reports a missing shard only on the rank reading it."""
+    root = tmp_path / "checkpoints"
+    run_distributed(_save_steps, 2, str(tmp_path), [4, 8], 2)
+    (root / "step_00000008" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    with pytest.raises(ConfigError, match=rf"Checkpoint {root / 'step_00000008'} is damaged \(missing: "
+                                          r"zero_pp_rank_1_mp_rank_00_optim_states.pt\)\. Restore the file\(s\), or continue from "
+                                          rf"the complete checkpoint before it, step_00000004: run `echo step_00000004 > "):
+        find_checkpoint(tmp_path)
+    rng = root / "step_00000008" / "rng_rank00000.pt"
+    rng.write_bytes(rng.read_bytes()[:-100])
+    with pytest.raises(ConfigError, match=r"\(missing: zero_pp_rank_1_mp_rank_00_optim_states.pt; truncated \(not a whole "
+                                          r"torch file\): rng_rank00000.pt\)"):
+        checkpoint.check_complete(root, "step_00000008")
+    checkpoint.check_complete(root, "step_00000004")
+
+
+def _lock_twice(rank: int, world_size: int, run_dir: str) -> str:
+    held = checkpoint.lock_run_dir(run_dir)
+    try:
+        checkpoint.lock_run_dir(run_dir)  # a second trainer: another open file description of the lock
+    except ConfigError as error:
+        return str(error)
+    finally:
+        if held:  # rank 0's
+            held.close()
+    return "locked twice"
+
+
+def test_a_second_trainer_on_a_run_dir_is_refused(tmp_path):
+    message = run_distributed(_lock_twice, 2, str(tmp_path))[1]  # rank 1 learns it from rank 0
+    assert message.startswith(f"{tmp_path} is in use by another trainer (pid ")
+    assert message.endswith("two trainers on one run.dir overwrite each other's checkpoints. Wait for it to end or "
+                            "stop it, or choose another run.dir.")

@@ -190,6 +190,23 @@ def test_a_resume_that_changes_the_global_batch_says_how_to_keep_it():
         warn_if_global_batch_changed(saved, TrainConfig(micro_batch_size=2, gradient_accumulation_steps=2), dp_size=1)
 
 
+def test_a_resume_compares_with_the_batch_of_the_checkpoints_last_steps():
+    """A run resumed once with another global batch: its checkpoint's mean batch is neither, and the next
+    resume keeping the batch must not be told to change it (the meta file records the batch)."""
+    from doge_dist.config import TrainConfig
+    from doge_dist.train.checkpoint import read_meta, tag_for
+    from doge_dist.train.loop import warn_if_global_batch_changed
+
+    assert read_meta(single_process_run() / "checkpoints", tag_for(STEPS))["global_batch"] == 4
+    saved = {"step": 20, "consumed_samples": 10 * 4 + 10 * 8, "global_batch": 8}  # 10 steps of 4, then 10 of 8
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_if_global_batch_changed(saved, TrainConfig(micro_batch_size=2, gradient_accumulation_steps=4), dp_size=1)
+    with pytest.warns(UserWarning, match=r"took 8 sequences each and this run takes 4 .* "
+                                         r"train.gradient_accumulation_steps=4 keeps it on 1 data-parallel rank"):
+        warn_if_global_batch_changed(saved, TrainConfig(micro_batch_size=2, gradient_accumulation_steps=2), dp_size=1)
+
+
 def _data_order(*overrides, consumed=STEPS * 4):
     """data.data_order of the single-process reference run's data (micro 2 x accumulation 2) at ``consumed``."""
     from doge_dist.config import load_config
@@ -249,3 +266,38 @@ def test_a_rank_the_saving_run_did_not_have_continues_rank_0s_random_stream(tmp_
     seed_everything(1234)
     restore_rng(tmp_path, 1, 1234)
     assert torch.equal(torch.rand(5), saved_stream)
+
+
+def test_a_resume_from_a_checkpoint_with_a_cut_file_names_it_before_any_model(tmp_path):
+    """A checkpoint copied only in part: the resume stops with the file named and the checkpoint to fall
+    back to, instead of torch's zip error from inside DeepSpeed once the engine is built."""
+    source = single_process_run() / "checkpoints"
+    (tmp_path / "checkpoints").mkdir()
+    for tag in ("step_00000005", "step_00000010"):
+        subprocess.run(["cp", "-r", str(source / tag), str(tmp_path / "checkpoints")], check=True)
+    (tmp_path / "checkpoints" / "latest").write_text("step_00000010")
+    weights = tmp_path / "checkpoints" / "step_00000010" / "mp_rank_00_model_states.pt"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    cmd = command(1, "python") + ["--ds_config", str(REPO / "configs" / "zero0.json")] + base_overrides(tmp_path, max_steps=12)
+    result = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert (f"error: Checkpoint {tmp_path / 'checkpoints' / 'step_00000010'} is damaged (truncated (not a whole torch file): "
+            "mp_rank_00_model_states.pt). Restore the file(s), or continue from the complete checkpoint before it, "
+            f"step_00000005: run `echo step_00000005 > {tmp_path / 'checkpoints' / 'latest'}`") in result.stderr
+
+
+def test_a_second_trainer_on_a_run_dir_stops_before_any_work(tmp_path):
+    """The run.dir's lock is held (a trainer still running there): the second one writes nothing."""
+    import fcntl
+
+    from doge_dist.train.checkpoint import RUN_LOCK
+
+    with open(tmp_path / RUN_LOCK, "w") as held:
+        held.write("pid 4242 on node7\n")
+        held.flush()
+        fcntl.flock(held, fcntl.LOCK_EX)
+        cmd = command(1, "python") + ["--ds_config", str(REPO / "configs" / "zero0.json")] + base_overrides(tmp_path)
+        result = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"error: {tmp_path} is in use by another trainer (pid 4242 on node7, holding {tmp_path / RUN_LOCK})" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [RUN_LOCK]

@@ -77,6 +77,7 @@ def test_tp2_checkpoint_exports_to_transformers(tmp_path):
 
     a, b, _ = reshard_chain()
     export_hf(a / "checkpoints" / "step_00000008", tmp_path / "hf")
+    assert not (a / "checkpoints" / "step_00000008_universal").exists()  # A's directory may be read-only or training
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
     same_weights_at_tp1 = load_checkpoint_model(b / "checkpoints" / "step_00000008").eval()
     ids = torch.randint(3, 512, (2, 16))

@@ -4,31 +4,38 @@ corrupts the last good one.
     <run.dir>/checkpoints/
         latest                      tag of the newest complete checkpoint (written last, atomically)
         step_00000040/              engine.save_checkpoint(...): model, optimizer, lr schedule, and
-            doge_meta.json          our client state (step, consumed samples/tokens, dp size); written
-                                    once every rank finished, so it marks a complete checkpoint
+            doge_meta.json          our client state (step, consumed samples/tokens, dp size) and the
+                                    names of the files; written once every rank finished, so it marks
+                                    a complete checkpoint
             rng_rank00000.pt        python/numpy/torch RNG states, one file per rank
         step_00000040_universal/    made on demand by ds_to_universal when the dp size changes
     <run.dir>/converted/
         step_00000040_universal/    the same for a checkpoint of another run (run.init_from,
                                     run.resume PATH): never written into that run's directory;
                                     removed once the run saved a checkpoint of its own
+    <run.dir>/.trainer.lock         flock of the trainer using the run directory (lock_run_dir)
 
 By hand (DeepSpeed has no equivalent): the meta file and the ``latest`` pointer only after every rank finished
 (``save_latest=False`` and a barrier), pruning to ``keep_last`` only after that, per-rank RNG files,
-and converting to a universal checkpoint when a ZeRO 1-3 run resumes with another data-parallel size.
+converting to a universal checkpoint when a ZeRO 1-3 run resumes with another data-parallel size,
+a check that every file of a checkpoint is there and whole before it is loaded, and one trainer per run directory.
 """
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import random
+import re
 import shutil
+import socket
 import subprocess
 import sys
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import IO, Iterator, Optional
 
 import numpy as np
 import torch
@@ -66,22 +73,69 @@ def read_latest(root: Path) -> Optional[str]:
         return None
     tag = pointer.read_text().strip()
     if not (root / tag / META).is_file():
-        raise ConfigError(f"{pointer} names '{tag}', but {root / tag / META} is missing: the checkpoint is incomplete.")
+        state = f"has no {META}: it is incomplete" if (root / tag).is_dir() else "does not exist (deleted?)"
+        complete = complete_tags(root)
+        way_out = (f"The newest complete checkpoint there is {complete[-1]}: to continue from it, "
+                   f"run `echo {complete[-1]} > {pointer}`." if complete else
+                   f"No complete checkpoint is left there: start a new run.dir, or delete {pointer} to start this one afresh.")
+        raise ConfigError(f"{pointer} names '{tag}', but {root / tag} {state}. {way_out}")
     return tag
+
+
+def is_step_tag(name: str) -> bool:
+    """A step directory's name (not a universal conversion of one, finished or in progress)."""
+    return re.fullmatch(r"step_\d+", name) is not None
+
+
+def complete_tags(root: Path) -> list[str]:
+    """The tags of the complete checkpoints under ``root`` (those with a meta file), oldest first."""
+    return sorted(meta.parent.name for meta in Path(root).glob(f"step_*/{META}") if is_step_tag(meta.parent.name))
 
 
 def read_meta(root: Path, tag: str) -> dict:
     return json.loads((root / tag / META).read_text())
 
 
-def resolve_checkpoint(path: str | Path) -> tuple[Path, str]:
-    """(checkpoints root, tag) from a run dir, its checkpoints dir, or one tag directory."""
+def check_complete_on_rank0(root: Path, tag: str) -> None:
+    """``check_complete`` in a job: read by rank 0 (a ZeRO-3 checkpoint has two files per rank), raised on all."""
+    error = None
+    if dist.get_rank() == 0:
+        try:
+            check_complete(root, tag)
+        except ConfigError as found:
+            error = str(found)
+    raise_on_every_rank(error)
+
+
+def check_complete(root: Path, tag: str) -> None:
+    """Fail before any model is built when a file of checkpoint ``tag`` is missing or cut short (a copy
+    that did not finish, a file deleted by hand), naming it: DeepSpeed fails only once the engine is
+    built, on the ranks that read that file (the others then die of a lost connection), or with a zip
+    error that names no file. The meta file lists the files (older checkpoints: truncation is checked
+    only); a torch file is a zip archive whose directory is at its end, so a cut one is not one."""
+    directory = root / tag
+    missing = [name for name in read_meta(root, tag).get("files", []) if not (directory / name).is_file()]
+    truncated = [p.name for p in sorted(directory.glob("*.pt")) if not zipfile.is_zipfile(p)]
+    if not missing and not truncated:
+        return
+    damage = "; ".join(([f"missing: {', '.join(missing)}"] if missing else [])
+                       + ([f"truncated (not a whole torch file): {', '.join(truncated)}"] if truncated else []))
+    earlier = [t for t in complete_tags(root) if t < tag]
+    way_out = (f"Restore the file(s), or continue from the complete checkpoint before it, {earlier[-1]}: "
+               f"run `echo {earlier[-1]} > {root / LATEST}` (a resume) or pass its directory {root / earlier[-1]}."
+               if earlier else "Restore the file(s); no earlier checkpoint is there to fall back to.")
+    raise ConfigError(f"Checkpoint {directory} is damaged ({damage}). {way_out}")
+
+
+def resolve_checkpoint(path: str | Path, step: Optional[int] = None) -> tuple[Path, str]:
+    """(checkpoints root, tag) from a run dir, its checkpoints dir, or one tag directory; ``step``: that
+    step's tag under the same root (``latest`` is not read then: it may name a checkpoint that is gone)."""
     path = Path(path)
     for root in (path / "checkpoints", path):
         if (root / LATEST).is_file():
-            return root, read_latest(root)
+            return root, read_latest(root) if step is None else tag_for(step)
     if (path / META).is_file():
-        return path.parent, path.name
+        return path.parent, path.name if step is None else tag_for(step)
     raise ConfigError(
         f"'{path}' holds no doge-dist checkpoint (no checkpoints/latest, no {META}); pass a run directory, "
         "its checkpoints/ directory, or one step_NNNNNNNN directory."
@@ -120,9 +174,10 @@ def restore_rng(directory: Path, rank: int, seed: int) -> None:
 
 
 def save(engine, run_dir: str | Path, progress: Progress, layout, keep_last: int, model_config: dict,
-         universal_info: dict, data_order: Optional[dict] = None) -> Path:
+         universal_info: dict, data_order: Optional[dict] = None, global_batch: Optional[int] = None) -> Path:
     """Save on every rank; move ``latest`` only once all ranks are done; then prune old checkpoints.
-    ``data_order`` (data.data_order) goes into the meta file, for a resume to check its data against."""
+    ``data_order`` (data.data_order) and ``global_batch`` (sequences per step) go into the meta file,
+    for a resume to check its data and batch against."""
     root = checkpoint_root(run_dir)
     tag = tag_for(progress.step)
     rank = dist.get_rank()
@@ -133,7 +188,7 @@ def save(engine, run_dir: str | Path, progress: Progress, layout, keep_last: int
             shutil.rmtree(root / tag)
         (root / tag).mkdir(parents=True, exist_ok=True)
     dist.barrier()
-    meta = {**asdict(progress), "dp_size": layout.dp_size, "tensor_parallel": layout.tensor_parallel,
+    meta = {**asdict(progress), "global_batch": global_batch, "dp_size": layout.dp_size, "tensor_parallel": layout.tensor_parallel,
             "expert_parallel": layout.expert_parallel, "zero_stage": engine.zero_optimization_stage()}
     with _reported_as_write_failure(root, tag):
         torch.save(_rng_state(), root / tag / f"rng_rank{rank:05d}.pt")
@@ -141,14 +196,60 @@ def save(engine, run_dir: str | Path, progress: Progress, layout, keep_last: int
                                save_latest=False)
     dist.barrier()  # every rank's files are complete: only now the meta file marks the checkpoint complete
     if rank == 0:
+        files = sorted(p.name for p in (root / tag).iterdir() if p.is_file())  # for a resume to find one missing (check_complete)
         with _reported_as_write_failure(root, tag):
-            write_atomic(root / tag / META, json.dumps({**meta, "model": model_config, "data_order": data_order}, indent=1))
+            write_atomic(root / tag / META, json.dumps({**meta, "model": model_config, "data_order": data_order,
+                                                        "files": files}, indent=1))
             write_atomic(root / LATEST, tag)
         _prune(root, keep_last)
         # conversions of another run's checkpoint served the start only: a restart resumes from this one
         shutil.rmtree(Path(run_dir) / CONVERTED, ignore_errors=True)
     dist.barrier()
     return root / tag
+
+
+RUN_LOCK = ".trainer.lock"  # in run.dir: held by the rank 0 of the trainer using it
+
+
+def lock_run_dir(run_dir: str | Path) -> Optional[IO]:
+    """Refuse a second trainer on ``run_dir`` before it loads or writes anything: two trainers there
+    overwrite each other's checkpoints (each one's rank 0 deletes a step directory the other is
+    writing, and ``latest`` names a mix). Rank 0 holds an flock on <run.dir>/.trainer.lock while the
+    returned file is open; the kernel releases it when the process ends, SIGKILL included, so no stale
+    lock outlives a crash. A file system without locks is not checked. A collective call."""
+    handle, holder = _lock(Path(run_dir) / RUN_LOCK) if dist.get_rank() == 0 else (None, None)
+    raise_on_every_rank(holder and f"{run_dir} is in use by another trainer ({holder}, holding {Path(run_dir) / RUN_LOCK}): "
+                        "two trainers on one run.dir overwrite each other's checkpoints. Wait for it to end or stop it, "
+                        "or choose another run.dir.")
+    return handle
+
+
+def raise_on_every_rank(rank0_error: Optional[str]) -> None:
+    """A ConfigError on every rank when rank 0 found one (what the other ranks pass is ignored): rank 0
+    alone checks what every rank would find the same, so a job of many ranks does not read it many times."""
+    shared = [rank0_error]
+    dist.broadcast_object_list(shared, src=0)
+    if shared[0]:
+        raise ConfigError(shared[0])
+
+
+def _lock(file: Path) -> tuple[Optional[IO], Optional[str]]:
+    """(the open lock file, None) once locked, or (None, who holds it)."""
+    file.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(file, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "a process"
+        handle.close()
+        return None, holder
+    except OSError:  # no locks on this file system (some network mounts)
+        return handle, None
+    handle.truncate(0)
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+    return handle, None
 
 
 class CheckpointWriteError(RuntimeError):
@@ -187,13 +288,16 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def _prune(root: Path, keep_last: int) -> None:
+    """Keep the ``keep_last`` newest complete checkpoints up to ``latest``; delete older ones and the
+    leftovers of saves a crash cut short before ``latest`` (never loaded, and not counted as kept)."""
     latest = read_latest(root)
-    tags = sorted(p.name for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(UNIVERSAL_SUFFIX))
-    complete = [t for t in tags if t <= latest]
-    for tag in complete[: max(0, len(complete) - max(1, keep_last))]:
-        (root / tag / META).unlink(missing_ok=True)  # first: a checkpoint half deleted by a crash is never complete
-        shutil.rmtree(root / tag, ignore_errors=True)
-        shutil.rmtree(root / (tag + UNIVERSAL_SUFFIX), ignore_errors=True)
+    complete = [t for t in complete_tags(root) if t <= latest]
+    keep = set(complete[-max(1, keep_last):])
+    for tag in sorted(p.name for p in root.glob("step_*") if p.is_dir() and is_step_tag(p.name)):
+        if tag < latest and tag not in keep:
+            (root / tag / META).unlink(missing_ok=True)  # first: a checkpoint half deleted by a crash is never complete
+            shutil.rmtree(root / tag, ignore_errors=True)
+            shutil.rmtree(root / (tag + UNIVERSAL_SUFFIX), ignore_errors=True)
 
 
 def saved_zero_stage(root: Path, tag: str) -> int:

@@ -8,6 +8,7 @@ The model shape comes from the checkpoint's doge_meta.json, the tokenizer from t
 """
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -52,32 +53,35 @@ def _module_states(file: Path) -> dict[str, torch.Tensor]:
 
 
 def find_checkpoint(path: str | Path, step: Optional[int] = None) -> tuple[Path, str]:
-    root, tag = checkpoint.resolve_checkpoint(path)
-    if step is not None:
-        tag = checkpoint.tag_for(step)
-        if not (root / tag / checkpoint.META).is_file():
-            kept = sorted(p.name for p in root.glob("step_*") if (p / checkpoint.META).is_file())
-            raise ConfigError(f"No complete checkpoint for step {step} in {root}; kept: {', '.join(kept) or 'none'}.")
+    """(root, tag) of the latest or ``step``'s checkpoint under ``path``, whole (checkpoint.check_complete)."""
+    root, tag = checkpoint.resolve_checkpoint(path, step)
+    if not (root / tag / checkpoint.META).is_file():
+        kept = checkpoint.complete_tags(root)
+        raise ConfigError(f"No complete checkpoint for step {step} in {root}; kept: {', '.join(kept) or 'none'}.")
+    checkpoint.check_complete(root, tag)
     return root, tag
 
 
 def load_checkpoint_model(path: str | Path, step: Optional[int] = None, run_dir: Optional[Path] = None) -> DogeForCausalLM:
     """Our model with a checkpoint's consolidated fp32 weights (``model.config`` from the checkpoint);
-    ``run_dir``: the run that loads it, where a universal conversion goes (checkpoint.universal_root)."""
+    ``run_dir``: the run that loads it, where a universal conversion goes (checkpoint.universal_root).
+    Without one (export, generate) a conversion goes into a temporary directory, never into the
+    checkpoint's run, which may be read-only, shared or still training."""
     from ..convert.hf import load_state_checked
 
     root, tag = find_checkpoint(path, step)
     model = build_model(ModelConfig(**checkpoint.read_meta(root, tag)["model"]))
     print(f"[doge-dist] consolidating {root / tag}", flush=True)
-    universal_root = checkpoint.universal_root(root, run_dir) if run_dir else None
-    load_state_checked(model, consolidated_state(root, tag, universal_root), str(root / tag))
+    with contextlib.ExitStack() as scratch:
+        run_dir = run_dir or Path(scratch.enter_context(tempfile.TemporaryDirectory(prefix="doge_consolidate_")))
+        load_state_checked(model, consolidated_state(root, tag, checkpoint.universal_root(root, run_dir)), str(root / tag))
     return model
 
 
-def run_tokenizer_path(path: str | Path) -> Optional[str]:
+def run_tokenizer_path(path: str | Path, step: Optional[int] = None) -> Optional[str]:
     """data.tokenizer of the run that wrote the checkpoint under ``path`` (from its config.yaml); a
     path that does not exist from here (relative to where the run was started) is an error naming --tokenizer."""
-    root, _ = checkpoint.resolve_checkpoint(path)
+    root, _ = checkpoint.resolve_checkpoint(path, step)
     config_file = root.parent / "config.yaml"
     if not config_file.is_file():
         return None
@@ -104,7 +108,7 @@ def export_hf(path: str | Path, output: str | Path, step: Optional[int] = None, 
     from ..data import load_tokenizer
 
     check_output(output)  # the output and the tokenizer before the consolidation, which takes a while for a large model
-    tokenizer_path = tokenizer or run_tokenizer_path(path)
+    tokenizer_path = tokenizer or run_tokenizer_path(path, step)
     if not tokenizer_path:
         raise ConfigError(f"No tokenizer known for {path}: pass --tokenizer (the run's config.yaml has no data.tokenizer).")
     tokenizer = load_tokenizer(tokenizer_path)

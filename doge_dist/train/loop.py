@@ -196,12 +196,13 @@ def loadable_checkpoint(root: Path, tag: str, layout: ParallelLayout, ds: dict, 
 def warn_if_global_batch_changed(saved: dict, train: TrainConfig, dp_size: int) -> None:
     """A resume with another number of data-parallel ranks keeps micro-batch and accumulation, so the
     global batch (sequences per optimizer step) changes with it unless the accumulation is changed
-    too; say so, and which accumulation keeps the checkpoint's batch."""
+    too; say so, and which accumulation keeps the checkpoint's batch (its last steps' batch; for
+    checkpoints that did not record it, the mean over all its steps)."""
     steps, samples = saved.get("step", 0), saved.get("consumed_samples", 0)
     global_batch = train.micro_batch_size * train.gradient_accumulation_steps * dp_size
-    if not steps or samples == steps * global_batch:
+    saved_batch = saved.get("global_batch") or (samples / steps if steps else global_batch)
+    if saved_batch == global_batch:
         return
-    saved_batch = samples / steps
     keep = saved_batch / (train.micro_batch_size * dp_size)
     way_out = (f"train.gradient_accumulation_steps={keep:.0f} keeps it on {dp_size} data-parallel rank(s)" if keep.is_integer()
                else "no whole accumulation keeps it with this micro-batch and data-parallel size")
@@ -241,6 +242,7 @@ def pretrain(config: Config, ds_user: dict[str, Any], ds_where: str = "the DeepS
     train, run_dir = config.train, Path(config.run.dir)
     bf16 = bf16_enabled(ds)
     checkpoint.seed_everything(train.seed)
+    run_lock = checkpoint.lock_run_dir(run_dir)  # noqa: F841 (held until the run returns)
 
     # 2. what we start from: our own latest checkpoint, or weights to continue from, or nothing
     start = find_start(config)
@@ -255,6 +257,7 @@ def pretrain(config: Config, ds_user: dict[str, Any], ds_where: str = "the DeepS
     source = origin = start or init_checkpoint  # source: what is loaded (a universal conversion of origin)
     init_weights = None
     if source:
+        checkpoint.check_complete_on_rank0(*source)
         checkpoint.check_model_shape(*source, config.model)
         if start:
             check_not_past_the_end(checkpoint.read_meta(*start), train, start)
@@ -311,7 +314,7 @@ def pretrain(config: Config, ds_user: dict[str, Any], ds_where: str = "the DeepS
     def save() -> None:
         checkpoint.save(engine, run_dir, progress, layout, train.keep_last, config.model.to_dict(),
                         universal_checkpoint_info(config.model, layout.tensor_parallel, layout.expert_parallel),
-                        data_order(config, data, progress.consumed_samples) if env.is_main else None)
+                        data_order(config, data, progress.consumed_samples) if env.is_main else None, data.global_batch)
 
     # 5. the loop
     bad_in_a_row = 0
