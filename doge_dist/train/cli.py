@@ -23,7 +23,8 @@ def run_launcher(doc: str, config_help: str, main: Callable[[Optional[str], Opti
     parser.add_argument("--config", default=None, help=f"YAML run config ({config_help})")
     parser.add_argument("--ds_config", default=None, help="DeepSpeed JSON (configs/zero0.json .. zero3.json)")
     parser.add_argument("--resume", default=None, help="auto | never | PATH (same as run.resume=...)")
-    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
+    # passed by the deepspeed launcher (--local_rank) and by python -m torch.distributed.launch (--local-rank)
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_steps=20 run.dir=runs/try1")
     args = parser.parse_intermixed_args()  # overrides before and after --ds_config etc., as on the other launchers
     overrides = args.overrides + ([f"run.resume={args.resume}"] if args.resume else [])
@@ -31,7 +32,8 @@ def run_launcher(doc: str, config_help: str, main: Callable[[Optional[str], Opti
 
 
 def report_errors(run: Callable[[], None]) -> int:
-    """Run ``run``; a bad-input error prints one paragraph (rank 0 only) and returns exit code 2,
+    """Run ``run``; a bad-input error prints one paragraph (rank 0 only; a launch environment described
+    in part on every process) and returns exit code 2,
     a run stopped for non-finite losses exit code 3, a checkpoint or export that could not be written
     (printed by every rank it failed on) exit code 4. On these ends the process group (if ``run`` made one) is
     destroyed before the interpreter exits, as PyTorch asks: left to the interpreter's teardown, a gloo
@@ -39,14 +41,14 @@ def report_errors(run: Callable[[], None]) -> int:
     last checkpoint."""
     from ..convert.hf import ExportWriteError
     from .checkpoint import CheckpointWriteError
-    from .distributed import is_launcher_main
+    from .distributed import LaunchEnvironmentError, is_launcher_main
     from .loop import TrainingStopped
 
     write_errors = (CheckpointWriteError, ExportWriteError)
     try:
         run()
     except (*_input_errors(), TrainingStopped, *write_errors) as error:
-        if is_launcher_main() or isinstance(error, write_errors):
+        if is_launcher_main() or isinstance(error, (LaunchEnvironmentError, *write_errors)):
             print(f"error: {error}", file=sys.stderr, flush=True)
         _destroy_process_group()
         return 4 if isinstance(error, write_errors) else 3 if isinstance(error, TrainingStopped) else 2

@@ -35,8 +35,42 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")  # what torchrun and deepspeed export
+
+
+class LaunchEnvironmentError(ConfigError):
+    """The environment describes a launch only in part; every process says so (which is rank 0 is unknown)."""
+
+
+def check_launch_environment() -> None:
+    """Plain python (neither RANK nor WORLD_SIZE set) or a whole launch: all of LAUNCH_VARIABLES, with a
+    rank below the world size. A WORLD_SIZE left in the shell would otherwise size the batch for ranks
+    that never come (DeepSpeed's batch assertion once the model is built), and a RANK alone sends
+    DeepSpeed looking for MPI."""
+    given = [name for name in LAUNCH_VARIABLES if name in os.environ]
+    if "RANK" not in given and "WORLD_SIZE" not in given:
+        return
+    way_out = ("Start several processes with torchrun or the deepspeed launcher (which set them all), or unset "
+               f"{' '.join(given)} to run one process with plain python.")
+    missing = [name for name in LAUNCH_VARIABLES if name not in given]
+    if missing:
+        raise LaunchEnvironmentError(f"{', '.join(n for n in given if n in ('RANK', 'WORLD_SIZE'))} is set but not "
+                                     f"{', '.join(missing)}: this environment describes a launch only in part. {way_out}")
+    numbers = {}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        try:
+            numbers[name] = int(os.environ[name])
+        except ValueError:
+            raise LaunchEnvironmentError(f"{name}={os.environ[name]!r} is not a whole number. {way_out}") from None
+    if not 0 <= numbers["RANK"] < numbers["WORLD_SIZE"]:
+        raise LaunchEnvironmentError(f"RANK={numbers['RANK']} is not below WORLD_SIZE={numbers['WORLD_SIZE']} (or is "
+                                     f"negative). {way_out}")
+
+
 def launcher_world_size() -> int:
-    """The world size the launcher asked for (1 under plain python), before any group exists."""
+    """The world size the launcher asked for (1 under plain python), before any group exists; an
+    environment that describes a launch only in part is refused here, before any work."""
+    check_launch_environment()
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
