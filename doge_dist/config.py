@@ -472,7 +472,12 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         section, key = dotted.split(".", 1)
         if section not in SECTIONS:
             raise _unknown_key_error(section, list(SECTIONS), "the override sections")
-        parsed = yaml.safe_load(value) if value != "" else None
+        try:
+            parsed = yaml.safe_load(value) if value != "" else None
+        except yaml.YAMLError as error:
+            raise ConfigError(f"The command-line override '{item}' is not valid YAML: {_yaml_problem(error)}. Write lists as "
+                              "[a, b], and quote a string value that YAML would read otherwise inside the shell's "
+                              "quotes: 'run.dir=\"[try1\"'.") from None
         _check_override(section, key, parsed, f"the command-line override '{item}'")
         raw.setdefault(section, {})
         raw[section] = dict(raw[section] or {})
@@ -527,7 +532,28 @@ def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
         file = Path(path)
         if not file.is_file():
             raise ConfigError(f"Config file '{path}' does not exist; pass --config with a YAML file from configs/.")
-        with open(file) as stream:
-            raw = yaml.load(stream, Loader=_UniqueKeyLoader) or {}
+        raw = _read_yaml(file, path)
         where = f"config file '{path}'"
     return config_from_dict(apply_overrides(raw, list(overrides)), where)
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """What the parser found wrong and where, in one line (its own message spans several, with a caret)."""
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    mark = getattr(error, "problem_mark", None)
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark else problem
+
+
+def _read_yaml(file: Path, path: str) -> dict[str, Any]:
+    """The config file's sections; a file that is not UTF-8, not YAML or not a mapping is one ConfigError."""
+    try:
+        with open(file, encoding="utf-8") as stream:
+            raw = yaml.load(stream, Loader=_UniqueKeyLoader) or {}
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"Config file '{path}' is not UTF-8 text (byte {error.start}): pass a YAML file from configs/.") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"Config file '{path}' is not valid YAML: {_yaml_problem(error)}.") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"Config file '{path}' must hold a mapping of sections (model, data, train, ...), got "
+                          f"{type(raw).__name__}.")
+    return raw

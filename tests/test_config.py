@@ -122,3 +122,31 @@ def test_a_key_given_twice_in_the_yaml_is_named(tmp_path):
     path.write_text("train:\n  lr: 0.01\n  max_steps: 7\nmodel:\n  preset: doge-tiny\ntrain:\n  lr: 0.02\n")
     with pytest.raises(ConfigError, match=r"run.yaml' gives 'train' twice \(lines 1 and 6\)"):
         load_config(str(path))
+
+
+@pytest.mark.parametrize("text, message", [
+    (b"model: [\n", r"run.yaml' is not valid YAML: .*line 2"),
+    (b"- 1\n- 2\n", r"run.yaml' must hold a mapping of sections \(model, data, train, ...\), got list"),
+    (b"\xff\xfemodel: {}\n", r"run.yaml' is not UTF-8 text"),
+])
+def test_a_yaml_file_that_cannot_be_read_as_a_config_is_named(tmp_path, text, message):
+    """A truncated file, a list, a binary file: one ConfigError naming the file, not yaml's or
+    difflib's traceback (launch/pretrain.py, sft.py, dpo.py and plan.py print ConfigErrors as one paragraph)."""
+    path = tmp_path / "run.yaml"
+    path.write_bytes(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(str(path))
+
+
+def test_an_override_that_is_not_yaml_names_the_override():
+    with pytest.raises(ConfigError, match=r"override 'data.train_data=\[a, b' is not valid YAML: expected .* \(line 1, column 6\)\. Write lists as \[a, b\], and quote a string value"):
+        load_config(None, ["data.train_data=[a, b"])
+
+
+def test_a_deepspeed_json_that_is_not_utf8_is_named(tmp_path):
+    from doge_dist.train.ds_config import read_ds_config
+
+    path = tmp_path / "ds.json"
+    path.write_bytes(b"\xff\xfe{}")
+    with pytest.raises(ConfigError, match=r"ds.json' is not UTF-8 text"):
+        read_ds_config(str(path))

@@ -34,7 +34,10 @@ def read_ds_config(path: Optional[str]) -> dict[str, Any]:
     if not file.is_file():
         raise ConfigError(f"DeepSpeed config '{path}' does not exist; pass --ds_config configs/zero2.json (or zero0..zero3).")
     try:
-        return json.loads(file.read_text())
+        return json.loads(file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"DeepSpeed config '{path}' is not UTF-8 text (byte {error.start}): pass --ds_config "
+                          "configs/zero2.json (or zero0..zero3).") from None
     except json.JSONDecodeError as error:
         raise ConfigError(f"DeepSpeed config '{path}' is not valid JSON: {error}.") from error
 
