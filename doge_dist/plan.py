@@ -78,6 +78,10 @@ def recipe_global_batch(recipe: Config) -> int:
 
 def accumulation_steps(global_batch: int, micro_batch: int, dp: int) -> int:
     """The accumulation that keeps ``global_batch`` = micro x accumulation x dp exactly."""
+    if global_batch < 1:
+        raise ConfigError(f"The global batch must be at least 1 sequence, got {global_batch}.")
+    if micro_batch < 1:
+        raise ConfigError(f"train.micro_batch_size must be at least 1, got {micro_batch}.")
     per_step = micro_batch * dp
     if global_batch % per_step:
         fits = [d for d in range(1, global_batch + 1) if global_batch % (micro_batch * d) == 0]
@@ -291,8 +295,10 @@ def make_plan(recipe: Config, config: Config, ds: dict[str, Any], gpus: int, gpu
     ``task`` the trainer (SFT's memory is pretraining's at data.seq_length; a DPO sample is a pair)."""
     if task not in TASKS:
         raise ConfigError(f"task {task!r}: plan one of {', '.join(TASKS)}.")
+    if gpu_mem_gb <= 0:
+        raise ConfigError(f"--gpu-mem-gb must be more than 0, got {gpu_mem_gb}.")
     layout = check_layout(config, gpus)
-    global_batch = global_batch or recipe_global_batch(recipe)
+    global_batch = recipe_global_batch(recipe) if global_batch is None else global_batch
     stage = int(ds.get("zero_optimization", {}).get("stage", 0))
     dpo = task == "dpo"
     whole = full_logits(layout, stage) or dpo

@@ -63,7 +63,8 @@ def main() -> int:
             raise ConfigError("No DeepSpeed config: pass --ds_config configs/zero2.json (or set run.ds_config in the YAML).")
         if args.accumulation:  # the launcher's question only: no model needs building
             dp = check_layout(config, args.gpus).dp_size
-            print(accumulation_steps(args.global_batch or recipe_global_batch(recipe), config.train.micro_batch_size, dp))
+            global_batch = recipe_global_batch(recipe) if args.global_batch is None else args.global_batch
+            print(accumulation_steps(global_batch, config.train.micro_batch_size, dp))
             return 0
         config.model = planned_model(args.config, config, args.overrides)
         plan = make_plan(recipe, config, read_ds_config(ds_path), args.gpus, args.gpu_mem_gb, args.reserve_gb,

@@ -195,6 +195,22 @@ def test_cli_prints_the_plan_and_one_paragraph_errors():
     assert uneven.returncode == 2 and "not divisible" in uneven.stderr and "Traceback" not in uneven.stderr
 
 
+@pytest.mark.parametrize("args, message", [
+    (("--global-batch", "-256", "--accumulation"), "The global batch must be at least 1 sequence, got -256"),
+    (("--global-batch", "0", "--accumulation"), "The global batch must be at least 1 sequence, got 0"),
+    (("--global-batch", "0",), "The global batch must be at least 1 sequence, got 0"),
+    (("train.micro_batch_size=0", "--accumulation"), "train.micro_batch_size must be at least 1, got 0"),
+    (("--gpu-mem-gb", "0"), "--gpu-mem-gb must be more than 0, got 0.0"),
+])
+def test_cli_refuses_batches_and_memory_that_are_not_positive(args, message):
+    """GLOBAL_BATCH=-256 in slurm/launch.sh came back as accumulation -1 (and the job started), a zero
+    global batch was silently the recipe's, a zero micro-batch a ZeroDivisionError, a zero GPU "does NOT fit"."""
+    result = subprocess.run([PYTHON, "launch/plan.py", "--config", "configs/doge_160m.yaml", *args], cwd=REPO, env=env(),
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and result.stdout == "", result.stdout
+    assert result.stderr.strip() == f"error: {message}." or result.stderr.startswith(f"error: {message}"), result.stderr
+
+
 def test_cli_plans_a_finetuning_recipe_as_the_model_of_its_init_from():
     """The SFT/DPO recipes have no model section: launch/sft.py and dpo.py train the model of
     run.init_from, so the plan counts that one (not ModelConfig's defaults, 403M parameters); before
