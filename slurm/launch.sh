@@ -7,8 +7,8 @@
 # recipe's global batch (train.micro_batch_size x train.gradient_accumulation_steps of the YAML, a
 # single-GPU recipe) on any node count by recomputing the accumulation, writes to runs/<experiment>
 # and resumes from its latest checkpoint, and on the preemption warning (#SBATCH --signal=B:USR1@120)
-# asks the trainer to save and requeues the job. Extra arguments are launch/pretrain.py overrides
-# and come last, so they win.
+# asks the trainer to save and requeues the job. Extra arguments are launch/pretrain.py overrides (not
+# run.resume: the launcher resumes itself) and come last, so they win.
 #
 # Environment (all optional):
 #   EXPERIMENT     run directory name under RUNS_DIR (default: the job name, #SBATCH --job-name)
@@ -46,6 +46,16 @@ for file in "$config" "$ds_config"; do
     if [[ ! -f $file ]]; then
         echo "error: '$file' does not exist (working directory $PWD). Submit from the repository root, or" \
              "sbatch --chdir=/path/to/doge-dist, and check the CONFIG/DS_CONFIG lines of the slurm/doge_*.sh script." >&2
+        exit 2
+    fi
+done
+
+for override in "$@"; do
+    if [[ $override == run.resume=* ]]; then
+        echo "error: '$override': slurm/launch.sh resumes from the latest checkpoint of the run directory itself (--resume" \
+             "auto, which would win over it), also when the job is requeued, so it takes no run.resume. To start from" \
+             "another checkpoint, submit under a new --job-name with run.init_from=CHECKPOINT (its weights; add" \
+             "run.init_optimizer=true for its optimizer states)." >&2
         exit 2
     fi
 done

@@ -131,6 +131,28 @@ def test_impossible_gpu_count_is_one_clear_paragraph(tmp_path):
     assert "Traceback" not in out
 
 
+@pytest.mark.parametrize("override", ["run.resume=never", "run.resume=runs/doge_20m/checkpoints/step_00000500"])
+def test_a_resume_override_is_refused_not_silently_replaced(override, tmp_path):
+    """The launcher passes --resume auto, which beat a run.resume= override although overrides are said to
+    win: a job asked to go back to step 500 resumed from the latest checkpoint without a word."""
+    env = fake_slurm(tmp_path, DRY_RUN="1")
+    result = subprocess.run(["sbatch", "slurm/doge_20m.sh", "train.lr=1e-3", override], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith(f"error: '{override}': slurm/launch.sh resumes from the latest checkpoint")
+    assert "run.init_from=CHECKPOINT" in result.stderr
+
+
+def test_the_log_directory_of_the_sbatch_lines_exists():
+    """Slurm does not create the directory of --output/--error: a job submitted without it fails at once
+    and writes no log at all. The repository keeps logs/ (empty, its files ignored)."""
+    for script in (REPO / "slurm").glob("doge_*.sh"):
+        for line in script.read_text().splitlines():
+            if line.startswith(("#SBATCH --output=", "#SBATCH --error=")):
+                log_dir = Path(line.split("=", 1)[1]).parent
+                assert (REPO / log_dir).is_dir(), f"{script.name}: {line}"
+
+
 @pytest.mark.parametrize("script", [s for s in SCRIPTS if s.name.startswith("doge_")], ids=lambda s: s.stem)
 def test_submitted_outside_the_repository_says_where_to_submit_from(script, tmp_path):
     """sbatch run in another directory: the spool copy runs there, finds no slurm/launch.sh and says
