@@ -38,7 +38,7 @@ if __name__ == "__main__":
         import torch
 
         from doge_dist.data import load_tokenizer
-        from doge_dist.model.generate import generate
+        from doge_dist.model.generate import generate, untrained_positions_note
 
         with contextlib.redirect_stdout(sys.stderr):  # loading messages (DeepSpeed's too): stdout is the text alone
             if (Path(args.model) / "config.json").is_file():
@@ -62,6 +62,9 @@ if __name__ == "__main__":
             shown = len(prompt)
         else:  # the prompt and its continuation; documents start after an end-of-document token
             prompt, shown = [tokenizer.eod_id] + tokenizer.encode(args.prompt), 1
+        note = untrained_positions_note(model.config, len(prompt), args.max_new_tokens)
+        if note:
+            print(f"warning: {note}", file=sys.stderr, flush=True)
         out = generate(model, torch.tensor([prompt]), args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                        tokenizer.eos_id, torch.Generator().manual_seed(args.seed))
         text = out[0, shown:].tolist()

@@ -27,6 +27,18 @@ def check_options(max_new_tokens: int, temperature: float, top_k: Optional[int],
         raise ValueError(f"top_p must be between 0 and 1 (1: no cut), got {top_p}.")
 
 
+def untrained_positions_note(config, prompt_tokens: int, max_new_tokens: int) -> Optional[str]:
+    """Why a long generation may read as noise: under plain RoPE, positions past
+    ``max_position_embeddings`` were never trained (dynamic NTK, the published models' ``rope_scaling``,
+    stretches the frequencies for them instead); None when the generation stays within them."""
+    end = prompt_tokens + max_new_tokens
+    if end <= config.max_position_embeddings or config.rope_type == "dynamic":
+        return None
+    return (f"the prompt ({prompt_tokens} tokens) and max_new_tokens {max_new_tokens} reach position {end}, past this "
+            f"model's max_position_embeddings ({config.max_position_embeddings}) without RoPE scaling: positions beyond "
+            "it were never trained and the text degrades there. Shorten the prompt or max_new_tokens.")
+
+
 def next_token(logits: torch.Tensor, temperature: float, top_k: Optional[int], top_p: Optional[float],
                generator: Optional[torch.Generator]) -> torch.Tensor:
     """[B, V] logits -> [B] token ids."""
