@@ -301,3 +301,19 @@ def test_a_second_trainer_on_a_run_dir_stops_before_any_work(tmp_path):
     assert result.returncode == 2, result.stderr[-3000:]
     assert f"error: {tmp_path} is in use by another trainer (pid 4242 on node7, holding {tmp_path / RUN_LOCK})" in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == [RUN_LOCK]
+
+
+def test_a_resume_from_an_older_checkpoint_of_the_run_rewinds_it():
+    """run.resume=<run.dir>/checkpoints/step_5 while latest is step_10: the rewound run's step-10 save
+    replaces the old one (it was skipped as "nothing new since latest", and the new weights were lost)."""
+    run_dir = scratch() / "rewound"
+    run_dir.mkdir()
+    subprocess.run(["cp", "-r", str(single_process_run() / "checkpoints"), str(run_dir / "checkpoints")], check=True)
+    old_meta = run_dir / "checkpoints" / "step_00000010" / "doge_meta.json"
+    old_meta.write_text(json.dumps({**json.loads(old_meta.read_text()), "old": True}))
+    result = pretrain(run_dir, 0, nproc=1, launcher="python", micro_batch_size=2, gradient_accumulation_steps=2,
+                      save_interval=5, **{"run.resume": str(run_dir / "checkpoints" / "step_00000005")})
+    assert f"run.resume rewinds {run_dir} to step_00000005" in result.stdout + result.stderr
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000010"
+    assert "old" not in json.loads(old_meta.read_text())  # the rewound run's own step 10
+    assert losses(run_dir) == losses(single_process_run())[5:]

@@ -208,6 +208,19 @@ def save(engine, run_dir: str | Path, progress: Progress, layout, keep_last: int
     return root / tag
 
 
+def rewind_latest(run_dir: str | Path, root: Path, tag: str) -> None:
+    """A resume from an older checkpoint of this very run (run.resume=<run.dir>/checkpoints/step_N) is a
+    rewind: ``latest`` is moved back to it, so that the new trajectory's saves replace the newer
+    checkpoints (``save`` never rewrites the checkpoint ``latest`` names: with ``latest`` left on
+    step_M, the save at step M was skipped and the run's new weights were lost). Rank 0."""
+    own = checkpoint_root(run_dir)
+    latest = read_latest(own) if own.is_dir() else None
+    if latest and Path(root).resolve() == own.resolve() and tag < latest:
+        print(f"[doge-dist] run.resume rewinds {run_dir} to {tag}: its newer checkpoints (up to {latest}) are "
+              "replaced as this run saves", flush=True)
+        write_atomic(own / LATEST, tag)
+
+
 RUN_LOCK = ".trainer.lock"  # in run.dir: held by the rank 0 of the trainer using it
 
 

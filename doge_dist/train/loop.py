@@ -270,6 +270,8 @@ def pretrain(config: Config, ds_user: dict[str, Any], ds_where: str = "the DeepS
 
     if env.is_main:  # only now, so that a refused resume leaves the files of the checkpoints' run as they were
         config_text = write_run_files(run_dir, config, ds)
+        if start:
+            checkpoint.rewind_latest(run_dir, *start)
 
     # 3. the DeepSpeed engine, then its state
     engine, ds = build_engine(config, ds, env.device, init_weights)
