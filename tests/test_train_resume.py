@@ -317,3 +317,8 @@ def test_a_resume_from_an_older_checkpoint_of_the_run_rewinds_it():
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000010"
     assert "old" not in json.loads(old_meta.read_text())  # the rewound run's own step 10
     assert losses(run_dir) == losses(single_process_run())[5:]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(run_dir / "tensorboard"))
+    board.Reload()
+    assert [event.step for event in board.Tensors("config/text_summary")] == [5]  # where the resumed run's config took effect

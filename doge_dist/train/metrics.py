@@ -127,8 +127,9 @@ class Reporter:
             self._last_time += time.perf_counter() - start
 
     def text(self, tag: str, text: str) -> None:
+        """At the step the run starts from: a resumed run's config shows where it took effect, beside the first run's."""
         if self.writer:
-            self.writer.add_text(tag, text.replace("\n", "  \n"))
+            self.writer.add_text(tag, text.replace("\n", "  \n"), global_step=self._last_step)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if self.writer:
