@@ -37,7 +37,7 @@ if __name__ == "__main__":
     def run() -> None:
         import torch
 
-        from doge_dist.data import load_tokenizer
+        from doge_dist.data import DataError, load_tokenizer
         from doge_dist.model.generate import generate, untrained_positions_note
 
         with contextlib.redirect_stdout(sys.stderr):  # loading messages (DeepSpeed's too): stdout is the text alone
@@ -49,14 +49,19 @@ if __name__ == "__main__":
                 from doge_dist.train.export import load_checkpoint_model, run_tokenizer_path
 
                 model, tokenizer_path = load_checkpoint_model(args.model), args.tokenizer or run_tokenizer_path(args.model)
-        tokenizer = load_tokenizer(tokenizer_path)
+        try:
+            tokenizer = load_tokenizer(tokenizer_path)
+        except DataError as error:
+            if args.tokenizer:
+                raise
+            raise DataError(f"{error} Or pass this model's tokenizer with --tokenizer.") from None
         from doge_dist.train.export import check_tokenizer_fits
 
         check_tokenizer_fits(tokenizer, tokenizer_path, model.config.vocab_size)
         if args.chat:  # the reply alone
             from doge_dist.data.chat_template import load_chat_tokenizer
 
-            chat = load_chat_tokenizer(tokenizer_path)
+            chat = load_chat_tokenizer(tokenizer_path, for_training=False)
             prompt = list(chat.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=True,
                                                    return_dict=True, add_generation_prompt=True)["input_ids"])
             shown = len(prompt)

@@ -158,3 +158,23 @@ def test_generate_command_warns_when_it_runs_past_the_trained_positions(tmp_path
                              "--temperature", "0"], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert ("past this model's max_position_embeddings (32) without RoPE scaling" in result.stderr) == warned, result.stderr
+
+
+def test_generate_command_names_its_tokenizer_flag_and_chats_with_any_template(tmp_path):
+    """A model directory without a tokenizer is told about --tokenizer; --chat needs a chat template
+    only (the {% generation %} markers are for the SFT loss mask, which generation does not use)."""
+    import json
+    import shutil
+
+    save_hf(build_model(ModelConfig.from_preset("doge-tiny", vocab_size=512)), tmp_path / "hf")
+    result = subprocess.run([sys.executable, "launch/generate.py", "--model", str(tmp_path / "hf"), "--prompt", "a"],
+                            cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 2 and "Or pass this model's tokenizer with --tokenizer." in result.stderr, result.stderr[-2000:]
+    tokenizer = shutil.copytree(assets().tokenizer_dir, tmp_path / "tokenizer", ignore=shutil.ignore_patterns("chat"))
+    settings = json.loads((tokenizer / "tokenizer_config.json").read_text())
+    settings["chat_template"] = "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}:{% endif %}"
+    (tokenizer / "tokenizer_config.json").write_text(json.dumps(settings))
+    result = subprocess.run([sys.executable, "launch/generate.py", "--model", str(tmp_path / "hf"), "--tokenizer", str(tokenizer),
+                             "--chat", "--prompt", "a", "--max_new_tokens", "4", "--temperature", "0"],
+                            cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]

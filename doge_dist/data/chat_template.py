@@ -72,8 +72,10 @@ def check_replaceable(source: Path, output: Path) -> None:
 GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 
-def load_chat_tokenizer(path: str | os.PathLike):
-    """``AutoTokenizer`` of a chat tokenizer directory; its template must mark assistant turns."""
+def load_chat_tokenizer(path: str | os.PathLike, for_training: bool = True):
+    """``AutoTokenizer`` of a chat tokenizer directory. For training its template must mark assistant
+    turns ({% generation %}: the loss mask) and it must be fast (token offsets); generation needs a
+    template only."""
     from transformers import AutoTokenizer
 
     directory = Path(path)
@@ -81,7 +83,11 @@ def load_chat_tokenizer(path: str | os.PathLike):
         raise DataError(f"'{directory}' is not a Hugging Face tokenizer directory (no tokenizer_config.json); {FIX}.")
     tokenizer = AutoTokenizer.from_pretrained(str(directory))
     template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
-    if not template or not GENERATION_MARKER.search(template):  # not "add_generation_prompt" alone
+    if not template:
+        raise DataError(f"Tokenizer '{directory}' has no chat template; {FIX}.")
+    if not for_training:
+        return tokenizer
+    if not GENERATION_MARKER.search(template):  # not "add_generation_prompt" alone
         raise DataError(
             f"Tokenizer '{directory}' has no chat template with {{% generation %}} markers, which the loss mask "
             f"needs; {FIX}."
