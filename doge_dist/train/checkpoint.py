@@ -356,7 +356,7 @@ def convert_to_universal(root: Path, tag: str, output_root: Optional[Path] = Non
         tmp = output_root / (tag + UNIVERSAL_SUFFIX + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         output_root.mkdir(parents=True, exist_ok=True)
-        print(f"[doge-dist] converting {root / tag} to a universal checkpoint in {target} (new parallel layout)", flush=True)
+        print(f"[doge-dist] converting {root / tag} to a universal checkpoint in {target} (its shards re-split or merged)", flush=True)
         command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(root / tag),
                    "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1"]
         try:
