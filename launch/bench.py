@@ -43,13 +43,15 @@ from doge_dist.train.metrics import device_peak_tflops  # noqa: E402
 HF_VARIANTS = ("hf_eager", "hf_sdpa")
 CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
 DECODE_PROMPT, DECODE_NEW_TOKENS = 32, 128
+DEFAULTS = {"seq_len": 512, "micro_batch": 4, "tp": 2}  # None in argparse, so that a flag given where it does not apply is refused
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="doge-20m")
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=None, help=f"training and --comm (default {DEFAULTS['seq_len']})")
+    p.add_argument("--micro-batch", type=int, default=None,
+                   help=f"training and --comm (default {DEFAULTS['micro_batch']})")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--steps", type=int, default=10, help="measured rounds (each model steps once per round)")
@@ -79,18 +81,22 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--comm", action="store_true",
                    help="bytes per step sent by tensor parallelism (counted on --tp local gloo ranks, against the "
                         "analytic volume) and by the expert-parallel exchange at EP 2, 4, 8 (against all-to-all)")
-    p.add_argument("--tp", type=int, default=2, help="tensor-parallel size for --comm")
+    p.add_argument("--tp", type=int, default=None, help=f"tensor-parallel size for --comm (default {DEFAULTS['tp']})")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="after measuring, profile 2 training steps of ours and print the N ops with the most device time")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     check_ranges(p, args)
+    for flag, value in DEFAULTS.items():  # after check_ranges, which refuses only what was given
+        if getattr(args, flag) is None:
+            setattr(args, flag, value)
     return args
 
 
 def check_ranges(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Sizes and counts that would otherwise fail deep inside a model or a median, and training-only
-    flags that --decode/--comm would silently ignore, named by their flag."""
+    """Sizes and counts that would otherwise fail deep inside a model or a median, flags the chosen
+    mode would silently ignore (while the JSON recorded them) and a device string bench.py cannot
+    run on, named by their flag."""
     for flag, value, least in (("--seq-len", args.seq_len, 1), ("--micro-batch", args.micro_batch, 1),
                                ("--steps", args.steps, 1), ("--warmup", args.warmup, 0), ("--tp", args.tp, 1),
                                ("--threads", args.threads, 1), ("--profile", args.profile, 0)):
@@ -100,6 +106,19 @@ def check_ranges(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
         parser.error(f"--peak-tflops must be positive, got {args.peak_tflops}")
     if (args.decode or args.comm) and (args.compile or args.compile_mode or args.profile):
         parser.error("--compile, --compile-mode and --profile apply to the training step, not to --decode or --comm")
+    if args.decode and args.comm:
+        parser.error("--comm and --decode are two separate measurements: run one at a time")
+    if args.decode and (args.seq_len is not None or args.micro_batch is not None):
+        parser.error(f"--seq-len and --micro-batch apply to training and --comm; --decode generates "
+                     f"{DECODE_NEW_TOKENS} tokens after a {DECODE_PROMPT}-token prompt at batch 1")
+    if args.tp is not None and not args.comm:
+        parser.error("--tp applies to --comm only (the training and decode benches run on one device)")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        parser.error(f"--device {args.device!r}: bench.py runs on 'cpu' or 'cuda' (optionally 'cuda:N')")
 
 
 def check_backends(args: argparse.Namespace, device: torch.device, names: list[str]) -> None:
@@ -107,6 +126,9 @@ def check_backends(args: argparse.Namespace, device: torch.device, names: list[s
     FlexAttention trained on CUDA only (PyTorch has no CPU backward for it)."""
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda, but this torch sees no CUDA device; use --device cpu.")
+    if args.compile_mode == "reduce-overhead" and device.type != "cuda":
+        raise ConfigError("--compile-mode reduce-overhead captures CUDA graphs, which need --device cuda; on the CPU "
+                          "use --compile (or --compile-mode default / max-autotune).")
     backends = {our_backend(name, args.attn_backend) for name in names} - {None}
     if "flash" in backends:
         from doge_dist.model.flash import check_flash_available

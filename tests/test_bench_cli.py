@@ -104,6 +104,31 @@ def test_bench_names_bad_sizes_and_layouts_before_any_work(capsys):
             bench.main(["--preset", "doge-tiny", "--threads", "1", *argv])
 
 
+def test_bench_refuses_flags_its_mode_would_ignore_and_devices_it_cannot_run(capsys):
+    """--comm with --decode measured the TP bytes at --seq-len 512 x 4 while the JSON said 160 x 1;
+    --seq-len and --micro-batch under --decode (a fixed 32 + 128 tokens at batch 1) and --tp without
+    --comm were dropped silently; an unknown --device was a traceback; CUDA graphs on the CPU ran as a
+    plain compile while the JSON said reduce-overhead."""
+    import pytest
+
+    from doge_dist.config import ConfigError
+
+    bench = _bench_module()
+    for argv, message in ((["--comm", "--decode"], "--comm and --decode"),
+                          (["--decode", "--seq-len", "64"], "--seq-len and --micro-batch"),
+                          (["--decode", "--micro-batch", "2"], "--seq-len and --micro-batch"),
+                          (["--tp", "4"], "--tp applies to --comm"),
+                          (["--device", "foo"], "--device 'foo'"),
+                          (["--device", "mps"], "--device 'mps'")):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--preset", "doge-tiny", *argv])
+        assert message in capsys.readouterr().err, argv
+    defaults = bench.parse_args(["--decode"])  # flags not given are not refused, and keep their defaults
+    assert (defaults.seq_len, defaults.micro_batch, defaults.tp) == (512, 4, 2)
+    with pytest.raises(ConfigError, match="CUDA graphs"):
+        bench.main(["--preset", "doge-tiny", "--threads", "1", "--device", "cpu", "--compile-mode", "reduce-overhead"])
+
+
 def test_bench_unknown_preset_is_one_line():
     result = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "bench.py"), "--preset", "doge-nope"],
                             capture_output=True, text=True, timeout=60, cwd=ROOT)
