@@ -12,6 +12,7 @@ from doge_dist.train.metrics import device_peak_tflops, peak_tflops
     ("NVIDIA H100 80GB HBM3", 989.0, 67.0),
     ("NVIDIA H100 PCIe", 756.0, 51.0),
     ("NVIDIA L40S", 362.0, 91.6),  # not the L4's
+    ("NVIDIA L40", 181.0, 90.5),  # not the L4's either
     ("NVIDIA L4", 121.0, 30.3),
     ("NVIDIA A100-SXM4-80GB", 312.0, 19.5),  # not the A10's
     ("NVIDIA A10", 125.0, 31.2),

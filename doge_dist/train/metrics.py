@@ -6,7 +6,8 @@ threads, about a second: no datasheet covers a machine's or a VM's share of a CP
 ``train.peak_tflops`` overrides both. Tokens are the real ones of the global batch (fine-tuning pads
 its sequences to the longest of a micro-batch), their FLOPs ``doge_dist.model.flops.training_flops``;
 time spent validating and checkpointing is left out, as Megatron-LM does.
-launch/bench.py uses the same peaks.
+launch/bench.py uses the same table and measurement, in the precision of its ``--dtype`` (an fp32 bench
+divides by the fp32 peak; the trainer always by the bf16 one).
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ PEAK_TFLOPS = {
     "A100": (312.0, 19.5),
     "A800": (312.0, 19.5),
     "L40S": (362.0, 91.6),
+    "L40": (181.0, 90.5),  # before "L4", which its name contains
     "RTX 4090": (165.2, 82.6),
     "RTX 3090": (71.0, 35.6),
     "A6000": (154.8, 38.7),
