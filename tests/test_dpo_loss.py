@@ -34,17 +34,21 @@ def test_sequence_logps_sums_completion_tokens():
     assert torch.allclose(sequence_logps(model, logits, labels), expected, atol=1e-6)
 
 
-def test_task_forward_matches_direct_computation():
-    torch.manual_seed(0)
-    policy = build_model(ModelConfig.from_preset("doge-tiny")).eval()
-    reference = build_model(ModelConfig.from_preset("doge-tiny")).eval()
-    # prompt (mask 0) + completion (mask 1); chosen and rejected of two pairs, different lengths
+def two_pairs():
+    """(pairs, padded batch): prompt (mask 0) + completion (mask 1); chosen and rejected of two pairs, different lengths."""
     pairs = [((torch.tensor([0, 5, 6, 7, 8, 1]), [0, 0, 0, 1, 1, 1]), (torch.tensor([0, 5, 6, 9, 1]), [0, 0, 0, 1, 1])),
              ((torch.tensor([0, 30, 31, 1]), [0, 0, 1, 1]), (torch.tensor([0, 30, 33, 34, 35, 1]), [0, 0, 1, 1, 1, 1]))]
     samples = [{"chosen": lm_sample([(c.numpy(), torch.tensor(cm).numpy())]),
                 "rejected": lm_sample([(r.numpy(), torch.tensor(rm).numpy())]), "index": i}
                for i, ((c, cm), (r, rm)) in enumerate(pairs)]
-    batch = collate_pairs(samples, pad_id=2)
+    return pairs, collate_pairs(samples, pad_id=2)
+
+
+def test_task_forward_matches_direct_computation():
+    torch.manual_seed(0)
+    policy = build_model(ModelConfig.from_preset("doge-tiny")).eval()
+    reference = build_model(ModelConfig.from_preset("doge-tiny")).eval()
+    pairs, batch = two_pairs()
     task = DPOTask()
     task.beta, task.reference = BETA, reference
     task.prepare(Engine(policy))
@@ -67,6 +71,30 @@ def test_task_forward_matches_direct_computation():
     metrics = task._sums["train"].tolist()  # loss, rewards_chosen, rewards_rejected, margin, accuracy sums
     assert math.isclose(metrics[3], float(sum(margins)), abs_tol=1e-5)
     assert metrics[4] == sum(float(m > 0) for m in margins)
+
+
+def test_moe_policy_logs_the_routing_statistics_of_its_training_pairs(monkeypatch):
+    """The moe/* scalars of a MoE model (README: every task has pretraining's TensorBoard): DPO's own
+    forward records the routing of the chosen and rejected sequences, their padding left out."""
+    from doge_dist.model.moe_stats import token_entropies
+
+    torch.manual_seed(0)
+    policy = build_model(ModelConfig.from_preset("doge-tiny-moe")).train()
+    _, batch = two_pairs()
+    task = DPOTask()
+    task.tables = {"train": torch.zeros(2, 2)}  # precomputed reference log-probs
+    with torch.enable_grad():
+        task.forward_loss(Engine(policy), batch)
+    monkeypatch.setattr(task, "_means", lambda split, names, device: {"loss": 0.5})  # DPO's own sums need a process group
+    metrics = task.log_metrics(torch.device("cpu"))
+
+    with torch.no_grad():
+        routings = policy(batch["input_ids"], token_mask=batch["token_mask"]).routings
+    real = batch["token_mask"].reshape(-1).float()
+    expected = sum((token_entropies(r) * real).sum() for r in routings) / len(routings) / real.sum()
+    assert metrics["loss"] == 0.5
+    assert math.isclose(metrics["moe/router_entropy"], float(expected), rel_tol=1e-6)
+    assert 0.0 <= metrics["moe/unused_expert_fraction"] < 1.0
 
 
 def test_precomputed_table_is_reused_only_for_its_own_reference(tmp_path, monkeypatch, capsys):

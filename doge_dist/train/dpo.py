@@ -32,6 +32,7 @@ from ..model import DogeForCausalLM
 from . import checkpoint
 from .distributed import DistEnv, is_launcher_main
 from .finetune import FinetuneData, FinetuneTask, data_prefixes, pad_id, pad_multiple
+from .loop import local_tokens
 
 METRICS = ("dpo/loss", "dpo/rewards_chosen", "dpo/rewards_rejected", "dpo/reward_margin", "dpo/accuracy")
 VALID_METRICS = ("dpo_val/rewards_chosen", "dpo_val/rewards_rejected", "dpo_val/reward_margin", "dpo_val/accuracy")
@@ -91,6 +92,7 @@ class DPOTask(FinetuneTask):
     sequences_per_sample = 2  # a pair: chosen and rejected, both through the policy (the tokens per step at most)
 
     def __init__(self) -> None:
+        super().__init__()
         self.beta = 0.1
         self.reference: Optional[DogeForCausalLM] = None
         self.tables: dict[str, torch.Tensor] = {}  # split -> [pairs, 2] precomputed reference log-probs
@@ -186,6 +188,9 @@ class DPOTask(FinetuneTask):
         training pairs with gradients enabled, validation pairs (the loop's ``evaluate``) without."""
         split = "train" if torch.is_grad_enabled() else "valid"
         out = engine(batch["input_ids"], position_ids=batch.get("position_ids"), token_mask=batch.get("token_mask"))
+        stats = self.routing_stats(engine)
+        if stats is not None:
+            stats.update(out.routings, local_tokens(batch.get("token_mask"), len(out.routings[0].expert_ids)))
         policy = sequence_logps(engine.module, out.logits, batch["labels"])
         if self.tables:
             reference = self.tables[split][batch["index"]].to(policy.dtype).T.reshape(-1)
@@ -199,8 +204,9 @@ class DPOTask(FinetuneTask):
         return losses.sum(), torch.as_tensor(pairs), out.balance_loss
 
     def log_metrics(self, device: torch.device) -> dict[str, float]:
-        """Means over the training pairs of all ranks since the previous log point."""
-        return self._means("train", METRICS, device)
+        """Means over the training pairs of all ranks since the previous log point, and a MoE policy's
+        routing statistics (``moe/*``, as pretraining logs them)."""
+        return {**self._means("train", METRICS, device), **super().log_metrics(device)}
 
     def validation_metrics(self, device: torch.device) -> dict[str, float]:
         """Means over the validation pairs of all ranks (the loss itself is the loop's ``val/loss``)."""

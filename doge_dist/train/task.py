@@ -74,10 +74,14 @@ class PretrainTask:
     def forward_loss(self, engine, batch: dict):
         from .loop import forward_loss
 
+        return forward_loss(engine, batch, self.routing_stats(engine))
+
+    def routing_stats(self, engine) -> Optional[MoEStats]:
+        """Where a training micro-batch's routing is recorded: None for a dense model and in validation."""
         config = engine.module.config
         if config.is_moe and self.moe_stats is None and engine.module.training:
             self.moe_stats = MoEStats(config.num_experts)
-        return forward_loss(engine, batch, self.moe_stats if engine.module.training else None)
+        return self.moe_stats if engine.module.training else None
 
     def log_metrics(self, device: torch.device) -> dict[str, float]:
         """Scalars beyond the loop's own (averaged since the previous log point); a collective call.
