@@ -46,3 +46,17 @@ def test_impossible_schedule_is_rejected():
         check_schedule(TrainConfig(max_steps=10, warmup_steps=6, decay_steps=6))
     with pytest.raises(ConfigError, match="decay_type"):
         check_schedule(TrainConfig(decay_type="exp"))
+
+
+def test_freeze_dense_steps_beyond_max_steps_names_both_keys():
+    with pytest.raises(ConfigError, match=r"train.freeze_dense_steps \(10\) is more than train.max_steps \(8\)"):
+        check_schedule(TrainConfig(max_steps=8, freeze_dense_steps=10))
+
+
+def test_freeze_dense_steps_with_cosine_ignores_the_unused_decay_steps():
+    """Cosine decays over everything after the warmup; its ``decay_steps`` is not a phase, so it must not
+    count against the steps left after the freeze (the same rule as without a freeze)."""
+    cosine = TrainConfig(max_steps=8, scheduler="cosine", warmup_steps=2, decay_steps=4, freeze_dense_steps=3)
+    check_schedule(cosine)
+    with pytest.raises(ConfigError, match="freeze_dense_steps"):
+        check_schedule(TrainConfig(max_steps=8, scheduler="cosine", warmup_steps=6, freeze_dense_steps=3))

@@ -58,10 +58,13 @@ def check_schedule(train: TrainConfig) -> None:
             f"train.warmup_steps ({train.warmup_steps}) + train.decay_steps ({train.decay_steps}) must be "
             f"non-negative and fit in train.max_steps ({train.max_steps})."
         )
-    if train.freeze_dense_steps and train.warmup_steps + train.decay_steps > train.max_steps - train.freeze_dense_steps:
+    if train.freeze_dense_steps > train.max_steps:
+        raise ConfigError(f"train.freeze_dense_steps ({train.freeze_dense_steps}) is more than train.max_steps "
+                          f"({train.max_steps}): the dense weights would never train; lower it or raise train.max_steps.")
+    if train.freeze_dense_steps and phases > train.max_steps - train.freeze_dense_steps:
         raise ConfigError(
             f"train.freeze_dense_steps ({train.freeze_dense_steps}) leaves {train.max_steps - train.freeze_dense_steps} "
-            f"steps for the whole model, fewer than train.warmup_steps + train.decay_steps; lower one of them."
+            f"steps for the whole model, fewer than its schedule's warmup and decay ({phases}); lower one of them."
         )
     if not 0.0 <= train.min_lr_ratio <= 1.0:
         raise ConfigError(f"train.min_lr_ratio must be within [0, 1], got {train.min_lr_ratio}.")
