@@ -322,3 +322,39 @@ def test_a_resume_from_an_older_checkpoint_of_the_run_rewinds_it():
     board = EventAccumulator(str(run_dir / "tensorboard"))
     board.Reload()
     assert [event.step for event in board.Tensors("config/text_summary")] == [5]  # where the resumed run's config took effect
+
+
+def test_a_stop_signal_to_the_process_group_with_dataloader_workers_saves_and_resumes_exactly():
+    """Slurm delivers its preemption signal (srun's forwarded USR1, the SIGTERM at the time limit) to
+    every process of the job step, so DataLoader workers (data.num_workers > 0) get it too, as from
+    `kill -TERM -- -<pid>`: they must leave the stop to the trainer, which saves; the resumed run (its
+    workers started at the checkpoint's sample) then reproduces the uninterrupted losses exactly."""
+    import os
+
+    run_dir = scratch() / "workers_signalled"
+    settings = dict(micro_batch_size=2, gradient_accumulation_steps=2, save_interval=5, **{"data.num_workers": 2})
+    cmd = command(1, "python") + ["--ds_config", str(REPO / "configs" / "zero0.json")] + base_overrides(run_dir, **settings)
+    process = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    _wait_for_line(process, f"step      2/{STEPS} | loss")
+    os.killpg(process.pid, signal.SIGUSR1)
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode == 0 and "stop signal received" in output, output[-3000:]
+    saved = json.loads((run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text() / "doge_meta.json").read_text())
+    assert 2 <= saved["step"] < STEPS
+    pretrain(run_dir, 0, nproc=1, launcher="python", **settings)
+    assert losses(run_dir) == losses(single_process_run())  # exactly
+
+
+def test_a_diverged_run_leaves_its_last_finite_checkpoint_as_latest():
+    """lr 1e30: steps 1 and 2 have finite losses, step 2's update breaks the weights and every later step
+    is non-finite (skipped) until train.max_bad_steps stops the run, saying that the last good checkpoint
+    is untouched. The steps of the non-finite streak must write no checkpoint: it would become `latest`
+    (a resume "with another seed" starts after the streak's batches) and push good ones out (keep_last)."""
+    run_dir = scratch() / "diverged"
+    result = pretrain(run_dir, 0, nproc=1, launcher="python", check=False, lr=1.0e30, save_interval=1, max_bad_steps=2,
+                      keep_last=2, eval_interval=0)
+    assert result.returncode == 3 and "non-finite steps in a row" in result.stderr, result.stderr[-3000:]
+    root = run_dir / "checkpoints"
+    assert (root / "latest").read_text() == "step_00000002"
+    assert sorted(p.parent.name for p in root.glob("step_*/doge_meta.json")) == ["step_00000001", "step_00000002"]

@@ -9,6 +9,7 @@ sample the interrupted run would have read next.
 """
 from __future__ import annotations
 
+import signal
 from typing import Iterator, Optional
 
 import torch
@@ -62,6 +63,15 @@ def collate(samples: list[dict]) -> dict[str, torch.Tensor]:
     }
 
 
+def leave_stop_signals_to_the_trainer(worker_id: int) -> None:
+    """``worker_init_fn`` of the trainer's DataLoaders: a worker ignores SIGTERM and SIGUSR1. Slurm
+    signals every process of a job step (and ``kill -TERM -- -<pid>`` a process group), workers
+    included; by default the signal ends a worker and torch then fails the trainer mid-step, before the
+    checkpoint its stop handler would save. The workers end with the trainer as they always do."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def build_dataloader(
     dataset: Optional[Dataset], consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int, num_workers: int = 0
 ) -> Optional[DataLoader]:
@@ -74,6 +84,7 @@ def build_dataloader(
         batch_sampler=sampler,
         collate_fn=collate,
         num_workers=num_workers,
+        worker_init_fn=leave_stop_signals_to_the_trainer,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=num_workers > 0,
     )

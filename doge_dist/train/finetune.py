@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..config import Config, ConfigError, ModelConfig
 from ..data import DataError, ResumableSampler
 from ..data.blend import parse_blend
+from ..data.sampler import leave_stop_signals_to_the_trainer
 from ..data.chat_dataset import EpochShuffled, MaskedSequences, SFTDataset, collate_lm, conversations_without_loss
 from .data import validation_rounds
 from .distributed import DistEnv, is_launcher_main
@@ -37,7 +38,8 @@ class FinetuneData:
         sampler = ResumableSampler(total, consumed_samples, train.micro_batch_size, dp_rank, dp_size)
         shuffled = EpochShuffled(train_set, total, config.data.seed)
         self.train_set = shuffled
-        self._train = iter(DataLoader(shuffled, batch_sampler=sampler, collate_fn=collate, num_workers=config.data.num_workers))
+        self._train = iter(DataLoader(shuffled, batch_sampler=sampler, collate_fn=collate,
+                                      num_workers=config.data.num_workers, worker_init_fn=leave_stop_signals_to_the_trainer))
         self._valid: list[dict] = []
         per_iter = train.micro_batch_size * dp_size
         if valid_set is not None and train.eval_interval > 0 and len(valid_set) < per_iter and dp_rank == 0:
