@@ -314,6 +314,10 @@ def pretrain(config: Config, ds_user: dict[str, Any], ds_where: str = "the DeepS
         checkpoint.restore_rng(source[0] / source[1], env.rank, train.seed)
 
     def save() -> None:
+        if bad_in_a_row:  # the step counts as bad: `latest` stays on the last good checkpoint, as TrainingStopped says
+            if env.is_main:
+                warnings.warn(f"step {progress.step} was non-finite: no checkpoint is written until a step is finite again.")
+            return
         checkpoint.save(engine, run_dir, progress, layout, train.keep_last, config.model.to_dict(),
                         universal_checkpoint_info(config.model, layout.tensor_parallel, layout.expert_parallel),
                         data_order(config, data, progress.consumed_samples) if env.is_main else None, data.global_batch)
