@@ -16,6 +16,30 @@ from train_helpers import PYTHON, REPO, _port, env, run_on_a_free_port, scratch
 MEASURE = REPO / "tests" / "plan_measure.py"
 
 
+@pytest.fixture
+def plan_cli(monkeypatch, capsys):
+    """launch/plan.py's main() in this process (a subprocess costs an interpreter and torch's import per
+    call, seconds each); test_cli_is_quiet_about_transformer_engine_and_apex runs the script itself."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("plan_script", REPO / "launch" / "plan.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    monkeypatch.chdir(REPO)
+
+    def run(*args) -> subprocess.CompletedProcess:
+        monkeypatch.setattr(sys, "argv", ["launch/plan.py", *args])
+        try:
+            code = script.main()
+        except SystemExit as stop:  # argparse
+            code = stop.code
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+    return run
+
+
 def _measured(*args: str) -> list[dict]:
     """Per rank, per ZeRO stage in ``args`` ("1", "2", ...): what DeepSpeed holds (``args`` may add overrides)."""
     out = scratch() / "plan_measured.json"
@@ -183,8 +207,8 @@ def test_accumulation_keeps_the_global_batch_and_names_the_fix():
         check_layout(config, 3)
 
 
-def test_cli_prints_the_plan_and_one_paragraph_errors():
-    run = lambda *args: subprocess.run([PYTHON, "launch/plan.py", *args], cwd=REPO, env=env(), capture_output=True, text=True)  # noqa: E731
+def test_cli_prints_the_plan_and_one_paragraph_errors(plan_cli):
+    run = plan_cli
     out = run("--config", "configs/doge_160m.yaml", "--gpus", "8", "--gpu-mem-gb", "80")
     assert out.returncode == 0, out.stderr
     assert "ZeRO-2" in out.stdout and "global batch 768 = micro 4 x accumulation 24 x dp 8" in out.stdout
@@ -202,16 +226,15 @@ def test_cli_prints_the_plan_and_one_paragraph_errors():
     (("train.micro_batch_size=0", "--accumulation"), "train.micro_batch_size must be at least 1, got 0"),
     (("--gpu-mem-gb", "0"), "--gpu-mem-gb must be more than 0, got 0.0"),
 ])
-def test_cli_refuses_batches_and_memory_that_are_not_positive(args, message):
+def test_cli_refuses_batches_and_memory_that_are_not_positive(args, message, plan_cli):
     """GLOBAL_BATCH=-256 in slurm/launch.sh came back as accumulation -1 (and the job started), a zero
     global batch was silently the recipe's, a zero micro-batch a ZeroDivisionError, a zero GPU "does NOT fit"."""
-    result = subprocess.run([PYTHON, "launch/plan.py", "--config", "configs/doge_160m.yaml", *args], cwd=REPO, env=env(),
-                            capture_output=True, text=True)
+    result = plan_cli("--config", "configs/doge_160m.yaml", *args)
     assert result.returncode == 2 and result.stdout == "", result.stdout
     assert result.stderr.strip() == f"error: {message}." or result.stderr.startswith(f"error: {message}"), result.stderr
 
 
-def test_cli_plans_a_finetuning_recipe_as_the_model_of_its_init_from():
+def test_cli_plans_a_finetuning_recipe_as_the_model_of_its_init_from(plan_cli):
     """The SFT/DPO recipes have no model section: launch/sft.py and dpo.py train the model of
     run.init_from, so the plan counts that one (not ModelConfig's defaults, 403M parameters); before
     init_from exists, the plan says which override stands in for it."""
@@ -220,7 +243,7 @@ def test_cli_plans_a_finetuning_recipe_as_the_model_of_its_init_from():
     from doge_dist.model import build_model
     from doge_dist.model.flops import parameter_count
 
-    run = lambda *args: subprocess.run([PYTHON, "launch/plan.py", *args], cwd=REPO, env=env(), capture_output=True, text=True)  # noqa: E731
+    run = plan_cli
     pretrained = ModelConfig.from_preset("doge-tiny")
     init_from = scratch() / "pretrained"
     save_hf(build_model(pretrained), str(init_from), None)

@@ -135,33 +135,43 @@ def test_overrides_may_come_before_the_options():
     assert result.stderr.strip().startswith("error: Unknown key 'warmup_stepz'")
 
 
-@pytest.mark.parametrize("flag", ["--local_rank=0", "--local-rank=0"])
-def test_the_local_rank_flag_of_either_launcher_is_accepted(flag):
-    """The deepspeed launcher passes --local_rank=N, ``python -m torch.distributed.launch`` --local-rank=N:
-    both are read (and ignored: LOCAL_RANK is in the environment too), neither is an unknown argument."""
-    cmd = [PYTHON, "launch/pretrain.py", flag, "--ds_config", "configs/zero1.json"] + base_overrides(scratch() / "cli_local_rank") + ["train.warmup_stepz=3"]
+def test_the_local_rank_flag_of_torch_distributed_launch_is_accepted():
+    """``python -m torch.distributed.launch`` passes --local-rank=N (the deepspeed launcher's --local_rank=N
+    runs in every deepspeed-launched test): read and ignored (LOCAL_RANK is in the environment too)."""
+    cmd = [PYTHON, "launch/pretrain.py", "--local-rank=0", "--ds_config", "configs/zero1.json"] + base_overrides(scratch() / "cli_local_rank") + ["train.warmup_stepz=3"]
     result = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True)
     assert result.returncode == 2 and "unrecognized arguments" not in result.stderr, result.stderr
     assert result.stderr.strip().startswith("error: Unknown key 'warmup_stepz'")
 
 
 @pytest.mark.parametrize("variables, message", [
-    ({"WORLD_SIZE": "2"}, "WORLD_SIZE is set but not RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT"),
     ({"RANK": "1"}, "RANK is set but not WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT"),
     ({"RANK": "2", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"},
      "RANK=2 is not below WORLD_SIZE=2"),
     ({"RANK": "0", "WORLD_SIZE": "two", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"},
      "WORLD_SIZE='two' is not a whole number"),
 ])
-def test_a_launch_environment_set_in_part_is_named_before_any_work(variables, message):
-    """A WORLD_SIZE or RANK left in the shell (or a hand-made launch) under plain python: one paragraph
-    naming the variables, said by every process (the rank that would say it is unknown), before any
-    model is built; not DeepSpeed's batch assertion after the model is built, nor its MPI discovery's
-    'No module named mpi4py'."""
+def test_a_launch_environment_set_in_part_is_named(variables, message, monkeypatch):
+    """A RANK alone sent DeepSpeed looking for MPI ('No module named mpi4py'); a rank at or above the
+    world size, or not a number, was never checked."""
+    from doge_dist.train.distributed import LAUNCH_VARIABLES, LaunchEnvironmentError, launcher_world_size
+
+    for name in LAUNCH_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(LaunchEnvironmentError, match=message):
+        launcher_world_size()
+
+
+def test_a_world_size_left_in_the_shell_is_named_before_any_work():
+    """WORLD_SIZE=2 under plain python sized the batch for a rank that never came: DeepSpeed's batch
+    assertion once the model was built. Now one paragraph, said by every process (the rank that would
+    say it is unknown), before any model or run file."""
     cmd = [PYTHON, "launch/pretrain.py", "--ds_config", "configs/zero0.json"] + base_overrides(scratch() / "cli_env")
-    result = subprocess.run(cmd, cwd=REPO, env=dict(env(), **variables), capture_output=True, text=True, timeout=300)
+    result = subprocess.run(cmd, cwd=REPO, env=dict(env(), WORLD_SIZE="2"), capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    assert result.stderr.strip().startswith(f"error: {message}"), result.stderr[-3000:]
+    assert result.stderr.strip().startswith("error: WORLD_SIZE is set but not RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT")
     assert "torchrun" in result.stderr and not (scratch() / "cli_env").exists()
 
 
