@@ -27,6 +27,7 @@ from doge_dist.config import DataConfig
 from doge_dist.data.errors import DataError
 from doge_dist.data.indexed import validate_prefix
 from doge_dist.data.tokenizer import Tokenizer
+from doge_dist.parallel.rank0 import check_on_rank0
 
 Blend = tuple[list[str], Optional[list[float]]]
 SPLIT_FIXES = {  # what else helps a split of data.split that gets no tokens
@@ -111,17 +112,7 @@ def check_splits(config: DataConfig) -> None:
 
 def check_data(splits: list[Optional[Blend]], split_matrix: list, vocab_size: int) -> None:
     """``_check_data`` on rank 0 only when distributed; every rank raises the same DataError."""
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    verdict: list[Optional[str]] = [None]
-    if not distributed or torch.distributed.get_rank() == 0:
-        try:
-            _check_data(splits, split_matrix, vocab_size)
-        except DataError as error:
-            verdict[0] = str(error)
-    if distributed:
-        torch.distributed.broadcast_object_list(verdict, src=0)
-    if verdict[0]:
-        raise DataError(verdict[0])
+    check_on_rank0(lambda: _check_data(splits, split_matrix, vocab_size), DataError)
 
 
 @contextlib.contextmanager

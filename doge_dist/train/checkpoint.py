@@ -42,6 +42,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import ConfigError
+from ..parallel.rank0 import check_on_rank0, raise_on_every_rank
 
 LATEST = "latest"
 META = "doge_meta.json"
@@ -98,13 +99,7 @@ def read_meta(root: Path, tag: str) -> dict:
 
 def check_complete_on_rank0(root: Path, tag: str) -> None:
     """``check_complete`` in a job: read by rank 0 (a ZeRO-3 checkpoint has two files per rank), raised on all."""
-    error = None
-    if dist.get_rank() == 0:
-        try:
-            check_complete(root, tag)
-        except ConfigError as found:
-            error = str(found)
-    raise_on_every_rank(error)
+    check_on_rank0(lambda: check_complete(root, tag), ConfigError)
 
 
 def check_complete(root: Path, tag: str) -> None:
@@ -233,17 +228,8 @@ def lock_run_dir(run_dir: str | Path) -> Optional[IO]:
     handle, holder = _lock(Path(run_dir) / RUN_LOCK) if dist.get_rank() == 0 else (None, None)
     raise_on_every_rank(holder and f"{run_dir} is in use by another trainer ({holder}, holding {Path(run_dir) / RUN_LOCK}): "
                         "two trainers on one run.dir overwrite each other's checkpoints. Wait for it to end or stop it, "
-                        "or choose another run.dir.")
+                        "or choose another run.dir.", ConfigError)
     return handle
-
-
-def raise_on_every_rank(rank0_error: Optional[str]) -> None:
-    """A ConfigError on every rank when rank 0 found one (what the other ranks pass is ignored): rank 0
-    alone checks what every rank would find the same, so a job of many ranks does not read it many times."""
-    shared = [rank0_error]
-    dist.broadcast_object_list(shared, src=0)
-    if shared[0]:
-        raise ConfigError(shared[0])
 
 
 def _lock(file: Path) -> tuple[Optional[IO], Optional[str]]:
