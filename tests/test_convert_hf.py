@@ -183,6 +183,18 @@ def test_moe_router_layout_is_recorded_and_a_foreign_moe_directory_keeps_transfo
     assert load_hf(tmp_path / "hf", router_layout="split").config.router_layout == "split"
 
 
+def test_moe_balance_loss_formula_survives_an_export(tmp_path):
+    """The balance-loss formula a MoE model trains with is recorded beside its router, so SFT, DPO or a
+    continued run from the export (load_hf) adds the same auxiliary loss; transformers ignores the key."""
+    config = ModelConfig.from_preset("doge-tiny-moe")
+    config.balance_loss = "hf_compat"
+    ours, _ = model_pair(config)
+    with pytest.warns(UserWarning, match="cross-token reshape"):
+        save_hf(ours, tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["balance_loss"] == "hf_compat"
+    assert load_hf(tmp_path / "hf").config.balance_loss == "hf_compat"
+
+
 def test_a_tokenizer_taken_from_a_sharded_model_directory_brings_no_weights(tmp_path):
     """save_hf(model, out, tokenizer=DIR) copies DIR's tokenizer files (launch/upcycle.py passes the dense
     model's own directory): a sharded directory's weight shards and index must stay behind, or the new

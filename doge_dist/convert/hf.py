@@ -176,8 +176,9 @@ def save_hf(model: DogeForCausalLM, path: Union[str, Path], tokenizer: Optional[
     try:
         hf_config = to_hf_config(model.config)
         hf_config.architectures = ["DogeForCausalLM"]
-        if model.config.is_moe:
-            hf_config.router_layout = model.config.router_layout  # for load_hf; transformers ignores it
+        if model.config.is_moe:  # for load_hf (transformers ignores both): the router and the loss it trained with
+            hf_config.router_layout = model.config.router_layout
+            hf_config.balance_loss = model.config.balance_loss
         hf_config.save_pretrained(tmp)
         state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
         if model.config.tie_word_embeddings:
