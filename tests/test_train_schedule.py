@@ -49,8 +49,15 @@ def test_impossible_schedule_is_rejected():
 
 
 def test_freeze_dense_steps_beyond_max_steps_names_both_keys():
-    with pytest.raises(ConfigError, match=r"train.freeze_dense_steps \(10\) is more than train.max_steps \(8\)"):
+    with pytest.raises(ConfigError, match=r"train.freeze_dense_steps \(10\) is not less than train.max_steps \(8\)"):
         check_schedule(TrainConfig(max_steps=8, freeze_dense_steps=10))
+
+
+def test_freeze_dense_steps_as_long_as_the_run_is_refused():
+    """A freeze over every step (with no warmup or decay to fit after it) would end the run with the dense
+    weights never trained: refused like a longer one."""
+    with pytest.raises(ConfigError, match=r"train.freeze_dense_steps \(8\) is not less than train.max_steps \(8\)"):
+        check_schedule(TrainConfig(max_steps=8, warmup_steps=0, decay_steps=0, freeze_dense_steps=8))
 
 
 def test_freeze_dense_steps_with_cosine_ignores_the_unused_decay_steps():

@@ -58,8 +58,8 @@ def check_schedule(train: TrainConfig) -> None:
             f"train.warmup_steps ({train.warmup_steps}) + train.decay_steps ({train.decay_steps}) must be "
             f"non-negative and fit in train.max_steps ({train.max_steps})."
         )
-    if train.freeze_dense_steps > train.max_steps:
-        raise ConfigError(f"train.freeze_dense_steps ({train.freeze_dense_steps}) is more than train.max_steps "
+    if train.freeze_dense_steps >= train.max_steps:
+        raise ConfigError(f"train.freeze_dense_steps ({train.freeze_dense_steps}) is not less than train.max_steps "
                           f"({train.max_steps}): the dense weights would never train; lower it or raise train.max_steps.")
     if train.freeze_dense_steps and phases > train.max_steps - train.freeze_dense_steps:
         raise ConfigError(
