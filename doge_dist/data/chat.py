@@ -56,13 +56,13 @@ def encode_conversation(tokenizer, messages: Messages, assistant_only: bool = Tr
                         cut: Optional[Counter] = None) -> tuple[list[int], list[int]]:
     """(ids, loss mask) of one conversation; ``max_length`` > 0 truncates from the right (counted in
     ``cut["conversations"]``, so that the tool can say how many it cut)."""
+    cut = Counter() if cut is None else cut
     out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
     ids = list(out["input_ids"])
     mask = list(out["assistant_masks"]) if assistant_only else [1] * len(ids)
     if 0 < max_length < len(ids):
         ids, mask = ids[:max_length], mask[:max_length]
-        if cut is not None:
-            cut["conversations"] += 1
+        cut["conversations"] += 1
     if not any(mask):
         raise BadRecord("no trainable token left (the assistant turns are beyond the maximum length)")
     return ids, mask
