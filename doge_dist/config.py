@@ -93,7 +93,9 @@ class ModelConfig:
     "v1" is the small-doge repository's file (per query-head bias, no q/k norms).
     ``router_layout``: "split" routes each token from its own logits; "hf_compat" reproduces the
     reference's cross-token reshape (parity tests only). ``balance_loss``: "per_expert" is the
-    correct Switch-style loss; "hf_compat" reproduces the reference formula.
+    correct Switch-style loss; "hf_compat" reproduces the reference formula. ``head_dim``:
+    hidden_size / num_attention_heads unless given; transformers' DogeAttention reads it too, and its
+    o_proj maps heads x head_dim back to hidden_size, so it need not tile hidden_size.
     """
 
     vocab_size: int = 32768
@@ -144,12 +146,6 @@ class ModelConfig:
                     f"({self.num_attention_heads}); set model.head_dim explicitly or change the head count."
                 )
             self.head_dim = self.hidden_size // self.num_attention_heads
-        elif self.head_dim * self.num_attention_heads != self.hidden_size:
-            raise ConfigError(
-                f"model.head_dim ({self.head_dim}) x model.num_attention_heads ({self.num_attention_heads}) != "
-                f"model.hidden_size ({self.hidden_size}): Doge's attention output feeds the residual stream "
-                f"directly, as in transformers; drop head_dim or set it to {self.hidden_size // self.num_attention_heads}."
-            )
         self.validate()
 
     def check_sizes(self) -> None:
@@ -179,8 +175,8 @@ class ModelConfig:
                 f"model.num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"model.num_key_value_heads ({self.num_key_value_heads})."
             )
-        if self.head_dim % 2:
-            raise ConfigError(f"model.head_dim ({self.head_dim}) must be even for rotary embeddings.")
+        if self.head_dim < 2 or self.head_dim % 2:
+            raise ConfigError(f"model.head_dim ({self.head_dim}) must be even and at least 2, for rotary embeddings.")
         for key in ("initializer_range", "router_aux_loss_coef"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"model.{key} must be >= 0, got {getattr(self, key)}.")

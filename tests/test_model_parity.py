@@ -13,6 +13,7 @@ CASES = {
     "v1": ("doge-tiny", {"attention_variant": "v1", "num_key_value_heads": 4}),
     "moe hf_compat": ("doge-tiny-moe", {"router_layout": "hf_compat", "balance_loss": "hf_compat"}),
     "keep window < T": ("doge-tiny", {"keep_window_size": 7}),
+    "head_dim != hidden / heads": ("doge-tiny", {"head_dim": 8, "num_key_value_heads": 1}),
     "dynamic rope beyond max positions": (
         "doge-tiny",
         {"max_position_embeddings": 8, "rope_scaling": {"rope_type": "dynamic", "factor": 4.0}},
@@ -64,7 +65,8 @@ def test_keep_window_and_dynamic_rope_cases_are_exercised():
 
 
 @pytest.mark.parametrize("padding", ["right", "left"])
-@pytest.mark.parametrize("case", ["gqa g=2", "untied embeddings", "moe hf_compat", "keep window < T", "v1"])
+@pytest.mark.parametrize("case", ["gqa g=2", "untied embeddings", "moe hf_compat", "keep window < T", "v1",
+                                  "head_dim != hidden / heads"])
 def test_every_gradient_matches_transformers(case, padding):
     """Left padding leaves the first queries of a row no visible key; their rows' gradient must not
     reach the keys' bias (the last padding position's prediction of the first token is in the loss)."""

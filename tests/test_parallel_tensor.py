@@ -17,6 +17,7 @@ CASES = {
     "moe": ("doge-tiny-moe", {}),
     "v1 untied keep-window": ("doge-tiny", {"attention_variant": "v1", "tie_word_embeddings": False, "keep_window_size": 9}),
     "odd vocab (padded)": ("doge-tiny", {"vocab_size": 509}),
+    "head_dim != hidden / heads": ("doge-tiny", {"head_dim": 8}),
     "packed documents": ("doge-tiny", {"keep_window_size": 5, "packed_documents": True}),
 }
 
