@@ -2,6 +2,7 @@
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,8 +18,11 @@ from model_helpers import model_pair, unique_tokens
 
 @pytest.mark.parametrize("preset, overrides", [("doge-tiny", {}), ("doge-tiny-moe", {"router_layout": "hf_compat"}),
                                                ("doge-tiny", {"tie_word_embeddings": False,
-                                                              "rope_scaling": {"rope_type": "dynamic", "factor": 4.0}})])
+                                                              "rope_scaling": {"rope_type": "dynamic", "factor": 4.0}}),
+                                               ("doge-tiny", {"head_dim": 8})])
 def test_export_loads_in_transformers_with_equal_logits(tmp_path, preset, overrides):
+    """transformers' DogeAttention takes config.head_dim, also one that does not tile hidden_size (o_proj maps
+    heads x head_dim back to it); the export carries it in config.json."""
     from transformers import AutoModelForCausalLM
 
     ours, _ = model_pair(ModelConfig.from_preset(preset, **overrides))
@@ -42,23 +46,61 @@ def test_import_then_export_returns_identical_tensors(tmp_path):
     assert json.loads((tmp_path / "a" / "config.json").read_text())["model_type"] == "doge"
 
 
-def test_import_accepts_small_doge_key_names_and_detects_v1(tmp_path):
+def _small_doge_directory(path: Path):
+    """A v1 model (per-query-head bias, no q/k norms) saved under small-doge's own key names; returns the model."""
     config = ModelConfig.from_preset("doge-tiny", attention_variant="v1")
-
     torch.manual_seed(0)
     ours = build_model(config)
     old_names = {v: k for k, v in OLD_KEY_NAMES.items()}
     state = {".".join(old_names.get(p, p) for p in k.split(".")): v for k, v in ours.state_dict().items() if k != "lm_head.weight"}
     assert any("pre_residual" in k for k in state) and any("word_embed" in k for k in state)
-    (tmp_path / "old").mkdir()
-    save_file(state, str(tmp_path / "old" / "model.safetensors"))
+    path.mkdir()
+    save_file(state, str(path / "model.safetensors"))
     hf_config = {k: v for k, v in config.to_dict().items() if k not in ("attention_variant", "router_layout", "balance_loss", "attn_backend")}
-    (tmp_path / "old" / "config.json").write_text(json.dumps({**hf_config, "model_type": "doge"}))
+    (path / "config.json").write_text(json.dumps({**hf_config, "model_type": "doge"}))
+    return ours
+
+
+def test_import_accepts_small_doge_key_names_and_detects_v1(tmp_path):
+    ours = _small_doge_directory(tmp_path / "old")
     loaded = load_hf(tmp_path / "old")
     assert loaded.config.attention_variant == "v1"
     ids = unique_tokens(1, 12, 512)
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, ours(ids).logits)
+
+
+def test_fine_tuning_from_a_small_doge_directory_builds_its_v1_model(tmp_path):
+    """SFT/DPO build the model run.init_from's directory describes (model_config_of): a small-doge v1
+    directory must give a v1 model that takes its weights; it gave v2, and the run failed on A's shape
+    after its process groups had started, saying the weights did not match their config."""
+    from doge_dist.train.engine import initial_model
+    from doge_dist.train.finetune import model_config_of
+
+    ours = _small_doge_directory(tmp_path / "old")
+    config = model_config_of(str(tmp_path / "old"))
+    assert config.attention_variant == "v1"
+    run = SimpleNamespace(model=config, run=SimpleNamespace(init_from=str(tmp_path / "old")))
+    ids = unique_tokens(1, 12, 512)
+    with torch.no_grad():
+        assert torch.equal(initial_model(run)(ids).logits, ours(ids).logits)
+
+
+def test_a_config_it_cannot_load_is_refused_before_the_weights_are_read(tmp_path, monkeypatch):
+    """launch/generate.py and load_hf read config.json and the tensor names first: a config this model cannot
+    compute (here YaRN RoPE) is refused before gigabytes of weights are read."""
+    save_hf(build_model(ModelConfig.from_preset("doge-tiny")), tmp_path / "hf")
+    config_file = tmp_path / "hf" / "config.json"
+    config = json.loads(config_file.read_text())
+    config["rope_parameters"] = {"rope_type": "yarn", "factor": 2.0, "rope_theta": 10000.0}
+    config_file.write_text(json.dumps(config))
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the weights were read before the config was checked")
+
+    monkeypatch.setattr(safetensors.torch, "load_file", no_weights)
+    with pytest.raises(ConfigError, match="rope_scaling.rope_type = 'yarn'"):
+        load_hf(tmp_path / "hf")
 
 
 def test_not_doge_and_mismatched_shapes_are_named(tmp_path):

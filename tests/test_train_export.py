@@ -139,7 +139,7 @@ def test_init_from_a_transformers_directory_starts_at_its_loss_and_never_drops_i
 
 def test_a_continued_model_that_computes_another_function_is_named():
     """run.init_from's own config against the run's model section: an untied LM head into a tied model
-    is an error (its weights would be dropped), any other field that changes what the weights compute
+    is an error (its weights would be dropped), as is another attention variant (they do not fit), any other field that changes what the weights compute
     (RoPE, norm epsilon, keep window, router) a warning naming both values."""
     import warnings
 
@@ -149,6 +149,8 @@ def test_a_continued_model_that_computes_another_function_is_named():
     saved = ModelConfig.from_preset("doge-tiny", tie_word_embeddings=False, rope_theta=5e5)
     with pytest.raises(ConfigError, match=r"src.*tie_word_embeddings.*model\.tie_word_embeddings=false"):
         check_continued_model(saved, ModelConfig.from_preset("doge-tiny"), "src")
+    with pytest.raises(ConfigError, match=r"src.*attention_variant 'v1'.*model\.attention_variant=v1"):  # a small-doge directory
+        check_continued_model(ModelConfig.from_preset("doge-tiny", attention_variant="v1"), ModelConfig.from_preset("doge-tiny"), "src")
     with pytest.warns(UserWarning, match=r"src.*model\.rope_theta=500000\.0.*this run has 10000\.0"):
         check_continued_model(saved, ModelConfig.from_preset("doge-tiny", tie_word_embeddings=False), "src")
     moe = ModelConfig.from_preset("doge-tiny-moe", router_layout="hf_compat")

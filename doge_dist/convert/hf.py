@@ -70,26 +70,53 @@ def from_hf_config(hf: dict[str, Any], state_keys: tuple[str, ...] = (), a_shape
     return ModelConfig(**values)
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    files = sorted(path.glob("*.safetensors"))
-    if files:
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        state = {}
-        for file in files:
-            try:
-                state.update(load_file(str(file)))
-            except SafetensorError as error:  # its message names no file
-                raise ConfigError(f"{file} cannot be read as safetensors ({error}); is the download or copy complete?") from error
-        return state
-    bins = sorted(path.glob("pytorch_model*.bin"))
-    if not bins:
+def _weight_files(path: Path) -> list[Path]:
+    files = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
+    if not files:
         raise FileNotFoundError(f"{path} has no *.safetensors or pytorch_model*.bin weights.")
+    return files
+
+
+def _read_safetensors(file: Path, read):
+    """``read(file)`` with a SafetensorError (whose message names no file) as a ConfigError naming it."""
+    from safetensors import SafetensorError
+
+    try:
+        return read(str(file))
+    except SafetensorError as error:
+        raise ConfigError(f"{file} cannot be read as safetensors ({error}); is the download or copy complete?") from error
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
     state = {}
-    for file in bins:
-        state.update(torch.load(file, map_location="cpu", weights_only=True))
+    for file in _weight_files(path):
+        if file.suffix == ".safetensors":
+            state.update(_read_safetensors(file, load_file))
+        else:
+            state.update(torch.load(file, map_location="cpu", weights_only=True))
     return state
+
+
+def tensor_names(path: Union[str, Path]) -> tuple[str, ...]:
+    """The tensor names of a model directory, from the safetensors headers (a pytorch_model*.bin is
+    memory-mapped): no weights are read."""
+    from safetensors import safe_open
+
+    names = []
+    for file in _weight_files(Path(path)):
+        if file.suffix == ".safetensors":
+            names += _read_safetensors(file, lambda name: list(safe_open(name, "pt").keys()))
+        else:
+            names += list(torch.load(file, map_location="cpu", weights_only=True, mmap=True))
+    return tuple(names)
+
+
+def hf_model_config(path: Union[str, Path], **overrides) -> ModelConfig:
+    """The ModelConfig of a transformers (or small-doge) Doge directory: its config.json, with the
+    attention variant (v1/v2) told by its tensor names."""
+    return from_hf_config(read_hf_config(path), tensor_names(path), **overrides)
 
 
 def rename_old_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -137,10 +164,9 @@ def read_hf_config(path: Union[str, Path]) -> dict[str, Any]:
 def load_hf(path: Union[str, Path], **config_overrides) -> DogeForCausalLM:
     """Our model from a transformers (or small-doge) Doge directory; ``model.config`` is its ModelConfig."""
     path = Path(path)
-    hf = read_hf_config(path)
+    config = hf_model_config(path, **config_overrides)  # a config it cannot load is refused before the weights are read
     state = rename_old_keys(_read_state_dict(path))
     state = {k: v for k, v in state.items() if "rotary_emb" not in k}
-    config = from_hf_config(hf, tuple(state), **config_overrides)
     model = build_model(config)
     load_state_checked(model, {k: v.float() for k, v in state.items()}, str(path))
     return model

@@ -193,9 +193,9 @@ def model_config_of(init_from: str) -> ModelConfig:
 
     check_init_from(init_from)
     if (Path(init_from) / "config.json").is_file():
-        from ..convert.hf import from_hf_config, read_hf_config
+        from ..convert.hf import hf_model_config
 
-        return from_hf_config(read_hf_config(init_from))
+        return hf_model_config(init_from)
     try:
         root, tag = checkpoint.resolve_checkpoint(init_from)
     except ConfigError as error:  # e.g. the pretraining run has not saved a checkpoint yet
@@ -212,13 +212,20 @@ FUNCTION_FIELDS = ("rms_norm_eps", "hidden_act", "rope_theta", "rope_scaling", "
 def check_continued_model(saved: ModelConfig, model: ModelConfig, source: str) -> None:
     """Compare run.init_from's own config (``saved``, from ``model_config_of``) with the run's model
     section, which the loaded weights are built into: only tensor shapes are checked on load, so a
-    tied model would silently drop a trained untied LM head (an error), and any other field of
-    ``FUNCTION_FIELDS`` that differs makes the run start from another function than the one it
-    continues (a warning naming both values: a longer context or the per-token router may be meant)."""
+    tied model would silently drop a trained untied LM head (an error), another attention variant
+    lacks or has extra attention weights (an error), and any other field of ``FUNCTION_FIELDS`` that
+    differs makes the run start from another function than the one it continues (a warning naming
+    both values: a longer context or the per-token router may be meant)."""
     if model.tie_word_embeddings and not saved.tie_word_embeddings:
         raise ConfigError(
             f"run.init_from '{source}' has an untied LM head (tie_word_embeddings false) and this run's model ties it to "
             "the embeddings, which would drop the trained LM head: set model.tie_word_embeddings=false."
+        )
+    if model.attention_variant != saved.attention_variant:  # v1: small-doge's own directories
+        raise ConfigError(
+            f"run.init_from '{source}' is a model of attention_variant '{saved.attention_variant}' and this run's model "
+            f"is '{model.attention_variant}', whose attention weights it does not have: set "
+            f"model.attention_variant={saved.attention_variant}."
         )
     for field in FUNCTION_FIELDS:
         if getattr(saved, field) != getattr(model, field):
