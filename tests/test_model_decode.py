@@ -17,7 +17,7 @@ from doge_dist.model import build_model, shift_labels
 from doge_dist.model.cache import KVCache
 from doge_dist.model.decode import Decoder
 from doge_dist.model.generate import generate
-from model_helpers import perturb_all, randomise_dynamic_mask
+from model_helpers import model_pair, perturb_all, randomise_dynamic_mask
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,6 +27,7 @@ CASES = {
     "moe": {"is_moe": True, "num_experts": 16, "num_experts_per_tok": 4},
     "biases": {"attention_bias": True, "mlp_bias": True, "tie_word_embeddings": False},
     "keep_window": {"keep_window_size": 8},
+    "own_head_dim": {"head_dim": 32},
     "dynamic_ntk": {"max_position_embeddings": 12, "rope_scaling": {"rope_type": "dynamic", "factor": 4.0}},
 }
 
@@ -102,6 +103,29 @@ def test_generated_tokens_can_feed_a_training_step():
     total, count = model.loss_sum(model(sample).logits, shift_labels(sample))
     (total / count).backward()
     assert model.model.embed_tokens.weight.grad is not None
+
+
+@pytest.mark.parametrize("case", ["v2_gqa", "keep_window", "dynamic_ntk", "moe"])
+def test_a_left_padded_batch_generates_the_tokens_of_transformers(case):
+    """Prompts of different lengths, left-padded with an attention mask as transformers' generate takes
+    them: the same greedy tokens, each row those of its prompt alone, also once the cache outgrows the keep
+    window and max_position_embeddings (the padding is neither attended nor counted in the positions)."""
+    config = ModelConfig.from_preset("doge-tiny", **CASES[case], **({"router_layout": "hf_compat"} if case == "moe" else {}))
+    ours, hf = model_pair(config)
+    prompt = torch.randint(3, 512, (3, 7), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(prompt)
+    mask[1, :3] = mask[2, :5] = 0
+    prompt = prompt.masked_fill(mask == 0, config.pad_token_id)
+    out = generate(ours.eval(), prompt, 16, temperature=0, attention_mask=mask)
+    expected = hf.generate(prompt, attention_mask=mask, max_new_tokens=16, do_sample=False, eos_token_id=None,
+                           pad_token_id=config.pad_token_id)
+    assert torch.equal(out, expected)
+    if case != "moe":  # transformers' router mixes the tokens of a batch (hf_compat), so a row alone differs there
+        assert torch.equal(out[2, 5:], generate(ours, prompt[2:, 5:], 16, temperature=0)[0])
+    assert torch.equal(generate(ours, prompt, 4, temperature=0, attention_mask=torch.ones_like(prompt)),
+                       generate(ours, prompt, 4, temperature=0))
+    with pytest.raises(ValueError, match="attention_mask of a right-padded prompt"):
+        generate(ours, prompt, 4, temperature=0, attention_mask=mask.flip(-1))
 
 
 def test_generate_leaves_the_model_in_the_mode_it_was_in():
