@@ -285,3 +285,11 @@ def test_a_split_without_tokens_is_refused_before_the_model_is_built(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert "error: The valid split gets no tokens from" in result.stderr
     assert not run_dir.exists()  # refused before the run wrote anything (or built a model)
+
+
+def test_flex_attention_on_cpu_is_refused_before_the_model_is_built(monkeypatch):
+    """PyTorch's FlexAttention has no backward on CPU: a CPU run with model.attn_backend=flex used to build
+    the engine and load the data, then die in the first step's backward with a traceback."""
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"model.attn_backend = 'flex'.*no backward on CPU.*attn_backend=auto"):
+        _check(_config("model.attn_backend=flex"))

@@ -90,6 +90,16 @@ def check_init_from(init_from: str) -> None:
         raise ConfigError(f"run.init_from = '{init_from}' {problem}: give a Hugging Face Doge directory or a run directory.")
 
 
+def check_flex_trains_here(attn_backend: str) -> None:
+    """PyTorch's FlexAttention has no backward on CPU: without a GPU an explicit flex would fail in the
+    first step's backward, after the engine and the data were built."""
+    import torch
+
+    if attn_backend == "flex" and not torch.cuda.is_available():
+        raise ConfigError("model.attn_backend = 'flex': PyTorch's FlexAttention has no backward on CPU and no CUDA GPU "
+                          "is visible; train on CPU with model.attn_backend=auto (sdpa there), sdpa or eager.")
+
+
 def check_run(config: Config, ds_user: dict[str, Any], world_size: int, where: str) -> tuple[ParallelLayout, dict[str, Any]]:
     """All pre-build checks; returns the layout and the effective DeepSpeed config."""
     layout = check_layout(config, world_size)
@@ -97,6 +107,7 @@ def check_run(config: Config, ds_user: dict[str, Any], world_size: int, where: s
         from ..model.flash import check_flash_available
 
         check_flash_available()
+    check_flex_trains_here(config.model.attn_backend)
     if config.model.loss_backend == "te":
         if config.parallel.tensor_parallel > 1:
             raise ConfigError("model.loss_backend = 'te': transformer-engine's cross entropy does not take a vocabulary "
