@@ -41,27 +41,27 @@ if __name__ == "__main__":
         from doge_dist.model.generate import generate, untrained_positions_note
 
         with contextlib.redirect_stdout(sys.stderr):  # loading messages (DeepSpeed's too): stdout is the text alone
-            if (Path(args.model) / "config.json").is_file():
+            from doge_dist.data.chat_template import load_chat_tokenizer
+            from doge_dist.train.export import check_tokenizer_fits, load_checkpoint_model, run_tokenizer_path
+
+            # the tokenizer and its chat template first: a wrong one is named before a checkpoint is consolidated
+            hf_directory = (Path(args.model) / "config.json").is_file()
+            tokenizer_path = args.tokenizer or (args.model if hf_directory else run_tokenizer_path(args.model))
+            try:
+                tokenizer = load_tokenizer(tokenizer_path)
+            except DataError as error:
+                if args.tokenizer:
+                    raise
+                raise DataError(f"{error} Or pass this model's tokenizer with --tokenizer.") from None
+            chat = load_chat_tokenizer(tokenizer_path, for_training=False) if args.chat else None
+            if hf_directory:
                 from doge_dist.convert.hf import load_hf
 
-                model, tokenizer_path = load_hf(args.model), args.tokenizer or args.model
+                model = load_hf(args.model)
             else:
-                from doge_dist.train.export import load_checkpoint_model, run_tokenizer_path
-
-                model, tokenizer_path = load_checkpoint_model(args.model), args.tokenizer or run_tokenizer_path(args.model)
-        try:
-            tokenizer = load_tokenizer(tokenizer_path)
-        except DataError as error:
-            if args.tokenizer:
-                raise
-            raise DataError(f"{error} Or pass this model's tokenizer with --tokenizer.") from None
-        from doge_dist.train.export import check_tokenizer_fits
-
+                model = load_checkpoint_model(args.model)
         check_tokenizer_fits(tokenizer, tokenizer_path, model.config.vocab_size)
         if args.chat:  # the reply alone
-            from doge_dist.data.chat_template import load_chat_tokenizer
-
-            chat = load_chat_tokenizer(tokenizer_path, for_training=False)
             prompt = list(chat.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=True,
                                                    return_dict=True, add_generation_prompt=True)["input_ids"])
             shown = len(prompt)

@@ -205,3 +205,14 @@ def test_generate_command_names_its_tokenizer_flag_and_chats_with_any_template(t
                              "--chat", "--prompt", "a", "--max_new_tokens", "4", "--temperature", "0"],
                             cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_generate_chat_without_a_chat_template_is_refused_before_loading_the_model(tmp_path):
+    """--chat with a tokenizer that has no chat template (a pretraining run's sentencepiece model) was
+    found out only after the model was loaded (a ZeRO checkpoint consolidated first): here the weights
+    file is missing, and the tokenizer is what the command names."""
+    save_hf(build_model(ModelConfig.from_preset("doge-tiny", vocab_size=512)), tmp_path / "hf")
+    (tmp_path / "hf" / "model.safetensors").unlink()
+    result = subprocess.run([sys.executable, "launch/generate.py", "--model", str(tmp_path / "hf"), "--tokenizer",
+                             str(assets().tokenizer_model), "--chat", "--prompt", "a"], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 2 and "is not a Hugging Face tokenizer directory" in result.stderr, result.stderr[-2000:]
