@@ -32,12 +32,20 @@ def test_shape_mismatch_is_named():
         upcycle(dense, ModelConfig.from_preset("doge-tiny"))
 
 
+
+def test_every_shape_mismatch_is_named_with_all_its_overrides():
+    """The demo's dense shape differs from doge-tiny-moe in four fields: the error gave one at a time, so
+    the user reran (consolidating the checkpoint each time) four times to find the whole command."""
+    dense = build_model(ModelConfig.from_preset("doge-tiny", vocab_size=640, num_hidden_layers=1))
+    with pytest.raises(ConfigError, match=re.escape("model.vocab_size=640 model.num_hidden_layers=1")):
+        upcycle(dense, ModelConfig.from_preset("doge-tiny-moe"))
+
 def test_dense_model_of_no_preset_shape_upcycles_with_model_overrides(tmp_path):
     """launch/upcycle.py's model.key=value overrides: the demo's doge_tiny_cpu.yaml shape is no preset."""
     dense = build_model(ModelConfig.from_preset("doge-tiny", vocab_size=640, num_hidden_layers=1))
     perturb_all(dense)
     save_hf(dense, tmp_path / "dense")
-    with pytest.raises(ConfigError, match=r"override it \(model.vocab_size=640\)"):
+    with pytest.raises(ConfigError, match=r"override them \(model.vocab_size=640 model.num_hidden_layers=1\)"):
         upcycle_to_hf(str(tmp_path / "dense"), "doge-tiny-moe", str(tmp_path / "moe"))
     with pytest.raises(ConfigError, match="must all be model.key=value"):
         upcycle_to_hf(str(tmp_path / "dense"), "doge-tiny-moe", str(tmp_path / "moe"), overrides=["train.lr=1"])
@@ -117,3 +125,10 @@ def test_the_dense_source_is_never_the_output(tmp_path):
     with pytest.raises(ConfigError, match="is the dense model being upcycled"):
         upcycle_to_hf(str(tmp_path / "dense"), "doge-tiny-moe", str(tmp_path / "dense" / "."))
     assert (tmp_path / "dense" / "model.safetensors").is_file()
+
+
+def test_a_dense_head_dim_of_its_own_is_named():
+    """A head_dim that does not tile hidden_size is part of the shape: the MoE target must take it too."""
+    dense = build_model(ModelConfig.from_preset("doge-tiny", head_dim=8))
+    with pytest.raises(ConfigError, match=re.escape("override it (model.head_dim=8)")):
+        upcycle(dense, ModelConfig.from_preset("doge-tiny-moe"))

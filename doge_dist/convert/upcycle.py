@@ -26,20 +26,31 @@ def check_moe_target(moe: ModelConfig) -> ModelConfig:
 
 
 def moe_config_for(dense: ModelConfig, moe: ModelConfig) -> ModelConfig:
-    """The MoE config ``moe`` checked against ``dense``: every non-MoE field must agree."""
+    """The MoE config ``moe`` checked against ``dense``: every non-MoE field must agree. All differences
+    are named at once, with the overrides that fix them (the demo's shape differs from its preset in four)."""
     if dense.is_moe:
         raise ConfigError("The checkpoint to upcycle is already a MoE model.")
     check_moe_target(moe)
-    for field in dataclasses.fields(ModelConfig):
-        if field.name in MOE_ONLY_FIELDS or field.name in RUNTIME_SWITCHES:
-            continue
-        if getattr(dense, field.name) != getattr(moe, field.name):
-            raise ConfigError(
-                f"model.{field.name} differs: the dense checkpoint has {getattr(dense, field.name)!r}, the MoE "
-                f"config {getattr(moe, field.name)!r}. Upcycling needs the same shape: pick the matching preset or "
-                f"override it (model.{field.name}={getattr(dense, field.name)!r})."
-            )
+    differing = [field.name for field in dataclasses.fields(ModelConfig)
+                 if field.name not in MOE_ONLY_FIELDS | set(RUNTIME_SWITCHES) and _differs(field.name, dense, moe)]
+    if differing:
+        def values(config: ModelConfig) -> str:
+            return " and ".join(repr(getattr(config, name)) for name in differing)
+
+        names = " and ".join(f"model.{name}" for name in differing)
+        overrides = " ".join(f"model.{name}={getattr(dense, name)!r}" for name in differing)
+        raise ConfigError(
+            f"{names} {'differs' if len(differing) == 1 else 'differ'}: the dense checkpoint has {values(dense)}, the "
+            f"MoE config {values(moe)}. Upcycling needs the same shape: pick the matching preset or override "
+            f"{'it' if len(differing) == 1 else 'them'} ({overrides})."
+        )
     return moe
+
+
+def _differs(name: str, dense: ModelConfig, moe: ModelConfig) -> bool:
+    if name == "head_dim" and all(c.head_dim * c.num_attention_heads == c.hidden_size for c in (dense, moe)):
+        return False  # each the default hidden_size / num_attention_heads: named through those fields
+    return getattr(dense, name) != getattr(moe, name)
 
 
 def upcycle(dense: DogeForCausalLM, moe_config: ModelConfig, seed: int = 0) -> DogeForCausalLM:
