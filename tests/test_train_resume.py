@@ -252,6 +252,25 @@ def test_a_checkpoint_past_max_steps_is_refused_before_any_model(tmp_path):
     assert f"is at step {STEPS + 5}, past train.max_steps = {STEPS}: set train.max_steps to at least {STEPS + 5}" in result.stderr
 
 
+def test_a_finished_run_run_again_exits_before_building_anything(tmp_path):
+    """A rerun of a run whose latest checkpoint is at train.max_steps (a chained job, `make demo` again) says
+    so and exits 0 without building the engine or loading the checkpoint (here it has no weights to load)."""
+    from doge_dist.config import ModelConfig
+    from doge_dist.train import checkpoint
+
+    tag = checkpoint.tag_for(STEPS)
+    (tmp_path / "checkpoints" / tag).mkdir(parents=True)
+    meta = {"step": STEPS, "consumed_samples": 60, "consumed_tokens": 3840, "dp_size": 1, "zero_stage": 0,
+            "model": ModelConfig.from_preset("doge-tiny").to_dict()}
+    (tmp_path / "checkpoints" / tag / checkpoint.META).write_text(json.dumps(meta))
+    (tmp_path / "checkpoints" / checkpoint.LATEST).write_text(tag)
+    cmd = command(1, "python") + ["--ds_config", str(REPO / "configs" / "zero0.json")] + base_overrides(tmp_path)
+    result = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"{tmp_path / 'checkpoints' / tag} is at train.max_steps ({STEPS}): the run is finished" in result.stdout
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [checkpoint.LATEST, tag]
+
+
 def test_a_rank_the_saving_run_did_not_have_continues_rank_0s_random_stream(tmp_path):
     """Every rank starts from one seed and draws alike, so tensor-parallel replicas draw the same dropout
     masks; a rank added on resume (1 process -> tensor parallel 2) must join that stream, not a seed of its own."""

@@ -220,6 +220,21 @@ def check_not_past_the_end(saved: dict, train: TrainConfig, start: tuple[Path, s
                           "on), or start a new run.dir.")
 
 
+def is_finished(start: tuple[Path, str], train: TrainConfig, run_dir: Path) -> bool:
+    """The run's own latest checkpoint is at train.max_steps: a rerun (a chained Slurm job, ``make demo``
+    again) has nothing to train and need not build the engine and load the checkpoint to find that out."""
+    own = Path(start[0]).resolve() == checkpoint.checkpoint_root(run_dir).resolve()
+    return own and checkpoint.read_meta(*start)["step"] == train.max_steps
+
+
+def finished_run(start: tuple[Path, str], env: DistEnv) -> Progress:
+    saved = checkpoint.read_meta(*start)
+    if env.is_main:
+        print(f"[doge-dist] {start[0] / start[1]} is at train.max_steps ({saved['step']}): the run is finished, nothing "
+              "to train (raise train.max_steps to train on)", flush=True)
+    return Progress(**{field: saved[field] for field in ("step", "consumed_samples", "consumed_tokens") if field in saved})
+
+
 def write_run_files(run_dir: Path, config: Config, ds: dict) -> str:
     """The resolved config.yaml (export_hf reads its tokenizer there) and ds_config.json, each replaced
     whole: a restart on a full disk leaves the previous ones readable."""
@@ -261,6 +276,8 @@ def pretrain(config: Config, ds_user: dict[str, Any], ds_where: str = "the DeepS
         checkpoint.check_model_shape(*source, config.model)
         if start:
             check_not_past_the_end(checkpoint.read_meta(*start), train, start)
+            if is_finished(start, train, run_dir):
+                return finished_run(start, env)
         if start and env.is_main:
             warn_if_global_batch_changed(checkpoint.read_meta(*start), train, layout.dp_size)
         if start or config.run.init_optimizer:
