@@ -79,7 +79,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="our attention backend (flash: flash-attn from the [gpu] extra)")
     p.add_argument("--decode", action="store_true", help="measure greedy generation at batch 1 instead of training")
     p.add_argument("--comm", action="store_true",
-                   help="bytes per step sent by tensor parallelism (counted on --tp local gloo ranks, against the "
+                   help="bytes per micro-batch (forward + backward) sent by tensor parallelism (counted on --tp local gloo ranks, against the "
                         "analytic volume) and by the expert-parallel exchange at EP 2, 4, 8 (against all-to-all)")
     p.add_argument("--tp", type=int, default=None, help=f"tensor-parallel size for --comm (default {DEFAULTS['tp']})")
     p.add_argument("--profile", type=int, default=0, metavar="N",
@@ -405,7 +405,7 @@ def print_table(summary: dict) -> None:
         print(f"tensor parallel {summary['tp_size']}, {summary['preset']}: MB sent per rank per micro-batch (fp32)")
         for mode, r in summary["comm_tp"].items():
             print(f"  {mode:<6} counted {r['counted_mb']:>10.3f}   analytic {r['analytic_mb']:>10.3f}")
-        print("expert parallel, doge-1.4b-moe, same tokens per rank: MB per rank per step (bf16)")
+        print("expert parallel, doge-1.4b-moe, same tokens per rank: MB per rank per micro-batch (bf16)")
         for ep, r in summary["comm_ep_doge_1.4b_moe"].items():
             print(f"  {ep:<5} gather/reduce-scatter {r['gather_reduce_scatter']:>9.1f}   all-to-all {r['all_to_all']:>9.1f}")
         return

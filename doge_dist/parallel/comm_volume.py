@@ -86,7 +86,7 @@ class CollectiveCounter:
 
 
 def moe_exchange_bytes(c: ModelConfig, tokens: int, ep: int, dtype_bytes: int = 2) -> dict[str, float]:
-    """Per rank and step (forward + backward), the expert-parallel exchange of ``parallelize_experts``
+    """Per rank and micro-batch (forward + backward), the expert-parallel exchange of ``parallelize_experts``
     against an all-to-all token dispatch, for ``tokens`` tokens per rank."""
     N, H, L, k = tokens, c.hidden_size, c.num_hidden_layers, c.num_experts_per_tok
     # gather tokens and gates, reduce-scatter outputs (the backward mirrors each), gather int32 ids once
