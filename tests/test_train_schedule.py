@@ -1,9 +1,10 @@
-"""WSD and cosine schedules: linear WSD equals transformers.get_wsd_schedule step for step."""
+"""WSD and cosine schedules: linear WSD equals transformers.get_wsd_schedule step for step, cosine equals
+transformers' cosine_with_min_lr (the small-doge SFT/DPO recipes' schedule)."""
 import math
 
 import pytest
 import torch
-from transformers import get_wsd_schedule
+from transformers import get_cosine_with_min_lr_schedule_with_warmup, get_wsd_schedule
 
 from doge_dist.config import ConfigError, TrainConfig
 from doge_dist.train.schedule import build_scheduler, check_schedule, lr_multiplier
@@ -27,6 +28,19 @@ def test_wsd_linear_equals_transformers(warmup, decay, total, floor):
         num_decay_steps=decay, num_training_steps=total, decay_type="linear", min_lr_ratio=floor,
     )
     assert lrs(ours, total + 2) == pytest.approx(lrs(reference, total + 2), abs=1e-12)
+
+
+@pytest.mark.parametrize("warmup,total,floor", [(10, 100, 0.1), (205, 2050, 0.1), (0, 20, 0.1), (3, 10, 0.0)])
+def test_cosine_equals_transformers_cosine_with_min_lr(warmup, total, floor):
+    """The SFT/DPO recipes' ``lr_scheduler_type: cosine_with_min_lr``, ``min_lr_rate: 0.1``: its warmup
+    starts at 0, not at the floor (transformers' WSD starts at the floor; its cosine does not)."""
+    train = TrainConfig(scheduler="cosine", lr=1.0, max_steps=total, warmup_steps=warmup, min_lr_ratio=floor)
+    ours = build_scheduler(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), train)
+    reference = get_cosine_with_min_lr_schedule_with_warmup(
+        torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), num_warmup_steps=warmup,
+        num_training_steps=total, min_lr_rate=floor,
+    )  # to the last step: past it transformers' cosine climbs again, ours stays at the floor
+    assert lrs(ours, total + 1) == pytest.approx(lrs(reference, total + 1), abs=1e-12)
 
 
 def test_decay_shapes_and_cosine():

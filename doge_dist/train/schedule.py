@@ -2,7 +2,9 @@
 
 WSD is the Doge recipe: linear warmup, a constant stable phase, then a decay over the last
 ``decay_steps`` to ``min_lr_ratio``. Its linear decay is the curve of ``transformers.get_wsd_schedule``
-(tested); cosine and 1-sqrt decay shapes are the common alternatives. The multiplier is a pure function
+(tested); cosine and 1-sqrt decay shapes are the common alternatives. ``cosine`` is the small-doge
+SFT/DPO recipes' ``cosine_with_min_lr`` (``transformers.get_cosine_with_min_lr_schedule_with_warmup``,
+tested): unlike WSD it warms up from 0, not from ``min_lr_ratio``. The multiplier is a pure function
 of the optimizer-step count, so a resumed run (or a different rank count) recomputes the same lr.
 """
 from __future__ import annotations
@@ -30,8 +32,9 @@ def _decay_shape(progress: float, decay_type: str) -> float:
 def lr_multiplier(step: int, train: TrainConfig) -> float:
     """Multiplier of ``train.lr`` for optimizer step ``step`` (0 = the first update)."""
     warmup, total, floor = train.warmup_steps, train.max_steps, train.min_lr_ratio
-    if step < warmup:  # from min_lr_ratio up, as transformers' WSD warms up
-        return floor + (1.0 - floor) * step / max(1, warmup)
+    if step < warmup:  # transformers' WSD warms up from min_lr_ratio, its cosine_with_min_lr from 0
+        start = 0.0 if train.scheduler == "cosine" else floor
+        return start + (1.0 - start) * step / max(1, warmup)
     if train.scheduler == "cosine":
         progress = min(1.0, (step - warmup) / max(1, total - warmup))
         return floor + (1.0 - floor) * _decay_shape(progress, "cosine")
