@@ -4,7 +4,7 @@ pretraining starts from.
 
     python launch/upcycle.py --checkpoint runs/doge_20m --preset doge-20m-moe --output runs/doge_20m_moe_init
     deepspeed launch/pretrain.py --config configs/doge_20m_moe.yaml run.init_from=runs/doge_20m_moe_init \
-        train.freeze_dense_steps=500
+        train.freeze_dense_steps=800
 
 A dense model whose shape is not a preset's takes the same model.key=value overrides as its training
 config, e.g. the demo run of configs/doge_tiny_cpu.yaml:
