@@ -2,7 +2,7 @@
 # Doge-160M pretraining (configs/doge_160m.yaml) on Slurm. Submit from the repository root:
 #   mkdir -p logs && sbatch slurm/doge_160m.sh [section.key=value ...]
 #   sbatch --nodes=4 slurm/doge_160m.sh                        # the global batch stays the recipe's
-#   sbatch --job-name=doge_160m_lr2x slurm/doge_160m.sh train.lr=1e-2   # another experiment: runs/doge_160m_lr2x
+#   sbatch --job-name=doge_160m_lr2x slurm/doge_160m.sh train.lr=8e-3   # another experiment: runs/doge_160m_lr2x
 #   sbatch --dependency=afterany:JOBID slurm/doge_160m.sh      # chain: continues from the latest checkpoint
 # The run lives in runs/$SLURM_JOB_NAME and resumes from its latest checkpoint. 120 s before the time
 # limit the trainer saves and the job requeues itself (slurm/launch.sh, docs/multinode.md).

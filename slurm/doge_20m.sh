@@ -1,8 +1,9 @@
 #!/bin/bash
 # Doge-20M pretraining (configs/doge_20m.yaml) on Slurm. Submit from the repository root:
 #   mkdir -p logs && sbatch slurm/doge_20m.sh [section.key=value ...]
-#   sbatch --nodes=4 slurm/doge_20m.sh                        # the global batch stays the recipe's
-#   sbatch --job-name=doge_20m_lr2x slurm/doge_20m.sh train.lr=1e-2   # another experiment: runs/doge_20m_lr2x
+#   sbatch --nodes=4 slurm/doge_20m.sh train.micro_batch_size=8   # the global batch stays the recipe's (32 GPUs x
+#                                                               # micro 16 would be 512 sequences: micro 8, accumulation 1)
+#   sbatch --job-name=doge_20m_lr2x slurm/doge_20m.sh train.lr=1.6e-2   # another experiment: runs/doge_20m_lr2x
 #   sbatch --dependency=afterany:JOBID slurm/doge_20m.sh      # chain: continues from the latest checkpoint
 # The run lives in runs/$SLURM_JOB_NAME and resumes from its latest checkpoint. 120 s before the time
 # limit the trainer saves and the job requeues itself (slurm/launch.sh, docs/multinode.md).

@@ -2,7 +2,7 @@
 # Doge-20M-MoE (CDMoE, 1024 experts, top 16) pretraining (configs/doge_20m_moe.yaml) on Slurm. Submit from the repository root:
 #   mkdir -p logs && sbatch slurm/doge_20m_moe.sh [section.key=value ...]
 #   sbatch --nodes=4 slurm/doge_20m_moe.sh                        # the global batch stays the recipe's
-#   sbatch --job-name=doge_20m_moe_lr2x slurm/doge_20m_moe.sh train.lr=1e-2   # another experiment: runs/doge_20m_moe_lr2x
+#   sbatch --job-name=doge_20m_moe_lr2x slurm/doge_20m_moe.sh train.lr=1.6e-2   # another experiment: runs/doge_20m_moe_lr2x
 #   sbatch --dependency=afterany:JOBID slurm/doge_20m_moe.sh      # chain: continues from the latest checkpoint
 # The run lives in runs/$SLURM_JOB_NAME and resumes from its latest checkpoint. 120 s before the time
 # limit the trainer saves and the job requeues itself (slurm/launch.sh, docs/multinode.md).

@@ -2,7 +2,7 @@
 # Doge-60M pretraining (configs/doge_60m.yaml) on Slurm. Submit from the repository root:
 #   mkdir -p logs && sbatch slurm/doge_60m.sh [section.key=value ...]
 #   sbatch --nodes=4 slurm/doge_60m.sh                        # the global batch stays the recipe's
-#   sbatch --job-name=doge_60m_lr2x slurm/doge_60m.sh train.lr=1e-2   # another experiment: runs/doge_60m_lr2x
+#   sbatch --job-name=doge_60m_lr2x slurm/doge_60m.sh train.lr=1.2e-2   # another experiment: runs/doge_60m_lr2x
 #   sbatch --dependency=afterany:JOBID slurm/doge_60m.sh      # chain: continues from the latest checkpoint
 # The run lives in runs/$SLURM_JOB_NAME and resumes from its latest checkpoint. 120 s before the time
 # limit the trainer saves and the job requeues itself (slurm/launch.sh, docs/multinode.md).

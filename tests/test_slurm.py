@@ -5,6 +5,7 @@ forwards USR1/TERM to it; scontrol prints the node list and records every call).
 end to end on 1 node x 2 ranks, is sent the preemption USR1, checkpoints, requeues, and resumes; the
 others are checked in dry-run mode, which prints the exact command the launcher would run."""
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -120,6 +121,29 @@ def test_dry_run_keeps_the_global_batch_on_two_nodes(name, tmp_path):
         "train.lr=1e-3", "data.seq_length=1024",
     ]
     assert log_lines(tmp_path, "scontrol") == ["scontrol show hostnames localhost"]
+
+
+def test_header_examples_keep_the_global_batch_and_double_the_lr():
+    """Each script's header: its ``sbatch --nodes=N`` example trains the recipe's global batch on N x the
+    script's GPUs per node (launch.sh asks plan.py for the accumulation, which stops the job otherwise), and
+    its ``--job-name=..._lr2x`` experiment sets twice the config's lr."""
+    from doge_dist.config import load_config
+    from doge_dist.plan import accumulation_steps, check_layout, recipe_global_batch
+
+    for script in sorted((REPO / "slurm").glob("doge_*.sh")):
+        text = script.read_text()
+        gpus = int(re.search(r"#SBATCH --gpus-per-node=(\d+)", text).group(1))
+        yaml_path = shlex.split(next(line for line in text.splitlines() if line.startswith("exec bash slurm/launch.sh")))[3]
+        recipe = load_config(str(REPO / yaml_path))
+        examples = re.findall(r"#\s+sbatch --nodes=(\d+) slurm/\S+\.sh([^#\n]*)", text)
+        experiments = re.findall(r"--job-name=\S+_lr(\d+)x slurm/\S+\.sh train\.lr=(\S+)", text)
+        assert examples and experiments, script.name
+        for nodes, overrides in examples:
+            config = load_config(str(REPO / yaml_path), shlex.split(overrides))
+            dp = check_layout(config, int(nodes) * gpus).dp_size
+            accumulation_steps(recipe_global_batch(recipe), config.train.micro_batch_size, dp)  # ConfigError if not
+        for factor, lr in experiments:
+            assert float(lr) == pytest.approx(int(factor) * recipe.train.lr), f"{script.name}: train.lr={lr}"
 
 
 def test_impossible_gpu_count_is_one_clear_paragraph(tmp_path):
