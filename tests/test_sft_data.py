@@ -237,9 +237,9 @@ def test_explicit_max_steps_wins_over_epochs_and_the_sizing_is_said():
     assert max_steps_given({"train": {"max_steps": 9}}, []) and not max_steps_given(raw, overrides[:1])
     config = load_config(None, overrides[:1])
     line = size_in_epochs(config, 810, 2, max_steps_given(raw, overrides[:1]))
-    assert (config.train.max_steps, config.train.warmup_steps) == (102, 10)
+    assert (config.train.max_steps, config.train.warmup_steps) == (102, 11)  # ceil(10.2), as the HF Trainer
     assert line == ("train.max_steps = 102 from finetune.epochs = 2 (2.01 epochs of 810 samples, 16 per step), "
-                    "warmup 10, decay 10 steps")
+                    "warmup 11, decay 10 steps")
 
 
 def test_pairs_cut_to_nothing_by_seq_length_are_reported():

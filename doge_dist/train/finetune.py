@@ -170,7 +170,7 @@ def size_in_epochs(config: Config, samples: int, world_size: int, steps_given: b
                 f"({train.max_steps * global_batch / samples:.3g} epochs of {samples} samples)")
     if not steps_given:
         train.max_steps = max(1, math.ceil(finetune.epochs * samples / global_batch))
-    train.warmup_steps = round(finetune.warmup_ratio * train.max_steps)
+    train.warmup_steps = math.ceil(finetune.warmup_ratio * train.max_steps)  # the HF Trainer's get_warmup_steps
     if train.scheduler == "wsd":
         train.decay_steps = min(round(finetune.decay_ratio * train.max_steps), train.max_steps - train.warmup_steps)
     decay = f", decay {train.decay_steps}" if train.scheduler == "wsd" else ""
