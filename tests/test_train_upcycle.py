@@ -1,5 +1,7 @@
 """Dense -> sparse continuation end to end: launch/upcycle.py keeps the dense function exactly, and
-with train.freeze_dense_steps only the new router/expert tables change during the freeze."""
+with train.freeze_dense_steps only the new router/expert tables change during the freeze, and the
+frozen weights get no gradient (none in the clipping norm or AdamW's moments), as small-doge's MoE
+warm-up sets requires_grad=False on them."""
 import subprocess
 
 import torch
@@ -36,3 +38,10 @@ def test_upcycle_then_freeze_phase(tmp_path):
         for name, param in trained.items():
             moved = not torch.equal(param, start[name])
             assert moved == (dense_should_move or is_new_moe_parameter(name)), (step, name)
+    for step, frozen_moments in ((5, 0.0), (10, None)):  # AdamW's first moments of the frozen groups
+        states = torch.load(run / "checkpoints" / f"step_{step:08d}" / "mp_rank_00_model_states.pt", weights_only=False)
+        optimizer = states["optimizer"]
+        frozen = [i for group in optimizer["param_groups"] if group.get("frozen_until") for i in group["params"]]
+        assert frozen and len(frozen) < len(optimizer["state"])
+        largest = max(optimizer["state"][i]["exp_avg"].abs().max().item() for i in frozen)
+        assert largest == 0.0 if frozen_moments == 0.0 else largest > 0.0, (step, largest)

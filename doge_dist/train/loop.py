@@ -34,6 +34,7 @@ from .export import consolidated_state
 from .finetune import check_continued_model, model_config_of
 from .host_memory import keep_freed_memory
 from .metrics import Reporter, peak_tflops
+from .optim import DenseFreeze
 from .preflight import check_run
 from .schedule import reapply_schedule
 from .task import PretrainTask, Task
@@ -327,6 +328,7 @@ def pretrain(config: Config, ds_user: dict[str, Any], ds_where: str = "the DeepS
     with reporter.paused():  # DPO's reference log-probs, computed once, are no training throughput
         task.prepare(engine)
     stop = StopRequest()
+    freeze = DenseFreeze(engine.module, train, progress.step)
     if start:  # last: setting up draws random numbers too (the CPU peak for MFU), which shifted every dropout mask
         checkpoint.restore_rng(source[0] / source[1], env.rank, train.seed)
 
@@ -349,6 +351,7 @@ def pretrain(config: Config, ds_user: dict[str, Any], ds_where: str = "the DeepS
         lr = engine.get_lr()[0]  # the lr this step uses (DeepSpeed steps the schedule inside train_step)
         result = train_step(engine, batches, env, layout.dp_size, config.model.router_aux_loss_coef, stop, task)
         progress.step += 1
+        freeze.release(progress.step)
         progress.consumed_samples += data.global_batch
         progress.consumed_tokens += result["tokens"]
         reporter.count(result["tokens"], result["flops"])

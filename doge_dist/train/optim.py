@@ -42,7 +42,8 @@ def decayed_parameter_names(model: nn.Module, grouping: str) -> set[str]:
 def parameter_groups(model: nn.Module, train: TrainConfig) -> list[dict]:
     """AdamW groups, decayed and not, in ``named_parameters`` order (tied weights once). With
     ``train.freeze_dense_steps`` the parameters an upcycled MoE model inherited from its dense
-    model get their own groups, marked ``frozen_until`` (their schedule holds lr 0 until then)."""
+    model get their own groups, marked ``frozen_until`` (their schedule holds lr 0 until then, and
+    ``DenseFreeze`` keeps their gradients at zero)."""
     decayed = decayed_parameter_names(model, train.decay_groups)
     params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     frozen = {name for name, _ in params if not is_new_moe_parameter(name)} if train.freeze_dense_steps else set()
@@ -53,6 +54,33 @@ def parameter_groups(model: nn.Module, train: TrainConfig) -> list[dict]:
             {"params": [p for n, p in params if n in names and n not in decayed], "weight_decay": 0.0, **extra},
         ]
     return [group for group in groups if group["params"]]
+
+
+class DenseFreeze:
+    """Zero gradients for the inherited dense parameters while ``train.freeze_dense_steps`` lasts.
+
+    small-doge's MoE warm-up (``DogeWarmupCallback``) sets ``requires_grad=False`` on everything but the
+    new router/expert tables, so the frozen weights have no gradient: none in the clipping norm (which
+    would otherwise shrink the new tables' updates) and none in AdamW's moments. DeepSpeed's ZeRO lays
+    out its gradient partitions once, so requires_grad cannot change mid-run; written by hand instead:
+    a tensor hook on each frozen parameter replaces its gradient by zeros before the engine accumulates,
+    reduces or clips it. The weights themselves stay as they are through their lr-0 schedule groups
+    (schedule.py); the hooks are removed once the freeze is over (``release``).
+    """
+
+    def __init__(self, model: nn.Module, train: TrainConfig, step: int) -> None:
+        self.until = train.freeze_dense_steps
+        self.handles = []
+        if step < self.until:
+            self.handles = [param.register_hook(torch.zeros_like) for name, param in model.named_parameters()
+                            if param.requires_grad and not is_new_moe_parameter(name)]
+
+    def release(self, step: int) -> None:
+        """After optimizer step ``step``: from the end of the freeze on, every gradient flows."""
+        if step >= self.until:
+            for handle in self.handles:
+                handle.remove()
+            self.handles = []
 
 
 class SkipNonFiniteAdamW(torch.optim.AdamW):
