@@ -205,10 +205,16 @@ def test_sigterm_removes_partial_files(tmp_path, workers) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
 
 
-def test_ctrl_c_to_the_process_group_stops_workers_without_tracebacks(tmp_path) -> None:
-    """Ctrl-C in a terminal signals every process of the group, the pool workers too: a worker that
-    died of it mid-read left half a task in the pool's pipe, and the tool then hung for ever in
-    Pool.terminate (2 of 5 runs on the sample corpus). The workers leave Ctrl-C to the main process."""
+def _children(pid: int) -> list[int]:
+    return [int(child) for task in Path(f"/proc/{pid}/task").iterdir() for child in (task / "children").read_text().split()]
+
+
+@pytest.mark.parametrize("signum, returncode", [(signal.SIGINT, 130), (signal.SIGTERM, 128 + signal.SIGTERM)])
+def test_a_signal_to_the_process_group_stops_workers_without_tracebacks(tmp_path, signum, returncode) -> None:
+    """Ctrl-C in a terminal (or ``kill -TERM -- -PID``) signals every process of the group, the pool
+    workers too: a worker that died of it mid-read left half a task in the pool's pipe, and the tool then
+    hung for ever in Pool.terminate (2 of 5 runs on the sample corpus). The workers live in their own
+    process group, so the signal reaches the main process alone, which stops them."""
     fifo = tmp_path / "in.jsonl"
     os.mkfifo(fifo)
     writer = os.open(fifo, os.O_RDWR)
@@ -222,15 +228,18 @@ def test_ctrl_c_to_the_process_group_stops_workers_without_tracebacks(tmp_path) 
         os.write(writer, b"".join(json.dumps({"text": f"document {i}"}).encode() + b"\n" for i in range(1100)))
         while "Processed 1000 documents" not in tool.stderr.readline():
             assert tool.poll() is None, tool.stderr.read()
-        os.killpg(tool.pid, signal.SIGINT)
+        workers = _children(tool.pid)
+        assert len(workers) >= 2 and all(os.getpgid(worker) != tool.pid for worker in workers)
+        os.killpg(tool.pid, signum)
         with contextlib.suppress(subprocess.TimeoutExpired):
             tool.wait(timeout=5)  # the pool's reader thread finishes at the end of the input
         os.close(writer)
         _, stderr = tool.communicate(timeout=60)
     finally:
         tool.kill()
-    assert tool.returncode == 130 and "Traceback" not in stderr, stderr
-    assert stderr.rstrip().endswith("interrupted (Ctrl-C)")
+    assert tool.returncode == returncode and "Traceback" not in stderr, stderr
+    if signum == signal.SIGINT:
+        assert stderr.rstrip().endswith("interrupted (Ctrl-C)")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
 
 

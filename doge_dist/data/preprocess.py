@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import os
 import signal
 import threading
 import time
@@ -45,9 +46,12 @@ def _init_worker(tokenizer_path: str, tokenizer_type: Optional[str], keys: Seque
 
 
 def _init_pool_worker(*init_args) -> None:
-    """A pool worker ignores Ctrl-C, which a terminal sends to the whole process group: one that died of
-    it mid-read left half a task in the pool's pipe, and Pool.terminate then waited for the rest for
-    ever. The main process stops the workers itself (Pool.terminate's SIGTERM)."""
+    """A pool worker leaves the tool's process group and ignores Ctrl-C: a signal to the group (Ctrl-C in
+    a terminal, ``kill -TERM -- -PID``) reaches the main process only, which stops the workers itself
+    (Pool.terminate's SIGTERM). A worker that died of it mid-read left half a task in the pool's pipe,
+    and Pool.terminate then waited for the rest for ever. Should the main process die, the workers
+    read the end of the pool's pipe and exit."""
+    os.setpgid(0, 0)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _init_worker(*init_args)
 
