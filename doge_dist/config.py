@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -474,6 +475,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             raise ConfigError(f"The command-line override '{item}' is not valid YAML: {_yaml_problem(error)}. Write lists as "
                               "[a, b], and quote a string value that YAML would read otherwise inside the shell's "
                               "quotes: 'run.dir=\"[try1\"'.") from None
+        if re.search(r"(^|\s)#", value) and "#" not in yaml.safe_dump(parsed):
+            raise ConfigError(f"The command-line override '{item}' has ' #', where YAML starts a comment and the value "
+                              f"would end; quote the value inside the shell's quotes: '{dotted}=\"{value}\"'.")
         _check_override(section, key, parsed, f"the command-line override '{item}'")
         raw.setdefault(section, {})
         raw[section] = dict(raw[section] or {})

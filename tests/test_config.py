@@ -144,6 +144,13 @@ def test_an_override_that_is_not_yaml_names_the_override():
         load_config(None, ["data.train_data=[a, b"])
 
 
+def test_an_override_that_yaml_would_cut_at_a_comment_is_refused():
+    """``run.dir=runs/try #2`` read as YAML is ``runs/try``: the rest is a comment, silently dropped."""
+    with pytest.raises(ConfigError, match=r"override 'run.dir=runs/try #2' has ' #', where YAML starts a comment.*'run.dir=\"runs/try #2\"'"):
+        load_config(None, ["run.dir=runs/try #2"])
+    assert load_config(None, ['run.dir="runs/try #2"', "run.ds_config=a#b"]).run.dir == "runs/try #2"
+
+
 def test_a_deepspeed_json_that_is_not_utf8_is_named(tmp_path):
     from doge_dist.train.ds_config import read_ds_config
 
