@@ -1,8 +1,12 @@
 """The gloo spawner starts again on a new port when another process holds the one it picked (the
-window between picking a free port and binding it), instead of failing or hanging the test run."""
+window between picking a free port and binding it), instead of failing or hanging the test run, and
+its ranks' results outlive the rank processes."""
+import pickle
 import socket
 
+import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from doge_dist.parallel import spawn
 
@@ -20,3 +24,21 @@ def test_a_taken_port_is_retried_on_a_new_one(monkeypatch):
         monkeypatch.setattr(spawn, "free_port", lambda: next(picks, None) or free_port())
         assert spawn.run_distributed(_rank, 2) == [(0, 2), (1, 2)]
         assert next(picks, None) is None  # the taken port was tried first
+
+
+def _tensor(rank, world_size):
+    return {"rank": rank, "values": torch.arange(4.0) + rank}
+
+
+def test_tensors_come_back_after_their_rank_has_exited():
+    """A rank's result is read once the rank process may have ended (here: after it has): tensors sent
+    through torch's queue as shared file descriptors were then gone (FileNotFoundError, one run in the suite)."""
+    context = mp.get_context("spawn")
+    results = context.SimpleQueue()
+    rank = context.Process(target=spawn._entry, args=(0, 1, spawn.free_port(), _tensor, (), results))
+    rank.start()
+    rank.join()
+    _, value, error = results.get()
+    assert error is None and rank.exitcode == 0
+    received = pickle.loads(value)
+    assert received["rank"] == 0 and torch.equal(received["values"], torch.arange(4.0))

@@ -1,6 +1,7 @@
 """Run a function on N local CPU processes joined by gloo: the multi-process tests' ranks and
 ``launch/bench.py --comm``'s measurement (a launcher-free alternative to torchrun for small jobs)."""
 import os
+import pickle
 import socket
 import traceback
 
@@ -21,7 +22,8 @@ def _entry(rank: int, world_size: int, port: int, fn, args, results):
     torch.set_num_threads(1)
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
-        results.put((rank, fn(rank, world_size, *args), None))
+        # by value: torch's queue would share tensors through this process's file descriptors, gone once it exits
+        results.put((rank, pickle.dumps(fn(rank, world_size, *args)), None))
     except BaseException:  # report the failure (a taken port too) to the parent instead of hanging it
         results.put((rank, None, traceback.format_exc()))
     finally:
@@ -57,7 +59,7 @@ def _run_once(fn, world_size: int, *args):
                 p.terminate()
             failure = PortTaken if "address already in use" in error.lower() else AssertionError
             raise failure(f"rank {rank} failed:\n{error}")
-        collected[rank] = value
+        collected[rank] = pickle.loads(value)
     for p in procs:
         p.join()
     return [collected[r] for r in range(world_size)]
