@@ -232,7 +232,7 @@ def test_a_signal_to_the_process_group_stops_workers_without_tracebacks(tmp_path
         assert len(workers) >= 2 and all(os.getpgid(worker) != tool.pid for worker in workers)
         os.killpg(tool.pid, signum)
         with contextlib.suppress(subprocess.TimeoutExpired):
-            tool.wait(timeout=5)  # the pool's reader thread finishes at the end of the input
+            tool.wait(timeout=1)  # the pool's reader thread finishes at the end of the input
         os.close(writer)
         _, stderr = tool.communicate(timeout=60)
     finally:
