@@ -5,6 +5,7 @@ import json
 import signal
 import subprocess
 import warnings
+from pathlib import Path
 
 import pytest
 
@@ -236,18 +237,24 @@ def test_a_resume_whose_data_order_changed_says_what_changed():
         warn_if_data_order_changed(saved, _data_order("train.max_steps=10000"), STEPS * 4)
 
 
-def test_a_checkpoint_past_max_steps_is_refused_before_any_model(tmp_path):
+def _rerun_over_a_checkpoint_without_weights(run_dir: Path, step: int) -> tuple[subprocess.CompletedProcess, str]:
+    """Pretraining in ``run_dir`` whose latest checkpoint, at ``step``, has a meta file and no weights:
+    whatever the run does with it must not need them. Returns the result and the checkpoint's tag."""
     from doge_dist.config import ModelConfig
     from doge_dist.train import checkpoint
 
-    tag = checkpoint.tag_for(STEPS + 5)
-    (tmp_path / "checkpoints" / tag).mkdir(parents=True)
-    meta = {"step": STEPS + 5, "consumed_samples": 60, "dp_size": 1, "zero_stage": 0,
+    tag = checkpoint.tag_for(step)
+    (run_dir / "checkpoints" / tag).mkdir(parents=True)
+    meta = {"step": step, "consumed_samples": 60, "consumed_tokens": 3840, "dp_size": 1, "zero_stage": 0,
             "model": ModelConfig.from_preset("doge-tiny").to_dict()}
-    (tmp_path / "checkpoints" / tag / checkpoint.META).write_text(json.dumps(meta))
-    (tmp_path / "checkpoints" / checkpoint.LATEST).write_text(tag)
-    cmd = command(1, "python") + ["--ds_config", str(REPO / "configs" / "zero0.json")] + base_overrides(tmp_path)
-    result = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    (run_dir / "checkpoints" / tag / checkpoint.META).write_text(json.dumps(meta))
+    (run_dir / "checkpoints" / checkpoint.LATEST).write_text(tag)
+    cmd = command(1, "python") + ["--ds_config", str(REPO / "configs" / "zero0.json")] + base_overrides(run_dir)
+    return subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300), tag
+
+
+def test_a_checkpoint_past_max_steps_is_refused_before_any_model(tmp_path):
+    result, _ = _rerun_over_a_checkpoint_without_weights(tmp_path, STEPS + 5)
     assert result.returncode == 2, result.stderr[-3000:]
     assert f"is at step {STEPS + 5}, past train.max_steps = {STEPS}: set train.max_steps to at least {STEPS + 5}" in result.stderr
 
@@ -255,20 +262,12 @@ def test_a_checkpoint_past_max_steps_is_refused_before_any_model(tmp_path):
 def test_a_finished_run_run_again_exits_before_building_anything(tmp_path):
     """A rerun of a run whose latest checkpoint is at train.max_steps (a chained job, `make demo` again) says
     so and exits 0 without building the engine or loading the checkpoint (here it has no weights to load)."""
-    from doge_dist.config import ModelConfig
-    from doge_dist.train import checkpoint
+    from doge_dist.train.checkpoint import LATEST
 
-    tag = checkpoint.tag_for(STEPS)
-    (tmp_path / "checkpoints" / tag).mkdir(parents=True)
-    meta = {"step": STEPS, "consumed_samples": 60, "consumed_tokens": 3840, "dp_size": 1, "zero_stage": 0,
-            "model": ModelConfig.from_preset("doge-tiny").to_dict()}
-    (tmp_path / "checkpoints" / tag / checkpoint.META).write_text(json.dumps(meta))
-    (tmp_path / "checkpoints" / checkpoint.LATEST).write_text(tag)
-    cmd = command(1, "python") + ["--ds_config", str(REPO / "configs" / "zero0.json")] + base_overrides(tmp_path)
-    result = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    result, tag = _rerun_over_a_checkpoint_without_weights(tmp_path, STEPS)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"{tmp_path / 'checkpoints' / tag} is at train.max_steps ({STEPS}): the run is finished" in result.stdout
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [checkpoint.LATEST, tag]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [LATEST, tag]
 
 
 def test_a_rank_the_saving_run_did_not_have_continues_rank_0s_random_stream(tmp_path):
