@@ -149,6 +149,16 @@ class ModelConfig:
             self.head_dim = self.hidden_size // self.num_attention_heads
         self.validate()
 
+    def fields_differing_from(self, other: "ModelConfig", ignore=()) -> list[str]:
+        """The names of the fields (but ``ignore``) whose values differ from ``other``'s; a head_dim
+        that each derives from its own hidden_size / num_attention_heads differs through those."""
+        def derived(config: ModelConfig) -> bool:
+            return config.head_dim * config.num_attention_heads == config.hidden_size
+
+        return [f.name for f in dataclasses.fields(self) if f.name not in ignore
+                and getattr(self, f.name) != getattr(other, f.name)
+                and not (f.name == "head_dim" and derived(self) and derived(other))]
+
     def check_sizes(self) -> None:
         """Every size at least 1 (before any division by a head count)."""
         for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",

@@ -95,6 +95,17 @@ def test_checkpoint_of_another_shape_names_the_tensor():
         check_model_shape(tag.parent, tag.name, small)
 
 
+def test_checkpoint_of_another_head_dim_names_the_field():
+    """A head_dim that does not tile hidden_size is a valid shape: resuming a model.head_dim=8 run
+    without that override named only a tensor, not the field that differs nor the override that fixes it."""
+    tag = scratch() / "head_dim_ckpt" / "step_00000001"
+    tag.mkdir(parents=True, exist_ok=True)
+    small = _config().model
+    (tag / META).write_text(json.dumps({"step": 1, "dp_size": 1, "model": {**small.to_dict(), "head_dim": 8}}))
+    with pytest.raises(ConfigError, match=r"The checkpoint has model.head_dim=8 \(this run 16\): set model.head_dim=8\.$"):
+        check_model_shape(tag.parent, tag.name, small)
+
+
 def test_init_optimizer_without_a_checkpoint_to_take_them_from(tmp_path):
     """run.init_optimizer with no run.init_from, or with a Hugging Face directory (no optimizer states),
     was ignored without a word: the run started with a fresh optimizer."""

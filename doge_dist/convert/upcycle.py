@@ -31,8 +31,7 @@ def moe_config_for(dense: ModelConfig, moe: ModelConfig) -> ModelConfig:
     if dense.is_moe:
         raise ConfigError("The checkpoint to upcycle is already a MoE model.")
     check_moe_target(moe)
-    differing = [field.name for field in dataclasses.fields(ModelConfig)
-                 if field.name not in MOE_ONLY_FIELDS | set(RUNTIME_SWITCHES) and _differs(field.name, dense, moe)]
+    differing = dense.fields_differing_from(moe, ignore=MOE_ONLY_FIELDS | set(RUNTIME_SWITCHES))
     if differing:
         def values(config: ModelConfig) -> str:
             return " and ".join(repr(getattr(config, name)) for name in differing)
@@ -45,12 +44,6 @@ def moe_config_for(dense: ModelConfig, moe: ModelConfig) -> ModelConfig:
             f"{'it' if len(differing) == 1 else 'them'} ({overrides})."
         )
     return moe
-
-
-def _differs(name: str, dense: ModelConfig, moe: ModelConfig) -> bool:
-    if name == "head_dim" and all(c.head_dim * c.num_attention_heads == c.hidden_size for c in (dense, moe)):
-        return False  # each the default hidden_size / num_attention_heads: named through those fields
-    return getattr(dense, name) != getattr(moe, name)
 
 
 def upcycle(dense: DogeForCausalLM, moe_config: ModelConfig, seed: int = 0) -> DogeForCausalLM:

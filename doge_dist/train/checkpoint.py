@@ -377,7 +377,22 @@ def check_model_shape(root: Path, tag: str, model_config) -> None:
     with torch.device("meta"):
         saved_state = DogeForCausalLM(saved).state_dict()
         current = DogeForCausalLM(model_config)
-    load_state_checked(current, saved_state, f"checkpoint {root / tag} (model shape differs from the config)")
+    try:
+        load_state_checked(current, saved_state, f"checkpoint {root / tag} (model shape differs from the config)")
+    except ConfigError as error:
+        raise ConfigError(f"{error} {_differing_fields(saved, model_config)}") from None
+
+
+def _differing_fields(saved, current) -> str:
+    """The model fields behind a shape mismatch, with the overrides that build the checkpoint's model:
+    a tensor's shape alone does not say which field (model.head_dim is not derived from hidden_size
+    when a run sets it)."""
+    from ..config import RUNTIME_SWITCHES
+
+    names = saved.fields_differing_from(current, ignore=RUNTIME_SWITCHES)
+    described = ", ".join(f"model.{name}={getattr(saved, name)!r} (this run {getattr(current, name)!r})" for name in names)
+    overrides = " ".join(f"model.{name}={getattr(saved, name)!r}" for name in names)
+    return f"The checkpoint has {described}: set {overrides}." if names else ""
 
 
 def load(engine, root: Path, tag: str, module_only: bool = False) -> Progress:
