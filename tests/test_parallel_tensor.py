@@ -160,7 +160,7 @@ def _compiled_and_eager(rank, world_size):
     initialize_parallel(ParallelConfig(tensor_parallel=world_size))
     group = parallel_state.get_tensor_model_parallel_group()
     torch.manual_seed(0)
-    single = build_model(ModelConfig.from_preset("doge-tiny"))
+    single = build_model(ModelConfig.from_preset("doge-tiny", num_hidden_layers=1))  # one layer to compile is enough
     eager, compiled = (parallelize_tensor(copy.deepcopy(single), group) for _ in range(2))
     compile_model(compiled)
     ids = unique_tokens(2, 16, single.config.vocab_size)
