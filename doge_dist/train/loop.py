@@ -221,15 +221,14 @@ def check_not_past_the_end(saved: dict, train: TrainConfig, start: tuple[Path, s
                           "on), or start a new run.dir.")
 
 
-def is_finished(start: tuple[Path, str], train: TrainConfig, run_dir: Path) -> bool:
-    """The run's own latest checkpoint is at train.max_steps: a rerun (a chained Slurm job, ``make demo``
-    again) has nothing to train and need not build the engine and load the checkpoint to find that out."""
+def is_finished(start: tuple[Path, str], saved: dict, train: TrainConfig, run_dir: Path) -> bool:
+    """The run's own latest checkpoint (meta ``saved``) is at train.max_steps: a rerun (a chained Slurm job,
+    ``make demo`` again) has nothing to train and need not build the engine and load the checkpoint to find that out."""
     own = Path(start[0]).resolve() == checkpoint.checkpoint_root(run_dir).resolve()
-    return own and checkpoint.read_meta(*start)["step"] == train.max_steps
+    return own and saved["step"] == train.max_steps
 
 
-def finished_run(start: tuple[Path, str], env: DistEnv) -> Progress:
-    saved = checkpoint.read_meta(*start)
+def finished_run(start: tuple[Path, str], saved: dict, env: DistEnv) -> Progress:
     if env.is_main:
         print(f"[doge-dist] {start[0] / start[1]} is at train.max_steps ({saved['step']}): the run is finished, nothing "
               "to train (raise train.max_steps to train on)", flush=True)
@@ -276,11 +275,12 @@ def pretrain(config: Config, ds_user: dict[str, Any], ds_where: str = "the DeepS
         checkpoint.check_complete_on_rank0(*source)
         checkpoint.check_model_shape(*source, config.model)
         if start:
-            check_not_past_the_end(checkpoint.read_meta(*start), train, start)
-            if is_finished(start, train, run_dir):
-                return finished_run(start, env)
-        if start and env.is_main:
-            warn_if_global_batch_changed(checkpoint.read_meta(*start), train, layout.dp_size)
+            saved = checkpoint.read_meta(*start)
+            check_not_past_the_end(saved, train, start)
+            if is_finished(start, saved, train, run_dir):
+                return finished_run(start, saved, env)
+            if env.is_main:
+                warn_if_global_batch_changed(saved, train, layout.dp_size)
         if start or config.run.init_optimizer:
             source = loadable_checkpoint(*source, layout, ds, run_dir)
         else:  # weights only: the checkpoint's fp32 master weights, from any stage and layout
