@@ -40,6 +40,15 @@ def _model(overrides: dict) -> torch.nn.Module:
     return model
 
 
+def _decoded(model, prompt, tokens, compiled: bool) -> torch.Tensor:
+    """The decoder's logits for each token fed after the prompt."""
+    with torch.no_grad():
+        cache = KVCache()
+        model(prompt, cache=cache)
+        decoder = Decoder(model, cache, prompt.shape[1] + tokens.shape[1], compiled=compiled)
+        return torch.stack([decoder.step(tokens[:, i]).float() for i in range(tokens.shape[1])])
+
+
 def _both_ways(model, prompt, tokens, autocast: bool):
     """(decoder logits, model logits) for each token fed after the prompt."""
     with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
@@ -80,6 +89,38 @@ def test_prepared_weights_follow_parameter_changes():
         expected = model(after[:, :-1]).logits.argmax(-1)[:, prompt.shape[1] - 1 :]
     assert not torch.equal(before, after)
     assert torch.equal(after[:, prompt.shape[1] :], expected)
+
+
+def test_compiled_decode_step_equals_the_eager_one_and_follows_new_weights():
+    """generate(compile=True) runs the step as one compiled graph with the weights frozen in and attention
+    over the whole (rounded-up) buffer, later positions masked: the eager step's fp32 logits with MoE
+    layers and biases. After an in-place update of the weights it compiles again (a frozen graph would
+    go on with the old weights). Past the keep window the eager step runs: its choice among equal biases
+    is topk's over exactly the cached keys, the model's own."""
+    model = _model({**CASES["moe"], **CASES["biases"]})
+    generator = torch.Generator().manual_seed(4)
+    prompt, tokens = torch.randint(3, 512, (1, 6), generator=generator), torch.randint(3, 512, (1, 10), generator=generator)
+    eager, compiled = _decoded(model, prompt, tokens, compiled=False), _decoded(model, prompt, tokens, compiled=True)
+    assert (compiled - eager).abs().max() <= 1e-5 * eager.abs().max()
+    before = generate(model, prompt, 6, temperature=0, compile=True)  # the same graph: one batch row, 64 positions
+    with torch.no_grad():
+        model.lm_head.weight.mul_(-1)
+    after = generate(model, prompt, 6, temperature=0, compile=True)
+    assert not torch.equal(before, after)
+    assert torch.equal(after, generate(model, prompt, 6, temperature=0))
+    windowed, cache = _model({"keep_window_size": 8}), KVCache()
+    windowed(prompt, cache=cache)
+    assert Decoder(windowed, cache, 8, compiled=True).compiled and not Decoder(windowed, cache, 9, compiled=True).compiled
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA: the compiled decode step on a GPU")
+def test_cuda_compiled_decode_step_equals_the_eager_one():
+    model = _model({"keep_window_size": 8}).cuda()
+    generator = torch.Generator().manual_seed(4)
+    prompt, tokens = torch.randint(3, 512, (2, 6), generator=generator), torch.randint(3, 512, (2, 10), generator=generator)
+    eager, compiled = (_decoded(model, prompt.cuda(), tokens.cuda(), compiled=c) for c in (False, True))
+    assert (compiled - eager).abs().max() <= 1e-5 * eager.abs().max()
 
 
 def test_model_stays_copyable_and_picklable_after_generate(tmp_path):
@@ -189,7 +230,8 @@ def test_generate_command_warns_when_it_runs_past_the_trained_positions(tmp_path
 
 def test_generate_command_names_its_tokenizer_flag_and_chats_with_any_template(tmp_path):
     """A model directory without a tokenizer is told about --tokenizer; --chat needs a chat template
-    only (the {% generation %} markers are for the SFT loss mask, which generation does not use)."""
+    only (the {% generation %} markers are for the SFT loss mask, which generation does not use);
+    --compile gives the same reply."""
     import json
     import shutil
 
@@ -201,10 +243,11 @@ def test_generate_command_names_its_tokenizer_flag_and_chats_with_any_template(t
     settings = json.loads((tokenizer / "tokenizer_config.json").read_text())
     settings["chat_template"] = "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}:{% endif %}"
     (tokenizer / "tokenizer_config.json").write_text(json.dumps(settings))
-    result = subprocess.run([sys.executable, "launch/generate.py", "--model", str(tmp_path / "hf"), "--tokenizer", str(tokenizer),
-                             "--chat", "--prompt", "a", "--max_new_tokens", "4", "--temperature", "0"],
-                            cwd=REPO, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-2000:]
+    replies = [subprocess.run([sys.executable, "launch/generate.py", "--model", str(tmp_path / "hf"), "--tokenizer", str(tokenizer),
+                               "--chat", "--prompt", "a", "--max_new_tokens", "4", "--temperature", "0", *compiled],
+                              cwd=REPO, capture_output=True, text=True) for compiled in ([], ["--compile"])]
+    assert all(result.returncode == 0 for result in replies), [result.stderr[-2000:] for result in replies]
+    assert replies[0].stdout == replies[1].stdout
 
 
 def test_generate_chat_without_a_chat_template_is_refused_before_loading_the_model(tmp_path):

@@ -97,12 +97,15 @@ def generate(
     eos_token_id: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
     attention_mask: Optional[torch.Tensor] = None,
+    compile: bool = False,
 ) -> torch.Tensor:
     """``input_ids`` [B, T] -> [B, T + new] (rows that emitted ``eos_token_id`` are padded with it).
 
     ``attention_mask`` [B, T] (1 for real tokens) batches prompts of different lengths left-padded, as
     transformers' ``generate`` takes them: padding is not attended and each row's positions start at
-    its first real token, so a row gets the tokens of its prompt alone. The loop runs in eval and
+    its first real token, so a row gets the tokens of its prompt alone. ``compile`` runs the decode
+    steps as one compiled graph (``decode.prepared_step``): several times fewer milliseconds per token
+    at batch 1 after a compile of about 20 s, done once per model, batch size and length bucket. The loop runs in eval and
     inference mode (about 10% less dispatch per operation than no_grad at batch 1); the model is left
     in the mode it was in, and the result is an ordinary tensor, so it can feed a training step."""
     check_options(max_new_tokens, temperature, top_k, top_p)
@@ -120,7 +123,7 @@ def generate(
             step = PaddedStep(model, cache, padding) if padding is not None else None
             logits = step.prompt(input_ids) if step else model(input_ids, cache=cache).logits[:, -1]
             if step is None and Decoder.supports(model):
-                step = Decoder(model, cache, input_ids.shape[1] + max_new_tokens)
+                step = Decoder(model, cache, input_ids.shape[1] + max_new_tokens, compiled=compile)
             finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
             for _ in range(max_new_tokens):
                 token = next_token(logits, temperature, top_k, top_p, generator)
