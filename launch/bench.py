@@ -71,7 +71,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="CPU: have glibc keep freed memory for reuse, as the trainer does on CPU, for every model "
                         "(default: the process's allocator as it is)")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile our decoder layers and loss kernel (the trainer's train.compile)")
+                   help="torch.compile our decoder layers and loss kernel (the trainer's train.compile); with "
+                        "--decode: our decode step as one compiled graph (generate(compile=True))")
     p.add_argument("--compile-mode", default=None, choices=("default", "reduce-overhead", "max-autotune",
                                                              "max-autotune-no-cudagraphs"),
                    help="compile with this torch.compile mode (reduce-overhead: CUDA graphs against launch overhead)")
@@ -104,8 +105,10 @@ def check_ranges(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
             parser.error(f"{flag} must be at least {least}, got {value}")
     if args.peak_tflops is not None and args.peak_tflops <= 0:
         parser.error(f"--peak-tflops must be positive, got {args.peak_tflops}")
-    if (args.decode or args.comm) and (args.compile or args.compile_mode or args.profile):
-        parser.error("--compile, --compile-mode and --profile apply to the training step, not to --decode or --comm")
+    if args.decode and (args.compile_mode or args.profile):
+        parser.error("--compile-mode and --profile apply to the training step, not to --decode (which takes --compile)")
+    if args.comm and (args.compile or args.compile_mode or args.profile):
+        parser.error("--compile, --compile-mode and --profile apply to the training step, not to --comm")
     if args.decode and args.comm:
         parser.error("--comm and --decode are two separate measurements: run one at a time")
     if args.decode and (args.seq_len is not None or args.micro_batch is not None):
@@ -321,9 +324,9 @@ def print_profile(step: Callable[[], torch.Tensor], device: torch.device, rows: 
     print(table.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=60), flush=True)
 
 
-def greedy_ours(model, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+def greedy_ours(model, prompt: torch.Tensor, new_tokens: int, compiled: bool = False) -> torch.Tensor:
     """Our generation loop (KV cache with the per-key bias cached beside K and V), greedy."""
-    return generate(model, prompt, new_tokens, temperature=0.0)[:, prompt.shape[1] :]
+    return generate(model, prompt, new_tokens, temperature=0.0, compile=compiled)[:, prompt.shape[1] :]
 
 
 @torch.inference_mode()
@@ -345,8 +348,10 @@ def bench_decode(args, config: ModelConfig, device: torch.device, names: list[st
         def go():
             model.eval()
             with autocast(device, args.dtype):
-                generate = greedy_ours if name.startswith("ours") else greedy_hf
-                outputs[name] = generate(model, prompt, DECODE_NEW_TOKENS)
+                if name.startswith("ours"):
+                    outputs[name] = greedy_ours(model, prompt, DECODE_NEW_TOKENS, args.compile)
+                else:
+                    outputs[name] = greedy_hf(model, prompt, DECODE_NEW_TOKENS)
 
         return go
 

@@ -92,7 +92,7 @@ def test_bench_names_bad_sizes_and_layouts_before_any_work(capsys):
         with pytest.raises(SystemExit):
             bench.parse_args(["--preset", "doge-tiny", flag, value])
         assert flag in capsys.readouterr().err
-    for argv in (["--decode", "--compile"], ["--comm", "--profile", "3"]):  # would be ignored, yet recorded
+    for argv in (["--decode", "--profile", "3"], ["--comm", "--compile"]):  # would be ignored, yet recorded
         with pytest.raises(SystemExit):
             bench.parse_args(argv)
         assert "apply to the training step" in capsys.readouterr().err
