@@ -75,6 +75,7 @@ step bench_320m_autotune 180 "$PY" launch/bench.py --dtype bf16 --compile-mode m
 
 # GPU decode has no target (the 3x decode target is a CPU one): last
 step decode_20m 120 "$PY" launch/bench.py --dtype bf16 --preset doge-20m --decode --steps 5
+step decode_20m_compiled 150 "$PY" launch/bench.py --dtype bf16 --preset doge-20m --decode --compile --steps 5 --models ours,hf_eager
 
 echo "=== JSON figures"
 grep -h '^{' "$LOGS"/bench_*.log "$LOGS"/decode_*.log | tee "$OUT/figures.jsonl"
