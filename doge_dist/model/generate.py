@@ -105,7 +105,9 @@ def generate(
     transformers' ``generate`` takes them: padding is not attended and each row's positions start at
     its first real token, so a row gets the tokens of its prompt alone. ``compile`` runs the decode
     steps as one compiled graph (``decode.prepared_step``): several times fewer milliseconds per token
-    at batch 1 after a compile of about 20 s, done once per model, batch size and length bucket. The loop runs in eval and
+    at batch 1 after a compile of about 20 s, done once per model, batch size and length bucket. It
+    applies where the decode step does (prompts without padding, the single-device model, within the
+    keep window); elsewhere the steps run as they would without it. The loop runs in eval and
     inference mode (about 10% less dispatch per operation than no_grad at batch 1); the model is left
     in the mode it was in, and the result is an ordinary tensor, so it can feed a training step."""
     check_options(max_new_tokens, temperature, top_k, top_p)
