@@ -3,6 +3,7 @@ a time: fp32 logits within 1e-5 for every attention variant, GQA, MoE, biases, a
 the cache outgrows, dynamic NTK past the trained length and batch 2; bf16 autocast logits within
 bf16 rounding; its prepared weights follow every change of the parameters. ``generate`` and
 launch/generate.py refuse out-of-range options and a tokenizer larger than the model's vocabulary by name."""
+import gc
 import subprocess
 import sys
 from pathlib import Path
@@ -91,23 +92,33 @@ def test_prepared_weights_follow_parameter_changes():
     assert torch.equal(after[:, prompt.shape[1] :], expected)
 
 
+def frozen_graphs() -> int:
+    """How many of inductor's loaded modules hold frozen weights."""
+    from torch._inductor.codecache import PyCodeCache
+
+    return sum(any(name.startswith("_frozen_param") for name in vars(module)) for module in PyCodeCache.modules)
+
+
 def test_compiled_decode_step_equals_the_eager_one_and_follows_new_weights():
     """generate(compile=True) runs the step as one compiled graph with the weights frozen in and attention
     over the whole (rounded-up) buffer, later positions masked: the eager step's fp32 logits with MoE
     layers and biases. After an in-place update of the weights it compiles again (a frozen graph would
     go on with the old weights). Past the keep window the eager step runs: its choice among equal biases
     is topk's over exactly the cached keys, the model's own."""
+    gc.collect()  # the compiled steps of models gone before this test go with them
+    graphs = frozen_graphs()
     model = _model({**CASES["moe"], **CASES["biases"]})
     generator = torch.Generator().manual_seed(4)
     prompt, tokens = torch.randint(3, 512, (1, 6), generator=generator), torch.randint(3, 512, (1, 10), generator=generator)
     eager, compiled = _decoded(model, prompt, tokens, compiled=False), _decoded(model, prompt, tokens, compiled=True)
     assert (compiled - eager).abs().max() <= 1e-5 * eager.abs().max()
-    before = generate(model, prompt, 6, temperature=0, compile=True)  # the same graph: one batch row, 64 positions
+    before = generate(model, prompt, 6, temperature=0, compile=True)
     with torch.no_grad():
         model.lm_head.weight.mul_(-1)
     after = generate(model, prompt, 6, temperature=0, compile=True)
     assert not torch.equal(before, after)
     assert torch.equal(after, generate(model, prompt, 6, temperature=0))
+    assert frozen_graphs() == graphs + 1  # the old weights' graphs went with them (PyTorch kept them for good)
     windowed, cache = _model({"keep_window_size": 8}), KVCache()
     windowed(prompt, cache=cache)
     assert Decoder(windowed, cache, 8, compiled=True).compiled and not Decoder(windowed, cache, 9, compiled=True).compiled

@@ -25,6 +25,7 @@ about 20 s). Written by hand: neither transformers nor PyTorch has a decode step
 """
 from __future__ import annotations
 
+import sys
 import types
 import weakref
 from typing import Optional
@@ -196,27 +197,51 @@ class DecodeStep(torch.nn.Module):
 _PREPARED: "weakref.WeakKeyDictionary[DogeForCausalLM, dict]" = weakref.WeakKeyDictionary()
 
 
-def compiled_step(step: DecodeStep):
+class CompiledStep:
     """``step`` as one graph (``fullgraph``: a graph break would bring the Python dispatch back),
     compiled under inductor's ``freezing`` (the weights become constants: the linears go to oneDNN
     prepacked) and ``cpp_wrapper``. Those settings are inductor's global config, read when a call
     compiles, so each call sets them (``torch.compile``'s ``options`` did not reach the freezing pass).
 
     Dynamo keeps compiled graphs on the code object they came from, guarded by the ids of the weights
-    they froze, and a later weight can reuse a freed one's id: the step gets a copy of ``forward``'s
-    code of its own, so its graphs live and die with it and no other step can pick them up. Within the
-    step nothing guarded on its modules can change (``prepared_step`` makes a new step when a
-    parameter does), so those guards are skipped: they cost more than a tenth of a step."""
-    code = DecodeStep.forward.__code__.replace()
-    step.forward = types.MethodType(types.FunctionType(code, DecodeStep.forward.__globals__, "forward"), step)
-    compiled = torch.compile(step, dynamic=False, fullgraph=True,
-                             options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+    they froze (a later weight can reuse a freed one's id): the step gets a copy of ``forward``'s code
+    (and of its module's globals, where dynamo installs the compiled functions), so no other step can
+    pick its graphs up. Within the step nothing guarded on its modules can change (``prepared_step``
+    makes a new step when a parameter does), so those guards are skipped: they cost more than a
+    tenth of a step. When this object goes (new weights, the model freed) ``release`` drops what
+    PyTorch would keep for the life of the process: the code's cache and inductor's loaded modules,
+    which hold the frozen weights (a model's worth per compile)."""
 
-    def run(*args):
+    def __init__(self, step: DecodeStep) -> None:
+        forward = DecodeStep.forward
+        own = types.FunctionType(forward.__code__.replace(), dict(forward.__globals__), "forward")
+        step.forward = types.MethodType(own, step)
+        self.compiled = torch.compile(step, dynamic=False, fullgraph=True,
+                                      options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+        self.modules: list[types.ModuleType] = []  # inductor's modules loaded for this step's graphs
+        weakref.finalize(self, CompiledStep.release, own.__code__, self.modules)
+
+    def __call__(self, *args) -> torch.Tensor:
+        from torch._inductor.codecache import PyCodeCache
+
+        loaded = PyCodeCache.modules
+        before = len(loaded)
         with torch._inductor.config.patch(freezing=True, cpp_wrapper=True):
-            return compiled(*args)
+            logits = self.compiled(*args)
+        if len(loaded) > before:  # this call compiled
+            self.modules.extend(loaded[before:])
+        return logits
 
-    return run
+    @staticmethod
+    def release(code: types.CodeType, modules: list[types.ModuleType]) -> None:
+        from torch._inductor.codecache import PyCodeCache
+
+        torch._dynamo.reset_code(code)
+        mine = {id(module) for module in modules}
+        PyCodeCache.modules[:] = [module for module in PyCodeCache.modules if id(module) not in mine]
+        for module in modules:
+            if sys.modules.get(module.__name__) is module:
+                del sys.modules[module.__name__]
 
 
 def prepared_step(model: DogeForCausalLM, dtype: torch.dtype, autocast: bool, compiled: bool):
@@ -232,7 +257,7 @@ def prepared_step(model: DogeForCausalLM, dtype: torch.dtype, autocast: bool, co
         return kept[1]
     step = DecodeStep(model, dtype, autocast, pack=not compiled)
     if compiled:
-        step = compiled_step(step)
+        step = CompiledStep(step)
     _PREPARED.setdefault(model, {})[key] = (state, step)
     return step
 
