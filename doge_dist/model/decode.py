@@ -43,8 +43,8 @@ from .precision import compute_dtype
 class Linear(torch.nn.Module):
     """``F.linear`` over a weight prepared once: concatenated, in the compute dtype, and (``pack``, CPU)
     in oneDNN's blocked layout. The input is cast to the compute dtype, as autocast would. A module
-    so that a compiled step with ``freezing`` packs its buffers itself; the eager step calls
-    ``forward`` directly (no module hooks to dispatch)."""
+    whose weight is a buffer, so that the compiled step (``pack=False``) freezes it as a constant and
+    inductor packs it itself."""
 
     def __init__(self, linears: list[torch.nn.Linear], dtype: torch.dtype, pack: bool = True) -> None:
         super().__init__()
