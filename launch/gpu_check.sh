@@ -45,7 +45,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 BENCH=("$PY" launch/bench.py --dtype bf16 --compile --models "ours,ours_sdpa,hf_eager,hf_sdpa")
 step bench_320m 200 "${BENCH[@]}" --preset doge-320m --seq-len 2048 --micro-batch 4 --steps 8 --warmup 3 --profile 25
 step bench_20m 150 "${BENCH[@]}" --preset doge-20m --seq-len 2048 --micro-batch 16 --steps 10 --warmup 3
-step cuda_tests 120 "$PY" -m pytest -q -m cuda -p no:cacheprovider tests
+step cuda_tests 180 "$PY" -m pytest -q -m cuda -p no:cacheprovider tests
 if [ -f data/sample_train_text_document.bin ] && [ -f data/tokenizer/tokenizer.model ]; then
     # doge-20m's shape with the demo tokenizer's 8192 ids, compiled layers, ZeRO-2, bf16: the trainer's own tokens/s and MFU
     step train_20m 100 "$DEEPSPEED" --num_gpus 1 launch/pretrain.py --config configs/doge_20m.yaml --ds_config configs/zero2.json \
