@@ -41,9 +41,9 @@ def _model(overrides: dict) -> torch.nn.Module:
     return model
 
 
-def _decoded(model, prompt, tokens, compiled: bool) -> torch.Tensor:
+def _decoded(model, prompt, tokens, compiled: bool, autocast: bool = False) -> torch.Tensor:
     """The decoder's logits for each token fed after the prompt."""
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
         cache = KVCache()
         model(prompt, cache=cache)
         decoder = Decoder(model, cache, prompt.shape[1] + tokens.shape[1], compiled=compiled)
@@ -102,7 +102,8 @@ def frozen_graphs() -> int:
 def test_compiled_decode_step_equals_the_eager_one_and_follows_new_weights():
     """generate(compile=True) runs the step as one compiled graph with the weights frozen in and attention
     over the whole (rounded-up) buffer, later positions masked: the eager step's fp32 logits with MoE
-    layers and biases. After an in-place update of the weights it compiles again (a frozen graph would
+    layers and biases, and its bf16-autocast logits to the bit for the presets' layers (bf16 rounded
+    where the eager step rounds, not once per fused kernel: inductor's emulate_precision_casts). After an in-place update of the weights it compiles again (a frozen graph would
     go on with the old weights). Past the keep window the eager step runs: its choice among equal biases
     is topk's over exactly the cached keys, the model's own."""
     gc.collect()  # the compiled steps of models gone before this test go with them
@@ -110,7 +111,7 @@ def test_compiled_decode_step_equals_the_eager_one_and_follows_new_weights():
     model = _model({**CASES["moe"], **CASES["biases"]})
     generator = torch.Generator().manual_seed(4)
     prompt, tokens = torch.randint(3, 512, (1, 6), generator=generator), torch.randint(3, 512, (1, 10), generator=generator)
-    eager, compiled = _decoded(model, prompt, tokens, compiled=False), _decoded(model, prompt, tokens, compiled=True)
+    eager, compiled = (_decoded(model, prompt, tokens, compiled=c) for c in (False, True))
     assert (compiled - eager).abs().max() <= 1e-5 * eager.abs().max()
     before = generate(model, prompt, 6, temperature=0, compile=True)
     with torch.no_grad():
@@ -119,6 +120,9 @@ def test_compiled_decode_step_equals_the_eager_one_and_follows_new_weights():
     assert not torch.equal(before, after)
     assert torch.equal(after, generate(model, prompt, 6, temperature=0))
     assert frozen_graphs() == graphs + 1  # the old weights' graphs went with them (PyTorch kept them for good)
+    dense = _model({})  # the presets' layers (v2, no biases) under bf16 autocast: the same bits
+    eager_bf16, compiled_bf16 = (_decoded(dense, prompt, tokens, compiled=c, autocast=True) for c in (False, True))
+    assert torch.equal(compiled_bf16, eager_bf16)
     windowed, cache = _model({"keep_window_size": 8}), KVCache()
     windowed(prompt, cache=cache)
     assert Decoder(windowed, cache, 8, compiled=True).compiled and not Decoder(windowed, cache, 9, compiled=True).compiled

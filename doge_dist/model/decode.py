@@ -200,8 +200,10 @@ _PREPARED: "weakref.WeakKeyDictionary[DogeForCausalLM, dict]" = weakref.WeakKeyD
 class CompiledStep:
     """``step`` as one graph (``fullgraph``: a graph break would bring the Python dispatch back),
     compiled under inductor's ``freezing`` (the weights become constants: the linears go to oneDNN
-    prepacked) and ``cpp_wrapper``. Those settings are inductor's global config, read when a call
-    compiles, so each call sets them (``torch.compile``'s ``options`` did not reach the freezing pass).
+    prepacked), ``cpp_wrapper`` and ``emulate_precision_casts`` (bf16 rounded where the eager step
+    rounds, not once per fused kernel: the presets' layers give the eager step's bf16-autocast logits
+    to the bit). Those settings are inductor's global config, read when a call compiles, so each call
+    sets them (``torch.compile``'s ``options`` did not reach the freezing pass).
 
     Dynamo keeps compiled graphs on the code object they came from, guarded by the ids of the weights
     they froze (a later weight can reuse a freed one's id): the step gets a copy of ``forward``'s code
@@ -226,7 +228,7 @@ class CompiledStep:
 
         loaded = PyCodeCache.modules
         before = len(loaded)
-        with torch._inductor.config.patch(freezing=True, cpp_wrapper=True):
+        with torch._inductor.config.patch(freezing=True, cpp_wrapper=True, emulate_precision_casts=True):
             logits = self.compiled(*args)
         if len(loaded) > before:  # this call compiled
             self.modules.extend(loaded[before:])
