@@ -1,8 +1,9 @@
 """The decode step (``model.decode.Decoder``) equals the model's own cached forward, one new token at
 a time: fp32 logits within 1e-5 for every attention variant, GQA, MoE, biases, a keep window that
 the cache outgrows, dynamic NTK past the trained length and batch 2; bf16 autocast logits within
-bf16 rounding; its prepared weights follow every change of the parameters. ``generate`` and
-launch/generate.py refuse out-of-range options and a tokenizer larger than the model's vocabulary by name."""
+bf16 rounding; its prepared weights follow every change of the parameters; the compiled step equals
+the eager one. ``generate`` and launch/generate.py refuse out-of-range options and a tokenizer larger
+than the model's vocabulary by name."""
 import gc
 import subprocess
 import sys
@@ -103,9 +104,10 @@ def test_compiled_decode_step_equals_the_eager_one_and_follows_new_weights():
     """generate(compile=True) runs the step as one compiled graph with the weights frozen in and attention
     over the whole (rounded-up) buffer, later positions masked: the eager step's fp32 logits with MoE
     layers and biases, and its bf16-autocast logits to the bit for the presets' layers (bf16 rounded
-    where the eager step rounds, not once per fused kernel: inductor's emulate_precision_casts). After an in-place update of the weights it compiles again (a frozen graph would
-    go on with the old weights). Past the keep window the eager step runs: its choice among equal biases
-    is topk's over exactly the cached keys, the model's own."""
+    where the eager step rounds, not once per fused kernel: inductor's emulate_precision_casts). After
+    an in-place update of the weights it compiles again (a frozen graph would go on with the old
+    weights) and frees the old graphs. Past the keep window the eager step runs: its choice among equal
+    biases is topk's over exactly the cached keys, the model's own."""
     gc.collect()  # the compiled steps of models gone before this test go with them
     graphs = frozen_graphs()
     model = _model({**CASES["moe"], **CASES["biases"]})
