@@ -1,11 +1,11 @@
-"""Weight-decay groups and the stage-0 fp32 optimizer's non-finite guard."""
+"""Weight-decay groups, the fused optimizer and the stage-0 fp32 optimizer's non-finite guard."""
 import math
 
 import torch
 
-from doge_dist.config import ModelConfig
+from doge_dist.config import ModelConfig, TrainConfig
 from doge_dist.model import build_model
-from doge_dist.train.optim import SkipNonFiniteAdamW, decayed_parameter_names
+from doge_dist.train.optim import SkipNonFiniteAdamW, build_optimizer, decayed_parameter_names
 
 
 def test_matrices_grouping_skips_norms_residuals_and_a():
@@ -37,3 +37,11 @@ def test_non_finite_gradients_skip_the_step_and_clip_reports_the_pre_clip_norm()
     optimizer.step()
     assert not optimizer.overflow and math.isclose(optimizer._global_grad_norm, 6.0, rel_tol=1e-6)
     assert torch.allclose(param.grad, torch.full((4,), 0.5), atol=1e-5)
+
+
+def test_the_optimizer_is_fused_on_cpu_too():
+    """The per-tensor AdamW loop costs a pass per operation over every tensor; the fused kernel one."""
+    model = build_model(ModelConfig.from_preset("doge-tiny"))
+    for clip in (None, 1.0):  # DeepSpeed's client optimizer, and the stage-0 fp32 one that clips itself
+        optimizer = build_optimizer(model, TrainConfig(), stage0_fp32_clip=clip)
+        assert optimizer.defaults["fused"] is True
