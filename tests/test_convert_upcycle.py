@@ -102,6 +102,15 @@ def test_a_checkpoint_of_another_shape_or_a_moe_one_is_refused_before_it_is_load
         upcycle_to_hf(str(tmp_path / "run"), "doge-tiny-moe", str(tmp_path / "moe"))
 
 
+@pytest.mark.parametrize("made", ["nothing", "a run without checkpoints"])
+def test_a_missing_dense_model_is_named_by_the_flag_that_gave_it(made, tmp_path):
+    """launch/upcycle.py takes the dense model as --checkpoint: the error says so, not run.init_from."""
+    if made != "nothing":
+        (tmp_path / "run").mkdir()
+    with pytest.raises(ConfigError, match=r"^--checkpoint = "):
+        upcycle_to_hf(str(tmp_path / "run"), "doge-tiny-moe", str(tmp_path / "moe"))
+
+
 def test_upcycle_on_a_full_disk_is_one_error_with_exit_code_4(tmp_path):
     """As launch/export_hf.py: a write that fails (here a file size limit, as ``ulimit -f`` sets; a full
     disk alike) is one paragraph and exit code 4, not a traceback; nothing is left behind."""

@@ -79,7 +79,7 @@ def upcycle_to_hf(source: str, preset: str, output: str, step=None, seed: int = 
         raise ConfigError(f"--output '{output}' is the dense model being upcycled, which the MoE model would replace: "
                           "write it to a new directory.")
     moe_config = moe_config_from(preset, overrides)
-    moe_config_for(model_config_of(source), moe_config)  # from its config.json or meta file, before it is loaded
+    moe_config_for(model_config_of(source, "--checkpoint"), moe_config)  # from its config.json or meta file, before it is loaded
     if Path(source, "config.json").is_file():
         dense, tokenizer = load_hf(source), source
     else:

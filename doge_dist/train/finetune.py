@@ -186,12 +186,12 @@ def model_from_init(config: Config, raw: Optional[dict], overrides: list[str]) -
     return bool(config.run.init_from) and "model" not in (raw or {}) and not any(o.startswith("model.") for o in overrides)
 
 
-def model_config_of(init_from: str) -> ModelConfig:
-    """The model shape of a Hugging Face directory or a doge-dist run/checkpoint."""
+def model_config_of(init_from: str, key: str = "run.init_from") -> ModelConfig:
+    """The model shape of a Hugging Face directory or a doge-dist run/checkpoint; errors name ``key``."""
     from . import checkpoint
     from .preflight import check_init_from
 
-    check_init_from(init_from)
+    check_init_from(init_from, key)
     if (Path(init_from) / "config.json").is_file():
         from ..convert.hf import hf_model_config
 
@@ -199,7 +199,7 @@ def model_config_of(init_from: str) -> ModelConfig:
     try:
         root, tag = checkpoint.resolve_checkpoint(init_from)
     except ConfigError as error:  # e.g. the pretraining run has not saved a checkpoint yet
-        raise ConfigError(f"run.init_from = {error}") from None
+        raise ConfigError(f"{key} = {error}") from None
     return ModelConfig(**checkpoint.read_meta(root, tag)["model"])
 
 

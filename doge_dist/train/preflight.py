@@ -83,11 +83,12 @@ def check_writable_dir(path: str, key: str) -> None:
         raise ConfigError(f"{key} = '{path}' cannot be written: '{existing}' is read-only for this user. Choose another {key}.")
 
 
-def check_init_from(init_from: str) -> None:
-    """run.init_from is a directory (SFT/DPO read their model shape from it before the other checks)."""
+def check_init_from(init_from: str, key: str = "run.init_from") -> None:
+    """run.init_from (or the flag ``key``) is a directory (SFT/DPO read their model shape from it
+    before the other checks)."""
     if not Path(init_from).is_dir():
         problem = "is a file" if Path(init_from).exists() else "does not exist"
-        raise ConfigError(f"run.init_from = '{init_from}' {problem}: give a Hugging Face Doge directory or a run directory.")
+        raise ConfigError(f"{key} = '{init_from}' {problem}: give a Hugging Face Doge directory or a run directory.")
 
 
 def check_flex_trains_here(attn_backend: str) -> None:
