@@ -5,9 +5,13 @@ validation losses (train.eval_iters counts global batches, as in Megatron-LM).
 Tolerance: 2e-5 relative (fp32; the reductions add the same numbers in another order), which is far
 below the loss change of one step (~1e-2), so a wrong gradient scaling or sample order fails.
 """
+import json
+from functools import lru_cache
+from pathlib import Path
+
 import pytest
 
-from train_helpers import STEPS, losses, pretrain, scalars, scratch, single_process_run, two_rank_run
+from train_helpers import REPO, STEPS, losses, pretrain, scalars, scratch, single_process_run, two_rank_run
 
 TOLERANCE = 2e-5
 
@@ -24,14 +28,34 @@ def test_two_ranks_match_one_process(stage, launcher):
     assert [distributed_validation[s] for s in (5, 10)] == pytest.approx([validation[s] for s in (5, 10)], rel=TOLERANCE)
 
 
+@lru_cache(maxsize=None)
+def bf16_run(stage: int, micro_batch_size: int = 4, ds_config: Path | None = None) -> Path:
+    """One process, bf16, 5 steps of 4 sequences (micro_batch_size x the accumulation that makes 4)."""
+    run_dir = scratch() / f"bf16_zero{stage}_micro{micro_batch_size}{'_' + ds_config.stem if ds_config else ''}"
+    pretrain(run_dir, stage, nproc=1, launcher="python", ds_config=ds_config, micro_batch_size=micro_batch_size,
+             gradient_accumulation_steps=4 // micro_batch_size, max_steps=5, warmup_steps=1, decay_steps=2,
+             eval_interval=0, bf16="true")
+    return run_dir
+
+
 def test_bf16_zero0_trains_like_bf16_zero1():
     """DeepSpeed's ZeRO-0 bf16 optimizer wrapper made AdamW's states with a step on zero gradients, so
     AdamW counted one step too many and its first updates were a quarter smaller: the loss drifted
     5e-3 (relative) from ZeRO-1's within 4 steps (engine.undo_states_of_a_zero_gradient_step).
     Same micro-batches, bf16 tolerance."""
-    runs = {}
-    for stage in (0, 1):
-        runs[stage] = scratch() / f"bf16_zero{stage}"
-        pretrain(runs[stage], stage, nproc=1, launcher="python", micro_batch_size=4, max_steps=5, warmup_steps=1,
-                 decay_steps=2, eval_interval=0, bf16="true")
-    assert losses(runs[0]) == pytest.approx(losses(runs[1]), rel=5e-4)
+    assert losses(bf16_run(0)) == pytest.approx(losses(bf16_run(1)), rel=5e-4)
+
+
+def test_bf16_with_fp32_gradient_accumulation_accumulates_each_micro_batch_once(tmp_path_factory):
+    """ZeRO-1 with ``data_types.grad_accum_dtype: fp32`` is DeepSpeed's BF16_Optimizer: it adds each
+    micro-batch's bf16 gradients into fp32 ones and clears them when the next backward starts, which
+    DeepSpeed's engine detects from the forward's output tensors. Our output was a plain dataclass
+    that it does not look into, so the bf16 gradients were never cleared and added again at every
+    micro-batch (a 1.5x gradient norm at accumulation 2). Micro 2 x accumulation 2 against micro 4."""
+    config = tmp_path_factory.mktemp("ds") / "zero1_fp32_accumulation.json"
+    config.write_text(json.dumps({**json.loads((REPO / "configs" / "zero1.json").read_text()),
+                                  "data_types": {"grad_accum_dtype": "fp32"}}))
+    accumulated, whole = bf16_run(1, micro_batch_size=2, ds_config=config), bf16_run(1)
+    norms, reference = scalars(accumulated, "train/grad_norm"), scalars(whole, "train/grad_norm")
+    assert [norms[s] for s in sorted(norms)] == pytest.approx([reference[s] for s in sorted(reference)], rel=2e-2)
+    assert losses(accumulated) == pytest.approx(losses(whole), rel=1e-3)

@@ -97,8 +97,11 @@ def assert_no_shared_memory_left(cmd: list[str], result: subprocess.CompletedPro
     assert not left, f"DeepSpeed's shared-memory buffers left in /dev/shm after {' '.join(cmd)}: {left}"
 
 
-def pretrain(run_dir: Path, stage: int, nproc: int = 1, launcher: str = "torchrun", check: bool = True, **train) -> subprocess.CompletedProcess:
-    cmd, result = run_on_a_free_port(lambda: command(nproc, launcher) + ["--ds_config", str(REPO / "configs" / f"zero{stage}.json")]
+def pretrain(run_dir: Path, stage: int, nproc: int = 1, launcher: str = "torchrun", check: bool = True,
+             ds_config: Path | None = None, **train) -> subprocess.CompletedProcess:
+    """A run of configs/zero{stage}.json, or of the DeepSpeed JSON ``ds_config``."""
+    ds_config = ds_config or REPO / "configs" / f"zero{stage}.json"
+    cmd, result = run_on_a_free_port(lambda: command(nproc, launcher) + ["--ds_config", str(ds_config)]
                                      + base_overrides(run_dir, **train))
     if check and result.returncode != 0:
         raise AssertionError(f"pretraining failed ({' '.join(cmd)}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")

@@ -26,7 +26,11 @@ from .rope import RotaryEmbedding
 
 
 @dataclass
-class DogeOutput:
+class DogeOutput(dict):
+    """The forward's results, as attributes and, like transformers' ``ModelOutput``, as a dict:
+    DeepSpeed's engine finds a model's output tensors only in tensors, tuples, lists and dicts, and
+    starts its backward bookkeeping (its BF16 optimizer clears the last micro-batch's bf16 gradients
+    there) when the first gradient reaches one of them."""
     logits: Optional[torch.Tensor]  # [B, T, V], None when only hidden states were asked for
     hidden_states: torch.Tensor  # [B, T, H] after the final norm
     balance_loss: Optional[torch.Tensor] = None  # MoE only
@@ -35,6 +39,11 @@ class DogeOutput:
     # with compute_logits=False and tied weights on CPU: the LM head's weight for hidden_loss_sum,
     # read through the embedding so that one kept buffer collects the tied gradient (TokenEmbedding)
     lm_head_weight: Optional[torch.Tensor] = None
+    loss_sum: Optional[torch.Tensor] = None  # with labels: the sum of the token losses
+    loss_tokens: Optional[torch.Tensor] = None  # with labels: how many tokens it counts
+
+    def __post_init__(self) -> None:
+        self.update(vars(self))
 
 
 class DecoderLayer(nn.Module):
@@ -88,6 +97,7 @@ class DogeForCausalLM(nn.Module):
         compute_logits: bool = True,
         document_ids: Optional[torch.Tensor] = None,
         token_mask: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
     ) -> DogeOutput:
         """``input_ids`` [B, T]; ``attention_mask`` [B, past + T] with 1 for real tokens (optional).
 
@@ -96,7 +106,10 @@ class DogeForCausalLM(nn.Module):
         numbers the documents packed into each row (training without a cache): attention stays
         within a document (``data.reset_attention_mask``). ``token_mask`` [B, T]: 1 for the tokens the
         MoE balance loss counts (default: ``attention_mask``'s); fine-tuning passes its right padding
-        here, which causality already keeps out of the real tokens' attention.
+        here, which causality already keeps out of the real tokens' attention. ``labels`` [B, T]
+        (``shift_labels``): the loss is computed here too (``loss_sum``, ``loss_tokens``; from the
+        hidden states in vocabulary chunks with ``compute_logits=False``), so that every parameter
+        a training step reads is read inside the forward, as DeepSpeed's engine expects.
         """
         if document_ids is not None and cache is not None:
             raise ValueError("document_ids mask attention between packed documents; generation with a cache takes none.")
@@ -128,8 +141,12 @@ class DogeForCausalLM(nn.Module):
                 token_mask = attention_mask[:, past:]
             aux = self.compute_balance_loss(routings, token_mask)
         logits = self.lm_head(hidden) if compute_logits else None
+        loss_sum = loss_tokens = None
+        if labels is not None:
+            loss_sum, loss_tokens = (self.loss_sum(logits, labels) if compute_logits
+                                     else self.hidden_loss_sum(hidden, labels, lm_head_weight))
         return DogeOutput(logits=logits, hidden_states=hidden, balance_loss=aux, routings=routings, cache=cache,
-                          lm_head_weight=lm_head_weight)
+                          lm_head_weight=lm_head_weight, loss_sum=loss_sum, loss_tokens=loss_tokens)
 
     def compute_balance_loss(self, routings: list[Routing], token_mask: Optional[torch.Tensor]) -> torch.Tensor:
         return balance_loss(routings, self.config.num_experts, self.config.balance_loss, token_mask)

@@ -76,14 +76,10 @@ def forward_loss(engine, batch: dict, moe_stats: Optional[MoEStats] = None) -> t
     except under ZeRO-3, whose partitioned LM head is gathered only inside its own forward."""
     chunked = not engine.zero_optimization_partition_weights()
     out = engine(batch["input_ids"], position_ids=batch.get("position_ids"), compute_logits=not chunked,
-                 document_ids=batch.get("document_ids"), token_mask=batch.get("token_mask"))
-    if chunked:
-        loss_sum, tokens = engine.module.hidden_loss_sum(out.hidden_states, batch["labels"], out.lm_head_weight)
-    else:
-        loss_sum, tokens = engine.module.loss_sum(out.logits, batch["labels"])
+                 document_ids=batch.get("document_ids"), token_mask=batch.get("token_mask"), labels=batch["labels"])
     if moe_stats is not None:
         moe_stats.update(out.routings, local_tokens(batch.get("token_mask"), len(out.routings[0].expert_ids)))
-    return loss_sum, tokens, out.balance_loss
+    return out.loss_sum, out.loss_tokens, out.balance_loss
 
 
 def real_lengths(batch: dict) -> list[int]:
