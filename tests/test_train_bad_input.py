@@ -224,6 +224,18 @@ def test_deepspeed_json_that_deepspeed_would_refuse_is_named_before_any_work(ds,
         _check(_config(), ds)
 
 
+def test_fp32_gradient_accumulation_needs_zero_and_works_with_it():
+    """DeepSpeed has no bf16 ZeRO-0 optimizer that accumulates in fp32: refused by name, not as a
+    NotImplementedError from deepspeed.initialize once the model is built; at ZeRO 1-3 it is fine."""
+    fp32_accumulation = {"data_types": {"grad_accum_dtype": "fp32"}}
+    with pytest.raises(ConfigError, match=r"x.json' sets data_types.grad_accum_dtype = 'fp32' with bf16 at ZeRO stage 0.*"
+                                          r"use ZeRO stage 1"):
+        _check(_config("train.bf16=true"), {"zero_optimization": {"stage": 0}, **fp32_accumulation})
+    for stage in (1, 2, 3):
+        _check(_config("train.bf16=true"), {"zero_optimization": {"stage": stage}, **fp32_accumulation})
+    _check(_config("train.bf16=false"), {"zero_optimization": {"stage": 0}, **fp32_accumulation})  # fp32 already
+
+
 def test_bf16_under_its_old_name_is_bf16():
     """DeepSpeed reads "bfloat16" as "bf16": the trainer must agree (ZeRO-0 fp32 moves clipping into the optimizer)."""
     from doge_dist.train.ds_config import bf16_enabled

@@ -14,6 +14,8 @@ import logging
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
+
 from ..config import ConfigError, TrainConfig
 
 SECTIONS = ("bf16", "bfloat16", "fp16", "zero_optimization", "checkpoint", "activation_checkpointing", "flops_profiler",
@@ -84,11 +86,26 @@ def check_with_deepspeed(ds: dict[str, Any], where: str) -> None:
     level = logger.level
     logger.setLevel(logging.WARNING)  # its "world_size = 1" line would mislead a multi-rank run
     try:
-        DeepSpeedConfig(checked)
+        parsed = DeepSpeedConfig(checked)
     except Exception as error:  # DeepSpeedConfigError, pydantic's ValidationError, ValueError, AssertionError...
         raise ConfigError(f"{where}: DeepSpeed refuses it: {error}") from None
     finally:
         logger.setLevel(level)
+    check_grad_accum_dtype(parsed, where)
+
+
+def check_grad_accum_dtype(parsed, where: str) -> None:
+    """DeepSpeed accumulates bf16 gradients in another dtype only with ZeRO (its BF16_Optimizer at
+    ZeRO-1, the ZeRO optimizers' partitions at 2-3); at ZeRO-0 ``deepspeed.initialize`` raises
+    NotImplementedError once the model is built."""
+    from deepspeed.runtime.config import DtypeEnum
+
+    if parsed.grad_accum_dtype is None or not parsed.bfloat16_config.enabled or parsed.zero_optimization_stage > 0:
+        return
+    if DtypeEnum(parsed.grad_accum_dtype).value != torch.bfloat16:
+        raise ConfigError(f"{where} sets data_types.grad_accum_dtype = {parsed.grad_accum_dtype!r} with bf16 at ZeRO stage 0, "
+                          "which DeepSpeed does not support: use ZeRO stage 1 (configs/zero1.json) for gradients "
+                          "accumulated in fp32, or remove data_types.")
 
 
 def zero_stage(ds: dict[str, Any]) -> int:
