@@ -71,9 +71,10 @@ def forward_loss(engine, batch: dict, moe_stats: Optional[MoEStats] = None) -> t
     ``moe_stats`` records the routing.
 
     The module computes in its own dtype: bf16 weights when the DeepSpeed JSON enables bf16 (DeepSpeed
-    switches an outer CUDA autocast off inside its forward, so none is used, on any device). The loss
-    is computed from the final hidden states in vocabulary chunks (no [tokens, vocab] fp32 logits),
-    except under ZeRO-3, whose partitioned LM head is gathered only inside its own forward."""
+    switches an outer CUDA autocast off inside its forward, so none is used, on any device). The
+    forward computes the loss too (its ``labels``), from the final hidden states in vocabulary chunks
+    (no [tokens, vocab] fp32 logits), except under ZeRO-3, whose partitioned LM head is gathered only
+    inside the LM head module's own forward."""
     chunked = not engine.zero_optimization_partition_weights()
     out = engine(batch["input_ids"], position_ids=batch.get("position_ids"), compute_logits=not chunked,
                  document_ids=batch.get("document_ids"), token_mask=batch.get("token_mask"), labels=batch["labels"])
