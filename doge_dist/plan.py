@@ -6,9 +6,10 @@ crash late, and the single-4090 YAML recipes cite these numbers for their micro-
 
 Model states follow DeepSpeed 0.19 with bf16 (its default gradient accumulation dtype is the model
 dtype, so gradients are bf16; ``data_types.grad_accum_dtype: fp32`` at ZeRO-1 switches to its
-BF16_Optimizer with fp32 gradients). Per rank, with parameters in the optimizer's flat order, and dp
-DeepSpeed's data-parallel size (under expert parallelism the ranks holding the same expert shard,
-data-parallel size / EP, for every parameter: ``parallel.state.ExpertParallelMPU``):
+BF16_Optimizer, which keeps fp32 gradients beside the bf16 ones). Per rank, with parameters in the
+optimizer's flat order, and dp DeepSpeed's data-parallel size (under expert parallelism the ranks
+holding the same expert shard, data-parallel size / EP, for every parameter:
+``parallel.state.ExpertParallelMPU``):
   parameters  2 B each; ZeRO-3 keeps 1/dp of each flat group plus whole copies of tensors below
               ``stage3_param_persistence_threshold``.
   gradients   ZeRO 0/1: every parameter's gradient lives between micro-batches of an accumulation.
@@ -170,8 +171,8 @@ def model_states(config: Config, ds: dict[str, Any], layout: ParallelLayout, ran
     if stage == 3:
         threshold = int(zero.get("stage3_param_persistence_threshold", PERSISTENCE_DEFAULT))
         params = weight * (shard + sum(size for g in groups for size in g if size < threshold))
-    if stage <= 1:
-        grads = (4 if fp32_grads else weight) * local
+    if stage <= 1:  # BF16_Optimizer keeps the bf16 gradients (zeroed, not freed) beside its fp32 ones
+        grads = (4 + weight if fp32_grads else weight) * local
     elif stage == 2:
         ranks = range(dp) if rank is None else [rank]
         grads = weight * max(sum(straddling_numel(g, dp, r) for g in groups) for r in ranks)

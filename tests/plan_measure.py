@@ -8,10 +8,13 @@ optimizer states after the optimizer step (Adam's moments exist only then).
 
     python -m torch.distributed.run --nproc_per_node 2 tests/plan_measure.py OUT.json STAGE... [section.key=value...]
 
+A STAGE is 1, 2 or 3, or 1+fp32 for ZeRO-1 with ``data_types.grad_accum_dtype: fp32`` (DeepSpeed's BF16_Optimizer).
+
 The overrides replace OVERRIDES' keys (e.g. the model preset) or add to them (e.g. parallel.expert_parallel=2).
 """
 import json
 import sys
+from pathlib import Path
 
 import deepspeed
 import torch
@@ -69,10 +72,18 @@ def by_kind(found) -> dict[str, int]:
     return kinds
 
 
-def measure(stage: int, overrides: list[str]) -> dict[str, int]:
+def ds_config(stage: str) -> dict:
+    """configs/zero{N}.json for "N"; "N+fp32" adds DeepSpeed's fp32 gradient accumulation."""
+    ds = read_ds_config(str(Path(__file__).resolve().parents[1] / "configs" / f"zero{stage[0]}.json"))
+    if stage.endswith("+fp32"):
+        ds["data_types"] = {"grad_accum_dtype": "fp32"}
+    return ds
+
+
+def measure(stage: str, overrides: list[str]) -> dict[str, int]:
     config = load_config(None, OVERRIDES + overrides)
     initialize_parallel(config.parallel)
-    ds = resolve_ds_config(read_ds_config(f"configs/zero{stage}.json"), config.train, torch.distributed.get_world_size())
+    ds = resolve_ds_config(ds_config(stage), config.train, torch.distributed.get_world_size())
     engine, _ = build_engine(config, ds, torch.device("cpu"))
     ids = torch.randint(0, config.model.vocab_size, (1, 64), generator=torch.Generator().manual_seed(0))
     grads = None
@@ -87,7 +98,7 @@ if __name__ == "__main__":
     deepspeed.init_distributed(dist_backend="gloo")
     rank = torch.distributed.get_rank()
     overrides = [arg for arg in sys.argv[2:] if "=" in arg]
-    results = {stage: measure(int(stage), overrides) for stage in sys.argv[2:] if "=" not in stage}
+    results = {stage: measure(stage, overrides) for stage in sys.argv[2:] if "=" not in stage}
     gathered = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(gathered, results)
     if rank == 0:

@@ -51,14 +51,15 @@ def _measured(*args: str) -> list[dict]:
 
 def test_model_states_match_deepspeed_on_two_ranks():
     """Per rank and per kind within 5%: parameters, gradients (after the first micro-batch of two)
-    and optimizer states (after the step), for doge-20m in bf16 at ZeRO 1, 2 and 3."""
+    and optimizer states (after the step), for doge-20m in bf16 at ZeRO 1, 2 and 3, and at ZeRO-1
+    with fp32 gradient accumulation."""
     import plan_measure
 
     config = load_config(None, plan_measure.OVERRIDES)
     layout = check_layout(config, 2)
-    for rank, per_stage in enumerate(_measured("1", "2", "3")):
+    for rank, per_stage in enumerate(_measured("1", "2", "3", "1+fp32")):
         for stage, measured in per_stage.items():
-            ds = resolve_ds_config(read_ds_config(str(REPO / "configs" / f"zero{stage}.json")), config.train, 2)
+            ds = resolve_ds_config(plan_measure.ds_config(stage), config.train, 2)
             predicted = model_states(config, ds, layout, rank)
             for kind in ("params", "grads", "optimizer"):
                 assert getattr(predicted, kind) == pytest.approx(measured[kind], rel=0.05), (rank, stage, kind)
