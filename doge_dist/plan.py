@@ -54,6 +54,7 @@ from .model.loss import default_chunk_tokens
 from .parallel.expert import check_expert_parallel
 from .parallel.state import ParallelLayout
 from .parallel.state import check_layout as check_parallel_layout
+from .train.ds_config import grad_accum_dtype
 
 GB = 1e9
 BUCKET_DEFAULT = int(5e8)  # DeepSpeed's reduce_bucket_size default (elements)
@@ -162,7 +163,7 @@ def model_states(config: Config, ds: dict[str, Any], layout: ParallelLayout, ran
     bf16 = bool(ds.get("bf16", {}).get("enabled", False)) if config.train.bf16 is None else config.train.bf16
     weight = 2 if bf16 else 4
     master = 4 if bf16 else 0
-    fp32_grads = stage == 1 and bf16 and ds.get("data_types", {}).get("grad_accum_dtype") in ("fp32", "float32")
+    fp32_grads = stage == 1 and bf16 and grad_accum_dtype(ds) == torch.float32
     groups, local = _tp_local(config, parameter_groups_numel(config), layout.tensor_parallel, layout.expert_parallel)
     dp = layout.dp_size // layout.expert_parallel  # what ZeRO partitions over (see the module docstring)
     shard = sum(math.ceil(sum(g) / dp) for g in groups) if stage >= 1 else local

@@ -86,26 +86,30 @@ def check_with_deepspeed(ds: dict[str, Any], where: str) -> None:
     level = logger.level
     logger.setLevel(logging.WARNING)  # its "world_size = 1" line would mislead a multi-rank run
     try:
-        parsed = DeepSpeedConfig(checked)
+        DeepSpeedConfig(checked)
     except Exception as error:  # DeepSpeedConfigError, pydantic's ValidationError, ValueError, AssertionError...
         raise ConfigError(f"{where}: DeepSpeed refuses it: {error}") from None
     finally:
         logger.setLevel(level)
-    check_grad_accum_dtype(parsed, where)
 
 
-def check_grad_accum_dtype(parsed, where: str) -> None:
+def grad_accum_dtype(ds: dict[str, Any]) -> Optional[torch.dtype]:
+    """``data_types.grad_accum_dtype`` as DeepSpeed reads it (None: the model's dtype)."""
+    from deepspeed.runtime.config import DtypeEnum
+
+    name = ds.get("data_types", {}).get("grad_accum_dtype")
+    return None if name is None else DtypeEnum(name).value
+
+
+def check_grad_accum_dtype(ds: dict[str, Any], where: str) -> None:
     """DeepSpeed accumulates bf16 gradients in another dtype only with ZeRO (its BF16_Optimizer at
     ZeRO-1, the ZeRO optimizers' partitions at 2-3); at ZeRO-0 ``deepspeed.initialize`` raises
     NotImplementedError once the model is built."""
-    from deepspeed.runtime.config import DtypeEnum
-
-    if parsed.grad_accum_dtype is None or not parsed.bfloat16_config.enabled or parsed.zero_optimization_stage > 0:
-        return
-    if DtypeEnum(parsed.grad_accum_dtype).value != torch.bfloat16:
-        raise ConfigError(f"{where} sets data_types.grad_accum_dtype = {parsed.grad_accum_dtype!r} with bf16 at ZeRO stage 0, "
-                          "which DeepSpeed does not support: use ZeRO stage 1 (configs/zero1.json) for gradients "
-                          "accumulated in fp32, or remove data_types.")
+    dtype = grad_accum_dtype(ds)
+    if bf16_enabled(ds) and zero_stage(ds) == 0 and dtype not in (None, torch.bfloat16):
+        raise ConfigError(f"{where} sets data_types.grad_accum_dtype = {ds['data_types']['grad_accum_dtype']!r} with bf16 at "
+                          "ZeRO stage 0, which DeepSpeed does not support: use ZeRO stage 1 (configs/zero1.json) for "
+                          "gradients accumulated in fp32, or remove data_types.")
 
 
 def zero_stage(ds: dict[str, Any]) -> int:
@@ -153,5 +157,6 @@ def resolve_ds_config(user: dict[str, Any], train: TrainConfig, dp_size: int, wh
         raise ConfigError(f"{where}: zero_optimization.stage must be 0, 1, 2 or 3, got {zero_stage(ds)}.")
     check_ds_keys(user, where)
     check_with_deepspeed(ds, where)
+    check_grad_accum_dtype(ds, where)
     ds.setdefault("steps_per_print", 10**9)  # our own log line replaces DeepSpeed's
     return ds
