@@ -197,9 +197,8 @@ def train_step(name: str, model, optimizer, input_ids: torch.Tensor, device, dty
     def step() -> torch.Tensor:
         with autocast(device, dtype):
             if name.startswith("ours"):
-                out = model(input_ids, compute_logits=False)
-                loss_sum, count = model.hidden_loss_sum(out.hidden_states, labels, out.lm_head_weight)
-                loss = loss_sum / count
+                out = model(input_ids, compute_logits=False, labels=labels)  # the trainer's call
+                loss = out.loss_sum / out.loss_tokens
             else:
                 loss = model(input_ids=input_ids, labels=input_ids).loss
         loss.backward()
