@@ -325,7 +325,7 @@ def pretrain(config: Config, ds_user: dict[str, Any], ds_where: str = "the DeepS
     with reporter.paused():  # DPO's reference log-probs, computed once, are no training throughput
         task.prepare(engine)
     stop = StopRequest()
-    freeze = DenseFreeze(engine.module, train, progress.step)
+    freeze = DenseFreeze(engine.module, engine.lr_scheduler.optimizer, train, progress.step)
     if start:  # last: setting up draws random numbers too (the CPU peak for MFU), which shifted every dropout mask
         checkpoint.restore_rng(source[0] / source[1], env.rank, train.seed)
 

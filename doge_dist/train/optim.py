@@ -66,14 +66,31 @@ class DenseFreeze:
     a tensor hook on each frozen parameter replaces its gradient by zeros before the engine accumulates,
     reduces or clips it. The weights themselves stay as they are through their lr-0 schedule groups
     (schedule.py); the hooks are removed once the freeze is over (``release``).
+
+    AdamW still counts its steps on the frozen groups (their gradients are zeros, not None), and its
+    bias correction reads that count: left at N, the first update after the freeze would be
+    (1 - beta1) / sqrt(1 - beta2) = 3.2x a fresh AdamW's (beta2 0.95). small-doge restarts training
+    after its warm-up, so the released weights start from a fresh AdamW: a step post-hook on
+    ``optimizer`` puts the frozen groups' counts back to 0 after each step of the freeze (their
+    moments stay zero). ``optimizer`` is the client optimizer: ZeRO 1-3 step it on the same group
+    dicts, holding their flat fp32 partitions (ZeRO-3 one sub-group at a time).
     """
 
-    def __init__(self, model: nn.Module, train: TrainConfig, step: int) -> None:
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, train: TrainConfig, step: int) -> None:
         self.until = train.freeze_dense_steps
         self.handles = []
         if step < self.until:
             self.handles = [param.register_hook(torch.zeros_like) for name, param in model.named_parameters()
                             if param.requires_grad and not is_new_moe_parameter(name)]
+            self.handles.append(optimizer.register_step_post_hook(self._count_no_step))
+
+    @staticmethod
+    def _count_no_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+        for group in optimizer.param_groups:
+            if group.get("frozen_until"):
+                for param in group["params"]:
+                    if "step" in optimizer.state.get(param, {}):
+                        optimizer.state[param]["step"].zero_()
 
     def release(self, step: int) -> None:
         """After optimizer step ``step``: from the end of the freeze on, every gradient flows."""
