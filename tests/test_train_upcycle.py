@@ -13,7 +13,7 @@ from doge_dist.convert.upcycle import is_new_moe_parameter
 from doge_dist.model import build_model
 from doge_dist.train.export import load_checkpoint_model
 from model_helpers import perturb_all, unique_tokens
-from train_helpers import PYTHON, REPO, env, pretrain, scratch
+from train_helpers import PYTHON, REPO, env, pretrain, scalars, scratch
 
 
 def test_upcycle_then_freeze_phase(tmp_path):
@@ -32,6 +32,8 @@ def test_upcycle_then_freeze_phase(tmp_path):
     run = scratch() / "upcycled"
     pretrain(run, 3, nproc=1, launcher="python", save_interval=5,  # ZeRO-3: AdamW steps flat sub-groups
              **{"model.preset": "doge-tiny-moe", "run.init_from": str(tmp_path / "moe"), "train.freeze_dense_steps": 5})
+    inherited_lr = scalars(run, "train/lr_inherited")  # beside train/lr, the new tables' schedule
+    assert [inherited_lr[step] for step in range(1, 6)] == [0.0] * 5 and max(inherited_lr.values()) > 0.0, inherited_lr
     start = dict(moe.named_parameters())
     for step, dense_should_move in ((5, False), (10, True)):
         trained = dict(load_checkpoint_model(run / "checkpoints" / f"step_{step:08d}").named_parameters())

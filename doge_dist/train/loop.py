@@ -345,7 +345,7 @@ def pretrain(config: Config, ds_user: dict[str, Any], ds_where: str = "the DeepS
         if batches is None:
             warnings.warn(f"The training data ran out at step {progress.step}; stopping early.")
             break
-        lr = engine.get_lr()[0]  # the lr this step uses (DeepSpeed steps the schedule inside train_step)
+        lr, inherited_lr = engine.get_lr()[0], freeze.lr()  # the lrs this step uses (DeepSpeed steps the schedule inside train_step)
         result = train_step(engine, batches, env, layout.dp_size, config.model.router_aux_loss_coef, stop, task)
         progress.step += 1
         freeze.release(progress.step)
@@ -370,6 +370,8 @@ def pretrain(config: Config, ds_user: dict[str, Any], ds_where: str = "the DeepS
             reporter.train_step(progress.step, result["loss"], lr, result["grad_norm"], progress.consumed_tokens,
                                 env.device, result["balance_loss"])
             reporter.scalars(progress.step, task.log_metrics(env.device))
+            if inherited_lr is not None:
+                reporter.scalars(progress.step, {"train/lr_inherited": inherited_lr})
         validate = train.eval_interval and (progress.step % train.eval_interval == 0 or progress.step == train.max_steps)
         valid_batches = data.validation_batches() if validate else []
         if valid_batches:  # fine-tuning data may be too small to validate (FinetuneData warns)

@@ -78,11 +78,16 @@ class DenseFreeze:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, train: TrainConfig, step: int) -> None:
         self.until = train.freeze_dense_steps
+        self.optimizer = optimizer
         self.handles = []
         if step < self.until:
             self.handles = [param.register_hook(torch.zeros_like) for name, param in model.named_parameters()
                             if param.requires_grad and not is_new_moe_parameter(name)]
             self.handles.append(optimizer.register_step_post_hook(self._count_no_step))
+
+    def lr(self) -> float | None:
+        """The inherited weights' learning rate (None without a freeze): 0 during it, then their own schedule."""
+        return next((group["lr"] for group in self.optimizer.param_groups if group.get("frozen_until")), None)
 
     @staticmethod
     def _count_no_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
