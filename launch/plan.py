@@ -26,7 +26,7 @@ from doge_dist.plan import TASKS, accumulation_steps, check_layout, format_plan,
 
 def planned_model(config_path: str, config: Config, overrides: list[str]) -> ModelConfig:
     """The model launch/sft.py and dpo.py train: run.init_from's for a YAML without a model section."""
-    from doge_dist.train.finetune import model_config_of, model_from_init
+    from doge_dist.train.finetune import continued_model, model_from_init
 
     if not model_from_init(config, yaml.safe_load(Path(config_path).read_text()), overrides):
         return config.model
@@ -34,7 +34,7 @@ def planned_model(config_path: str, config: Config, overrides: list[str]) -> Mod
         raise ConfigError(f"{config_path} has no model section: its model is the one run.init_from = "
                           f"'{config.run.init_from}' holds, which does not exist yet. Plan the model it will be with "
                           f"an override such as model.preset=doge-20m, or point run.init_from at an existing run.")
-    return model_config_of(config.run.init_from)
+    return continued_model(config.run.init_from, overrides)
 
 
 def main() -> int:

@@ -475,6 +475,26 @@ def test_a_missing_init_from_is_named_by_its_key(tmp_path):
         model_config_of(str(tmp_path))
 
 
+def test_model_overrides_apply_on_top_of_the_init_from_model():
+    """A YAML without a model section fine-tunes run.init_from's model; a model.* override such as
+    model.attn_backend=eager changes that model, where it made ModelConfig's defaults (32,768 ids, 32
+    layers) and the run stopped on a vocabulary mismatch naming the wrong key. model.preset=... names
+    another shape outright (planning a model before init_from exists)."""
+    from chat_helpers import init_dir
+    from doge_dist.config import ModelConfig, load_config
+    from doge_dist.train.finetune import continued_model, model_from_init
+
+    overrides = [f"run.init_from={init_dir()}", "model.attn_backend=eager", "model.max_position_embeddings=4096"]
+    config = load_config(None, overrides)
+    assert model_from_init(config, {}, overrides)
+    model = continued_model(config.run.init_from, overrides)
+    tiny = ModelConfig.from_preset("doge-tiny")
+    assert model.fields_differing_from(tiny) == ["max_position_embeddings", "attn_backend"]
+    assert (model.attn_backend, model.max_position_embeddings) == ("eager", 4096)
+    assert not model_from_init(config, {"model": {"preset": "doge-20m"}}, overrides)
+    assert not model_from_init(config, {}, overrides + ["model.preset=doge-20m"])
+
+
 def test_pairs_identical_within_seq_length_count_as_without_loss():
     """Chosen and rejected that differ only beyond data.seq_length train nothing (margin 0), as a
     completion cut away wholly does; positions 0 .. seq_length - 1 predict tokens up to seq_length."""

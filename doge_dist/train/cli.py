@@ -86,13 +86,13 @@ def main_pretrain(config_path: str, ds_config_path: Optional[str], overrides: li
 
 def main_finetune(kind: str, config_path: Optional[str], ds_config_path: Optional[str], overrides: list[str]) -> int:
     """launch/sft.py and launch/dpo.py: the pretraining loop with the SFT or DPO task. The model shape
-    comes from run.init_from when the YAML has no model section and no model.* override."""
+    comes from run.init_from when the YAML has no model section (model.* overrides apply on top of it)."""
     import yaml
 
     from .distributed import is_launcher_main, launcher_world_size
     from .ds_config import read_ds_config
     from .dpo import DPOTask
-    from .finetune import SFTTask, max_steps_given, model_config_of, model_from_init, size_in_epochs
+    from .finetune import SFTTask, continued_model, max_steps_given, model_from_init, size_in_epochs
     from .loop import pretrain
 
     def run() -> None:
@@ -101,7 +101,7 @@ def main_finetune(kind: str, config_path: Optional[str], ds_config_path: Optiona
         ds = read_ds_config(path)
         raw = yaml.safe_load(Path(config_path).read_text()) if config_path else {}
         if model_from_init(config, raw, overrides):
-            config.model = model_config_of(config.run.init_from)
+            config.model = continued_model(config.run.init_from, overrides)
         task = SFTTask() if kind == "sft" else DPOTask()
         sizing = size_in_epochs(config, task.check(config), launcher_world_size(), max_steps_given(raw, overrides))
         if is_launcher_main():
