@@ -376,6 +376,37 @@ def test_a_tokenizer_without_chat_template_is_refused_before_training():
         check(chat_tokenizer().parent)
 
 
+def test_chat_data_with_ids_beyond_the_model_vocabulary_is_refused_before_training(tmp_path):
+    """As pretraining data is: SFT/DPO data tokenized with another tokenizer failed in the first step's
+    embedding (IndexError on CPU, a device-side assert on CUDA) after the model was built."""
+    import shutil
+
+    from chat_helpers import prefixes
+    from doge_dist.config import load_config
+    from doge_dist.data.indexed import validate_prefix
+    from doge_dist.data.preprocess_chat import mask_prefix
+    from doge_dist.train.finetune import SFTTask
+
+    source = prefixes()["sft_valid"]
+    copy = str(tmp_path / "other_tokenizer_text_document")
+    for ext in (".bin", ".idx"):
+        shutil.copy(source + ext, copy + ext)
+        shutil.copy(mask_prefix(source) + ext, mask_prefix(copy) + ext)
+    tokens = np.memmap(copy + ".bin", dtype=validate_prefix(copy).dtype, mode="r+")
+    assert tokens.max() < 512 and tokens.dtype == np.uint16
+    tokens[3] = 600  # the test tokenizer and doge-tiny have 512 ids
+    tokens.flush()
+
+    def check(valid):
+        return SFTTask().check(load_config(None, ["run.init_from=runs/any", "model.preset=doge-tiny",
+                                                  f"data.train_data=[{prefixes()['sft_train']}]",
+                                                  f"data.valid_data=[{valid}]", f"data.tokenizer={chat_tokenizer()}"]))
+
+    assert check(source) > 0
+    with pytest.raises(DataError, match=rf"'{copy}.bin' holds token id 600 but the tokenizer/model vocabulary has 512 ids"):
+        check(copy)
+
+
 def test_padding_stays_out_of_the_moe_balance_loss_and_routing_statistics():
     """Fine-tuning batches are right-padded; as transformers (given the attention mask) the balance
     loss and moe/* count only the real tokens: collate_lm's token_mask reaches both through the

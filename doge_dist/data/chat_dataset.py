@@ -24,7 +24,8 @@ IGNORE_INDEX = -100  # = doge_dist.model.IGNORE_INDEX (the data package does not
 class MaskedSequences:
     """Token and loss-mask sequences of one or more chat prefixes, concatenated in order."""
 
-    def __init__(self, prefixes: Sequence[str], pairs: bool) -> None:
+    def __init__(self, prefixes: Sequence[str], pairs: bool, vocab_size: Optional[int] = None) -> None:
+        """With ``vocab_size`` every token id is read and checked against it (before training)."""
         from megatron.core.datasets.indexed_dataset import IndexedDataset
 
         if not prefixes:
@@ -32,7 +33,7 @@ class MaskedSequences:
         self.tokens, self.masks, lengths = [], [], []
         tool = f"data_tools/preprocess_chat.py --kind {'dpo' if pairs else 'sft'}"
         for prefix in map(str, prefixes):
-            tokens_info = validate_prefix(prefix, scan_tokens=False, tool=tool)
+            tokens_info = validate_prefix(prefix, vocab_size, scan_tokens=vocab_size is not None, tool=tool)
             mask_info = validate_prefix(mask_prefix(prefix), scan_tokens=False, tool=tool)
             if not np.array_equal(tokens_info.sequence_lengths, mask_info.sequence_lengths):
                 raise DataError(f"'{prefix}' and its loss mask '{mask_prefix(prefix)}' have different sequence lengths; re-run data_tools/preprocess_chat.py.")

@@ -100,10 +100,10 @@ class FinetuneTask(PretrainTask):
     def collate(self, config: Config) -> Callable:
         return partial(collate_lm, pad_id=pad_id(config), multiple=pad_multiple(config))
 
-    def sequences(self, config: Config, split: str) -> Optional[MaskedSequences]:
+    def sequences(self, config: Config, split: str, vocab_size: Optional[int] = None) -> Optional[MaskedSequences]:
         entries = config.data.train_data if split == "train" else config.data.valid_data
         prefixes = data_prefixes(entries, f"data.{split}_data")
-        return MaskedSequences(prefixes, self.pairs) if prefixes else None
+        return MaskedSequences(prefixes, self.pairs, vocab_size) if prefixes else None
 
     def check(self, config: Config) -> int:
         """Checks before any process group exists; returns the number of training samples."""
@@ -113,6 +113,8 @@ class FinetuneTask(PretrainTask):
         if train is None or len(train) == 0:
             raise DataError("data.train_data is empty: list prefixes written by data_tools/preprocess_chat.py.")
         self.dataset(config, "valid")
+        for split in ("train", "valid"):  # every token id fits the model's embedding, as pretraining data is checked
+            self.sequences(config, split, config.model.vocab_size)
         if config.data.tokenizer:
             check_chat_tokenizer(config.data.tokenizer)
         return len(train)
