@@ -1,9 +1,11 @@
 """The DPO loss and rewards equal a direct computation (the sigmoid loss of Rafailov et al., as trl
 computes it) on hand-built log-probs, and DPOTask's forward gives the same from a model's logits."""
 import math
+from pathlib import Path
 
 import torch
 
+import data_helpers
 from doge_dist.config import ModelConfig
 from doge_dist.data.chat_dataset import collate_pairs, lm_sample
 from doge_dist.model import build_model
@@ -99,36 +101,46 @@ def test_moe_policy_logs_the_routing_statistics_of_its_training_pairs(monkeypatc
 
 def test_precomputed_table_is_reused_only_for_its_own_reference(tmp_path, monkeypatch, capsys):
     """finetune.reference=precomputed: a resume reuses run.dir/reference_logps.pt, but a table left in
-    run.dir by a run from another reference model is recomputed, not trusted; the work is reported."""
+    run.dir by a run from another reference model, or of data preprocessed again into the same prefix
+    (here with another prompt limit: as many pairs, other tokens), is recomputed, not trusted; the work
+    is reported."""
     import torch.distributed as dist
 
-    from chat_helpers import prefixes
+    from chat_helpers import chat_tokenizer, prefixes
     from doge_dist.config import load_config
+    from doge_dist.data.preprocess_chat import preprocess_chat
     from doge_dist.train.distributed import DistEnv, _free_port
     from doge_dist.train.dpo import REFERENCE_FILES
 
-    data = prefixes()["dpo_train"]
+    source = Path(prefixes()["dpo_train"]).parent / "dpo_train.jsonl"
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(_free_port()))
     dist.init_process_group("gloo", rank=0, world_size=1)
     try:
         env = DistEnv(0, 1, 0, torch.device("cpu"))
         tables = []
-        for seed, init_from in ((0, "init_a"), (0, "init_a"), (1, "init_b")):
+        for seed, init_from, prompt_limit in ((0, "init_a", 48), (0, "init_a", 48), (0, "init_a", 16), (1, "init_b", 16)):
+            if len(tables) in (0, 2):
+                data = preprocess_chat(str(source), str(tmp_path / "pairs"), str(chat_tokenizer()), kind="dpo",
+                                       max_prompt_length=prompt_limit, max_completion_length=48,
+                                       log=data_helpers.quiet).prefixes[0]
             (tmp_path / init_from).mkdir(exist_ok=True)
             (tmp_path / init_from / "config.json").write_text("{}")
-            config = load_config(None, [f"run.dir={tmp_path}", f"run.init_from={tmp_path / init_from}", f"data.train_data=[{data}]",
+            config = load_config(None, [f"run.dir={run_dir}", f"run.init_from={tmp_path / init_from}", f"data.train_data=[{data}]",
                                         "data.seq_length=128", "train.micro_batch_size=4"])
             torch.manual_seed(seed)
             task = DPOTask()
             task.reference = build_model(ModelConfig.from_preset("doge-tiny")).eval()
             tables.append(task._precompute(config, env, "train").clone())
-            assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == [REFERENCE_FILES["train"]]
+            assert sorted(p.name for p in run_dir.iterdir() if p.is_file()) == [REFERENCE_FILES["train"]]
     finally:
         dist.destroy_process_group()
-    assert torch.equal(tables[0], tables[1]) and not torch.allclose(tables[0], tables[2])
+    assert torch.equal(tables[0], tables[1]) and not torch.allclose(tables[1], tables[2])
+    assert not torch.allclose(tables[2], tables[3])
     printed = capsys.readouterr().out
-    assert printed.count("reference log-probs of the 16 train pairs, once") == 2
+    assert printed.count("reference log-probs of the 16 train pairs, once") == 3
     assert "train reference log-probs: 4/4 micro-batches" in printed
 
 

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from ..config import Config
 from ..data.chat_dataset import PreferenceDataset, collate_pairs, pairs_without_loss
+from ..data.preprocess_chat import mask_prefix
 from ..model import DogeForCausalLM
 from . import checkpoint
 from .distributed import DistEnv, is_launcher_main
@@ -84,6 +85,11 @@ def match_dtypes(model: torch.nn.Module, like: torch.nn.Module) -> None:
     for name, tensor in tensors(model):
         if name in dtypes and tensor.dtype != dtypes[name]:
             tensor.data = tensor.data.to(dtypes[name])
+
+
+def file_stamps(files: list[Path]) -> list[tuple[str, int, int]]:
+    """(path, size, modification time in ns) of each file, sorted: a rewritten file changes its stamp."""
+    return [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(files)]
 
 
 class DPOTask(FinetuneTask):
@@ -162,14 +168,18 @@ class DPOTask(FinetuneTask):
 
     def _table_source(self, config: Config, split: str, pairs: int) -> dict:
         """What a saved reference table was computed from: a table of another reference model, data,
-        sequence length or precision (a rerun in the same run.dir with other settings) is recomputed."""
+        sequence length or precision (a rerun in the same run.dir with other settings) is recomputed,
+        as is one whose data or weight files were written again since (data preprocessed again into
+        the same prefix, with as many pairs): every such file is named with its size and mtime."""
         init_from = Path(config.run.init_from)
         if not (init_from / "config.json").is_file():
             init_from = Path(*checkpoint.resolve_checkpoint(init_from))
         entries = config.data.train_data if split == "train" else config.data.valid_data
-        data = [str(Path(prefix).resolve()) for prefix in data_prefixes(entries, f"data.{split}_data")]
-        return {"init_from": str(init_from.resolve()), "data": data, "pairs": pairs, "seq_length": config.data.seq_length,
-                "dtype": str(next(self.reference.parameters()).dtype)}
+        prefixes = [str(Path(prefix).resolve()) for prefix in data_prefixes(entries, f"data.{split}_data")]
+        data_files = [Path(p + ext) for prefix in prefixes for p in (prefix, mask_prefix(prefix)) for ext in (".bin", ".idx")]
+        weight_files = [p for p in init_from.iterdir() if p.suffix in (".safetensors", ".bin", ".pt")]
+        return {"init_from": str(init_from.resolve()), "data": prefixes, "pairs": pairs, "seq_length": config.data.seq_length,
+                "dtype": str(next(self.reference.parameters()).dtype), "files": file_stamps(data_files + weight_files)}
 
     def prepare(self, engine) -> None:
         """Before step 1, when the policy has DeepSpeed's dtypes: the reference takes them, and with
