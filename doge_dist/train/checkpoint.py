@@ -187,8 +187,8 @@ def save(engine, run_dir: str | Path, progress: Progress, layout, keep_last: int
             "expert_parallel": layout.expert_parallel, "zero_stage": engine.zero_optimization_stage()}
     with _reported_as_write_failure(root, tag):
         torch.save(_rng_state(), root / tag / f"rng_rank{rank:05d}.pt")
-        engine.save_checkpoint(str(root), tag=tag, client_state={**meta, "universal_checkpoint_info": universal_info},
-                               save_latest=False)
+        engine.save_checkpoint(str(root), tag=tag, client_state={**meta, "universal_checkpoint_info": universal_info,
+                                                                 **fp32_master_names(engine)}, save_latest=False)
     dist.barrier()  # every rank's files are complete: only now the meta file marks the checkpoint complete
     if rank == 0:
         files = sorted(p.name for p in (root / tag).iterdir() if p.is_file())  # for a resume to find one missing (check_complete)
@@ -201,6 +201,22 @@ def save(engine, run_dir: str | Path, progress: Progress, layout, keep_last: int
         shutil.rmtree(Path(run_dir) / CONVERTED, ignore_errors=True)
     dist.barrier()
     return root / tag
+
+
+FP32_MASTER_NAMES = "fp32_master_names"  # in the model states of a ZeRO-0 bf16 checkpoint
+
+
+def fp32_master_names(engine) -> dict:
+    """At ZeRO-0 with bf16 the saved module holds bf16 weights and DeepSpeed's FP16_UnfusedOptimizer
+    keeps the fp32 masters in its state (``fp32_groups``), in the order of its groups of model
+    parameters: their names, for export and run.init_from to read the fp32 weights (the masters are
+    what ZeRO 1-3 checkpoints give). Empty for every other optimizer."""
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    if not isinstance(engine.optimizer, FP16_UnfusedOptimizer):
+        return {}
+    names = {id(param): name for name, param in engine.module.named_parameters()}
+    return {FP32_MASTER_NAMES: [[names[id(param)] for param in group] for group in engine.optimizer.fp16_groups]}
 
 
 def rewind_latest(run_dir: str | Path, root: Path, tag: str) -> None:

@@ -1,7 +1,8 @@
 """A checkpoint of any ZeRO stage -> fp32 weights -> a Hugging Face Doge directory with the tokenizer.
 
 DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint`` merges the fp32 master partitions of ZeRO
-1-3 (and of the bf16 optimizer); a ZeRO-0 fp32 checkpoint has the whole model in its model-states file.
+1-3 (and of the bf16 optimizer); a ZeRO-0 checkpoint has the whole model in its model-states file,
+in fp32, or in bf16 with the fp32 masters in its optimizer state (checkpoint.fp32_master_names).
 Tensor- and expert-parallel checkpoints go through DeepSpeed's universal checkpoint (ZeRO 1-3) or, at
 ZeRO-0, the per-rank model states are merged with the split tables.
 The model shape comes from the checkpoint's doge_meta.json, the tokenizer from the run's config.yaml.
@@ -48,8 +49,12 @@ def consolidated_state(root: Path, tag: str, universal_root: Optional[Path] = No
 
 
 def _module_states(file: Path) -> dict[str, torch.Tensor]:
+    """The weights of one rank's ZeRO-0 model states: the fp32 masters where the module is bf16."""
     states = torch.load(file, map_location="cpu", weights_only=False)
-    return {k: v.float() for k, v in states["module"].items()}
+    weights = {k: v.float() for k, v in states["module"].items()}
+    for names, masters in zip(states.get(checkpoint.FP32_MASTER_NAMES, []), states["optimizer"]["fp32_groups"]):
+        weights.update(zip(names, masters))
+    return weights
 
 
 def find_checkpoint(path: str | Path, step: Optional[int] = None) -> tuple[Path, str]:
