@@ -323,17 +323,25 @@ def test_a_second_trainer_on_a_run_dir_stops_before_any_work(tmp_path):
 
 def test_a_resume_from_an_older_checkpoint_of_the_run_rewinds_it():
     """run.resume=<run.dir>/checkpoints/step_5 while latest is step_10: the rewound run's step-10 save
-    replaces the old one (it was skipped as "nothing new since latest", and the new weights were lost)."""
+    replaces the old one (it was skipped as "nothing new since latest", and the new weights were lost),
+    and its universal conversion goes (a resume on another layout loaded the abandoned weights). The old
+    trajectory's step 7 (another save interval) is moved to checkpoints/abandoned/ when the run saves
+    past it: kept among the complete checkpoints, keep_last deleted the rewound run's own."""
     run_dir = scratch() / "rewound"
     run_dir.mkdir()
-    subprocess.run(["cp", "-r", str(single_process_run() / "checkpoints"), str(run_dir / "checkpoints")], check=True)
-    old_meta = run_dir / "checkpoints" / "step_00000010" / "doge_meta.json"
+    root = run_dir / "checkpoints"
+    subprocess.run(["cp", "-r", str(single_process_run() / "checkpoints"), str(root)], check=True)
+    old_meta = root / "step_00000010" / "doge_meta.json"
     old_meta.write_text(json.dumps({**json.loads(old_meta.read_text()), "old": True}))
+    subprocess.run(["cp", "-r", str(root / "step_00000010"), str(root / "step_00000007")], check=True)
+    (root / "step_00000010_universal").mkdir()
     result = pretrain(run_dir, 0, nproc=1, launcher="python", micro_batch_size=2, gradient_accumulation_steps=2,
-                      save_interval=5, **{"run.resume": str(run_dir / "checkpoints" / "step_00000005")})
+                      save_interval=5, keep_last=2, **{"run.resume": str(root / "step_00000005")})
     assert f"run.resume rewinds {run_dir} to step_00000005" in result.stdout + result.stderr
-    assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000010"
+    assert (root / "latest").read_text() == "step_00000010"
     assert "old" not in json.loads(old_meta.read_text())  # the rewound run's own step 10
+    assert sorted(p.name for p in root.iterdir()) == ["abandoned", "latest", "step_00000005", "step_00000010"]
+    assert [p.name for p in (root / "abandoned").iterdir()] == ["step_00000007"]
     assert losses(run_dir) == losses(single_process_run())[5:]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -179,8 +179,9 @@ def save(engine, run_dir: str | Path, progress: Progress, layout, keep_last: int
     if root.is_dir() and read_latest(root) == tag:  # nothing new since that checkpoint: never rewrite it
         return root / tag
     if rank == 0:
-        if (root / tag).exists():  # a half-written leftover of a crashed run (never the latest one)
+        if (root / tag).exists():  # a half-written leftover of a crashed run or one a rewind left (never the latest one)
             shutil.rmtree(root / tag)
+        shutil.rmtree(root / (tag + UNIVERSAL_SUFFIX), ignore_errors=True)  # a conversion of what it held
         (root / tag).mkdir(parents=True, exist_ok=True)
     dist.barrier()
     meta = {**asdict(progress), "global_batch": global_batch, "dp_size": layout.dp_size, "tensor_parallel": layout.tensor_parallel,
@@ -195,6 +196,7 @@ def save(engine, run_dir: str | Path, progress: Progress, layout, keep_last: int
         with _reported_as_write_failure(root, tag):
             write_atomic(root / tag / META, json.dumps({**meta, "model": model_config, "data_order": data_order,
                                                         "files": files}, indent=1))
+            _move_abandoned(root, read_latest(root) if (root / LATEST).is_file() else None, tag)
             write_atomic(root / LATEST, tag)
         _prune(root, keep_last)
         # conversions of another run's checkpoint served the start only: a restart resumes from this one
@@ -228,7 +230,7 @@ def rewind_latest(run_dir: str | Path, root: Path, tag: str) -> None:
     latest = read_latest(own) if own.is_dir() else None
     if latest and Path(root).resolve() == own.resolve() and tag < latest:
         print(f"[doge-dist] run.resume rewinds {run_dir} to {tag}: its newer checkpoints (up to {latest}) are "
-              "replaced as this run saves", flush=True)
+              f"replaced, or moved to {own / ABANDONED}, as this run saves past them", flush=True)
         write_atomic(own / LATEST, tag)
 
 
@@ -300,6 +302,27 @@ def write_atomic(path: Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, path)
+
+
+ABANDONED = "abandoned"  # under checkpoints/: complete checkpoints of a trajectory a rewind left
+
+
+def _move_abandoned(root: Path, previous: Optional[str], tag: str) -> None:
+    """Before ``latest`` moves from ``previous`` to ``tag``: a complete checkpoint between the two was
+    written by a trajectory that a rewind (run.resume to an older step) left, with another save
+    interval. Once ``latest`` passed it, it would count among the kept checkpoints (keep_last would
+    delete the new run's instead) and be exported as this run's step: it is moved, with its
+    universal conversion, to checkpoints/abandoned/ (kept, never deleted)."""
+    for old in complete_tags(root):
+        if (previous is None or old > previous) and old < tag:
+            target = root / ABANDONED / old
+            while target.exists():
+                target = target.with_name(target.name + "_")
+            target.parent.mkdir(exist_ok=True)
+            os.replace(root / old, target)
+            if (root / (old + UNIVERSAL_SUFFIX)).exists():
+                os.replace(root / (old + UNIVERSAL_SUFFIX), target.with_name(target.name + UNIVERSAL_SUFFIX))
+            print(f"[doge-dist] {root / old} was left by a rewind (run.resume): moved to {target}", flush=True)
 
 
 def _prune(root: Path, keep_last: int) -> None:
