@@ -81,3 +81,27 @@ def test_freeze_dense_steps_with_cosine_ignores_the_unused_decay_steps():
     check_schedule(cosine)
     with pytest.raises(ConfigError, match="freeze_dense_steps"):
         check_schedule(TrainConfig(max_steps=8, scheduler="cosine", warmup_steps=6, freeze_dense_steps=3))
+
+
+def test_a_resume_takes_its_adamw_settings_from_this_run():
+    """Loading a checkpoint restores the optimizer groups' settings as saved (DeepSpeed and torch load
+    them with the state): a resume or run.init_optimizer with another train.weight_decay, adam_beta1/2
+    or adam_eps trained with the old ones, while config.yaml showed the new. Like the lr, this run's win."""
+    import dataclasses
+
+    from doge_dist.config import ModelConfig
+    from doge_dist.model import build_model
+    from doge_dist.train.optim import build_optimizer
+    from doge_dist.train.schedule import reapply_optimizer_settings
+
+    model = build_model(ModelConfig.from_preset("doge-tiny"))
+    saved = TrainConfig(max_steps=10, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8)
+    resumed = dataclasses.replace(saved, weight_decay=0.02, adam_beta1=0.8, adam_beta2=0.99, adam_eps=1e-6)
+    state = build_optimizer(model, saved, None).state_dict()
+    optimizer = build_optimizer(model, resumed, None)
+    scheduler = build_scheduler(optimizer, resumed)
+    optimizer.load_state_dict(state)  # as engine.load_checkpoint does
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0]
+    reapply_optimizer_settings(scheduler, resumed)
+    assert [(g["weight_decay"], g["betas"], g["eps"]) for g in optimizer.param_groups] == [(0.02, (0.8, 0.99), 1e-6),
+                                                                                          (0.0, (0.8, 0.99), 1e-6)]

@@ -36,7 +36,7 @@ from .host_memory import keep_freed_memory
 from .metrics import Reporter, peak_tflops
 from .optim import DenseFreeze
 from .preflight import check_run
-from .schedule import reapply_schedule
+from .schedule import reapply_optimizer_settings
 from .task import PretrainTask, Task
 
 
@@ -294,13 +294,13 @@ def pretrain(config: Config, ds_user: dict[str, Any], ds_where: str = "the DeepS
     progress = Progress()
     if start:
         progress = checkpoint.load(engine, *source)
-        reapply_schedule(engine.lr_scheduler, train)
+        reapply_optimizer_settings(engine.lr_scheduler, train)
         if env.is_main:
             print(f"[doge-dist] resumed from {origin[0] / origin[1]} at step {progress.step}", flush=True)
     elif init_checkpoint:
         if config.run.init_optimizer:
             checkpoint.load(engine, *source, module_only=True)
-            reapply_schedule(engine.lr_scheduler, train)  # the loaded groups carry the old lr: the fresh schedule's step 0
+            reapply_optimizer_settings(engine.lr_scheduler, train)  # the loaded groups carry the old lr: the fresh schedule's step 0
         if env.is_main:
             print(f"[doge-dist] continuing from the weights of {origin[0] / origin[1]} with a fresh schedule", flush=True)
     elif is_hf_directory(config.run.init_from) and env.is_main:

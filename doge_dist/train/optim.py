@@ -50,8 +50,9 @@ def parameter_groups(model: nn.Module, train: TrainConfig) -> list[dict]:
     groups = []
     for names, extra in ((set(n for n, _ in params) - frozen, {}), (frozen, {"frozen_until": train.freeze_dense_steps})):
         groups += [
-            {"params": [p for n, p in params if n in names and n in decayed], "weight_decay": train.weight_decay, **extra},
-            {"params": [p for n, p in params if n in names and n not in decayed], "weight_decay": 0.0, **extra},
+            {"params": [p for n, p in params if n in names and n in decayed], "weight_decay": train.weight_decay,
+             "decayed": True, **extra},
+            {"params": [p for n, p in params if n in names and n not in decayed], "weight_decay": 0.0, "decayed": False, **extra},
         ]
     return [group for group in groups if group["params"]]
 

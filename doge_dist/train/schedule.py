@@ -89,14 +89,18 @@ def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig) -> tor
     return torch.optim.lr_scheduler.LambdaLR(optimizer, [multiplier(group) for group in optimizer.param_groups])
 
 
-def reapply_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, train: TrainConfig) -> None:
-    """Every optimizer group's lr from this run's ``train`` section at the scheduler's step, after a
-    checkpoint load: DeepSpeed restores ``base_lrs`` and the groups' current lr from the checkpoint,
+def reapply_optimizer_settings(scheduler: torch.optim.lr_scheduler.LambdaLR, train: TrainConfig) -> None:
+    """Every optimizer group's lr (at the scheduler's step) and AdamW settings from this run's ``train``
+    section, after a checkpoint load: DeepSpeed restores ``base_lrs`` and the groups' current lr from the checkpoint,
     that is from the config of the run that wrote it, so a changed ``train.lr`` would be ignored and a
     changed ``train.max_steps`` (or phase lengths) would leave the first step at the old schedule's
     lr; a continuation with the optimizer state (fresh scheduler) starts at its step 0, each group
-    by its own multiplier (frozen groups at 0)."""
+    by its own multiplier (frozen groups at 0). AdamW's other settings are restored from the checkpoint
+    too: this run's weight decay (for the groups marked ``decayed``; a checkpoint older than that mark
+    tells them by a decay > 0), betas and eps replace them."""
     scheduler.base_lrs = [train.lr] * len(scheduler.optimizer.param_groups)
     for group, base, multiplier in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
         group["lr"] = base * multiplier(scheduler.last_epoch)
+        group["weight_decay"] = train.weight_decay if group.get("decayed", group["weight_decay"] > 0) else 0.0
+        group["betas"], group["eps"] = (train.adam_beta1, train.adam_beta2), train.adam_eps
     scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
