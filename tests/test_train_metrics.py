@@ -48,3 +48,18 @@ def test_padded_sequences_count_their_real_tokens_at_their_own_length():
     assert real_lengths({"input_ids": torch.zeros(3, 64, dtype=torch.long)}) == [64, 64, 64]  # pretraining
     config = ModelConfig.from_preset("doge-tiny")
     assert training_flops(config, [20, 50]) == 20 * training_flops_per_token(config, 20) + 50 * training_flops_per_token(config, 50)
+
+
+def test_a_run_restarted_before_its_first_checkpoint_replaces_the_killed_runs_points(tmp_path):
+    """A run killed before it saved anything starts again at step 0: TensorBoard (which reads the
+    directory as one run) showed the killed run's points beside the new ones, as two curves."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for steps, loss in ((3, 9.0), (2, 5.0)):  # killed at step 3, then restarted from scratch
+        reporter = metrics.Reporter(str(tmp_path), True, 0.0, 1, 10, start_step=0)
+        for step in range(1, steps + 1):
+            reporter.scalars(step, {"train/loss": loss})
+        reporter.writer.close()
+    board = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0})
+    board.Reload()
+    assert [(event.step, event.value) for event in board.Scalars("train/loss")] == [(1, 5.0), (2, 5.0)]

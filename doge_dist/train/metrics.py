@@ -106,8 +106,9 @@ class Reporter:
         if is_main:
             from torch.utils.tensorboard import SummaryWriter
 
-            # a resumed run hides what a killed run logged after its checkpoint (TensorBoard's purge_step)
-            self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+            # a resumed run hides what a killed run logged after its checkpoint (TensorBoard's purge_step),
+            # a restarted one (step 0) all a run killed before its first checkpoint logged
+            self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=start_step + 1)
         self._last_time = time.perf_counter()
         self._last_step = start_step
         self._tokens, self._flops = 0, 0.0  # since the last log point, all ranks together
