@@ -45,3 +45,26 @@ def test_the_optimizer_is_fused_on_cpu_too():
     for clip in (None, 1.0):  # DeepSpeed's client optimizer, and the stage-0 fp32 one that clips itself
         optimizer = build_optimizer(model, TrainConfig(), stage0_fp32_clip=clip)
         assert optimizer.defaults["fused"] is True
+
+
+def test_the_dense_freeze_lasts_as_many_applied_steps_as_the_schedule_holds_it():
+    """The frozen groups' schedule holds lr 0 for train.freeze_dense_steps applied steps (DeepSpeed does
+    not step it for a step skipped as non-finite): the gradient hooks stay as long, or the inherited
+    weights' AdamW would count a step at lr 0 with real gradients after a skipped one."""
+    from doge_dist.config import ModelConfig, TrainConfig
+    from doge_dist.model import build_model
+    from doge_dist.train.optim import DenseFreeze, build_optimizer
+    from doge_dist.train.schedule import build_scheduler
+
+    model = build_model(ModelConfig.from_preset("doge-tiny-moe"))
+    train = TrainConfig(max_steps=10, warmup_steps=0, decay_steps=0, freeze_dense_steps=2)
+    scheduler = build_scheduler(build_optimizer(model, train, None), train)
+    freeze = DenseFreeze(model, scheduler, train)
+    hooks = len(freeze.handles)
+    for applied in (True, False, True):  # the second step is skipped: no scheduler step
+        if applied:
+            scheduler.optimizer.step()
+            scheduler.step()
+        freeze.release()
+        assert freeze.lr() == (0.0 if scheduler.last_epoch < 2 else train.lr)
+        assert len(freeze.handles) == (hooks if scheduler.last_epoch < 2 else 0), scheduler.last_epoch

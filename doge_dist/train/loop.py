@@ -325,7 +325,7 @@ def pretrain(config: Config, ds_user: dict[str, Any], ds_where: str = "the DeepS
     with reporter.paused():  # DPO's reference log-probs, computed once, are no training throughput
         task.prepare(engine)
     stop = StopRequest()
-    freeze = DenseFreeze(engine.module, engine.lr_scheduler.optimizer, train, progress.step)
+    freeze = DenseFreeze(engine.module, engine.lr_scheduler, train)
     if start:  # last: setting up draws random numbers too (the CPU peak for MFU), which shifted every dropout mask
         checkpoint.restore_rng(source[0] / source[1], env.rank, train.seed)
 
@@ -348,7 +348,7 @@ def pretrain(config: Config, ds_user: dict[str, Any], ds_where: str = "the DeepS
         lr, inherited_lr = engine.get_lr()[0], freeze.lr()  # the lrs this step uses (DeepSpeed steps the schedule inside train_step)
         result = train_step(engine, batches, env, layout.dp_size, config.model.router_aux_loss_coef, stop, task)
         progress.step += 1
-        freeze.release(progress.step)
+        freeze.release()
         progress.consumed_samples += data.global_batch
         progress.consumed_tokens += result["tokens"]
         reporter.count(result["tokens"], result["flops"])

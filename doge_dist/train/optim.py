@@ -73,18 +73,21 @@ class DenseFreeze:
     (1 - beta1) / sqrt(1 - beta2) = 3.2x a fresh AdamW's (beta2 0.95). small-doge restarts training
     after its warm-up, so the released weights start from a fresh AdamW: a step post-hook on
     ``optimizer`` puts the frozen groups' counts back to 0 after each step of the freeze (their
-    moments stay zero). ``optimizer`` is the client optimizer: ZeRO 1-3 step it on the same group
-    dicts, holding their flat fp32 partitions (ZeRO-3 one sub-group at a time).
+    moments stay zero). ``scheduler`` is the run's, on the client optimizer: ZeRO 1-3 step that on the
+    same group dicts, holding their flat fp32 partitions (ZeRO-3 one sub-group at a time). The freeze
+    counts the applied steps, as the schedule that holds the groups at lr 0 does (its ``last_epoch``;
+    DeepSpeed does not step it for a step skipped as non-finite).
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, train: TrainConfig, step: int) -> None:
+    def __init__(self, model: nn.Module, scheduler: torch.optim.lr_scheduler.LRScheduler, train: TrainConfig) -> None:
         self.until = train.freeze_dense_steps
-        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.optimizer = scheduler.optimizer
         self.handles = []
-        if step < self.until:
+        if scheduler.last_epoch < self.until:
             self.handles = [param.register_hook(torch.zeros_like) for name, param in model.named_parameters()
                             if param.requires_grad and not is_new_moe_parameter(name)]
-            self.handles.append(optimizer.register_step_post_hook(self._count_no_step))
+            self.handles.append(self.optimizer.register_step_post_hook(self._count_no_step))
 
     def lr(self) -> float | None:
         """The inherited weights' learning rate (None without a freeze): 0 during it, then their own schedule."""
@@ -98,9 +101,9 @@ class DenseFreeze:
                     if "step" in optimizer.state.get(param, {}):
                         optimizer.state[param]["step"].zero_()
 
-    def release(self, step: int) -> None:
-        """After optimizer step ``step``: from the end of the freeze on, every gradient flows."""
-        if step >= self.until:
+    def release(self) -> None:
+        """After each step: from the end of the freeze on, every gradient flows."""
+        if self.scheduler.last_epoch >= self.until:
             for handle in self.handles:
                 handle.remove()
             self.handles = []
