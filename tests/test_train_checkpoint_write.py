@@ -31,6 +31,8 @@ TORCH_SAVE_ON_A_FULL_DISK = "[enforce fail at inline_container.cc:672] . unexpec
 class StandInEngine:
     """Writes this rank's optimizer file as ZeRO-2 does; on ``failing_rank`` the write fails as torch.save's does."""
 
+    optimizer = None  # DeepSpeed's optimizer wrapper (checkpoint.fp32_master_names looks at it)
+
     def __init__(self, failing_rank: int) -> None:
         self.failing_rank = failing_rank
 
@@ -213,3 +215,19 @@ def test_a_second_trainer_on_a_run_dir_is_refused(tmp_path):
     assert message.startswith(f"{tmp_path} is in use by another trainer (pid ")
     assert message.endswith("two trainers on one run.dir overwrite each other's checkpoints. Wait for it to end or "
                             "stop it, or choose another run.dir.")
+
+
+def _save_recording_fsyncs(rank: int, world_size: int, run_dir: str) -> list:
+    synced, real_fsync = [], checkpoint._fsync
+    checkpoint._fsync = lambda path: synced.append(Path(path).name) or real_fsync(path)  # in this spawned process only
+    checkpoint.save(TorchFileEngine(), run_dir, Progress(step=4), ParallelLayout(world_size, 1, 1), 2, {}, {})
+    return synced
+
+
+def test_a_checkpoints_files_are_on_disk_before_it_is_marked_complete(tmp_path):
+    """DeepSpeed writes its shards with a plain torch.save: after a power or node crash, `latest` could
+    name a checkpoint whose shards never reached the disk (the older ones pruned). Every file and the
+    step directory are fsynced before the meta file is written, and each rename after it."""
+    synced = run_distributed(_save_recording_fsyncs, 1, str(tmp_path))[0]
+    assert synced == ["rng_rank00000.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt", "step_00000004",
+                      "step_00000004", "checkpoints"]  # the files, their directory; the renames of the meta and latest

@@ -181,7 +181,8 @@ def save(engine, run_dir: str | Path, progress: Progress, layout, keep_last: int
     if rank == 0:
         if (root / tag).exists():  # a half-written leftover of a crashed run or one a rewind left (never the latest one)
             shutil.rmtree(root / tag)
-        shutil.rmtree(root / (tag + UNIVERSAL_SUFFIX), ignore_errors=True)  # a conversion of what it held
+        if (root / (tag + UNIVERSAL_SUFFIX)).exists():  # a conversion of what that one held
+            shutil.rmtree(root / (tag + UNIVERSAL_SUFFIX))
         (root / tag).mkdir(parents=True, exist_ok=True)
     dist.barrier()
     meta = {**asdict(progress), "global_batch": global_batch, "dp_size": layout.dp_size, "tensor_parallel": layout.tensor_parallel,
@@ -190,7 +191,10 @@ def save(engine, run_dir: str | Path, progress: Progress, layout, keep_last: int
         torch.save(_rng_state(), root / tag / f"rng_rank{rank:05d}.pt")
         engine.save_checkpoint(str(root), tag=tag, client_state={**meta, "universal_checkpoint_info": universal_info,
                                                                  **fp32_master_names(engine)}, save_latest=False)
-    dist.barrier()  # every rank's files are complete: only now the meta file marks the checkpoint complete
+    dist.barrier()  # every rank's files are written ...
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        sync_to_disk(root / tag)
+    dist.barrier()  # ... and on disk: only now the meta file marks the checkpoint complete
     if rank == 0:
         files = sorted(p.name for p in (root / tag).iterdir() if p.is_file())  # for a resume to find one missing (check_complete)
         with _reported_as_write_failure(root, tag):
@@ -302,6 +306,26 @@ def write_atomic(path: Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, path)
+    _fsync(path.parent)  # the rename itself
+
+
+def sync_to_disk(directory: Path) -> None:
+    """fsync every file in ``directory`` and the directory: DeepSpeed writes its shards with a plain
+    torch.save, so after a power or node crash ``latest`` (fsynced) could name a checkpoint whose
+    shards never reached the disk, with the older ones pruned. One process per node calls this, so
+    each node's page cache (a shared file system caches per node) is written out."""
+    for file in sorted(directory.iterdir()):
+        if file.is_file():
+            _fsync(file)
+    _fsync(directory)
+
+
+def _fsync(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 ABANDONED = "abandoned"  # under checkpoints/: complete checkpoints of a trajectory a rewind left
