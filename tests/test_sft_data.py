@@ -534,3 +534,23 @@ def test_pairs_identical_within_seq_length_count_as_without_loss():
     mask = np.array([0, 0, 0, 1, 1, 1])
     pair = [(np.array([0, 5, 6, 7, 8, 1]), mask), (np.array([0, 5, 6, 7, 9, 1]), mask)]  # they differ at token 4
     assert [pairs_without_loss(pair, seq_length) for seq_length in (2, 3, 4, 5)] == [1, 1, 0, 0]
+
+
+def test_the_sample_chat_validation_sets_are_held_out(tmp_path):
+    """make demo validates SFT and DPO on sft_valid/dpo_valid: drawn from the same templates as the
+    training sets, 11 of 64 validation conversations and 32 of 64 preference prompts were training
+    ones, so val/loss and dpo_val/* measured memory, not generalisation."""
+    import json
+
+    from doge_dist.data.sample_chat import build_sample_chat
+
+    counts = build_sample_chat(tmp_path)
+
+    def records(name):
+        return [json.loads(line) for line in (tmp_path / name).read_text().splitlines()]
+
+    assert counts == {"sft_train.jsonl": 2000, "sft_valid.jsonl": 64, "dpo_train.jsonl": 1000, "dpo_valid.jsonl": 64}
+    train = {json.dumps(r) for r in records("sft_train.jsonl")}
+    assert len(records("sft_valid.jsonl")) == 64 and not train & {json.dumps(r) for r in records("sft_valid.jsonl")}
+    prompts = {r["prompt"] for r in records("dpo_train.jsonl")}
+    assert len(records("dpo_valid.jsonl")) == 64 and not prompts & {r["prompt"] for r in records("dpo_valid.jsonl")}

@@ -66,20 +66,34 @@ def preference(rng: random.Random, topics: list[tuple[str, str]]) -> dict:
     return {"prompt": question, "chosen": right, "rejected": wrong}
 
 
+# what a validation record must not share with a training one: the whole conversation; a preference prompt
+HELD_OUT_KEYS = {"sft": lambda record: json.dumps(record), "dpo": lambda record: record["prompt"]}
+
+
 def build_sample_chat(out_dir: str | os.PathLike, sft: int = 2000, dpo: int = 1000, valid: int = 64, seed: int = 0) -> dict[str, int]:
-    """Write sft_{train,valid}.jsonl and dpo_{train,valid}.jsonl under ``out_dir``; returns records per file."""
+    """Write sft_{train,valid}.jsonl and dpo_{train,valid}.jsonl under ``out_dir``; returns records per file.
+    The validation sets are held out: draws that repeat a training record (``HELD_OUT_KEYS``) are skipped."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     topics = _topics()
     counts = {}
     for kind, make, train_count in (("sft", conversation, sft), ("dpo", preference, dpo)):
+        key = HELD_OUT_KEYS[kind]
+        seen: set[str] = set()
         for split, count in (("train", train_count), ("valid", valid)):
             rng = random.Random(f"{seed}-{kind}-{split}")
+            records = []
+            while len(records) < count:
+                record = make(rng, topics)
+                if split == "train":
+                    seen.add(key(record))
+                elif key(record) in seen:
+                    continue
+                records.append(record)
             path = out / f"{kind}_{split}.jsonl"
             partial = path.with_name(path.name + ".partial")
             with open(partial, "w", encoding="utf-8") as handle:
-                for _ in range(count):
-                    handle.write(json.dumps(make(rng, topics), ensure_ascii=False) + "\n")
+                handle.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
             os.replace(partial, path)
             counts[path.name] = count
     return counts
