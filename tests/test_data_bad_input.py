@@ -34,6 +34,17 @@ def test_malformed_lines_are_skipped_and_reported(tmp_path) -> None:
     assert "Skipped: 0 blank lines, 3 bad records" in summary
 
 
+def test_a_lone_surrogate_is_a_bad_record_not_a_tokenizer_crash(tmp_path) -> None:
+    """JSON's \\ud800 escape without its pair decodes to a str no tokenizer can encode: sentencepiece raised
+    a RuntimeError naming no record. It is a bad record, in a field and in a list field's item."""
+    path = write_jsonl(tmp_path / "in.jsonl", ['{"text": "a \\ud800 b"}', {"text": "good"}, '{"text": ["fine", "x\\udfff"]}'])
+    report = run(path, tmp_path, workers=2)
+    assert (report.documents, report.bad) == (1, 2)
+    summary = report.summary()
+    assert f"{path}:1: field 'text' holds a lone UTF-16 surrogate (\\ud800 at character 2)" in summary
+    assert f"{path}:3: field 'text' item 2 holds a lone UTF-16 surrogate (\\udfff at character 1)" in summary
+
+
 def test_progress_lines_also_count_bad_records(tmp_path) -> None:
     path = write_jsonl(tmp_path / "in.jsonl", [{"text": "good"}] + ["{broken"] * 5)
     lines: list[str] = []

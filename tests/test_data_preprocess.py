@@ -314,6 +314,18 @@ def test_a_directory_holding_saved_datasets_reads_their_rows(tmp_path) -> None:
         list_inputs(tmp_path / "dir")
 
 
+def test_an_input_whose_name_holds_pattern_characters_is_read_as_it_is(tmp_path) -> None:
+    """``part[1].jsonl`` was taken as a glob pattern: it read ``part1.jsonl`` beside it, or matched no file."""
+    from doge_dist.data.inputs import list_inputs
+
+    named = write_jsonl(tmp_path / "part[1].jsonl", [{"text": "the bracketed file"}])
+    assert [item.path for item in list_inputs(str(named))] == [named]
+    write_jsonl(tmp_path / "part1.jsonl", [{"text": "another file"}])
+    preprocess(str(named), str(tmp_path / "out"), str(assets().tokenizer_model), log=quiet)
+    assert read_prefix(str(tmp_path / "out_text_document")) == [tokenizer().encode("the bracketed file")]
+    assert [item.path.name for item in list_inputs(str(tmp_path / "part?.jsonl"))] == ["part1.jsonl"]  # still a pattern
+
+
 def test_an_output_prefix_that_cannot_be_written_is_one_error(tmp_path) -> None:
     """An --output-prefix under a file (or a read-only directory) failed with two chained tracebacks."""
     from doge_dist.data.indexed import merge_prefixes

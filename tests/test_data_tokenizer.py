@@ -96,6 +96,31 @@ def test_training_input_without_the_key(tmp_path) -> None:
     assert lines[-2].startswith("sentencepiece trained in ")
 
 
+def test_a_record_without_the_key_after_one_with_blank_text_is_skipped(tmp_path) -> None:
+    """Whether earlier records had the key was told from the lines read so far: a first record whose text
+    is whitespace gives none, and the record without the key then stopped the run as a wrong --json-keys.
+    A blank line is no record: a missing key right after it still does."""
+    texts = [{"text": t} for t in assets().texts()]
+    path = write_jsonl(tmp_path / "in.jsonl", [{"text": "  \n "}, {"body": "x"}] + texts)
+    lines = []
+    train_tokenizer(path, tmp_path / "out", vocab_size=VOCAB, threads=2, log=lines.append)
+    assert "skipped 1 bad records; sentencepiece trains now" in lines[-3]
+    blank_first = write_jsonl(tmp_path / "blank.jsonl", ["", {"body": "x"}] + texts)
+    with pytest.raises(DataError, match=r"blank\.jsonl:2: no key 'text'; this record has keys 'body'"):
+        train_tokenizer(blank_first, tmp_path / "other", vocab_size=VOCAB, log=quiet)
+
+
+def test_training_input_with_a_lone_surrogate_skips_that_record(tmp_path) -> None:
+    """A lone surrogate (JSON's \\ud800 without its pair) made sentencepiece fail mid-training; the record
+    is skipped and counted, as preprocess_data.py skips it."""
+    texts = [{"text": t} for t in assets().texts()]
+    path = write_jsonl(tmp_path / "in.jsonl", texts[:5] + ['{"text": "a \\ud800 b"}'] + texts[5:])
+    lines = []
+    model = train_tokenizer(path, tmp_path / "out", vocab_size=VOCAB, threads=2, log=lines.append)
+    assert "skipped 1 bad records; sentencepiece trains now" in lines[-3]
+    assert load_tokenizer(model).vocab_size == VOCAB
+
+
 def test_an_interrupted_training_leaves_the_earlier_tokenizer_whole(tmp_path, monkeypatch) -> None:
     """make builds data/tokenizer/tokenizer.model as a file target: it must appear only with both twins,
     and an interrupted retraining leaves the tokenizer already there as it was (not a new tokenizer.json

@@ -63,8 +63,9 @@ def test_malformed_conversations_are_reported_with_line_numbers(tmp_path):
 
 
 def test_roles_out_of_order_and_non_string_content_are_named(tmp_path):
-    """An answer to no question, two turns of one role in a row and non-string content are bad records
-    with their own reason (not "empty content"); SFT conversations and DPO prompt + completion alike."""
+    """An answer to no question, two turns of one role in a row, non-string content and a lone surrogate
+    (a tokenizer TypeError) are bad records with their own reason (not "empty content"); SFT
+    conversations and DPO prompt + completion alike."""
     user, answer = {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}
     lines = [
         {"messages": [answer, user, answer]},
@@ -72,12 +73,14 @@ def test_roles_out_of_order_and_non_string_content_are_named(tmp_path):
         {"messages": [MESSAGES[0], user, answer, answer]},
         {"messages": [user, {"role": "assistant", "content": 5}]},
         {"messages": [MESSAGES[0], user, answer, user, answer]},
+        '{"messages": [{"role": "user", "content": "hi \\ud800"}, {"role": "assistant", "content": "hello"}]}',
     ]
     source = write_jsonl(tmp_path / "chat.jsonl", lines)
     report = preprocess_chat(str(source), str(tmp_path / "out"), str(chat_tokenizer()), log=quiet)
-    assert (report.documents, report.bad) == (1, 4)
+    assert (report.documents, report.bad) == (1, 5)
     expected = {1: "message 1 is 'assistant' where 'user' belongs", 2: "message 2 is 'user' where 'assistant' belongs",
-                3: "message 4 is 'assistant' where 'user' belongs", 4: "content of type int, not a string"}
+                3: "message 4 is 'assistant' where 'user' belongs", 4: "content of type int, not a string",
+                6: "'messages' message 1 (user) holds a lone UTF-16 surrogate (\\ud800 at character 3)"}
     for (line, reason), where in zip(expected.items(), report.bad_locations):
         assert where.startswith(f"{source}:{line}: ") and reason in where, where
     pairs = [
@@ -210,6 +213,27 @@ def test_data_of_the_other_kind_is_refused_and_nothing_written(tmp_path):
     with pytest.raises(DataError, match=r"None of the 3 records could be used \(the first: .*chat.jsonl:1: .*is --kind right"):
         preprocess_chat(str(source), str(tmp_path / "out"), str(chat_tokenizer()), kind="dpo", log=quiet)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["chat.jsonl"]
+
+
+def test_columnar_input_without_the_kinds_columns_names_them_and_the_kind_that_fits(tmp_path):
+    """A parquet file of pairs given to --kind sft was "this record has keys (none)" for every row; a
+    save_to_disk folder of conversations given to --kind dpo a ValueError traceback from ``datasets``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from datasets import Dataset
+
+    pq.write_table(pa.table({"prompt": ["2 + 3?"], "chosen": ["5"], "rejected": ["6"]}), tmp_path / "pairs.parquet")
+    with pytest.raises(DataError, match=r"pairs\.parquet' has no column 'messages'; it has prompt, chosen, rejected\. "
+                                        r"Its columns are dpo data: pass --kind dpo\.$"):
+        preprocess_chat(str(tmp_path / "pairs.parquet"), str(tmp_path / "out"), str(chat_tokenizer()), log=quiet)
+    Dataset.from_dict({"messages": [MESSAGES]}).save_to_disk(str(tmp_path / "chats"))
+    with pytest.raises(DataError, match=r"chats' has no column 'prompt', 'chosen', 'rejected'; it has messages\. "
+                                        r"Its columns are sft data: pass --kind sft\.$"):
+        preprocess_chat(str(tmp_path / "chats"), str(tmp_path / "out"), str(chat_tokenizer()), kind="dpo", log=quiet)
+    Dataset.from_dict({"text": ["prose"]}).save_to_disk(str(tmp_path / "prose"))
+    with pytest.raises(DataError, match=r"prose' has no column 'messages'; it has text\. --kind sft reads a 'messages' column"):
+        preprocess_chat(str(tmp_path / "prose"), str(tmp_path / "out"), str(chat_tokenizer()), log=quiet)
+    assert not list(tmp_path.glob("out*"))
 
 
 def test_plain_text_input_is_named(tmp_path):

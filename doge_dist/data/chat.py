@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any, Optional
 
-from doge_dist.data.inputs import BadRecord
+from doge_dist.data.inputs import BadRecord, check_unicode
 
 ROLES = ("system", "user", "assistant")
 Messages = list[dict[str, str]]
@@ -34,6 +34,7 @@ def check_messages(messages: Any, field: str = "messages", need_assistant: bool 
             raise BadRecord(f"'{field}' message {number} ({role}) has content of type {type(content).__name__}, not a string")
         if not content.strip():
             raise BadRecord(f"'{field}' message {number} ({role}) has empty content")
+        check_unicode(content, f"'{field}' message {number} ({role})")
     if need_assistant:
         check_turn_order(messages, field)
         if not any(m["role"] == "assistant" for m in messages):

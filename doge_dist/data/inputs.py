@@ -15,7 +15,7 @@ import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 from doge_dist.data.errors import DataError
 
@@ -96,11 +96,12 @@ def _refuse_dataset_dict(path: Path) -> None:
 
 
 def list_inputs(specs: Sequence[str | os.PathLike] | str | os.PathLike) -> list[InputFile]:
-    """Expand files, directories and glob patterns into a sorted, de-duplicated list of inputs."""
+    """Expand files, directories and glob patterns into a sorted, de-duplicated list of inputs. A path
+    that exists is taken as it is, also when its name holds pattern characters (``part[1].jsonl``)."""
     specs = [str(specs)] if isinstance(specs, (str, os.PathLike)) else [str(spec) for spec in specs]
     files: list[InputFile] = []
     for spec in specs:
-        if glob.has_magic(spec):
+        if glob.has_magic(spec) and not Path(spec).exists():
             matches = sorted(glob.glob(spec, recursive=True))
             if not matches:
                 raise DataError(f"--input pattern '{spec}' matches no files.")
@@ -123,23 +124,33 @@ def check_keys(inputs: Sequence[InputFile], keys: Sequence[str]) -> None:
     for item in inputs:
         if item.kind == "text" and len(keys) != 1:
             raise DataError(f"'{item.path}' is plain text: it has one field; pass a single --json-keys.")
-        columns = None
-        if item.kind == "parquet":
-            import pyarrow.parquet as pq
+        check_columns(item, keys, "Pass --json-keys with one of those.")
 
-            try:
-                columns = pq.ParquetFile(item.path).schema_arrow.names
-            except _read_errors() as error:
-                raise _unreadable(item, error, 0) from None
-        elif item.kind == "arrow":
-            columns = json.loads((item.path / "dataset_info.json").read_text()).get("features", {}).keys()
-        if columns is not None:
-            missing = [key for key in keys if key not in columns]
-            if missing:
-                raise DataError(
-                    f"'{item.path}' has no column {', '.join(map(repr, missing))}; it has {', '.join(columns)}. "
-                    "Pass --json-keys with one of those."
-                )
+
+def columns_of(item: InputFile) -> Optional[list[str]]:
+    """The column names of a parquet file or datasets directory, read from its schema; None for jsonl
+    and text, whose keys are only known record by record."""
+    if item.kind == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.ParquetFile(item.path).schema_arrow.names
+        except _read_errors() as error:
+            raise _unreadable(item, error, 0) from None
+    if item.kind == "arrow":
+        return list(json.loads((item.path / "dataset_info.json").read_text()).get("features", {}))
+    return None
+
+
+def check_columns(item: InputFile, keys: Sequence[str], advice: str) -> None:
+    """A DataError naming the file, the columns it lacks and those it has (then ``advice``) when a
+    columnar input lacks some of ``keys``: its rows would read as records without them (parquet) or
+    fail inside ``datasets`` with a traceback (save_to_disk directories)."""
+    columns = columns_of(item)
+    missing = [key for key in keys if key not in columns] if columns is not None else []
+    if missing:
+        raise DataError(f"'{item.path}' has no column {', '.join(map(repr, missing))}; it has "
+                        f"{', '.join(columns) or 'none'}. {advice}")
 
 
 def _open_binary(path: Path):
@@ -223,10 +234,24 @@ def iter_records(inputs: Sequence[InputFile], keys: Sequence[str]) -> Iterator[R
 
 def _check_text(key: str, value: Any) -> Union[str, list]:
     if isinstance(value, str):
-        return value
+        return check_unicode(value, f"field '{key}'")
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return value  # pre-split sentences, as Megatron-LM accepts
+        for number, item in enumerate(value, start=1):  # pre-split sentences, as Megatron-LM accepts
+            check_unicode(item, f"field '{key}' item {number}")
+        return value
     raise BadRecord(f"field '{key}' is {type(value).__name__}, not a string")
+
+
+def check_unicode(text: str, what: str) -> str:
+    """``text``, or BadRecord when it holds a lone UTF-16 surrogate: JSON's ``\\ud800`` escape without its
+    pair decodes to a str that is no Unicode text, which no tokenizer can encode (sentencepiece and
+    the Hugging Face tokenizers raise a RuntimeError or TypeError that names no record)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise BadRecord(f"{what} holds a lone UTF-16 surrogate (\\u{ord(text[error.start]):04x} at character "
+                        f"{error.start}), which is not Unicode text; fix or drop the record") from None
+    return text
 
 
 def decode_record(kind: str, payload: Union[bytes, dict], keys: Sequence[str]) -> dict[str, Union[str, list]]:

@@ -22,7 +22,7 @@ from doge_dist.data.chat import check_messages, encode_conversation, encode_pref
 from doge_dist.data.chat_template import load_chat_tokenizer
 from doge_dist.data.errors import DataError
 from doge_dist.data.indexed import atomic_builders, document_prefix
-from doge_dist.data.inputs import UTF8, BadRecord, iter_records, list_inputs
+from doge_dist.data.inputs import UTF8, BadRecord, InputFile, check_columns, columns_of, iter_records, list_inputs
 from doge_dist.data.preprocess import MAX_REPORTED, PreprocessReport, Progress
 
 KINDS = {"sft": ("messages",), "dpo": ("prompt", "chosen", "rejected")}
@@ -39,6 +39,18 @@ def mask_prefix(text_prefix: str) -> str:
     if not text_prefix.endswith(f"_{TEXT_KEY}_document"):
         raise DataError(f"'{text_prefix}' is not a chat data prefix (..._text_document from data_tools/preprocess_chat.py).")
     return text_prefix[: -len(f"_{TEXT_KEY}_document")] + f"_{MASK_KEY}_document"
+
+
+def check_chat_columns(inputs: Sequence[InputFile], kind: str) -> None:
+    """Before any work: a parquet file or datasets directory holds the columns of ``kind`` (its rows
+    would otherwise read as records without keys, or fail inside ``datasets`` with a traceback); the
+    error says which --kind its columns fit, if one does."""
+    for item in inputs:
+        columns = set(columns_of(item) or ())
+        fits = [other for other, keys in KINDS.items() if other != kind and columns.issuperset(keys)]
+        advice = (f"Its columns are {fits[0]} data: pass --kind {fits[0]}." if fits else
+                  "--kind sft reads a 'messages' column, --kind dpo 'prompt', 'chosen' and 'rejected'.")
+        check_columns(item, KINDS[kind], advice)
 
 
 def _record(kind: str, payload) -> Optional[dict]:
@@ -78,6 +90,7 @@ def preprocess_chat(
     plain_text = [str(item.path) for item in inputs if item.kind == "text"]
     if plain_text:
         raise DataError(f"{', '.join(plain_text)}: chat data must be jsonl, parquet or a datasets directory, not plain text.")
+    check_chat_columns(inputs, kind)
     tokenizer = load_chat_tokenizer(tokenizer_dir)
     dtype = DType.optimal_dtype(len(tokenizer))
     prefixes = chat_prefixes(output_prefix)

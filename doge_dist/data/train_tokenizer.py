@@ -24,20 +24,24 @@ MAX_SENTENCE_BYTES = 1 << 14
 
 def _sentences(inputs: str | Sequence[str], keys: Sequence[str], log: Callable[[str], None]) -> Iterator[str]:
     """Text lines of every record; bad records are skipped, and so is a record without a --json-keys
-    key once earlier records had it (before that, a missing key means the keys are wrong: DataError)."""
-    start, count, skipped = time.time(), 0, 0
+    key once earlier records had it (before that, a missing key means the keys are wrong: DataError).
+    Records that had the keys are counted, not lines: a first record whose text is blank has no line."""
+    start, count, skipped, keyed = time.time(), 0, 0, 0
     files = list_inputs(inputs)
     for index, number, kind, payload in iter_records(files, keys):
+        if kind == "json" and not payload.strip():
+            continue  # a blank line, no record
         try:
             fields = decode_record(kind, payload, keys)
         except BadRecord:
             skipped += 1
             continue
         except DataError as error:
-            if not count:
+            if not keyed:
                 raise DataError(f"{files[index].path}:{number}: {error}") from None
             skipped += 1
             continue
+        keyed += 1
         for key in keys:
             text = fields[key]
             for line in ("\n".join(text) if isinstance(text, list) else text).split("\n"):
