@@ -15,8 +15,8 @@ STAMP := $(VENV)/.doge_dist_installed
 DATA := data
 CORPUS := $(DATA)/sample_corpus/train.jsonl
 TOKENIZER := $(DATA)/tokenizer/tokenizer.model
-TRAIN_BIN := $(DATA)/sample_train_text_document.bin
-VALID_BIN := $(DATA)/sample_valid_text_document.bin
+TRAIN_IDX := $(DATA)/sample_train_text_document.idx
+VALID_IDX := $(DATA)/sample_valid_text_document.idx
 RUN := runs/doge_tiny_cpu
 HF := hf/doge_tiny_cpu
 
@@ -35,8 +35,9 @@ test: install
 	$(PY) -m pytest
 
 # The demo reuses what is built: corpus, tokenizer and .bin/.idx are file targets, and pretraining
-# resumes from (or stops at) the run's latest checkpoint.
-demo: install $(TRAIN_BIN) $(VALID_BIN)
+# resumes from (or stops at) the run's latest checkpoint. Each target is the file its tool writes last
+# (train.jsonl, tokenizer.model, the .idx), so an interrupted build is redone, not taken as complete.
+demo: install $(TRAIN_IDX) $(VALID_IDX)
 	$(VENV)/bin/deepspeed --num_gpus 2 launch/pretrain.py --config configs/doge_tiny_cpu.yaml --ds_config configs/zero2.json
 	$(PY) launch/export_hf.py --checkpoint $(RUN) --output $(HF)
 	$(PY) launch/generate.py --model $(HF) --prompt "The list" --max_new_tokens 60
@@ -48,6 +49,6 @@ $(CORPUS): | install
 $(TOKENIZER): $(CORPUS)
 	$(PY) data_tools/train_tokenizer.py --input $(CORPUS) --output-dir $(DATA)/tokenizer --vocab-size 8192
 
-$(DATA)/sample_%_text_document.bin: $(TOKENIZER)
+$(DATA)/sample_%_text_document.idx: $(TOKENIZER)
 	$(PY) data_tools/preprocess_data.py --input $(DATA)/sample_corpus/$*.jsonl --output-prefix $(DATA)/sample_$* \
 		--tokenizer-type SentencePieceTokenizer --tokenizer-model $(TOKENIZER) --append-eod --workers 2

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import atexit
 import json
+import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -56,6 +58,28 @@ def assets() -> Assets:
 @lru_cache(maxsize=None)
 def tokenizer():
     return load_tokenizer(assets().tokenizer_model)
+
+
+def makefile_target(pattern: str) -> str:
+    """What the Makefile's ``pattern`` (a regex with one group) captures: the files ``make demo`` goes by."""
+    text = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    match = re.search(pattern, text, re.MULTILINE)
+    assert match, f"no {pattern!r} in the Makefile"
+    return match.group(1)
+
+
+class StopAtRename:
+    """An ``os.replace`` that stops the process (KeyboardInterrupt, as a kill would) at its ``at``-th call:
+    what a tool leaves when it dies between the renames that put its outputs in place."""
+
+    def __init__(self, at: int) -> None:
+        self.at, self.calls, self.replace = at, 0, os.replace
+
+    def __call__(self, source, target) -> None:
+        self.calls += 1
+        if self.calls == self.at:
+            raise KeyboardInterrupt
+        self.replace(source, target)
 
 
 def write_jsonl(path: Path, records: list) -> Path:

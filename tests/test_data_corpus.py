@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
+
+import pytest
+from data_helpers import StopAtRename, makefile_target
 
 from doge_dist.data.sample_corpus import build_corpus, is_valid_split
 
@@ -26,3 +30,17 @@ def test_default_corpus_has_at_least_5_mb_of_prose(tmp_path) -> None:
     size = sum((tmp_path / "default" / f"{split}.jsonl").stat().st_size for split in ("train", "valid"))
     assert size >= 5 * 2**20, report
     assert report["valid"]["documents"] > 0
+
+
+def test_a_build_stopped_between_its_renames_leaves_no_corpus_make_takes_as_complete(tmp_path, monkeypatch) -> None:
+    """make builds the corpus when its target (train.jsonl) is missing: train.jsonl was renamed first, so a
+    build stopped before valid.jsonl's rename left a corpus make took as complete (and an old
+    valid.jsonl, or none). The target goes first and comes back last."""
+    target = makefile_target(r"^CORPUS := \$\(DATA\)/sample_corpus/(\S+)$")
+    assert target == "train.jsonl"
+    sources = ("pydoc_topics", "json")
+    build_corpus(tmp_path, sources, valid_percent=10)  # an earlier, complete corpus
+    monkeypatch.setattr(os, "replace", StopAtRename(at=2))
+    with pytest.raises(KeyboardInterrupt):
+        build_corpus(tmp_path, sources, valid_percent=10)
+    assert not (tmp_path / target).exists()

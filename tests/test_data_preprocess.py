@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from data_helpers import assets, quiet, tokenizer, write_jsonl
+from data_helpers import StopAtRename, assets, makefile_target, quiet, tokenizer, write_jsonl
 from megatron.core.datasets.indexed_dataset import DType, IndexedDataset, IndexedDatasetBuilder
 
 from doge_dist.data import DataError, preprocess
@@ -176,6 +176,19 @@ def test_failed_run_leaves_no_partial_prefix(tmp_path) -> None:
     # The last good pair is untouched and the failed run left nothing behind.
     assert files_of(prefix + "_text_document") == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "good.jsonl", "out_text_document.bin", "out_text_document.idx"]
+
+
+def test_the_makefile_goes_by_the_file_of_a_prefix_written_last(tmp_path, monkeypatch) -> None:
+    """make preprocesses when its target is missing: it went by the .bin, which is renamed into place before
+    the .idx, so a run stopped between the two renames left a prefix without index that make took as
+    built. A stopped run leaves no target."""
+    suffix = makefile_target(r"^\$\(DATA\)/sample_%_text_document(\.\w+):")
+    prefix, corpus, model = str(tmp_path / "out"), assets().valid_jsonl, str(assets().tokenizer_model)
+    monkeypatch.setattr(os, "replace", StopAtRename(at=2))  # the .bin's rename, then the .idx's
+    with pytest.raises(KeyboardInterrupt):
+        preprocess(corpus, prefix, model, log=quiet)
+    assert Path(prefix + "_text_document.bin").is_file()
+    assert not Path(prefix + "_text_document" + suffix).exists()
 
 
 @pytest.mark.parametrize("workers", [1, 2])

@@ -94,7 +94,8 @@ def atomic_builders(outputs: Sequence[tuple[str, Type[np.number]]]) -> Iterator[
                                 "written; files already there are untouched.") from error
             raise
     for (prefix, _), (partial_bin, partial_idx) in zip(outputs, partials):
-        # The old .idx goes first so that a stale index never pairs with the new .bin.
+        # The old .idx goes first so that a stale index never pairs with the new .bin, and the new one comes
+        # last: a prefix with its .idx is complete (the Makefile's target; a stopped run is redone).
         Path(prefix + ".idx").unlink(missing_ok=True)
         os.replace(partial_bin, prefix + ".bin")
         os.replace(partial_idx, prefix + ".idx")

@@ -105,7 +105,8 @@ def build_corpus(
     """Write ``train.jsonl`` and ``valid.jsonl`` (``{"text", "source"}`` per line) under ``out_dir``.
 
     Files are written under temporary names and renamed at the end, so an interrupted build never
-    leaves a corpus that looks complete. Returns documents and bytes per split.
+    leaves a corpus that looks complete: ``train.jsonl``, the Makefile's target, goes first and comes
+    back last, after ``valid.jsonl``. Returns documents and bytes per split.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -128,6 +129,7 @@ def build_corpus(
     finally:
         for handle in handles.values():
             handle.close()
-    for split in stats:
+    paths["train"].unlink(missing_ok=True)  # an old train.jsonl must not pass for the new valid.jsonl's twin
+    for split in ("valid", "train"):
         os.replace(partial[split], paths[split])
     return stats
