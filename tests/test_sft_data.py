@@ -197,6 +197,22 @@ def test_too_small_validation_set_warns_and_is_not_scored():
         assert [b["x"].tolist() for b in data.validation_batches()] == [expected]
 
 
+def test_a_resume_at_a_smaller_global_batch_gets_every_remaining_step():
+    """Resumed on 1 rank (2 samples per step) at step 3 of a 2-rank run (4 per step, 12 consumed): the
+    epochs were sized max_steps x 2 = 10 samples, fewer than consumed (a ValueError after the engine was
+    built). The 2 remaining steps read samples 12 to 15, continuing the epoch order."""
+    from doge_dist.config import load_config
+    from doge_dist.train.finetune import FinetuneData
+
+    config = load_config(None, ["train.micro_batch_size=2", "train.max_steps=5", "train.eval_interval=0"])
+    samples = [{"x": torch.tensor([i])} for i in range(6)]
+    collate = lambda batch: {"x": torch.stack([s["x"] for s in batch])}  # noqa: E731
+    order = FinetuneData(samples, None, collate, config, dp_rank=0, dp_size=1, consumed_samples=0).train_set
+    data = FinetuneData(samples, None, collate, config, dp_rank=0, dp_size=1, consumed_samples=12, step=3)
+    steps = [[row for batch in step for row in batch["x"].flatten().tolist()] for step in iter(data.next_step, None)]
+    assert steps == [[order[k]["x"].item() for k in (12, 13)], [order[k]["x"].item() for k in (14, 15)]]
+
+
 def test_preprocess_chat_prints_progress(tmp_path):
     source = write_jsonl(tmp_path / "chat.jsonl", [{"messages": MESSAGES}] * 5)
     lines = []

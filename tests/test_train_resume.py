@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+import data_helpers
 from train_helpers import (REPO, STEPS, base_overrides, command, env, losses, pretrain, scalars, scratch,
                            single_process_run, two_rank_run)
 
@@ -58,6 +59,43 @@ def test_resume_two_ranks_on_one_keeps_the_sample_order():
     resumed, uninterrupted = losses(run_dir), losses(source)
     assert len(resumed) == 5
     assert resumed == pytest.approx(uninterrupted[5:], rel=2e-5)
+
+
+def _blend() -> str:
+    """The reference's corpus as a blend of two halves: megatron-core's blend holds exactly the samples
+    asked for (a single prefix's dataset holds whole epochs, more than any short run asks for)."""
+    prefix = data_helpers.assets().train_prefix
+    return f"[0.5,{prefix},0.5,{prefix}]"
+
+
+def test_a_resume_at_a_smaller_global_batch_trains_to_max_steps(tmp_path):
+    """A run's step-2 checkpoint (8 samples at 4 per step), continued to step 4 at 1 sample per step, as on
+    fewer data-parallel ranks: the training split was sized max_steps x 1 = 4 samples, fewer than the
+    checkpoint consumed (a ValueError after the engine was built). It holds what the 2 remaining steps need."""
+    short = dict(eval_interval=0, warmup_steps=1, decay_steps=0, **{"data.train_data": _blend()})
+    pretrain(tmp_path, 0, nproc=1, launcher="python", micro_batch_size=2, gradient_accumulation_steps=2, max_steps=2, **short)
+    result = pretrain(tmp_path, 0, nproc=1, launcher="python", micro_batch_size=1, gradient_accumulation_steps=1,
+                      max_steps=4, **short)
+    assert "ran out" not in result.stderr
+    meta = json.loads((tmp_path / "checkpoints" / "step_00000004" / "doge_meta.json").read_text())
+    assert (meta["consumed_samples"], meta["data_order"]["train_samples"]) == (8 + 2, 10)
+    assert sorted(scalars(tmp_path, "train/loss")) == [1, 2, 3, 4]
+
+
+def test_data_of_a_resume_at_a_smaller_global_batch_continues_after_the_consumed_samples():
+    """Resumed on 1 rank (4 samples per step) from a checkpoint of 2 ranks (8 per step): at step 3 (24
+    consumed) the split of max_steps x 4 = 40 samples ran out after 4 of the 7 remaining steps; at step 6
+    (48 consumed) it was too small to start. Each remaining step gets the next 4 samples."""
+    blend = f"data.train_data={_blend()}"
+    for step in (3, 6):
+        _, data = _train_data(blend, consumed=8 * step, step=step)
+        assert len(data.train_set) == 8 * step + 4 * (STEPS - step)
+        first = data.next_step()
+        assert [row.tolist() for batch in first for row in batch["input_ids"]] == \
+            [data.train_set[8 * step + i]["tokens"].tolist() for i in range(4)]
+        assert 1 + sum(1 for _ in iter(data.next_step, None)) == STEPS - step
+    _, unchanged = _train_data(blend, consumed=4 * 6, step=6)  # the checkpoint's own batch: sized as a new run
+    assert len(unchanged.train_set) == STEPS * 4
 
 
 def _files(directory):
@@ -208,15 +246,24 @@ def test_a_resume_compares_with_the_batch_of_the_checkpoints_last_steps():
         warn_if_global_batch_changed(saved, TrainConfig(micro_batch_size=2, gradient_accumulation_steps=2), dp_size=1)
 
 
-def _data_order(*overrides, consumed=STEPS * 4):
-    """data.data_order of the single-process reference run's data (micro 2 x accumulation 2) at ``consumed``."""
+def _train_data(*overrides, consumed=STEPS * 4, dp_size=1, step=None):
+    """The single-process reference run's data (micro 2 x accumulation 2 per rank) at ``consumed``, as
+    ``dp_size`` ranks resuming at ``step`` (by default the step of ``consumed`` at 4 per step) see it."""
     from doge_dist.config import load_config
     from doge_dist.train.data import TrainData
-    from doge_dist.train.data import data_order
 
     config = load_config(None, base_overrides(scratch() / "unused", micro_batch_size=2, gradient_accumulation_steps=2)
                          + list(overrides))
-    return data_order(config, TrainData(config, 0, 1, consumed, str(scratch() / "data_cache")), consumed)
+    step = consumed // 4 if step is None else step
+    return config, TrainData(config, 0, dp_size, consumed, str(scratch() / "data_cache"), step=step)
+
+
+def _data_order(*overrides, consumed=STEPS * 4):
+    """data.data_order of the single-process reference run's data (micro 2 x accumulation 2) at ``consumed``."""
+    from doge_dist.train.data import data_order
+
+    config, data = _train_data(*overrides, consumed=consumed)
+    return data_order(config, data, consumed)
 
 
 def test_a_resume_whose_data_order_changed_says_what_changed():
@@ -235,6 +282,26 @@ def test_a_resume_whose_data_order_changed_says_what_changed():
         warn_if_data_order_changed(saved, _data_order("data.seq_length=32"), STEPS * 4)
     with pytest.warns(UserWarning, match=r"train.max_steps x global batch 40 -> 40000 samples"):
         warn_if_data_order_changed(saved, _data_order("train.max_steps=10000"), STEPS * 4)
+
+
+def test_a_resume_that_resets_positions_or_masks_eod_loss_keeps_its_data_order():
+    """The fingerprint hashed whole samples: data.reset_position_ids or data.eod_mask_loss turned on at a
+    resume changes the positions and the loss mask of the same sequences, and was reported as changed data files."""
+    from doge_dist.train.data import warn_if_data_order_changed
+
+    flags = ("data.reset_position_ids=true", "data.eod_mask_loss=true")
+    _, plain = _train_data()
+    _, reset = _train_data(*flags)
+    eod = data_helpers.tokenizer().eod_id
+    last = next(i for i in range(len(plain.train_set)) if (plain.train_set[i]["tokens"] == eod).any())
+    assert (plain.train_set[last]["position_ids"] != reset.train_set[last]["position_ids"]).any()
+    assert (plain.train_set[last]["loss_mask"] != reset.train_set[last]["loss_mask"]).any()
+    consumed = last + 1  # the fingerprint's samples: 0 and the last consumed
+    assert _data_order(*flags, consumed=consumed)["fingerprint"] == _data_order(consumed=consumed)["fingerprint"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_if_data_order_changed({"data_order": _data_order(consumed=consumed)}, _data_order(*flags, consumed=consumed),
+                                   consumed)
 
 
 def _rerun_over_a_checkpoint_without_weights(run_dir: Path, step: int) -> tuple[subprocess.CompletedProcess, str]:

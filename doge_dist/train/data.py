@@ -2,8 +2,10 @@
 and a fixed validation set.
 
 Sample counts follow Megatron-LM: the training split is sized max_steps x global batch, so the
-megatron-core shuffle is a function of the config alone and a resumed run (any dp size) sees the same
-global order; the ``ResumableSampler`` position is the global ``consumed_samples``.
+megatron-core shuffle is a function of the config alone and a resumed run with the same global batch
+(any dp size) sees the same global order; the ``ResumableSampler`` position is the global
+``consumed_samples``. A resume at a smaller global batch gets the samples its remaining steps need
+(``split_samples``).
 """
 from __future__ import annotations
 
@@ -22,15 +24,26 @@ from ..data.sampler import build_dataloader
 from ..model import IGNORE_INDEX
 
 
+def split_samples(train: TrainConfig, global_batch: int, consumed_samples: int, step: int) -> int:
+    """Samples the training split is sized for: train.max_steps x global batch (Megatron-LM's count, on
+    which the shuffle depends), or more on a resume whose checkpoint took more samples per step (it ran
+    on more data-parallel ranks): its ``consumed_samples`` lie beyond ``step`` x global batch, and the
+    remaining train.max_steps - ``step`` steps still need a global batch each after them."""
+    return max(train.max_steps * global_batch, consumed_samples + (train.max_steps - step) * global_batch)
+
+
 class TrainData:
-    def __init__(self, config: Config, dp_rank: int, dp_size: int, consumed_samples: int, cache_dir: str) -> None:
+    def __init__(self, config: Config, dp_rank: int, dp_size: int, consumed_samples: int, cache_dir: str,
+                 step: int = 0) -> None:
+        """This rank's data of a run at ``step`` (a resume's; 0 for a new run) after ``consumed_samples``."""
         train = config.train
         self.micro_batches_per_step = train.gradient_accumulation_steps
         self.global_batch = train.micro_batch_size * train.gradient_accumulation_steps * dp_size
+        self.split_samples = split_samples(train, self.global_batch, consumed_samples, step)
         eval_samples = max(1, train.eval_iters) * self.global_batch
         tokenizer = load_tokenizer(config.data.tokenizer)
         train_set, valid_set, _ = build_datasets(
-            config.data, tokenizer, [train.max_steps * self.global_batch, eval_samples, eval_samples], cache_dir=cache_dir
+            config.data, tokenizer, [self.split_samples, eval_samples, eval_samples], cache_dir=cache_dir
         )
         self.reset_position_ids = config.data.reset_position_ids
         self.eod = tokenizer.eod_id if config.data.reset_attention_mask else None
@@ -81,17 +94,23 @@ def order_fingerprint(train_set: Dataset, consumed_samples: int) -> str:
     return digest.hexdigest()[:16]
 
 
-def _digest_update(digest, value) -> None:
-    """Feed a sample (a dict, tuple or list of arrays, tensors and numbers, nested) into ``digest``."""
-    if isinstance(value, dict):
-        for key in sorted(value):
+# What places a sample in the order: its token ids (GPT datasets: tokens; chat data: input_ids) and, in
+# a blend, the dataset it comes from. Not its loss mask, positions or labels: data.reset_position_ids or
+# data.eod_mask_loss turned on at a resume change those, not which sequences come where.
+ORDER_FIELDS = ("tokens", "input_ids", "dataset_id")
+
+
+def _digest_update(digest, sample: dict) -> None:
+    """Feed the ``ORDER_FIELDS`` of a sample into ``digest``, also those of nested samples (a DPO pair's
+    chosen and rejected)."""
+    for key in sorted(sample):
+        value = sample[key]
+        if isinstance(value, dict):
             digest.update(str(key).encode())
-            _digest_update(digest, value[key])
-    elif isinstance(value, (tuple, list)):
-        for item in value:
-            _digest_update(digest, item)
-    else:
-        digest.update(np.ascontiguousarray(np.asarray(value)).tobytes())
+            _digest_update(digest, value)
+        elif key in ORDER_FIELDS:
+            digest.update(str(key).encode())
+            digest.update(np.ascontiguousarray(np.asarray(value)).tobytes())
 
 
 ORDER_KEYS = ("train_data", "valid_data", "split", "seq_length", "seed", "tokenizer")  # data.* that set the sample order
@@ -101,7 +120,7 @@ def data_order(config: Config, data, consumed_samples: int) -> dict:
     """What fixed the global sample order a checkpoint's ``consumed_samples`` counts in: the data keys,
     the number of samples the shuffle was sized for, and a digest of the samples (data.order_fingerprint)."""
     return {"fingerprint": order_fingerprint(data.train_set, consumed_samples),
-            "train_samples": config.train.max_steps * data.global_batch,
+            "train_samples": data.split_samples,
             "data": {key: getattr(config.data, key) for key in ORDER_KEYS}}
 
 

@@ -20,23 +20,23 @@ from ..data import DataError, ResumableSampler
 from ..data.blend import parse_blend
 from ..data.sampler import leave_stop_signals_to_the_trainer
 from ..data.chat_dataset import EpochShuffled, MaskedSequences, SFTDataset, collate_lm, conversations_without_loss
-from .data import validation_rounds
+from .data import split_samples, validation_rounds
 from .distributed import DistEnv, is_launcher_main
 from .task import PretrainTask
 
 
 class FinetuneData:
     """This rank's micro-batches of a map-style dataset, epoch after shuffled epoch (the contract of
-    ``train.data.TrainData``: ``next_step``, ``validation_batches``, ``global_batch``)."""
+    ``train.data.TrainData``: ``next_step``, ``validation_batches``, ``global_batch``, ``split_samples``)."""
 
     def __init__(self, train_set: Dataset, valid_set: Optional[Dataset], collate: Callable, config: Config,
-                 dp_rank: int, dp_size: int, consumed_samples: int) -> None:
+                 dp_rank: int, dp_size: int, consumed_samples: int, step: int = 0) -> None:
         train = config.train
         self.micro_batches_per_step = train.gradient_accumulation_steps
         self.global_batch = train.micro_batch_size * train.gradient_accumulation_steps * dp_size
-        total = train.max_steps * self.global_batch
-        sampler = ResumableSampler(total, consumed_samples, train.micro_batch_size, dp_rank, dp_size)
-        shuffled = EpochShuffled(train_set, total, config.data.seed)
+        self.split_samples = split_samples(train, self.global_batch, consumed_samples, step)
+        sampler = ResumableSampler(self.split_samples, consumed_samples, train.micro_batch_size, dp_rank, dp_size)
+        shuffled = EpochShuffled(train_set, self.split_samples, config.data.seed)
         self.train_set = shuffled
         self._train = iter(DataLoader(shuffled, batch_sampler=sampler, collate_fn=collate,
                                       num_workers=config.data.num_workers, worker_init_fn=leave_stop_signals_to_the_trainer))
@@ -122,9 +122,10 @@ class FinetuneTask(PretrainTask):
     def check_data(self, config: Config) -> None:
         """Chat prefixes are read whole (no data.split); ``check``, which the launcher runs first, validated them."""
 
-    def build_data(self, config: Config, env: DistEnv, dp_rank: int, dp_size: int, consumed_samples: int, cache_dir: str) -> FinetuneData:
+    def build_data(self, config: Config, env: DistEnv, dp_rank: int, dp_size: int, consumed_samples: int, cache_dir: str,
+                   step: int = 0) -> FinetuneData:
         return FinetuneData(self.dataset(config, "train"), self.dataset(config, "valid"), self.collate(config),
-                            config, dp_rank, dp_size, consumed_samples)
+                            config, dp_rank, dp_size, consumed_samples, step)
 
 
 class SFTTask(FinetuneTask):

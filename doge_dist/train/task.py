@@ -1,13 +1,14 @@
 """What the training loop (loop.py) asks of an objective, so pretraining, SFT and DPO share one loop,
 one engine, one checkpoint format and one Reporter.
 
-A task supplies the data (``build_data``: an object with ``next_step()``, ``validation_batches()``
-and ``global_batch``), the loss of one micro-batch as a *sum* over its loss units plus the unit
-count (``forward_loss``, ``count``: tokens for language modelling, pairs for DPO, so the loop's
-exact global-batch mean works for every objective; ``forward_loss`` sees training micro-batches
-with gradients enabled and validation ones under ``no_grad``), and extra TensorBoard scalars at log
-points and after each validation; ``check_data`` runs with the other input checks, before any process
-group or model exists, and ``prepare`` once between the engine's set-up and step 1.
+A task supplies the data (``build_data``, at a resume's step and consumed samples: an object with
+``next_step()``, ``validation_batches()``, ``global_batch`` and ``split_samples``), the loss of one
+micro-batch as a *sum* over its loss units plus the unit count (``forward_loss``, ``count``: tokens
+for language modelling, pairs for DPO, so the loop's exact global-batch mean works for every
+objective; ``forward_loss`` sees training micro-batches with gradients enabled and validation ones
+under ``no_grad``), and extra TensorBoard scalars at log points and after each validation;
+``check_data`` runs with the other input checks, before any process group or model exists, and
+``prepare`` once between the engine's set-up and step 1.
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ from .distributed import DistEnv
 class Task(Protocol):
     def check_data(self, config: Config) -> None: ...
 
-    def build_data(self, config: Config, env: DistEnv, dp_rank: int, dp_size: int, consumed_samples: int, cache_dir: str): ...
+    def build_data(self, config: Config, env: DistEnv, dp_rank: int, dp_size: int, consumed_samples: int, cache_dir: str,
+                   step: int = 0): ...
 
     def count(self, batch: dict) -> int: ...
 
@@ -60,10 +62,11 @@ class PretrainTask:
 
         check_splits(config.data)
 
-    def build_data(self, config: Config, env: DistEnv, dp_rank: int, dp_size: int, consumed_samples: int, cache_dir: str):
+    def build_data(self, config: Config, env: DistEnv, dp_rank: int, dp_size: int, consumed_samples: int, cache_dir: str,
+                   step: int = 0):
         from .data import TrainData
 
-        return TrainData(config, dp_rank, dp_size, consumed_samples, cache_dir)
+        return TrainData(config, dp_rank, dp_size, consumed_samples, cache_dir, step)
 
     def count(self, batch: dict) -> int:
         return int((batch["labels"] != IGNORE_INDEX).sum())
