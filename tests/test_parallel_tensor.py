@@ -19,6 +19,7 @@ CASES = {
     "odd vocab (padded)": ("doge-tiny", {"vocab_size": 509}),
     "head_dim != hidden / heads": ("doge-tiny", {"head_dim": 8}),
     "packed documents": ("doge-tiny", {"keep_window_size": 5, "packed_documents": True}),
+    "moe with biases": ("doge-tiny-moe", {"attention_bias": True, "mlp_bias": True}),
 }
 
 

@@ -325,9 +325,10 @@ def parallelize_tensor(model: DogeForCausalLM, group: dist.ProcessGroup, sequenc
             replicated_partial_grads += [attn.q_norm.weight, attn.k_norm.weight]
         mlp = layer.mlp
         mlp.gate_proj, mlp.up_proj, mlp.down_proj = column(mlp.gate_proj), column(mlp.up_proj), row(mlp.down_proj)
-        if sequence_parallel:
+        if sequence_parallel:  # weights applied to this rank's T/tp tokens only, row-parallel biases included
             replicated_partial_grads += [layer.input_residual, layer.post_attention_residual,
                                          layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
+            replicated_partial_grads += [bias for bias in (attn.o_proj.bias, mlp.down_proj.bias) if bias is not None]
             if isinstance(mlp, CDMoE):
                 replicated_partial_grads += [mlp.router_gate.weight, mlp.down_embed.weight, mlp.up_embed.weight]
 
