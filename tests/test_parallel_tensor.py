@@ -102,8 +102,12 @@ def test_shard_then_merge_returns_the_full_state():
 
 
 def test_invalid_layouts_fail_before_building():
-    with pytest.raises(ConfigError, match="num_key_value_heads"):
+    with pytest.raises(ConfigError, match=r"num_key_value_heads = 2 is not divisible by parallel.tensor_parallel = 4\. "
+                                          r"Key/value heads are not replicated"):
         check_tensor_parallel(ModelConfig.from_preset("doge-tiny"), 4)  # 2 kv heads over 4 ranks
+    with pytest.raises(ConfigError, match=r"intermediate_size = 129 is not divisible by parallel.tensor_parallel = 2: "
+                                          r"each rank holds 1/2 of it\. Choose a tensor_parallel size that divides it\.$"):
+        check_tensor_parallel(ModelConfig.from_preset("doge-tiny", intermediate_size=129), 2)  # the advice named kv heads
     with pytest.raises(ConfigError, match="not a multiple of parallel.tensor_parallel"):
         check_layout(ParallelConfig(tensor_parallel=2), 3)
     with pytest.raises(ConfigError, match="sequence_parallel"):

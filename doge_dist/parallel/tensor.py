@@ -80,11 +80,11 @@ def check_tensor_parallel(config: ModelConfig, tp: int, sequence_parallel: bool 
     """Refuse shapes that do not split evenly, naming the key to change."""
     for key in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
         if getattr(config, key) % tp:
-            raise ConfigError(
-                f"model.{key} = {getattr(config, key)} is not divisible by parallel.tensor_parallel = {tp}. "
-                f"Key/value heads are not replicated across tensor-parallel ranks: choose a tensor_parallel "
-                f"size that divides num_key_value_heads ({config.num_key_value_heads})."
-            )
+            advice = (". Key/value heads are not replicated across tensor-parallel ranks: choose a tensor_parallel "
+                      f"size that divides num_key_value_heads ({config.num_key_value_heads})."
+                      if key == "num_key_value_heads" else
+                      f": each rank holds 1/{tp} of it. Choose a tensor_parallel size that divides it.")
+            raise ConfigError(f"model.{key} = {getattr(config, key)} is not divisible by parallel.tensor_parallel = {tp}{advice}")
     if sequence_parallel and config.is_moe and config.router_layout == "hf_compat":
         raise ConfigError("router_layout 'hf_compat' mixes tokens across the batch and cannot run sequence parallel.")
 
