@@ -184,6 +184,21 @@ def test_a_left_padded_batch_generates_the_tokens_of_transformers(case):
         generate(ours, prompt, 4, temperature=0, attention_mask=mask.flip(-1))
 
 
+def test_rows_that_reached_eos_are_padded_as_transformers_pads_them():
+    """A finished row continues with the pad token (transformers' generate: pad_token_id), not its eos
+    again; the config's pad token by default."""
+    config = ModelConfig.from_preset("doge-tiny")
+    ours, hf = model_pair(config)
+    prompt = torch.randint(3, 512, (2, 5), generator=torch.Generator().manual_seed(2))
+    free = generate(ours.eval(), prompt, 8, temperature=0)
+    eos = int(free[0, 5])  # row 0's first token
+    assert eos not in free[1, 5:].tolist() and eos != config.pad_token_id
+    out = generate(ours, prompt, 8, temperature=0, eos_token_id=eos)
+    expected = hf.generate(prompt, max_new_tokens=8, do_sample=False, eos_token_id=eos, pad_token_id=config.pad_token_id)
+    assert torch.equal(out, expected)
+    assert out[0, 6:].tolist() == [config.pad_token_id] * 7
+
+
 def test_generate_leaves_the_model_in_the_mode_it_was_in():
     """A training loop that samples between steps keeps its dropout; an evaluated model stays in eval."""
     model = _model({}).train()

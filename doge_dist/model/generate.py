@@ -98,8 +98,10 @@ def generate(
     generator: Optional[torch.Generator] = None,
     attention_mask: Optional[torch.Tensor] = None,
     compile: bool = False,
+    pad_token_id: Optional[int] = None,
 ) -> torch.Tensor:
-    """``input_ids`` [B, T] -> [B, T + new] (rows that emitted ``eos_token_id`` are padded with it).
+    """``input_ids`` [B, T] -> [B, T + new]; rows that emitted ``eos_token_id`` go on with ``pad_token_id``
+    (default the config's, else the eos), as transformers' ``generate`` pads them.
 
     ``attention_mask`` [B, T] (1 for real tokens) batches prompts of different lengths left-padded, as
     transformers' ``generate`` takes them: padding is not attended and each row's positions start at
@@ -127,10 +129,11 @@ def generate(
             if step is None and Decoder.supports(model):
                 step = Decoder(model, cache, input_ids.shape[1] + max_new_tokens, compiled=compile)
             finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+            pad = next((token for token in (pad_token_id, model.config.pad_token_id, eos_token_id) if token is not None), None)
             for _ in range(max_new_tokens):
                 token = next_token(logits, temperature, top_k, top_p, generator)
                 if eos_token_id is not None:
-                    token = token.masked_fill(finished, eos_token_id)
+                    token = token.masked_fill(finished, pad)
                     finished |= token == eos_token_id
                 tokens.append(token[:, None])
                 if bool(finished.all()):
