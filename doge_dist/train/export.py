@@ -52,8 +52,9 @@ def _module_states(file: Path) -> dict[str, torch.Tensor]:
     """The weights of one rank's ZeRO-0 model states: the fp32 masters where the module is bf16."""
     states = torch.load(file, map_location="cpu", weights_only=False)
     weights = {k: v.float() for k, v in states["module"].items()}
-    for names, masters in zip(states.get(checkpoint.FP32_MASTER_NAMES, []), states["optimizer"]["fp32_groups"]):
-        weights.update(zip(names, masters))
+    if checkpoint.FP32_MASTER_NAMES in states:
+        for names, masters in zip(states[checkpoint.FP32_MASTER_NAMES], states["optimizer"]["fp32_groups"]):
+            weights.update(zip(names, masters))
     return weights
 
 
