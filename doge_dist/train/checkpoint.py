@@ -200,7 +200,7 @@ def save(engine, run_dir: str | Path, progress: Progress, layout, keep_last: int
         with _reported_as_write_failure(root, tag):
             write_atomic(root / tag / META, json.dumps({**meta, "model": model_config, "data_order": data_order,
                                                         "files": files}, indent=1))
-            _move_abandoned(root, read_latest(root) if (root / LATEST).is_file() else None, tag)
+            _move_abandoned(root, read_latest(root), tag)
             write_atomic(root / LATEST, tag)
         _prune(root, keep_last)
         # conversions of another run's checkpoint served the start only: a restart resumes from this one
