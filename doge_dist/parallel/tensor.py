@@ -251,6 +251,13 @@ class TensorParallelDoge(DogeForCausalLM):
     tp_group: dist.ProcessGroup
     sequence_parallel: bool
 
+    def forward(self, input_ids: torch.Tensor, *args, **kwargs):
+        tp = dist.get_world_size(self.tp_group)
+        if self.sequence_parallel and input_ids.shape[1] % tp:  # each rank would hold a different number of tokens
+            raise ValueError(f"{input_ids.shape[1]} tokens per sequence do not split over parallel.tensor_parallel = {tp} "
+                             f"ranks with sequence parallelism: pad them to a multiple of {tp}.")
+        return super().forward(input_ids, *args, **kwargs)
+
     def loss_sum(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.token_losses(logits, labels).sum(), (labels != IGNORE_INDEX).sum()
 
