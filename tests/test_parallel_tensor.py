@@ -7,6 +7,7 @@ import torch.distributed as dist
 
 from doge_dist.config import ConfigError, ModelConfig, ParallelConfig
 from doge_dist.model import build_model, shift_labels
+from doge_dist.model.cache import KVCache
 from doge_dist.parallel.state import check_layout, initialize_parallel
 from doge_dist.parallel.tensor import check_tensor_parallel, merge_state_dicts, shard_state_dict
 from doge_dist.parallel.spawn import run_distributed
@@ -34,16 +35,19 @@ def _compare_all_cases(rank, world_size):
         for case in CASES
         for sequence_parallel in (False, True)
     }
-    return {**results, "odd length": _sequence_parallel_refusal(group)}
+    refused = {"odd length": dict(input_ids=unique_tokens(1, 15, 512)), "decode": dict(input_ids=unique_tokens(1, 16, 512),
+                                                                                     cache=KVCache())}
+    return {**results, **{name: _refusal(group, call) for name, call in refused.items()}}
 
 
-def _sequence_parallel_refusal(group) -> str:
-    """The error of a sequence-parallel forward of 15 tokens over 2 ranks (its reduce-scatter aborted gloo)."""
+def _refusal(group, call: dict) -> str:
+    """The error of a sequence-parallel forward ``call``: 15 tokens over 2 ranks aborted gloo in its
+    reduce-scatter; a decoding call drew tokens from this rank's vocabulary shard."""
     from doge_dist.parallel.tensor import parallelize_tensor
 
     model = parallelize_tensor(build_model(ModelConfig.from_preset("doge-tiny")), group, sequence_parallel=True)
     try:
-        model(unique_tokens(1, 15, 512))
+        model(**call)
     except ValueError as error:
         return str(error)
     return "no error"
@@ -105,10 +109,11 @@ def test_tp2_equals_single_device(tp2_results, case, sequence_parallel):
         assert result["grads"][worst] <= 1e-5, worst
 
 
-def test_a_sequence_parallel_forward_needs_a_length_the_ranks_divide(tp2_results):
+def test_a_sequence_parallel_forward_needs_a_length_the_ranks_divide_and_does_not_decode(tp2_results):
     for per_rank in tp2_results:
         assert per_rank["odd length"] == ("15 tokens per sequence do not split over parallel.tensor_parallel = 2 ranks "
                                           "with sequence parallelism: pad them to a multiple of 2.")
+        assert per_rank["decode"].startswith("A tensor-parallel model does not decode: generate with the single-device")
 
 
 def test_shard_then_merge_returns_the_full_state():

@@ -256,6 +256,9 @@ class TensorParallelDoge(DogeForCausalLM):
         if self.sequence_parallel and input_ids.shape[1] % tp:  # each rank would hold a different number of tokens
             raise ValueError(f"{input_ids.shape[1]} tokens per sequence do not split over parallel.tensor_parallel = {tp} "
                              f"ranks with sequence parallelism: pad them to a multiple of {tp}.")
+        if kwargs.get("cache") is not None:  # its logits are this rank's vocabulary shard: tokens drawn from them are wrong
+            raise ValueError("A tensor-parallel model does not decode: generate with the single-device model "
+                             "(launch/export_hf.py or doge_dist.train.export.load_checkpoint_model merge the shards).")
         return super().forward(input_ids, *args, **kwargs)
 
     def loss_sum(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
