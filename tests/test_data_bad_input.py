@@ -1,6 +1,8 @@
 """Bad input: malformed records, missing keys, empty documents, bad bytes, damaged .bin/.idx pairs."""
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import struct
 import subprocess
@@ -234,7 +236,10 @@ def test_blend_naming_a_missing_prefix(tmp_path) -> None:
                         cache_dir=str(tmp_path / "cache"))
     with pytest.raises(DataError, match=r"nope': missing .*nope\.bin and .*nope\.idx"):
         build_datasets(config, tokenizer(), [10, 2, 1])
-    assert not (tmp_path / "cache").exists()  # failed before any index was built
+    from doge_dist.data.blend import TOKEN_SCANS
+
+    # failed before any index was built (the first prefix's token scan is remembered)
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [TOKEN_SCANS]
 
 
 @pytest.mark.parametrize(
@@ -310,3 +315,26 @@ def test_an_empty_validation_split_is_not_told_to_use_99_1_0(tmp_path) -> None:
     with pytest.raises(DataError, match="valid split gets no tokens") as error:
         build_datasets(config, tokenizer(), [10, 2, 1])
     assert "99,1,0" not in str(error.value) and "data.valid_data" in str(error.value)
+
+
+def test_the_token_scan_is_remembered_per_file_until_the_file_changes(tmp_path, monkeypatch) -> None:
+    """Every start (and Slurm requeue) read every token of the data on rank 0 while the other ranks
+    waited: minutes for a terabyte. The largest id is remembered per file, size and modification time
+    in the data cache; a rewritten file is read again."""
+    from doge_dist.data import indexed
+
+    prefix = str(tmp_path / "data")
+    for ext in (".bin", ".idx"):
+        shutil.copy(assets().train_prefix + ext, prefix + ext)
+    scans = tmp_path / "cache" / "largest_token_ids.json"
+    first = validate_prefix(prefix, VOCAB, scans=scans).max_token
+    assert 0 < first < VOCAB and list(json.loads(scans.read_text()).values())[0]["max_token"] == first
+
+    def no_scan(*args):
+        raise AssertionError("scanned again")
+
+    monkeypatch.setattr(indexed, "_max_token", no_scan)
+    assert validate_prefix(prefix, VOCAB, scans=scans).max_token == first  # remembered
+    os.utime(prefix + ".bin", ns=(0, 0))  # what rewriting the file does to its stamp
+    with pytest.raises(AssertionError, match="scanned again"):
+        validate_prefix(prefix, VOCAB, scans=scans)

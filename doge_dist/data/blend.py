@@ -19,6 +19,7 @@ import math
 import os
 import re
 import tempfile
+from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
 import torch
@@ -79,9 +80,10 @@ def split_weights(split) -> list[float]:
     return [float(p) for p in parts] + [0.0] * (3 - len(parts))
 
 
-def _check_data(splits: list[Optional[Blend]], split_matrix: list, vocab_size: Optional[int]) -> None:
+def _check_data(splits: list[Optional[Blend]], split_matrix: list, vocab_size: Optional[int],
+                scans: Optional[Path] = None) -> None:
     """Every prefix is intact and every requested split gets tokens from every prefix of its blend;
-    with ``vocab_size``, every token id is within it (a scan of all the tokens).
+    with ``vocab_size``, every token id is within it (a scan of all the tokens, remembered in ``scans``).
 
     megatron-core's GPTDataset loops forever when a split it must sample from has no tokens (a small
     dataset with split "969,30,1" gives the test split no document), so that is an error here.
@@ -90,7 +92,7 @@ def _check_data(splits: list[Optional[Blend]], split_matrix: list, vocab_size: O
     for blend in splits:
         for prefix in blend[0] if blend else []:
             if prefix not in infos:
-                infos[prefix] = validate_prefix(prefix, vocab_size, scan_tokens=vocab_size is not None)
+                infos[prefix] = validate_prefix(prefix, vocab_size, scan_tokens=vocab_size is not None, scans=scans)
     for name, blend, bookends in zip(SPLIT_FIXES, splits, split_matrix):
         if blend is None or bookends is None:
             continue
@@ -110,9 +112,12 @@ def check_splits(config: DataConfig) -> None:
     _check_data(*split_plan(config), vocab_size=None)
 
 
-def check_data(splits: list[Optional[Blend]], split_matrix: list, vocab_size: int) -> None:
+TOKEN_SCANS = "largest_token_ids.json"  # in the data cache: indexed.largest_token
+
+
+def check_data(splits: list[Optional[Blend]], split_matrix: list, vocab_size: int, scans: Optional[Path] = None) -> None:
     """``_check_data`` on rank 0 only when distributed; every rank raises the same DataError."""
-    check_on_rank0(lambda: _check_data(splits, split_matrix, vocab_size), DataError)
+    check_on_rank0(lambda: _check_data(splits, split_matrix, vocab_size, scans), DataError)
 
 
 @contextlib.contextmanager
@@ -202,7 +207,7 @@ def build_datasets(
     for blend, bookends, size in zip(splits, split_matrix, sizes):
         if blend and bookends and blend[1] is not None and size is None:
             raise DataError(f"A weighted blend needs a sample count for every split; got num_samples={list(num_samples)}.")
-    check_data(splits, split_matrix, tokenizer.vocab_size)
+    check_data(splits, split_matrix, tokenizer.vocab_size, Path(cache) / TOKEN_SCANS)
     builder = BlendedMegatronDatasetBuilder(GPTDataset, sizes, is_built_on_rank, gpt_config)
     with _process_group_for_megatron():
         if torch.distributed.get_rank() == 0:  # the rank that writes the cache, before any rank reads it

@@ -13,6 +13,7 @@ a ``DataError`` that names the file and the fix. The arrays themselves are read 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import struct
@@ -158,12 +159,13 @@ def _read_header(idx_path: Path, fix: str) -> tuple[np.dtype, int, int]:
 
 
 def validate_prefix(prefix: str, vocab_size: Optional[int] = None, scan_tokens: bool = True,
-                    tool: str = PREPROCESS_TOOL) -> PrefixInfo:
+                    tool: str = PREPROCESS_TOOL, scans: Optional[Path] = None) -> PrefixInfo:
     """Check a .bin/.idx pair and return its shape; raise ``DataError`` naming the file on any damage
     and ``tool``, the command that writes such a pair (chat data: ``preprocess_chat.py --kind ...``).
 
     With ``vocab_size`` and ``scan_tokens`` every token id is read (chunked, memory-mapped) and
-    compared with the vocabulary, so an id the embedding cannot hold fails here, not on step N.
+    compared with the vocabulary, so an id the embedding cannot hold fails here, not on step N;
+    ``scans`` remembers the result (``largest_token``).
     """
     fix = f"re-create it with {tool}"
     from megatron.core.datasets.indexed_dataset import IndexedDataset
@@ -201,7 +203,7 @@ def validate_prefix(prefix: str, vocab_size: Optional[int] = None, scan_tokens: 
             f"'{bin_path}' is {actual_bin} bytes but '{idx_path}' describes {tokens} {dtype.name} tokens "
             f"({expected_bin} bytes): the pair is truncated or mismatched; {fix}."
         )
-    max_token = _max_token(bin_path, dtype) if scan_tokens and tokens else None
+    max_token = largest_token(bin_path, dtype, scans) if scan_tokens and tokens else None
     if vocab_size is not None and max_token is not None and max_token >= vocab_size:
         raise DataError(
             f"'{bin_path}' holds token id {max_token} but the tokenizer/model vocabulary has {vocab_size} ids: "
@@ -215,6 +217,33 @@ def _document_index_ok(idx_path: Path, sequences: int, documents: int) -> bool:
     offset = HEADER_BYTES + sequences * (4 + 8)
     index = np.memmap(idx_path, dtype=np.int64, mode="r", offset=offset, shape=(documents,))
     return bool(index[0] == 0 and index[-1] == sequences and np.all(np.diff(index) >= 0))
+
+
+def largest_token(bin_path: Path, dtype: np.dtype, scans: Optional[Path] = None) -> int:
+    """The largest token id in a .bin: a read of every token, minutes for a terabyte on a network file
+    system at every start and Slurm requeue. ``scans`` (a JSON file in the data cache) remembers it
+    per file with the file's size and modification time, so the same data is read once; a rewritten
+    file is read again. One writer (the checks run on rank 0), replaced whole."""
+    stat = bin_path.stat()
+    key, stamp = str(bin_path.resolve()), [stat.st_size, stat.st_mtime_ns]
+    known = _read_scans(scans) if scans else {}
+    if known.get(key, {}).get("stamp") == stamp:
+        return known[key]["max_token"]
+    value = _max_token(bin_path, dtype)
+    if scans:
+        known[key] = {"stamp": stamp, "max_token": value}
+        scans.parent.mkdir(parents=True, exist_ok=True)
+        partial = scans.with_name(scans.name + f".{os.getpid()}.partial")
+        partial.write_text(json.dumps(known, indent=1))
+        os.replace(partial, scans)
+    return value
+
+
+def _read_scans(scans: Path) -> dict:
+    try:
+        return json.loads(scans.read_text())
+    except (OSError, ValueError):  # none yet, or unreadable: scan again
+        return {}
 
 
 def _max_token(bin_path: Path, dtype: np.dtype) -> int:
