@@ -224,8 +224,7 @@ def largest_token(bin_path: Path, dtype: np.dtype, scans: Optional[Path] = None)
     system at every start and Slurm requeue. ``scans`` (a JSON file in the data cache) remembers it
     per file with the file's size and modification time, so the same data is read once; a rewritten
     file is read again. One writer (the checks run on rank 0), replaced whole."""
-    stat = bin_path.stat()
-    key, stamp = str(bin_path.resolve()), [stat.st_size, stat.st_mtime_ns]
+    key, stamp = str(bin_path.resolve()), list(file_stamp(bin_path))
     known = _read_scans(scans) if scans else {}
     if known.get(key, {}).get("stamp") == stamp:
         return known[key]["max_token"]
@@ -237,6 +236,13 @@ def largest_token(bin_path: Path, dtype: np.dtype, scans: Optional[Path] = None)
         partial.write_text(json.dumps(known, indent=1))
         os.replace(partial, scans)
     return value
+
+
+def file_stamp(path: Path) -> tuple[int, int]:
+    """(size, modification time in ns): what tells a file written again from the one a result was
+    computed from (a token scan here, DPO's reference table)."""
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
 
 
 def _read_scans(scans: Path) -> dict:

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from ..config import Config
 from ..data.chat_dataset import PreferenceDataset, collate_pairs, pairs_without_loss
+from ..data.indexed import file_stamp
 from ..data.preprocess_chat import mask_prefix
 from ..model import DogeForCausalLM
 from . import checkpoint
@@ -85,11 +86,6 @@ def match_dtypes(model: torch.nn.Module, like: torch.nn.Module) -> None:
     for name, tensor in tensors(model):
         if name in dtypes and tensor.dtype != dtypes[name]:
             tensor.data = tensor.data.to(dtypes[name])
-
-
-def file_stamps(files: list[Path]) -> list[tuple[str, int, int]]:
-    """(path, size, modification time in ns) of each file, sorted: a rewritten file changes its stamp."""
-    return [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(files)]
 
 
 class DPOTask(FinetuneTask):
@@ -180,7 +176,7 @@ class DPOTask(FinetuneTask):
         data_files = [Path(p + ext) for prefix in prefixes for p in (prefix, mask_prefix(prefix)) for ext in (".bin", ".idx")]
         weight_files = [p for p in init_from.iterdir() if p.suffix in (".safetensors", ".bin", ".pt")]
         return {"init_from": str(init_from.resolve()), "data": prefixes, "pairs": pairs, "seq_length": config.data.seq_length,
-                "dtype": str(next(self.reference.parameters()).dtype), "files": file_stamps(data_files + weight_files)}
+                "dtype": str(next(self.reference.parameters()).dtype), "files": [(str(p.resolve()), *file_stamp(p)) for p in sorted(data_files + weight_files)]}
 
     def prepare(self, engine) -> None:
         """Before step 1, when the policy has DeepSpeed's dtypes: the reference takes them, and with
