@@ -439,6 +439,31 @@ def test_a_stop_signal_to_the_process_group_with_dataloader_workers_saves_and_re
     assert losses(run_dir) == losses(single_process_run())  # exactly
 
 
+def test_a_stop_signal_that_reaches_one_tensor_parallel_rank_first_stops_every_rank_at_one_step():
+    """Slurm's signal reaches the ranks at slightly different times. With tensor parallelism each rank
+    is alone in its data-parallel group, so a vote over that group let the signalled rank save (a
+    barrier) while its tensor-parallel peer went on into the next step's all-reduce: a hang until
+    the time limit, no checkpoint and no requeue. Here only rank 1 is signalled."""
+    import psutil
+
+    run_dir = scratch() / "tp_one_rank_signalled"
+    process = _start(run_dir, 1, 2, "torchrun", micro_batch_size=2, gradient_accumulation_steps=1, max_steps=1000,
+                     eval_interval=0, **{"parallel.tensor_parallel": 2})
+    _wait_for_line(process, "step      3/1000 | loss")
+    ranks = {int(child.environ()["RANK"]): child for child in psutil.Process(process.pid).children()}
+    ranks[1].send_signal(signal.SIGUSR1)
+    try:
+        output = process.communicate(timeout=120)[0]
+    except subprocess.TimeoutExpired:
+        for rank in ranks.values():
+            rank.kill()
+        process.kill()
+        raise AssertionError("the ranks did not stop together: the run hung after one rank's stop signal") from None
+    assert process.returncode == 0 and "stop signal received" in output, output[-3000:]
+    saved = json.loads((run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text() / "doge_meta.json").read_text())
+    assert 3 <= saved["step"] < 1000
+
+
 def test_a_diverged_run_leaves_its_last_finite_checkpoint_as_latest():
     """lr 1e30: steps 1 and 2 have finite losses, step 2's update breaks the weights and every later step
     is non-finite (skipped) until train.max_bad_steps stops the run, saying that the last good checkpoint

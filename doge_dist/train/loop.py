@@ -96,7 +96,8 @@ def train_step(engine, batches: list[dict], env: DistEnv, dp_size: int, aux_coef
     """One optimizer step over this rank's micro-batches; returns global loss, grad norm, the real
     tokens and their training FLOPs (for tok/s and MFU), and flags.
 
-    Sums run over the data-parallel group: tensor-parallel ranks hold the same tokens."""
+    Sums run over the data-parallel group: tensor-parallel ranks hold the same tokens. The stop vote
+    runs over all ranks: a signal reaches them at slightly different times."""
     task = task or PretrainTask()
     batches = [move(b, env.device) for b in batches]
     local_tokens = sum(task.count(b) for b in batches)  # loss units: tokens, or pairs for DPO
@@ -104,6 +105,8 @@ def train_step(engine, batches: list[dict], env: DistEnv, dp_size: int, aux_coef
     stop_vote = float(stop.received is not None)
     global_tokens, stop_votes, tokens, flops = all_reduce_sum(
         [local_tokens, stop_vote, sum(lengths), training_flops(engine.module.config, lengths)], env.device, data_parallel_group())
+    if env.world_size > dp_size:  # tensor parallel: every rank stops at this step, not only one data-parallel group
+        stop_votes, = all_reduce_sum([stop_vote], env.device)
     scale = len(batches) * dp_size / max(global_tokens, 1.0)
     loss_total = torch.zeros((), dtype=torch.float64, device=env.device)
     balance_total = torch.zeros((), dtype=torch.float64, device=env.device)
