@@ -16,7 +16,8 @@
 #   GLOBAL_BATCH   sequences per optimizer step (default: the YAML's micro x accumulation)
 #   GPUS_PER_NODE  default: Slurm's SLURM_GPUS_ON_NODE / SLURM_GPUS_PER_NODE
 #   PYTHON         the interpreter with doge-dist installed (default: python)
-#   MASTER_PORT    rendezvous port on the first node (default: 20000 + job id mod 20000)
+#   MASTER_PORT    rendezvous port on the first node (default: 10000 + job id mod 20000, below
+#                  Linux's ephemeral ports 32768-60999, which outgoing connections take)
 #   DRY_RUN=1      print the srun command instead of running it
 #
 # Why torchrun and not the deepspeed launcher: one srun task per node running torchrun needs no ssh,
@@ -67,14 +68,16 @@ gpus_per_node=${gpus_per_node##*:}   # "h100:8" -> 8
 experiment=${EXPERIMENT:-${SLURM_JOB_NAME:-doge}}
 run_dir=${RUNS_DIR:-runs}/$experiment
 master_addr=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-master_port=${MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 20000))}
+master_port=${MASTER_PORT:-$((10000 + ${SLURM_JOB_ID:-0} % 20000))}
 
 plan_args=(--config "$config" --ds_config "$ds_config" --gpus "$((nodes * gpus_per_node))" --accumulation)
 [[ -n ${GLOBAL_BATCH:-} ]] && plan_args+=(--global-batch "$GLOBAL_BATCH")
 accumulation=$("$python" launch/plan.py "${plan_args[@]}" "$@")   # an impossible GPU count stops here
 
+# srun does not inherit #SBATCH --cpus-per-task (Slurm 22.05 and later): without it the node's task
+# (torchrun, its ranks and their data workers) may be bound to one core.
 command=(
-    srun --nodes="$nodes" --ntasks-per-node=1 --kill-on-bad-exit=1
+    srun --nodes="$nodes" --ntasks-per-node=1 --kill-on-bad-exit=1 ${SLURM_CPUS_PER_TASK:+"--cpus-per-task=$SLURM_CPUS_PER_TASK"}
     bash slurm/node.sh
     "$python" -m torch.distributed.run
     --nnodes="$nodes" --nproc-per-node="$gpus_per_node"
@@ -112,7 +115,11 @@ while true; do
     kill -0 "$srun_pid" 2>/dev/null || break   # wait returns early when a trapped signal arrives
 done
 
-if [[ $requeue == 1 ]]; then
+# Only a stop that saved (exit 0) requeues: a failed save (exit 4, e.g. a full disk) or a refused
+# start would otherwise come back, fail again and requeue for ever.
+if [[ $requeue == 1 && $status == 0 ]]; then
     scontrol requeue "$SLURM_JOB_ID"
+elif [[ $requeue == 1 ]]; then
+    echo "[slurm] not requeueing job $SLURM_JOB_ID: the trainer exited with status $status after the stop signal (see above)" >&2
 fi
 exit "$status"

@@ -107,13 +107,13 @@ def test_each_script_uses_the_deepspeed_json_of_its_config():
 def test_dry_run_keeps_the_global_batch_on_two_nodes(name, tmp_path):
     """2 nodes x 8 GPUs = dp 16: accumulation = global batch / (micro x 16); overrides come last."""
     micro, global_batch = DENSE[name]
-    env = fake_slurm(tmp_path, nodes=2, gpus=8, DRY_RUN="1")
+    env = fake_slurm(tmp_path, nodes=2, gpus=8, DRY_RUN="1", SLURM_CPUS_PER_TASK="64")
     out, _ = sbatch(name, env, "train.lr=1e-3", "data.seq_length=1024").communicate(timeout=120)
     command = shlex.split(out.strip().splitlines()[-1])
     port = env["MASTER_PORT"]
     stage = "zero1" if name in ("doge_20m", "doge_60m") else "zero2"
-    assert command == [
-        "srun", "--nodes=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "bash", "slurm/node.sh",
+    assert command == [  # srun does not inherit --cpus-per-task from sbatch (Slurm 22.05+): it is passed on
+        "srun", "--nodes=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "--cpus-per-task=64", "bash", "slurm/node.sh",
         PYTHON, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=8",
         "--rdzv-backend=c10d", f"--rdzv-endpoint=localhost:{port}", "--rdzv-id=4242",
         "launch/pretrain.py", "--config", f"configs/{name}.yaml", "--ds_config", f"configs/{stage}.json", "--resume", "auto",
@@ -121,6 +121,17 @@ def test_dry_run_keeps_the_global_batch_on_two_nodes(name, tmp_path):
         "train.lr=1e-3", "data.seq_length=1024",
     ]
     assert log_lines(tmp_path, "scontrol") == ["scontrol show hostnames localhost"]
+
+
+@pytest.mark.parametrize("job_id", [4242, 17000, 39999])
+def test_the_default_rendezvous_port_is_below_the_ephemeral_ports(job_id, tmp_path):
+    """Without MASTER_PORT the port comes from the job id, below Linux's ephemeral range (32768-60999),
+    where an outgoing connection on the first node may hold it (EADDRINUSE at the rendezvous)."""
+    env = fake_slurm(tmp_path, DRY_RUN="1", SLURM_JOB_ID=str(job_id))
+    env.pop("MASTER_PORT")
+    out, _ = sbatch("doge_20m", env).communicate(timeout=120)
+    port = int(re.search(r"--rdzv-endpoint=localhost:(\d+)", out).group(1))
+    assert port == 10000 + job_id % 20000 and 1024 < port < 32768
 
 
 def test_header_examples_keep_the_global_batch_and_double_the_lr():
@@ -221,3 +232,39 @@ def test_end_to_end_preemption_requeue_and_resume():
     assert latest_step(run_dir) == final
     assert len(losses(run_dir)) == final  # every step logged once across both jobs
     assert len(log_lines(tmp, "scontrol requeue")) == 1  # a finished run does not requeue
+
+
+FAILING_SAVE = f"""#!{PYTHON}
+# fake PYTHON for launch.sh: plan.py runs for real; torchrun starts one rank, which fails to save on
+# the stop signal (exit 4, as a checkpoint write on a full disk)
+import os, signal, subprocess, sys, time
+if sys.argv[1:2] == ["launch/plan.py"]:
+    os.execv({PYTHON!r}, [{PYTHON!r}] + sys.argv[1:])
+if sys.argv[1:2] == ["-m"]:
+    sys.exit(subprocess.call([{PYTHON!r}, __file__, "rank"]))
+def stop(signum, frame):
+    print("error: could not write checkpoint step_00000003: No space left on device", flush=True)
+    sys.exit(4)
+signal.signal(signal.SIGUSR1, stop)
+print("step      3/200 | loss 6.1", flush=True)
+while True:
+    time.sleep(0.1)
+"""
+
+
+def test_a_stop_whose_save_failed_is_not_requeued(tmp_path):
+    """A requeue after a failed save (exit 4) would come back, fail again and requeue for ever: the job
+    ends with the trainer's status instead, and says why it does not requeue."""
+    fake_python = tmp_path / "python"
+    fake_python.write_text(FAILING_SAVE)
+    fake_python.chmod(0o755)
+    process = sbatch("doge_20m", fake_slurm(tmp_path, PYTHON=str(fake_python)))
+    for line in process.stdout:
+        if "step      3/200 | loss" in line:
+            break
+    process.send_signal(signal.SIGUSR1)
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode == 4, output
+    assert "No space left on device" in output
+    assert "not requeueing job 4242: the trainer exited with status 4 after the stop signal" in output
+    assert log_lines(tmp_path, "scontrol requeue") == []
