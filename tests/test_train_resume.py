@@ -439,6 +439,23 @@ def test_a_stop_signal_to_the_process_group_with_dataloader_workers_saves_and_re
     assert losses(run_dir) == losses(single_process_run())  # exactly
 
 
+def test_a_stop_signal_during_setup_saves_after_the_first_step():
+    """Slurm's warning may come while a (re)started run is still setting up (data indexes, a universal
+    conversion): the signal was then the default action's (USR1 kills) or, under slurm/node.sh, ignored
+    and lost, and the job ran into its time limit. It is kept for the first step, which then saves."""
+    source = single_process_run()
+    run_dir = scratch() / "signalled_in_setup"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    subprocess.run(["cp", "-r", str(source / "checkpoints" / "step_00000005"), str(run_dir / "checkpoints")], check=True)
+    (run_dir / "checkpoints" / "latest").write_text("step_00000005")
+    process = _start(run_dir, 0, 1, "python", micro_batch_size=2, gradient_accumulation_steps=2)
+    _wait_for_line(process, "[doge-dist] resumed from")  # the data and the reporting are still to be built
+    process.send_signal(signal.SIGUSR1)
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode == 0 and "stop signal received: saving at step 6" in output, output[-3000:]
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000006"
+
+
 def test_a_stop_signal_that_reaches_one_tensor_parallel_rank_first_stops_every_rank_at_one_step():
     """Slurm's signal reaches the ranks at slightly different times. With tensor parallelism each rank
     is alone in its data-parallel group, so a vote over that group let the signalled rank save (a

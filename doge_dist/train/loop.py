@@ -248,6 +248,7 @@ def write_run_files(run_dir: Path, config: Config, ds: dict) -> str:
 def pretrain(config: Config, ds_user: dict[str, Any], ds_where: str = "the DeepSpeed config", task: Optional[Task] = None) -> Progress:
     """Train ``config``; ``task`` (default: pretraining) supplies the data and the loss (SFT, DPO: task.py)."""
     task = task or PretrainTask()
+    stop = StopRequest()  # first: a preemption warning during the setup stops the run after its first step
     # 1. everything that can be wrong with the input fails here, before any model or group exists
     layout, ds = check_run(config, ds_user, launcher_world_size(), ds_where)
     task.check_data(config)
@@ -328,7 +329,6 @@ def pretrain(config: Config, ds_user: dict[str, Any], ds_where: str = "the DeepS
               f"steps {progress.step} -> {train.max_steps}", flush=True)
     with reporter.paused():  # DPO's reference log-probs, computed once, are no training throughput
         task.prepare(engine)
-    stop = StopRequest()
     freeze = DenseFreeze(engine.module, engine.lr_scheduler, train)
     if start:  # last: setting up draws random numbers too (the CPU peak for MFU), which shifted every dropout mask
         checkpoint.restore_rng(source[0] / source[1], env.rank, train.seed)
