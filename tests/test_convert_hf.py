@@ -53,7 +53,10 @@ def _small_doge_directory(path: Path):
     ours = build_model(config)
     old_names = {v: k for k, v in OLD_KEY_NAMES.items()}
     state = {".".join(old_names.get(p, p) for p in k.split(".")): v for k, v in ours.state_dict().items() if k != "lm_head.weight"}
-    assert any("pre_residual" in k for k in state) and any("word_embed" in k for k in state)
+    # small-doge kept each residual scale in a module of its own: model.layers.N.pre_residual.weight
+    state = {k + ".weight" if k.endswith(("pre_residual", "post_residual")) else k: v for k, v in state.items()}
+    assert "model.layers.0.pre_residual.weight" in state and "model.layers.0.post_residual.weight" in state
+    assert "model.word_embed.weight" in state
     path.mkdir()
     save_file(state, str(path / "model.safetensors"))
     hf_config = {k: v for k, v in config.to_dict().items() if k not in ("attention_variant", "router_layout", "balance_loss", "attn_backend")}

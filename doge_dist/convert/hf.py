@@ -25,6 +25,7 @@ OLD_KEY_NAMES = {
     "feed_forward": "mlp",
     "final_layernorm": "norm",
 }
+OLD_RESIDUAL_MODULES = ("pre_residual.weight", "post_residual.weight")
 DOGE_DIST_ONLY = ("attention_variant", "router_layout", "balance_loss", "rope_theta", "rope_scaling", *RUNTIME_SWITCHES)
 
 
@@ -120,8 +121,12 @@ def hf_model_config(path: Union[str, Path], **overrides) -> ModelConfig:
 
 
 def rename_old_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers' names for small-doge's (OLD_KEY_NAMES); small-doge kept each residual scale in a
+    module of its own (``pre_residual.weight``), transformers as a bare parameter (``input_residual``)."""
     renamed = {}
     for key, tensor in state.items():
+        if key.endswith(OLD_RESIDUAL_MODULES):
+            key = key[: -len(".weight")]
         parts = [OLD_KEY_NAMES.get(part, part) for part in key.split(".")]
         renamed[".".join(parts)] = tensor
     return renamed
