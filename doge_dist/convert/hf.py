@@ -4,6 +4,7 @@ Our parameter names are transformers' names, so conversion is a config translati
 small-doge key renames on import, and the tied LM head dropped from the file on export.
 """
 import dataclasses
+import inspect
 import json
 import warnings
 import shutil
@@ -39,6 +40,8 @@ def to_hf_config(config: ModelConfig):
             "(per-query-head bias, no q/k norm) cannot be exported as a transformers Doge directory."
         )
     values = {k: v for k, v in dataclasses.asdict(config).items() if k not in DOGE_DIST_ONLY}
+    if "rope_parameters" not in inspect.signature(DogeConfig.__init__).parameters:  # transformers 4.x
+        return DogeConfig(rope_theta=config.rope_theta, rope_scaling=config.rope_scaling, **values)
     rope = {"rope_type": config.rope_type, "rope_theta": config.rope_theta}
     rope.update({k: v for k, v in (config.rope_scaling or {}).items() if k not in ("type", "rope_type")})
     return DogeConfig(rope_parameters=rope, **values)
