@@ -55,7 +55,7 @@ def _typed_value(key: str, value: Any, annotation: str, where: str) -> Any:
     if not isinstance(value, bool):
         if kind == "float" and isinstance(value, (str, int)):
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
         if kind == "int" and isinstance(value, (str, float)):
@@ -67,6 +67,8 @@ def _typed_value(key: str, value: Any, annotation: str, where: str) -> Any:
         if kind == "str" and isinstance(value, (int, float)):
             return str(value)
     python_type, name = _SCALAR_TYPES[kind]
+    if kind == "float" and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"Key '{key}' in {where} must be a finite number, got {value!r}.")
     if isinstance(value, python_type) and (kind == "bool" or not isinstance(value, bool)):
         return value
     raise ConfigError(f"Key '{key}' in {where} must be {name}, got {value!r}.")
@@ -258,6 +260,8 @@ class ModelConfig:
         """From a YAML ``model`` section: ``preset`` picks the base shape, other keys override it."""
         values = dict(values or {})
         preset = values.pop("preset", None)
+        if preset is not None and not isinstance(preset, str):
+            raise ConfigError(f"model.preset in {where} must be a preset name such as 'doge-20m', got {preset!r}.")
         base = PRESETS.get(preset, {}) if preset else {}
         if preset and preset not in PRESETS:
             cls.from_preset(preset)  # raises the suggestion error
@@ -365,6 +369,11 @@ class ParallelConfig:
     sequence_parallel: bool = False
     expert_parallel: int = 1  # experts sharded within the data-parallel group: must divide dp
 
+    def __post_init__(self) -> None:
+        for key in ("tensor_parallel", "expert_parallel"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"parallel.{key} must be at least 1 (1: off), got {getattr(self, key)}.")
+
 
 @dataclass
 class TrainConfig:
@@ -398,7 +407,7 @@ class TrainConfig:
     freeze_dense_steps: int = 0  # MoE after upcycling: only router/expert tables update for this many steps
 
     def __post_init__(self) -> None:
-        for key in ("log_interval", "keep_last", "max_bad_steps"):
+        for key in ("micro_batch_size", "gradient_accumulation_steps", "log_interval", "keep_last", "max_bad_steps"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key} must be at least 1, got {getattr(self, key)}.")
         for key in ("eval_interval", "save_interval", "freeze_dense_steps"):
@@ -507,9 +516,13 @@ def _check_override(section: str, key: str, value: Any, where: str) -> None:
 
 def config_from_dict(raw: dict[str, Any], where: str = "config") -> Config:
     raw = raw or {}
-    for section in raw:
+    for section, values in raw.items():
         if section not in SECTIONS:
             raise _unknown_key_error(section, list(SECTIONS), where)
+        if values is not None and not isinstance(values, dict):
+            example = "model:\n  preset: doge-20m" if section == "model" else f"{section}:\n  key: value"
+            raise ConfigError(f"Section '{section}' in {where} must be a mapping of keys, as in\n{example}\ngot "
+                              f"{type(values).__name__} {values!r}.")
     return Config(
         model=ModelConfig.from_dict(raw.get("model") or {}, f"{where}: model"),
         **{

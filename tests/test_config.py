@@ -100,6 +100,12 @@ def test_yaml_and_overrides(tmp_path):
         ("model.initializer_range=-0.02", r"model.initializer_range must be >= 0"),
         ("model.router_aux_loss_coef=-1", r"model.router_aux_loss_coef must be >= 0"),
         ("model.pad_token_id=40000", r"model.pad_token_id = 40000 is not an id of the vocabulary \(0 to 32767\)"),
+        ("train.lr=nan", r"Key 'lr' in the command-line override 'train.lr=nan' must be a finite number, got nan"),
+        ("train.weight_decay=.inf", r"Key 'weight_decay' .* must be a finite number, got inf"),
+        ("train.micro_batch_size=0", r"train.micro_batch_size must be at least 1, got 0"),
+        ("train.gradient_accumulation_steps=0", r"train.gradient_accumulation_steps must be at least 1, got 0"),
+        ("parallel.tensor_parallel=0", r"parallel.tensor_parallel must be at least 1 \(1: off\), got 0"),
+        ("parallel.expert_parallel=-2", r"parallel.expert_parallel must be at least 1 \(1: off\), got -2"),
     ],
 )
 def test_values_of_the_wrong_type_or_range_name_the_key(override, message):
@@ -115,6 +121,20 @@ def test_yaml_spellings_of_numbers_and_one_data_prefix_are_accepted():
     assert type(config.train.max_steps) is int
     assert config.data.train_data == ["data/sample_train_text_document"]  # not one prefix per character
     assert config.data.split == "100"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("model: doge-20m\n", r"Section 'model' in config file '.*run.yaml' must be a mapping of keys, as in\nmodel:\n  preset: doge-20m\ngot str 'doge-20m'"),
+    ("model:\n  - preset: doge-20m\n", r"Section 'model' .* must be a mapping of keys, as in\nmodel:\n  preset: doge-20m\ngot list"),
+    ("train: 0.01\n", r"Section 'train' .* must be a mapping of keys, as in\ntrain:\n  key: value\ngot float 0.01"),
+    ("model:\n  preset: [doge-20m]\n", r"model.preset in config file '.*run.yaml': model must be a preset name such as 'doge-20m', got \['doge-20m'\]"),
+])
+def test_a_section_that_is_not_a_mapping_is_named(tmp_path, text, message):
+    """`model: doge-20m` (a preset name where the section belongs) was a ValueError traceback."""
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(str(path))
 
 
 def test_a_key_given_twice_in_the_yaml_is_named(tmp_path):
