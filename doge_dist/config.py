@@ -444,7 +444,8 @@ class FinetuneConfig:
     ``epochs`` > 0 sizes the run from the data: train.max_steps = ceil(epochs x samples / global
     batch), train.warmup_steps = ceil(warmup_ratio x max_steps) (and, for the wsd scheduler, decay_steps =
     decay_ratio x max_steps); a train.max_steps in the YAML or on the command line wins over the
-    epochs (the ratios then apply to it); 0 keeps train.max_steps/warmup_steps/decay_steps as written.
+    epochs (the ratios then apply to it), a train.warmup_steps or decay_steps given there over its
+    ratio; 0 keeps train.max_steps/warmup_steps/decay_steps as written.
     The launcher prints how the run was sized.
     """
 

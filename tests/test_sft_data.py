@@ -265,21 +265,35 @@ def test_explicit_max_steps_wins_over_epochs_and_the_sizing_is_said():
     of the YAML, with the warmup/decay ratios of 6 (as the HF Trainer's max_steps); without a step count
     the epochs size the run. Either way the printed line says so."""
     from doge_dist.config import load_config
-    from doge_dist.train.finetune import max_steps_given, size_in_epochs
+    from doge_dist.train.finetune import size_in_epochs, steps_given
 
     raw = {"train": {"micro_batch_size": 8}, "finetune": {"epochs": 2}}
     overrides = ["train.micro_batch_size=8", "train.max_steps=6"]
     config = load_config(None, overrides)
-    line = size_in_epochs(config, 810, 2, max_steps_given(raw, overrides))
+    line = size_in_epochs(config, 810, 2, steps_given(raw, overrides))
     assert (config.train.max_steps, config.train.warmup_steps, config.train.decay_steps) == (6, 1, 1)  # the ratios of 6
     assert line == ("train.max_steps = 6 as given, which wins over finetune.epochs (0.119 epochs of 810 samples, "
                     "16 per step), warmup 1, decay 1 steps")
-    assert max_steps_given({"train": {"max_steps": 9}}, []) and not max_steps_given(raw, overrides[:1])
+    assert steps_given({"train": {"max_steps": 9}}, []) == {"max_steps"} and not steps_given(raw, overrides[:1])
     config = load_config(None, overrides[:1])
-    line = size_in_epochs(config, 810, 2, max_steps_given(raw, overrides[:1]))
+    line = size_in_epochs(config, 810, 2, steps_given(raw, overrides[:1]))
     assert (config.train.max_steps, config.train.warmup_steps) == (102, 11)  # ceil(10.2), as the HF Trainer
     assert line == ("train.max_steps = 102 from finetune.epochs = 2 (2.01 epochs of 810 samples, 16 per step), "
                     "warmup 11, decay 10 steps")
+
+
+def test_explicit_warmup_and_decay_steps_win_over_their_ratios():
+    """``train.warmup_steps=50 train.decay_steps=30`` with the epochs' ratios: the ratios replaced them
+    without a word. Now what is given is kept (the HF Trainer's warmup_steps over warmup_ratio) and said."""
+    from doge_dist.config import load_config
+    from doge_dist.train.finetune import size_in_epochs, steps_given
+
+    overrides = ["train.micro_batch_size=8", "train.max_steps=100", "train.warmup_steps=50", "train.decay_steps=30"]
+    config = load_config(None, overrides)
+    line = size_in_epochs(config, 810, 2, steps_given({"finetune": {"epochs": 2}}, overrides))
+    assert (config.train.max_steps, config.train.warmup_steps, config.train.decay_steps) == (100, 50, 30)
+    assert line.endswith("warmup 50 (as given), decay 30 (as given) steps")
+    assert steps_given({"train": {"warmup_steps": 5}}, ["train.lr=1e-3"]) == {"warmup_steps"}  # the YAML's train section too
 
 
 def test_pairs_cut_to_nothing_by_seq_length_are_reported():

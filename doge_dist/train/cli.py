@@ -113,7 +113,7 @@ def main_finetune(kind: str, config_path: Optional[str], ds_config_path: Optiona
     from .distributed import is_launcher_main, launcher_world_size
     from .ds_config import read_ds_config
     from .dpo import DPOTask
-    from .finetune import SFTTask, continued_model, max_steps_given, model_from_init, size_in_epochs
+    from .finetune import SFTTask, continued_model, model_from_init, size_in_epochs, steps_given
     from .loop import pretrain
 
     def run() -> None:
@@ -124,7 +124,7 @@ def main_finetune(kind: str, config_path: Optional[str], ds_config_path: Optiona
         if model_from_init(config, raw, overrides):
             config.model = continued_model(config.run.init_from, overrides)
         task = SFTTask() if kind == "sft" else DPOTask()
-        sizing = size_in_epochs(config, task.check(config), launcher_world_size(), max_steps_given(raw, overrides))
+        sizing = size_in_epochs(config, task.check(config), launcher_world_size(), steps_given(raw, overrides))
         if is_launcher_main():
             print(f"[doge-dist] {sizing}", flush=True)
         pretrain(config, ds, f"DeepSpeed config '{path}'", task=task)

@@ -155,32 +155,38 @@ class SFTTask(FinetuneTask):
         return samples
 
 
-def max_steps_given(raw: Optional[dict], overrides: list[str]) -> bool:
-    """Whether the YAML's train section or a ``train.max_steps=`` override sets the run's length."""
+SIZING_KEYS = ("max_steps", "warmup_steps", "decay_steps")
+
+
+def steps_given(raw: Optional[dict], overrides: list[str]) -> frozenset[str]:
+    """Which of train.max_steps, warmup_steps and decay_steps the YAML's train section or an override sets."""
     train = (raw or {}).get("train") or {}
-    return "max_steps" in train or any(o.startswith("train.max_steps=") for o in overrides)
+    return frozenset(key for key in SIZING_KEYS if key in train or any(o.startswith(f"train.{key}=") for o in overrides))
 
 
-def size_in_epochs(config: Config, samples: int, world_size: int, steps_given: bool = False) -> str:
-    """train.max_steps/warmup_steps(/decay_steps) from finetune.epochs (see FinetuneConfig); a
-    train.max_steps the user gave (``steps_given``) wins over the epochs, as in the HF Trainer, and the
-    ratios then apply to it. Returns the line that says how the run was sized."""
+def size_in_epochs(config: Config, samples: int, world_size: int, given: frozenset[str] = frozenset()) -> str:
+    """train.max_steps/warmup_steps(/decay_steps) from finetune.epochs (see FinetuneConfig); what the
+    user gave (``given``, see steps_given) wins, as in the HF Trainer: a train.max_steps over the
+    epochs (the ratios then apply to it), a train.warmup_steps or decay_steps over its ratio. Returns
+    the line that says how the run was sized."""
     finetune, train = config.finetune, config.train
     dp_size = max(1, world_size // config.parallel.tensor_parallel)
     global_batch = train.micro_batch_size * train.gradient_accumulation_steps * dp_size
     if finetune.epochs <= 0:
         return (f"finetune.epochs = 0: train.max_steps {train.max_steps}, warmup {train.warmup_steps} steps as written "
                 f"({train.max_steps * global_batch / samples:.3g} epochs of {samples} samples)")
-    if not steps_given:
+    if "max_steps" not in given:
         train.max_steps = max(1, math.ceil(finetune.epochs * samples / global_batch))
-    train.warmup_steps = math.ceil(finetune.warmup_ratio * train.max_steps)  # the HF Trainer's get_warmup_steps
-    if train.scheduler == "wsd":
+    if "warmup_steps" not in given:
+        train.warmup_steps = math.ceil(finetune.warmup_ratio * train.max_steps)  # the HF Trainer's get_warmup_steps
+    if train.scheduler == "wsd" and "decay_steps" not in given:
         train.decay_steps = min(round(finetune.decay_ratio * train.max_steps), train.max_steps - train.warmup_steps)
-    decay = f", decay {train.decay_steps}" if train.scheduler == "wsd" else ""
-    source = ("as given, which wins over finetune.epochs" if steps_given
+    as_given = {key: " (as given)" if key in given else "" for key in SIZING_KEYS}
+    decay = f", decay {train.decay_steps}{as_given['decay_steps']}" if train.scheduler == "wsd" else ""
+    source = ("as given, which wins over finetune.epochs" if "max_steps" in given
               else f"from finetune.epochs = {finetune.epochs:g}")
     return (f"train.max_steps = {train.max_steps} {source} ({train.max_steps * global_batch / samples:.3g} epochs of "
-            f"{samples} samples, {global_batch} per step), warmup {train.warmup_steps}{decay} steps")
+            f"{samples} samples, {global_batch} per step), warmup {train.warmup_steps}{as_given['warmup_steps']}{decay} steps")
 
 
 def model_from_init(config: Config, raw: Optional[dict], overrides: list[str]) -> bool:
