@@ -524,7 +524,7 @@ def config_from_dict(raw: dict[str, Any], where: str = "config") -> Config:
             example = "model:\n  preset: doge-20m" if section == "model" else f"{section}:\n  key: value"
             raise ConfigError(f"Section '{section}' in {where} must be a mapping of keys, as in\n{example}\ngot "
                               f"{type(values).__name__} {values!r}.")
-    return Config(
+    config = Config(
         model=ModelConfig.from_dict(raw.get("model") or {}, f"{where}: model"),
         **{
             name: dataclass_from_dict(cls, raw.get(name) or {}, f"{where}: {name}")
@@ -532,6 +532,16 @@ def config_from_dict(raw: dict[str, Any], where: str = "config") -> Config:
             if name != "model"
         },
     )
+    moe_keys = [key for key in MOE_ONLY_KEYS if key in (raw.get("model") or {})]
+    if moe_keys and not config.model.is_moe and not config.run.init_from:  # with init_from the model may come from it
+        raise ConfigError(
+            f"model.{moe_keys[0]} is set in {where}, but the model is dense (model.is_moe is false), so it would be "
+            "ignored: set model.is_moe=true (or a -moe preset such as doge-20m-moe) for a CDMoE model, or drop it."
+        )
+    return config
+
+
+MOE_ONLY_KEYS = ("num_experts", "num_experts_per_tok", "router_aux_loss_coef", "router_layout", "balance_loss")
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

@@ -178,3 +178,14 @@ def test_a_deepspeed_json_that_is_not_utf8_is_named(tmp_path):
     path.write_bytes(b"\xff\xfe{}")
     with pytest.raises(ConfigError, match=r"ds.json' is not UTF-8 text"):
         read_ds_config(str(path))
+
+
+def test_moe_keys_on_a_dense_model_are_refused_not_ignored():
+    """model.num_experts=16 on a dense preset trained a dense model without a word."""
+    with pytest.raises(ConfigError, match=r"model.num_experts is set in the command-line overrides, but the model is dense"):
+        load_config(None, ["model.preset=doge-tiny", "model.num_experts=16"])
+    assert load_config(None, ["model.preset=doge-tiny", "model.is_moe=true", "model.num_experts=16",
+                              "model.num_experts_per_tok=4"]).model.num_experts == 16
+    assert load_config(None, ["model.preset=doge-20m-moe", "model.router_aux_loss_coef=0.01"]).model.is_moe
+    # fine-tuning: the model (MoE or not) comes from run.init_from, its overrides are checked there
+    assert load_config(None, ["run.init_from=runs/sft", "model.router_aux_loss_coef=0.01"]).model.router_aux_loss_coef == 0.01
