@@ -565,7 +565,8 @@ def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
     if path:
         file = Path(path)
         if not file.is_file():
-            raise ConfigError(f"Config file '{path}' does not exist; pass --config with a YAML file from configs/.")
+            state = "is a directory" if file.is_dir() else "does not exist"
+            raise ConfigError(f"Config file '{path}' {state}; pass --config with a YAML file from configs/.")
         raw = _read_yaml(file, path)
         where = f"config file '{path}'"
     return config_from_dict(apply_overrides(raw, list(overrides)), where)

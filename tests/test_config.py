@@ -70,6 +70,8 @@ def test_yaml_and_overrides(tmp_path):
     assert load_config(str(path), ["model.preset=doge-20m"]).model.hidden_size == 128  # preset is a model key
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(str(tmp_path / "missing.yaml"))
+    with pytest.raises(ConfigError, match=r"Config file '.*' is a directory; pass --config with a YAML file"):
+        load_config(str(tmp_path))
 
 
 @pytest.mark.parametrize(
