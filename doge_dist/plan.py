@@ -54,7 +54,8 @@ from .model.loss import default_chunk_tokens
 from .parallel.expert import check_expert_parallel
 from .parallel.state import ParallelLayout
 from .parallel.state import check_layout as check_parallel_layout
-from .train.ds_config import grad_accum_dtype
+from .train.ds_config import bf16_enabled, grad_accum_dtype, zero_stage
+from .train.preflight import check_ds_config, check_seq_length
 
 GB = 1e9
 BUCKET_DEFAULT = int(5e8)  # DeepSpeed's reduce_bucket_size default (elements)
@@ -159,8 +160,8 @@ def model_states(config: Config, ds: dict[str, Any], layout: ParallelLayout, ran
     """Bytes of parameters, gradients, optimizer states and buffers on ``rank`` of DeepSpeed's
     data-parallel group (default: the worst)."""
     zero = ds.get("zero_optimization", {})
-    stage = int(zero.get("stage", 0))
-    bf16 = bool(ds.get("bf16", {}).get("enabled", False)) if config.train.bf16 is None else config.train.bf16
+    stage = zero_stage(ds)
+    bf16 = bf16_enabled(ds) if config.train.bf16 is None else config.train.bf16
     weight = 2 if bf16 else 4
     master = 4 if bf16 else 0
     fp32_grads = stage == 1 and bf16 and grad_accum_dtype(ds) == torch.float32
@@ -291,17 +292,23 @@ class Plan:
 TASKS = ("pretrain", "sft", "dpo")
 
 
-def make_plan(recipe: Config, config: Config, ds: dict[str, Any], gpus: int, gpu_mem_gb: float,
-              reserve_gb: float, global_batch: Optional[int] = None, task: str = "pretrain") -> Plan:
+def make_plan(recipe: Config, config: Config, ds_user: dict[str, Any], gpus: int, gpu_mem_gb: float,
+              reserve_gb: float, global_batch: Optional[int] = None, task: str = "pretrain",
+              where: str = "the DeepSpeed config") -> Plan:
     """``recipe`` is the YAML alone (its global batch); ``config`` the YAML with overrides (what runs);
-    ``task`` the trainer (SFT's memory is pretraining's at data.seq_length; a DPO sample is a pair)."""
+    ``ds_user`` the DeepSpeed JSON ``where`` names, checked as the trainer checks it; ``task`` the trainer
+    (SFT's memory is pretraining's at data.seq_length; a DPO sample is a pair)."""
     if task not in TASKS:
         raise ConfigError(f"task {task!r}: plan one of {', '.join(TASKS)}.")
     if gpu_mem_gb <= 0:
         raise ConfigError(f"--gpu-mem-gb must be more than 0, got {gpu_mem_gb}.")
+    if reserve_gb < 0:
+        raise ConfigError(f"--reserve-gb must be 0 or more (memory the model cannot use), got {reserve_gb}.")
     layout = check_layout(config, gpus)
+    check_seq_length(config)
+    ds = check_ds_config(config, ds_user, layout, where)
     global_batch = recipe_global_batch(recipe) if global_batch is None else global_batch
-    stage = int(ds.get("zero_optimization", {}).get("stage", 0))
+    stage = zero_stage(ds)
     dpo = task == "dpo"
     whole = full_logits(layout, stage) or dpo
     sequences = 2 if dpo else 1

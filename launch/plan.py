@@ -14,6 +14,7 @@ numbers is described in doge_dist/plan.py.
 --accumulation prints only that accumulation (slurm/launch.sh uses it).
 """
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -22,6 +23,10 @@ import yaml
 from doge_dist.config import Config, ConfigError, ModelConfig, load_config
 from doge_dist.model.flops import parameter_count
 from doge_dist.plan import TASKS, accumulation_steps, check_layout, format_plan, make_plan, recipe_global_batch
+
+# The plan imports DeepSpeed to check the JSON as the trainer does; on a machine without a GPU (a login node) its
+# "Setting accelerator to CPU" line would read as if the plan were for the CPU.
+logging.getLogger("DeepSpeed").addFilter(lambda record: "Setting accelerator to CPU" not in record.getMessage())
 
 
 def planned_model(config_path: str, config: Config, overrides: list[str]) -> ModelConfig:
@@ -68,7 +73,7 @@ def main() -> int:
             return 0
         config.model = planned_model(args.config, config, args.overrides)
         plan = make_plan(recipe, config, read_ds_config(ds_path), args.gpus, args.gpu_mem_gb, args.reserve_gb,
-                         args.global_batch, args.task)
+                         args.global_batch, args.task, f"DeepSpeed config '{ds_path}'")
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -9,7 +9,7 @@ import torch
 
 from doge_dist.config import ConfigError, load_config
 from doge_dist.plan import (GB, accumulation_steps, activation_bytes_per_sequence, check_layout, full_logits,
-                            loss_workspace_bytes, make_plan, model_states)
+                            loss_workspace_bytes, make_plan, model_states, parameter_groups_numel)
 from doge_dist.train.ds_config import read_ds_config, resolve_ds_config
 from train_helpers import PYTHON, REPO, _port, env, run_on_a_free_port, scratch
 
@@ -226,13 +226,41 @@ def test_cli_prints_the_plan_and_one_paragraph_errors(plan_cli):
     (("--global-batch", "0",), "The global batch must be at least 1 sequence, got 0"),
     (("train.micro_batch_size=0", "--accumulation"), "train.micro_batch_size must be at least 1, got 0"),
     (("--gpu-mem-gb", "0"), "--gpu-mem-gb must be more than 0, got 0.0"),
+    (("--reserve-gb", "-5"), "--reserve-gb must be 0 or more (memory the model cannot use), got -5.0"),
+    (("data.seq_length=0",), "data.seq_length must be positive, got 0"),
 ])
 def test_cli_refuses_batches_and_memory_that_are_not_positive(args, message, plan_cli):
     """GLOBAL_BATCH=-256 in slurm/launch.sh came back as accumulation -1 (and the job started), a zero
-    global batch was silently the recipe's, a zero micro-batch a ZeroDivisionError, a zero GPU "does NOT fit"."""
+    global batch was silently the recipe's, a zero micro-batch or sequence length a ZeroDivisionError, a zero GPU
+    "does NOT fit", a negative reserve more memory than the GPU has."""
     result = plan_cli("--config", "configs/doge_160m.yaml", *args)
     assert result.returncode == 2 and result.stdout == "", result.stdout
     assert result.stderr.strip() == f"error: {message}." or result.stderr.startswith(f"error: {message}"), result.stderr
+
+
+@pytest.mark.parametrize("ds, settings, message", [
+    ({"zero_optimization": {"stage": 4}}, (), "zero_optimization.stage must be 0, 1, 2 or 3"),
+    ([2], (), "must hold a JSON object of DeepSpeed keys, got list"),
+    ({"bf16": True}, (), "'bf16' must be a JSON object"),
+    ({"zero_optimization": 2}, (), "'zero_optimization' must be a JSON object"),
+    ({"bf16": {"enabled": "auto"}}, (), 'sets bf16.enabled to "auto"'),
+    ({"zero_optimization": {"stage": 3}}, ("model.preset=doge-20m-moe", "parallel.expert_parallel=2"),
+     "expert parallelism trains with ZeRO 0-2"),
+])
+def test_cli_checks_the_deepspeed_json_as_the_trainer_does(ds, settings, message, plan_cli, tmp_path):
+    """A JSON the trainer refuses printed a plan (stage 4) or an AttributeError traceback ("bf16": true)."""
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(ds))
+    result = plan_cli("--config", "configs/doge_160m.yaml", "--gpus", "2", "--ds_config", str(path), *settings)
+    assert result.returncode == 2 and result.stdout == "", result.stdout
+    assert result.stderr.startswith(f"error: DeepSpeed config '{path}'") and message in result.stderr, result.stderr
+
+
+def test_bf16_under_its_old_name_is_planned_as_bf16():
+    """DeepSpeed and the trainer read "bfloat16" as "bf16" (ds_config.bf16_enabled); the plan counted 4-byte weights."""
+    config = load_config(str(REPO / "configs" / "doge_20m.yaml"))
+    plans = [make_plan(config, config, {key: {"enabled": True}}, 1, 24.0, 1.5) for key in ("bf16", "bfloat16")]
+    assert plans[0].states == plans[1].states and plans[0].states.params == 2 * sum(map(sum, parameter_groups_numel(config)))
 
 
 def test_cli_plans_a_finetuning_recipe_as_the_model_of_its_init_from(plan_cli):
@@ -249,7 +277,8 @@ def test_cli_plans_a_finetuning_recipe_as_the_model_of_its_init_from(plan_cli):
     init_from = scratch() / "pretrained"
     save_hf(build_model(pretrained), str(init_from), None)
     for model_overrides in ((), ("model.attn_backend=eager",)):  # an override changes init_from's model, not the defaults
-        out = run("--config", "configs/sft_doge_20m.yaml", f"run.init_from={init_from}", *model_overrides)
+        out = run("--config", "configs/sft_doge_20m.yaml", f"run.init_from={init_from}", "data.seq_length=256",  # doge-tiny's positions
+                  *model_overrides)
         assert out.returncode == 0, out.stderr
         assert f"{parameter_count(pretrained) / 1e6:.1f}M params" in out.stdout
     missing = run("--config", "configs/sft_doge_20m.yaml", "run.init_from=runs/no_such_run")
@@ -268,6 +297,7 @@ def test_cli_is_quiet_about_transformer_engine_and_apex():
                          cwd=REPO, env=quiet, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "Transformer Engine and Apex" not in out.stderr
+    assert "Setting accelerator to CPU" not in out.stdout  # DeepSpeed's, on a machine without a GPU
 
 @pytest.mark.cuda
 def test_activation_prediction_matches_cuda_peak():

@@ -70,7 +70,7 @@ def test_world_size_not_divisible_by_parallel_sizes():
 def test_impossible_batch_arithmetic_in_the_json():
     with pytest.raises(ConfigError, match="train_batch_size = 64, but the YAML gives 8"):
         _check(_config("train.micro_batch_size=2", "train.gradient_accumulation_steps=2"), {**ZERO1, "train_batch_size": 64})
-    with pytest.raises(ConfigError, match="must both be at least 1"):
+    with pytest.raises(ConfigError, match=r"train.micro_batch_size must be at least 1, got 0"):  # when the config is read
         _check(_config("train.micro_batch_size=0"))
 
 
@@ -222,6 +222,54 @@ def test_sequences_longer_than_the_model_positions_are_refused():
 def test_deepspeed_json_that_deepspeed_would_refuse_is_named_before_any_work(ds, message):
     with pytest.raises(ConfigError, match=message):
         _check(_config(), ds)
+
+
+@pytest.mark.parametrize("ds, key", [
+    ({"bf16": {"enabled": "auto"}}, "bf16.enabled"),
+    ({**ZERO1, "gradient_clipping": "auto"}, "gradient_clipping"),
+    ({**ZERO1, "zero_optimization": {"stage": 2, "reduce_bucket_size": "auto"}}, "zero_optimization.reduce_bucket_size"),
+    ({**ZERO1, "zero_optimization": {"stage": "auto"}}, "zero_optimization.stage"),
+    ({**ZERO1, "train_batch_size": "auto"}, "train_batch_size"),
+])
+def test_hugging_face_auto_values_are_refused_by_key(ds, key):
+    """The Hugging Face Trainer's "auto" means nothing to DeepSpeed: bf16.enabled "auto" trained in fp32
+    without a word, gradient_clipping "auto" failed at the first optimizer step, a stage "auto" was a ValueError."""
+    with pytest.raises(ConfigError, match=rf"x.json' sets {key} to \"auto\", a placeholder that only the Hugging Face "
+                                          rf"Trainer fills in. doge-dist sets batch sizes and precision from the run "
+                                          rf"config .*: give {key} an explicit value, or remove it"):
+        _check(_config(), ds)
+
+
+@pytest.mark.parametrize("clip", [-1.0, "1.0", True])
+def test_gradient_clipping_must_be_a_number_at_least_0(clip):
+    with pytest.raises(ConfigError, match=rf"x.json': gradient_clipping must be a number >= 0 .*, got {clip!r}\."):
+        _check(_config(), {**ZERO1, "gradient_clipping": clip})
+    _check(_config(), {**ZERO1, "gradient_clipping": 0})  # no clipping
+
+
+@pytest.mark.parametrize("stage", ["3", 2.0, True, 4])
+def test_a_zero_stage_that_is_not_the_number_0_to_3_is_refused(stage):
+    """``"stage": "3"`` passed DeepSpeed's parser and then failed ``stage > 2`` with a TypeError
+    traceback under train.compile or expert parallelism."""
+    message = rf"x.json': zero_optimization.stage must be 0, 1, 2 or 3 written as a JSON number, got {stage!r}\."
+    for settings, world in ((["train.compile=true"], 1), (["model.preset=doge-tiny-moe", "parallel.expert_parallel=2"], 2)):
+        with pytest.raises(ConfigError, match=message):
+            _check(_config(*settings), {**ZERO1, "zero_optimization": {"stage": stage}}, world)
+
+
+def test_zero_offload_of_the_optimizer_is_refused_before_any_work():
+    """deepspeed.initialize refuses doge-dist's own torch AdamW under ZeRO-Offload (zero_force_ds_cpu_optimizer),
+    once the model is built; parameter offload at ZeRO-3 trains, and stays allowed."""
+    zero3 = json.loads((REPO / "configs" / "zero3.json").read_text())
+    for offload in ({"offload_optimizer": {"device": "cpu"}}, {"offload_optimizer": {"device": "nvme", "nvme_path": "/nvme"}},
+                    {"cpu_offload": True}):
+        with pytest.raises(ConfigError, match=r"x.json' sets zero_optimization.offload_optimizer \(or the older cpu_offload\) "
+                                              r"to device '(cpu|nvme)': ZeRO-Offload is not supported, because doge-dist "
+                                              r"builds its own AdamW .* ZeRO-3 without offload \(configs/zero3.json\), a smaller "
+                                              r"train.micro_batch_size .* train.activation_checkpointing=true"):
+            _check(_config(), {**zero3, "zero_optimization": {**zero3["zero_optimization"], **offload}})
+    _check(_config(), {**zero3, "zero_optimization": {**zero3["zero_optimization"], "offload_optimizer": {"device": "none"},
+                                                      "offload_param": {"device": "cpu"}}})
 
 
 def test_fp32_gradient_accumulation_needs_zero_and_works_with_it():

@@ -73,6 +73,51 @@ def check_ds_sections(user: Any, where: str) -> None:
             raise ConfigError(f"{where}: '{key}' must be a JSON object such as {{\"enabled\": true}}, got {user[key]!r}.")
 
 
+def check_ds_values(user: dict[str, Any], where: str) -> None:
+    """Values DeepSpeed would take and misread later: Hugging Face Trainer-style "auto" (only that Trainer
+    fills it in; DeepSpeed reads ``"bf16": {"enabled": "auto"}`` as disabled, a silent fp32 run, and
+    ``"gradient_clipping": "auto"`` fails at the first optimizer step), a clipping threshold that is not a
+    number, and a ZeRO stage that is not the number 0-3 (``"3"`` passes DeepSpeed's parser but not our
+    comparisons)."""
+    def find_auto(section: dict[str, Any], path: str) -> None:
+        for key, value in section.items():
+            name = f"{path}{key}"
+            if isinstance(value, dict):
+                find_auto(value, f"{name}.")
+            elif value == "auto":
+                raise ConfigError(
+                    f"{where} sets {name} to \"auto\", a placeholder that only the Hugging Face Trainer fills in. "
+                    "doge-dist sets batch sizes and precision from the run config (train.micro_batch_size, "
+                    f"train.gradient_accumulation_steps, train.bf16): give {name} an explicit value, or remove it."
+                )
+
+    find_auto(user, "")
+    clip = user.get("gradient_clipping", 0)
+    if isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip < 0:
+        raise ConfigError(f"{where}: gradient_clipping must be a number >= 0 (the largest gradient norm; 0 turns "
+                          f"clipping off), got {clip!r}.")
+    stage = user.get("zero_optimization", {}).get("stage", 0)
+    if type(stage) is not int or stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{where}: zero_optimization.stage must be 0, 1, 2 or 3 written as a JSON number, got {stage!r}.")
+
+
+def check_no_optimizer_offload(user: dict[str, Any], where: str) -> None:
+    """ZeRO-Offload steps the optimizer on the CPU with DeepSpeed's own CPU Adam: ``deepspeed.initialize``
+    refuses doge-dist's torch AdamW (its ``zero_force_ds_cpu_optimizer`` check) once the model is built.
+    Read through DeepSpeed's model, so the older ``cpu_offload: true`` is caught too."""
+    from deepspeed.runtime.zero.config import get_zero_config
+
+    offload = get_zero_config(user).offload_optimizer
+    if offload is not None and offload.device != "none":
+        raise ConfigError(
+            f"{where} sets zero_optimization.offload_optimizer (or the older cpu_offload) to device {offload.device!r}: "
+            "ZeRO-Offload is not supported, because doge-dist builds its own AdamW (the weight-decay groups of "
+            "train.decay_groups) and DeepSpeed offloads only its own CPU Adam. Remove it; to save memory use ZeRO-3 "
+            "without offload (configs/zero3.json), a smaller train.micro_batch_size with a larger "
+            "train.gradient_accumulation_steps, or train.activation_checkpointing=true (launch/plan.py shows what fits)."
+        )
+
+
 def check_with_deepspeed(ds: dict[str, Any], where: str) -> None:
     """Everything else DeepSpeed checks in its config (removed keys such as "amp", value types), here
     rather than in ``deepspeed.initialize`` once the model is built. Its batch arithmetic counts
@@ -126,11 +171,7 @@ def bf16_enabled(ds: dict[str, Any]) -> bool:
 def resolve_ds_config(user: dict[str, Any], train: TrainConfig, dp_size: int, where: str = "the DeepSpeed config") -> dict[str, Any]:
     """The effective DeepSpeed config: ``user`` + batch sizes (+ ``train.bf16`` when set)."""
     check_ds_sections(user, where)
-    if train.micro_batch_size < 1 or train.gradient_accumulation_steps < 1:
-        raise ConfigError(
-            f"train.micro_batch_size ({train.micro_batch_size}) and train.gradient_accumulation_steps "
-            f"({train.gradient_accumulation_steps}) must both be at least 1."
-        )
+    check_ds_values(user, where)
     for key in ("optimizer", "scheduler", "fp16"):
         if key in user and (key != "fp16" or user[key].get("enabled", False)):
             raise ConfigError(
@@ -153,9 +194,8 @@ def resolve_ds_config(user: dict[str, Any], train: TrainConfig, dp_size: int, wh
     ds.update(wanted)
     if train.bf16 is not None:
         ds["bf16"] = {**ds.get("bf16", {}), "enabled": train.bf16}
-    if zero_stage(ds) not in (0, 1, 2, 3):
-        raise ConfigError(f"{where}: zero_optimization.stage must be 0, 1, 2 or 3, got {zero_stage(ds)}.")
     check_ds_keys(user, where)
+    check_no_optimizer_offload(user, where)
     check_with_deepspeed(ds, where)
     check_grad_accum_dtype(ds, where)
     ds.setdefault("steps_per_print", 10**9)  # our own log line replaces DeepSpeed's

@@ -42,6 +42,19 @@ def check_layout(config: Config, world_size: int) -> ParallelLayout:
     return layout
 
 
+def check_seq_length(config: Config) -> None:
+    """data.seq_length fits the model (launch/plan.py runs this too: a plan's activations scale with it)."""
+    seq_length, positions = config.data.seq_length, config.model.max_position_embeddings
+    if seq_length < 1:
+        raise ConfigError(f"data.seq_length must be positive, got {seq_length}.")
+    if seq_length > positions:
+        raise ConfigError(
+            f"data.seq_length ({seq_length}) exceeds model.max_position_embeddings ({positions}), the context the model "
+            f"(and its Hugging Face export) is made for; raise model.max_position_embeddings to at least {seq_length} "
+            "or lower data.seq_length."
+        )
+
+
 def check_data(config: Config) -> None:
     from ..data import load_tokenizer, validate_prefix
     from ..data.blend import parse_blends, split_weights
@@ -59,14 +72,7 @@ def check_data(config: Config) -> None:
     train, valid = parse_blends(data)
     for prefix in train[0] + (valid[0] if valid else []):
         validate_prefix(prefix, scan_tokens=False)
-    if data.seq_length < 1:
-        raise ConfigError(f"data.seq_length must be positive, got {data.seq_length}.")
-    if data.seq_length > config.model.max_position_embeddings:
-        raise ConfigError(
-            f"data.seq_length ({data.seq_length}) exceeds model.max_position_embeddings "
-            f"({config.model.max_position_embeddings}), the context the model (and its Hugging Face export) is made for; "
-            f"raise model.max_position_embeddings to at least {data.seq_length} or lower data.seq_length."
-        )
+    check_seq_length(config)
     if config.train.eval_interval > 0 and valid is None and split_weights(data.split)[1] == 0:
         raise ConfigError("train.eval_interval > 0 but data.split gives the validation split no weight; set data.valid_data or a split like 969,30,1.")
 
@@ -101,6 +107,25 @@ def check_flex_trains_here(attn_backend: str) -> None:
                           "is visible; train on CPU with model.attn_backend=auto (sdpa there), sdpa or eager.")
 
 
+def check_ds_config(config: Config, ds_user: dict[str, Any], layout: ParallelLayout, where: str) -> dict[str, Any]:
+    """The effective DeepSpeed config, and its ZeRO stage against the layout and train settings (launch/plan.py
+    runs this too, so it plans only what the trainer runs)."""
+    ds = resolve_ds_config(ds_user, config.train, layout.dp_size, where)
+    stage = zero_stage(ds)
+    if layout.expert_parallel > 1 and stage > 2:
+        raise ConfigError(f"{where}: expert parallelism trains with ZeRO 0-2; ZeRO-3 is not supported with it.")
+    model_parallel = layout.tensor_parallel > 1 or layout.expert_parallel > 1
+    if model_parallel and stage == 0 and bf16_enabled(ds):
+        raise ConfigError(f"{where}: ZeRO-0 in bf16 with tensor or expert parallelism is not supported: DeepSpeed's "
+                          "ZeRO-0 bf16 optimizer computes the gradient norm for clipping without the model-parallel "
+                          "marks of the parameters, so it leaves out other ranks' slices (at tensor_parallel 2 about "
+                          "half the norm). Use ZeRO-1 (configs/zero1.json, the same steps), or ZeRO-0 in fp32.")
+    if config.train.compile and stage > 2:
+        raise ConfigError(f"{where}: train.compile compiles each decoder layer, which ZeRO-3's parameter gathering hooks "
+                          "would break into pieces; use ZeRO 0-2 with it, or set train.compile=false.")
+    return ds
+
+
 def check_run(config: Config, ds_user: dict[str, Any], world_size: int, where: str) -> tuple[ParallelLayout, dict[str, Any]]:
     """All pre-build checks; returns the layout and the effective DeepSpeed config."""
     layout = check_layout(config, world_size)
@@ -122,18 +147,7 @@ def check_run(config: Config, ds_user: dict[str, Any], world_size: int, where: s
         raise ConfigError("train.freeze_dense_steps is for MoE models continued from a dense one (launch/upcycle.py).")
     if config.train.decay_groups not in DECAY_GROUPS:
         raise ConfigError(f"train.decay_groups = {config.train.decay_groups!r} is not one of {', '.join(DECAY_GROUPS)}.")
-    ds = resolve_ds_config(ds_user, config.train, layout.dp_size, where)
-    if layout.expert_parallel > 1 and ds.get("zero_optimization", {}).get("stage", 0) > 2:
-        raise ConfigError(f"{where}: expert parallelism trains with ZeRO 0-2; ZeRO-3 is not supported with it.")
-    model_parallel = layout.tensor_parallel > 1 or layout.expert_parallel > 1
-    if model_parallel and zero_stage(ds) == 0 and bf16_enabled(ds):
-        raise ConfigError(f"{where}: ZeRO-0 in bf16 with tensor or expert parallelism is not supported: DeepSpeed's "
-                          "ZeRO-0 bf16 optimizer computes the gradient norm for clipping without the model-parallel "
-                          "marks of the parameters, so it leaves out other ranks' slices (at tensor_parallel 2 about "
-                          "half the norm). Use ZeRO-1 (configs/zero1.json, the same steps), or ZeRO-0 in fp32.")
-    if config.train.compile and ds.get("zero_optimization", {}).get("stage", 0) > 2:
-        raise ConfigError(f"{where}: train.compile compiles each decoder layer, which ZeRO-3's parameter gathering hooks "
-                          "would break into pieces; use ZeRO 0-2 with it, or set train.compile=false.")
+    ds = check_ds_config(config, ds_user, layout, where)
     check_data(config)
     check_writable_dir(config.run.dir, "run.dir")
     if config.data.cache_dir:
