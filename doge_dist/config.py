@@ -515,6 +515,9 @@ def _check_override(section: str, key: str, value: Any, where: str) -> None:
     _typed_value(key, value, fields[key], where)
 
 
+MOE_ONLY_KEYS = ("num_experts", "num_experts_per_tok", "router_aux_loss_coef", "router_layout", "balance_loss")
+
+
 def config_from_dict(raw: dict[str, Any], where: str = "config") -> Config:
     raw = raw or {}
     for section, values in raw.items():
@@ -539,9 +542,6 @@ def config_from_dict(raw: dict[str, Any], where: str = "config") -> Config:
             "ignored: set model.is_moe=true (or a -moe preset such as doge-20m-moe) for a CDMoE model, or drop it."
         )
     return config
-
-
-MOE_ONLY_KEYS = ("num_experts", "num_experts_per_tok", "router_aux_loss_coef", "router_layout", "balance_loss")
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
