@@ -26,6 +26,19 @@ def _wait_for_line(process, text):
     raise AssertionError(f"the run ended before printing {text!r}")
 
 
+def at_step_5_of(source: Path, run_dir: Path) -> None:
+    """``run_dir`` holding ``source``'s step-5 checkpoint as its latest."""
+    (run_dir / "checkpoints").mkdir(parents=True)
+    subprocess.run(["cp", "-r", str(source / "checkpoints" / "step_00000005"), str(run_dir / "checkpoints")], check=True)
+    (run_dir / "checkpoints" / "latest").write_text("step_00000005")
+
+
+def latest_meta(run_dir: Path) -> dict:
+    """The doge_meta.json of ``run_dir``'s latest checkpoint."""
+    root = run_dir / "checkpoints"
+    return json.loads((root / (root / "latest").read_text() / "doge_meta.json").read_text())
+
+
 def test_sigkill_and_resume_equals_uninterrupted():
     run_dir = scratch() / "killed"
     settings = dict(micro_batch_size=2, gradient_accumulation_steps=2, save_interval=2)
@@ -129,9 +142,7 @@ def test_resume_one_rank_on_two_and_sigterm_saves():
     """1 -> 2 ranks from the reference's step-5 checkpoint; then SIGTERM stops a run with a checkpoint."""
     source = single_process_run()
     run_dir = scratch() / "one_to_two"
-    (run_dir / "checkpoints").mkdir(parents=True)
-    subprocess.run(["cp", "-r", str(source / "checkpoints" / "step_00000005"), str(run_dir / "checkpoints")], check=True)
-    (run_dir / "checkpoints" / "latest").write_text("step_00000005")
+    at_step_5_of(source, run_dir)
     pretrain(run_dir, 0, nproc=2, micro_batch_size=2, gradient_accumulation_steps=1)
     assert losses(run_dir) == pytest.approx(losses(source)[5:], rel=2e-5)
 
@@ -142,8 +153,7 @@ def test_resume_one_rank_on_two_and_sigterm_saves():
     output = process.communicate(timeout=120)[0]
     assert process.returncode == 0, output[-3000:]
     assert "stop signal received" in output
-    tag = (run_dir / "checkpoints" / "latest").read_text()
-    assert json.loads((run_dir / "checkpoints" / tag / "doge_meta.json").read_text())["step"] >= 3
+    assert latest_meta(run_dir)["step"] >= 3
 
 
 @pytest.mark.parametrize("saved,resumed", [(0, 2), (2, 0), (2, 3), (3, 1)])
@@ -433,7 +443,7 @@ def test_a_stop_signal_to_the_process_group_with_dataloader_workers_saves_and_re
     os.killpg(process.pid, signal.SIGUSR1)
     output = process.communicate(timeout=120)[0]
     assert process.returncode == 0 and "stop signal received" in output, output[-3000:]
-    saved = json.loads((run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text() / "doge_meta.json").read_text())
+    saved = latest_meta(run_dir)
     assert 2 <= saved["step"] < STEPS
     pretrain(run_dir, 0, nproc=1, launcher="python", **settings)
     assert losses(run_dir) == losses(single_process_run())  # exactly
@@ -445,9 +455,7 @@ def test_a_stop_signal_during_setup_saves_after_the_first_step():
     and lost, and the job ran into its time limit. It is kept for the first step, which then saves."""
     source = single_process_run()
     run_dir = scratch() / "signalled_in_setup"
-    (run_dir / "checkpoints").mkdir(parents=True)
-    subprocess.run(["cp", "-r", str(source / "checkpoints" / "step_00000005"), str(run_dir / "checkpoints")], check=True)
-    (run_dir / "checkpoints" / "latest").write_text("step_00000005")
+    at_step_5_of(source, run_dir)
     process = _start(run_dir, 0, 1, "python", micro_batch_size=2, gradient_accumulation_steps=2)
     _wait_for_line(process, "[doge-dist] resumed from")  # the data and the reporting are still to be built
     process.send_signal(signal.SIGUSR1)
@@ -477,7 +485,7 @@ def test_a_stop_signal_that_reaches_one_tensor_parallel_rank_first_stops_every_r
         process.kill()
         raise AssertionError("the ranks did not stop together: the run hung after one rank's stop signal") from None
     assert process.returncode == 0 and "stop signal received" in output, output[-3000:]
-    saved = json.loads((run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text() / "doge_meta.json").read_text())
+    saved = latest_meta(run_dir)
     assert 3 <= saved["step"] < 1000
 
 
