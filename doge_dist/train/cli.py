@@ -57,9 +57,8 @@ def report_errors(run: Callable[[], None]) -> int:
     in part on every process) and returns exit code 2,
     a run stopped for non-finite losses exit code 3, a checkpoint or export that could not be written
     (printed by every rank it failed on) exit code 4. On these ends the process group (if ``run`` made one) is
-    destroyed before the interpreter exits, as PyTorch asks: left to the interpreter's teardown, a gloo
-    run ended now and then in "terminate called without an active exception" (exit code 250) after its
-    last checkpoint."""
+    destroyed before the interpreter exits, as PyTorch asks (the launchers then skip the interpreter's
+    teardown altogether: exit_without_teardown)."""
     from ..convert.hf import ExportWriteError
     from .checkpoint import CheckpointWriteError
     from .distributed import LaunchEnvironmentError, is_launcher_main
