@@ -1,9 +1,11 @@
 """The gloo spawner starts again on a new port when another process holds the one it picked (the
 window between picking a free port and binding it), instead of failing or hanging the test run, and
 its ranks' results outlive the rank processes."""
+import os
 import pickle
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -42,3 +44,15 @@ def test_tensors_come_back_after_their_rank_has_exited():
     assert error is None and rank.exitcode == 0
     received = pickle.loads(value)
     assert received["rank"] == 0 and torch.equal(received["values"], torch.arange(4.0))
+
+
+def _rank_one_dies(rank, world_size):
+    if rank == 1:
+        os._exit(3)  # as a segfault or the OOM killer would end it: no result, no traceback
+    return rank
+
+
+@pytest.mark.timeout(120)
+def test_a_rank_that_dies_without_a_result_fails_the_call_instead_of_hanging_it():
+    with pytest.raises(AssertionError, match="rank 1 exited with code 3"):
+        spawn.run_distributed(_rank_one_dies, 2)

@@ -3,6 +3,7 @@
 import os
 import pickle
 import socket
+import time
 import traceback
 
 import torch
@@ -44,6 +45,21 @@ class PortTaken(AssertionError):
     pass
 
 
+def _next_result(results, procs, collected, poll_s: float = 0.5):
+    """The next rank's (rank, value, error); a rank that ended without putting one (a segfault, the OOM
+    killer, os._exit) becomes an error instead of a wait for ever. A rank puts its result before it
+    exits, so an exit is only taken as a death once the queue stays empty after it."""
+    while True:
+        if not results.empty():
+            return results.get()
+        dead = [r for r, p in enumerate(procs) if r not in collected and p.exitcode is not None]
+        if dead and results.empty():
+            time.sleep(poll_s)  # a result put just before the exit may still be in the pipe
+            if results.empty():
+                return dead[0], None, f"rank {dead[0]} exited with code {procs[dead[0]].exitcode} before returning a result"
+        time.sleep(poll_s / 10)
+
+
 def _run_once(fn, world_size: int, *args):
     context = mp.get_context("spawn")
     results = context.SimpleQueue()
@@ -52,8 +68,8 @@ def _run_once(fn, world_size: int, *args):
     for p in procs:
         p.start()
     collected = {}
-    for _ in procs:
-        rank, value, error = results.get()
+    while len(collected) < len(procs):
+        rank, value, error = _next_result(results, procs, collected)
         if error:
             for p in procs:
                 p.terminate()
