@@ -325,7 +325,7 @@ def print_profile(step: Callable[[], torch.Tensor], device: torch.device, rows: 
 
 def greedy_ours(model, prompt: torch.Tensor, new_tokens: int, compiled: bool = False) -> torch.Tensor:
     """Our generation loop (KV cache with the per-key bias cached beside K and V), greedy."""
-    return generate(model, prompt, new_tokens, temperature=0.0, compile=compiled)[:, prompt.shape[1] :]
+    return generate(model, prompt, new_tokens, temperature=0.0, eos_token_id=None, compile=compiled)[:, prompt.shape[1] :]
 
 
 @torch.inference_mode()

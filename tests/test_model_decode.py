@@ -172,7 +172,7 @@ def test_a_left_padded_batch_generates_the_tokens_of_transformers(case):
     mask = torch.ones_like(prompt)
     mask[1, :3] = mask[2, :5] = 0
     prompt = prompt.masked_fill(mask == 0, config.pad_token_id)
-    out = generate(ours.eval(), prompt, 16, temperature=0, attention_mask=mask)
+    out = generate(ours.eval(), prompt, 16, temperature=0, attention_mask=mask, eos_token_id=None)
     expected = hf.generate(prompt, attention_mask=mask, max_new_tokens=16, do_sample=False, eos_token_id=None,
                            pad_token_id=config.pad_token_id)
     assert torch.equal(out, expected)
@@ -190,13 +190,29 @@ def test_rows_that_reached_eos_are_padded_as_transformers_pads_them():
     config = ModelConfig.from_preset("doge-tiny")
     ours, hf = model_pair(config)
     prompt = torch.randint(3, 512, (2, 5), generator=torch.Generator().manual_seed(2))
-    free = generate(ours.eval(), prompt, 8, temperature=0)
+    free = generate(ours.eval(), prompt, 8, temperature=0, eos_token_id=None)
     eos = int(free[0, 5])  # row 0's first token
     assert eos not in free[1, 5:].tolist() and eos != config.pad_token_id
     out = generate(ours, prompt, 8, temperature=0, eos_token_id=eos)
     expected = hf.generate(prompt, max_new_tokens=8, do_sample=False, eos_token_id=eos, pad_token_id=config.pad_token_id)
     assert torch.equal(out, expected)
     assert out[0, 6:].tolist() == [config.pad_token_id] * 7
+
+
+def test_generation_stops_at_the_configs_eos_unless_told_otherwise():
+    """As transformers' generate takes its eos from the model's generation config: without an
+    eos_token_id the config's ends a row; None generates every token."""
+    config = ModelConfig.from_preset("doge-tiny")
+    ours, _ = model_pair(config)
+    prompt = torch.randint(3, 512, (2, 5), generator=torch.Generator().manual_seed(2))
+    free = generate(ours.eval(), prompt, 8, temperature=0, eos_token_id=None)
+    eos = int(free[0, 5])
+    ours.config.eos_token_id = eos
+    _, hf = model_pair(ours.config)
+    out = generate(ours, prompt, 8, temperature=0)
+    assert torch.equal(out, hf.generate(prompt, max_new_tokens=8, do_sample=False))
+    assert out[0, 6:].tolist() == [config.pad_token_id] * 7
+    assert torch.equal(generate(ours, prompt, 8, temperature=0, eos_token_id=None), free)
 
 
 def test_generate_leaves_the_model_in_the_mode_it_was_in():

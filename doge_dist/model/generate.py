@@ -5,7 +5,7 @@ Temperature 0 is greedy decoding; ``top_k``/``top_p`` restrict sampling to the m
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -94,14 +94,15 @@ def generate(
     temperature: float = 1.0,
     top_k: Optional[int] = None,
     top_p: Optional[float] = None,
-    eos_token_id: Optional[int] = None,
+    eos_token_id: Union[int, None, str] = "config",
     generator: Optional[torch.Generator] = None,
     attention_mask: Optional[torch.Tensor] = None,
     compile: bool = False,
     pad_token_id: Optional[int] = None,
 ) -> torch.Tensor:
     """``input_ids`` [B, T] -> [B, T + new]; rows that emitted ``eos_token_id`` go on with ``pad_token_id``
-    (default the config's, else the eos), as transformers' ``generate`` pads them.
+    (default the config's, else the eos), as transformers' ``generate`` pads them. ``eos_token_id`` is
+    the model config's by default, as transformers' generation config has it; None generates every token.
 
     ``attention_mask`` [B, T] (1 for real tokens) batches prompts of different lengths left-padded, as
     transformers' ``generate`` takes them: padding is not attended and each row's positions start at
@@ -113,6 +114,8 @@ def generate(
     inference mode (about 10% less dispatch per operation than no_grad at batch 1); the model is left
     in the mode it was in, and the result is an ordinary tensor, so it can feed a training step."""
     check_options(max_new_tokens, temperature, top_k, top_p)
+    if eos_token_id == "config":
+        eos_token_id = model.config.eos_token_id
     if input_ids.shape[-1] == 0:
         raise ValueError("input_ids is empty: generation needs at least one prompt token.")
     padding = left_padding(attention_mask)
