@@ -13,7 +13,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import yaml
 
@@ -518,7 +518,26 @@ def _check_override(section: str, key: str, value: Any, where: str) -> None:
 MOE_ONLY_KEYS = ("num_experts", "num_experts_per_tok", "router_aux_loss_coef", "router_layout", "balance_loss")
 
 
-def config_from_dict(raw: dict[str, Any], where: str = "config") -> Config:
+def inherits_model(init_from: Optional[str], file_raw: Optional[dict], overrides: Iterable[str]) -> bool:
+    """Whether a fine-tuning run's model shape comes from run.init_from: a YAML without a model section
+    (the SFT/DPO recipes) continues the model it starts from, unless model.preset=... names another."""
+    return (bool(init_from) and "model" not in (file_raw or {})
+            and not any(o.startswith("model.preset=") for o in overrides))
+
+
+def check_moe_keys(model: ModelConfig, given: Iterable[str], where: str, whose: str = "the model") -> None:
+    """A ConfigError for a MoE-only model key given for a dense model, which would silently be ignored."""
+    moe_keys = [key for key in MOE_ONLY_KEYS if key in given]
+    if moe_keys and not model.is_moe:
+        raise ConfigError(
+            f"model.{moe_keys[0]} is set in {where}, but {whose} is dense (model.is_moe is false), so it would be "
+            "ignored: set model.is_moe=true (or a -moe preset such as doge-20m-moe) for a CDMoE model, or drop it."
+        )
+
+
+def config_from_dict(raw: dict[str, Any], where: str = "config", model_inherited: bool = False) -> Config:
+    """The run config of the sections in ``raw``; ``model_inherited``: the model will be run.init_from's
+    (``inherits_model``), which checks its own MoE keys."""
     raw = raw or {}
     for section, values in raw.items():
         if section not in SECTIONS:
@@ -535,12 +554,8 @@ def config_from_dict(raw: dict[str, Any], where: str = "config") -> Config:
             if name != "model"
         },
     )
-    moe_keys = [key for key in MOE_ONLY_KEYS if key in (raw.get("model") or {})]
-    if moe_keys and not config.model.is_moe and not config.run.init_from:  # with init_from the model may come from it
-        raise ConfigError(
-            f"model.{moe_keys[0]} is set in {where}, but the model is dense (model.is_moe is false), so it would be "
-            "ignored: set model.is_moe=true (or a -moe preset such as doge-20m-moe) for a CDMoE model, or drop it."
-        )
+    if not model_inherited:
+        check_moe_keys(config.model, raw.get("model") or {}, where)
     return config
 
 
@@ -558,8 +573,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
-    """Read a YAML run config (or none) and apply ``section.key=value`` overrides."""
+def load_config(path: Optional[str], overrides: list[str] = (), fine_tuning: bool = False) -> Config:
+    """Read a YAML run config (or none) and apply ``section.key=value`` overrides. ``fine_tuning``: the
+    SFT/DPO launchers, where a YAML without a model section continues run.init_from's model."""
     raw: dict[str, Any] = {}
     where = "the command-line overrides"
     if path:
@@ -569,7 +585,11 @@ def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
             raise ConfigError(f"Config file '{path}' {state}; pass --config with a YAML file from configs/.")
         raw = _read_yaml(file, path)
         where = f"config file '{path}'"
-    return config_from_dict(apply_overrides(raw, list(overrides)), where)
+    file_sections = dict(raw)  # before the overrides add theirs
+    merged = apply_overrides(raw, list(overrides))
+    run = merged.get("run")  # not a mapping: config_from_dict says so
+    inherited = fine_tuning and isinstance(run, dict) and inherits_model(run.get("init_from"), file_sections, overrides)
+    return config_from_dict(merged, where, model_inherited=inherited)
 
 
 def _yaml_problem(error: yaml.YAMLError) -> str:

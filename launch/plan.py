@@ -62,7 +62,7 @@ def main() -> int:
         from doge_dist.train.ds_config import read_ds_config
 
         recipe = load_config(args.config)
-        config = load_config(args.config, args.overrides)
+        config = load_config(args.config, args.overrides, fine_tuning=True)  # the model as planned_model finds it
         ds_path = args.ds_config or config.run.ds_config
         if not ds_path:
             raise ConfigError("No DeepSpeed config: pass --ds_config configs/zero2.json (or set run.ds_config in the YAML).")

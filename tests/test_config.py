@@ -189,5 +189,11 @@ def test_moe_keys_on_a_dense_model_are_refused_not_ignored():
     assert load_config(None, ["model.preset=doge-tiny", "model.is_moe=true", "model.num_experts=16",
                               "model.num_experts_per_tok=4"]).model.num_experts == 16
     assert load_config(None, ["model.preset=doge-20m-moe", "model.router_aux_loss_coef=0.01"]).model.is_moe
-    # fine-tuning: the model (MoE or not) comes from run.init_from, its overrides are checked there
-    assert load_config(None, ["run.init_from=runs/sft", "model.router_aux_loss_coef=0.01"]).model.router_aux_loss_coef == 0.01
+    # fine-tuning without a model section: the model (MoE or not) comes from run.init_from, checked there
+    assert load_config(None, ["run.init_from=runs/sft", "model.router_aux_loss_coef=0.01"],
+                       fine_tuning=True).model.router_aux_loss_coef == 0.01
+    # pretraining from init_from trains the config's model: its MoE keys are checked as without init_from
+    with pytest.raises(ConfigError, match=r"model.router_aux_loss_coef is set in the command-line overrides, but the model is dense"):
+        load_config(None, ["run.init_from=runs/sft", "model.router_aux_loss_coef=0.01"])
+    with pytest.raises(ConfigError, match=r"model.num_experts is set in the command-line overrides, but the model is dense"):
+        load_config(None, ["run.init_from=runs/sft", "model.preset=doge-tiny", "model.num_experts=16"], fine_tuning=True)

@@ -566,7 +566,7 @@ def test_model_overrides_apply_on_top_of_the_init_from_model():
     layers) and the run stopped on a vocabulary mismatch naming the wrong key. model.preset=... names
     another shape outright (planning a model before init_from exists)."""
     from chat_helpers import init_dir
-    from doge_dist.config import ModelConfig, load_config
+    from doge_dist.config import ConfigError, ModelConfig, load_config
     from doge_dist.train.finetune import continued_model, model_from_init
 
     overrides = [f"run.init_from={init_dir()}", "model.attn_backend=eager", "model.max_position_embeddings=4096"]
@@ -578,6 +578,10 @@ def test_model_overrides_apply_on_top_of_the_init_from_model():
     assert (model.attn_backend, model.max_position_embeddings) == ("eager", 4096)
     assert not model_from_init(config, {"model": {"preset": "doge-20m"}}, overrides)
     assert not model_from_init(config, {}, overrides + ["model.preset=doge-20m"])
+    # a MoE key on the dense model it continues would be ignored: named, as without init_from
+    with pytest.raises(ConfigError, match=r"model.num_experts is set in the command-line overrides, but the model "
+                                          r"\(run.init_from's\) is dense"):
+        continued_model(config.run.init_from, overrides + ["model.num_experts=16"])
 
 
 def test_pairs_identical_within_seq_length_count_as_without_loss():

@@ -116,7 +116,7 @@ def main_finetune(kind: str, config_path: Optional[str], ds_config_path: Optiona
     from .loop import pretrain
 
     def run() -> None:
-        config = load_config(config_path, overrides)
+        config = load_config(config_path, overrides, fine_tuning=True)
         path = ds_config_path_of(config, ds_config_path)
         ds = read_ds_config(path)
         raw = yaml.safe_load(Path(config_path).read_text()) if config_path else {}

@@ -15,7 +15,7 @@ from typing import Callable, Optional
 
 from torch.utils.data import DataLoader, Dataset
 
-from ..config import Config, ConfigError, ModelConfig, apply_overrides
+from ..config import Config, ConfigError, ModelConfig, apply_overrides, check_moe_keys, inherits_model
 from ..data import DataError, ResumableSampler
 from ..data.blend import parse_blend
 from ..data.sampler import leave_stop_signals_to_the_trainer
@@ -190,19 +190,20 @@ def size_in_epochs(config: Config, samples: int, world_size: int, given: frozens
 
 
 def model_from_init(config: Config, raw: Optional[dict], overrides: list[str]) -> bool:
-    """Whether the model shape comes from run.init_from: a YAML without a model section (the SFT/DPO
-    recipes) continues the model it starts from (``continued_model``), unless model.preset=... names
-    another shape."""
-    return (bool(config.run.init_from) and "model" not in (raw or {})
-            and not any(o.startswith("model.preset=") for o in overrides))
+    """Whether the model shape comes from run.init_from (``continued_model``): ``config.inherits_model``."""
+    return inherits_model(config.run.init_from, raw, overrides)
 
 
 def continued_model(init_from: str, overrides: list[str]) -> ModelConfig:
     """run.init_from's model with the model.* overrides on top (model.attn_backend=eager, a longer
     max_position_embeddings...): without them a single override built ModelConfig's defaults."""
     saved = model_config_of(init_from)
-    values = apply_overrides({"model": saved.to_dict()}, [o for o in overrides if o.startswith("model.")])["model"]
-    return ModelConfig.from_dict(values, f"run.init_from's model ({init_from}) with the model.* overrides")
+    model_overrides = [o for o in overrides if o.startswith("model.")]
+    values = apply_overrides({"model": saved.to_dict()}, model_overrides)["model"]
+    model = ModelConfig.from_dict(values, f"run.init_from's model ({init_from}) with the model.* overrides")
+    given = apply_overrides({}, model_overrides).get("model") or {}
+    check_moe_keys(model, given, "the command-line overrides", "the model (run.init_from's)")
+    return model
 
 
 def model_config_of(init_from: str, key: str = "run.init_from") -> ModelConfig:
