@@ -526,8 +526,10 @@ def inherits_model(init_from: Optional[str], file_raw: Optional[dict], overrides
 
 
 def check_moe_keys(model: ModelConfig, given: Iterable[str], where: str, whose: str = "the model") -> None:
-    """A ConfigError for a MoE-only model key given for a dense model, which would silently be ignored."""
-    moe_keys = [key for key in MOE_ONLY_KEYS if key in given]
+    """A ConfigError for a MoE-only model key given for a dense model, which would silently be ignored; a key
+    at its default is not one (a run's resolved config.yaml writes them all)."""
+    defaults = {field.name: field.default for field in dataclasses.fields(ModelConfig)}
+    moe_keys = [key for key in MOE_ONLY_KEYS if key in given and given[key] != defaults[key]]
     if moe_keys and not model.is_moe:
         raise ConfigError(
             f"model.{moe_keys[0]} is set in {where}, but {whose} is dense (model.is_moe is false), so it would be "

@@ -1,5 +1,6 @@
 """Config validation: bad input fails at config time with the key named and a fix suggested."""
 import pytest
+import yaml
 
 from doge_dist.config import ConfigError, ModelConfig, load_config
 from doge_dist.model import build_model
@@ -182,13 +183,17 @@ def test_a_deepspeed_json_that_is_not_utf8_is_named(tmp_path):
         read_ds_config(str(path))
 
 
-def test_moe_keys_on_a_dense_model_are_refused_not_ignored():
+def test_moe_keys_on_a_dense_model_are_refused_not_ignored(tmp_path):
     """model.num_experts=16 on a dense preset trained a dense model without a word."""
     with pytest.raises(ConfigError, match=r"model.num_experts is set in the command-line overrides, but the model is dense"):
         load_config(None, ["model.preset=doge-tiny", "model.num_experts=16"])
     assert load_config(None, ["model.preset=doge-tiny", "model.is_moe=true", "model.num_experts=16",
                               "model.num_experts_per_tok=4"]).model.num_experts == 16
     assert load_config(None, ["model.preset=doge-20m-moe", "model.router_aux_loss_coef=0.01"]).model.is_moe
+    # a run's resolved config.yaml writes every model field, the MoE ones at their defaults: it loads back
+    written = tmp_path / "config.yaml"
+    written.write_text(yaml.safe_dump(load_config(None, ["model.preset=doge-tiny"]).to_dict()))
+    assert not load_config(str(written)).model.is_moe
     # fine-tuning without a model section: the model (MoE or not) comes from run.init_from, checked there
     assert load_config(None, ["run.init_from=runs/sft", "model.router_aux_loss_coef=0.01"],
                        fine_tuning=True).model.router_aux_loss_coef == 0.01
