@@ -8,7 +8,7 @@ from functools import lru_cache
 import pytest
 import torch
 
-from train_helpers import losses, pretrain, scratch
+from train_helpers import losses, pretrain, scalars, scratch
 
 TOLERANCE = 2e-5
 MOE = {"model.preset": "doge-tiny-moe"}
@@ -35,13 +35,27 @@ def test_ep2_matches_one_process_and_checkpoints_move_between_ep_sizes():
     assert back == pytest.approx(single[7:], rel=TOLERANCE)
 
 
+@pytest.mark.parametrize("tag", ["moe/expert_load_max_over_mean", "moe/unused_expert_fraction", "moe/router_entropy"])
+def test_routing_statistics_continue_across_resumes_at_other_layouts(tag):
+    """The expert loads are counted over the last 100 micro-batches of all ranks: a resumed run (here at
+    another number of ranks) continues that window from the checkpoint, where it restarted empty and its
+    curves jumped at every resume (expert_load_max_over_mean 3.0 instead of 1.8 at the first step)."""
+    single, ep2, ep1, back = (scalars(run, tag) for run in runs())
+    assert ep2 == pytest.approx(single, rel=TOLERANCE)
+    assert ep1 == pytest.approx({step: value for step, value in single.items() if step > 5}, rel=TOLERANCE)
+    assert back == pytest.approx({step: value for step, value in single.items() if step > 7}, rel=TOLERANCE)
+
+
 def test_ep2_checkpoint_resumes_at_tensor_parallel_2():
     """The universal checkpoint of an EP 2 run names the tensor-parallel split dims (row-parallel
-    weights along dim 1), so a TP 2 run cuts them right."""
+    weights along dim 1), so a TP 2 run cuts them right; its routing statistics continue the window."""
     run_dir = scratch() / "moe_ep2_to_tp2"
     pretrain(run_dir, 2, nproc=2, micro_batch_size=2, gradient_accumulation_steps=2,
              **MOE, **{"parallel.tensor_parallel": 2, "run.resume": str(runs()[1] / "checkpoints" / "step_00000005")})
     assert losses(run_dir) == pytest.approx(losses(runs()[0])[5:], rel=TOLERANCE)
+    # both tensor-parallel ranks route the same tokens: the continued routing window counts them once
+    load = scalars(runs()[0], "moe/expert_load_max_over_mean")
+    assert scalars(run_dir, "moe/expert_load_max_over_mean") == pytest.approx({k: v for k, v in load.items() if k > 5}, rel=TOLERANCE)
 
 
 def test_ep2_with_two_expert_data_parallel_replicas_matches_one_process():

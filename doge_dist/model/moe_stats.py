@@ -50,6 +50,30 @@ class MoEStats:
         entropy_sum = sum((token_entropies(r).cpu() * real).sum().item() for r in routings) / len(routings)
         self.entropy += torch.tensor([entropy_sum, real.sum().item()], dtype=torch.float64)
 
+    def global_state(self, copies: int = 1, group: Optional[object] = None) -> dict[str, torch.Tensor]:
+        """The window and the entropy accumulator summed over all ranks of ``group`` (default: every rank
+        once torch.distributed is initialised; a collective call then), for a checkpoint: a resumed run
+        goes on with the same window whatever its layout (``load_global_state``). ``copies``: the ranks
+        that route each token (tensor-parallel ranks without sequence parallelism), counted once."""
+        window = torch.stack(list(self.window)) if self.window else torch.zeros(0)
+        entropy = self.entropy.to(window.device)
+        if group is not None or dist.is_initialized():
+            dist.all_reduce(window, group=group)
+            dist.all_reduce(entropy, group=group)
+        return {"window": window.cpu() / copies, "entropy": entropy.cpu() / copies}
+
+    def load_global_state(self, state: dict[str, torch.Tensor], owner: bool, device: torch.device, copies: int = 1) -> None:
+        """Continue from ``global_state``: one rank (``owner``) takes the sums (times this layout's
+        ``copies``), the others zeros, so every rank's window has the same length and the sum over ranks
+        is the one this layout would have counted."""
+        window = state["window"].to(device) * copies
+        entropy = state["entropy"].to(torch.float64) * copies
+        if not owner:
+            window, entropy = torch.zeros_like(window), torch.zeros_like(entropy)
+        self.window.clear()
+        self.window.extend(window.unbind(0))
+        self.entropy = entropy
+
     def summary(self, group: Optional[object] = None) -> dict[str, float]:
         """``moe/expert_load_max_over_mean``, ``moe/unused_expert_fraction``, ``moe/router_entropy``,
         over all ranks of ``group`` (default: every rank once torch.distributed is initialised; a

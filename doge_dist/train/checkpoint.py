@@ -168,11 +168,22 @@ def restore_rng(directory: Path, rank: int, seed: int) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+MONITOR_STATE = "monitor_state.pt"  # the logged statistics' window across steps (MoE routing), summed over ranks
+
+
+def read_monitor_state(directory: Path) -> Optional[dict]:
+    """The checkpoint's ``MONITOR_STATE`` (None for a dense model's or an older checkpoint)."""
+    file = directory / MONITOR_STATE
+    return torch.load(file, weights_only=True) if file.is_file() else None
+
+
 def save(engine, run_dir: str | Path, progress: Progress, layout, keep_last: int, model_config: dict,
-         universal_info: dict, data_order: Optional[dict] = None, global_batch: Optional[int] = None) -> Path:
+         universal_info: dict, data_order: Optional[dict] = None, global_batch: Optional[int] = None,
+         monitor_state: Optional[dict] = None) -> Path:
     """Save on every rank; move ``latest`` only once all ranks are done; then prune old checkpoints.
     ``data_order`` (data.data_order) and ``global_batch`` (sequences per step) go into the meta file,
-    for a resume to check its data and batch against."""
+    for a resume to check its data and batch against; ``monitor_state`` (the same on every rank: the
+    task's ``monitor_state``) into rank 0's ``MONITOR_STATE`` file."""
     root = checkpoint_root(run_dir)
     tag = tag_for(progress.step)
     rank = dist.get_rank()
@@ -189,6 +200,8 @@ def save(engine, run_dir: str | Path, progress: Progress, layout, keep_last: int
             "expert_parallel": layout.expert_parallel, "zero_stage": engine.zero_optimization_stage()}
     with _reported_as_write_failure(root, tag):
         torch.save(_rng_state(), root / tag / f"rng_rank{rank:05d}.pt")
+        if rank == 0 and monitor_state is not None:
+            torch.save(monitor_state, root / tag / MONITOR_STATE)
         engine.save_checkpoint(str(root), tag=tag, client_state={**meta, "universal_checkpoint_info": universal_info,
                                                                  **fp32_master_names(engine)}, save_latest=False)
     dist.barrier()  # every rank's files are written ...

@@ -330,8 +330,11 @@ def pretrain(config: Config, ds_user: dict[str, Any], ds_where: str = "the DeepS
     with reporter.paused():  # DPO's reference log-probs, computed once, are no training throughput
         task.prepare(engine)
     freeze = DenseFreeze(engine.module, engine.lr_scheduler, train)
+    token_copies = 1 if config.parallel.sequence_parallel else layout.tensor_parallel  # ranks routing the same tokens
     if start:  # last: setting up draws random numbers too (the CPU peak for MFU), which shifted every dropout mask
         checkpoint.restore_rng(source[0] / source[1], env.rank, train.seed)
+        task.restore_monitor_state(checkpoint.read_monitor_state(start[0] / start[1]), config, env.rank == 0, env.device,
+                                   token_copies)
 
     def save() -> None:
         if bad_in_a_row:  # the step counts as bad: `latest` stays on the last good checkpoint, as TrainingStopped says
@@ -340,7 +343,8 @@ def pretrain(config: Config, ds_user: dict[str, Any], ds_where: str = "the DeepS
             return
         checkpoint.save(engine, run_dir, progress, layout, train.keep_last, config.model.to_dict(),
                         universal_checkpoint_info(config.model, layout.tensor_parallel, layout.expert_parallel),
-                        data_order(config, data, progress.consumed_samples) if env.is_main else None, data.global_batch)
+                        data_order(config, data, progress.consumed_samples) if env.is_main else None, data.global_batch,
+                        task.monitor_state(token_copies))
 
     # 5. the loop
     bad_in_a_row = 0

@@ -36,6 +36,11 @@ class Task(Protocol):
 
     def log_metrics(self, device: torch.device) -> dict[str, float]: ...
 
+    def monitor_state(self, copies: int) -> Optional[dict]: ...
+
+    def restore_monitor_state(self, state: Optional[dict], config: Config, owner: bool, device: torch.device,
+                              copies: int) -> None: ...
+
     def validation_metrics(self, device: torch.device) -> dict[str, float]: ...
 
     # whether the loss is a mean token cross entropy, so that validation reports its perplexity
@@ -85,6 +90,19 @@ class PretrainTask:
         if config.is_moe and self.moe_stats is None and engine.module.training:
             self.moe_stats = MoEStats(config.num_experts)
         return self.moe_stats if engine.module.training else None
+
+    def monitor_state(self, copies: int) -> Optional[dict]:
+        """What the logged statistics accumulate over more than one step (the MoE routing window), summed
+        over all ranks for the checkpoint (``copies``: ranks that see the same tokens, counted once); None
+        when nothing does. A collective call."""
+        return self.moe_stats.global_state(copies) if self.moe_stats is not None else None
+
+    def restore_monitor_state(self, state: Optional[dict], config: Config, owner: bool, device: torch.device,
+                              copies: int) -> None:
+        """Continue ``monitor_state`` of the checkpoint a run resumes from (``owner``: one rank for all)."""
+        if state is not None and config.model.is_moe:
+            self.moe_stats = MoEStats(config.model.num_experts)
+            self.moe_stats.load_global_state(state, owner, device, copies)
 
     def log_metrics(self, device: torch.device) -> dict[str, float]:
         """Scalars beyond the loop's own (averaged since the previous log point); a collective call.
