@@ -63,3 +63,12 @@ def test_a_run_restarted_before_its_first_checkpoint_replaces_the_killed_runs_po
     board = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0})
     board.Reload()
     assert [(event.step, event.value) for event in board.Scalars("train/loss")] == [(1, 5.0), (2, 5.0)]
+
+
+def test_a_device_without_a_known_peak_writes_no_mfu(tmp_path):
+    """The console says "MFU n/a"; TensorBoard got a flat train/mfu of 0 that read as a measurement."""
+    reporter = metrics.Reporter(str(tmp_path), True, peak=0.0, world_size=1, max_steps=2)
+    reporter.count(1000, 1e12)
+    reporter.train_step(1, 5.0, 1e-3, 1.0, 1000, torch.device("cpu"), None)
+    reporter.close()
+    assert scalars(tmp_path, "train/mfu") == {} and scalars(tmp_path, "train/tflops_per_device")

@@ -153,10 +153,11 @@ class Reporter:
             "train/grad_norm": grad_norm,
             "train/tokens_per_sec": tokens_per_sec,
             "train/tflops_per_device": tflops,
-            "train/mfu": mfu,
             "train/memory_gb": memory_gb(device),
             "train/consumed_tokens": float(consumed_tokens),
         }
+        if self.peak:  # an unknown peak is no MFU of 0 ("MFU n/a" on the console)
+            values["train/mfu"] = mfu
         if balance_loss is not None:
             values["moe/balance_loss"] = balance_loss
         self.scalars(step, values)
