@@ -11,6 +11,7 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -93,6 +94,7 @@ def init_distributed() -> DistEnv:
     else:
         device, backend = torch.device("cpu"), "gloo"
         check_op_build_lock(SHM_OP)
+        share_cpu_threads()
     try:
         deepspeed.init_distributed(dist_backend=backend)
     except torch.distributed.DistNetworkError as error:
@@ -106,6 +108,19 @@ def init_distributed() -> DistEnv:
     if device.type == "cpu":
         unlink_shared_memory_buffers(rank, world_size)
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def share_cpu_threads() -> Optional[int]:
+    """Give each of this machine's ranks its share of the cores (the count set, or None) when the launcher
+    gave no OMP_NUM_THREADS: the deepspeed launcher sets none (torchrun sets 1), and torch's default of one
+    thread per core in every rank oversubscribes the cores (two ranks on two cores ran four threads) and
+    made each rank measure the whole machine's matmul peak as its own, so MFU read half."""
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
+    if "OMP_NUM_THREADS" in os.environ or ranks <= 1:
+        return None
+    threads = max(1, len(os.sched_getaffinity(0)) // ranks)
+    torch.set_num_threads(threads)
+    return threads
 
 
 SHM_OP = "deepspeed_shm_comm"  # the op DeepSpeed builds at its first CPU start (about 90 s), for its all-reduce

@@ -325,7 +325,8 @@ def pretrain(config: Config, ds_user: dict[str, Any], ds_where: str = "the DeepS
         print(f"[doge-dist] {layout.world_size} rank(s), tp {layout.tensor_parallel}, dp {layout.dp_size}, "
               f"ep {layout.expert_parallel}, ZeRO {ds.get('zero_optimization', {}).get('stage', 0)}, "
               f"{'bf16' if bf16 else 'fp32'}{', compiled layers' if train.compile else ''}"
-              f"{', freed host memory kept for reuse' if kept_host_memory else ''}, {tokens_per_step:,} tokens per step, "
+              f"{', freed host memory kept for reuse' if kept_host_memory else ''}"
+              f"{f', CPU threads per rank: {torch.get_num_threads()}' if env.device.type == 'cpu' else ''}, {tokens_per_step:,} tokens per step, "
               f"steps {progress.step} -> {train.max_steps}", flush=True)
     with reporter.paused():  # DPO's reference log-probs, computed once, are no training throughput
         task.prepare(engine)
