@@ -91,6 +91,14 @@ def test_json_errors_read_as_one_phrase(tmp_path) -> None:
     assert f"{path}:2: malformed JSON (Invalid control character at column 14)" in run(path, tmp_path).summary()
 
 
+def test_deeply_nested_json_is_a_bad_record_not_a_crash(tmp_path) -> None:
+    """json's decoder recurses once per level: 100,000 "[" raised RecursionError out of the tool."""
+    path = write_jsonl(tmp_path / "in.jsonl", [{"text": "good one"}, "[" * 100_000, {"text": "good two"}])
+    report = run(path, tmp_path)
+    assert (report.documents, report.bad) == (2, 1)
+    assert f"{path}:2: JSON nested too deeply to read" in report.summary()
+
+
 def test_strict_stops_at_the_first_bad_line(tmp_path) -> None:
     path = write_jsonl(tmp_path / "in.jsonl", [{"text": "good"}, {"text": "good"}, "[1, 2"])
     with pytest.raises(DataError, match=r"in\.jsonl:3: malformed JSON"):

@@ -271,6 +271,8 @@ def decode_record(kind: str, payload: Union[bytes, dict], keys: Sequence[str]) -
             raise BadRecord(f"undecodable bytes (invalid UTF-8 at byte {error.start} of the line)") from None
         except json.JSONDecodeError as error:
             raise BadRecord(f"malformed JSON ({error.msg.removesuffix(' at')} at column {error.colno})") from None
+        except RecursionError:  # e.g. 100,000 "[": json's decoder recurses once per level
+            raise BadRecord("JSON nested too deeply to read") from None
         if not isinstance(data, dict):
             raise BadRecord(f"a JSON {type(data).__name__}, not an object")
     else:

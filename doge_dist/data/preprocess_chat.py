@@ -62,6 +62,8 @@ def _record(kind: str, payload) -> Optional[dict]:
         data = json.loads(payload.decode(UTF8))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise BadRecord(f"malformed JSON ({error})") from None
+    except RecursionError:  # e.g. 100,000 "[": json's decoder recurses once per level
+        raise BadRecord("JSON nested too deeply to read") from None
     if not isinstance(data, dict):
         raise BadRecord(f"a JSON {type(data).__name__}, not an object")
     return data
