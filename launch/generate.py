@@ -44,6 +44,7 @@ if __name__ == "__main__":
         from doge_dist.model.generate import generate, untrained_positions_note
 
         with contextlib.redirect_stdout(sys.stderr):  # loading messages (DeepSpeed's too): stdout is the text alone
+            from doge_dist.data.chat import chat_ids
             from doge_dist.data.chat_template import load_chat_tokenizer
             from doge_dist.train.export import check_tokenizer_fits, load_checkpoint_model, run_tokenizer_path
 
@@ -64,9 +65,8 @@ if __name__ == "__main__":
             else:
                 model = load_checkpoint_model(args.model)
         check_tokenizer_fits(tokenizer, tokenizer_path, model.config.vocab_size)
-        if args.chat:  # the reply alone
-            prompt = list(chat.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=True,
-                                                   return_dict=True, add_generation_prompt=True)["input_ids"])
+        if args.chat:  # the reply alone; encoded as SFT data was (a literal "</s>" in the prompt stays text)
+            prompt = chat_ids(chat, [{"role": "user", "content": args.prompt}], add_generation_prompt=True)[0]
             shown = len(prompt)
         else:  # the prompt and its continuation; documents start after an end-of-document token
             prompt, shown = [tokenizer.eod_id] + tokenizer.encode(args.prompt), 1

@@ -1,6 +1,7 @@
 """Chat data: the template ids are apply_chat_template's, the loss mask covers assistant turns only
 (or everything), malformed conversations are reported with their line numbers (--strict stops),
 preference pairs are truncated as stated, and packing never lets labels cross conversations."""
+import inspect
 import subprocess
 
 import numpy as np
@@ -37,6 +38,25 @@ def test_ids_are_apply_chat_template_and_mask_is_assistant_turns():
     assert all(every)
 
 
+def test_special_token_text_inside_a_message_stays_text():
+    """An answer about the HTML strike-through tag <s>...</s>: only the template's own bos/eos are special
+    ids, the content is encoded as plain text (an eos in mid-answer would teach the model to stop there)."""
+    tokenizer = load_chat_tokenizer(chat_tokenizer())
+    answer = "Use <s>old price</s> to strike it, then keep writing."
+    messages = [{"role": "user", "content": "Is </s> a tag?"}, {"role": "assistant", "content": answer}]
+    ids, mask = encode_conversation(tokenizer, messages)
+    assert ids.count(tokenizer.bos_token_id) == 1 and ids.count(tokenizer.eos_token_id) == len(messages)
+    trained = [i for i, m in zip(ids, mask) if m]
+    assert trained[-1] == tokenizer.eos_token_id and tokenizer.decode(trained) == answer + "</s>"
+    plain = tokenizer(answer, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    assert plain[1:] == trained[: len(plain) - 1]  # as plain text (less the prefix space of a fresh string)
+    prompt, chosen, rejected = encode_preference(tokenizer, {"prompt": messages[:1], "chosen": answer, "rejected": "No."}, 0, 0)
+    assert chosen == trained and prompt == ids[: len(prompt)] and prompt.count(tokenizer.eos_token_id) == 1
+    if "sanitize_control_tokens" in inspect.signature(tokenizer.apply_chat_template).parameters:  # newer transformers
+        assert ids == tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                                    sanitize_control_tokens=True)["input_ids"]
+
+
 def test_malformed_conversations_are_reported_with_line_numbers(tmp_path):
     good = {"messages": MESSAGES[1:3]}
     lines = [
@@ -60,6 +80,14 @@ def test_malformed_conversations_are_reported_with_line_numbers(tmp_path):
                           str(chat_tokenizer()), "--output-prefix", str(tmp_path / "cli"), "--strict"],
                          cwd=REPO, env=env(), capture_output=True, text=True)
     assert cli.returncode == 1 and "chat.jsonl:2:" in cli.stderr
+
+
+def test_deeply_nested_json_is_a_bad_record_not_a_crash(tmp_path):
+    """json's decoder recurses once per level: 100,000 "[" raised RecursionError out of the tool."""
+    source = write_jsonl(tmp_path / "chat.jsonl", [{"messages": MESSAGES[1:3]}, "[" * 100_000])
+    report = preprocess_chat(str(source), str(tmp_path / "out"), str(chat_tokenizer()), log=quiet)
+    assert (report.documents, report.bad) == (1, 1)
+    assert report.bad_locations == [f"{source}:2: JSON nested too deeply to read"]
 
 
 def test_roles_out_of_order_and_non_string_content_are_named(tmp_path):
@@ -296,25 +324,41 @@ def test_explicit_warmup_and_decay_steps_win_over_their_ratios():
     assert steps_given({"train": {"warmup_steps": 5}}, ["train.lr=1e-3"]) == {"warmup_steps"}  # the YAML's train section too
 
 
-def test_pairs_cut_to_nothing_by_seq_length_are_reported():
-    """DPO pairs whose prompt fills data.seq_length train nothing (reward 0, never accurate): warned."""
-    import warnings
-
+def dpo_check(seq_length, valid=None):
+    """DPOTask.check (what the launcher runs before building a model) on the test pairs."""
     from chat_helpers import prefixes
     from doge_dist.config import load_config
     from doge_dist.train.dpo import DPOTask
 
-    def check(seq_length):
-        config = load_config(None, ["run.init_from=runs/any", f"data.train_data=[{prefixes()['dpo_train']}]",
-                                    f"data.seq_length={seq_length}"])
-        return DPOTask().check(config)
+    valid = [f"data.valid_data=[{valid}]"] if valid else []
+    config = load_config(None, ["run.init_from=runs/any", f"data.train_data=[{prefixes()['dpo_train']}]",
+                                f"data.seq_length={seq_length}"] + valid)
+    return DPOTask().check(config)
+
+
+def test_pairs_cut_to_nothing_by_seq_length_are_reported():
+    """DPO pairs whose prompt fills data.seq_length train nothing (reward 0, never accurate): warned."""
+    import warnings
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert check(128) == 16
+        assert dpo_check(128) == 16
     assert not [w for w in caught if "training pairs" in str(w.message)]
-    with pytest.warns(UserWarning, match=r"16 of 16 training pairs have a completion wholly beyond data.seq_length = 4 tokens"):
-        check(4)
+    with pytest.warns(UserWarning, match=r"5 of 16 training pairs have a completion wholly beyond data.seq_length = 52 tokens"):
+        dpo_check(52)
+
+
+def test_pairs_all_cut_to_nothing_by_seq_length_are_refused(tmp_path):
+    """As for SFT: when no training (or validation) pair has a loss within data.seq_length, every step
+    would read loss log 2 with no gradient: the run stops before a model is built, naming the split."""
+    with pytest.raises(DataError, match=r"None of the 16 pairs of data.train_data has chosen and rejected completions "
+                                        r"that start and differ within data.seq_length = 4 tokens"):
+        dpo_check(4)
+    long_prompt = {"prompt": "Tell me about lists. " * 40, "chosen": "Lists hold items.", "rejected": "No."}
+    preprocess_chat(str(write_jsonl(tmp_path / "valid.jsonl", [long_prompt] * 2)), str(tmp_path / "valid"),
+                    str(chat_tokenizer()), kind="dpo", max_prompt_length=0, max_completion_length=0, log=quiet)
+    with pytest.raises(DataError, match=r"None of the 2 pairs of data.valid_data .* data.seq_length = 128 tokens"):
+        dpo_check(128, valid=tmp_path / "valid_text_document")
 
 
 def test_conversations_longer_than_seq_length_are_reported():

@@ -1,14 +1,19 @@
 """Conversations and preference pairs -> token ids and loss masks, through the chat template.
 
 Every sequence is tokenized by ``tokenizer.apply_chat_template`` (the call a user makes at
-inference), so training ids equal inference ids. The loss mask marks the tokens the model is
-trained to *produce*: assistant content and its closing eos (``{% generation %}`` spans), or every
-token with ``assistant_only=False``.
+inference), so training ids equal inference ids, with one exception: the text of a special token inside
+a message (a literal "</s>", e.g. the HTML strike-through tag ``<s>old</s>``) is encoded as plain text,
+as sentencepiece encodes it in pretraining; only the template's own markers become special ids (a
+plain ``apply_chat_template`` would train an eos in mid-answer). ``chat_ids`` is that call; transformers
+versions with ``apply_chat_template(..., sanitize_control_tokens=True)`` give the same ids. The loss
+mask marks the tokens the model is trained to *produce*: assistant content and its closing eos
+(``{% generation %}`` spans), or every token with ``assistant_only=False``.
 
 Malformed input raises ``BadRecord`` with a one-line reason; the caller adds file and line.
 """
 from __future__ import annotations
 
+import re
 from collections import Counter
 from typing import Any, Optional
 
@@ -58,15 +63,87 @@ def encode_conversation(tokenizer, messages: Messages, assistant_only: bool = Tr
     """(ids, loss mask) of one conversation; ``max_length`` > 0 truncates from the right (counted in
     ``cut["conversations"]``, so that the tool can say how many it cut)."""
     cut = Counter() if cut is None else cut
-    out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
-    ids = list(out["input_ids"])
-    mask = list(out["assistant_masks"]) if assistant_only else [1] * len(ids)
+    ids, mask = chat_ids(tokenizer, messages, assistant_mask=assistant_only)
+    mask = mask if assistant_only else [1] * len(ids)
     if 0 < max_length < len(ids):
         ids, mask = ids[:max_length], mask[:max_length]
         cut["conversations"] += 1
     if not any(mask):
         raise BadRecord("no trainable token left (the assistant turns are beyond the maximum length)")
     return ids, mask
+
+
+MARK = "\ue000"  # a private-use character around a special token's text inside a message, while rendering
+
+
+def chat_ids(tokenizer, messages: Messages, add_generation_prompt: bool = False,
+             assistant_mask: bool = False) -> tuple[list[int], list[int]]:
+    """(ids, assistant mask: [] unless ``assistant_mask``) of ``messages`` through the chat template, with
+    message content as plain text (see the module docstring). A conversation without a special token's
+    text in its content (nearly all) is ``apply_chat_template``'s own result."""
+    specials = _special_tokens_pattern(tokenizer)
+    kwargs = {"tokenize": True, "return_dict": True, "add_generation_prompt": add_generation_prompt}
+    if assistant_mask:
+        kwargs.update(return_assistant_tokens_mask=True, tokenizer_kwargs={"return_offsets_mapping": True})
+    out = tokenizer.apply_chat_template(messages, **kwargs)
+    ids, mask = list(out["input_ids"]), list(out["assistant_masks"]) if assistant_mask else []
+    if not any(specials.search(m["content"]) for m in messages):
+        return ids, mask
+    text, pieces = _template_pieces(tokenizer, messages, specials, add_generation_prompt)
+    plain, offsets = [], []
+    for start, end, special in pieces:
+        if special:
+            plain.append(tokenizer.convert_tokens_to_ids(text[start:end]))
+            offsets.append((start, end))
+        else:  # as apply_chat_template's tokenizer call encodes the text between two special tokens
+            run = tokenizer(text[start:end], add_special_tokens=False, split_special_tokens=True,
+                            return_offsets_mapping=assistant_mask)  # a slow tokenizer (generation only) has none
+            plain += run["input_ids"]
+            offsets += [(start + a, start + b) for a, b in run.get("offset_mapping", [])]
+    if assistant_mask:  # the tokens over the characters that apply_chat_template masked
+        mask = _overlapping(offsets, [span for span, on in zip(out["offset_mapping"], mask) if on], len(text))
+    return plain, mask
+
+
+def _special_tokens_pattern(tokenizer) -> re.Pattern:
+    """The texts of the tokenizer's special tokens (bos, eos, ...), longest first as the tokenizer matches them."""
+    texts = sorted((t.content for t in tokenizer.added_tokens_decoder.values() if t.special), key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, texts)) or "(?!)")
+
+
+def _template_pieces(tokenizer, messages: Messages, specials: re.Pattern,
+                     add_generation_prompt: bool) -> tuple[str, list[tuple[int, int, bool]]]:
+    """The rendered conversation and its (start, end, is a special token of the template) pieces: the
+    special tokens' texts inside messages are marked while rendering, so that they stay in the text pieces."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    if MARK in text:
+        raise BadRecord("a message holds both the text of a special token and the private-use character U+E000")
+    marked = [{**m, "content": specials.sub(lambda x: MARK + x.group(0) + MARK, m["content"])} for m in messages]
+    rendered = tokenizer.apply_chat_template(marked, tokenize=False, add_generation_prompt=add_generation_prompt)
+    if rendered.replace(MARK, "") != text:
+        raise BadRecord("the chat template changes message content around the text of a special token")
+    inside, position = set(), 0  # start offsets in ``text`` of the special tokens' texts inside messages
+    for number, part in enumerate(rendered.split(MARK)):
+        if number % 2:
+            inside.add(position)
+        position += len(part)
+    pieces, position = [], 0
+    for match in specials.finditer(text):
+        if match.start() in inside:
+            continue
+        pieces += [(position, match.start(), False)] if match.start() > position else []
+        pieces.append((match.start(), match.end(), True))
+        position = match.end()
+    pieces += [(position, len(text), False)] if position < len(text) else []
+    return text, pieces
+
+
+def _overlapping(offsets: list[tuple[int, int]], spans: list[tuple[int, int]], length: int) -> list[int]:
+    """1 for each token (start, end) over a character of one of the ``spans`` of a ``length``-character text."""
+    covered = bytearray(length)
+    for start, end in spans:
+        covered[start:end] = b"\1" * (end - start)
+    return [int(any(covered[start:end])) for start, end in offsets]
 
 
 def _as_messages(value: Any, field: str, role: str) -> Messages:
@@ -101,8 +178,7 @@ def preference_messages(record: dict) -> tuple[Messages, Messages, Messages]:
 
 
 def _ids(tokenizer, messages: Messages, add_generation_prompt: bool) -> list[int]:
-    return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
-                                              add_generation_prompt=add_generation_prompt)["input_ids"])
+    return chat_ids(tokenizer, messages, add_generation_prompt=add_generation_prompt)[0]
 
 
 def encode_preference(tokenizer, record: dict, max_prompt_length: int, max_completion_length: int,

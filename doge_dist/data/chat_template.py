@@ -2,15 +2,23 @@
 tokenizer_config.json) so that training data, ``tokenizer.apply_chat_template`` and every export agree.
 
 The format is Doge's (Llama-3 style headers): ``bos``, then per message
-``<|start_header_id|>ROLE<|end_header_id|>\\n CONTENT eos``. Two differences from the published
+``<|start_header_id|>ROLE<|end_header_id|>\\n CONTENT eos``. Three differences from the published
 Doge template, on purpose: no blank line after each ``eos`` (with a sentencepiece tokenizer it
-would only add untrained whitespace pieces), and the assistant content is wrapped in
-``{% generation %}`` so that ``apply_chat_template(..., return_assistant_tokens_mask=True)`` returns
-the loss mask: SFT data is tokenized by the very call users make at inference time.
+would only add untrained whitespace pieces); no "Cutting Knowledge Date: December 2024\\nToday Date:
+..." lines added to a system message (fixed dates a small model cannot use, repeated in every system
+turn of the training data and of every prompt);
+and the assistant content is wrapped in ``{% generation %}`` so that
+``apply_chat_template(..., return_assistant_tokens_mask=True)`` returns the loss mask: SFT data is
+tokenized by the very call users make at inference time.
 
 Why a separate "chat twin" directory: the template emits ``bos``/``eos`` as text, which must become
 their ids (``split_special_tokens: false``); the pretraining twin keeps ``split_special_tokens: true``
-so that a literal "</s>" inside a document stays text, exactly as sentencepiece encoded it.
+so that a literal "</s>" inside a document stays text, exactly as sentencepiece encoded it. Inside a
+chat *message* such text stays text too: ``doge_dist.data.chat.chat_ids`` (SFT/DPO data and
+``launch/generate.py --chat``) encodes only the template's own markers as special ids. A plain
+``apply_chat_template`` with this directory (an export's tokenizer) would turn a literal "</s>" in a
+message into eos; transformers versions that have ``apply_chat_template(..., sanitize_control_tokens=True)``
+give the training ids. Messages without such text get the same ids either way.
 """
 from __future__ import annotations
 

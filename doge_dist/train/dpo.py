@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from ..config import Config
 from ..data.chat_dataset import PreferenceDataset, collate_pairs, pairs_without_loss
+from ..data.errors import DataError
 from ..data.indexed import file_stamp
 from ..data.preprocess_chat import mask_prefix
 from ..model import DogeForCausalLM
@@ -107,12 +108,25 @@ class DPOTask(FinetuneTask):
         return PreferenceDataset(sequences, config.data.seq_length) if sequences else None
 
     def check(self, config: Config) -> int:
+        """As SFT's: a split none of whose pairs has a loss is refused before any model is built (every step
+        would read loss log 2 with no gradient), some such training pairs are warned about."""
         pairs = super().check(config)
-        cut = pairs_without_loss(self.sequences(config, "train"), config.data.seq_length)
-        if cut and is_launcher_main():
-            warnings.warn(f"{cut} of {pairs} training pairs have a completion wholly beyond data.seq_length = "
-                          f"{config.data.seq_length} tokens or chosen and rejected identical within it: they train nothing and count as reward 0, not accurate. "
-                          "Preprocess with --max-prompt-length + --max-completion-length <= data.seq_length.")
+        seq_length = config.data.seq_length
+        for split in ("train", "valid"):
+            sequences = self.sequences(config, split)
+            if sequences is None:
+                continue
+            total, cut = len(sequences) // 2, pairs_without_loss(sequences, seq_length)
+            if cut == total:
+                raise DataError(f"None of the {total} pairs of data.{split}_data has chosen and rejected completions that "
+                                f"start and differ within data.seq_length = {seq_length} tokens: there is nothing to train "
+                                "on or score (the loss would read log 2, with no gradient). Raise data.seq_length, or "
+                                "preprocess with --max-prompt-length + --max-completion-length <= data.seq_length.")
+            if split == "train" and cut and is_launcher_main():
+                warnings.warn(f"{cut} of {total} training pairs have a completion wholly beyond data.seq_length = "
+                              f"{seq_length} tokens or chosen and rejected identical within it: they train nothing and count "
+                              "as reward 0, not accurate. Preprocess with --max-prompt-length + --max-completion-length "
+                              "<= data.seq_length.")
         return pairs
 
     def collate(self, config: Config) -> Callable:
