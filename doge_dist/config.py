@@ -334,7 +334,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 class DataConfig:
     """Where tokens come from: Megatron indexed-dataset prefixes, blended and split."""
 
-    train_data: list = field(default_factory=list)  # [weight, prefix, weight, prefix, ...] or [prefix, ...]
+    train_data: list = field(default_factory=list)  # [weight, prefix, weight, prefix, ...] or [prefix, ...] (weighted by size)
     valid_data: list = field(default_factory=list)  # optional separate validation blend
     split: str = "969,30,1"
     seq_length: int = 2048

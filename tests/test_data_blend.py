@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import warnings
 
 import numpy as np
 import torch
@@ -121,3 +122,55 @@ def test_an_index_cache_cut_short_is_built_again(tmp_path) -> None:
     again, _, _ = build_datasets(config, tokenizer(), [100, 10, 0])
     assert shuffle_index.read_bytes() == complete
     assert all(torch.equal(again[i]["tokens"], train[i]["tokens"]) for i in range(len(train)))
+
+
+def test_a_prefix_written_again_gets_a_new_index_cache(tmp_path) -> None:
+    """Preprocessing to the same prefix again and training with the same data cache: megatron-core names
+    its index caches by the prefix path, so it read the old document/sample indices against the new
+    files (an IndexError, or other tokens without a word). The cache is rebuilt, with a notice."""
+    prefix, cache = str(tmp_path / "data"), str(tmp_path / "cache")
+    config = DataConfig(train_data=[prefix + "_text_document"], seq_length=SEQ, split="90,10,0", cache_dir=cache)
+    for texts in (assets().texts("train")[:40], assets().texts("valid")):
+        preprocess(write_jsonl(tmp_path / "corpus.jsonl", [{"text": t} for t in texts]), prefix,
+                   str(assets().tokenizer_model), append_eod=True, log=quiet)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            again = build_datasets(config, tokenizer(), [300, 30, 0])
+    fresh = build_datasets(DataConfig(**{**config.__dict__, "cache_dir": str(tmp_path / "fresh")}), tokenizer(), [300, 30, 0])
+    for split, expected in zip(again[:2], fresh[:2]):
+        assert len(split) == len(expected)
+        assert all(torch.equal(split[i]["tokens"], expected[i]["tokens"]) for i in range(len(split)))
+    assert any("Rebuilding the index cache" in str(w.message) for w in caught)
+    with warnings.catch_warnings(record=True) as caught:  # the files as they are: the cache is used, no notice
+        warnings.simplefilter("always")
+        files = sorted(os.listdir(cache))
+        build_datasets(config, tokenizer(), [300, 30, 0])
+    assert sorted(os.listdir(cache)) == files and not any("index cache" in str(w.message) for w in caught)
+
+
+def test_an_unweighted_list_is_blended_by_size_for_as_many_epochs_as_asked(tmp_path) -> None:
+    """data.train_data: [a, b] without weights, as Megatron-LM: the prefixes in proportion to their
+    sizes, for the whole run (megatron-core alone built one epoch, and the run ran out of data early)."""
+    other = second_prefix(tmp_path)
+    tokens = np.array([validate_prefix(p).tokens for p in (assets().train_prefix, other)], dtype=float)
+    asked = 3 * int(tokens.sum()) // SEQ  # three epochs
+    config = DataConfig(train_data=[assets().train_prefix, other], seq_length=SEQ, split="98,2,0",
+                        cache_dir=str(tmp_path / "cache"))
+    train, valid, _ = build_datasets(config, tokenizer(), [asked, 100, 0])
+    assert len(train) >= asked and len(valid) >= 100
+    share = np.bincount(np.asarray(train.dataset_index), minlength=2) / len(train)
+    assert abs(share[1] - tokens[1] / tokens.sum()) < 0.01
+
+
+def test_an_unweighted_list_with_a_prefix_smaller_than_a_sample(tmp_path) -> None:
+    """A prefix (or its share of a split) with fewer tokens than one sample in an unweighted list failed
+    megatron-core's assert after the model was built; it is blended by its size like any other."""
+    path = write_jsonl(tmp_path / "small.jsonl", [{"text": "def"}, {"text": "class"}])
+    preprocess(path, str(tmp_path / "small"), str(assets().tokenizer_model), append_eod=True, log=quiet)
+    small = str(tmp_path / "small_text_document")
+    assert validate_prefix(small).tokens < SEQ + 1
+    config = DataConfig(train_data=[assets().train_prefix, small], seq_length=SEQ, split="50,50,0",
+                        cache_dir=str(tmp_path / "cache"))
+    train, valid, _ = build_datasets(config, tokenizer(), [1000, 100, 0])
+    assert len(train) >= 1000 and len(valid) >= 100
+    assert train[len(train) - 1]["tokens"].shape == (SEQ,)

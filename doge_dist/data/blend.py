@@ -9,16 +9,19 @@ Index caches: with torch.distributed initialized, megatron-core builds each data
 first, then ``barrier()``, then the other ranks build it and hit the cache
 (``BlendedMegatronDatasetBuilder.build_generic_dataset``); inside GPTDataset/BlendedDataset only
 rank 0 writes .npy files. So the cache is written once and never raced (tests/test_data_blend.py
-checks this with two gloo ranks). Rank 0 first removes cache files cut short by an interrupted run.
+checks this with two gloo ranks). Rank 0 first removes cache files cut short by an interrupted run,
+and those not built from the prefixes' files as they are now (``index_caches_of``).
 """
 from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import math
 import os
 import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -26,7 +29,7 @@ import torch
 
 from doge_dist.config import DataConfig
 from doge_dist.data.errors import DataError
-from doge_dist.data.indexed import validate_prefix
+from doge_dist.data.indexed import file_stamp, token_count, validate_prefix
 from doge_dist.data.tokenizer import Tokenizer
 from doge_dist.parallel.rank0 import check_on_rank0
 
@@ -180,7 +183,8 @@ def build_datasets(
     which a weighted blend does not allow. ``cache_dir`` (else ``config.cache_dir``, else
     ``data_cache`` beside the first prefix) holds the shuffle/sample indices. With
     ``config.valid_data`` set, train uses all of ``train_data`` and valid all of ``valid_data``
-    (no split, no test set). Samples are dicts of tokens, labels, loss_mask, position_ids.
+    (no split, no test set). A list of several prefixes without weights is weighted by their sizes
+    (``size_weighted``). Samples are dicts of tokens, labels, loss_mask, position_ids.
     """
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
@@ -189,6 +193,16 @@ def build_datasets(
     if config.seq_length < 1:
         raise DataError(f"data.seq_length must be positive, got {config.seq_length}.")
     cache = cache_dir or config.cache_dir or os.path.join(os.path.dirname(train[0][0]) or ".", "data_cache")
+    sizes = list(num_samples) + [None] * (3 - len(num_samples))
+    splits, split_matrix = split_plan(config)
+    for blend, bookends, size in zip(splits, split_matrix, sizes):
+        if blend and bookends and blend[1] is not None and size is None:
+            raise DataError(f"A weighted blend needs a sample count for every split; got num_samples={list(num_samples)}.")
+    check_data(splits, split_matrix, tokenizer.vocab_size, Path(cache) / TOKEN_SCANS)
+    if valid:
+        train, valid = size_weighted(train, sizes[:1]), size_weighted(valid, sizes[1:2])
+    else:
+        train = size_weighted(train, [size for size, bookends in zip(sizes, split_matrix) if bookends])
     gpt_config = GPTDatasetConfig(
         random_seed=config.seed,
         sequence_length=config.seq_length,
@@ -202,17 +216,107 @@ def build_datasets(
         eod_mask_loss=config.eod_mask_loss,
         create_attention_mask=False,
     )
-    sizes = list(num_samples) + [None] * (3 - len(num_samples))
-    splits, split_matrix = split_plan(config)
-    for blend, bookends, size in zip(splits, split_matrix, sizes):
-        if blend and bookends and blend[1] is not None and size is None:
-            raise DataError(f"A weighted blend needs a sample count for every split; got num_samples={list(num_samples)}.")
-    check_data(splits, split_matrix, tokenizer.vocab_size, Path(cache) / TOKEN_SCANS)
     builder = BlendedMegatronDatasetBuilder(GPTDataset, sizes, is_built_on_rank, gpt_config)
+    prefixes = sorted({prefix for blend in splits if blend for prefix in blend[0]})
     with _process_group_for_megatron():
-        if torch.distributed.get_rank() == 0:  # the rank that writes the cache, before any rank reads it
-            remove_cut_short_caches(cache)
-        return tuple(builder.build())
+        if torch.distributed.get_rank() != 0:
+            return tuple(builder.build())
+        with index_caches_of(cache, prefixes):  # the rank that writes the cache, before any rank reads it
+            return tuple(builder.build())
+
+
+def size_weighted(blend: Blend, sizes: Sequence[Optional[int]]) -> Blend:
+    """Several prefixes without weights, weighted by their token counts, when every split they serve
+    has a sample count (None asks for one epoch, which only an unweighted blend gives).
+
+    megatron-core (so Megatron-LM) samples such a list in proportion to the prefixes' sizes but builds
+    one epoch only (the blend's length is capped at the sum of the datasets'): a run that needed more
+    ran out of data before the end (before the learning-rate decay), and a prefix holding less than
+    one sample failed its assert. Weights in those proportions (tokens, as its samples per epoch)
+    give every prefix as many epochs as the run needs, as a single prefix or a weighted blend gets.
+    """
+    prefixes, weights = blend
+    if weights is not None or len(prefixes) == 1 or None in sizes:
+        return blend
+    return prefixes, [float(token_count(prefix)) for prefix in prefixes]
+
+
+CACHE_STAMPS = "prefix_stamps.json"  # beside each index cache set's description: the files it was built from
+
+
+@contextlib.contextmanager
+def index_caches_of(cache: str, prefixes: Sequence[str]) -> Iterator[None]:
+    """Around megatron-core's build on the rank that writes the cache: index caches of ``prefixes``
+    that were not built from their current files are removed first (megatron-core would build them
+    again), and the sets built inside are stamped with the files they were built from.
+
+    megatron-core names a cache set by a hash of its description (the prefix path, the seed, the
+    split, the sample count ...), not of the files' contents: preprocessing to the same prefix again
+    and training with the same data cache read the old document/sample indices against the new files
+    (an IndexError, or other tokens than the run's data without a word). The stamp is each .bin and
+    .idx file's ``file_stamp`` (size and modification time), as for the token scan. Sets cut short
+    by an interrupted run are removed too (``remove_cut_short_caches``).
+    """
+    current = {prefix: [list(file_stamp(Path(prefix + suffix))) for suffix in (".bin", ".idx")] for prefix in prefixes}
+    remove_cut_short_caches(cache)
+    stale: set[str] = set()
+    for description, arrays in _index_caches(cache):
+        described = _described_prefixes(description)
+        if described and set(described) <= current.keys() and _stamps_of(description) != _pick(current, described):
+            _remove_index_cache(description, arrays)
+            stale.update(described)
+    if stale:
+        warnings.warn(f"Rebuilding the index cache of {', '.join(sorted(stale))} in '{cache}': it was not built "
+                      "from these files as they are now (written again since, or the cache predates this check).", stacklevel=3)
+    yield
+    for description, _ in _index_caches(cache):
+        described = _described_prefixes(description)
+        stamps = Path(description[: -len("description.txt")] + CACHE_STAMPS)
+        if described and set(described) <= current.keys() and not stamps.exists():
+            partial = stamps.with_name(stamps.name + f".{os.getpid()}.partial")
+            partial.write_text(json.dumps(_pick(current, described), indent=1))
+            os.replace(partial, stamps)
+
+
+def _pick(stamps: dict, prefixes: Sequence[str]) -> dict:
+    return {prefix: stamps[prefix] for prefix in prefixes}
+
+
+def _index_caches(cache: str) -> Iterator[tuple[str, list[str]]]:
+    """megatron-core's index cache sets in ``cache``: each a description
+    (``<hash>-<class>-<split>-description.txt``) with its ``<hash>-<class>-<split>-*.npy`` arrays."""
+    for description in glob.glob(os.path.join(glob.escape(cache), "*-description.txt")):
+        yield description, glob.glob(glob.escape(description[: -len("description.txt")]) + "*.npy")
+
+
+def _described_prefixes(description: str) -> list[str]:
+    """The prefixes (``dataset_path``) a cache set was built from: a GPTDataset's own, every one of a
+    BlendedDataset's datasets; none when the description cannot be read."""
+    def paths(node) -> Iterator[str]:
+        if isinstance(node, dict):
+            if isinstance(node.get("dataset_path"), str):
+                yield node["dataset_path"]
+            node = list(node.values())
+        for child in node if isinstance(node, list) else []:
+            yield from paths(child)
+
+    try:
+        return sorted(set(paths(json.loads(Path(description).read_text()))))
+    except (OSError, ValueError):
+        return []
+
+
+def _stamps_of(description: str) -> Optional[dict]:
+    try:
+        return json.loads(Path(description[: -len("description.txt")] + CACHE_STAMPS).read_text())
+    except (OSError, ValueError):  # none (built before stamps were written, or cut short): not known to match
+        return None
+
+
+def _remove_index_cache(description: str, arrays: Sequence[str]) -> None:
+    for path in (description, *arrays, description[: -len("description.txt")] + CACHE_STAMPS):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
 
 
 def remove_cut_short_caches(cache: str) -> None:
@@ -221,11 +325,9 @@ def remove_cut_short_caches(cache: str) -> None:
     with "mmap length is greater than file size". Such a set is removed, so megatron-core builds it again."""
     import numpy as np
 
-    for description in glob.glob(os.path.join(glob.escape(cache), "*-description.txt")):
-        arrays = glob.glob(glob.escape(description[: -len("description.txt")]) + "*.npy")
+    for description, arrays in _index_caches(cache):
         try:
             for array in arrays:
                 np.load(array, mmap_mode="r", allow_pickle=True)
         except (ValueError, OSError, EOFError):
-            for path in (description, *arrays):
-                os.remove(path)
+            _remove_index_cache(description, arrays)
