@@ -346,3 +346,33 @@ def test_the_token_scan_is_remembered_per_file_until_the_file_changes(tmp_path, 
     os.utime(prefix + ".bin", ns=(0, 0))  # what rewriting the file does to its stamp
     with pytest.raises(AssertionError, match="scanned again"):
         validate_prefix(prefix, VOCAB, scans=scans)
+
+
+def _tokenizer_without_eos(tmp_path: Path, library: str) -> str:
+    """A Hugging Face directory without eos_token, or a sentencepiece model trained with eos_id=-1."""
+    if library == "huggingface":
+        from tokenizers import Tokenizer, models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast
+
+        words = sorted({word for text in assets().texts("valid") for word in text.split()})
+        vocab = {word: i for i, word in enumerate(["[UNK]", "[PAD]"] + words)}
+        backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+        backend.pre_tokenizer = pre_tokenizers.Whitespace()
+        PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]").save_pretrained(str(tmp_path / "hf"))
+        return str(tmp_path / "hf")
+    import sentencepiece as spm
+
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(assets().texts("valid")), model_prefix=str(tmp_path / "sp"),
+                                   vocab_size=100, eos_id=-1, bos_id=-1, unk_id=0, pad_id=-1, num_threads=1, minloglevel=2)
+    return str(tmp_path / "sp.model")
+
+
+@pytest.mark.parametrize("library", ["huggingface", "sentencepiece"])
+def test_append_eod_with_a_tokenizer_without_eos_is_refused_before_any_input(tmp_path, library) -> None:
+    """The end-of-text id was None or -1: a TypeError or an OverflowError from inside the tokenizing loop."""
+    model = _tokenizer_without_eos(tmp_path, library)
+    path = write_jsonl(tmp_path / "in.jsonl", [{"text": "words"}])
+    with pytest.raises(DataError, match=r"--append-eod: tokenizer '.*' has no end-of-text \(eos\) token.*drop --append-eod"):
+        preprocess(path, str(tmp_path / "out"), model, append_eod=True, log=quiet)
+    assert not list(tmp_path.glob("out*"))
+    preprocess(path, str(tmp_path / "out"), model, log=quiet)  # without --append-eod it tokenizes

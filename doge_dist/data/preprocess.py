@@ -30,7 +30,7 @@ import numpy as np
 from doge_dist.data.errors import DataError
 from doge_dist.data.indexed import atomic_builders, document_prefix
 from doge_dist.data.inputs import BadRecord, InputFile, Record, check_keys, decode_record, iter_records, list_inputs
-from doge_dist.data.tokenizer import load_tokenizer
+from doge_dist.data.tokenizer import Tokenizer, load_tokenizer
 
 BATCH_RECORDS = 128
 BATCHES_IN_FLIGHT_PER_WORKER = 8
@@ -168,6 +168,16 @@ class Progress:
         self.log(line)
 
 
+def check_eod(tokenizer: Tokenizer, tokenizer_model: str | os.PathLike) -> None:
+    """--append-eod needs an end-of-text id to separate documents with: a tokenizer without one (a Hugging
+    Face directory without eos_token, a sentencepiece model trained with eos_id=-1) gives None or -1,
+    which failed inside the workers with a TypeError or an OverflowError."""
+    eod = tokenizer.eod_id
+    if eod is None or eod < 0:
+        raise DataError(f"--append-eod: tokenizer '{tokenizer_model}' has no end-of-text (eos) token to end documents "
+                        "with; drop --append-eod, or use a tokenizer with one (data_tools/train_tokenizer.py makes one).")
+
+
 def preprocess(
     input: str | Sequence[str],
     output_prefix: str,
@@ -187,9 +197,11 @@ def preprocess(
     repeated = sorted({key for key in json_keys if list(json_keys).count(key) > 1})
     if repeated:
         raise DataError(f"--json-keys names {', '.join(map(repr, repeated))} more than once; each key gets one prefix, list it once.")
+    tokenizer = load_tokenizer(tokenizer_model, tokenizer_type)
+    if append_eod:
+        check_eod(tokenizer, tokenizer_model)
     inputs: list[InputFile] = list_inputs(input)
     check_keys(inputs, json_keys)
-    tokenizer = load_tokenizer(tokenizer_model, tokenizer_type)
     dtype = DType.optimal_dtype(tokenizer.vocab_size)
     init_args = (str(tokenizer_model), tokenizer_type, tuple(json_keys), append_eod, dtype)
     prefixes = [document_prefix(output_prefix, key) for key in json_keys]
