@@ -349,3 +349,24 @@ def test_an_output_prefix_that_cannot_be_written_is_one_error(tmp_path) -> None:
     with pytest.raises(DataError, match=rf"Cannot write {tmp_path}/afile/merged.bin/.idx"):
         merge_prefixes([assets().train_prefix], str(tmp_path / "afile" / "merged"), log=quiet)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_an_upper_case_gz_suffix_is_read_compressed(tmp_path) -> None:
+    """``x.jsonl.GZ`` was taken as jsonl but read uncompressed: every record bad, nothing written."""
+    texts = assets().texts("valid")
+    path = tmp_path / "in.JSONL.GZ"
+    path.write_bytes(gzip.compress(b"".join(json.dumps({"text": t}).encode() + b"\n" for t in texts)))
+    report = preprocess(str(path), str(tmp_path / "out"), str(assets().tokenizer_model), log=quiet)
+    assert read_prefix(str(tmp_path / "out_text_document")) == [tokenizer().encode(t) for t in texts]
+    assert report.bad == 0
+
+
+def test_a_file_named_twice_is_read_once(tmp_path, monkeypatch) -> None:
+    """The same file named two ways (its directory given absolute, the file itself relative) was tokenized twice."""
+    texts = assets().texts("valid")
+    (tmp_path / "corpus").mkdir()
+    write_jsonl(tmp_path / "corpus" / "a.jsonl", [{"text": t} for t in texts])
+    monkeypatch.chdir(tmp_path)
+    report = preprocess([str(tmp_path / "corpus"), "corpus/a.jsonl"], str(tmp_path / "out"), str(assets().tokenizer_model),
+                        log=quiet)
+    assert report.documents == len(texts)

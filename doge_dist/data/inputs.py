@@ -48,7 +48,13 @@ class InputFile:
 
     @property
     def compressed(self) -> bool:
-        return self.kind in ("parquet", "arrow") or self.path.suffix == ".gz"
+        return self.kind in ("parquet", "arrow") or _gzipped(self.path)
+
+
+def _gzipped(path: Path) -> bool:
+    """A .gz file, whatever the case of its suffix: ``_kind`` takes ``x.jsonl.GZ`` as jsonl, so reading
+    it uncompressed would turn every line into a bad record."""
+    return path.suffix.lower() == ".gz"
 
 
 def _kind(path: Path) -> str | None:
@@ -113,10 +119,21 @@ def list_inputs(specs: Sequence[str | os.PathLike] | str | os.PathLike) -> list[
             if not path.exists():
                 raise DataError(f"--input '{spec}' does not exist.")
             files.extend(_expand(path))
-    unique = list(dict.fromkeys(files))
+    unique = list(_first_of_each_file(files))
     if not unique:
         raise DataError(f"--input {' '.join(specs)} contains no .jsonl/.txt/.parquet files or datasets directory.")
     return unique
+
+
+def _first_of_each_file(files: Sequence[InputFile]) -> Iterator[InputFile]:
+    """Each file once, where first named: a file given twice, also by two spellings (a directory given
+    absolute and a file in it relative, a symlink), would be tokenized twice."""
+    seen: set[Path] = set()
+    for item in files:
+        resolved = item.path.resolve()
+        if resolved not in seen:
+            seen.add(resolved)
+            yield item
 
 
 def check_keys(inputs: Sequence[InputFile], keys: Sequence[str]) -> None:
@@ -154,7 +171,7 @@ def check_columns(item: InputFile, keys: Sequence[str], advice: str) -> None:
 
 
 def _open_binary(path: Path):
-    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+    return gzip.open(path, "rb") if _gzipped(path) else open(path, "rb")
 
 
 def _paragraphs(stream) -> Iterator[tuple[int, bytes]]:
