@@ -111,6 +111,19 @@ def test_data_of_a_resume_at_a_smaller_global_batch_continues_after_the_consumed
     assert len(unchanged.train_set) == STEPS * 4
 
 
+def test_a_resume_at_a_smaller_global_batch_reads_on_in_the_checkpoints_order():
+    """A checkpoint of 2 ranks (8 samples per step, a split of 10 x 8 = 80) resumed on 1 rank at step 3: the
+    split was sized for what the remaining steps need (52 samples), another number of epochs and so another
+    shuffle: 3 of the 200 samples the uninterrupted run reads next were read, 6 read before came again.
+    The checkpoint's split is kept: the resume reads on in the two-rank run's order."""
+    blend = f"data.train_data={_blend()}"
+    _, two_ranks = _train_data(blend, consumed=0, dp_size=2, step=0)
+    _, resumed = _train_data(blend, consumed=8 * 3, step=3, saved_split=two_ranks.split_samples)
+    assert resumed.split_samples == two_ranks.split_samples == 80
+    rows = [row.tolist() for _ in range(STEPS - 3) for batch in resumed.next_step() for row in batch["input_ids"]]
+    assert rows == [two_ranks.train_set[i]["tokens"].tolist() for i in range(24, 24 + 4 * (STEPS - 3))]
+
+
 def _files(directory):
     return sorted((str(p.relative_to(directory)), p.stat().st_size, p.stat().st_mtime_ns) for p in directory.rglob("*"))
 
@@ -256,16 +269,17 @@ def test_a_resume_compares_with_the_batch_of_the_checkpoints_last_steps():
         warn_if_global_batch_changed(saved, TrainConfig(micro_batch_size=2, gradient_accumulation_steps=2), dp_size=1)
 
 
-def _train_data(*overrides, consumed=STEPS * 4, dp_size=1, step=None):
+def _train_data(*overrides, consumed=STEPS * 4, dp_size=1, step=None, saved_split=0):
     """The single-process reference run's data (micro 2 x accumulation 2 per rank) at ``consumed``, as
-    ``dp_size`` ranks resuming at ``step`` (by default the step of ``consumed`` at 4 per step) see it."""
+    ``dp_size`` ranks resuming at ``step`` (by default the step of ``consumed`` at 4 per step) see it
+    (``saved_split``: the resumed checkpoint's)."""
     from doge_dist.config import load_config
     from doge_dist.train.data import TrainData
 
     config = load_config(None, base_overrides(scratch() / "unused", micro_batch_size=2, gradient_accumulation_steps=2)
                          + list(overrides))
     step = consumed // 4 if step is None else step
-    return config, TrainData(config, 0, dp_size, consumed, str(scratch() / "data_cache"), step=step)
+    return config, TrainData(config, 0, dp_size, consumed, str(scratch() / "data_cache"), step=step, saved_split=saved_split)
 
 
 def _data_order(*overrides, consumed=STEPS * 4):

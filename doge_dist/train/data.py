@@ -4,8 +4,8 @@ and a fixed validation set.
 Sample counts follow Megatron-LM: the training split is sized max_steps x global batch, so the
 megatron-core shuffle is a function of the config alone and a resumed run with the same global batch
 (any dp size) sees the same global order; the ``ResumableSampler`` position is the global
-``consumed_samples``. A resume at a smaller global batch gets the samples its remaining steps need
-(``split_samples``).
+``consumed_samples``. A resume at a smaller global batch (or fewer train.max_steps) keeps the
+checkpoint's split and so its order; one that needs more samples gets them (``split_samples``).
 """
 from __future__ import annotations
 
@@ -24,22 +24,25 @@ from ..data.sampler import build_dataloader
 from ..model import IGNORE_INDEX
 
 
-def split_samples(train: TrainConfig, global_batch: int, consumed_samples: int, step: int) -> int:
+def split_samples(train: TrainConfig, global_batch: int, consumed_samples: int, step: int, saved_split: int = 0) -> int:
     """Samples the training split is sized for: train.max_steps x global batch (Megatron-LM's count, on
     which the shuffle depends), or more on a resume whose checkpoint took more samples per step (it ran
     on more data-parallel ranks): its ``consumed_samples`` lie beyond ``step`` x global batch, and the
-    remaining train.max_steps - ``step`` steps still need a global batch each after them."""
-    return max(train.max_steps * global_batch, consumed_samples + (train.max_steps - step) * global_batch)
+    remaining train.max_steps - ``step`` steps still need a global batch each after them. Such a
+    checkpoint's own split (``saved_split``, larger) is kept, so that the resume reads on in its order
+    (another size is another number of epochs, another shuffle)."""
+    return max(train.max_steps * global_batch, consumed_samples + (train.max_steps - step) * global_batch, saved_split)
 
 
 class TrainData:
     def __init__(self, config: Config, dp_rank: int, dp_size: int, consumed_samples: int, cache_dir: str,
-                 step: int = 0) -> None:
-        """This rank's data of a run at ``step`` (a resume's; 0 for a new run) after ``consumed_samples``."""
+                 step: int = 0, saved_split: int = 0) -> None:
+        """This rank's data of a run at ``step`` (a resume's; 0 for a new run) after ``consumed_samples``;
+        ``saved_split``: the resumed checkpoint's ``split_samples``."""
         train = config.train
         self.micro_batches_per_step = train.gradient_accumulation_steps
         self.global_batch = train.micro_batch_size * train.gradient_accumulation_steps * dp_size
-        self.split_samples = split_samples(train, self.global_batch, consumed_samples, step)
+        self.split_samples = split_samples(train, self.global_batch, consumed_samples, step, saved_split)
         eval_samples = max(1, train.eval_iters) * self.global_batch
         tokenizer = load_tokenizer(config.data.tokenizer)
         train_set, valid_set, _ = build_datasets(

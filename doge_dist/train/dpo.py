@@ -136,12 +136,12 @@ class DPOTask(FinetuneTask):
         return len(batch["index"])
 
     def build_data(self, config: Config, env: DistEnv, dp_rank: int, dp_size: int, consumed_samples: int, cache_dir: str,
-                   step: int = 0) -> FinetuneData:
+                   step: int = 0, saved_split: int = 0) -> FinetuneData:
         self.beta = config.finetune.beta
         self.reference = load_reference(config.run.init_from, env.device, Path(config.run.dir))
         if config.finetune.reference == "precomputed":
             self._precompute_for = (config, env)
-        return super().build_data(config, env, dp_rank, dp_size, consumed_samples, cache_dir, step)
+        return super().build_data(config, env, dp_rank, dp_size, consumed_samples, cache_dir, step, saved_split)
 
     def _precompute(self, config: Config, env: DistEnv, split: str) -> Optional[torch.Tensor]:
         """Reference log-probs of every pair of ``split`` (None without such data), split over the

@@ -30,11 +30,11 @@ class FinetuneData:
     ``train.data.TrainData``: ``next_step``, ``validation_batches``, ``global_batch``, ``split_samples``)."""
 
     def __init__(self, train_set: Dataset, valid_set: Optional[Dataset], collate: Callable, config: Config,
-                 dp_rank: int, dp_size: int, consumed_samples: int, step: int = 0) -> None:
+                 dp_rank: int, dp_size: int, consumed_samples: int, step: int = 0, saved_split: int = 0) -> None:
         train = config.train
         self.micro_batches_per_step = train.gradient_accumulation_steps
         self.global_batch = train.micro_batch_size * train.gradient_accumulation_steps * dp_size
-        self.split_samples = split_samples(train, self.global_batch, consumed_samples, step)
+        self.split_samples = split_samples(train, self.global_batch, consumed_samples, step, saved_split)
         sampler = ResumableSampler(self.split_samples, consumed_samples, train.micro_batch_size, dp_rank, dp_size)
         shuffled = EpochShuffled(train_set, self.split_samples, config.data.seed)
         self.train_set = shuffled
@@ -123,9 +123,9 @@ class FinetuneTask(PretrainTask):
         """Chat prefixes are read whole (no data.split); ``check``, which the launcher runs first, validated them."""
 
     def build_data(self, config: Config, env: DistEnv, dp_rank: int, dp_size: int, consumed_samples: int, cache_dir: str,
-                   step: int = 0) -> FinetuneData:
+                   step: int = 0, saved_split: int = 0) -> FinetuneData:
         return FinetuneData(self.dataset(config, "train"), self.dataset(config, "valid"), self.collate(config),
-                            config, dp_rank, dp_size, consumed_samples, step)
+                            config, dp_rank, dp_size, consumed_samples, step, saved_split)
 
 
 class SFTTask(FinetuneTask):

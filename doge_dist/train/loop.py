@@ -312,8 +312,9 @@ def pretrain(config: Config, ds_user: dict[str, Any], ds_where: str = "the DeepS
 
     # 4. data, reporting, signals
     cache_dir = config.data.cache_dir or str(run_dir / "data_cache")
+    saved_split = (checkpoint.read_meta(*start).get("data_order") or {}).get("train_samples", 0) if start else 0
     data = task.build_data(config, env, parallel_state.get_data_parallel_rank(), layout.dp_size, progress.consumed_samples, cache_dir,
-                           progress.step)
+                           progress.step, saved_split)
     if start and env.is_main:
         warn_if_data_order_changed(checkpoint.read_meta(*start), data_order(config, data, progress.consumed_samples),
                                    progress.consumed_samples)

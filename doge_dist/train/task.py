@@ -26,7 +26,7 @@ class Task(Protocol):
     def check_data(self, config: Config) -> None: ...
 
     def build_data(self, config: Config, env: DistEnv, dp_rank: int, dp_size: int, consumed_samples: int, cache_dir: str,
-                   step: int = 0): ...
+                   step: int = 0, saved_split: int = 0): ...
 
     def count(self, batch: dict) -> int: ...
 
@@ -68,10 +68,10 @@ class PretrainTask:
         check_splits(config.data)
 
     def build_data(self, config: Config, env: DistEnv, dp_rank: int, dp_size: int, consumed_samples: int, cache_dir: str,
-                   step: int = 0):
+                   step: int = 0, saved_split: int = 0):
         from .data import TrainData
 
-        return TrainData(config, dp_rank, dp_size, consumed_samples, cache_dir, step)
+        return TrainData(config, dp_rank, dp_size, consumed_samples, cache_dir, step, saved_split)
 
     def count(self, batch: dict) -> int:
         return int((batch["labels"] != IGNORE_INDEX).sum())
