@@ -13,7 +13,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 import yaml
 
@@ -525,7 +525,7 @@ def inherits_model(init_from: Optional[str], file_raw: Optional[dict], overrides
             and not any(o.startswith("model.preset=") for o in overrides))
 
 
-def check_moe_keys(model: ModelConfig, given: Iterable[str], where: str, whose: str = "the model") -> None:
+def check_moe_keys(model: ModelConfig, given: Mapping[str, Any], where: str, whose: str = "the model") -> None:
     """A ConfigError for a MoE-only model key given for a dense model, which would silently be ignored; a key
     at its default is not one (a run's resolved config.yaml writes them all)."""
     defaults = {field.name: field.default for field in dataclasses.fields(ModelConfig)}
