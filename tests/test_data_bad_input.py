@@ -348,6 +348,19 @@ def test_the_token_scan_is_remembered_per_file_until_the_file_changes(tmp_path, 
         validate_prefix(prefix, VOCAB, scans=scans)
 
 
+def test_a_long_token_scan_shows_its_progress(tmp_path, monkeypatch, capsys) -> None:
+    """The first scan of a large corpus kept rank 0 silent for minutes while the other ranks waited."""
+    from doge_dist.data import indexed
+
+    monkeypatch.setattr(indexed, "SCAN_CHUNK_TOKENS", 64)
+    monkeypatch.setattr(indexed, "SCAN_LOG_SECONDS", 0.0)
+    prefix = assets().train_prefix
+    expected = int(np.memmap(prefix + ".bin", dtype=validate_prefix(prefix, scan_tokens=False).dtype, mode="r").max())
+    assert validate_prefix(prefix, VOCAB).max_token == expected
+    lines = [line for line in capsys.readouterr().out.splitlines() if "checking the token ids" in line]
+    assert len(lines) > 2 and lines[-1].split(": ")[1].startswith("100% (") and "ETA 0 s" in lines[-1]
+
+
 def _tokenizer_without_eos(tmp_path: Path, library: str) -> str:
     """A Hugging Face directory without eos_token, or a sentencepiece model trained with eos_id=-1."""
     if library == "huggingface":

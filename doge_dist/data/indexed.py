@@ -259,9 +259,25 @@ def _read_scans(scans: Path) -> dict:
         return {}
 
 
-def _max_token(bin_path: Path, dtype: np.dtype) -> int:
+SCAN_LOG_SECONDS = 10.0  # a progress line at most this often while a large .bin is scanned
+
+
+def _max_token(bin_path: Path, dtype: np.dtype, log: Callable[[str], None] = print) -> int:
+    """The largest id, read in chunks; a progress line (rate, ETA) every ``SCAN_LOG_SECONDS`` while the
+    other ranks wait."""
     data = np.memmap(bin_path, dtype=dtype, mode="r")
-    return max(int(data[i : i + SCAN_CHUNK_TOKENS].max()) for i in range(0, data.shape[0], SCAN_CHUNK_TOKENS))
+    largest, start = 0, time.time()
+    last = start
+    for i in range(0, data.shape[0], SCAN_CHUNK_TOKENS):
+        largest = max(largest, int(data[i : i + SCAN_CHUNK_TOKENS].max()))
+        now = time.time()
+        if now - last >= SCAN_LOG_SECONDS:
+            done = min(i + SCAN_CHUNK_TOKENS, data.shape[0])
+            rate = done / max(now - start, 1e-9)
+            log(f"[doge-dist] checking the token ids of {bin_path}: {100 * done / data.shape[0]:.0f}% "
+                f"({rate * dtype.itemsize / 1e6:.0f} MB/s, ETA {(data.shape[0] - done) / rate:.0f} s; remembered afterwards)")
+            last = now
+    return largest
 
 
 def merge_prefixes(prefixes: list[str], output_prefix: str, log: Callable[[str], None] = print) -> PrefixInfo:
