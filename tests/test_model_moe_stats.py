@@ -43,3 +43,20 @@ def test_router_entropy_leaves_the_padding_out():
                  token_mask=torch.tensor([[1, 0, 0]]))  # one real token (uniform routing), two pads
     stats.update([Routing(peaked, peaked, ids)], token_mask=torch.tensor([[1, 1, 1]]))  # three real, entropy ~0
     assert stats.summary()["moe/router_entropy"] == pytest.approx(math.log(16) / 4, abs=1e-6)
+
+
+def _saved_and_running_entropy(rank, world_size):
+    stats = MoEStats(num_experts=4)
+    stats.window.append(torch.tensor([[1.0, 0.0, 2.0, 1.0]]))
+    stats.entropy += torch.tensor([10.0, 5.0], dtype=torch.float64)
+    saved = stats.global_state()
+    return saved["entropy"].tolist(), saved["window"].tolist(), stats.entropy.tolist()
+
+
+def test_the_checkpointed_sums_leave_the_running_ones_alone():
+    """global_state reduces over the ranks for the checkpoint; on CPU it reduced the running entropy sums
+    themselves, so every save changed the next logged moe/router_entropy (on two ranks: [10, 5] -> [20, 10])."""
+    from doge_dist.parallel.spawn import run_distributed
+
+    for saved, window, running in run_distributed(_saved_and_running_entropy, 2):
+        assert (saved, window, running) == ([20.0, 10.0], [[[2.0, 0.0, 4.0, 2.0]]], [10.0, 5.0])

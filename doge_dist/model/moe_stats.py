@@ -56,7 +56,7 @@ class MoEStats:
         goes on with the same window whatever its layout (``load_global_state``). ``copies``: the ranks
         that route each token (tensor-parallel ranks without sequence parallelism), counted once."""
         window = torch.stack(list(self.window)) if self.window else torch.zeros(0)
-        entropy = self.entropy.to(window.device)
+        entropy = self.entropy.to(window.device, copy=True)  # reduced in place: not the running sums
         if group is not None or dist.is_initialized():
             dist.all_reduce(window, group=group)
             dist.all_reduce(entropy, group=group)
