@@ -441,6 +441,60 @@ def test_a_resume_from_an_older_checkpoint_of_the_run_rewinds_it():
     assert [event.step for event in board.Tensors("config/text_summary")] == [5]  # where the resumed run's config took effect
 
 
+def _own_checkpoints_up_to_10_marked_old(run_dir: Path) -> Path:
+    """``run_dir`` holding the reference run's checkpoints (step 5, step 10 marked "old") and config.yaml."""
+    run_dir.mkdir()
+    root = run_dir / "checkpoints"
+    subprocess.run(["cp", "-r", str(single_process_run() / "checkpoints"), str(root)], check=True)
+    subprocess.run(["cp", str(single_process_run() / "config.yaml"), str(run_dir)], check=True)
+    old_meta = root / "step_00000010" / "doge_meta.json"
+    old_meta.write_text(json.dumps({**json.loads(old_meta.read_text()), "old": True}))
+    return root
+
+
+def test_a_resume_from_another_runs_checkpoint_into_a_run_dir_with_newer_ones_saves_its_own(tmp_path):
+    """run.resume=<elsewhere>/step_5 into a run.dir whose latest is step_10: its step-10 save was skipped as
+    "nothing new since latest", so latest kept naming the old weights and the run's own were lost. The
+    run.dir is rewound as for its own older checkpoint: its old trajectory goes to checkpoints/abandoned/."""
+    root = _own_checkpoints_up_to_10_marked_old(tmp_path / "run")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    subprocess.run(["cp", "-r", str(root / "step_00000005"), str(elsewhere)], check=True)
+    result = pretrain(tmp_path / "run", 0, nproc=1, launcher="python", micro_batch_size=2, gradient_accumulation_steps=2,
+                      save_interval=5, **{"run.resume": str(elsewhere / "step_00000005")})
+    assert "run.resume rewinds" in result.stdout + result.stderr
+    assert (root / "latest").read_text() == "step_00000010"
+    assert "old" not in json.loads((root / "step_00000010" / "doge_meta.json").read_text())  # this run's step 10
+    assert sorted(p.name for p in root.iterdir()) == ["abandoned", "latest", "step_00000010"]
+    assert [p.name for p in (root / "abandoned").iterdir()] == ["step_00000005"]
+    assert losses(tmp_path / "run") == losses(single_process_run())[5:]
+
+
+def _prefix_past_the_vocabulary(directory: Path) -> str:
+    """The test corpus tokenized with a 1,024-id tokenizer: ids past doge-tiny's 512."""
+    from doge_dist.data import preprocess
+    from doge_dist.data.train_tokenizer import train_tokenizer
+
+    corpus = data_helpers.assets().train_jsonl
+    model = train_tokenizer(corpus, directory / "tokenizer", vocab_size=1024, threads=1, log=data_helpers.quiet)
+    preprocess(corpus, str(directory / "big"), str(model), append_eod=True, workers=1, log=data_helpers.quiet)
+    return str(directory / "big_text_document")
+
+
+def test_a_refused_rewind_leaves_latest_and_the_run_files_as_they_were(tmp_path):
+    """run.resume=<run.dir>/checkpoints/step_5 refused while its data was checked (ids past the vocabulary):
+    latest had already been moved back to step_5 (and config.yaml rewritten), so the next plain restart
+    resumed at step 5 and overwrote the run's step 10."""
+    root = _own_checkpoints_up_to_10_marked_old(tmp_path / "run")
+    config_before = (tmp_path / "run" / "config.yaml").read_text()
+    result = pretrain(tmp_path / "run", 0, nproc=1, launcher="python", check=False, micro_batch_size=2,
+                      gradient_accumulation_steps=2, save_interval=5,
+                      **{"run.resume": str(root / "step_00000005"), "data.train_data": f"[{_prefix_past_the_vocabulary(tmp_path)}]"})
+    assert result.returncode == 2 and "vocab" in result.stderr, result.stderr[-3000:]
+    assert (root / "latest").read_text() == "step_00000010"
+    assert (tmp_path / "run" / "config.yaml").read_text() == config_before
+
+
 def test_a_stop_signal_to_the_process_group_with_dataloader_workers_saves_and_resumes_exactly():
     """Slurm delivers its preemption signal (srun's forwarded USR1, the SIGTERM at the time limit) to
     every process of the job step, so DataLoader workers (data.num_workers > 0) get it too, as from

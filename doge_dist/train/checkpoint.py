@@ -242,13 +242,25 @@ def rewind_latest(run_dir: str | Path, root: Path, tag: str) -> None:
     """A resume from an older checkpoint of this very run (run.resume=<run.dir>/checkpoints/step_N) is a
     rewind: ``latest`` is moved back to it, so that the new trajectory's saves replace the newer
     checkpoints (``save`` never rewrites the checkpoint ``latest`` names: with ``latest`` left on
-    step_M, the save at step M was skipped and the run's new weights were lost). Rank 0."""
+    step_M, the save at step M was skipped and the run's new weights were lost). So is a resume from a
+    checkpoint outside it (another run's, or one in checkpoints/abandoned/) into a run.dir whose
+    ``latest`` is not older: ``latest`` goes back to the newest of its own checkpoints before that step
+    (none: removed). Called once nothing can refuse the run any more. Rank 0."""
     own = checkpoint_root(run_dir)
     latest = read_latest(own) if own.is_dir() else None
-    if latest and Path(root).resolve() == own.resolve() and tag < latest:
-        print(f"[doge-dist] run.resume rewinds {run_dir} to {tag}: its newer checkpoints (up to {latest}) are "
-              f"replaced, or moved to {own / ABANDONED}, as this run saves past them", flush=True)
+    inside = Path(root).resolve() == own.resolve()
+    if not latest or tag > latest or (inside and tag == latest):
+        return
+    print(f"[doge-dist] run.resume rewinds {run_dir} to {tag}: its checkpoints from there on (up to {latest}) are "
+          f"replaced, or moved to {own / ABANDONED}, as this run saves past them", flush=True)
+    if inside:
         write_atomic(own / LATEST, tag)
+        return
+    before = [old for old in complete_tags(own) if old < tag]
+    if before:
+        write_atomic(own / LATEST, before[-1])
+    else:
+        (own / LATEST).unlink()
 
 
 RUN_LOCK = ".trainer.lock"  # in run.dir: held by the rank 0 of the trainer using it

@@ -287,11 +287,6 @@ def pretrain(config: Config, ds_user: dict[str, Any], ds_where: str = "the DeepS
         else:  # weights only: the checkpoint's fp32 master weights, from any stage and layout
             init_weights = consolidated_state(*source, checkpoint.universal_root(source[0], run_dir))
 
-    if env.is_main:  # only now, so that a refused resume leaves the files of the checkpoints' run as they were
-        config_text = write_run_files(run_dir, config, ds)
-        if start:
-            checkpoint.rewind_latest(run_dir, *start)
-
     # 3. the DeepSpeed engine, then its state
     engine, ds = build_engine(config, ds, env.device, init_weights)
     del init_weights
@@ -318,6 +313,10 @@ def pretrain(config: Config, ds_user: dict[str, Any], ds_where: str = "the DeepS
     if start and env.is_main:
         warn_if_data_order_changed(checkpoint.read_meta(*start), data_order(config, data, progress.consumed_samples),
                                    progress.consumed_samples)
+    if env.is_main:  # only now, past every refusal, so that a refused run leaves the run's files and `latest` as they were
+        config_text = write_run_files(run_dir, config, ds)
+        if start:
+            checkpoint.rewind_latest(run_dir, *start)
     tokens_per_step = data.global_batch * task.sequences_per_sample * config.data.seq_length  # at most, when padded
     reporter = Reporter(str(run_dir), env.is_main, peak_tflops(env.device, train.peak_tflops), env.world_size,
                         train.max_steps, progress.step)
