@@ -571,8 +571,9 @@ def test_a_template_with_only_a_generation_prompt_is_refused(tmp_path):
 
 def test_make_chat_tokenizer_never_deletes_its_source_or_other_files(tmp_path):
     """The tool replaced --output-dir whole: pointed at the tokenizer's own directory (or a folder above
-    it) it deleted the sentencepiece model, the pretraining twin and everything else there. Such an
-    output, or an existing directory that is no tokenizer, is refused with nothing touched."""
+    it) it deleted the sentencepiece model, the pretraining twin and everything else there; pointed at an
+    exported model (which has a tokenizer_config.json) it deleted the weights. Such an output, or an
+    existing directory that is no tokenizer, is refused with nothing touched."""
     import shutil
 
     from doge_dist.data.chat_template import write_chat_tokenizer
@@ -587,6 +588,13 @@ def test_make_chat_tokenizer_never_deletes_its_source_or_other_files(tmp_path):
             write_chat_tokenizer(source / "tokenizer.model", output)
     with pytest.raises(DataError, match=rf"--output-dir '{tmp_path / 'data'}' exists and is not a tokenizer directory"):
         write_chat_tokenizer(chat_tokenizer().parent / "tokenizer.model", tmp_path / "data")
+    model = tmp_path / "hf"  # an exported model: a tokenizer directory too, with the weights beside it
+    shutil.copytree(chat_tokenizer(), model)
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"weights")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    with pytest.raises(DataError, match=rf"--output-dir '{model}' holds a model \(config.json, model.safetensors\)"):
+        write_chat_tokenizer(source / "tokenizer.model", model)
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
     written = write_chat_tokenizer(source / "tokenizer.model", source / "chat")  # an old chat twin is replaced
     assert load_chat_tokenizer(written).chat_template

@@ -68,13 +68,20 @@ def write_chat_tokenizer(source: str | os.PathLike, output_dir: str | os.PathLik
 def check_replaceable(source: Path, output: Path) -> None:
     """The output directory is replaced whole: refuse one that holds the source tokenizer (its own
     directory or a folder above it: the sentencepiece model and the pretraining twin would be deleted)
-    or an existing directory that is not a tokenizer directory (its files would be deleted)."""
+    or an existing directory that is not a tokenizer directory alone (its files, an exported model's weights,
+    would be deleted)."""
+    from ..convert.hf import is_model_file
+
     if source.resolve().is_relative_to(output.resolve()):
         raise DataError(f"--output-dir '{output}' holds the source tokenizer '{source}' and would be replaced whole; "
                         f"choose a new directory, e.g. '{source.parent if source.is_file() else source}/{CHAT_SUBDIR}'.")
     if output.exists() and not (output / "tokenizer_config.json").is_file():
         raise DataError(f"--output-dir '{output}' exists and is not a tokenizer directory; it would be replaced whole: "
                         "choose a new directory.")
+    model_files = sorted(p.name for p in output.iterdir() if is_model_file(p.name)) if output.is_dir() else []
+    if model_files:
+        raise DataError(f"--output-dir '{output}' holds a model ({', '.join(model_files)}) beside its tokenizer, which "
+                        "would be deleted with the directory: choose a new directory.")
 
 
 GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
