@@ -34,6 +34,8 @@ if __name__ == "__main__":
         from doge_dist.model.generate import check_options
 
         check_options(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+        if not -(2**63) <= args.seed < 2**64:
+            raise ValueError(f"--seed must be a 64-bit integer, got {args.seed}.")
     except ValueError as error:
         parser.error(str(error))
 
@@ -46,11 +48,11 @@ if __name__ == "__main__":
         with contextlib.redirect_stdout(sys.stderr):  # loading messages (DeepSpeed's too): stdout is the text alone
             from doge_dist.data.chat import chat_ids
             from doge_dist.data.chat_template import load_chat_tokenizer
-            from doge_dist.train.export import check_tokenizer_fits, load_checkpoint_model, run_tokenizer_path
+            from doge_dist.train.export import check_tokenizer_fits, known_tokenizer_path, load_checkpoint_model
 
             # the tokenizer and its chat template first: a wrong one is named before a checkpoint is consolidated
             hf_directory = (Path(args.model) / "config.json").is_file()
-            tokenizer_path = args.tokenizer or (args.model if hf_directory else run_tokenizer_path(args.model))
+            tokenizer_path = args.tokenizer or (args.model if hf_directory else known_tokenizer_path(args.model))
             try:
                 tokenizer = load_tokenizer(tokenizer_path)
             except DataError as error:
@@ -74,7 +76,8 @@ if __name__ == "__main__":
         if note:
             print(f"warning: {note}", file=sys.stderr, flush=True)
         out = generate(model, torch.tensor([prompt]), args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                       tokenizer.eos_id, torch.Generator().manual_seed(args.seed), compile=args.compile)
+                       tokenizer.eos_id, torch.Generator().manual_seed(args.seed), compile=args.compile,
+                       vocab_limit=tokenizer.vocab_size)  # a padded vocabulary's extra ids decode to nothing
         text = out[0, shown:].tolist()
         print(chat.decode(text, skip_special_tokens=True) if args.chat else tokenizer.decode(text))
 

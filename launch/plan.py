@@ -22,6 +22,7 @@ import yaml
 
 from doge_dist.config import Config, ConfigError, ModelConfig, load_config
 from doge_dist.model.flops import parameter_count
+from doge_dist.train.cli import input_errors
 from doge_dist.plan import TASKS, accumulation_steps, check_layout, format_plan, make_plan, recipe_global_batch
 
 # The plan imports DeepSpeed to check the JSON as the trainer does; on a machine without a GPU (a login node) its
@@ -74,7 +75,7 @@ def main() -> int:
         config.model = planned_model(args.config, config, args.overrides)
         plan = make_plan(recipe, config, read_ds_config(ds_path), args.gpus, args.gpu_mem_gb, args.reserve_gb,
                          args.global_batch, args.task, f"DeepSpeed config '{ds_path}'")
-    except ConfigError as error:
+    except input_errors() as error:  # as the trainer reports them (a run.init_from without weights too)
         print(f"error: {error}", file=sys.stderr)
         return 2
     name = f"{args.config} + {ds_path}" + (f" + {' '.join(args.overrides)}" if args.overrides else "")

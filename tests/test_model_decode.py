@@ -249,6 +249,34 @@ def test_generate_command_refuses_bad_options_before_loading_the_model():
     assert result.returncode == 2 and "top_p must be between 0 and 1" in result.stderr and "got 1.5" in result.stderr
 
 
+def test_generate_command_refuses_a_seed_out_of_range_before_loading_the_model():
+    result = subprocess.run([sys.executable, "launch/generate.py", "--model", "no/such/run", "--seed", str(10**30)],
+                            cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 2 and "--seed must be a 64-bit integer" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_generate_command_names_tokenizer_for_a_checkpoint_without_its_runs_config(tmp_path):
+    """A step directory copied out of its run has no config.yaml to name data.tokenizer: a TypeError before."""
+    from train_helpers import single_process_run
+
+    subprocess.run(["cp", "-r", str(single_process_run() / "checkpoints" / "step_00000010"), str(tmp_path)], check=True)
+    result = subprocess.run([sys.executable, "launch/generate.py", "--model", str(tmp_path / "step_00000010")],
+                            cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 2 and "pass --tokenizer" in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
+
+
+def test_sampling_stays_within_a_smaller_tokenizer():
+    """A tokenizer with fewer ids than the model's (padded) vocabulary cannot decode the others: generate.py
+    died decoding them after the model had loaded."""
+    model = _model({})
+    generator = torch.Generator().manual_seed(0)
+    out = generate(model, torch.tensor([[5, 6, 7]]), 32, temperature=5.0, generator=generator, eos_token_id=None, vocab_limit=10)
+    assert out[0, 3:].max() < 10 and out[0, 3:].min() >= 0
+    prompt = torch.tensor([[5, 6, 7]])
+    assert torch.equal(generate(model, prompt, 8, temperature=0, vocab_limit=model.config.vocab_size),
+                       generate(model, prompt, 8, temperature=0))
+
+
 def test_generate_command_refuses_a_tokenizer_larger_than_the_model_vocabulary(tmp_path):
     """Not an IndexError from the embedding: the tokenizer (512 ids) does not belong to the model (256)."""
     save_hf(build_model(ModelConfig.from_preset("doge-tiny", vocab_size=256)), tmp_path / "hf")

@@ -281,6 +281,11 @@ def test_cli_plans_a_finetuning_recipe_as_the_model_of_its_init_from(plan_cli):
                   *model_overrides)
         assert out.returncode == 0, out.stderr
         assert f"{parameter_count(pretrained) / 1e6:.1f}M params" in out.stdout
+    weightless = scratch() / "weightless"
+    weightless.mkdir()
+    (weightless / "config.json").write_text((init_from / "config.json").read_text())
+    out = run("--config", "configs/sft_doge_20m.yaml", f"run.init_from={weightless}")  # a FileNotFoundError traceback
+    assert out.returncode == 2 and "Traceback" not in out.stderr and "safetensors" in out.stderr, out.stderr[-2000:]
     missing = run("--config", "configs/sft_doge_20m.yaml", "run.init_from=runs/no_such_run")
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
     assert "run.init_from" in missing.stderr and "model.preset=" in missing.stderr

@@ -99,10 +99,13 @@ def generate(
     attention_mask: Optional[torch.Tensor] = None,
     compile: bool = False,
     pad_token_id: Optional[int] = None,
+    vocab_limit: Optional[int] = None,
 ) -> torch.Tensor:
     """``input_ids`` [B, T] -> [B, T + new]; rows that emitted ``eos_token_id`` go on with ``pad_token_id``
     (default the config's, else the eos), as transformers' ``generate`` pads them. ``eos_token_id`` is
     the model config's by default, as transformers' generation config has it; None generates every token.
+    ``vocab_limit`` samples only ids below it: a tokenizer with fewer ids than the model's (padded)
+    vocabulary cannot decode the others.
 
     ``attention_mask`` [B, T] (1 for real tokens) batches prompts of different lengths left-padded, as
     transformers' ``generate`` takes them: padding is not attended and each row's positions start at
@@ -134,7 +137,7 @@ def generate(
             finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
             pad = next((token for token in (pad_token_id, model.config.pad_token_id, eos_token_id) if token is not None), None)
             for _ in range(max_new_tokens):
-                token = next_token(logits, temperature, top_k, top_p, generator)
+                token = next_token(logits[:, :vocab_limit], temperature, top_k, top_p, generator)
                 if eos_token_id is not None:
                     token = token.masked_fill(finished, pad)
                     finished |= token == eos_token_id

@@ -11,7 +11,8 @@ from typing import Callable, Optional
 from ..config import ConfigError, load_config
 
 
-def _input_errors() -> tuple[type, ...]:
+def input_errors() -> tuple[type, ...]:
+    """The exceptions that are bad input: one paragraph and exit code 2, no traceback."""
     from ..data import DataError
 
     return (ConfigError, DataError, FileNotFoundError)
@@ -67,7 +68,7 @@ def report_errors(run: Callable[[], None]) -> int:
     write_errors = (CheckpointWriteError, ExportWriteError)
     try:
         run()
-    except (*_input_errors(), TrainingStopped, *write_errors) as error:
+    except (*input_errors(), TrainingStopped, *write_errors) as error:
         if is_launcher_main() or isinstance(error, (LaunchEnvironmentError, *write_errors)):
             print(f"error: {error}", file=sys.stderr, flush=True)
         _destroy_process_group()

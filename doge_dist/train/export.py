@@ -101,6 +101,16 @@ def run_tokenizer_path(path: str | Path, step: Optional[int] = None) -> Optional
     return tokenizer
 
 
+def known_tokenizer_path(path: str | Path, step: Optional[int] = None) -> str:
+    """``run_tokenizer_path``, or a ConfigError that says to pass --tokenizer (a checkpoint copied without
+    its run's config.yaml, or a run without data.tokenizer)."""
+    found = run_tokenizer_path(path, step)
+    if not found:
+        raise ConfigError(f"No tokenizer known for {path}: pass --tokenizer (no config.yaml of its run names a "
+                          "data.tokenizer).")
+    return found
+
+
 def check_tokenizer_fits(tokenizer, path: str | Path, vocab_size: int) -> None:
     """A tokenizer with more ids than the model's vocabulary is another model's (its ids would index past
     the embedding); fewer is a padded vocabulary, as the trainer allows."""
@@ -114,9 +124,7 @@ def export_hf(path: str | Path, output: str | Path, step: Optional[int] = None, 
     from ..data import load_tokenizer
 
     check_output(output)  # the output and the tokenizer before the consolidation, which takes a while for a large model
-    tokenizer_path = tokenizer or run_tokenizer_path(path, step)
-    if not tokenizer_path:
-        raise ConfigError(f"No tokenizer known for {path}: pass --tokenizer (the run's config.yaml has no data.tokenizer).")
+    tokenizer_path = tokenizer or known_tokenizer_path(path, step)
     tokenizer = load_tokenizer(tokenizer_path)
     check_tokenizer_fits(tokenizer, tokenizer_path, checkpoint.read_meta(*find_checkpoint(path, step))["model"]["vocab_size"])
     model = load_checkpoint_model(path, step)
