@@ -201,3 +201,15 @@ def test_a_corrupt_config_json_of_init_from_is_named(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "doge", "hidden_size": 6')
     with pytest.raises(ConfigError, match=r"config\.json is not valid JSON"):
         model_config_of(str(tmp_path))
+
+
+def test_a_step_directory_with_another_step_is_refused():
+    """export_hf.py --checkpoint .../step_00000005 --step 10 exported step 10 without a word."""
+    from doge_dist.config import ConfigError
+    from doge_dist.train.checkpoint import resolve_checkpoint
+
+    step_5 = single_process_run() / "checkpoints" / "step_00000005"
+    with pytest.raises(ConfigError, match=r"is the checkpoint of one step, step_00000005, and --step asks for 10"):
+        resolve_checkpoint(step_5, 10)
+    assert resolve_checkpoint(step_5, 5) == resolve_checkpoint(step_5) == (step_5.parent, "step_00000005")
+    assert resolve_checkpoint(single_process_run(), 5) == (step_5.parent, "step_00000005")

@@ -130,7 +130,10 @@ def resolve_checkpoint(path: str | Path, step: Optional[int] = None) -> tuple[Pa
         if (root / LATEST).is_file():
             return root, read_latest(root) if step is None else tag_for(step)
     if (path / META).is_file():
-        return path.parent, path.name if step is None else tag_for(step)
+        if step is not None and tag_for(step) != path.name:
+            raise ConfigError(f"'{path}' is the checkpoint of one step, {path.name}, and --step asks for {step}: pass the run "
+                              "directory with --step, or the step directory alone.")
+        return path.parent, path.name
     raise ConfigError(
         f"'{path}' holds no doge-dist checkpoint (no checkpoints/latest, no {META}); pass a run directory, "
         "its checkpoints/ directory, or one step_NNNNNNNN directory."
