@@ -561,7 +561,7 @@ def test_a_diverged_run_leaves_its_last_finite_checkpoint_as_latest():
     """lr 1e30: steps 1 and 2 have finite losses, step 2's update breaks the weights and every later step
     is non-finite (skipped) until train.max_bad_steps stops the run, saying that the last good checkpoint
     is untouched. The steps of the non-finite streak must write no checkpoint: it would become `latest`
-    (a resume "with another seed" starts after the streak's batches) and push good ones out (keep_last)."""
+    (a resume with a lower lr would start after the streak's batches) and push good ones out (keep_last)."""
     run_dir = scratch() / "diverged"
     result = pretrain(run_dir, 0, nproc=1, launcher="python", check=False, lr=1.0e30, save_interval=1, max_bad_steps=2,
                       keep_last=2, eval_interval=0)

@@ -370,7 +370,8 @@ def pretrain(config: Config, ds_user: dict[str, Any], ds_where: str = "the DeepS
                 raise TrainingStopped(
                     f"{bad_in_a_row} non-finite steps in a row (train.max_bad_steps = {train.max_bad_steps}); stopping "
                     f"without saving. The last good checkpoint in {checkpoint.checkpoint_root(run_dir)} is untouched: "
-                    "lower train.lr or resume from it with another seed."
+                    "lower train.lr (or train.warmup_steps longer) and resume from it. A resume replays the same batches with "
+                    "the checkpoint's random state (train.seed does not change them), so unchanged settings meet the same steps."
                 )
         else:
             bad_in_a_row = 0
