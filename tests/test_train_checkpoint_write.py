@@ -231,3 +231,17 @@ def test_a_checkpoints_files_are_on_disk_before_it_is_marked_complete(tmp_path):
     synced = run_distributed(_save_recording_fsyncs, 1, str(tmp_path))[0]
     assert synced == ["rng_rank00000.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt", "step_00000004",
                       "step_00000004", "checkpoints"]  # the files, their directory; the renames of the meta and latest
+
+
+def test_a_damaged_meta_file_is_named_with_the_checkpoint_before_it(tmp_path):
+    """A meta file cut short by a copy that did not finish: a JSONDecodeError traceback before."""
+
+    root = tmp_path / "checkpoints"
+    for tag in ("step_00000002", "step_00000004"):
+        (root / tag).mkdir(parents=True)
+        (root / tag / checkpoint.META).write_text('{"step": 2, "model": {}}')
+    (root / "step_00000004" / checkpoint.META).write_text('{"step": 4, "mod')
+    with pytest.raises(ConfigError, match=rf"Checkpoint {root / 'step_00000004'} has a damaged doge_meta.json .* "
+                                          rf"continue from the checkpoint before it, {root / 'step_00000002'}"):
+        checkpoint.check_complete(root, "step_00000004")
+    assert checkpoint.read_meta(root, "step_00000002")["step"] == 2

@@ -94,7 +94,19 @@ def complete_tags(root: Path) -> list[str]:
 
 
 def read_meta(root: Path, tag: str) -> dict:
-    return json.loads((root / tag / META).read_text())
+    """The checkpoint's meta file; one cut short (a copy that did not finish) or not a mapping with its step
+    is a ConfigError naming it, not a JSONDecodeError wherever it is read."""
+    file = root / tag / META
+    try:
+        meta = json.loads(file.read_text())
+    except ValueError as error:
+        meta = error
+    if not isinstance(meta, dict) or "step" not in meta:
+        earlier = [t for t in complete_tags(root) if t < tag]
+        raise ConfigError(f"Checkpoint {root / tag} has a damaged {META} (not the JSON a save writes: cut short by a copy "
+                          "that did not finish, or edited): restore it"
+                          + (f", or continue from the checkpoint before it, {root / earlier[-1]}." if earlier else "."))
+    return meta
 
 
 def check_complete_on_rank0(root: Path, tag: str) -> None:
