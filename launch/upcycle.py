@@ -24,12 +24,16 @@ if __name__ == "__main__":
     parser.add_argument("--output", required=True, help="directory for the MoE model (Hugging Face format)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step of a run directory (default: latest)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the new router and expert tables")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer written into --output (default: the HF directory's "
+                        "own, or data.tokenizer from the run's config.yaml)")
     parser.add_argument("overrides", nargs="*", help="model.key=value changes to the preset, e.g. model.vocab_size=8192")
     args = parser.parse_intermixed_args()
 
     def run() -> None:
         from doge_dist.convert.upcycle import upcycle_to_hf
 
-        print(f"wrote {upcycle_to_hf(args.checkpoint, args.preset, args.output, args.step, args.seed, args.overrides)}")
+        output = upcycle_to_hf(args.checkpoint, args.preset, args.output, args.step, args.seed, args.overrides,
+                               args.tokenizer)
+        print(f"wrote {output}")
 
     sys.exit(report_errors(run))

@@ -141,3 +141,52 @@ def test_a_dense_head_dim_of_its_own_is_named():
     dense = build_model(ModelConfig.from_preset("doge-tiny", head_dim=8))
     with pytest.raises(ConfigError, match=re.escape("override it (model.head_dim=8)")):
         upcycle(dense, ModelConfig.from_preset("doge-tiny-moe"))
+
+
+RELATIVE_TOKENIZER = "data:\n  tokenizer: data/tokenizer/tokenizer.model\n"
+
+
+@pytest.mark.parametrize("config_yaml,tokenizer,error", [
+    (None, None, "No tokenizer known for"),  # a step directory without its run's config.yaml
+    (RELATIVE_TOKENIZER, None, "run from that directory, or pass --tokenizer"),
+    (None, "missing", "does not exist"),
+    (None, "512 ids", "has 512 ids but the model's vocab_size is 256"),
+], ids=["no config.yaml", "relative data.tokenizer", "missing --tokenizer", "foreign --tokenizer"])
+def test_the_tokenizer_is_found_and_checked_before_the_checkpoint_is_consolidated(config_yaml, tokenizer, error,
+                                                                                  tmp_path, monkeypatch):
+    """As export_hf: a run's tokenizer not found from here told the user to pass --tokenizer, which
+    upcycle.py did not have, after consolidating the checkpoint; a run without config.yaml was upcycled
+    into a directory without tokenizer files, silently."""
+    import json
+
+    from data_helpers import assets
+    from doge_dist.data import DataError
+    from doge_dist.train import export
+
+    def never(*args, **kwargs):
+        raise AssertionError("the checkpoint was consolidated before the tokenizer was checked")
+
+    monkeypatch.setattr(export, "load_checkpoint_model", never)
+    monkeypatch.chdir(tmp_path)
+    step = tmp_path / "run" / "checkpoints" / "step_00000004"
+    step.mkdir(parents=True)
+    (step / "doge_meta.json").write_text(json.dumps({"step": 4, "model": ModelConfig.from_preset("doge-tiny", vocab_size=256).to_dict()}))
+    (step.parent / "latest").write_text(step.name)
+    if config_yaml:
+        (tmp_path / "run" / "config.yaml").write_text(config_yaml)
+    path = {None: None, "missing": str(tmp_path / "missing.model"), "512 ids": str(assets().tokenizer_model)}[tokenizer]
+    with pytest.raises((ConfigError, DataError), match=re.escape(error)):
+        upcycle_to_hf(str(tmp_path / "run"), "doge-tiny-moe", str(tmp_path / "moe"), overrides=["model.vocab_size=256"],
+                      tokenizer=path)
+
+
+def test_upcycle_writes_the_tokenizer_given_as_tokenizer(tmp_path):
+    """launch/upcycle.py --tokenizer, as export_hf.py's: the tokenizer written into --output."""
+    from data_helpers import assets
+
+    save_hf(build_model(ModelConfig.from_preset("doge-tiny")), tmp_path / "dense")  # no tokenizer of its own
+    command = [PYTHON, str(REPO / "launch" / "upcycle.py"), "--checkpoint", str(tmp_path / "dense"), "--preset",
+               "doge-tiny-moe", "--output", str(tmp_path / "moe"), "--tokenizer", str(assets().tokenizer_model)]
+    result = subprocess.run(command, cwd=REPO, env=env(), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "moe" / "tokenizer_config.json").is_file() and (tmp_path / "moe" / "model.safetensors").is_file()

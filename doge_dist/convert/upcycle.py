@@ -66,28 +66,28 @@ def moe_config_from(preset: str, overrides=()) -> ModelConfig:
     return check_moe_target(ModelConfig.from_dict(model, "the upcycle overrides"))
 
 
-def upcycle_to_hf(source: str, preset: str, output: str, step=None, seed: int = 0, overrides=()):
+def upcycle_to_hf(source: str, preset: str, output: str, step=None, seed: int = 0, overrides=(), tokenizer=None):
     """``launch/upcycle.py``: load a dense model from a run or HF directory, upcycle it to ``preset``
-    (with ``model.key=value`` overrides), save it with its tokenizer as a Hugging Face directory."""
+    (with ``model.key=value`` overrides), save it with its tokenizer as a Hugging Face directory: ``tokenizer``
+    (--tokenizer), else an HF directory's own tokenizer files or the run's data.tokenizer (as export_hf)."""
     from pathlib import Path
 
+    from ..train.export import load_checkpoint_model, resolve_tokenizer, save_hf_with_tokenizer
     from ..train.finetune import model_config_of
     from .hf import check_output, load_hf, save_hf
 
-    check_output(output)  # a bad output, preset or override fails before the dense model is loaded (a while for a large one)
+    check_output(output)  # a bad output, preset, override or tokenizer fails before the dense model is loaded
     if Path(output).resolve() == Path(source).resolve():
         raise ConfigError(f"--output '{output}' is the dense model being upcycled, which the MoE model would replace: "
                           "write it to a new directory.")
     moe_config = moe_config_from(preset, overrides)
-    moe_config_for(model_config_of(source, "--checkpoint"), moe_config)  # from its config.json or meta file, before it is loaded
-    if Path(source, "config.json").is_file():
-        dense, tokenizer = load_hf(source), source
-    else:
-        from ..data import load_tokenizer
-        from ..train.export import load_checkpoint_model, run_tokenizer_path
-
-        dense = load_checkpoint_model(source, step)
-        tokenizer_path = run_tokenizer_path(source)
-        tokenizer = load_tokenizer(tokenizer_path).hf_dir if tokenizer_path else None
+    dense_config = model_config_of(source, "--checkpoint")  # from its config.json or meta file, before it is loaded
+    moe_config_for(dense_config, moe_config)
+    hf_source = Path(source, "config.json").is_file()
+    if not (hf_source and tokenizer is None):
+        tokenizer = resolve_tokenizer(source, step, tokenizer, dense_config.vocab_size)
+    dense = load_hf(source) if hf_source else load_checkpoint_model(source, step)
     moe = upcycle(dense, dataclasses.replace(moe_config, attn_backend=dense.config.attn_backend), seed)
-    return save_hf(moe, output, tokenizer=tokenizer)
+    if tokenizer is None:
+        return save_hf(moe, output, tokenizer=source)  # the HF directory's own tokenizer files, copied
+    return save_hf_with_tokenizer(moe, output, tokenizer)

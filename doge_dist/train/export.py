@@ -106,8 +106,8 @@ def known_tokenizer_path(path: str | Path, step: Optional[int] = None) -> str:
     its run's config.yaml, or a run without data.tokenizer)."""
     found = run_tokenizer_path(path, step)
     if not found:
-        raise ConfigError(f"No tokenizer known for {path}: pass --tokenizer (no config.yaml of its run names a "
-                          "data.tokenizer).")
+        raise ConfigError(f"No tokenizer known for {path}: pass --tokenizer (the run's config.yaml, next to its "
+                          "checkpoints/ directory, is missing or has no data.tokenizer).")
     return found
 
 
@@ -119,15 +119,30 @@ def check_tokenizer_fits(tokenizer, path: str | Path, vocab_size: int) -> None:
                           f"{vocab_size}: pass --tokenizer with the tokenizer this model was made for.")
 
 
-def export_hf(path: str | Path, output: str | Path, step: Optional[int] = None, tokenizer: Optional[str] = None) -> Path:
-    from ..convert.hf import check_output, save_hf
+def resolve_tokenizer(path: str | Path, step: Optional[int], tokenizer: Optional[str], vocab_size: int):
+    """--tokenizer, or data.tokenizer of the run's config.yaml, loaded and checked against the model's
+    vocabulary: before the checkpoint is consolidated (a while for a large model), so that a missing or
+    foreign tokenizer fails first, not after it."""
     from ..data import load_tokenizer
 
-    check_output(output)  # the output and the tokenizer before the consolidation, which takes a while for a large model
     tokenizer_path = tokenizer or known_tokenizer_path(path, step)
-    tokenizer = load_tokenizer(tokenizer_path)
-    check_tokenizer_fits(tokenizer, tokenizer_path, checkpoint.read_meta(*find_checkpoint(path, step))["model"]["vocab_size"])
-    model = load_checkpoint_model(path, step)
+    loaded = load_tokenizer(tokenizer_path)
+    check_tokenizer_fits(loaded, tokenizer_path, vocab_size)
+    return loaded
+
+
+def save_hf_with_tokenizer(model: DogeForCausalLM, output: str | Path, tokenizer) -> Path:
+    """``save_hf`` with ``tokenizer`` (from ``resolve_tokenizer``) written as a Hugging Face tokenizer."""
+    from ..convert.hf import save_hf
+
     with tempfile.TemporaryDirectory() as scratch:
-        hf_tokenizer = tokenizer.save_hf(Path(scratch) / "tokenizer")
-        return save_hf(model, output, tokenizer=hf_tokenizer)
+        return save_hf(model, output, tokenizer=tokenizer.save_hf(Path(scratch) / "tokenizer"))
+
+
+def export_hf(path: str | Path, output: str | Path, step: Optional[int] = None, tokenizer: Optional[str] = None) -> Path:
+    from ..convert.hf import check_output
+
+    check_output(output)  # the output and the tokenizer before the consolidation, which takes a while for a large model
+    vocab_size = checkpoint.read_meta(*find_checkpoint(path, step))["model"]["vocab_size"]
+    loaded = resolve_tokenizer(path, step, tokenizer, vocab_size)
+    return save_hf_with_tokenizer(load_checkpoint_model(path, step), output, loaded)
