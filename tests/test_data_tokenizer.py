@@ -1,6 +1,7 @@
 """Tokenizer training, loading and the Hugging Face twin (identical ids, Doge's special ids)."""
 from __future__ import annotations
 
+import re
 import resource
 import shutil
 import subprocess
@@ -170,3 +171,25 @@ def test_a_failed_write_leaves_the_earlier_tokenizer_as_it_was(tmp_path) -> None
     assert "error: Writing the tokenizer failed" in result.stderr and f"{out} was left as it was" in result.stderr
     assert {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tokenizer"]
+
+
+@pytest.mark.parametrize("output", ["a file", "a model directory"])
+def test_an_output_dir_that_is_a_file_or_a_model_is_refused_before_training(output, tmp_path) -> None:
+    """A file as --output-dir was a FileExistsError traceback after training, with output.partial left
+    behind; a model's directory (an export) had its tokenizer files replaced by a tokenizer of other ids."""
+    if output == "a file":
+        target = tmp_path / "out"
+        target.write_text("x")
+        message = "is a file, not a directory"
+    else:
+        target = tmp_path / "hf"
+        shutil.copytree(assets().tokenizer_dir, target)
+        (target / "config.json").write_text("{}")
+        (target / "model.safetensors").write_bytes(b"weights")
+        message = "holds a model (config.json, model.safetensors)"
+    before = {path.name: path.read_bytes() for path in ([target] if target.is_file() else target.iterdir()) if path.is_file()}
+    # a missing input: training would fail on it, so the output is checked first
+    with pytest.raises(DataError, match=re.escape(f"--output-dir '{target}' {message}")):
+        train_tokenizer(tmp_path / "missing.jsonl", target, vocab_size=VOCAB, threads=1, log=quiet)
+    after = {path.name: path.read_bytes() for path in ([target] if target.is_file() else target.iterdir()) if path.is_file()}
+    assert after == before and sorted(path.name for path in tmp_path.iterdir()) == [target.name]

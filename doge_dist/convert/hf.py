@@ -254,6 +254,12 @@ def _save_tokenizer(tokenizer: Union[str, Path, Any], directory: Path) -> None:
             shutil.copy2(file, directory / file.name)
 
 
+def model_files_in(directory: Path) -> list[str]:
+    """The model files (``is_model_file``) in ``directory``, sorted; none when it is not a directory: a
+    tool about to replace a tokenizer directory must not take a model directory for one."""
+    return sorted(p.name for p in Path(directory).iterdir() if is_model_file(p.name)) if Path(directory).is_dir() else []
+
+
 def is_model_file(name: str) -> bool:
     """The config and weights of a model directory (one file or shards with their index, safetensors or
     pytorch_model*.bin), which a tokenizer taken from that directory leaves behind."""

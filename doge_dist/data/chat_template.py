@@ -70,7 +70,7 @@ def check_replaceable(source: Path, output: Path) -> None:
     directory or a folder above it: the sentencepiece model and the pretraining twin would be deleted)
     or an existing directory that is not a tokenizer directory alone (its files, an exported model's weights,
     would be deleted)."""
-    from ..convert.hf import is_model_file
+    from ..convert.hf import model_files_in
 
     if source.resolve().is_relative_to(output.resolve()):
         raise DataError(f"--output-dir '{output}' holds the source tokenizer '{source}' and would be replaced whole; "
@@ -78,7 +78,7 @@ def check_replaceable(source: Path, output: Path) -> None:
     if output.exists() and not (output / "tokenizer_config.json").is_file():
         raise DataError(f"--output-dir '{output}' exists and is not a tokenizer directory; it would be replaced whole: "
                         "choose a new directory.")
-    model_files = sorted(p.name for p in output.iterdir() if is_model_file(p.name)) if output.is_dir() else []
+    model_files = model_files_in(output)
     if model_files:
         raise DataError(f"--output-dir '{output}' holds a model ({', '.join(model_files)}) beside its tokenizer, which "
                         "would be deleted with the directory: choose a new directory.")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from doge_dist.data.chat_template import CHAT_SUBDIR, write_chat_tokenizer
-from doge_dist.data.errors import DataError, is_write_failure
+from doge_dist.data.errors import DataError, check_output_dir, is_write_failure
 from doge_dist.data.inputs import BadRecord, decode_record, iter_records, list_inputs
 from doge_dist.data.tokenizer import DOGE_SPECIAL_IDS, SP_MODEL_NAME, write_hf_tokenizer
 
@@ -77,6 +77,7 @@ def train_tokenizer(
         raise ValueError(f"model_type must be 'bpe' or 'unigram', got {model_type!r}.")
     if len(set(special_ids.values())) != len(special_ids):
         raise ValueError(f"Special ids must be distinct (pad must differ from eos): {special_ids}.")
+    check_tokenizer_output(output_dir)
     # The first line is read here, not inside sentencepiece, which would turn a DataError into a stack dump.
     sentences = _sentences(inputs, json_keys, log)
     first = next(sentences, None)
@@ -135,6 +136,18 @@ def train_tokenizer(
     model = _move_into(scratch, out)
     log(f"Wrote {model}, a Hugging Face tokenizer in {out} and its chat twin in {out / CHAT_SUBDIR}")
     return model
+
+
+def check_tokenizer_output(output_dir: str | os.PathLike) -> None:
+    """Before training, not after it (minutes on a large corpus): the output is a directory, and not
+    a model's, whose tokenizer files this would replace with a tokenizer of other ids."""
+    from doge_dist.convert.hf import model_files_in  # hf imports torch: only here, not for every import of this module
+
+    out = check_output_dir(output_dir)
+    model_files = model_files_in(out)
+    if model_files:
+        raise DataError(f"--output-dir '{out}' holds a model ({', '.join(model_files)}); a new tokenizer there would replace "
+                        "the one the model was trained with: write it to a new directory.")
 
 
 def _check_written(model: Path, out: Path) -> None:
