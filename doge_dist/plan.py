@@ -68,6 +68,10 @@ def check_layout(config: Config, gpus: int) -> ParallelLayout:
     doge_dist.parallel.expert)."""
     if gpus < 1:
         raise ConfigError(f"The GPU count must be at least 1, got {gpus}.")
+    tp = config.parallel.tensor_parallel
+    if tp > 1 and gpus % tp:  # the trainer's own message speaks of launched processes, not of --gpus
+        raise ConfigError(f"--gpus {gpus} is not a multiple of parallel.tensor_parallel ({tp}): pass a multiple of {tp} "
+                          f"as --gpus, or set parallel.tensor_parallel to a divisor of {gpus}.")
     layout = check_parallel_layout(config.parallel, gpus)
     if layout.expert_parallel > 1:
         check_expert_parallel(config.model, layout.expert_parallel)

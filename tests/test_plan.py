@@ -204,7 +204,7 @@ def test_accumulation_keeps_the_global_batch_and_names_the_fix():
     with pytest.raises(ConfigError, match="No data-parallel size keeps it with this micro-batch: change"):
         accumulation_steps(100, 16, 3)  # not "one of []"
     config = load_config(str(REPO / "configs" / "doge_20m.yaml"), ["parallel.tensor_parallel=2"])
-    with pytest.raises(ConfigError, match=r"world size \(3 processes\) is not a multiple of parallel.tensor_parallel \(2\)"):
+    with pytest.raises(ConfigError, match=r"--gpus 3 is not a multiple of parallel.tensor_parallel \(2\)"):
         check_layout(config, 3)
 
 
@@ -254,6 +254,20 @@ def test_cli_checks_the_deepspeed_json_as_the_trainer_does(ds, settings, message
     result = plan_cli("--config", "configs/doge_160m.yaml", "--gpus", "2", "--ds_config", str(path), *settings)
     assert result.returncode == 2 and result.stdout == "", result.stdout
     assert result.stderr.startswith(f"error: DeepSpeed config '{path}'") and message in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--ds_config", "configs"), "DeepSpeed config 'configs' is a directory; pass the JSON file"),
+    (("--gpus", "4", "parallel.tensor_parallel=3"), "--gpus 4 is not a multiple of parallel.tensor_parallel (3): pass a "
+                                                    "multiple of 3 as --gpus"),
+    (("--gpus", "4", "--accumulation", "parallel.tensor_parallel=3"), "--gpus 4 is not a multiple of"),
+])
+def test_cli_names_a_directory_as_ds_config_and_gpus_that_tensor_parallel_does_not_divide(args, message, plan_cli):
+    """A directory as --ds_config "does not exist"; a tensor-parallel size not dividing --gpus told the
+    planner to "launch a multiple of 3 processes" (the trainer's words), not to change --gpus."""
+    result = plan_cli("--config", "configs/doge_20m.yaml", *args)
+    assert result.returncode == 2 and result.stdout == "", result.stdout
+    assert result.stderr.startswith(f"error: {message}"), result.stderr
 
 
 def test_bf16_under_its_old_name_is_planned_as_bf16():

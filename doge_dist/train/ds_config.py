@@ -33,6 +33,9 @@ def read_ds_config(path: Optional[str]) -> dict[str, Any]:
     if not path:
         return {}
     file = Path(path)
+    if file.is_dir():
+        raise ConfigError(f"DeepSpeed config '{path}' is a directory; pass the JSON file, e.g. --ds_config configs/zero2.json "
+                          "(or zero0..zero3).")
     if not file.is_file():
         raise ConfigError(f"DeepSpeed config '{path}' does not exist; pass --ds_config configs/zero2.json (or zero0..zero3).")
     try:
