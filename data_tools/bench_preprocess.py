@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import time
 
 from doge_dist.data import load_tokenizer, preprocess
+from doge_dist.data.errors import DataError, at_least, run_tool
 
 _TOKENIZER = None
 
@@ -46,40 +48,49 @@ def bench_datasets(path: str, tokenizer_path: str, key: str, workers: int, cache
     return seconds, len(tokenized), tokens
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", default="data/sample_corpus/train.jsonl")
     parser.add_argument("--tokenizer-model", default="data/tokenizer/tokenizer.model")
     parser.add_argument("--json-key", default="text")
-    parser.add_argument("--workers", type=int, default=os.cpu_count())
-    parser.add_argument("--repeat", type=int, default=1, help="concatenate the input N times for a longer, steadier run")
+    parser.add_argument("--workers", type=at_least(1), default=os.cpu_count())
+    parser.add_argument("--repeat", type=at_least(1), default=1,
+                        help="concatenate the input N times for a longer, steadier run")
     args = parser.parse_args()
-    original = args.input
+    return run_tool(lambda: bench(args))
+
+
+def bench(args: argparse.Namespace) -> str:
+    """Time both tokenizations of ``args.input``; return the report. A missing input or tokenizer, or a
+    wrong --json-key, is a DataError (from preprocess, before the datasets.map timing)."""
+    if not os.path.isfile(args.input):
+        raise DataError(f"--input '{args.input}' is not a file: pass a .jsonl file to benchmark on.")
     load_tokenizer(args.tokenizer_model)  # import megatron-core and sentencepiece once, outside both timings
     with tempfile.TemporaryDirectory() as scratch:
+        path = args.input
         if args.repeat > 1:
-            repeated = os.path.join(scratch, "input.jsonl")
-            with open(args.input, "rb") as source, open(repeated, "wb") as sink:
+            path = os.path.join(scratch, "input.jsonl")
+            with open(args.input, "rb") as source, open(path, "wb") as sink:
                 data = source.read()
                 for _ in range(args.repeat):
                     sink.write(data)
-            args.input = repeated
-        megabytes = os.path.getsize(args.input) / 1e6
+        megabytes = os.path.getsize(path) / 1e6
         start = time.time()
-        report = preprocess(args.input, os.path.join(scratch, "bench"), args.tokenizer_model, json_keys=[args.json_key],
+        report = preprocess(path, os.path.join(scratch, "bench"), args.tokenizer_model, json_keys=[args.json_key],
                             append_eod=True, workers=args.workers, log_interval=0, log=lambda line: None)
         ours = time.time() - start
-        theirs, documents, tokens = bench_datasets(args.input, args.tokenizer_model, args.json_key, args.workers,
+        theirs, documents, tokens = bench_datasets(path, args.tokenizer_model, args.json_key, args.workers,
                                                    os.path.join(scratch, "hf_cache"))
-    print(f"input {original} x{args.repeat}: {megabytes:.1f} MB, {report.documents} documents; workers {args.workers}")
+    lines = [f"input {args.input} x{args.repeat}: {megabytes:.1f} MB, {report.documents} documents; workers {args.workers}"]
     for name, seconds, docs, toks in (("preprocess_data.py", ours, report.documents, report.tokens),
                                       ("datasets.map", theirs, documents, tokens)):
-        print(f"{name:>20}: {seconds:6.2f} s  {docs / seconds:8.0f} docs/s  {megabytes / seconds:6.2f} MB/s  "
-              f"{toks / seconds / 1e6:6.2f} M tokens/s  ({toks} tokens)")
+        lines.append(f"{name:>20}: {seconds:6.2f} s  {docs / seconds:8.0f} docs/s  {megabytes / seconds:6.2f} MB/s  "
+                     f"{toks / seconds / 1e6:6.2f} M tokens/s  ({toks} tokens)")
     if tokens != report.tokens:
-        print(f"warning: token counts differ ({report.tokens} vs {tokens})")
-    print(f"speedup (datasets.map time / preprocess_data.py time): {theirs / ours:.2f}x")
+        lines.append(f"warning: token counts differ ({report.tokens} vs {tokens})")
+    lines.append(f"speedup (datasets.map time / preprocess_data.py time): {theirs / ours:.2f}x")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

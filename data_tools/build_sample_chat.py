@@ -8,21 +8,27 @@ Writes sft_train.jsonl, sft_valid.jsonl, dpo_train.jsonl, dpo_valid.jsonl (see d
 from __future__ import annotations
 
 import argparse
+import sys
 
+from doge_dist.data.errors import at_least, run_tool
 from doge_dist.data.sample_chat import build_sample_chat
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", default="data/sample_chat")
-    parser.add_argument("--sft", type=int, default=2000, help="training conversations")
-    parser.add_argument("--dpo", type=int, default=1000, help="training preference pairs")
-    parser.add_argument("--valid", type=int, default=64, help="validation records of each kind")
+    parser.add_argument("--sft", type=at_least(0), default=2000, help="training conversations")
+    parser.add_argument("--dpo", type=at_least(0), default=1000, help="training preference pairs")
+    parser.add_argument("--valid", type=at_least(0), default=64, help="validation records of each kind")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    for name, count in build_sample_chat(args.output_dir, args.sft, args.dpo, args.valid, args.seed).items():
-        print(f"{args.output_dir}/{name}: {count} records")
+
+    def build() -> str:
+        counts = build_sample_chat(args.output_dir, args.sft, args.dpo, args.valid, args.seed)
+        return "\n".join(f"{args.output_dir}/{name}: {count} records" for name, count in counts.items())
+
+    return run_tool(build)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

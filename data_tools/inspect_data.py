@@ -15,6 +15,7 @@ import sys
 import numpy as np
 
 from doge_dist.data import DataError, load_tokenizer, validate_prefix
+from doge_dist.data.errors import at_least
 
 BUCKETS = (0, 16, 64, 256, 1024, 4096, 16384, 65536)
 
@@ -41,7 +42,7 @@ def main() -> int:
     parser.add_argument("prefix", help="path without .bin/.idx")
     parser.add_argument("--tokenizer-model", help="sentencepiece .model or HF directory: check the vocabulary and decode samples")
     parser.add_argument("--tokenizer-type", default=None)
-    parser.add_argument("--samples", type=int, default=2, help="documents to decode")
+    parser.add_argument("--samples", type=at_least(0), default=2, help="documents to decode")
     parser.add_argument("--chars", type=int, default=300, help="characters shown per decoded document")
     args = parser.parse_args()
     try:

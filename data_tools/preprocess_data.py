@@ -16,7 +16,7 @@ import os
 import sys
 
 from doge_dist.data import preprocess
-from doge_dist.data.errors import log_to_stderr, run_tool
+from doge_dist.data.errors import at_least, log_to_stderr, run_tool
 from doge_dist.data.tokenizer import TOKENIZER_TYPES
 
 
@@ -33,7 +33,7 @@ def get_args() -> argparse.Namespace:
     group = parser.add_argument_group("output data")
     group.add_argument("--output-prefix", required=True, help="path without the _{key}_document.bin/.idx suffix")
     group = parser.add_argument_group("runtime")
-    group.add_argument("--workers", type=int, default=os.cpu_count(), help="tokenizer processes (default: all cores)")
+    group.add_argument("--workers", type=at_least(1), default=os.cpu_count(), help="tokenizer processes (default: all cores)")
     group.add_argument("--log-interval", type=int, default=1000, help="documents between progress lines")
     group.add_argument("--strict", action="store_true", help="stop at the first malformed record instead of skipping it")
     return parser.parse_args()

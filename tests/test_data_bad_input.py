@@ -389,3 +389,46 @@ def test_append_eod_with_a_tokenizer_without_eos_is_refused_before_any_input(tmp
         preprocess(path, str(tmp_path / "out"), model, append_eod=True, log=quiet)
     assert not list(tmp_path.glob("out*"))
     preprocess(path, str(tmp_path / "out"), model, log=quiet)  # without --append-eod it tokenizes
+
+
+# ---- command-line arguments the data tools refuse before any work -----------------------------------------------
+
+CLI_ERRORS = {
+    "preprocess --workers 0": ("preprocess_data.py", ["--input", "{corpus}", "--output-prefix", "{tmp}/out",
+                                                      "--tokenizer-model", "{tokenizer}", "--workers", "0"],
+                               2, "argument --workers: must be at least 1, got 0"),
+    "preprocess --workers -1": ("preprocess_data.py", ["--input", "{corpus}", "--output-prefix", "{tmp}/out",
+                                                       "--tokenizer-model", "{tokenizer}", "--workers", "-1"],
+                                2, "argument --workers: must be at least 1, got -1"),
+    "inspect --samples -1": ("inspect_data.py", ["{prefix}", "--tokenizer-model", "{tokenizer}", "--samples", "-1"],
+                             2, "argument --samples: must be at least 0, got -1"),
+    "bench missing input": ("bench_preprocess.py", ["--input", "{tmp}/missing.jsonl", "--tokenizer-model", "{tokenizer}",
+                                                    "--workers", "1"], 1, "error: --input '{tmp}/missing.jsonl' is not a file"),
+    "bench missing tokenizer": ("bench_preprocess.py", ["--input", "{corpus}", "--tokenizer-model", "{tmp}/missing.model",
+                                                        "--workers", "1"], 1, "error: Tokenizer '{tmp}/missing.model'"),
+    "bench wrong key": ("bench_preprocess.py", ["--input", "{corpus}", "--tokenizer-model", "{tokenizer}", "--workers", "1",
+                                                "--json-key", "nokey"], 1, "no key 'nokey'; this record has keys 'text'"),
+    "bench --repeat 0": ("bench_preprocess.py", ["--repeat", "0"], 2, "argument --repeat: must be at least 1, got 0"),
+    "sample chat --sft -1": ("build_sample_chat.py", ["--output-dir", "{tmp}/chat", "--sft", "-1"],
+                             2, "argument --sft: must be at least 0, got -1"),
+    "sample chat output a file": ("build_sample_chat.py", ["--output-dir", "{file}", "--sft", "5", "--dpo", "5", "--valid", "5"],
+                                  1, "error: --output-dir '{file}' is a file, not a directory"),
+    "sample corpus unknown source": ("build_sample_corpus.py", ["--output-dir", "{tmp}/corpus", "--sources", "nonexistent_pkg_xyz"],
+                                     1, "error: --sources 'nonexistent_pkg_xyz' is not an installed package"),
+}
+
+
+@pytest.mark.parametrize("case", list(CLI_ERRORS))
+def test_data_tools_refuse_bad_arguments_in_one_line_without_traceback(case, tmp_path) -> None:
+    """--workers 0 or -1 was taken as is, --samples -1 and bench_preprocess's missing input, tokenizer or key
+    were tracebacks, --repeat 0 printed x0 and ran once, --sft -1 was accepted, an unknown sample corpus source
+    and a file as --output-dir were tracebacks."""
+    tool, args, code, message = CLI_ERRORS[case]
+    (tmp_path / "file").write_text("x")
+    values = {"corpus": str(assets().valid_jsonl), "tokenizer": str(assets().tokenizer_model), "prefix": assets().train_prefix,
+              "tmp": str(tmp_path), "file": str(tmp_path / "file")}
+    result = subprocess.run([sys.executable, str(ROOT / "data_tools" / tool), *(arg.format(**values) for arg in args)],
+                            capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == code and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert message.format(**values) in result.stderr, result.stderr
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["file"]

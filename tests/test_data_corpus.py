@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 from data_helpers import StopAtRename, makefile_target
@@ -44,3 +45,37 @@ def test_a_build_stopped_between_its_renames_leaves_no_corpus_make_takes_as_comp
     with pytest.raises(KeyboardInterrupt):
         build_corpus(tmp_path, sources, valid_percent=10)
     assert not (tmp_path / target).exists()
+
+
+@pytest.mark.parametrize("sources, valid_percent, output, message", [
+    (("pydoc_topics", "nonexistent_pkg_xyz"), 10, "dir", "--sources 'nonexistent_pkg_xyz' is not an installed package"),
+    (("pydoc_topics", "../x"), 10, "dir", "--sources '../x' is not an installed package"),
+    (("pydoc_topics",), 150, "dir", "--valid-percent 150 is not in [0, 100)"),
+    (("pydoc_topics",), -1, "dir", "--valid-percent -1 is not in [0, 100)"),
+    (("pydoc_topics",), 10, "file", "is a file, not a directory"),
+])
+def test_bad_arguments_are_refused_before_any_file_is_written(sources, valid_percent, output, message, tmp_path) -> None:
+    """An unknown source was a ModuleNotFoundError traceback after the sources before it were written,
+    with the .partial files left; --valid-percent 150 wrote an empty train.jsonl; a file as the output a traceback."""
+    from doge_dist.data import DataError
+
+    out = tmp_path / "out"
+    if output == "file":
+        out.write_text("x")
+    with pytest.raises(DataError, match=re.escape(message)):
+        build_corpus(out, sources, valid_percent=valid_percent)
+    assert out.is_file() if output == "file" else not out.exists()
+
+
+def test_a_source_failing_half_way_leaves_no_partial_files(tmp_path, monkeypatch) -> None:
+    """A build stopped in the middle of the walk (an error, Ctrl-C) removes its .partial files."""
+    from doge_dist.data import sample_corpus
+
+    def failing(sources):
+        yield "pydoc_topics:x", "some text"
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sample_corpus, "iter_documents", failing)
+    with pytest.raises(KeyboardInterrupt):
+        build_corpus(tmp_path, ("pydoc_topics",), valid_percent=10)
+    assert list(tmp_path.iterdir()) == []

@@ -12,7 +12,8 @@ import json
 import os
 import random
 import re
-from pathlib import Path
+
+from .errors import check_output_dir
 
 SYSTEM_PROMPTS = ("You are a helpful assistant.", "Answer briefly and exactly.")
 OPERATIONS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
@@ -73,7 +74,7 @@ HELD_OUT_KEYS = {"sft": lambda record: json.dumps(record), "dpo": lambda record:
 def build_sample_chat(out_dir: str | os.PathLike, sft: int = 2000, dpo: int = 1000, valid: int = 64, seed: int = 0) -> dict[str, int]:
     """Write sft_{train,valid}.jsonl and dpo_{train,valid}.jsonl under ``out_dir``; returns records per file.
     The validation sets are held out: draws that repeat a training record (``HELD_OUT_KEYS``) are skipped."""
-    out = Path(out_dir)
+    out = check_output_dir(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     topics = _topics()
     counts = {}

@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from .errors import DataError, check_output_dir
+
 logger = logging.getLogger(__name__)
 
 # Sources in the order they are written; "stdlib" and "pydoc_topics" ship with Python, the rest are
@@ -32,9 +34,13 @@ MIN_WORDS = 8
 def _source_root(source: str) -> Path:
     if source == "stdlib":
         return Path(sysconfig.get_paths()["stdlib"])
-    spec = importlib.util.find_spec(source)
+    try:
+        spec = importlib.util.find_spec(source)
+    except ImportError:  # a relative name, or a dotted one whose parent package is missing
+        spec = None
     if spec is None:
-        raise ModuleNotFoundError(f"Sample corpus source '{source}' is not installed; pip install -e . first.")
+        raise DataError(f"--sources '{source}' is not an installed package (nor pydoc_topics or stdlib): pass installed "
+                        "package names, or pip install -e . first for the default sources.")
     locations = list(spec.submodule_search_locations or [])
     return Path(locations[0] if locations else os.path.dirname(spec.origin))
 
@@ -99,6 +105,19 @@ def is_valid_split(name: str, valid_percent: float) -> bool:
     return bucket < valid_percent * 100
 
 
+def check_arguments(out_dir: str | os.PathLike, sources: tuple[str, ...], valid_percent: float) -> Path:
+    """Bad arguments fail before the walk over the sources (minutes for all of them), not after it or
+    half-way through with a traceback: the output is a directory, every source exists and the split
+    leaves documents for train.jsonl. Returns the output directory."""
+    if not 0 <= valid_percent < 100:
+        raise DataError(f"--valid-percent {valid_percent} is not in [0, 100): it is the share of documents that go to "
+                        "valid.jsonl, and the rest make train.jsonl.")
+    for source in sources:
+        if source not in ("pydoc_topics", "stdlib"):
+            _source_root(source)
+    return check_output_dir(out_dir)
+
+
 def build_corpus(
     out_dir: str | os.PathLike, sources: tuple[str, ...] = DEFAULT_SOURCES, valid_percent: float = 2.0
 ) -> dict[str, dict[str, int]]:
@@ -108,7 +127,7 @@ def build_corpus(
     leaves a corpus that looks complete: ``train.jsonl``, the Makefile's target, goes first and comes
     back last, after ``valid.jsonl``. Returns documents and bytes per split.
     """
-    out = Path(out_dir)
+    out = check_arguments(out_dir, sources, valid_percent)
     out.mkdir(parents=True, exist_ok=True)
     stats = {split: {"documents": 0, "bytes": 0} for split in ("train", "valid")}
     paths = {split: out / f"{split}.jsonl" for split in stats}
@@ -126,6 +145,10 @@ def build_corpus(
                 last_log = time.time()
                 total = sum(s["bytes"] for s in stats.values())
                 logger.info("%s: %.1f MB so far (%.1f MB/s)", name.split(":")[0], total / 1e6, total / 1e6 / (last_log - start))
+    except BaseException:
+        for file in partial.values():
+            file.unlink(missing_ok=True)
+        raise
     finally:
         for handle in handles.values():
             handle.close()
