@@ -498,11 +498,28 @@ def _differing_fields(saved, current) -> str:
     return f"The checkpoint has {described}: set {overrides}." if names else ""
 
 
+def _undo_stage3_universal_merges(optimizer: torch.optim.Optimizer, groups: list[dict]) -> None:
+    """DeepSpeed's ZeRO-3 universal load (``load_hp_checkpoint_state_from_checkpoint_dir_stage3``) gives
+    every sub-group's AdamW state one shared ``step`` tensor, which each sub-group's update then counts up
+    (twice per step with two sub-groups: wrong bias corrections from the first step on), and copies the
+    first group's settings into every group (weight decay on the norms and biases, the ``decayed`` mark
+    that ``reapply_optimizer_settings`` reads overwritten). Each state gets its own step and each group
+    its settings as this run built them (``groups``, read before the load). Written by hand: DeepSpeed 0.19.8."""
+    for state in optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+    for group, settings in zip(optimizer.param_groups, groups):
+        group.update(settings)
+
+
 def load(engine, root: Path, tag: str, module_only: bool = False) -> Progress:
     """Load weights and optimizer states (and the schedule and progress unless ``module_only``: a
     continuation with the optimizer, ``run.init_optimizer``) through DeepSpeed; returns progress.
     The RNG states are the caller's to restore (``restore_rng``), once nothing else draws before the
     first step."""
+    stage3_universal = engine.zero_optimization_stage() == 3 and engine.load_universal_checkpoint()
+    groups = [{k: v for k, v in group.items() if k != "params"}
+              for group in (engine.optimizer.optimizer.param_groups if stage3_universal else [])]
     path, client = engine.load_checkpoint(
         str(root),
         tag=tag,
@@ -511,6 +528,8 @@ def load(engine, root: Path, tag: str, module_only: bool = False) -> Progress:
     )
     if path is None:
         raise ConfigError(f"DeepSpeed could not load checkpoint {root / tag}.")
+    if stage3_universal:
+        _undo_stage3_universal_merges(engine.optimizer.optimizer, groups)
     if module_only:
         return Progress()
     return Progress(**{k: client[k] for k in ("step", "consumed_samples", "consumed_tokens")})
