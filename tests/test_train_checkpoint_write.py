@@ -245,3 +245,18 @@ def test_a_damaged_meta_file_is_named_with_the_checkpoint_before_it(tmp_path):
                                           rf"continue from the checkpoint before it, {root / 'step_00000002'}"):
         checkpoint.check_complete(root, "step_00000004")
     assert checkpoint.read_meta(root, "step_00000002")["step"] == 2
+
+
+def test_pruning_removes_the_leftover_of_a_killed_universal_conversion(tmp_path):
+    """A conversion killed half-way left checkpoints/step_N_universal.tmp (the size of the model and its
+    optimizer states) until a later conversion of the same step: later saves and keep_last kept it."""
+    root = tmp_path / "checkpoints"
+    for tag in ("step_00000002", "step_00000004"):
+        (root / tag).mkdir(parents=True)
+        (root / tag / checkpoint.META).write_text('{"step": 2}')
+    (root / "latest").write_text("step_00000004")
+    leftover = root / "step_00000002_universal.tmp"
+    (leftover / "zero").mkdir(parents=True)
+    (leftover / "zero" / "fp32.pt").write_bytes(b"partial")
+    checkpoint._prune(root, keep_last=2)
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000002", "step_00000004"]

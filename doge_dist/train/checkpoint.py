@@ -390,8 +390,9 @@ def _move_abandoned(root: Path, previous: Optional[str], tag: str) -> None:
 
 
 def _prune(root: Path, keep_last: int) -> None:
-    """Keep the ``keep_last`` newest complete checkpoints up to ``latest``; delete older ones and the
-    leftovers of saves a crash cut short before ``latest`` (never loaded, and not counted as kept)."""
+    """Keep the ``keep_last`` newest complete checkpoints up to ``latest``; delete older ones, the
+    leftovers of saves a crash cut short before ``latest`` (never loaded, and not counted as kept) and
+    those of universal conversions a crash cut short (conversions run before training, never beside a save)."""
     latest = read_latest(root)
     complete = [t for t in complete_tags(root) if t <= latest]
     keep = set(complete[-max(1, keep_last):])
@@ -400,6 +401,8 @@ def _prune(root: Path, keep_last: int) -> None:
             (root / tag / META).unlink(missing_ok=True)  # first: a checkpoint half deleted by a crash is never complete
             shutil.rmtree(root / tag, ignore_errors=True)
             shutil.rmtree(root / (tag + UNIVERSAL_SUFFIX), ignore_errors=True)
+    for leftover in root.glob(f"step_*{UNIVERSAL_SUFFIX}.tmp"):  # a conversion killed half-way (none runs now)
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def saved_zero_stage(root: Path, tag: str) -> int:
