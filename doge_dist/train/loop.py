@@ -307,11 +307,11 @@ def pretrain(config: Config, ds_user: dict[str, Any], ds_where: str = "the DeepS
 
     # 4. data, reporting, signals
     cache_dir = config.data.cache_dir or str(run_dir / "data_cache")
-    saved_split = (checkpoint.read_meta(*start).get("data_order") or {}).get("train_samples", 0) if start else 0
+    saved_split = (saved.get("data_order") or {}).get("train_samples", 0) if start else 0  # saved: start's meta
     data = task.build_data(config, env, parallel_state.get_data_parallel_rank(), layout.dp_size, progress.consumed_samples, cache_dir,
                            progress.step, saved_split)
     if start and env.is_main:
-        warn_if_data_order_changed(checkpoint.read_meta(*start), data_order(config, data, progress.consumed_samples),
+        warn_if_data_order_changed(saved, data_order(config, data, progress.consumed_samples),
                                    progress.consumed_samples)
     if env.is_main:  # only now, past every refusal, so that a refused run leaves the run's files and `latest` as they were
         config_text = write_run_files(run_dir, config, ds)
