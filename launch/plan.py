@@ -32,9 +32,10 @@ logging.getLogger("DeepSpeed").addFilter(lambda record: "Setting accelerator to 
 
 def planned_model(config_path: str, config: Config, overrides: list[str]) -> ModelConfig:
     """The model launch/sft.py and dpo.py train: run.init_from's for a YAML without a model section."""
-    from doge_dist.train.finetune import continued_model, model_from_init
+    from doge_dist.config import inherits_model
+    from doge_dist.train.finetune import continued_model
 
-    if not model_from_init(config, yaml.safe_load(Path(config_path).read_text()), overrides):
+    if not inherits_model(config.run.init_from, yaml.safe_load(Path(config_path).read_text()), overrides):
         return config.model
     if not Path(config.run.init_from).exists():
         raise ConfigError(f"{config_path} has no model section: its model is the one run.init_from = "

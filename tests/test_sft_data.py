@@ -619,17 +619,18 @@ def test_model_overrides_apply_on_top_of_the_init_from_model():
     another shape outright (planning a model before init_from exists)."""
     from chat_helpers import init_dir
     from doge_dist.config import ConfigError, ModelConfig, load_config
-    from doge_dist.train.finetune import continued_model, model_from_init
+    from doge_dist.config import inherits_model
+    from doge_dist.train.finetune import continued_model
 
     overrides = [f"run.init_from={init_dir()}", "model.attn_backend=eager", "model.max_position_embeddings=4096"]
     config = load_config(None, overrides)
-    assert model_from_init(config, {}, overrides)
+    assert inherits_model(config.run.init_from, {}, overrides)
     model = continued_model(config.run.init_from, overrides)
     tiny = ModelConfig.from_preset("doge-tiny")
     assert model.fields_differing_from(tiny) == ["max_position_embeddings", "attn_backend"]
     assert (model.attn_backend, model.max_position_embeddings) == ("eager", 4096)
-    assert not model_from_init(config, {"model": {"preset": "doge-20m"}}, overrides)
-    assert not model_from_init(config, {}, overrides + ["model.preset=doge-20m"])
+    assert not inherits_model(config.run.init_from, {"model": {"preset": "doge-20m"}}, overrides)
+    assert not inherits_model(config.run.init_from, {}, overrides + ["model.preset=doge-20m"])
     # a MoE key on the dense model it continues would be ignored: named, as without init_from
     with pytest.raises(ConfigError, match=r"model.num_experts is set in the command-line overrides, but the model "
                                           r"\(run.init_from's\) is dense"):

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..config import ConfigError, load_config
+from ..config import ConfigError, inherits_model, load_config
 
 
 def input_errors() -> tuple[type, ...]:
@@ -113,7 +113,7 @@ def main_finetune(kind: str, config_path: Optional[str], ds_config_path: Optiona
     from .distributed import is_launcher_main, launcher_world_size
     from .ds_config import read_ds_config
     from .dpo import DPOTask
-    from .finetune import SFTTask, continued_model, model_from_init, size_in_epochs, steps_given
+    from .finetune import SFTTask, continued_model, size_in_epochs, steps_given
     from .loop import pretrain
 
     def run() -> None:
@@ -121,7 +121,7 @@ def main_finetune(kind: str, config_path: Optional[str], ds_config_path: Optiona
         path = ds_config_path_of(config, ds_config_path)
         ds = read_ds_config(path)
         raw = yaml.safe_load(Path(config_path).read_text()) if config_path else {}
-        if model_from_init(config, raw, overrides):
+        if inherits_model(config.run.init_from, raw, overrides):
             config.model = continued_model(config.run.init_from, overrides)
         task = SFTTask() if kind == "sft" else DPOTask()
         sizing = size_in_epochs(config, task.check(config), launcher_world_size(), steps_given(raw, overrides))

@@ -15,7 +15,7 @@ from typing import Callable, Optional
 
 from torch.utils.data import DataLoader, Dataset
 
-from ..config import Config, ConfigError, ModelConfig, apply_overrides, check_moe_keys, inherits_model
+from ..config import Config, ConfigError, ModelConfig, apply_overrides, check_moe_keys
 from ..data import DataError, ResumableSampler
 from ..data.blend import parse_blend
 from ..data.sampler import leave_stop_signals_to_the_trainer
@@ -187,11 +187,6 @@ def size_in_epochs(config: Config, samples: int, world_size: int, given: frozens
               else f"from finetune.epochs = {finetune.epochs:g}")
     return (f"train.max_steps = {train.max_steps} {source} ({train.max_steps * global_batch / samples:.3g} epochs of "
             f"{samples} samples, {global_batch} per step), warmup {train.warmup_steps}{as_given['warmup_steps']}{decay} steps")
-
-
-def model_from_init(config: Config, raw: Optional[dict], overrides: list[str]) -> bool:
-    """Whether the model shape comes from run.init_from (``continued_model``): ``config.inherits_model``."""
-    return inherits_model(config.run.init_from, raw, overrides)
 
 
 def continued_model(init_from: str, overrides: list[str]) -> ModelConfig:
