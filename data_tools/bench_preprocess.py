@@ -52,7 +52,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", default="data/sample_corpus/train.jsonl")
     parser.add_argument("--tokenizer-model", default="data/tokenizer/tokenizer.model")
-    parser.add_argument("--json-key", default="text")
+    parser.add_argument("--json-keys", "--json-key", dest="json_key", default="text", metavar="KEY",
+                        help="the one key holding the text (preprocess_data.py's --json-keys, one key)")
     parser.add_argument("--workers", type=at_least(1), default=os.cpu_count())
     parser.add_argument("--repeat", type=at_least(1), default=1,
                         help="concatenate the input N times for a longer, steadier run")
@@ -62,7 +63,7 @@ def main() -> int:
 
 def bench(args: argparse.Namespace) -> str:
     """Time both tokenizations of ``args.input``; return the report. A missing input or tokenizer, or a
-    wrong --json-key, is a DataError (from preprocess, before the datasets.map timing)."""
+    wrong --json-keys, is a DataError (from preprocess, before the datasets.map timing)."""
     if not os.path.isfile(args.input):
         raise DataError(f"--input '{args.input}' is not a file: pass a .jsonl file to benchmark on.")
     load_tokenizer(args.tokenizer_model)  # import megatron-core and sentencepiece once, outside both timings

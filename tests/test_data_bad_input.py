@@ -407,7 +407,9 @@ CLI_ERRORS = {
     "bench missing tokenizer": ("bench_preprocess.py", ["--input", "{corpus}", "--tokenizer-model", "{tmp}/missing.model",
                                                         "--workers", "1"], 1, "error: Tokenizer '{tmp}/missing.model'"),
     "bench wrong key": ("bench_preprocess.py", ["--input", "{corpus}", "--tokenizer-model", "{tokenizer}", "--workers", "1",
-                                                "--json-key", "nokey"], 1, "no key 'nokey'; this record has keys 'text'"),
+                                                "--json-keys", "nokey"], 1, "no key 'nokey'; this record has keys 'text'"),
+    "bench wrong key, --json-key": ("bench_preprocess.py", ["--input", "{corpus}", "--tokenizer-model", "{tokenizer}",
+                                                            "--workers", "1", "--json-key", "nokey"], 1, "Pass --json-keys"),
     "bench --repeat 0": ("bench_preprocess.py", ["--repeat", "0"], 2, "argument --repeat: must be at least 1, got 0"),
     "sample chat --sft -1": ("build_sample_chat.py", ["--output-dir", "{tmp}/chat", "--sft", "-1"],
                              2, "argument --sft: must be at least 0, got -1"),
@@ -422,7 +424,8 @@ CLI_ERRORS = {
 def test_data_tools_refuse_bad_arguments_in_one_line_without_traceback(case, tmp_path) -> None:
     """--workers 0 or -1 was taken as is, --samples -1 and bench_preprocess's missing input, tokenizer or key
     were tracebacks, --repeat 0 printed x0 and ran once, --sft -1 was accepted, an unknown sample corpus source
-    and a file as --output-dir were tracebacks."""
+    and a file as --output-dir were tracebacks. bench_preprocess's wrong key error says "Pass --json-keys", an
+    option it did not have (it was --json-key, which stays an alias)."""
     tool, args, code, message = CLI_ERRORS[case]
     (tmp_path / "file").write_text("x")
     values = {"corpus": str(assets().valid_jsonl), "tokenizer": str(assets().tokenizer_model), "prefix": assets().train_prefix,
