@@ -136,6 +136,15 @@ def test_the_dense_source_is_never_the_output(tmp_path):
     assert (tmp_path / "dense" / "model.safetensors").is_file()
 
 
+def test_a_step_of_a_hugging_face_directory_is_refused(tmp_path):
+    """An HF directory has no steps: --step was ignored and the directory's one model upcycled, as if the
+    asked-for step had been found."""
+    save_hf(build_model(ModelConfig.from_preset("doge-tiny")), tmp_path / "dense")
+    with pytest.raises(ConfigError, match=re.escape(f"--step 200: --checkpoint '{tmp_path / 'dense'}' is a Hugging Face directory")):
+        upcycle_to_hf(str(tmp_path / "dense"), "doge-tiny-moe", str(tmp_path / "moe"), step=200)
+    assert not (tmp_path / "moe").exists()
+
+
 def test_a_dense_head_dim_of_its_own_is_named():
     """A head_dim that does not tile hidden_size is part of the shape: the MoE target must take it too."""
     dense = build_model(ModelConfig.from_preset("doge-tiny", head_dim=8))

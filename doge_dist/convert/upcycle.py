@@ -84,6 +84,9 @@ def upcycle_to_hf(source: str, preset: str, output: str, step=None, seed: int = 
     dense_config = model_config_of(source, "--checkpoint")  # from its config.json or meta file, before it is loaded
     moe_config_for(dense_config, moe_config)
     hf_source = Path(source, "config.json").is_file()
+    if hf_source and step is not None:
+        raise ConfigError(f"--step {step}: --checkpoint '{source}' is a Hugging Face directory, which holds one set of "
+                          "weights and no steps; drop --step, or pass the run directory the steps are in.")
     if not (hf_source and tokenizer is None):
         tokenizer = resolve_tokenizer(source, step, tokenizer, dense_config.vocab_size)
     dense = load_hf(source) if hf_source else load_checkpoint_model(source, step)
