@@ -5,6 +5,7 @@ stand-in that writes one file per rank, on gloo ranks. A checkpoint half pruned 
 failed universal conversion leaves no partial copy, and the run's config.yaml survives a restart on
 a full disk. Afterwards: pruning counts complete checkpoints only, a `latest` naming a deleted one or
 a checkpoint with a missing or cut file names the checkpoint to fall back to, and a run.dir has one trainer."""
+import re
 import resource
 import shutil
 import subprocess
@@ -121,21 +122,47 @@ def test_a_restart_on_a_full_disk_keeps_the_run_files(tmp_path):
 
 def test_a_failed_universal_conversion_leaves_nothing_behind(tmp_path, monkeypatch):
     """ds_to_universal writes a copy of the model and optimizer states; when it fails (a full disk), that
-    partial copy must not stay behind in the checkpoints directory."""
+    partial copy must not stay behind in the checkpoints directory, and the run ends as a failed checkpoint
+    write does (one paragraph, exit code 4), not with a RuntimeError traceback."""
     root, tag = tmp_path / "checkpoints", "step_00000004"
     (root / tag).mkdir(parents=True)
     (root / tag / checkpoint.META).write_text('{"step": 4}')
 
-    def ds_to_universal_on_a_full_disk(command, **kwargs):
-        output = Path(command[command.index("--output_folder") + 1])
-        (output / "zero").mkdir(parents=True)
-        (output / "zero" / "fp32.pt").write_bytes(b"partial")
-        return subprocess.CompletedProcess(command, 1, "OSError: [Errno 28] No space left on device", None)
-
-    monkeypatch.setattr(checkpoint.subprocess, "run", ds_to_universal_on_a_full_disk)
-    with pytest.raises(RuntimeError, match="(?s)ds_to_universal failed for .*step_00000004.*No space left on device"):
+    monkeypatch.setattr(checkpoint.subprocess, "run", _ds_to_universal_on_a_full_disk)
+    with pytest.raises(CheckpointWriteError, match=re.escape(f"Converting {root / tag} to a universal checkpoint in "
+                                                             f"{root / (tag + '_universal')} failed: RuntimeError: ds_to_universal "
+                                                             "exited with code 1")) as failed:
         checkpoint.convert_to_universal(root, tag)
+    assert "No space left on device" in str(failed.value) and "Is the disk full" in str(failed.value)
     assert sorted(p.name for p in root.iterdir()) == [tag]
+    assert report_errors(lambda: checkpoint.convert_to_universal(root, tag)) == 4  # one paragraph, the write failure's code
+
+
+def _ds_to_universal_on_a_full_disk(command, **kwargs):
+    output = Path(command[command.index("--output_folder") + 1])
+    (output / "zero").mkdir(parents=True)
+    (output / "zero" / "fp32.pt").write_bytes(b"partial")
+    return subprocess.CompletedProcess(command, 1, "OSError: [Errno 28] No space left on device", None)
+
+
+def _convert_on_a_full_disk(rank: int, world_size: int, root: str) -> str:
+    checkpoint.subprocess.run = _ds_to_universal_on_a_full_disk  # in this spawned rank only
+    try:
+        checkpoint.universal_checkpoint(Path(root), "step_00000004")
+    except CheckpointWriteError as error:
+        return f"CheckpointWriteError: {error}"
+    return "converted"
+
+
+def test_a_failed_universal_conversion_ends_every_rank_with_its_error(tmp_path):
+    """Rank 0 converts while the others wait: its failure must reach them (they waited in a barrier
+    for a rank that had left, and failed with a lost-connection traceback of their own)."""
+    root = tmp_path / "checkpoints"
+    (root / "step_00000004").mkdir(parents=True)
+    (root / "step_00000004" / checkpoint.META).write_text('{"step": 4}')
+    results = run_distributed(_convert_on_a_full_disk, 2, str(root))
+    assert results[0] == results[1] and results[0].startswith(f"CheckpointWriteError: Converting {root / 'step_00000004'} "), results
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000004"]
 
 
 class TorchFileEngine(StandInEngine):

@@ -428,17 +428,18 @@ def universal_root(root: Path, run_dir: str | Path) -> Path:
 def universal_checkpoint(root: Path, tag: str, output_root: Optional[Path] = None) -> tuple[Path, str]:
     """Convert ``tag`` with DeepSpeed's ds_to_universal once (rank 0), into ``output_root`` (default:
     ``root``); every rank returns the universal checkpoint's (root, tag). A collective call."""
+    from ..parallel.rank0 import check_on_rank0
+
     output_root = output_root or root
-    if dist.get_rank() == 0:
-        convert_to_universal(root, tag, output_root)
-    dist.barrier()
+    check_on_rank0(lambda: convert_to_universal(root, tag, output_root), CheckpointWriteError)  # every rank waits for it
     return output_root, tag + UNIVERSAL_SUFFIX
 
 
 def convert_to_universal(root: Path, tag: str, output_root: Optional[Path] = None) -> Path:
     """DeepSpeed's ds_to_universal into a temporary directory in ``output_root`` (default: ``root``)
     renamed when complete; done once per source checkpoint (a conversion of another one of the same
-    step, recorded in its CONVERTED_FROM file, is replaced)."""
+    step, recorded in its CONVERTED_FROM file, is replaced). A failed conversion (a full disk: it writes
+    about the checkpoint's size again) is removed and raised as a ``CheckpointWriteError``."""
     output_root = output_root or root
     target = output_root / (tag + UNIVERSAL_SUFFIX)
     source = str((root / tag).resolve())
@@ -455,7 +456,8 @@ def convert_to_universal(root: Path, tag: str, output_root: Optional[Path] = Non
             # its progress bars (stderr) reach the user; its stdout (arguments, phase names) is kept for an error
             result = subprocess.run(command, stdout=subprocess.PIPE, text=True)
             if result.returncode != 0:
-                raise RuntimeError(f"ds_to_universal failed for {root / tag} (its errors above):\n{result.stdout[-2000:]}")
+                raise RuntimeError(f"ds_to_universal exited with code {result.returncode} (its errors above; the end "
+                                   f"of its output: {result.stdout[-2000:].strip()})")
             saved = read_meta(root, tag)
             if saved.get("expert_parallel", 1) > 1:
                 from ..parallel.grid_checkpoint import label_universal
@@ -465,11 +467,25 @@ def convert_to_universal(root: Path, tag: str, output_root: Optional[Path] = Non
             for rng in (root / tag).glob("rng_rank*.pt"):
                 shutil.copy2(rng, tmp / rng.name)
             (tmp / CONVERTED_FROM).write_text(source)
-        except BaseException:  # a full disk, Ctrl-C: the partial conversion (the size of the model) is not left behind
+        except BaseException as error:  # a full disk, Ctrl-C: the partial conversion (the size of the model) is not left behind
             shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(error, Exception):
+                raise _conversion_failed(root / tag, target, error) from error
             raise
         tmp.rename(target)
     return target
+
+
+def _conversion_failed(checkpoint_dir: Path, target: Path, error: Exception) -> CheckpointWriteError:
+    """What a failed universal conversion tells the user: the likely cause, with the room it needs and has."""
+    needed_gib = sum(f.stat().st_size for f in checkpoint_dir.rglob("*") if f.is_file()) / 2**30
+    free_gib = shutil.disk_usage(target.parent).free / 2**30
+    return CheckpointWriteError(
+        f"Converting {checkpoint_dir} to a universal checkpoint in {target} failed: {type(error).__name__}: {error}. "
+        f"Is the disk full (the conversion writes about the checkpoint's size again, {needed_gib:.2f} GiB; "
+        f"{free_gib:.1f} GiB free there) or the file size limited (ulimit -f)? The partial conversion was removed; "
+        f"{checkpoint_dir.name} itself is untouched, and a restart with room converts it again."
+    )
 
 
 def check_model_shape(root: Path, tag: str, model_config) -> None:
