@@ -32,6 +32,8 @@ def test_training_bench_prints_the_expected_json():
         assert figures["tokens_per_s"] > 0 and 0 < figures["mfu"]
     assert set(summary["ratios"]) == {"ours_vs_hf_eager", "ours_vs_hf_sdpa"}
     assert summary["peak_tflops"] == 1.0
+    # what tells two runs apart in gpu_check.sh's figures.jsonl (its flex and flash 320m lines had the same keys)
+    assert (summary["attn_backend"], summary["steps"], summary["warmup"], summary["seed"]) == ("auto", 1, 1, 0)
 
 
 def test_decode_bench_generates_the_same_tokens_as_transformers():
