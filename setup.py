@@ -8,7 +8,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["doge_dist", "doge_dist.*"]),
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.11",  # the oldest tested (CUDA 2.11, CPU 2.13); FlexAttention needs 2.5, the compiled decode newer
         "deepspeed>=0.16",
         "megatron-core>=0.12,<=0.16.1",
         "transformers>=4.56",

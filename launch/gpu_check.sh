@@ -58,7 +58,7 @@ fi
 if "$PY" -c "import flash_attn" 2>/dev/null; then  # the [gpu] extra: the same 320m bench through flash-attn
     step bench_320m_flash 200 "${BENCH[@]}" --preset doge-320m --seq-len 2048 --micro-batch 4 --steps 8 --warmup 3 --attn-backend flash
 else
-    echo "=== flash-attn not installed: pip install -e '.[gpu]' to also bench --attn-backend flash"
+    echo "=== flash-attn not installed: pip install --no-build-isolation -e '.[gpu]' to also bench --attn-backend flash"
 fi
 
 # exploration for the H100 targets (docs/performance.md): the launch-bound doge-20m step with 4x the tokens

@@ -99,7 +99,7 @@ def test_te_loss_is_refused_before_training_without_te_or_with_tp(monkeypatch):
     from doge_dist.train.preflight import check_run
 
     monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
-    with pytest.raises(ConfigError, match=r"transformer-engine: pip install -e '\.\[gpu\]'"):
+    with pytest.raises(ConfigError, match=r"transformer-engine: pip install --no-build-isolation -e '\.\[gpu\]'"):
         check_te_available()
     config = load_config(None, ["model.preset=doge-tiny", "model.loss_backend=te", "parallel.tensor_parallel=2"])
     with pytest.raises(ConfigError, match="vocab-parallel cross entropy"):
@@ -111,7 +111,7 @@ def test_te_loss_is_refused_before_training_without_te_or_with_tp(monkeypatch):
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA: transformer-engine's kernel is Triton on a GPU")
 def test_cuda_te_loss_equals_the_torch_loss():
-    pytest.importorskip("transformer_engine.pytorch", reason="transformer-engine not installed (pip install -e '.[gpu]')")
+    pytest.importorskip("transformer_engine.pytorch", reason="transformer-engine not installed (pip install --no-build-isolation -e '.[gpu]')")
     torch.manual_seed(0)
     model = build_model(ModelConfig.from_preset("doge-tiny")).cuda()
     ids = torch.randint(3, 512, (2, 64), device="cuda")

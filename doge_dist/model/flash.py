@@ -1,4 +1,4 @@
-"""DMA through flash-attn's kernel (``pip install -e .[gpu]``, ``model.attn_backend: flash``).
+"""DMA through flash-attn's kernel (``pip install --no-build-isolation -e '.[gpu]'``, ``model.attn_backend: flash``).
 
 With the per-key bias folded into q and k (``[scale * q, 1] . [k_j, bias_j]``, attention.py), DMA
 without a keep window is plain causal attention, so ``flash_attn_func`` computes it exactly with

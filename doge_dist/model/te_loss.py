@@ -1,4 +1,4 @@
-"""transformer-engine's fused cross entropy (``pip install -e .[gpu]``, ``model.loss_backend: te``).
+"""transformer-engine's fused cross entropy (``pip install --no-build-isolation -e '.[gpu]'``, ``model.loss_backend: te``).
 
 Where whole logits exist, the loss is TE's ``parallel_cross_entropy``: a Triton kernel reads the
 [B, T, V] logits (bf16 or fp32) with an online softmax and returns the fp32 loss per token, so no
