@@ -37,8 +37,12 @@ test: install
 # The demo reuses what is built: corpus, tokenizer and .bin/.idx are file targets, and pretraining
 # resumes from (or stops at) the run's latest checkpoint. Each target is the file its tool writes last
 # (train.jsonl, tokenizer.model, the .idx), so an interrupted build is redone, not taken as complete.
+# Two ranks (CPU, or two GPUs); one on a machine with one GPU, where the deepspeed launcher would start
+# the second rank on a GPU that is not there.
+DEMO_RANKS = $(shell $(PY) -c "import torch; print(1 if torch.cuda.device_count() == 1 else 2)")
+
 demo: install $(TRAIN_IDX) $(VALID_IDX)
-	$(VENV)/bin/deepspeed --num_gpus 2 launch/pretrain.py --config configs/doge_tiny_cpu.yaml --ds_config configs/zero2.json
+	$(VENV)/bin/deepspeed --num_gpus $(DEMO_RANKS) launch/pretrain.py --config configs/doge_tiny_cpu.yaml --ds_config configs/zero2.json
 	$(PY) launch/export_hf.py --checkpoint $(RUN) --output $(HF)
 	$(PY) launch/generate.py --model $(HF) --prompt "The list" --max_new_tokens 60
 	@echo "TensorBoard: $(VENV)/bin/tensorboard --logdir runs/"

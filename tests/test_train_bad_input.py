@@ -1,5 +1,6 @@
 """Bad input fails before any model is built, in one paragraph naming the key or file and the fix."""
 import json
+import re
 import socket
 import subprocess
 
@@ -173,6 +174,23 @@ def test_a_launch_environment_set_in_part_is_named(variables, message, monkeypat
         monkeypatch.setenv(name, value)
     with pytest.raises(LaunchEnvironmentError, match=message):
         launcher_world_size()
+
+
+def test_more_ranks_per_node_than_gpus_is_named(monkeypatch):
+    """deepspeed --num_gpus 2 on a one-GPU machine (make demo on an RTX 4090) starts a second rank that
+    failed in torch.cuda.set_device with 'invalid device ordinal'."""
+    import torch
+
+    from doge_dist.train.distributed import LaunchEnvironmentError, launcher_world_size
+
+    for name, value in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(LaunchEnvironmentError, match=re.escape("LOCAL_RANK=1, but this machine shows 1 CUDA device(s)")):
+        launcher_world_size()
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert launcher_world_size() == 2
 
 
 def test_a_world_size_left_in_the_shell_is_named_before_any_work():

@@ -66,6 +66,13 @@ def check_launch_environment() -> None:
     if not 0 <= numbers["RANK"] < numbers["WORLD_SIZE"]:
         raise LaunchEnvironmentError(f"RANK={numbers['RANK']} is not below WORLD_SIZE={numbers['WORLD_SIZE']} (or is "
                                      f"negative). {way_out}")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus and numbers["LOCAL_RANK"] >= gpus:  # the deepspeed launcher takes --num_gpus without looking
+        raise LaunchEnvironmentError(
+            f"LOCAL_RANK={numbers['LOCAL_RANK']}, but this machine shows {gpus} CUDA device(s): each rank trains on "
+            f"its own GPU, so start at most {gpus} per node (deepspeed --num_gpus {gpus}, torchrun --nproc-per-node "
+            f"{gpus}) or make more visible (CUDA_VISIBLE_DEVICES)."
+        )
 
 
 def launcher_world_size() -> int:
