@@ -20,16 +20,24 @@ VALID_IDX := $(DATA)/sample_valid_text_document.idx
 RUN := runs/doge_tiny_cpu
 HF := hf/doge_tiny_cpu
 
-.PHONY: install test demo
+.PHONY: install test demo FORCE
 
 install: $(STAMP)
 
+# The stamp holds the install settings: another TORCH or VENV_FLAGS than the venv was made with makes it
+# again from scratch (--clear: a CPU torch already in it would shadow the system's CUDA one).
+INSTALL_SETTINGS := torch=$(TORCH) venv_flags=$(VENV_FLAGS)
+ifneq ($(strip $(file < $(STAMP))),$(strip $(INSTALL_SETTINGS)))
+$(STAMP): FORCE
+CLEAR := $(if $(wildcard $(VENV)),--clear)
+endif
+
 $(STAMP): setup.py
-	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
+	$(PYTHON) -m venv $(CLEAR) $(VENV_FLAGS) $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(if $(strip $(TORCH)),$(PY) -m pip install --quiet "$(TORCH)")
 	$(PY) -m pip install --quiet -e ".[dev]"
-	touch $(STAMP)
+	echo "$(INSTALL_SETTINGS)" > $(STAMP)
 
 test: install
 	$(PY) -m pytest
