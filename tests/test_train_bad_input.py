@@ -87,6 +87,27 @@ def test_misspelled_deepspeed_keys_name_the_key():
     _check(_config(), {**ZERO1, "tensorboard": {"enabled": False}, "comms_logger": {"enabled": False}})  # DeepSpeed's own keys pass
 
 
+@pytest.mark.parametrize("key, fix", [
+    ("zero", "did you mean 'zero_optimization'?"),  # trained at ZeRO-0
+    ("max_grad_norm", "did you mean 'gradient_clipping'?"),  # clipped at 1.0, not at the norm given
+    ("clip_grad", "did you mean 'gradient_clipping'?"),
+    ("notes", r"remove it \(DeepSpeed's keys: https://www.deepspeed.ai/docs/config-json/\)."),
+])
+def test_keys_deepspeed_does_not_read_are_refused(key, fix):
+    """DeepSpeed ignores a top-level key it does not read, without a word; only near-misspellings of its keys
+    were refused, so {"zero": {"stage": 2}} trained at ZeRO-0 and {"max_grad_norm": 0.3} clipped at 1.0."""
+    with pytest.raises(ConfigError, match=rf"x.json' has the key '{key}', which DeepSpeed would ignore: {fix}"):
+        _check(_config(), {**ZERO1, key: {"stage": 2} if key == "zero" else 0.3})
+
+
+def test_deepspeeds_activation_checkpointing_section_is_refused():
+    """DeepSpeed's "activation_checkpointing" configures deepspeed.checkpointing, which doge-dist never calls:
+    it was accepted and changed nothing (partition_activations, cpu_checkpointing...)."""
+    with pytest.raises(ConfigError, match=r"x.json' sets 'activation_checkpointing': .* change nothing. Remove the key; "
+                                          r"to recompute each decoder layer .* set train.activation_checkpointing=true"):
+        _check(_config(), {**ZERO1, "activation_checkpointing": {"partition_activations": True, "cpu_checkpointing": True}})
+
+
 def test_checkpoint_of_another_shape_names_the_tensor():
     tag = scratch() / "shape_ckpt" / "step_00000001"
     tag.mkdir(parents=True, exist_ok=True)
@@ -263,6 +284,17 @@ def test_gradient_clipping_must_be_a_number_at_least_0(clip):
     with pytest.raises(ConfigError, match=rf"x.json': gradient_clipping must be a number >= 0 .*, got {clip!r}\."):
         _check(_config(), {**ZERO1, "gradient_clipping": clip})
     _check(_config(), {**ZERO1, "gradient_clipping": 0})  # no clipping
+
+
+@pytest.mark.parametrize("stage", range(4))
+def test_a_missing_gradient_clipping_is_deepspeeds_default(stage):
+    """Without "gradient_clipping" DeepSpeed clips at its default, 1.0, but a ZeRO-0 fp32 run (whose optimizer
+    clips for DeepSpeed) read the missing key as 0 and trained unclipped. The resolved config (the run's
+    ds_config.json) states the threshold."""
+    from deepspeed.runtime.constants import GRADIENT_CLIPPING_DEFAULT
+
+    _, ds = _check(_config(), {"zero_optimization": {"stage": stage}}, world=1)
+    assert ds["gradient_clipping"] == GRADIENT_CLIPPING_DEFAULT == 1.0
 
 
 @pytest.mark.parametrize("stage", ["3", 2.0, True, 4])

@@ -76,3 +76,22 @@ def test_bf16_with_fp32_gradient_accumulation_accumulates_each_micro_batch_once(
     norms, reference = scalars(accumulated, "train/grad_norm"), scalars(whole, "train/grad_norm")
     assert [norms[s] for s in sorted(norms)] == pytest.approx([reference[s] for s in sorted(reference)], rel=2e-2)
     assert losses(accumulated) == pytest.approx(losses(whole), rel=1e-3)
+
+
+def test_zero0_fp32_without_gradient_clipping_clips_at_deepspeeds_default(tmp_path_factory):
+    """DeepSpeed clips at 1.0 when its JSON has no "gradient_clipping"; a ZeRO-0 fp32 run, whose optimizer
+    clips for DeepSpeed, read the missing key as 0 and trained unclipped, and the run's ds_config.json said
+    0.0 even under configs/zero0.json's explicit 1.0. Without the key it trains as with 1.0, step for step."""
+    zero0 = json.loads((REPO / "configs" / "zero0.json").read_text())
+    config = tmp_path_factory.mktemp("ds") / "zero0_default_clipping.json"
+    config.write_text(json.dumps({key: value for key, value in zero0.items() if key != "gradient_clipping"}))
+    run_dir = scratch() / "zero0_default_clipping"
+    pretrain(run_dir, 0, nproc=1, launcher="python", ds_config=config, micro_batch_size=2, gradient_accumulation_steps=2,
+             eval_interval=0)
+    reference = single_process_run()  # configs/zero0.json: "gradient_clipping": 1.0
+    norms = scalars(reference, "train/grad_norm")
+    assert max(norms.values()) > 1.0  # clipping changes these steps
+    assert scalars(run_dir, "train/grad_norm") == pytest.approx(norms, rel=1e-6)
+    assert losses(run_dir) == pytest.approx(losses(reference), rel=1e-6)
+    for run in (run_dir, reference):
+        assert json.loads((run / "ds_config.json").read_text())["gradient_clipping"] == 1.0

@@ -3,30 +3,84 @@
 The JSON holds DeepSpeed's own keys (ZeRO stage, bf16, gradient clipping...). Batch sizes live in
 the YAML only, and are written here as micro-batch x accumulation x data-parallel size, so the three
 can never disagree; a user JSON that states a different value is an error rather than a silent winner.
-The optimizer and schedule come from the YAML train section, so JSON "optimizer"/"scheduler" are errors.
+The optimizer and schedule come from the YAML train section, so JSON "optimizer"/"scheduler" are errors, and
+so is "activation_checkpointing" (train.activation_checkpointing). Keys DeepSpeed does not read are errors too:
+it would ignore them.
 """
 from __future__ import annotations
 
 import copy
 import difflib
+import functools
 import json
 import logging
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
 from ..config import ConfigError, TrainConfig
 
-SECTIONS = ("bf16", "bfloat16", "fp16", "zero_optimization", "checkpoint", "activation_checkpointing", "flops_profiler",
+SECTIONS = ("bf16", "bfloat16", "fp16", "zero_optimization", "checkpoint", "flops_profiler",
             "tensorboard", "wandb", "csv_monitor", "comms_logger", "data_types")  # keys whose values are JSON objects
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
-# DeepSpeed's usual top-level keys: one spelled close to these (and not one of them) is a typo that DeepSpeed
-# would silently ignore ("zero_optimisation" would train at ZeRO-0)
-KNOWN_KEYS = (*BATCH_KEYS, "bf16", "bfloat16", "fp16", "zero_optimization", "gradient_clipping", "steps_per_print",
-              "wall_clock_breakdown", "checkpoint", "activation_checkpointing", "communication_data_type",
-              "prescale_gradients", "gradient_predivide_factor", "flops_profiler", "tensorboard", "wandb", "csv_monitor",
-              "comms_logger", "optimizer", "scheduler", "data_types", "memory_breakdown", "dump_state")
+# other trainers' names (Hugging Face, Accelerate, Megatron-LM) for DeepSpeed's keys: no spelling is close to them
+OTHER_NAMES = {"zero": "zero_optimization", "zero_stage": "zero_optimization", "max_grad_norm": "gradient_clipping",
+               "clip_grad": "gradient_clipping"}
+
+
+class _RecordedReads(dict):
+    """A dict that remembers every key looked up in it (``in``, ``get``, ``[]``), shared by its copies."""
+
+    def __init__(self, values: dict[str, Any], read: Optional[set[str]] = None) -> None:
+        super().__init__(values)
+        self.read = set() if read is None else read
+
+    def __contains__(self, key) -> bool:
+        self.read.add(key)
+        return super().__contains__(key)
+
+    def get(self, key, default=None):
+        self.read.add(key)
+        return super().get(key, default)
+
+    def __getitem__(self, key):
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def keys(self):  # ``key in config.keys()``, as DeepSpeed writes some lookups, is a lookup too
+        return self
+
+    def __copy__(self) -> "_RecordedReads":
+        return _RecordedReads(self, self.read)
+
+
+@contextmanager
+def _deepspeed_logger_quiet() -> Iterator[None]:
+    """DeepSpeedConfig logs "world_size = 1" when it parses outside a process group: a multi-rank run reads it as its own."""
+    from deepspeed.utils import logger
+
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+@functools.cache
+def deepspeed_keys() -> frozenset[str]:
+    """The top-level keys DeepSpeed reads: those its own parser (``DeepSpeedConfig``, which deepspeed.initialize
+    runs) looks up while parsing a minimal config, recorded as it does so. DeepSpeed ignores any other top-level
+    key without a word, so asking DeepSpeed itself keeps the set current with the installed version (its
+    removed keys are among them: DeepSpeed refuses those with its own message)."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    recorded = _RecordedReads({"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1})
+    with _deepspeed_logger_quiet():
+        DeepSpeedConfig(recorded)
+    return frozenset(key for key in recorded.read if isinstance(key, str))
 
 
 def read_ds_config(path: Optional[str]) -> dict[str, Any]:
@@ -48,13 +102,17 @@ def read_ds_config(path: Optional[str]) -> dict[str, Any]:
 
 
 def check_ds_keys(user: dict[str, Any], where: str) -> None:
-    """Misspelled keys, before any work: a top-level key close to a known one (DeepSpeed ignores unknown
-    top-level keys), and the zero_optimization and bf16 sections through DeepSpeed's own models (which
-    would otherwise refuse them only once the model is built, with a traceback)."""
+    """Keys DeepSpeed would not act on, before any work: a top-level key it does not read (it ignores those:
+    ``"zero"`` trained at ZeRO-0, ``"max_grad_norm"`` changed no clipping), named with the closest key it
+    reads, and the zero_optimization and bf16 sections through DeepSpeed's own models (which would
+    otherwise refuse them only once the model is built, with a traceback)."""
+    known = deepspeed_keys()
     for key in user:
-        close = difflib.get_close_matches(key, KNOWN_KEYS, n=1, cutoff=0.8)
-        if key not in KNOWN_KEYS and close:
-            raise ConfigError(f"{where} has the key '{key}', which DeepSpeed would ignore: did you mean '{close[0]}'?")
+        if key not in known:
+            close = OTHER_NAMES.get(key) or (difflib.get_close_matches(key, known, n=1, cutoff=0.8) or [None])[0]
+            fix = f"did you mean '{close}'?" if close else ("remove it (DeepSpeed's keys: "
+                                                            "https://www.deepspeed.ai/docs/config-json/).")
+            raise ConfigError(f"{where} has the key '{key}', which DeepSpeed would ignore: {fix}")
     from deepspeed.runtime.precision_config import get_bfloat16_config
     from deepspeed.runtime.zero.config import get_zero_config
     from pydantic import ValidationError
@@ -95,10 +153,10 @@ def check_ds_values(user: dict[str, Any], where: str) -> None:
                 )
 
     find_auto(user, "")
-    clip = user.get("gradient_clipping", 0)
+    clip = user.get("gradient_clipping", 0)  # only a given value is checked; a missing one is DeepSpeed's default
     if isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip < 0:
         raise ConfigError(f"{where}: gradient_clipping must be a number >= 0 (the largest gradient norm; 0 turns "
-                          f"clipping off), got {clip!r}.")
+                          f"clipping off; without the key DeepSpeed clips at 1.0), got {clip!r}.")
     stage = user.get("zero_optimization", {}).get("stage", 0)
     if type(stage) is not int or stage not in (0, 1, 2, 3):
         raise ConfigError(f"{where}: zero_optimization.stage must be 0, 1, 2 or 3 written as a JSON number, got {stage!r}.")
@@ -127,18 +185,14 @@ def check_with_deepspeed(ds: dict[str, Any], where: str) -> None:
     the ranks of the process group if one exists (else one rank), so the batch size is given for those."""
     import torch.distributed as dist
     from deepspeed.runtime.config import DeepSpeedConfig
-    from deepspeed.utils import logger
 
     ranks = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     checked = {**ds, "train_batch_size": ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * ranks}
-    level = logger.level
-    logger.setLevel(logging.WARNING)  # its "world_size = 1" line would mislead a multi-rank run
     try:
-        DeepSpeedConfig(checked)
+        with _deepspeed_logger_quiet():
+            DeepSpeedConfig(checked)
     except Exception as error:  # DeepSpeedConfigError, pydantic's ValidationError, ValueError, AssertionError...
         raise ConfigError(f"{where}: DeepSpeed refuses it: {error}") from None
-    finally:
-        logger.setLevel(level)
 
 
 def grad_accum_dtype(ds: dict[str, Any]) -> Optional[torch.dtype]:
@@ -158,6 +212,13 @@ def check_grad_accum_dtype(ds: dict[str, Any], where: str) -> None:
         raise ConfigError(f"{where} sets data_types.grad_accum_dtype = {ds['data_types']['grad_accum_dtype']!r} with bf16 at "
                           "ZeRO stage 0, which DeepSpeed does not support: use ZeRO stage 1 (configs/zero1.json) for "
                           "gradients accumulated in fp32, or remove data_types.")
+
+
+def gradient_clipping(ds: dict[str, Any]) -> float:
+    """The largest gradient norm, as DeepSpeed reads it: a missing key is its default, 1.0 (0 turns clipping off)."""
+    from deepspeed.runtime.config import get_gradient_clipping
+
+    return float(get_gradient_clipping(ds))
 
 
 def zero_stage(ds: dict[str, Any]) -> int:
@@ -181,6 +242,12 @@ def resolve_ds_config(user: dict[str, Any], train: TrainConfig, dp_size: int, wh
                 f"{where} sets '{key}': doge-dist builds the optimizer and lr schedule from the YAML train section "
                 "and trains in bf16 or fp32 only. Remove the key."
             )
+    if "activation_checkpointing" in user:
+        raise ConfigError(
+            f"{where} sets 'activation_checkpointing': that section configures deepspeed.checkpointing, which "
+            "doge-dist does not use, so it would change nothing. Remove the key; to recompute each decoder layer "
+            "in the backward pass set train.activation_checkpointing=true (in the YAML or as an override)."
+        )
     wanted = {
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": train.gradient_accumulation_steps,
@@ -202,4 +269,5 @@ def resolve_ds_config(user: dict[str, Any], train: TrainConfig, dp_size: int, wh
     check_with_deepspeed(ds, where)
     check_grad_accum_dtype(ds, where)
     ds.setdefault("steps_per_print", 10**9)  # our own log line replaces DeepSpeed's
+    ds["gradient_clipping"] = gradient_clipping(ds)  # stated: the run's ds_config.json shows the threshold it clips at
     return ds

@@ -18,7 +18,7 @@ from ..config import Config
 from ..model import DogeForCausalLM, build_model
 from ..model.compile import compile_model
 from ..parallel.apply import deepspeed_data_parallel_size, deepspeed_mpu, parallelize
-from .ds_config import bf16_enabled, zero_stage
+from .ds_config import bf16_enabled, gradient_clipping, zero_stage
 from .optim import build_optimizer
 from .schedule import build_scheduler
 
@@ -61,7 +61,8 @@ def is_hf_directory(path: Optional[str]) -> bool:
 def build_engine(config: Config, ds: dict[str, Any], device: torch.device,
                  weights: Optional[dict[str, torch.Tensor]] = None):
     """(engine, effective DeepSpeed config); ``weights``: see ``initial_model``. At ZeRO 0 in fp32 the
-    optimizer clips and guards itself."""
+    optimizer clips and guards itself: DeepSpeed is given no clipping then, and the config returned (the
+    run's ds_config.json) keeps the threshold the optimizer clips at; a missing one is DeepSpeed's default."""
     import deepspeed
 
     ds = copy.deepcopy(ds)
@@ -70,10 +71,7 @@ def build_engine(config: Config, ds: dict[str, Any], device: torch.device,
         enable_activation_checkpointing(model)
     if config.train.compile:
         compile_model(model)
-    stage0_fp32_clip = None
-    if zero_stage(ds) == 0 and not bf16_enabled(ds):
-        stage0_fp32_clip = float(ds.get("gradient_clipping", 0.0))
-        ds["gradient_clipping"] = 0.0
+    stage0_fp32_clip = gradient_clipping(ds) if zero_stage(ds) == 0 and not bf16_enabled(ds) else None
     mpu = deepspeed_mpu(config.parallel)
     optimizer = build_optimizer(model, config.train, stage0_fp32_clip, mpu)
     scheduler = build_scheduler(optimizer, config.train)
@@ -81,7 +79,8 @@ def build_engine(config: Config, ds: dict[str, Any], device: torch.device,
         dp = torch.distributed.get_world_size() // config.parallel.tensor_parallel
         ds["train_batch_size"] = (ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"]
                                   * deepspeed_data_parallel_size(config.parallel, dp))
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds,
+    given = ds if stage0_fp32_clip is None else {**ds, "gradient_clipping": 0.0}  # the optimizer clips instead
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=given,
                                       mpu=mpu)
     undo_states_of_a_zero_gradient_step(engine.optimizer)
     return engine, ds
