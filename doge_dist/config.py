@@ -330,6 +330,13 @@ PRESETS: dict[str, dict[str, Any]] = {
 # ----------------------------------------------------------------------------------------------
 
 
+def check_seed(seed: int, key: str) -> None:
+    """numpy seeds the data order and each rank's random state from it, and takes only 0 <= seed < 2**32: it
+    would fail with a ValueError once the process group, the model and the engine were built."""
+    if not 0 <= seed < 2**32:
+        raise ConfigError(f"{key} must be within [0, 2**32) (numpy's seed range), got {seed}.")
+
+
 @dataclass
 class DataConfig:
     """Where tokens come from: Megatron indexed-dataset prefixes, blended and split."""
@@ -359,6 +366,7 @@ class DataConfig:
                                   f"got {getattr(self, key)!r}.")
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers must be >= 0 (0: load in the training process), got {self.num_workers}.")
+        check_seed(self.seed, "data.seed")
 
 
 @dataclass
@@ -413,9 +421,12 @@ class TrainConfig:
         for key in ("eval_interval", "save_interval", "freeze_dense_steps"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key} must be 0 (off) or a number of steps, got {getattr(self, key)}.")
-        for key in ("lr", "adam_eps", "weight_decay"):  # AdamW would refuse them only once the model is built
+        for key in ("lr", "weight_decay"):  # AdamW would refuse them only once the model is built
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key} must be >= 0, got {getattr(self, key)}.")
+        if not self.adam_eps > 0:  # AdamW takes 0, then divides 0 by 0 for a parameter without gradient: NaN weights
+            raise ConfigError(f"train.adam_eps must be > 0 (AdamW divides by sqrt(v) + eps, which is 0 for a parameter "
+                              f"whose gradient is 0), got {self.adam_eps}; the usual value is 1e-8.")
         for key in ("adam_beta1", "adam_beta2"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise ConfigError(f"train.{key} must be within [0, 1), got {getattr(self, key)}.")
@@ -424,6 +435,7 @@ class TrainConfig:
                               f"got {self.eval_iters}; set train.eval_interval=0 to turn validation off.")
         if self.peak_tflops is not None and self.peak_tflops <= 0:
             raise ConfigError(f"train.peak_tflops must be positive (or null: measured), got {self.peak_tflops}.")
+        check_seed(self.seed, "train.seed")
 
 
 @dataclass

@@ -88,7 +88,11 @@ def test_yaml_and_overrides(tmp_path):
         ("train.freeze_dense_steps=-3", "train.freeze_dense_steps must be 0"),
         ("train.lr=-1", r"train.lr must be >= 0, got -1.0"),
         ("train.adam_beta2=1.5", r"train.adam_beta2 must be within \[0, 1\), got 1.5"),
-        ("train.adam_eps=-1e-8", r"train.adam_eps must be >= 0"),
+        ("train.adam_eps=-1e-8", r"train.adam_eps must be > 0"),
+        ("train.adam_eps=0", r"train.adam_eps must be > 0 \(AdamW divides by sqrt\(v\) \+ eps, .*\), got 0.0"),  # NaN weights
+        ("train.seed=-1", r"train.seed must be within \[0, 2\*\*32\) \(numpy's seed range\), got -1"),
+        ("train.seed=4294967296", r"train.seed must be within \[0, 2\*\*32\) .*, got 4294967296"),
+        ("data.seed=-1", r"data.seed must be within \[0, 2\*\*32\) .*, got -1"),
         ("train.weight_decay=-0.1", r"train.weight_decay must be >= 0"),
         ("train.eval_iters=0", r"train.eval_iters must be at least 1 when train.eval_interval > 0"),
         ("train.peak_tflops=0", r"train.peak_tflops must be positive"),
@@ -115,6 +119,12 @@ def test_values_of_the_wrong_type_or_range_name_the_key(override, message):
     """Refused when the config is read, not as a TypeError or ZeroDivisionError inside the run."""
     with pytest.raises(ConfigError, match=message):
         load_config(None, ["train.eval_interval=10", override])
+
+
+def test_seeds_at_the_ends_of_numpys_range_are_accepted():
+    """train.seed and data.seed seed numpy, which takes 0 to 2**32 - 1 (outside it: refused above)."""
+    config = load_config(None, ["train.seed=0", "data.seed=4294967295"])
+    assert (config.train.seed, config.data.seed) == (0, 2**32 - 1)
 
 
 def test_yaml_spellings_of_numbers_and_one_data_prefix_are_accepted():
