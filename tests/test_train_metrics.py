@@ -40,6 +40,25 @@ def test_rates_count_the_logged_steps_work_and_leave_validation_and_checkpoints_
     assert scalars(tmp_path, "train/consumed_tokens") == {2: 2000.0, 3: 2500.0}
 
 
+def test_the_logged_losses_are_the_means_of_the_applied_steps_since_the_last_log_point(tmp_path, capsys):
+    """log_interval 3 over 7 steps: a log point showed only its own step's loss (two of three never shown)
+    beside rates averaged over the interval. A step skipped for a non-finite loss is left out of the mean;
+    when every step of an interval was skipped, the log point shows its own step's loss."""
+    reporter = metrics.Reporter(str(tmp_path), True, peak=0.0, world_size=1, max_steps=7)
+    steps = {1: (6.0, 0.3), 2: (5.0, 0.1), 3: None, 4: None, 5: None, 6: None, 7: (4.0, 0.2)}  # None: skipped
+    for step, applied in steps.items():
+        reporter.count(100, 1e9)
+        if applied:
+            reporter.count_loss(*applied)
+        if step in (3, 6, 7):  # log points: every third step, and the last
+            loss, balance = applied or (float("inf"), 0.9)
+            reporter.train_step(step, loss, 1e-3, 1.0, 100 * step, torch.device("cpu"), balance)
+    reporter.close()
+    assert scalars(tmp_path, "train/loss") == {3: 5.5, 6: float("inf"), 7: 4.0}
+    assert scalars(tmp_path, "moe/balance_loss") == pytest.approx({3: 0.2, 6: 0.9, 7: 0.2})
+    assert "step      3/7 | loss 5.5000 |" in capsys.readouterr().out
+
+
 def test_padded_sequences_count_their_real_tokens_at_their_own_length():
     samples = [{"input_ids": torch.arange(n), "labels": torch.arange(n), "position_ids": torch.arange(n)} for n in (20, 50)]
     assert real_lengths(collate_lm(samples, pad_id=2, multiple=8)) == [20, 50]  # padded to 56

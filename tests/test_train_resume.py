@@ -57,6 +57,17 @@ def test_sigkill_and_resume_equals_uninterrupted():
     assert [event.step for event in board.Scalars("train/loss")] == list(range(1, STEPS + 1))
 
 
+def test_a_resumed_run_logs_the_mean_loss_of_its_own_steps(tmp_path):
+    """At train.log_interval 4 a run resumed at step 5 logs at step 8 the mean loss of steps 6-8 (those it
+    trained), and at the last step that of steps 9-10: before, only steps 8 and 10's own losses."""
+    reference = single_process_run()
+    at_step_5_of(reference, tmp_path)
+    pretrain(tmp_path, 0, nproc=1, launcher="python", micro_batch_size=2, gradient_accumulation_steps=2, log_interval=4,
+             eval_interval=0)
+    per_step = losses(reference)
+    assert scalars(tmp_path, "train/loss") == pytest.approx({8: sum(per_step[5:8]) / 3, 10: sum(per_step[8:10]) / 2}, rel=1e-6)
+
+
 @pytest.mark.parametrize("stage, launcher", [(2, "deepspeed"), (3, "torchrun")])
 def test_resume_two_ranks_on_one_keeps_the_sample_order(stage, launcher):
     """Take the 2-rank run's step-5 checkpoint and finish on 1 rank (micro 2 x accumulation 2). ZeRO-3

@@ -7,7 +7,7 @@ from functools import lru_cache
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from train_helpers import scalars, scratch, single_process_run, pretrain
+from train_helpers import losses, pretrain, scalars, scratch, single_process_run
 
 TAGS = ["train/loss", "train/lr", "train/grad_norm", "train/tokens_per_sec", "train/tflops_per_device", "train/mfu",
         "train/memory_gb", "train/consumed_tokens", "val/loss", "val/ppl"]
@@ -25,6 +25,21 @@ def test_tags_exist_with_finite_values():
     accumulator = EventAccumulator(str(events), size_guidance={"tensors": 0})
     accumulator.Reload()
     assert any("config" in tag for tag in accumulator.Tags()["tensors"])
+
+
+def test_a_log_point_shows_the_mean_loss_of_the_steps_since_the_previous_one():
+    """At train.log_interval 4 the logged loss was that of every fourth step only (and of the last): the
+    three before it were never shown, while tok/s beside it was the interval's mean. As Megatron-LM logs
+    it: the mean over the steps since the previous log point; lr and grad norm are the logged step's."""
+    run_dir = scratch() / "log_interval_4"
+    pretrain(run_dir, 0, nproc=1, launcher="python", micro_batch_size=2, gradient_accumulation_steps=2, log_interval=4,
+             eval_interval=0)
+    reference = single_process_run()  # the same steps, logged at every step
+    per_step = losses(reference)
+    assert scalars(run_dir, "train/loss") == pytest.approx(
+        {4: sum(per_step[0:4]) / 4, 8: sum(per_step[4:8]) / 4, 10: sum(per_step[8:10]) / 2}, rel=1e-6)
+    norms = scalars(reference, "train/grad_norm")
+    assert scalars(run_dir, "train/grad_norm") == pytest.approx({step: norms[step] for step in (4, 8, 10)}, rel=1e-6)
 
 
 MOE_TAGS = ["moe/balance_loss", "moe/expert_load_max_over_mean", "moe/unused_expert_fraction", "moe/router_entropy"]

@@ -375,6 +375,7 @@ def pretrain(config: Config, ds_user: dict[str, Any], ds_where: str = "the DeepS
                 )
         else:
             bad_in_a_row = 0
+            reporter.count_loss(result["loss"], result["balance_loss"])
 
         if progress.step % train.log_interval == 0 or progress.step == train.max_steps:
             reporter.train_step(progress.step, result["loss"], lr, result["grad_norm"], progress.consumed_tokens,

@@ -1,5 +1,8 @@
 """What a run reports: one TensorBoard writer on rank 0 and a console line every ``log_interval`` steps.
 
+The loss, the balance loss and the rates of a log point are means over the steps since the previous one
+(Megatron-LM's convention), steps skipped for a non-finite loss or gradient left out of the losses.
+
 MFU = achieved training FLOP/s per device / the device's peak dense bf16 FLOP/s. The peak of a GPU
 comes from the table below by device name; a CPU's is measured (a dense bf16 matmul with the run's
 threads, about a second: no datasheet covers a machine's or a VM's share of a CPU);
@@ -112,12 +115,18 @@ class Reporter:
         self._last_time = time.perf_counter()
         self._last_step = start_step
         self._tokens, self._flops = 0, 0.0  # since the last log point, all ranks together
+        self._losses: list[tuple[float, Optional[float]]] = []  # (loss, balance loss) of the steps applied since then
 
     def count(self, tokens: int, flops: float) -> None:
         """One step's work, all ranks together: real tokens (fine-tuning pads its sequences) and their
         training FLOPs (``doge_dist.model.flops.training_flops``)."""
         self._tokens += tokens
         self._flops += flops
+
+    def count_loss(self, loss: float, balance_loss: Optional[float]) -> None:
+        """The losses of a step whose update was applied (a step skipped for a non-finite loss or gradient is
+        left out of the logged mean, as Megatron-LM does; the loop warns about it)."""
+        self._losses.append((loss, balance_loss))
 
     @contextmanager
     def paused(self) -> Iterator[None]:
@@ -141,7 +150,14 @@ class Reporter:
             self.writer.flush()
 
     def train_step(self, step: int, loss: float, lr: float, grad_norm: float, consumed_tokens: int, device: torch.device, balance_loss: Optional[float]) -> None:
-        """Log at a log point: rates are averaged over the steps since the previous log point."""
+        """Log at a log point: rates, and the losses given to ``count_loss``, are averaged over the steps since the
+        previous log point, as Megatron-LM does (with log_interval 10, the losses of all ten steps count, not
+        only the tenth's); lr and grad norm are this step's. When every step since then was skipped, ``loss``
+        and ``balance_loss``, this skipped step's own, are shown."""
+        if self._losses:
+            loss = sum(logged for logged, _ in self._losses) / len(self._losses)
+            if balance_loss is not None:
+                balance_loss = sum(balance for _, balance in self._losses) / len(self._losses)
         now = time.perf_counter()
         elapsed = max(now - self._last_time, 1e-9)
         tokens_per_sec = self._tokens / elapsed
@@ -169,7 +185,7 @@ class Reporter:
                 flush=True,
             )
         self._last_time, self._last_step = now, step
-        self._tokens, self._flops = 0, 0.0
+        self._tokens, self._flops, self._losses = 0, 0.0, []
 
     def validation(self, step: int, loss: float, perplexity: bool = True, metrics: Optional[dict[str, float]] = None) -> None:
         """``perplexity``: the loss is a mean token cross entropy; ``metrics``: the task's other scalars."""
