@@ -74,13 +74,23 @@ def test_freeze_dense_steps_as_long_as_the_run_is_refused():
         check_schedule(TrainConfig(max_steps=8, warmup_steps=0, decay_steps=0, freeze_dense_steps=8))
 
 
-def test_freeze_dense_steps_with_cosine_ignores_the_unused_decay_steps():
-    """Cosine decays over everything after the warmup; its ``decay_steps`` is not a phase, so it must not
-    count against the steps left after the freeze (the same rule as without a freeze)."""
-    cosine = TrainConfig(max_steps=8, scheduler="cosine", warmup_steps=2, decay_steps=4, freeze_dense_steps=3)
-    check_schedule(cosine)
+def test_freeze_dense_steps_with_cosine_counts_its_warmup_only():
+    """Cosine decays over everything after the warmup: only the warmup must fit after the freeze."""
+    check_schedule(TrainConfig(max_steps=8, scheduler="cosine", warmup_steps=5, freeze_dense_steps=3))
     with pytest.raises(ConfigError, match="freeze_dense_steps"):
         check_schedule(TrainConfig(max_steps=8, scheduler="cosine", warmup_steps=6, freeze_dense_steps=3))
+
+
+@pytest.mark.parametrize("setting", [{"decay_steps": 4}, {"decay_type": "1-sqrt"}])
+def test_wsd_settings_under_cosine_are_refused(setting):
+    """Cosine decays over every step after the warmup, as a cosine: it ignored train.decay_steps and
+    train.decay_type without a word (a run asked for a 1-sqrt decay over its last 4 steps got neither)."""
+    (key, value), = setting.items()
+    with pytest.raises(ConfigError, match=rf"train.{key} = {value!r} applies to the wsd scheduler only; train.scheduler "
+                                          rf"= 'cosine' decays over all steps after the warmup, as a cosine. Remove "
+                                          rf"train.{key} \(or set train.scheduler=wsd\)."):
+        check_schedule(TrainConfig(max_steps=8, scheduler="cosine", warmup_steps=2, **setting))
+    check_schedule(TrainConfig(max_steps=8, scheduler="wsd", warmup_steps=2, **setting))
 
 
 def test_a_resume_takes_its_adamw_settings_from_this_run():

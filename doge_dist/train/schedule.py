@@ -48,14 +48,20 @@ def lr_multiplier(step: int, train: TrainConfig) -> float:
 
 
 def check_schedule(train: TrainConfig) -> None:
-    """Reject schedules that cannot be laid out over ``max_steps``."""
+    """Reject schedules that cannot be laid out over ``max_steps``, and WSD's settings under cosine (it would ignore them)."""
     if train.scheduler not in SCHEDULERS:
         raise ConfigError(f"train.scheduler = {train.scheduler!r} is not one of {', '.join(SCHEDULERS)}.")
     if train.decay_type not in DECAY_TYPES:
         raise ConfigError(f"train.decay_type = {train.decay_type!r} is not one of {', '.join(DECAY_TYPES)}.")
     if train.max_steps < 1:
         raise ConfigError(f"train.max_steps must be at least 1, got {train.max_steps}.")
-    phases = train.warmup_steps + (train.decay_steps if train.scheduler == "wsd" else 0)
+    if train.scheduler == "cosine":  # it decays over every step after the warmup, to min_lr_ratio, always as a cosine
+        for key in ("decay_steps", "decay_type"):
+            if getattr(train, key) != getattr(TrainConfig, key):
+                raise ConfigError(f"train.{key} = {getattr(train, key)!r} applies to the wsd scheduler only; train.scheduler "
+                                  f"= 'cosine' decays over all steps after the warmup, as a cosine. Remove train.{key} "
+                                  f"(or set train.scheduler=wsd).")
+    phases = train.warmup_steps + train.decay_steps
     if train.warmup_steps < 0 or train.decay_steps < 0 or phases > train.max_steps:
         raise ConfigError(
             f"train.warmup_steps ({train.warmup_steps}) + train.decay_steps ({train.decay_steps}) must be "
