@@ -1,24 +1,30 @@
 """The communication volume bench.py reports: counted collectives of a real TP step equal the analytic
-formula, for dense and MoE models, with and without sequence parallelism."""
+formula, for dense and MoE models and a dense one with biases, with and without sequence parallelism."""
 import pytest
 
 from doge_dist.config import ModelConfig
 from doge_dist.parallel.comm_volume import analytic_tp_bytes, measure_tp_bytes, moe_exchange_bytes
 
-SHAPES = {"dense": "doge-tiny", "moe": "doge-tiny-moe"}
+SHAPES = {"dense": ("doge-tiny", {}), "moe": ("doge-tiny-moe", {}),
+          "biased": ("doge-tiny", {"attention_bias": True, "mlp_bias": True})}  # o_proj/down_proj biases: sp sums their gradients
 CASES = [(shape, sequence_parallel) for shape in SHAPES for sequence_parallel in (False, True)]
+
+
+def config_of(shape: str) -> ModelConfig:
+    preset, overrides = SHAPES[shape]
+    return ModelConfig.from_preset(preset, **overrides)
 
 
 @pytest.fixture(scope="module")
 def measured():
-    configs = [(ModelConfig.from_preset(SHAPES[shape]), sp) for shape, sp in CASES]
+    configs = [(config_of(shape), sp) for shape, sp in CASES]
     return dict(zip(CASES, measure_tp_bytes(configs, micro_batch=2, seq_length=16, tp=2)))
 
 
 @pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp", "tp+sp"])
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_counted_tp_bytes_equal_the_formula(measured, shape, sequence_parallel):
-    config = ModelConfig.from_preset(SHAPES[shape])
+    config = config_of(shape)
     expected = analytic_tp_bytes(config, tokens=2 * 16, tp=2, sequence_parallel=sequence_parallel)
     assert measured[(shape, sequence_parallel)] == pytest.approx(expected, rel=1e-9)
 

@@ -34,6 +34,7 @@ def analytic_tp_bytes(c: ModelConfig, tokens: int, tp: int, sequence_parallel: b
         # forward: gather for q, k, v, gate, up; reduce-scatter after o, down; backward mirrors each
         per_layer += 2 * (5 * _allgather(N * H, tp) + 2 * _allgather(N * H, tp))
         per_layer += _allreduce(4 * H, tp)  # norm and residual-scale gradients over sequence shards
+        per_layer += _allreduce((c.attention_bias + c.mlp_bias) * H, tp)  # o_proj, down_proj bias gradients, likewise
         if c.is_moe:
             per_layer += _allreduce(H * 2 * c.num_keys + 2 * c.num_experts * H, tp)  # router and expert gradients
             # the balance loss sees every rank's tokens: router logits, and int64 expert ids (2 floats each)
