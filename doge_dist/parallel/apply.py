@@ -12,8 +12,14 @@ from .tensor import parallelize_tensor
 from .tensor import universal_checkpoint_info as tensor_universal_info
 
 
-def parallelize(model: DogeForCausalLM, parallel: ParallelConfig) -> DogeForCausalLM:
-    """This rank's part of ``model`` (every rank passes the same weights); groups must exist."""
+def parallelize(model: DogeForCausalLM, parallel: ParallelConfig, zero3: bool = False) -> DogeForCausalLM:
+    """This rank's part of ``model`` (every rank passes the same weights); groups must exist.
+
+    Each parameter gets its restore map (``mark_grid_restore``) where DeepSpeed's universal loader needs
+    one to cut this rank's piece out of a full tensor: under tp x ep always, and under tensor parallelism
+    alone at ZeRO-3 (``zero3``), whose loader slices no tensor-parallel shard by the checkpoint's name
+    categories (ZeRO 1-2's does, padded vocabulary included). The maps split the vocabulary unpadded:
+    without them (a vocabulary not divisible by tp) ``loop.loadable_checkpoint`` refuses such loads."""
     tp, ep = parallel.tensor_parallel, parallel.expert_parallel
     tp_group = parallel_state.get_tensor_model_parallel_group() if tp > 1 else None
     if tp > 1:
@@ -22,7 +28,7 @@ def parallelize(model: DogeForCausalLM, parallel: ParallelConfig) -> DogeForCaus
         group = parallel_state.get_expert_model_parallel_group()
         model = parallelize_experts(model, group)
         prepare_expert_gradients(model, group, tp_group)
-    if tp > 1 and ep > 1:
+    if tp > 1 and (ep > 1 or (zero3 and model.config.vocab_size % tp == 0)):
         mark_grid_restore(model, model.config, tp, ep)
     return model
 

@@ -13,12 +13,16 @@ other"; DeepSpeed's affine maps (``deepspeed.checkpoint.affine``) can, so every 
 - loading at tp x ep: ``mark_grid_restore`` attaches each parameter's map, and DeepSpeed cuts this
   rank's piece out of the full tensor with it.
 
+Under tensor parallelism alone the same maps (ep = 1) serve ZeRO-3's loader, which cuts a rank's share
+by map only (``apply.parallelize``, ``shape_bare_tensors``, ``deepspeed_restore_group``).
+
 Written here because neither library knows Doge's layout; the merging, cutting and their checks are
 DeepSpeed's. The vocabulary is not padded under tp x ep (``check_grid``), so every map is exact.
 """
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -27,7 +31,7 @@ from torch import nn
 
 from ..config import ConfigError, ModelConfig
 from .expert import is_expert_param, merge_experts
-from .tensor import VOCAB_PARAMS, merge_state_dicts, tp_split_dim
+from .tensor import VOCAB_PARAMS, merge_state_dicts, parameter_shapes, tp_split_dim
 
 UNIVERSAL_STATES = ("fp32", "exp_avg", "exp_avg_sq")
 
@@ -69,15 +73,8 @@ def grid_map(shape: tuple[int, ...], split_dim: Optional[int], axis: str, tp: in
     return ParamAffineMap(shape, {rank: split.shard_shapes[index(rank)] for rank in ranks}, pieces)
 
 
-def full_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    from ..model import DogeForCausalLM
-
-    with torch.device("meta"):
-        return {name: tuple(p.shape) for name, p in DogeForCausalLM(config).named_parameters()}
-
-
 def grid_maps(config: ModelConfig, tp: int, ep: int) -> dict[str, object]:
-    return {name: grid_map(shape, *split_of(name), tp, ep) for name, shape in full_shapes(config).items()}
+    return {name: grid_map(shape, *split_of(name), tp, ep) for name, shape in parameter_shapes(config).items()}
 
 
 def grid_universal_info(config: ModelConfig, tp: int, ep: int) -> dict:
@@ -109,13 +106,47 @@ def label_universal(universal: Path) -> None:
             torch.save(saved, file)
 
 
+def shape_bare_tensors(universal: Path, config: ModelConfig) -> None:
+    """Put every state ``ds_to_universal`` saved as a bare flat tensor (it does so for a ZeRO-3 checkpoint
+    without tensor parallelism) into the form its tensor-parallel merge writes, ``{"param": tensor}`` at
+    the parameter's full shape: DeepSpeed's ZeRO-3 loader applies restore maps to that form only, and a
+    run at tp > 1 took whole tensors for its shards."""
+    from deepspeed.checkpoint import constants as uc
+
+    shapes = parameter_shapes(config)
+    for folder in (universal / "zero").iterdir():
+        for state in UNIVERSAL_STATES:
+            file = folder / f"{state}.pt"
+            if file.is_file() and torch.is_tensor(saved := torch.load(file, weights_only=False)):
+                torch.save({uc.PARAM: saved.view(shapes[folder.name])}, file)
+
+
 def mark_grid_restore(model: nn.Module, config: ModelConfig, tp: int, ep: int) -> None:
-    """Attach each parameter's affine map, which DeepSpeed's universal loader cuts this rank's piece with."""
+    """Attach each parameter's affine map, which DeepSpeed's universal loader cuts this rank's piece with
+    (ep = 1: tensor parallelism alone, for ZeRO-3's loader; see ``apply.parallelize``)."""
     from deepspeed.checkpoint.constants import DS_AUTOTP_UC_META
 
     maps = grid_maps(config, tp, ep)
     for name, param in model.named_parameters():
         setattr(param, DS_AUTOTP_UC_META, {"conversion": {"affine_map": maps[name].to_dict()}})
+
+
+@contextmanager
+def deepspeed_restore_group(mpu):
+    """DeepSpeed's ZeRO-3 universal loader cuts a parameter's piece with its map at this rank's place in
+    DeepSpeed's own tensor-parallel group (``deepspeed.utils.groups.get_tensor_model_parallel_group``),
+    which only DeepSpeed's AutoTP sets (otherwise an assertion). Ours is the mpu's model-parallel group,
+    the ranks the maps are written over: set as DeepSpeed's for the load only."""
+    from deepspeed.utils import groups
+
+    unset = mpu is not None and groups._TENSOR_MODEL_PARALLEL_GROUP is None
+    if unset:
+        groups._TENSOR_MODEL_PARALLEL_GROUP = mpu.get_model_parallel_group()
+    try:
+        yield
+    finally:
+        if unset:
+            groups._TENSOR_MODEL_PARALLEL_GROUP = None
 
 
 def merge_grid(shards: list[dict], config: ModelConfig, tp: int) -> dict:

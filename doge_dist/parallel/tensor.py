@@ -100,25 +100,41 @@ def shard_state_dict(state: dict, config: ModelConfig, rank: int, tp: int) -> di
     return shards
 
 
+def parameter_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The single-device model's parameter names and shapes (built on the meta device: no memory)."""
+    with torch.device("meta"):
+        return {name: tuple(p.shape) for name, p in DogeForCausalLM(config).named_parameters()}
+
+
+def _every_layer(name: str) -> str:
+    """An exact-name pattern that matches this parameter in every decoder layer."""
+    return re.sub(r"layers\\\.\d+\\\.", lambda _: r"layers\.\d+\.", "^" + re.escape(name) + "$")
+
+
 def universal_checkpoint_info(config: ModelConfig) -> dict:
     """How DeepSpeed's ``ds_to_universal`` merges our tensor-parallel shards (and how a load at another
-    tp size re-splits them): row-parallel weights along dim 1, vocabulary tensors without padding,
-    everything not in ``TP_SPLIT_DIMS`` replicated."""
+    tp size re-splits them): row-parallel weights along dim 1, vocabulary tensors without padding, and
+    every parameter ``shard_state_dict`` does not split (not in ``TP_SPLIT_DIMS``) as replicated, since
+    each rank holds a whole copy of it: norms, residual scales, the router and expert tables, and the
+    biases added after a row-parallel reduction (o_proj, down_proj, dt_proj). The lists
+    come from this config's parameters, the same table that splits them: a hand-kept list missed the
+    biases (ds_to_universal then concatenated their copies), and a pattern that matches no parameter
+    makes ds_to_universal fail."""
     from deepspeed.checkpoint import constants as uc
 
-    layer = r".*\.layers\.\d+\."
-    replicated = [layer + r"(input_layernorm|post_attention_layernorm)\.weight$",
-                  layer + r"(input_residual|post_attention_residual)$", r".*\.norm\.weight$"]
-    if config.attention_variant == "v2":
-        replicated.append(layer + r"self_attn\.[qk]_norm\.weight$")
-    if config.is_moe:
-        replicated.append(layer + r"mlp\.(router_gate|down_embed|up_embed)\.weight$")
-    vocabulary = [r".*embed_tokens\.weight$"] + ([] if config.tie_word_embeddings else [r".*lm_head\.weight$"])
+    replicated, row_parallel, vocabulary = [], [], []
+    for name in parameter_shapes(config):
+        dim = tp_split_dim(name)
+        if name in VOCAB_PARAMS:
+            vocabulary.append(_every_layer(name))
+        elif dim is None:
+            replicated.append(_every_layer(name))
+        elif dim == 1:
+            row_parallel.append(_every_layer(name))
     return {
         "universal_checkpoint_version": 0.2,
-        uc.TP_REPLICATED_PARAMETER_PATTERNS: replicated,
-        uc.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: [layer + r"self_attn\.(o_proj|dt_proj)\.weight$",
-                                                     layer + r"mlp\.down_proj\.weight$"],
+        uc.TP_REPLICATED_PARAMETER_PATTERNS: list(dict.fromkeys(replicated)),
+        uc.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: list(dict.fromkeys(row_parallel)),
         uc.VOCABULARY_PARAMETER_PATTERNS: vocabulary,
         uc.ORIGINAL_VOCAB_SIZE: config.vocab_size,
     }

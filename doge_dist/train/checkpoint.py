@@ -458,10 +458,13 @@ def convert_to_universal(root: Path, tag: str, output_root: Optional[Path] = Non
             if result.returncode != 0:
                 raise RuntimeError(f"ds_to_universal exited with code {result.returncode} (its errors above; the end "
                                    f"of its output: {result.stdout[-2000:].strip()})")
-            saved = read_meta(root, tag)
-            if saved.get("expert_parallel", 1) > 1:
-                from ..parallel.grid_checkpoint import label_universal
+            from ..config import ModelConfig
+            from ..parallel.grid_checkpoint import label_universal, shape_bare_tensors
 
+            saved = read_meta(root, tag)
+            if saved_zero_stage(root, tag) == 3:  # its states without tensor parallelism are bare: for a load at tp > 1
+                shape_bare_tensors(tmp, ModelConfig(**saved["model"]))
+            if saved.get("expert_parallel", 1) > 1:
                 label_universal(tmp)  # merged by expert rules or affine maps: name the tensor-parallel split dims
             shutil.copy2(root / tag / META, tmp / META)
             for rng in (root / tag).glob("rng_rank*.pt"):
@@ -536,15 +539,18 @@ def load(engine, root: Path, tag: str, module_only: bool = False) -> Progress:
     continuation with the optimizer, ``run.init_optimizer``) through DeepSpeed; returns progress.
     The RNG states are the caller's to restore (``restore_rng``), once nothing else draws before the
     first step."""
+    from ..parallel.grid_checkpoint import deepspeed_restore_group
+
     stage3_universal = engine.zero_optimization_stage() == 3 and engine.load_universal_checkpoint()
     groups = [{k: v for k, v in group.items() if k != "params"}
               for group in (engine.optimizer.optimizer.param_groups if stage3_universal else [])]
-    path, client = engine.load_checkpoint(
-        str(root),
-        tag=tag,
-        load_optimizer_states=True,
-        load_lr_scheduler_states=not module_only,
-    )
+    with deepspeed_restore_group(engine.mpu if stage3_universal else None):
+        path, client = engine.load_checkpoint(
+            str(root),
+            tag=tag,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=not module_only,
+        )
     if path is None:
         raise ConfigError(f"DeepSpeed could not load checkpoint {root / tag}.")
     if stage3_universal:

@@ -66,7 +66,7 @@ def build_engine(config: Config, ds: dict[str, Any], device: torch.device,
     import deepspeed
 
     ds = copy.deepcopy(ds)
-    model = parallelize(initial_model(config, weights), config.parallel).to(device)
+    model = parallelize(initial_model(config, weights), config.parallel, zero_stage(ds) == 3).to(device)
     if config.train.activation_checkpointing:
         enable_activation_checkpointing(model)
     if config.train.compile:

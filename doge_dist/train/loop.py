@@ -170,7 +170,8 @@ def loadable_checkpoint(root: Path, tag: str, layout: ParallelLayout, ds: dict, 
     checkpoint (converted once, within this run's ``run_dir``: checkpoint.universal_root;
     "load_universal" set in ``ds``), which re-splits every tensor. DeepSpeed's optimizer checkpoints
     load within ZeRO-0, within ZeRO 1-2 and within ZeRO-3 only (torch's format, flat partitions,
-    per-rank parameter partitions); across them a clear error names the way out."""
+    per-rank parameter partitions); across them a clear error names the way out. ZeRO-3 re-splits over
+    tensor-parallel ranks with restore maps, which need the vocabulary divisible by tp."""
     saved = checkpoint.read_meta(root, tag)
     saved_stage, stage = checkpoint.saved_zero_stage(root, tag), zero_stage(ds)
     if ZERO_FAMILIES[saved_stage] != ZERO_FAMILIES[stage]:
@@ -189,6 +190,15 @@ def loadable_checkpoint(root: Path, tag: str, layout: ParallelLayout, ds: dict, 
             f"weights with run.init_from)."
         )
     if saved_stage and (resharded or saved["dp_size"] != layout.dp_size):
+        vocab, tp = saved["model"]["vocab_size"], layout.tensor_parallel
+        if stage == 3 and tp > 1 and vocab % tp:  # without restore maps (apply.parallelize)
+            raise ConfigError(
+                f"Checkpoint {root / tag} was saved at tensor_parallel {saved_layout[0]} on {saved['dp_size']} "
+                f"data-parallel rank(s) and this run uses tensor_parallel {tp} on {layout.dp_size}: under ZeRO-3 "
+                f"DeepSpeed re-splits a checkpoint over tensor-parallel ranks only when model.vocab_size "
+                f"({vocab}) is a multiple of tensor_parallel. Resume at the saved tensor_parallel and "
+                "data-parallel sizes, or continue from its weights with run.init_from (a fresh optimizer and schedule)."
+            )
         ds.setdefault("checkpoint", {})["load_universal"] = True
         return checkpoint.universal_checkpoint(root, tag, checkpoint.universal_root(root, run_dir))
     return root, tag
