@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from doge_dist.config import ModelConfig
-from doge_dist.model import build_model
+from doge_dist.model import build_model, shift_labels, token_loss_sum
 from doge_dist.model.cache import KVCache
 from doge_dist.model.masks import AttentionLayout, dynamic_mask, keep_window_threshold
 from model_helpers import perturb_all, randomise_dynamic_mask, unique_tokens, use_backend
@@ -101,17 +101,52 @@ def test_cached_decode_with_padding_mask():
 
 @pytest.mark.parametrize("overrides", [{}, {"keep_window_size": 7}, {"attention_variant": "v1"}], ids=["plain", "keep-window", "v1"])
 def test_flex_forward_equals_sdpa(overrides):
-    """FlexAttention has no CPU backward, but its forward runs here: bias as score_mod, block mask."""
+    """FlexAttention has no CPU backward, but its forward runs here: bias as score_mod, block mask. At every
+    position, padding included, and in the loss (shift_labels counts the last left-padding position, which
+    predicts the first real token): a query that sees no key (left padding; padding that opens a packed
+    document) is the reference's uniform average of the values, where FlexAttention alone gives 0 (the loss
+    was 6.260 against transformers' 6.272)."""
     model = _model(**overrides)
-    ids = unique_tokens(2, 24, 512)
+    ids = unique_tokens(3, 24, 512)
     mask = torch.ones_like(ids)
-    mask[1, 19:] = 0
+    mask[1, 19:] = 0  # right padding
+    mask[2, :5] = 0  # left padding
+    documents = (torch.arange(24) >= 10).long().expand(3, -1)  # row 2's second document opens with padding
+    mask_in_document = mask.clone()
+    mask_in_document[2, 10:13] = 0
+    labels = shift_labels(ids, mask)
+    out = {}
     with torch.no_grad():
-        use_backend(model, "sdpa")
-        sdpa = model(ids, attention_mask=mask).logits
-        use_backend(model, "flex")
-        flex = model(ids, attention_mask=mask).logits
-    assert (sdpa - flex)[mask.bool()].abs().max() <= 1e-5
+        for backend in ("sdpa", "flex"):
+            use_backend(model, backend)
+            out[backend] = model(ids, attention_mask=mask).logits, model(ids, attention_mask=mask_in_document,
+                                                                         document_ids=documents).logits
+    for sdpa, flex in zip(out["sdpa"], out["flex"]):
+        assert (sdpa - flex).abs().max() <= 1e-5
+    losses = [token_loss_sum(out[backend][0], labels) for backend in ("sdpa", "flex")]
+    assert losses[0][1] == losses[1][1] and losses[0][0] == pytest.approx(losses[1][0].item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("keep_window_size", [16, 2048])
+def test_flex_gradients_of_rows_without_keys_equal_eager(keep_window_size, monkeypatch):
+    """The backward of a left-padded batch through PyTorch's dense flex backward (the reference of its
+    CUDA kernels; only the device check stops it on CPU): the rows that see no key have the reference's
+    gradient. With the reference's huge score instead, the probabilities recomputed from the logsumexp
+    were S times too large (gradients 100x off); with a score of 0 * score, q and k got none (0.5 off)."""
+    import torch.nn.attention.flex_attention as flex_attention
+
+    monkeypatch.setattr(flex_attention, "_validate_device", lambda *args, **kwargs: None)
+    model = _model(keep_window_size=keep_window_size)
+    ids = unique_tokens(2, 24, 512)
+    mask = (torch.arange(24) >= torch.tensor([[0], [7]])).long()
+    grads = {}
+    for backend in ("eager", "flex"):
+        use_backend(model, backend)
+        model.zero_grad()
+        model(ids, attention_mask=mask).logits.float().pow(2).mean().backward()
+        grads[backend] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for name, grad in grads["eager"].items():
+        assert (grad - grads["flex"][name]).abs().max() <= 1e-4 * grad.abs().max().clamp(min=1e-6), name
 
 
 def test_keep_window_block_mask_compiles_with_a_trainable_bias(monkeypatch):
@@ -145,16 +180,23 @@ def test_keep_window_threshold_selects_the_same_keys_as_topk():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA: flex_attention backward needs a GPU")
-@pytest.mark.parametrize("packed", [False, True], ids=["one-document", "packed-documents"])
-def test_cuda_flex_training_step_matches_sdpa_gradients(packed):
+@pytest.mark.parametrize("layout", ["one-document", "packed-documents", "left-padded"])
+def test_cuda_flex_training_step_matches_sdpa_gradients(layout):
+    """Compiled flex kernels, forward and backward; left padding: the rows that see no key are the
+    reference's uniform softmax, whose gradient reaches q and k (every position is in this loss), against
+    the eager backend, whose softmax keeps its probabilities (a fused kernel recomputes them from the
+    row's logsumexp)."""
     model = _model(keep_window_size=16).cuda()
     ids = unique_tokens(2, 48, 512).cuda()
-    documents = (torch.arange(48, device="cuda") >= torch.tensor([[20], [33]], device="cuda")).long() if packed else None
+    documents = (torch.arange(48, device="cuda") >= torch.tensor([[20], [33]], device="cuda")).long() \
+        if layout == "packed-documents" else None
+    mask = (torch.arange(48, device="cuda") >= torch.tensor([[0], [7]], device="cuda")).long() if layout == "left-padded" else None
+    reference = "eager" if layout == "left-padded" else "sdpa"
     grads = {}
-    for backend in ("sdpa", "flex"):
+    for backend in (reference, "flex"):
         use_backend(model, backend)
         model.zero_grad()
-        model(ids, document_ids=documents).logits.float().pow(2).mean().backward()
+        model(ids, attention_mask=mask, document_ids=documents).logits.float().pow(2).mean().backward()
         grads[backend] = {n: p.grad.clone() for n, p in model.named_parameters()}
-    for name, grad in grads["sdpa"].items():
+    for name, grad in grads[reference].items():
         assert (grad - grads["flex"][name]).abs().max() <= 1e-4 * grad.abs().max().clamp(min=1e-6), name

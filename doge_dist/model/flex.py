@@ -1,6 +1,13 @@
 """DMA through FlexAttention (the CUDA path): the per-key bias is a ``score_mod`` and causality,
 padding, documents and the keep window form the block mask, so no [B, nh, T, S] tensor is built
-(and blocks across documents are skipped)."""
+(and blocks across documents are skipped).
+
+A query that may attend no key (left padding) gets what the reference computes for it, where
+FlexAttention would leave the row empty (output 0): every score the dtype's minimum, so a uniform
+softmax over all keys (the mean of the values) whose gradient still reaches q and k (not the bias,
+which the reference's masked_fill replaces). Such a row sees every key with the score
+``score - score.detach()``: 0 (uniform) with derivative 1. Not the reference's huge constant: the
+backward recomputes the probabilities from the row's logsumexp, in which log(S) would round away."""
 from typing import Optional
 
 import torch
@@ -43,6 +50,7 @@ def _block_mask(
     threshold: Optional[torch.Tensor],
 ) -> BlockMask:
     query_positions, key_valid, documents = layout.query_positions, layout.key_valid, layout.documents
+    blind = layout.blind_queries
     # which keys are visible carries no gradient (the bias reaches the loss through the score_mod);
     # compiled mask construction cannot trace a tensor that records one
     bias = bias.detach()
@@ -56,6 +64,8 @@ def _block_mask(
             ok = ok & (documents[b, q_idx] == documents[b, kv_idx])
         if threshold is not None:
             ok = ok & (bias[b, h // head_to_bias, kv_idx] >= threshold[b, h // head_to_bias, q_idx])
+        if blind is not None:  # the reference's uniform row over every key
+            ok = ok | blind[b, q_idx]
         return ok
 
     per_batch = key_valid is not None or documents is not None or threshold is not None
@@ -93,7 +103,12 @@ def flex_dma(
     else:
         block_mask = _block_mask(layout, B, H, T, bias, head_to_bias, threshold)
 
+    blind = layout.blind_queries
+
     def add_bias(score, b, h, q_idx, kv_idx):
-        return score + bias[b, h // head_to_bias, kv_idx].to(score.dtype)
+        biased = score + bias[b, h // head_to_bias, kv_idx].to(score.dtype)
+        if blind is None:
+            return biased
+        return torch.where(blind[b, q_idx], score - score.detach(), biased)
 
     return _flex_attention()(q, k, v, score_mod=add_bias, block_mask=block_mask, scale=scale, enable_gqa=True)

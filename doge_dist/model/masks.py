@@ -27,6 +27,7 @@ class AttentionLayout:
     _block_mask: Optional[object] = field(default=None, repr=False)
     _additive_masks: dict = field(default_factory=dict, repr=False)
     _bias_weights: dict = field(default_factory=dict, repr=False)
+    _blind_queries: Optional[torch.Tensor] = field(default=None, repr=False)
 
     @property
     def allowed(self) -> torch.Tensor:
@@ -71,11 +72,34 @@ class AttentionLayout:
         scores (``scale * q.k_j + weight * bias_j``): a row without a visible key is the dtype's minimum
         everywhere either way, but with weight 1 autograd would pass its gradient on to every key's
         bias, which the reference's masked_fill blocks."""
-        if self.key_valid is None:  # causal only: every query sees its own key (documents too)
+        blind = self.blind_queries
+        if blind is None:
             return None
         if dtype not in self._bias_weights:
-            self._bias_weights[dtype] = self.allowed.any(-1, keepdim=True).to(dtype)
+            self._bias_weights[dtype] = (~blind)[:, None, :, None].to(dtype)
         return self._bias_weights[dtype]
+
+    @property
+    def blind_queries(self) -> Optional[torch.Tensor]:
+        """[B, T] bool: the queries that may attend no key (left padding; padding that opens a packed
+        document); None without key padding (causal alone, documents too, every query sees its own key).
+        The reference gives such a row the mean of all values (every score the dtype's minimum: a uniform
+        softmax), which FlexAttention, with no visible key, would make 0. Found from each query's first
+        visible key, without the [B, T, S] grid."""
+        if self.key_valid is None:
+            return None
+        if self._blind_queries is None:
+            valid = self.key_valid.bool()
+            keys = torch.arange(self.num_keys, device=valid.device)
+            first_valid = torch.where(valid, keys, self.num_keys)  # [B, S]
+            if self.documents is None:
+                first = first_valid.min(-1, keepdim=True).values  # [B, 1]
+            else:  # keys are this call's queries: the first valid key of each query's own document
+                ids, document = torch.unique(self.documents, return_inverse=True)
+                first = first_valid.new_full((len(valid), len(ids)), self.num_keys)
+                first = first.scatter_reduce(1, document, first_valid, "amin").gather(1, document)  # [B, T]
+            self._blind_queries = first > self.query_positions[None]
+        return self._blind_queries
 
 
 def dynamic_mask(bias: torch.Tensor, allowed: torch.Tensor, keep_window_size: int, dtype: torch.dtype) -> torch.Tensor:
