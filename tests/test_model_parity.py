@@ -98,3 +98,21 @@ def test_every_gradient_matches_transformers(case, padding):
         assert (param.grad - expected).abs().max() / scale <= 1e-4, name
         checked += 1
     assert checked == len(hf_params)
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_the_padding_row_starts_at_zero_as_in_transformers(tied):
+    """init_weights zeroed the padding row, then the tied LM head drew the same tensor again (every preset
+    ties): the row started at norm 0.16, where transformers' DogeForCausalLM starts it at 0."""
+    from transformers import DogeForCausalLM
+
+    from doge_dist.convert.hf import to_hf_config
+    from doge_dist.model import build_model
+
+    config = ModelConfig.from_preset("doge-tiny", tie_word_embeddings=tied)
+    ours, hf = build_model(config), DogeForCausalLM(to_hf_config(config))
+    for model in (ours, hf):
+        embedding = model.model.embed_tokens.weight
+        assert torch.equal(embedding[config.pad_token_id], torch.zeros(config.hidden_size))
+        assert embedding.std().item() == pytest.approx(config.initializer_range, rel=0.05)
+        assert (model.lm_head.weight is embedding) == tied

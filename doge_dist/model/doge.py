@@ -179,18 +179,14 @@ class DogeForCausalLM(nn.Module):
 
 def init_weights(model: DogeForCausalLM) -> None:
     """transformers' initialisation: normal(0, initializer_range) for linear and embedding weights,
-    zero biases and padding row, ones for norms and residual scales, zero ``A``."""
+    zero biases and padding row, ones for norms and residual scales, zero ``A``. The padding row is
+    zeroed after every draw: with tied embeddings the LM head draws the embedding's tensor again."""
     std = model.config.initializer_range
     for module in model.modules():
-        if isinstance(module, nn.Linear):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=std)
-            if module.bias is not None:
+            if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, std=std)
-            if module.padding_idx is not None:
-                with torch.no_grad():
-                    module.weight[module.padding_idx].zero_()
         elif isinstance(module, RMSNorm):
             nn.init.ones_(module.weight)
         elif isinstance(module, DynamicMaskAttention):
@@ -198,6 +194,10 @@ def init_weights(model: DogeForCausalLM) -> None:
         elif isinstance(module, DecoderLayer):
             nn.init.ones_(module.input_residual)
             nn.init.ones_(module.post_attention_residual)
+    for module in model.modules():
+        if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+            with torch.no_grad():
+                module.weight[module.padding_idx].zero_()
 
 
 def build_model(config: ModelConfig, device: Optional[torch.device] = None) -> DogeForCausalLM:
