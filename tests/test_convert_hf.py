@@ -139,6 +139,18 @@ def test_export_replaces_only_an_earlier_export_or_an_empty_directory(tmp_path):
         assert (save_hf(model, tmp_path / output) / "config.json").is_file()
 
 
+def test_an_export_into_the_current_directory(tmp_path, monkeypatch):
+    """``--output .`` (export_hf.py, upcycle.py): an empty current directory is a valid output, but the
+    export died after all its work with "PosixPath('.') has an empty name" (the temporary directory is
+    named after the output's)."""
+    model = build_model(ModelConfig.from_preset("doge-tiny"))
+    (tmp_path / "out").mkdir()
+    monkeypatch.chdir(tmp_path / "out")
+    assert save_hf(model, ".") == tmp_path / "out"
+    assert load_hf(tmp_path / "out").config == model.config
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
 def test_corrupt_config_or_weights_are_named(tmp_path):
     save_hf(build_model(ModelConfig.from_preset("doge-tiny")), tmp_path / "hf")
     weights = tmp_path / "hf" / "model.safetensors"
@@ -157,6 +169,25 @@ def test_a_transformers_directory_with_a_sliding_window_is_refused(tmp_path):
     config_file = tmp_path / "hf" / "config.json"
     config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "sliding_window": 6}))
     with pytest.raises(ConfigError, match="sliding_window = 6"):
+        load_hf(tmp_path / "hf")
+
+
+def test_config_values_are_type_checked_and_a_null_dropout_is_the_default(tmp_path):
+    """transformers loads "attention_dropout": null (DogeConfig types it float | None, 0.0 outside training);
+    the import raised a TypeError from the validation. It takes the default now, and a value of the wrong
+    type is a ConfigError naming the key and the file."""
+    ours, _ = model_pair(ModelConfig.from_preset("doge-tiny", attention_dropout=0.1))
+    save_hf(ours, tmp_path / "hf")
+    config_file = tmp_path / "hf" / "config.json"
+    written = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**written, "attention_dropout": None}))
+    loaded = load_hf(tmp_path / "hf")
+    assert loaded.config.attention_dropout == 0.0
+    ids = unique_tokens(2, 16, 512)
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(ids).logits, ours.eval()(ids).logits)
+    config_file.write_text(json.dumps({**written, "rms_norm_eps": None}))
+    with pytest.raises(ConfigError, match=f"Key 'rms_norm_eps' in {config_file} must be a number, got None"):
         load_hf(tmp_path / "hf")
 
 
@@ -257,6 +288,33 @@ def test_a_tokenizer_taken_from_a_sharded_model_directory_brings_no_weights(tmp_
     save_hf(ours, tmp_path / "copy", tokenizer=tmp_path / "sharded")
     assert sorted(p.name for p in (tmp_path / "copy").iterdir() if "safetensors" in p.name) == ["model.safetensors"]
     assert (tmp_path / "copy" / "tokenizer.json").is_file() and (tmp_path / "copy" / "tokenizer.model").is_file()
+
+
+def test_an_export_takes_the_special_ids_of_its_tokenizer(tmp_path, capsys):
+    """config.json kept the preset's eos/pad (1/2) beside a tokenizer whose eos/pad are 5/6: transformers'
+    generate stopped at the wrong token. The export writes the tokenizer's ids, says so, updates a
+    generation_config.json that came with the tokenizer files, and refuses ids outside the vocabulary."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from data_helpers import assets
+
+    tokenizer = AutoTokenizer.from_pretrained(assets().tokenizer_dir)
+    tokenizer.eos_token, tokenizer.pad_token = tokenizer.convert_ids_to_tokens([5, 6])
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    GenerationConfig(bos_token_id=0, eos_token_id=1, pad_token_id=2).save_pretrained(tmp_path / "tokenizer")
+    model = build_model(ModelConfig.from_preset("doge-tiny"))
+    save_hf(model, tmp_path / "hf", tokenizer=tmp_path / "tokenizer")
+    written = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (written["bos_token_id"], written["eos_token_id"], written["pad_token_id"]) == (0, 5, 6)
+    assert "eos_token_id 1 -> 5, pad_token_id 2 -> 6" in capsys.readouterr().out
+    generation = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").generation_config
+    assert (generation.eos_token_id, generation.pad_token_id) == (5, 6)
+    assert model.config.eos_token_id == 1  # the model itself is left as it is
+    tokenizer.eos_token = tokenizer.convert_ids_to_tokens(300)
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    with pytest.raises(ConfigError, match=r"eos_token_id is 300, not an id of the model's vocabulary \(0 to 255\)"):
+        save_hf(build_model(ModelConfig.from_preset("doge-tiny", vocab_size=256)), tmp_path / "small", tokenizer=tmp_path / "tokenizer")
+    assert not (tmp_path / "small").exists()
 
 
 def test_an_export_under_transformers_4_gives_its_rope_settings_the_keys_it_reads(monkeypatch):

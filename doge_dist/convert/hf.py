@@ -13,7 +13,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from ..config import RUNTIME_SWITCHES, ConfigError, ModelConfig
+from ..config import RUNTIME_SWITCHES, ConfigError, ModelConfig, dataclass_from_dict
 from ..model import DogeForCausalLM, build_model
 
 # small-doge's original module names -> transformers' names
@@ -47,12 +47,20 @@ def to_hf_config(config: ModelConfig):
     return DogeConfig(rope_parameters=rope, **values)
 
 
-def from_hf_config(hf: dict[str, Any], state_keys: tuple[str, ...] = (), a_shape: Optional[int] = None, **overrides) -> ModelConfig:
-    """A ModelConfig from a config.json mapping; v1/v2 detected from the state dict when given."""
+# keys that transformers' DogeConfig takes as null and then computes with its default (attention_dropout:
+# `float | None`, and DogeAttention uses 0.0 outside training): a null there is our default too
+NULL_MEANS_DEFAULT = ("attention_dropout",)
+
+
+def from_hf_config(hf: dict[str, Any], state_keys: tuple[str, ...] = (), a_shape: Optional[int] = None,
+                   where: str = "config.json", **overrides) -> ModelConfig:
+    """A ModelConfig from a config.json mapping (``where`` names it in errors); v1/v2 detected from the
+    state dict when given. Every value is type-checked (``dataclass_from_dict``), so a wrong one is a
+    ConfigError naming the key and the file, not a TypeError deep in the validation."""
     if hf.get("model_type") != "doge":
         raise ConfigError(f"model_type is {hf.get('model_type')!r}, not 'doge': this is not a Doge checkpoint.")
     names = {f.name for f in dataclasses.fields(ModelConfig)}
-    values = {k: v for k, v in hf.items() if k in names}
+    values = {k: v for k, v in hf.items() if k in names and not (k in NULL_MEANS_DEFAULT and v is None)}
     rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
     if "rope_theta" in rope or "rope_theta" in hf:
         values["rope_theta"] = rope.pop("rope_theta", hf.get("rope_theta"))
@@ -71,7 +79,7 @@ def from_hf_config(hf: dict[str, Any], state_keys: tuple[str, ...] = (), a_shape
         )
         values["router_layout"] = "hf_compat"
     values.update(overrides)
-    return ModelConfig(**values)
+    return dataclass_from_dict(ModelConfig, values, where)
 
 
 def _weight_files(path: Path) -> list[Path]:
@@ -120,7 +128,7 @@ def tensor_names(path: Union[str, Path]) -> tuple[str, ...]:
 def hf_model_config(path: Union[str, Path], **overrides) -> ModelConfig:
     """The ModelConfig of a transformers (or small-doge) Doge directory: its config.json, with the
     attention variant (v1/v2) told by its tensor names."""
-    return from_hf_config(read_hf_config(path), tensor_names(path), **overrides)
+    return from_hf_config(read_hf_config(path), tensor_names(path), where=str(Path(path) / "config.json"), **overrides)
 
 
 def rename_old_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -183,7 +191,7 @@ def load_hf(path: Union[str, Path], **config_overrides) -> DogeForCausalLM:
 def check_output(path: Union[str, Path]) -> None:
     """An export replaces an earlier export (a directory with a config.json) or an empty directory,
     never anything else: a mistyped output (the run directory, data/) must not be deleted."""
-    path = Path(path)
+    path = Path(path).resolve()
     if path.exists() and not (path.is_dir() and ((path / "config.json").is_file() or not any(path.iterdir()))):
         raise ConfigError(f"Output '{path}' exists and is not a Hugging Face model directory; an export replaces only an "
                           "earlier export or an empty directory: choose a new output directory.")
@@ -195,7 +203,7 @@ def save_hf(model: DogeForCausalLM, path: Union[str, Path], tokenizer: Optional[
     from safetensors.torch import save_file
 
     check_output(path)
-    path = Path(path)
+    path = Path(path).resolve()  # "." has no name for the temporary directory beside it
     if model.config.is_moe and model.config.router_layout == "split":
         warnings.warn(
             "transformers' DogeForCausalLM routes CDMoE tokens with the reference's cross-token reshape "
@@ -208,18 +216,20 @@ def save_hf(model: DogeForCausalLM, path: Union[str, Path], tokenizer: Optional[
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
-        hf_config = to_hf_config(model.config)
-        hf_config.architectures = ["DogeForCausalLM"]
-        if model.config.is_moe:  # for load_hf (transformers ignores both): the router and the loss it trained with
-            hf_config.router_layout = model.config.router_layout
-            hf_config.balance_loss = model.config.balance_loss
-        hf_config.save_pretrained(tmp)
-        state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-        if model.config.tie_word_embeddings:
-            state.pop("lm_head.weight")
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        config = model.config
         if tokenizer is not None:
             _save_tokenizer(tokenizer, tmp)
+            config = with_tokenizer_special_ids(config, tmp)
+        hf_config = to_hf_config(config)
+        hf_config.architectures = ["DogeForCausalLM"]
+        if config.is_moe:  # for load_hf (transformers ignores both): the router and the loss it trained with
+            hf_config.router_layout = config.router_layout
+            hf_config.balance_loss = config.balance_loss
+        hf_config.save_pretrained(tmp)
+        state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+        if config.tie_word_embeddings:
+            state.pop("lm_head.weight")
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     except BaseException as error:  # a bad tokenizer, a full disk, Ctrl-C: no half-written directory stays behind
         shutil.rmtree(tmp, ignore_errors=True)
         from ..data.errors import is_write_failure
@@ -240,6 +250,36 @@ def save_hf(model: DogeForCausalLM, path: Union[str, Path], tokenizer: Optional[
 
 class ExportWriteError(RuntimeError):
     """An export could not be written (a full disk, a file size limit); an earlier export is untouched."""
+
+
+SPECIAL_TOKENS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def with_tokenizer_special_ids(config: ModelConfig, directory: Path) -> ModelConfig:
+    """``config`` with the bos/eos/pad ids of the tokenizer written to ``directory`` (those it has), also in
+    a generation_config.json there (copied from a model directory with its tokenizer): transformers'
+    generate stops at the model's eos and pads with its pad, so an export whose config.json kept the
+    preset's ids (0/1/2) beside a tokenizer with others stopped at the wrong token. Said in one line when
+    they differ; an id outside the model's vocabulary is a ConfigError (the tokenizer is another model's)."""
+    if not (directory / "tokenizer_config.json").is_file():
+        return config
+    from transformers import AutoTokenizer
+
+    loaded = AutoTokenizer.from_pretrained(directory)
+    ids = {key: getattr(loaded, key) for key in SPECIAL_TOKENS if getattr(loaded, key) is not None}
+    for key, token in ids.items():
+        if not 0 <= token < config.vocab_size:
+            raise ConfigError(f"The exported tokenizer's {key} is {token}, not an id of the model's vocabulary (0 to "
+                              f"{config.vocab_size - 1}): export with the tokenizer this model was trained with.")
+    changed = {key: token for key, token in ids.items() if token != getattr(config, key)}
+    if changed:
+        print("[doge-dist] config.json takes the exported tokenizer's special ids: " + ", ".join(
+            f"{key} {getattr(config, key)} -> {token}" for key, token in changed.items()), flush=True)
+    generation_file = directory / "generation_config.json"
+    if generation_file.is_file():
+        generation = json.loads(generation_file.read_text())
+        generation_file.write_text(json.dumps({**generation, **ids}, indent=2) + "\n")
+    return dataclasses.replace(config, **changed)
 
 
 def _save_tokenizer(tokenizer: Union[str, Path, Any], directory: Path) -> None:
