@@ -153,12 +153,17 @@ class ModelConfig:
 
     def fields_differing_from(self, other: "ModelConfig", ignore=()) -> list[str]:
         """The names of the fields (but ``ignore``) whose values differ from ``other``'s; a head_dim
-        that each derives from its own hidden_size / num_attention_heads differs through those."""
+        that each derives from its own hidden_size / num_attention_heads differs through those, and a
+        rope_scaling only where it changes the rotary embedding (``rope_function``)."""
         def derived(config: ModelConfig) -> bool:
             return config.head_dim * config.num_attention_heads == config.hidden_size
 
-        return [f.name for f in dataclasses.fields(self) if f.name not in ignore
-                and getattr(self, f.name) != getattr(other, f.name)
+        def differs(name: str) -> bool:
+            if name == "rope_scaling":
+                return self.rope_function != other.rope_function
+            return getattr(self, name) != getattr(other, name)
+
+        return [f.name for f in dataclasses.fields(self) if f.name not in ignore and differs(f.name)
                 and not (f.name == "head_dim" and derived(self) and derived(other))]
 
     def check_sizes(self) -> None:
@@ -244,6 +249,13 @@ class ModelConfig:
         if not self.rope_scaling:
             return "default"
         return self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
+
+    @property
+    def rope_function(self) -> tuple[str, Optional[float]]:
+        """What of rope_scaling the rotary embedding computes with: the type and a dynamic one's factor.
+        Other keys, such as the published original_max_position_embeddings, change nothing: dynamic NTK
+        (ours and transformers') starts at max_position_embeddings."""
+        return self.rope_type, self.rope_scaling["factor"] if self.rope_type == "dynamic" else None
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "ModelConfig":

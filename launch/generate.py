@@ -13,7 +13,7 @@ import contextlib
 import sys
 from pathlib import Path
 
-from doge_dist.train.cli import report_errors
+from doge_dist.train.cli import check_seed, report_errors
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -34,8 +34,7 @@ if __name__ == "__main__":
         from doge_dist.model.generate import check_options
 
         check_options(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
-        if not -(2**63) <= args.seed < 2**64:
-            raise ValueError(f"--seed must be a 64-bit integer, got {args.seed}.")
+        check_seed(args.seed)
     except ValueError as error:
         parser.error(str(error))
 
@@ -49,6 +48,7 @@ if __name__ == "__main__":
             from doge_dist.data.chat import chat_ids
             from doge_dist.data.chat_template import load_chat_tokenizer
             from doge_dist.train.export import check_tokenizer_fits, known_tokenizer_path, load_checkpoint_model
+            from doge_dist.train.finetune import model_config_of
 
             # the tokenizer and its chat template first: a wrong one is named before a checkpoint is consolidated
             hf_directory = (Path(args.model) / "config.json").is_file()
@@ -60,13 +60,13 @@ if __name__ == "__main__":
                     raise
                 raise DataError(f"{error} Or pass this model's tokenizer with --tokenizer.") from None
             chat = load_chat_tokenizer(tokenizer_path, for_training=False) if args.chat else None
+            check_tokenizer_fits(tokenizer, tokenizer_path, model_config_of(args.model, "--model").vocab_size)
             if hf_directory:
                 from doge_dist.convert.hf import load_hf
 
                 model = load_hf(args.model)
             else:
                 model = load_checkpoint_model(args.model)
-        check_tokenizer_fits(tokenizer, tokenizer_path, model.config.vocab_size)
         if args.chat:  # the reply alone; encoded as SFT data was (a literal "</s>" in the prompt stays text)
             prompt = chat_ids(chat, [{"role": "user", "content": args.prompt}], add_generation_prompt=True)[0]
             shown = len(prompt)

@@ -15,7 +15,7 @@ config, e.g. the demo run of configs/doge_tiny_cpu.yaml:
 import argparse
 import sys
 
-from doge_dist.train.cli import report_errors
+from doge_dist.train.cli import check_seed, report_errors
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -28,6 +28,10 @@ if __name__ == "__main__":
                         "own, or data.tokenizer from the run's config.yaml)")
     parser.add_argument("overrides", nargs="*", help="model.key=value changes to the preset, e.g. model.vocab_size=8192")
     args = parser.parse_intermixed_args()
+    try:
+        check_seed(args.seed)
+    except ValueError as error:
+        parser.error(str(error))
 
     def run() -> None:
         from doge_dist.convert.upcycle import upcycle_to_hf

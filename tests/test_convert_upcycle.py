@@ -33,6 +33,25 @@ def test_shape_mismatch_is_named():
 
 
 
+def test_rope_scaling_keys_that_change_nothing_are_not_a_mismatch():
+    """The presets' rope_scaling (the published models') carries original_max_position_embeddings, which
+    dynamic NTK does not read; a dense model saved without it was refused as another shape. The type and
+    factor still decide: the MoE model computes the dense function past max_position_embeddings, and
+    another factor is refused."""
+    from doge_dist.config import PUBLISHED_ROPE_SCALING
+
+    dynamic = {"rope_type": "dynamic", "factor": 4.0}
+    dense = build_model(ModelConfig.from_preset("doge-tiny", max_position_embeddings=8, rope_scaling=dynamic))
+    perturb_all(dense)
+    moe = upcycle(dense, ModelConfig.from_preset("doge-tiny-moe", max_position_embeddings=8, rope_scaling=PUBLISHED_ROPE_SCALING))
+    ids = unique_tokens(2, 16, 512)
+    with torch.no_grad():
+        assert torch.equal(moe(ids).logits, dense(ids).logits)
+    with pytest.raises(ConfigError, match="model.rope_scaling differs"):
+        upcycle(dense, ModelConfig.from_preset("doge-tiny-moe", max_position_embeddings=8,
+                                               rope_scaling={**PUBLISHED_ROPE_SCALING, "factor": 2.0}))
+
+
 def test_every_shape_mismatch_is_named_with_all_its_overrides():
     """The demo's dense shape differs from doge-tiny-moe in four fields: the error gave one at a time, so
     the user reran (consolidating the checkpoint each time) four times to find the whole command."""
@@ -125,6 +144,16 @@ def test_upcycle_on_a_full_disk_is_one_error_with_exit_code_4(tmp_path):
     assert result.returncode == 4 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert f"error: Writing the Hugging Face export {tmp_path / 'moe'} failed" in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dense"]
+
+
+def test_upcycle_refuses_a_seed_out_of_range_before_loading_the_model(tmp_path):
+    """A --seed past 64 bits was an overflow traceback from torch.manual_seed after the dense model had been
+    loaded; checked when parsed, as launch/generate.py does (the dense model here does not even exist)."""
+    result = subprocess.run([PYTHON, str(REPO / "launch" / "upcycle.py"), "--checkpoint", str(tmp_path / "missing"),
+                             "--preset", "doge-tiny-moe", "--output", str(tmp_path / "moe"), "--seed", str(2**64)],
+                            cwd=REPO, env=env(), capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert f"--seed must be a 64-bit integer, got {2**64}" in result.stderr
 
 
 def test_the_dense_source_is_never_the_output(tmp_path):

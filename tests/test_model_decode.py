@@ -78,6 +78,30 @@ def test_decode_step_under_bf16_autocast_matches_within_bf16_rounding():
     assert (ours - reference).abs().max() <= 2e-2 * reference.abs().max()
 
 
+def test_half_precision_models_generate_on_any_cpu(monkeypatch):
+    """oneDNN reorders an fp16 weight only on CPUs with AVX-512 fp16 (or AVX-NE-CONVERT), a bf16 one only
+    with AVX-512 bf16: generate() raised on an fp16 model here, and would on a bf16 one on most desktop
+    CPUs. Such weights go through F.linear: an fp16 model decodes its cached forward's logits within fp16
+    rounding and greedy-generates its own forward's tokens; a bf16 model's logits without the packed
+    weights are those with them, to the bit."""
+    generator = torch.Generator().manual_seed(1)
+    prompt, tokens = torch.randint(3, 512, (2, 6), generator=generator), torch.randint(3, 512, (2, 10), generator=generator)
+    fp16 = _model({}).half()
+    ours, reference = _both_ways(fp16, prompt, tokens, autocast=False)
+    assert (ours - reference).abs().max() <= 4e-3 * reference.abs().max()
+    out = generate(fp16, prompt, 8, temperature=0, eos_token_id=None)
+    with torch.no_grad():
+        assert torch.equal(out[:, 6:], fp16(out[:, :-1]).logits.argmax(-1)[:, 5:])
+    packed = _decoded(_model({}).bfloat16(), prompt, tokens, compiled=False)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    bf16 = _model({}).bfloat16()
+    assert torch.equal(_decoded(bf16, prompt, tokens, compiled=False), packed)
+    from doge_dist.model.decode import _PREPARED
+
+    linears = [module for kept in _PREPARED[bf16].values() for module in kept[1].modules() if hasattr(module, "packed")]
+    assert linears and not any(linear.packed for linear in linears)
+
+
 def test_prepared_weights_follow_parameter_changes():
     model = _model({})
     prompt = torch.randint(3, 512, (1, 5), generator=torch.Generator().manual_seed(3))
@@ -277,11 +301,41 @@ def test_sampling_stays_within_a_smaller_tokenizer():
                        generate(model, prompt, 8, temperature=0))
 
 
+def test_a_tiny_temperature_samples_the_most_likely_token():
+    """logits / 1e-45 overflowed to inf and multinomial raised on NaN probabilities; the logits less their
+    row maximum are divided instead: the same distribution, which at such a temperature is the argmax, and
+    at an ordinary one the same draws as softmax(logits / temperature)."""
+    from doge_dist.model.generate import next_token
+
+    logits = torch.randn(4, 512, generator=torch.Generator().manual_seed(0)) * 5
+    assert torch.equal(next_token(logits, 1e-45, None, None, None), logits.argmax(-1))
+    expected = torch.multinomial((logits / 0.8).softmax(-1), 1, generator=torch.Generator().manual_seed(1)).squeeze(-1)
+    assert torch.equal(next_token(logits, 0.8, None, None, torch.Generator().manual_seed(1)), expected)
+    model, prompt = _model({}), torch.tensor([[5, 6, 7]])
+    assert torch.equal(generate(model, prompt, 8, temperature=1e-45, top_k=50, top_p=0.9),
+                       generate(model, prompt, 8, temperature=0))
+
+
 def test_generate_command_refuses_a_tokenizer_larger_than_the_model_vocabulary(tmp_path):
     """Not an IndexError from the embedding: the tokenizer (512 ids) does not belong to the model (256)."""
     save_hf(build_model(ModelConfig.from_preset("doge-tiny", vocab_size=256)), tmp_path / "hf")
     result = subprocess.run([sys.executable, "launch/generate.py", "--model", str(tmp_path / "hf"),
                              "--tokenizer", str(assets().tokenizer_dir)], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 2 and "has 512 ids but the model's vocab_size is 256" in result.stderr, result.stderr[-2000:]
+
+
+def test_generate_command_checks_the_tokenizer_of_a_run_before_consolidating_its_checkpoint(tmp_path):
+    """For a run directory the check came after the checkpoint was consolidated (a while for a large
+    model); it reads the vocabulary from the checkpoint's meta file first, as export_hf.py does. Here the
+    checkpoint has no weights at all: the tokenizer is what the command names."""
+    import json
+
+    step = tmp_path / "run" / "checkpoints" / "step_00000004"
+    step.mkdir(parents=True)
+    (step / "doge_meta.json").write_text(json.dumps({"step": 4, "model": ModelConfig.from_preset("doge-tiny", vocab_size=256).to_dict()}))
+    (step.parent / "latest").write_text(step.name)
+    result = subprocess.run([sys.executable, "launch/generate.py", "--model", str(tmp_path / "run"),
+                             "--tokenizer", str(assets().tokenizer_model)], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 2 and "has 512 ids but the model's vocab_size is 256" in result.stderr, result.stderr[-2000:]
 
 

@@ -40,11 +40,24 @@ from .norm import RMSNorm, rms_norm
 from .precision import compute_dtype
 
 
+def packable(weight: torch.Tensor) -> bool:
+    """Whether oneDNN can hold ``weight`` in its blocked layout on this CPU: fp32 always; bf16 and fp16
+    only where the CPU has the instructions for them (AVX-512 bf16/fp16, AMX), otherwise reordering
+    the weight raises. An unpackable weight goes through ``F.linear``: the same products."""
+    if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    if weight.dtype == torch.bfloat16:
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if weight.dtype == torch.float16:
+        return torch.ops.mkldnn._is_mkldnn_fp16_supported()
+    return weight.dtype == torch.float32
+
+
 class Linear(torch.nn.Module):
-    """``F.linear`` over a weight prepared once: concatenated, in the compute dtype, and (``pack``, CPU)
-    in oneDNN's blocked layout. The input is cast to the compute dtype, as autocast would. A module
-    whose weight is a buffer, so that the compiled step (``pack=False``) freezes it as a constant and
-    inductor packs it itself."""
+    """``F.linear`` over a weight prepared once: concatenated, in the compute dtype, and (``pack``, on a
+    CPU that supports the dtype: ``packable``) in oneDNN's blocked layout. The input is cast to the
+    compute dtype, as autocast would. A module whose weight is a buffer, so that the compiled step
+    (``pack=False``) freezes it as a constant and inductor packs it itself."""
 
     def __init__(self, linears: list[torch.nn.Linear], dtype: torch.dtype, pack: bool = True) -> None:
         super().__init__()
@@ -53,7 +66,7 @@ class Linear(torch.nn.Module):
         has_bias = linears[0].bias is not None
         bias = torch.cat([linear.bias.detach().to(dtype) for linear in linears]) if has_bias else None
         self.dtype = dtype
-        self.packed = pack and weight.device.type == "cpu" and torch.backends.mkldnn.is_available()
+        self.packed = pack and packable(weight)
         self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(weight, 1) if self.packed else weight)
         self.register_buffer("bias", bias)
 

@@ -41,10 +41,13 @@ def untrained_positions_note(config, prompt_tokens: int, max_new_tokens: int) ->
 
 def next_token(logits: torch.Tensor, temperature: float, top_k: Optional[int], top_p: Optional[float],
                generator: Optional[torch.Generator]) -> torch.Tensor:
-    """[B, V] logits -> [B] token ids."""
+    """[B, V] logits -> [B] token ids. Sampled from softmax(logits / temperature) as
+    softmax((logits - max) / temperature), the same distribution: a tiny temperature (1e-45) overflows
+    logits / temperature to inf (NaN probabilities), but never a difference that is at most 0."""
     if temperature <= 0:
         return logits.float().argmax(-1)  # the same token; a bf16 argmax is 5x slower on CPU
-    logits = logits.float() / temperature
+    logits = logits.float()
+    logits = (logits - logits.max(-1, keepdim=True).values) / temperature
     if top_k:
         kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -53,6 +53,13 @@ def exit_without_teardown(code: int) -> None:
     os._exit(code)
 
 
+def check_seed(seed: int) -> None:
+    """A ValueError unless ``seed`` is a seed torch takes (64 bits, signed or not): launchers check their
+    --seed when they parse it, not with an overflow after a model is loaded."""
+    if not -(2**63) <= seed < 2**64:
+        raise ValueError(f"--seed must be a 64-bit integer, got {seed}.")
+
+
 def report_errors(run: Callable[[], None]) -> int:
     """Run ``run``; a bad-input error prints one paragraph (rank 0 only; a launch environment described
     in part on every process) and returns exit code 2,

@@ -242,8 +242,9 @@ def check_continued_model(saved: ModelConfig, model: ModelConfig, source: str) -
             f"is '{model.attention_variant}', whose attention weights it does not have: set "
             f"model.attention_variant={saved.attention_variant}."
         )
+    differing = saved.fields_differing_from(model)
     for field in FUNCTION_FIELDS:
-        if getattr(saved, field) != getattr(model, field):
+        if field in differing:
             warnings.warn(
                 f"run.init_from '{source}' was trained with model.{field}={getattr(saved, field)!r} and this run has "
                 f"{getattr(model, field)!r}: its weights compute another function in this run; set "
