@@ -1,5 +1,6 @@
 """The Makefile's install step: `make test` reuses a venv made with the same settings and makes it
 again when TORCH or VENV_FLAGS differ (the README's GPU command did nothing once a CPU venv existed)."""
+import os
 import subprocess
 from pathlib import Path
 
@@ -7,8 +8,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _dry_run(venv: Path, *settings: str) -> str:
+    """``make -n test`` as a user types it: not as a sub-make of the ``make test`` that runs this suite (CI),
+    whose MAKELEVEL and MAKEFLAGS would add "Entering directory" lines and the outer make's settings."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS", "MAKEOVERRIDES")}
     result = subprocess.run(["make", "-n", "test", f"VENV={venv}", *settings], cwd=REPO, capture_output=True, text=True,
-                            timeout=60)
+                            timeout=60, env=env)
     assert result.returncode == 0, result.stderr
     return result.stdout
 
