@@ -149,22 +149,71 @@ def test_flex_gradients_of_rows_without_keys_equal_eager(keep_window_size, monke
         assert (grad - grads["flex"][name]).abs().max() <= 1e-4 * grad.abs().max().clamp(min=1e-6), name
 
 
-def test_keep_window_block_mask_compiles_with_a_trainable_bias(monkeypatch):
-    """On CUDA the block mask is built by a compiled create_block_mask, which cannot trace a bias that
-    records gradients (the H100 run failed there); compiled here on CPU, it gives the eager mask."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
+@pytest.fixture
+def compiled_flex(monkeypatch):
+    """flex.py's compiled flex_attention and create_block_mask afresh, for CPU tensors too (as for CUDA ones)."""
     from doge_dist.model import flex
 
+    monkeypatch.setattr(flex, "COMPILED_DEVICE_TYPES", {"cuda", "cpu"})
+    monkeypatch.setattr(flex, "_compiled", {})
+    torch._dynamo.reset()
+    yield flex
+    torch._dynamo.reset()
+
+
+def _compiled_graphs(function) -> int:
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    return len(_debug_get_cache_entry_list(function.__code__))
+
+
+def test_compiled_flex_serves_every_length_after_the_second(compiled_flex):
+    """Fine-tuning pads each micro-batch to its longest sample, so the length changes from one to the
+    next. Compiled with dynamic=False, flex_attention compiled again at every new length, and past
+    dynamo's recompile limit (8) ran its unfused path, which materialises the [B, H, T, S] scores. Sizes
+    become dynamic at the second length: 12 lengths, two graphs each of flex_attention and
+    create_block_mask, the logits of the eager backend."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    model = _model()
+    for T in range(40, 52):
+        ids = unique_tokens(2, T, 512, seed=T)
+        logits = {}
+        with torch.no_grad():
+            for backend in ("flex", "eager"):
+                use_backend(model, backend)
+                logits[backend] = model(ids).logits
+        assert (logits["flex"] - logits["eager"]).abs().max() <= 1e-5
+    assert _compiled_graphs(flex_attention) == 2 and _compiled_graphs(create_block_mask) == 2
+
+
+def test_compiled_flex_past_the_recompile_limit_is_an_error_not_the_unfused_path(compiled_flex):
+    """Past the limit dynamo would run flex_attention uncompiled, materialising the [B, H, T, S] scores
+    (an OOM or a many-fold slowdown, behind one warning): an error that names the cause instead."""
+    model = _model()
+    use_backend(model, "flex")
+    with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=1):
+        model(unique_tokens(2, 30, 512))
+        with pytest.raises(RuntimeError, match=r"recompile_limit.*would materialise \[B, H, T, S\]"):
+            model(unique_tokens(2, 31, 512))
+
+
+def test_keep_window_block_mask_compiles_with_a_trainable_bias(compiled_flex, monkeypatch):
+    """On CUDA the block mask is built by a compiled create_block_mask, which cannot trace a bias that
+    records gradients (the H100 run failed there); compiled here on CPU, it gives the eager mask."""
+    flex = compiled_flex
     bias = (torch.randn(2, 2, 40) * 3).requires_grad_()
     threshold = keep_window_threshold(bias.detach(), AttentionLayout(torch.arange(40), 40).allowed, 9)
     masks = []
-    for builder in (create_block_mask, torch.compile(create_block_mask)):
-        monkeypatch.setattr(flex, "_create_block_mask", lambda device, builder=builder: builder)
+    for compiled_on in ({"cuda"}, {"cuda", "cpu"}):
+        monkeypatch.setattr(flex, "COMPILED_DEVICE_TYPES", compiled_on)
         layout = AttentionLayout(torch.arange(40), 40)
         block_mask = flex._block_mask(layout, 2, 4, 40, bias * 1.0, 2, threshold)
         masks.append(block_mask.to_dense())
     assert torch.equal(masks[0], masks[1])
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    assert _compiled_graphs(create_block_mask) == 1
 
 
 def test_keep_window_threshold_selects_the_same_keys_as_topk():
@@ -176,6 +225,37 @@ def test_keep_window_threshold_selects_the_same_keys_as_topk():
     kept_threshold = layout.allowed & (bias[:, :, None, :] >= threshold[..., None])
     assert torch.equal(kept_topk, kept_threshold)
     assert kept_topk.sum(-1).max() == 9
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA: flex_attention backward needs a GPU")
+@pytest.mark.parametrize("compiled_layers", [False, True], ids=["flex-compiled", "layers-compiled"])
+def test_cuda_flex_training_serves_every_length_after_the_second(compiled_flex, compiled_layers):
+    """Fine-tuning's lengths change from one micro-batch to the next: the compiled flex kernels (alone, and
+    inside train.compile's layers) with the keep window active, forward and backward, give the sdpa
+    gradients and compile nothing after the second length (dynamic sizes; a recompile at every length ran
+    into dynamo's limit and then the unfused [B, H, T, S] path)."""
+    from torch._dynamo.utils import counters
+
+    from doge_dist.model.compile import compile_model
+
+    reference, model = _model(keep_window_size=16).cuda(), _model(keep_window_size=16).cuda()
+    use_backend(reference, "sdpa")
+    use_backend(model, "flex")
+    if compiled_layers:
+        compile_model(model)
+    graphs = []
+    for length in (24, 40, 56, 72):
+        ids = unique_tokens(2, length, 512, seed=length).cuda()
+        grads = []
+        for each in (reference, model):
+            each.zero_grad()
+            each(ids).logits.float().pow(2).mean().backward()
+            grads.append({n: p.grad.clone() for n, p in each.named_parameters()})
+        for name, grad in grads[0].items():
+            assert (grad - grads[1][name]).abs().max() <= 1e-4 * grad.abs().max().clamp(min=1e-6), name
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[1] == graphs[-1]
 
 
 @pytest.mark.cuda

@@ -15,29 +15,36 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 
 from .masks import AttentionLayout
 
-_compiled_flex = None
+COMPILED_DEVICE_TYPES = {"cuda"}  # where both run compiled (eager elsewhere; tests add "cpu")
+_compiled: dict = {}
 
 
-def _flex_attention():
-    """flex_attention is only fast compiled; compile it once per process (eager fallback on CPU)."""
-    global _compiled_flex
-    if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex_attention, dynamic=False) if torch.cuda.is_available() else flex_attention
-    return _compiled_flex
+def _run_compiled(function, device: torch.device, /, *args, **kwargs):
+    """``function`` (flex_attention or create_block_mask) compiled once per process on CUDA, where
+    flex_attention is only fast compiled and eager create_block_mask evaluates the mask on the whole
+    [B, H, T, S] grid at once (compiled, block by block). Elsewhere, and inside a compiled decoder
+    layer (``train.compile``, whose graph takes the call in), the function itself.
 
-
-_compiled_create_block_mask = None
-
-
-def _create_block_mask(device: torch.device):
-    """Eager ``create_block_mask`` evaluates the mask on the whole [B, H, T, S] grid at once;
-    compiled (CUDA) it works block by block, so the keep-window mask never exists in full."""
-    global _compiled_create_block_mask
-    if device.type != "cuda":
-        return create_block_mask
-    if _compiled_create_block_mask is None:
-        _compiled_create_block_mask = torch.compile(create_block_mask)
-    return _compiled_create_block_mask
+    ``dynamic=None``: a size is specialised until it changes, then dynamic. Pretraining (one length)
+    gets kernels for its length; fine-tuning, whose micro-batches are padded to their longest sample,
+    compiles again at its second length only. ``fullgraph=True``: past dynamo's recompile limit (or
+    at a graph break) dynamo would run the function uncompiled, which materialises [B, H, T, S] (an
+    OOM or a many-fold slowdown, behind one warning); with it, an error that says why."""
+    if device.type not in COMPILED_DEVICE_TYPES or torch.compiler.is_compiling():
+        return function(*args, **kwargs)
+    if function not in _compiled:
+        _compiled[function] = torch.compile(function, dynamic=None, fullgraph=True)
+    try:
+        return _compiled[function](*args, **kwargs)
+    except torch._dynamo.exc.FailOnRecompileLimitHit as error:
+        limit = torch._dynamo.config.recompile_limit
+        raise RuntimeError(
+            f"{function.__name__} was compiled {limit} times in this process (torch._dynamo.config.recompile_limit): "
+            "uncompiled it would materialise [B, H, T, S] attention scores or masks, so doge-dist stops instead. Its "
+            "inputs kept changing in what dynamo specialises (dtype, gradient mode, masks with and without "
+            "padding, documents or a keep window); the reasons are logged with TORCH_LOGS=recompiles. Raise "
+            "torch._dynamo.config.recompile_limit, or use model.attn_backend=sdpa."
+        ) from error
 
 
 def _block_mask(
@@ -69,7 +76,9 @@ def _block_mask(
         return ok
 
     per_batch = key_valid is not None or documents is not None or threshold is not None
-    return _create_block_mask(query_positions.device)(
+    return _run_compiled(
+        create_block_mask,
+        query_positions.device,
         visible,
         batch if per_batch else None,
         heads if threshold is not None else None,
@@ -111,4 +120,5 @@ def flex_dma(
             return biased
         return torch.where(blind[b, q_idx], score - score.detach(), biased)
 
-    return _flex_attention()(q, k, v, score_mod=add_bias, block_mask=block_mask, scale=scale, enable_gqa=True)
+    return _run_compiled(flex_attention, q.device, q, k, v, score_mod=add_bias, block_mask=block_mask, scale=scale,
+                         enable_gqa=True)
