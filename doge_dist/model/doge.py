@@ -129,6 +129,10 @@ class DogeForCausalLM(nn.Module):
         else:
             x = self.model.embed_tokens(input_ids)
         rope = self.model.rotary_emb(position_ids, rope_len)
+        if past + T > self.config.keep_window_size:
+            # every layer's keep window reads the mask of allowed keys: built before the layers, so that
+            # compiled layers all see the same layout (layer 0 building it had a graph of its own)
+            _ = layout.allowed
         routings = []
         for layer in self.model.layers:
             x, routing = layer(x, rope, layout, cache)

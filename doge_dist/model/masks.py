@@ -120,13 +120,16 @@ def dynamic_mask(bias: torch.Tensor, allowed: torch.Tensor, keep_window_size: in
     return mask
 
 
+@torch.compiler.disable
 def keep_window_threshold(
     bias: torch.Tensor, allowed: torch.Tensor, keep_window_size: int, chunk: int = 256
 ) -> torch.Tensor:
     """Per query row, the ``keep_window_size``-th largest allowed bias [B, nb, T] (-inf if fewer keys).
 
     Used by the flex path, which expresses the keep window as ``bias >= threshold`` instead of a
-    [B, nb, T, S] tensor; computed in query chunks so peak memory is chunk x S per head.
+    [B, nb, T, S] tensor; computed in query chunks so peak memory is chunk x S per head. Not
+    compiled (``train.compile`` compiles around it): the number of chunks follows T, and a graph
+    that loops over them is specialised to one T, compiled again at every new length.
     """
     B, nb, S = bias.shape
     T = allowed.shape[-2]
