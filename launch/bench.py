@@ -125,14 +125,17 @@ def check_ranges(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
 
 
 def check_backends(args: argparse.Namespace, device: torch.device, names: list[str]) -> None:
-    """The device and our attention backends can run here: CUDA present, flash-attn installed,
-    FlexAttention trained on CUDA only (PyTorch has no CPU backward for it)."""
+    """The device and our attention backends can run here: CUDA present, flash-attn installed and
+    given bf16 (its kernel has no fp32), FlexAttention trained on CUDA only (PyTorch has no CPU backward for it)."""
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda, but this torch sees no CUDA device; use --device cpu.")
     if args.compile_mode == "reduce-overhead" and device.type != "cuda":
         raise ConfigError("--compile-mode reduce-overhead captures CUDA graphs, which need --device cuda; on the CPU "
                           "use --compile (or --compile-mode default / max-autotune).")
     backends = {our_backend(name, args.attn_backend) for name in names} - {None}
+    if "flash" in backends and args.dtype == "fp32":
+        raise ConfigError("The flash attention backend runs flash-attn's kernel, which computes in fp16/bf16 only: with "
+                          "--dtype fp32 choose another --attn-backend (auto, flex, sdpa), or --dtype bf16.")
     if "flash" in backends:
         from doge_dist.model.flash import check_flash_available
 

@@ -101,6 +101,8 @@ def test_bench_names_bad_sizes_and_layouts_before_any_work(capsys):
     for argv, message in ((["--comm", "--tp", "3"], "not divisible by parallel.tensor_parallel = 3"),
                           (["--comm", "--tp", "2", "--seq-len", "15"], r"--seq-len \(15\) must be a multiple of --tp"),
                           (["--attn-backend", "flash", "--device", "cpu"], "runs on CUDA only|flash-attn"),
+                          (["--attn-backend", "flash", "--dtype", "fp32"], "fp16/bf16 only: with --dtype fp32"),
+                          (["--models", "ours,ours_flash", "--dtype", "fp32"], "fp16/bf16 only: with --dtype fp32"),
                           (["--models", "ours,ours_flex", "--device", "cpu"], "no backward on CPU")):
         with pytest.raises(ConfigError, match=message):
             bench.main(["--preset", "doge-tiny", "--threads", "1", *argv])

@@ -9,10 +9,11 @@ import types
 import pytest
 import torch
 
-from doge_dist.config import ConfigError, ModelConfig
-from doge_dist.model import build_model
+from doge_dist.config import ConfigError, ModelConfig, load_config
+from doge_dist.model import build_model, gpu_extra, shift_labels
 from doge_dist.model.cache import KVCache
-from model_helpers import perturb_all, randomise_dynamic_mask, use_backend
+from doge_dist.model.generate import generate
+from model_helpers import perturb_all, randomise_dynamic_mask, unique_tokens, use_backend
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False):
@@ -40,6 +41,7 @@ def fake_flash(monkeypatch):
     module = types.ModuleType("flash_attn")
     module.flash_attn_func = flash_attn_func
     monkeypatch.setitem(sys.modules, "flash_attn", module)
+    monkeypatch.setattr(gpu_extra, "KERNEL_DEVICE_TYPES", {"cuda", "cpu"})  # the stand-in computes CPU tensors
     calls.clear()
     return calls
 
@@ -72,6 +74,30 @@ def test_flash_backend_equals_eager_for_a_sequence_and_for_decode(fake_flash, va
     assert (flash_stepped - eager_full[:, 9:]).abs().max() <= 2e-2 * scale
 
 
+def test_a_flash_and_te_model_computes_cpu_tensors_through_the_default_path(monkeypatch):
+    """A GPU run's checkpoint keeps model.attn_backend flash and loss_backend te in its config, and the
+    model rebuilt from it on CPU (launch/generate.py, export, tests) has no kernel there: its CPU tensors
+    take the default path (the kernels' modules are absent here, so touching one would fail)."""
+    for module in ("flash_attn", "transformer_engine"):
+        monkeypatch.setitem(sys.modules, module, None)
+    torch.manual_seed(0)
+    default = build_model(ModelConfig.from_preset("doge-tiny")).eval()
+    randomise_dynamic_mask(default)
+    perturb_all(default)
+    gpu_run = build_model(ModelConfig.from_preset("doge-tiny", attn_backend="flash", loss_backend="te")).eval()
+    gpu_run.load_state_dict(default.state_dict())
+    ids = unique_tokens(2, 12, 512)
+    labels = shift_labels(ids)
+    results = []
+    for model in (default, gpu_run):
+        with torch.no_grad():
+            out = model(ids, labels=labels)
+            token_losses = model.token_losses(out.logits, labels)
+        results.append((out.logits, out.loss_sum, token_losses, generate(model, ids[:, :5], 6, temperature=0)))
+    for ours, theirs in zip(*results):
+        assert torch.equal(ours, theirs)
+
+
 def test_flash_backend_without_flash_attn_is_refused_before_training(monkeypatch):
     """The install it names must work: flash-attn's setup.py imports torch, which pip's isolated build lacks."""
     from doge_dist.model.flash import check_flash_available
@@ -80,6 +106,38 @@ def test_flash_backend_without_flash_attn_is_refused_before_training(monkeypatch
     monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
     with pytest.raises(ConfigError, match=r"pip install --no-build-isolation -e '\.\[gpu\]'"):
         check_flash_available()
+
+
+def test_flash_backend_in_fp32_is_refused_before_training():
+    """flash-attn's kernel takes fp16/bf16 only: a DeepSpeed config without bf16 reached it in fp32 (a
+    RuntimeError in the first step); launch/plan.py and the trainer check the effective config."""
+    from doge_dist.train.preflight import check_ds_config, check_layout
+
+    config = load_config(None, ["model.preset=doge-tiny", "model.attn_backend=flash"])
+    layout = check_layout(config, 1)
+    with pytest.raises(ConfigError, match=r"trains in fp32 \(no bf16 enabled\), but model.attn_backend = 'flash'"):
+        check_ds_config(config, {"zero_optimization": {"stage": 2}}, layout, "test.json")
+    check_ds_config(config, {"bf16": {"enabled": True}}, layout, "test.json")
+    config.train.bf16 = True  # the YAML's switch enables it too
+    check_ds_config(config, {}, layout, "test.json")
+
+
+def test_flash_attn_older_than_2_1_is_refused(monkeypatch):
+    """Before 2.1 flash-attn's causal mask was aligned to the top left, wrong for decoding after a cache."""
+    from pathlib import Path
+
+    from doge_dist.model.flash import FLASH_ATTN_MIN, check_flash_available
+
+    assert f"flash-attn>={FLASH_ATTN_MIN[0]}.{FLASH_ATTN_MIN[1]}" in (Path(__file__).parents[1] / "setup.py").read_text()
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: object())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    module = types.ModuleType("flash_attn")
+    monkeypatch.setitem(sys.modules, "flash_attn", module)
+    module.__version__ = "2.0.9"
+    with pytest.raises(ConfigError, match="needs flash-attn 2.1 or newer .*, found 2.0.9"):
+        check_flash_available()
+    module.__version__ = "2.1.0"
+    check_flash_available()
 
 
 @pytest.mark.cuda

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from doge_dist.config import ConfigError, ModelConfig, load_config
-from doge_dist.model import IGNORE_INDEX, build_model, shift_labels
+from doge_dist.model import IGNORE_INDEX, build_model, gpu_extra, shift_labels
 from model_helpers import perturb_all, randomise_dynamic_mask, unique_tokens
 
 calls: list = []
@@ -56,6 +56,7 @@ def fake_te(monkeypatch):
     package.pytorch, pytorch.cross_entropy = pytorch, cross_entropy
     for module in (package, pytorch, cross_entropy):
         monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setattr(gpu_extra, "KERNEL_DEVICE_TYPES", {"cuda", "cpu"})  # the stand-in computes CPU tensors
     calls.clear()
     return calls
 

@@ -8,7 +8,8 @@ head and RMS-normalised q/k; "v1" (small-doge's file) has one bias per query hea
 Backends: ``eager`` (explicit softmax, the reference's arithmetic), ``sdpa`` (CPU default: a float
 mask [B, nh, T, S]), ``flex`` (CUDA default: the bias enters as a ``score_mod`` and causality,
 padding and the keep window as a block mask, so no [B, nh, T, S] tensor exists) and ``flash``
-(flash-attn's kernel on the folded q/k, flash.py; opt-in with the ``[gpu]`` extra).
+(flash-attn's kernel on the folded q/k, flash.py; opt-in with the ``[gpu]`` extra; for CUDA tensors
+only: elsewhere, e.g. a flash-trained checkpoint generating on CPU, ``flash`` computes as ``auto``).
 """
 from typing import Optional
 
@@ -18,6 +19,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .cache import KVCache
+from .gpu_extra import runs_gpu_kernel
 from .masks import AttentionLayout, dynamic_mask, keep_window_threshold
 from .norm import RMSNorm
 from .precision import compute_dtype
@@ -28,7 +30,10 @@ def resolve_backend(name: str, device: torch.device, cached: bool = False, dropo
     """auto: FlexAttention on CUDA, SDPA elsewhere and wherever attention dropout is on (FlexAttention
     has none; an explicit ``flex`` with dropout is refused by ModelConfig). With a KV cache
     (generation) flex becomes SDPA: the compiled flex kernel and block mask are specialised to one
-    key length and would recompile at every new token."""
+    key length and would recompile at every new token. flash-attn computes CUDA tensors only:
+    ``flash`` elsewhere is ``auto``."""
+    if name == "flash" and not runs_gpu_kernel(device):
+        name = "auto"
     if name == "auto":
         name = "flex" if device.type == "cuda" and not dropout else "sdpa"
     if name == "flex" and cached:
@@ -95,7 +100,7 @@ class DynamicMaskAttention(nn.Module):
         if backend == "flex":
             out = self._flex(q, k, v, bias, layout)
         elif backend in ("sdpa", "flash") and k.shape[-2] <= self.keep_window_size:
-            out = self._sdpa_bias_as_key_channel(q, k, v, bias, layout, dropout)
+            out = self._sdpa_bias_as_key_channel(q, k, v, bias, layout, dropout, flash=backend == "flash")
         else:
             mask = dynamic_mask(bias, layout.allowed, self.keep_window_size, q.dtype)
             if not self.per_query_head_bias:
@@ -104,7 +109,7 @@ class DynamicMaskAttention(nn.Module):
             out = attend(q, k, v, mask, dropout)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
-    def _sdpa_bias_as_key_channel(self, q, k, v, bias, layout: AttentionLayout, dropout) -> torch.Tensor:
+    def _sdpa_bias_as_key_channel(self, q, k, v, bias, layout: AttentionLayout, dropout, flash: bool) -> torch.Tensor:
         """DMA without a keep window as plain attention: ``scale * q.k_j + bias_j`` equals
         ``[scale * q, 1] . [k_j, bias_j]``, so the per-key bias rides along as one more key channel.
 
@@ -125,7 +130,7 @@ class DynamicMaskAttention(nn.Module):
         k = torch.cat([k, bias[..., None].to(k.dtype)], dim=-1)
         dtype = compute_dtype(q)
         mask, causal = layout.sdpa_mask(dtype)
-        flash = self.backend == "flash" and layout.key_valid is None and layout.documents is None
+        flash = flash and layout.key_valid is None and layout.documents is None
         if device_type == "cpu" and not flash:
             query_blocks = self.CPU_CAUSAL_QUERY_BLOCKS if layout.key_valid is None else 1
             return self._grouped_matmul_attention(q, k, v, layout.additive_mask(dtype) if causal else mask, dropout,

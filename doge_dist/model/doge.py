@@ -18,6 +18,7 @@ from .attention import DynamicMaskAttention
 from .cache import KVCache
 from .cdmoe import CDMoE, Routing, balance_loss
 from .embedding import TokenEmbedding
+from .gpu_extra import runs_gpu_kernel
 from .loss import IGNORE_INDEX, chunked_token_loss_sum, token_loss_sum
 from .masks import AttentionLayout
 from .mlp import GatedMLP
@@ -158,7 +159,7 @@ class DogeForCausalLM(nn.Module):
     def loss_sum(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum of token losses, token count) for ``labels`` aligned with ``logits`` (the next-token
         targets: ``shift_labels(input_ids)``); parallel forms of the model override it."""
-        if self.config.loss_backend == "te":
+        if self.config.loss_backend == "te" and runs_gpu_kernel(logits.device):
             return self.token_losses(logits, labels).sum(), (labels != IGNORE_INDEX).sum()
         return token_loss_sum(logits, labels)
 
@@ -172,8 +173,9 @@ class DogeForCausalLM(nn.Module):
 
     def token_losses(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """[B, T] fp32 cross entropy per token (0 where ignored), e.g. for DPO's sequence log-probs;
-        parallel forms of the model override it."""
-        if self.config.loss_backend == "te":
+        parallel forms of the model override it. transformer-engine's kernel (``loss_backend: te``) computes
+        CUDA logits; others take the PyTorch loss."""
+        if self.config.loss_backend == "te" and runs_gpu_kernel(logits.device):
             from .te_loss import te_token_losses
 
             return te_token_losses(logits, labels)

@@ -11,13 +11,25 @@ fp16/bf16: under autocast they are cast to its dtype, as autocast does for matmu
 """
 import torch
 
-from .gpu_extra import require_gpu_package
+from ..config import ConfigError
+from .gpu_extra import INSTALL_GPU_EXTRA, require_gpu_package
 from .precision import compute_dtype
+
+# flash-attn before 2.1 aligned its causal mask to the top left: T queries after a cache saw the
+# first T keys, not the last (setup.py's [gpu] extra pins the same)
+FLASH_ATTN_MIN = (2, 1)
 
 
 def check_flash_available() -> None:
-    require_gpu_package("flash_attn", "model.attn_backend = 'flash'", "the flash-attn package",
-                        "choose attn_backend auto (flex on CUDA, sdpa on CPU), sdpa, flex or eager")
+    instead = "choose attn_backend auto (flex on CUDA, sdpa on CPU), sdpa, flex or eager"
+    require_gpu_package("flash_attn", "model.attn_backend = 'flash'", "the flash-attn package", instead)
+    import flash_attn
+
+    version = flash_attn.__version__
+    if tuple(int(part) for part in version.split(".")[:2]) < FLASH_ATTN_MIN:
+        minimum = ".".join(map(str, FLASH_ATTN_MIN))
+        raise ConfigError(f"model.attn_backend = 'flash' needs flash-attn {minimum} or newer (its causal mask for decoding "
+                          f"after a cache), found {version}: {INSTALL_GPU_EXTRA} --upgrade, or {instead}.")
 
 
 def flash_dma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float) -> torch.Tensor:

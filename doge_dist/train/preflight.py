@@ -120,6 +120,10 @@ def check_ds_config(config: Config, ds_user: dict[str, Any], layout: ParallelLay
                           "ZeRO-0 bf16 optimizer computes the gradient norm for clipping without the model-parallel "
                           "marks of the parameters, so it leaves out other ranks' slices (at tensor_parallel 2 about "
                           "half the norm). Use ZeRO-1 (configs/zero1.json, the same steps), or ZeRO-0 in fp32.")
+    if config.model.attn_backend == "flash" and not bf16_enabled(ds):
+        raise ConfigError(f"{where} trains in fp32 (no bf16 enabled), but model.attn_backend = 'flash' runs flash-attn's "
+                          "kernel, which computes in fp16/bf16 only: enable bf16 (configs/zero2.json, or train.bf16=true), "
+                          "or choose model.attn_backend auto (flex on CUDA) or sdpa.")
     if config.train.compile and stage > 2:
         raise ConfigError(f"{where}: train.compile compiles each decoder layer, which ZeRO-3's parameter gathering hooks "
                           "would break into pieces; use ZeRO 0-2 with it, or set train.compile=false.")
