@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# One device session on one H100: the GPU benchmarks of doge-320m and doge-20m against transformers
-# (our default flex path and our SDPA path in the same run, with a profile of the 320m step), the
-# CUDA tests, a short DeepSpeed ZeRO-2 run of the trainer on the GPU, exploration runs for the
-# throughput and MFU targets, then decode. The first session measured about 6 minutes for the steps
-# before the exploration; BUDGET_S (540 s by default) caps the whole script, so it fits one 10-minute
-# device call.
-# Most important first: every step has its own time limit and a failure does not stop the others.
+# One device session on one H100: the CUDA tests (the compiled FlexAttention, flash-attn and
+# transformer-engine kernels, the compiled decode step against the eager one), the GPU benchmarks of
+# doge-320m and doge-20m against transformers (our default flex path and our SDPA path in the same
+# run, with a profile of the 320m step), a short DeepSpeed ZeRO-2 run of the trainer on the GPU,
+# exploration runs for the throughput and MFU targets, then decode. The first session measured about
+# 6 minutes for the steps before the exploration; BUDGET_S (540 s by default) caps the whole script,
+# so it fits one 10-minute device call.
+# Most important first: every step has its own time limit and a failure does not stop the others. The
+# limits add up to about three times BUDGET_S: a step that finds fewer than 20 s left is skipped, so
+# when time runs out the last steps go first: the decode benches, then the exploration runs, then the
+# flash-attn bench and the trainer run. The CUDA tests come first: a benchmark of a wrong kernel is
+# worth nothing, and they are the only check of the compiled decode step's correctness on a GPU.
 # Copy the JSON lines it prints (also $OUT/figures.jsonl) into docs/performance.md with the device,
 # date and commit.
 #
@@ -42,10 +47,10 @@ echo "commit ${DOGE_DIST_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || ech
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 
+step cuda_tests 240 "$PY" -m pytest -q -m cuda -p no:cacheprovider tests  # compiles for several lengths: minutes
 BENCH=("$PY" launch/bench.py --dtype bf16 --compile --models "ours,ours_sdpa,hf_eager,hf_sdpa")
 step bench_320m 200 "${BENCH[@]}" --preset doge-320m --seq-len 2048 --micro-batch 4 --steps 8 --warmup 3 --profile 25
 step bench_20m 150 "${BENCH[@]}" --preset doge-20m --seq-len 2048 --micro-batch 16 --steps 10 --warmup 3
-step cuda_tests 180 "$PY" -m pytest -q -m cuda -p no:cacheprovider tests
 if [ -f data/sample_train_text_document.bin ] && [ -f data/tokenizer/tokenizer.model ]; then
     # doge-20m's shape with the demo tokenizer's 8192 ids, compiled layers, ZeRO-2, bf16: the trainer's own tokens/s and MFU
     step train_20m 100 "$DEEPSPEED" --num_gpus 1 launch/pretrain.py --config configs/doge_20m.yaml --ds_config configs/zero2.json \
@@ -73,7 +78,7 @@ step bench_320m_graphs 150 "$PY" launch/bench.py --dtype bf16 --compile-mode red
 step bench_320m_autotune 180 "$PY" launch/bench.py --dtype bf16 --compile-mode max-autotune-no-cudagraphs --models ours \
     --preset doge-320m --seq-len 2048 --micro-batch 4 --steps 8 --warmup 3
 
-# GPU decode has no target (the 3x decode target is a CPU one): last
+# GPU decode has no target (the 3x decode target is a CPU one): last, the first skipped when time runs out
 step decode_20m 120 "$PY" launch/bench.py --dtype bf16 --preset doge-20m --decode --steps 5
 step decode_20m_compiled 150 "$PY" launch/bench.py --dtype bf16 --preset doge-20m --decode --compile --steps 5 --models ours,hf_eager
 

@@ -17,7 +17,7 @@ from doge_dist.config import ModelConfig
 from doge_dist.convert.hf import save_hf
 from doge_dist.model import build_model, shift_labels
 from doge_dist.model.cache import KVCache
-from doge_dist.model.decode import Decoder
+from doge_dist.model.decode import CompiledStep, Decoder
 from doge_dist.model.generate import generate
 from model_helpers import model_pair, perturb_all, randomise_dynamic_mask
 
@@ -43,12 +43,16 @@ def _model(overrides: dict) -> torch.nn.Module:
 
 
 def _decoded(model, prompt, tokens, compiled: bool, autocast: bool = False) -> torch.Tensor:
-    """The decoder's logits for each token fed after the prompt."""
+    """The decoder's logits for each token fed after the prompt. ``compiled`` is checked to have been
+    honoured: past the keep window the decoder runs its eager step, and a comparison of the compiled
+    step with the eager one would compare the eager step with itself."""
     with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
         cache = KVCache()
         model(prompt, cache=cache)
         decoder = Decoder(model, cache, prompt.shape[1] + tokens.shape[1], compiled=compiled)
-        return torch.stack([decoder.step(tokens[:, i]).float() for i in range(tokens.shape[1])])
+        logits = torch.stack([decoder.step(tokens[:, i]).float() for i in range(tokens.shape[1])])
+    assert decoder.compiled == compiled and isinstance(decoder.forward, CompiledStep) == compiled  # fullgraph: no fallback
+    return logits
 
 
 def _both_ways(model, prompt, tokens, autocast: bool):
@@ -155,7 +159,8 @@ def test_compiled_decode_step_equals_the_eager_one_and_follows_new_weights():
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA: the compiled decode step on a GPU")
 def test_cuda_compiled_decode_step_equals_the_eager_one():
-    model = _model({"keep_window_size": 8}).cuda()
+    """A keep window as long as the generation (6 + 10 positions): the decoder compiles within it only."""
+    model = _model({"keep_window_size": 16}).cuda()
     generator = torch.Generator().manual_seed(4)
     prompt, tokens = torch.randint(3, 512, (2, 6), generator=generator), torch.randint(3, 512, (2, 10), generator=generator)
     eager, compiled = (_decoded(model, prompt.cuda(), tokens.cuda(), compiled=c) for c in (False, True))
