@@ -163,3 +163,23 @@ def test_precomputed_reference_is_scored_in_prepare_not_inside_a_step(monkeypatc
     assert scored == []  # a step's loss scores nothing
     task.prepare(engine)
     assert scored == ["train"] and task.reference is None and torch.equal(task.tables["train"], table)
+
+
+def test_a_micro_batch_reads_no_metric_back_to_the_host(monkeypatch):
+    """On a GPU ``.cpu()`` and ``.item()`` wait for the device: DPO copied its five metric sums to the host
+    at every micro-batch, and the MoE statistics their entropy sums at every micro-batch and layer. They
+    stay on the device until the log point reads them (their values: the tests above)."""
+    import pytest
+
+    torch.manual_seed(0)
+    policy = build_model(ModelConfig.from_preset("doge-tiny-moe")).train()
+    _, batch = two_pairs()
+    task = DPOTask()
+    task.tables = {"train": torch.zeros(2, 2)}  # precomputed reference log-probs
+    for name in ("cpu", "item", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, lambda *args, name=name, **kwargs: pytest.fail(f"Tensor.{name}()"))
+    with torch.enable_grad():
+        task.forward_loss(Engine(policy), batch)
+    monkeypatch.undo()
+    assert task._pairs["train"] == 2 and task._sums["train"][4] in (0, 1, 2)  # accuracy: pairs with a positive margin
+    assert len(task.moe_stats.window) == 1 and task.moe_stats.entropy[1] == batch["token_mask"].sum()

@@ -38,8 +38,11 @@ class MoEStats:
     @torch.no_grad()
     def update(self, routings: list[Routing], token_mask: Optional[torch.Tensor] = None) -> None:
         """Record one micro-batch's routing; ``token_mask`` (the routed tokens' order): only its 1s count,
-        in the expert loads and in the entropy (a mean over every real token, averaged over layers)."""
-        real = torch.ones(len(routings[0].expert_ids)) if token_mask is None else token_mask.reshape(-1).float().cpu()
+        in the expert loads and in the entropy (a mean over every real token, averaged over layers).
+        Everything stays on the routing's device: reading a value back to the host would wait for the
+        GPU at every micro-batch and layer; ``summary`` reads the sums at log time."""
+        ids = routings[0].expert_ids
+        real = torch.ones(len(ids), device=ids.device) if token_mask is None else token_mask.reshape(-1).float()
 
         def counts(routing: Routing) -> torch.Tensor:
             ids = routing.expert_ids
@@ -47,8 +50,9 @@ class MoEStats:
             return torch.bincount(ids.reshape(-1), weights, minlength=self.num_experts).float()
 
         self.window.append(torch.stack([counts(r) for r in routings]))
-        entropy_sum = sum((token_entropies(r).cpu() * real).sum().item() for r in routings) / len(routings)
-        self.entropy += torch.tensor([entropy_sum, real.sum().item()], dtype=torch.float64)
+        entropy_sum = sum((token_entropies(r) * real).sum().double() for r in routings) / len(routings)
+        sums = torch.stack([entropy_sum, real.sum().double()])
+        self.entropy = self.entropy.to(sums.device) + sums
 
     def global_state(self, copies: int = 1, group: Optional[object] = None) -> dict[str, torch.Tensor]:
         """The window and the entropy accumulator summed over all ranks of ``group`` (default: every rank

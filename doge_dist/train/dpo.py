@@ -220,7 +220,9 @@ class DPOTask(FinetuneTask):
         pairs = len(batch["index"])
         losses, chosen, rejected = dpo_loss(policy[:pairs], policy[pairs:], reference[:pairs], reference[pairs:], self.beta)
         values = [losses.detach().sum(), chosen.sum(), rejected.sum(), (chosen - rejected).sum(), (chosen > rejected).sum()]
-        self._sums[split] += torch.stack([v.double().cpu() for v in values])
+        # summed where they were computed: a copy to the host here would wait for the GPU every micro-batch
+        sums = torch.stack([v.double() for v in values])
+        self._sums[split] = self._sums[split].to(sums.device) + sums
         self._pairs[split] += pairs
         return losses.sum(), torch.as_tensor(pairs), out.balance_loss
 
@@ -240,7 +242,8 @@ class DPOTask(FinetuneTask):
         a collective call that starts the next accumulation."""
         from ..parallel.state import data_parallel_group
 
-        totals = torch.cat([self._sums[split], torch.tensor([float(self._pairs[split])], dtype=torch.float64)]).to(device)
+        count = torch.tensor([float(self._pairs[split])], dtype=torch.float64, device=device)
+        totals = torch.cat([self._sums[split].to(device), count])
         dist.all_reduce(totals, group=data_parallel_group())  # tensor-parallel ranks hold the same pairs
         self._sums[split].zero_()
         self._pairs[split] = 0
