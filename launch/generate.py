@@ -13,7 +13,7 @@ import contextlib
 import sys
 from pathlib import Path
 
-from doge_dist.train.cli import check_seed, report_errors
+from doge_dist.train.cli import check_generator_seed, report_errors
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -34,7 +34,7 @@ if __name__ == "__main__":
         from doge_dist.model.generate import check_options
 
         check_options(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
-        check_seed(args.seed)
+        check_generator_seed(args.seed)
     except ValueError as error:
         parser.error(str(error))
 

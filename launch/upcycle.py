@@ -15,7 +15,7 @@ config, e.g. the demo run of configs/doge_tiny_cpu.yaml:
 import argparse
 import sys
 
-from doge_dist.train.cli import check_seed, report_errors
+from doge_dist.train.cli import check_generator_seed, report_errors
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -29,7 +29,7 @@ if __name__ == "__main__":
     parser.add_argument("overrides", nargs="*", help="model.key=value changes to the preset, e.g. model.vocab_size=8192")
     args = parser.parse_intermixed_args()
     try:
-        check_seed(args.seed)
+        check_generator_seed(args.seed)
     except ValueError as error:
         parser.error(str(error))
 

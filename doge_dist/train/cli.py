@@ -53,7 +53,7 @@ def exit_without_teardown(code: int) -> None:
     os._exit(code)
 
 
-def check_seed(seed: int) -> None:
+def check_generator_seed(seed: int) -> None:
     """A ValueError unless ``seed`` is a seed torch takes (64 bits, signed or not): launchers check their
     --seed when they parse it, not with an overflow after a model is loaded."""
     if not -(2**63) <= seed < 2**64:
