@@ -2,6 +2,7 @@
 per-step losses exactly (CPU, fp32); a ZeRO-2 run resumes on another number of ranks (2 -> 1 via
 DeepSpeed's universal checkpoint, 1 -> 2) at the same sample position; SIGTERM saves and exits."""
 import json
+import re
 import signal
 import subprocess
 import warnings
@@ -187,7 +188,7 @@ def test_resume_one_rank_on_two_and_sigterm_saves():
 def test_resume_across_zero_families_fails_before_any_work(saved, resumed, tmp_path):
     """DeepSpeed's optimizer checkpoints load within ZeRO-0, ZeRO 1-2 and ZeRO-3 only: across them
     the run stops with the way out named, instead of an assertion inside DeepSpeed."""
-    from doge_dist.config import ConfigError
+    from doge_dist.config import ConfigError, TrainConfig
     from doge_dist.parallel.state import ParallelLayout
     from doge_dist.train import checkpoint
     from doge_dist.train.loop import loadable_checkpoint
@@ -198,7 +199,7 @@ def test_resume_across_zero_families_fails_before_any_work(saved, resumed, tmp_p
     layout = ParallelLayout(world_size=1, tensor_parallel=1, expert_parallel=1)
     with pytest.raises(ConfigError, match=rf"saved with ZeRO-{saved} and this run uses ZeRO-{resumed}: .*Resume with "
                                           r"ZeRO[- ][0-3-]+, or start a new run.dir from its weights with run.init_from"):
-        loadable_checkpoint(tmp_path, tag, layout, {"zero_optimization": {"stage": resumed}}, tmp_path)
+        loadable_checkpoint(tmp_path, tag, layout, {"zero_optimization": {"stage": resumed}}, tmp_path, TrainConfig())
 
 
 @pytest.mark.parametrize("files,stage", [([], 0), (["bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"], 2),
@@ -583,3 +584,40 @@ def test_a_diverged_run_leaves_its_last_finite_checkpoint_as_latest():
     root = run_dir / "checkpoints"
     assert (root / "latest").read_text() == "step_00000002"
     assert sorted(p.parent.name for p in root.glob("step_*/doge_meta.json")) == ["step_00000001", "step_00000002"]
+
+
+@pytest.mark.parametrize("override, named", [({"train.bf16": True}, "bf16 (train.bf16"),
+                                             ({"train.decay_groups": "original"}, "train.decay_groups"),
+                                             ({"data_types": {"grad_accum_dtype": "fp32"}}, "grad_accum_dtype")])
+def test_a_resume_into_another_optimizer_layout_is_refused(override, named, tmp_path):
+    """Precision, ZeRO-1's BF16_Optimizer and the AdamW groups decide the optimizer states DeepSpeed
+    saves: a resume that changes them stops with the way out named, instead of a KeyError or
+    ValueError inside DeepSpeed once the engine is built."""
+    from doge_dist.config import ConfigError, TrainConfig
+    from doge_dist.parallel.state import ParallelLayout
+    from doge_dist.train import checkpoint
+    from doge_dist.train.loop import loadable_checkpoint, optimizer_layout
+
+    saved_ds = {"zero_optimization": {"stage": 1}, "bf16": {"enabled": "data_types" in override}}
+    tag = checkpoint.tag_for(4)
+    (tmp_path / tag).mkdir()
+    meta = {"step": 4, "dp_size": 1, "zero_stage": 1, "optimizer_layout": optimizer_layout(TrainConfig(), saved_ds)}
+    (tmp_path / tag / checkpoint.META).write_text(json.dumps(meta))
+    layout = ParallelLayout(world_size=1, tensor_parallel=1, expert_parallel=1)
+    train = TrainConfig(**{key.split(".")[1]: value for key, value in override.items() if key.startswith("train.")})
+    ds = {**saved_ds, **{key: value for key, value in override.items() if "." not in key}}
+    if train.bf16:
+        ds["bf16"] = {"enabled": True}
+    assert loadable_checkpoint(tmp_path, tag, layout, saved_ds, tmp_path, TrainConfig()) == (tmp_path, tag)
+    with pytest.raises(ConfigError, match=rf"another layout than this run builds \(.*{re.escape(named)}.*\): DeepSpeed "
+                                          r"cannot load them. Resume with the checkpoint's settings, or start a new "
+                                          r"run.dir from its weights with run.init_from"):
+        loadable_checkpoint(tmp_path, tag, layout, ds, tmp_path, train)
+
+
+def test_a_resume_in_bf16_of_an_fp32_checkpoint_stops_before_any_model(tmp_path):
+    at_step_5_of(single_process_run(), tmp_path)  # ZeRO-0, fp32
+    result = pretrain(tmp_path, 0, nproc=1, launcher="python", check=False, micro_batch_size=2,
+                      gradient_accumulation_steps=2, **{"train.bf16": "true"})
+    assert result.returncode == 2 and "bf16 (train.bf16, or the DeepSpeed JSON's bf16.enabled): False -> True" \
+        in result.stderr and "Traceback" not in result.stderr, result.stderr[-3000:]

@@ -80,7 +80,7 @@ def test_zero3_checkpoints_reshard_1_to_2_and_onto_more_data_parallel_ranks():
 
 def test_zero3_refuses_to_reshard_a_vocabulary_not_divisible_by_tp_before_any_work(tmp_path):
     """The restore maps split the vocabulary unpadded: a padded one (509 over 2 ranks) stops with the ways out."""
-    from doge_dist.config import ConfigError, ModelConfig
+    from doge_dist.config import ConfigError, ModelConfig, TrainConfig
     from doge_dist.parallel.state import ParallelLayout
     from doge_dist.train import checkpoint
     from doge_dist.train.loop import loadable_checkpoint
@@ -93,7 +93,7 @@ def test_zero3_refuses_to_reshard_a_vocabulary_not_divisible_by_tp_before_any_wo
     with pytest.raises(ConfigError, match=r"saved at tensor_parallel 1 on 2 data-parallel rank\(s\) and this run uses "
                                           r"tensor_parallel 2 on 1: .*model.vocab_size \(509\) is a multiple of "
                                           r"tensor_parallel. Resume at the saved .* or continue from its weights with run.init_from"):
-        loadable_checkpoint(tmp_path, tag, layout, {"zero_optimization": {"stage": 3}}, tmp_path)
+        loadable_checkpoint(tmp_path, tag, layout, {"zero_optimization": {"stage": 3}}, tmp_path, TrainConfig())
 
 
 def test_another_runs_checkpoint_is_converted_in_the_run_that_loads_it():

@@ -194,11 +194,12 @@ def read_monitor_state(directory: Path) -> Optional[dict]:
 
 def save(engine, run_dir: str | Path, progress: Progress, layout, keep_last: int, model_config: dict,
          universal_info: dict, data_order: Optional[dict] = None, global_batch: Optional[int] = None,
-         monitor_state: Optional[dict] = None) -> Path:
+         monitor_state: Optional[dict] = None, optimizer_layout: Optional[dict] = None) -> Path:
     """Save on every rank; move ``latest`` only once all ranks are done; then prune old checkpoints.
-    ``data_order`` (data.data_order) and ``global_batch`` (sequences per step) go into the meta file,
-    for a resume to check its data and batch against; ``monitor_state`` (the same on every rank: the
-    task's ``monitor_state``) into rank 0's ``MONITOR_STATE`` file."""
+    ``data_order`` (data.data_order), ``global_batch`` (sequences per step) and ``optimizer_layout``
+    (loop.optimizer_layout) go into the meta file, for a resume to check its data, batch and optimizer
+    against; ``monitor_state`` (the same on every rank: the task's ``monitor_state``) into rank 0's
+    ``MONITOR_STATE`` file."""
     root = checkpoint_root(run_dir)
     tag = tag_for(progress.step)
     rank = dist.get_rank()
@@ -212,7 +213,8 @@ def save(engine, run_dir: str | Path, progress: Progress, layout, keep_last: int
         (root / tag).mkdir(parents=True, exist_ok=True)
     dist.barrier()
     meta = {**asdict(progress), "global_batch": global_batch, "dp_size": layout.dp_size, "tensor_parallel": layout.tensor_parallel,
-            "expert_parallel": layout.expert_parallel, "zero_stage": engine.zero_optimization_stage()}
+            "expert_parallel": layout.expert_parallel, "zero_stage": engine.zero_optimization_stage(),
+            "optimizer_layout": optimizer_layout}
     with _reported_as_write_failure(root, tag):
         torch.save(_rng_state(), root / tag / f"rng_rank{rank:05d}.pt")
         if rank == 0 and monitor_state is not None:

@@ -28,7 +28,7 @@ from . import checkpoint
 from .checkpoint import Progress
 from .data import data_order, move, warn_if_data_order_changed
 from .distributed import DistEnv, all_reduce_sum, init_distributed, launcher_world_size
-from .ds_config import bf16_enabled, zero_stage
+from .ds_config import bf16_enabled, grad_accum_dtype, zero_stage
 from .engine import build_engine, is_hf_directory
 from .export import consolidated_state
 from .finetune import check_continued_model, model_config_of
@@ -163,15 +163,35 @@ def find_start(config: Config) -> Optional[tuple[Path, str]]:
 
 ZERO_FAMILIES = ("ZeRO-0", "ZeRO 1-2", "ZeRO 1-2", "ZeRO-3")  # stages whose checkpoints load into each other
 
+OPTIMIZER_LAYOUT_KEYS = {  # optimizer_layout's entries, as a user sets them
+    "bf16": "bf16 (train.bf16, or the DeepSpeed JSON's bf16.enabled)",
+    "bf16_optimizer": "fp32 gradient accumulation at ZeRO-1 with bf16 (the DeepSpeed JSON's data_types.grad_accum_dtype)",
+    "decay_groups": "train.decay_groups",
+    "dense_freeze_groups": "a train.freeze_dense_steps above 0",
+}
 
-def loadable_checkpoint(root: Path, tag: str, layout: ParallelLayout, ds: dict, run_dir: Path) -> tuple[Path, str]:
+
+def optimizer_layout(train: TrainConfig, ds: dict) -> dict:
+    """What shapes the optimizer states a checkpoint holds besides the ZeRO stage and the parallel
+    sizes: the precision (DeepSpeed builds another optimizer and names its files otherwise), at
+    ZeRO-1 with bf16 fp32 gradient accumulation (DeepSpeed's BF16_Optimizer, another state format),
+    and the AdamW groups (``train.decay_groups``; a ``train.freeze_dense_steps`` adds groups)."""
+    bf16 = bf16_enabled(ds)
+    return {"bf16": bf16, "bf16_optimizer": bf16 and zero_stage(ds) == 1 and grad_accum_dtype(ds) == torch.float32,
+            "decay_groups": train.decay_groups, "dense_freeze_groups": train.freeze_dense_steps > 0}
+
+
+def loadable_checkpoint(root: Path, tag: str, layout: ParallelLayout, ds: dict, run_dir: Path,
+                        train: TrainConfig) -> tuple[Path, str]:
     """The (root, tag) to load weights and optimizer states from with this layout: a checkpoint saved
     with another tensor/expert-parallel or data-parallel size goes through DeepSpeed's universal
     checkpoint (converted once, within this run's ``run_dir``: checkpoint.universal_root;
     "load_universal" set in ``ds``), which re-splits every tensor. DeepSpeed's optimizer checkpoints
     load within ZeRO-0, within ZeRO 1-2 and within ZeRO-3 only (torch's format, flat partitions,
     per-rank parameter partitions); across them a clear error names the way out. ZeRO-3 re-splits over
-    tensor-parallel ranks with restore maps, which need the vocabulary divisible by tp."""
+    tensor-parallel ranks with restore maps, which need the vocabulary divisible by tp. Optimizer
+    states of another optimizer_layout (precision, AdamW groups) are refused as well (checkpoints
+    written before the meta recorded it are not checked)."""
     saved = checkpoint.read_meta(root, tag)
     saved_stage, stage = checkpoint.saved_zero_stage(root, tag), zero_stage(ds)
     if ZERO_FAMILIES[saved_stage] != ZERO_FAMILIES[stage]:
@@ -180,6 +200,15 @@ def loadable_checkpoint(root: Path, tag: str, layout: ParallelLayout, ds: dict, 
             f"optimizer checkpoints do not load from {ZERO_FAMILIES[saved_stage]} into {ZERO_FAMILIES[stage]}. Resume "
             f"with {ZERO_FAMILIES[saved_stage]}, or start a new run.dir from its weights with run.init_from "
             "(a fresh optimizer and schedule)."
+        )
+    saved_optimizer, optimizer = saved.get("optimizer_layout") or {}, optimizer_layout(train, ds)
+    changed = [f"{OPTIMIZER_LAYOUT_KEYS[key]}: {saved_optimizer[key]} -> {value}" for key, value in optimizer.items()
+               if key in saved_optimizer and saved_optimizer[key] != value]
+    if changed:
+        raise ConfigError(
+            f"Checkpoint {root / tag} holds optimizer states of another layout than this run builds ({'; '.join(changed)}): "
+            "DeepSpeed cannot load them. Resume with the checkpoint's settings, or start a new run.dir from its "
+            "weights with run.init_from (a fresh optimizer and schedule)."
         )
     saved_layout = (saved.get("tensor_parallel", 1), saved.get("expert_parallel", 1))
     resharded = saved_layout != (layout.tensor_parallel, layout.expert_parallel)
@@ -293,7 +322,7 @@ def pretrain(config: Config, ds_user: dict[str, Any], ds_where: str = "the DeepS
             if env.is_main:
                 warn_if_global_batch_changed(saved, train, layout.dp_size)
         if start or config.run.init_optimizer:
-            source = loadable_checkpoint(*source, layout, ds, run_dir)
+            source = loadable_checkpoint(*source, layout, ds, run_dir, train)
         else:  # weights only: the checkpoint's fp32 master weights, from any stage and layout
             init_weights = consolidated_state(*source, checkpoint.universal_root(source[0], run_dir))
 
@@ -355,7 +384,7 @@ def pretrain(config: Config, ds_user: dict[str, Any], ds_where: str = "the DeepS
         checkpoint.save(engine, run_dir, progress, layout, train.keep_last, config.model.to_dict(),
                         universal_checkpoint_info(config.model, layout.tensor_parallel, layout.expert_parallel),
                         data_order(config, data, progress.consumed_samples) if env.is_main else None, data.global_batch,
-                        task.monitor_state(token_copies))
+                        task.monitor_state(token_copies), optimizer_layout(train, ds))
 
     # 5. the loop
     bad_in_a_row = 0
