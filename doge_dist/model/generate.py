@@ -59,13 +59,28 @@ def next_token(logits: torch.Tensor, temperature: float, top_k: Optional[int], t
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
+def is_left_padded(real: torch.Tensor) -> bool:
+    """Whether a [B, T] bool mask of real tokens has padding only before each row's first real token."""
+    return not bool((real[:, :-1] & ~real[:, 1:]).any()) and bool(real[:, -1].all())
+
+
+def inferred_attention_mask(input_ids: torch.Tensor, pad: Optional[int], eos: Optional[int]) -> Optional[torch.Tensor]:
+    """The mask transformers' ``generate`` infers for a batch given without one: the pad token's
+    positions, where the pad token occurs and is not the eos; here only for a left-padded batch (the
+    padding ``generate`` takes), else None (every token real)."""
+    if pad is None or pad == eos or not bool((input_ids == pad).any()):
+        return None
+    real = input_ids != pad
+    return real if is_left_padded(real) else None
+
+
 def left_padding(attention_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """The [B, T] bool mask of a left-padded batch, None when no row is padded; a row with padding after
     a real token is refused (generation continues each row from the batch's last column)."""
     if attention_mask is None or bool(attention_mask.all()):
         return None
     real = attention_mask.bool()
-    if bool((real[:, :-1] & ~real[:, 1:]).any()) or not bool(real[:, -1].all()):
+    if not is_left_padded(real):
         raise ValueError("generate got the attention_mask of a right-padded prompt (padding after a real token): "
                          "pad prompts on the left (tokenizer.padding_side = 'left'), as transformers' generate needs.")
     return real
@@ -112,7 +127,8 @@ def generate(
 
     ``attention_mask`` [B, T] (1 for real tokens) batches prompts of different lengths left-padded, as
     transformers' ``generate`` takes them: padding is not attended and each row's positions start at
-    its first real token, so a row gets the tokens of its prompt alone. ``compile`` runs the decode
+    its first real token, so a row gets the tokens of its prompt alone. Without a mask, a left-padded
+    batch's is inferred from ``pad_token_id`` (default the config's), as transformers infers it. ``compile`` runs the decode
     steps as one compiled graph (``decode.prepared_step``): several times fewer milliseconds per token
     at batch 1 after a compile of about 20 s, done once per model, batch size and length bucket. It
     applies where the decode step does (prompts without padding, the single-device model, within the
@@ -124,6 +140,9 @@ def generate(
         eos_token_id = model.config.eos_token_id
     if input_ids.shape[-1] == 0:
         raise ValueError("input_ids is empty: generation needs at least one prompt token.")
+    if attention_mask is None:
+        attention_mask = inferred_attention_mask(input_ids, pad_token_id if pad_token_id is not None
+                                                 else model.config.pad_token_id, eos_token_id)
     padding = left_padding(attention_mask)
     if max_new_tokens == 0:
         return input_ids.clone()
