@@ -18,7 +18,7 @@ from doge_dist.convert.hf import save_hf
 from doge_dist.model import build_model, shift_labels
 from doge_dist.model.cache import KVCache
 from doge_dist.model.decode import CompiledStep, Decoder
-from doge_dist.model.generate import generate
+from doge_dist.model.generate import generate, next_token
 from model_helpers import model_pair, perturb_all, randomise_dynamic_mask
 
 REPO = Path(__file__).resolve().parents[1]
@@ -306,6 +306,17 @@ def test_sampling_stays_within_a_smaller_tokenizer():
     prompt = torch.tensor([[5, 6, 7]])
     assert torch.equal(generate(model, prompt, 8, temperature=0, vocab_limit=model.config.vocab_size),
                        generate(model, prompt, 8, temperature=0))
+
+
+def test_top_p_keeps_the_smallest_set_of_tokens_reaching_it_as_transformers_does():
+    """A prefix of the sorted tokens reaching top_p exactly is the whole set: the next token is cut
+    (transformers' TopPLogitsWarper), and top_p 0 keeps the most likely token."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    logits = torch.log(torch.tensor([[0.5, 0.25, 0.25]]))
+    assert torch.isfinite(TopPLogitsWarper(0.5)(None, logits.clone()))[0].tolist() == [True, False, False]
+    generator = torch.Generator().manual_seed(0)
+    assert {int(next_token(logits, 1.0, None, top_p, generator)) for _ in range(200) for top_p in (0.5, 0.0)} == {0}
 
 
 def test_a_tiny_temperature_samples_the_most_likely_token():
