@@ -4,8 +4,9 @@ Every sequence is tokenized by ``tokenizer.apply_chat_template`` (the call a use
 inference), so training ids equal inference ids, with one exception: the text of a special token inside
 a message (a literal "</s>", e.g. the HTML strike-through tag ``<s>old</s>``) is encoded as plain text,
 as sentencepiece encodes it in pretraining; only the template's own markers become special ids (a
-plain ``apply_chat_template`` would train an eos in mid-answer). ``chat_ids`` is that call; transformers
-versions with ``apply_chat_template(..., sanitize_control_tokens=True)`` give the same ids. The loss
+plain ``apply_chat_template`` would train an eos in mid-answer). ``chat_ids`` is that call, and with
+``launch/generate.py --chat`` the only one that gives these ids: transformers' ``apply_chat_template(...,
+sanitize_control_tokens=True)`` (5.25) encodes such text differently after a space. The loss
 mask marks the tokens the model is trained to *produce*: assistant content and its closing eos
 (``{% generation %}`` spans), or every token with ``assistant_only=False``.
 

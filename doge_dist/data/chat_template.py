@@ -17,8 +17,9 @@ so that a literal "</s>" inside a document stays text, exactly as sentencepiece 
 chat *message* such text stays text too: ``doge_dist.data.chat.chat_ids`` (SFT/DPO data and
 ``launch/generate.py --chat``) encodes only the template's own markers as special ids. A plain
 ``apply_chat_template`` with this directory (an export's tokenizer) would turn a literal "</s>" in a
-message into eos; transformers versions that have ``apply_chat_template(..., sanitize_control_tokens=True)``
-give the training ids. Messages without such text get the same ids either way.
+message into eos, and ``apply_chat_template(..., sanitize_control_tokens=True)`` (transformers 5.25)
+encodes such text after a space differently from training: only ``chat_ids`` and ``launch/generate.py
+--chat`` reproduce the training ids. Messages without such text get the same ids either way.
 """
 from __future__ import annotations
 
