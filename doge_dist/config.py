@@ -478,7 +478,7 @@ class FinetuneConfig:
     decay_ratio: float = 0.1
     packing: bool = False  # SFT: whole conversations packed into data.seq_length (positions restart, attention stays within each)
     beta: float = 0.1  # DPO: strength of the KL penalty towards the reference model
-    reference: str = "model"  # DPO: model (a frozen copy) | precomputed (its log-probs, computed once before step 1)
+    reference: str = "model"  # DPO: model (a frozen copy) | precomputed (its log-probs, computed once before step 1); DPO trains with dropout off
 
     def __post_init__(self) -> None:
         if self.reference not in ("model", "precomputed"):

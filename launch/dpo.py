@@ -6,7 +6,8 @@
     python launch/dpo.py --config configs/dpo_tiny_cpu.yaml --ds_config configs/zero0.json
 
 The same run directory layout, checkpoints, resume and TensorBoard scalars as launch/pretrain.py;
-run.init_from names the SFT run directory or Hugging Face directory (also the reference model).
+run.init_from names the SFT run directory or Hugging Face directory (also the reference model: the
+checkpoint it names at the start, kept by a resume). DPO trains with dropout off, as TRL does by default.
 Export with launch/export_hf.py: the tokenizer (data.tokenizer, with its chat template) goes along.
 """
 

@@ -132,6 +132,7 @@ def test_precomputed_table_is_reused_only_for_its_own_reference(tmp_path, monkey
                                         "data.seq_length=128", "train.micro_batch_size=4"])
             torch.manual_seed(seed)
             task = DPOTask()
+            task.setup(config, None)  # its reference: init_from's directory
             task.reference = build_model(ModelConfig.from_preset("doge-tiny")).eval()
             tables.append(task._precompute(config, env, "train").clone())
             assert sorted(p.name for p in run_dir.iterdir() if p.is_file()) == [REFERENCE_FILES["train"]]

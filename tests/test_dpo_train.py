@@ -1,7 +1,8 @@
 """DPO training runs: on a tiny synthetic preference set (16 pairs, several epochs) the reward margin
 and accuracy rise within 30 steps on CPU; two ZeRO-2 ranks with precomputed reference log-probs
 match one process with a frozen reference model, and so does tensor parallelism 2 (per-step DPO loss
-within 1e-5 absolute, fp32)."""
+within 1e-5 absolute, fp32); the reference is the untrained policy (model.* overrides, dropout off) and
+stays the checkpoint a run started from across a resume."""
 import pytest
 
 from chat_helpers import LR, STEPS, finetune, single_run, zero2_run
@@ -85,3 +86,52 @@ def test_tokens_per_step_count_both_sequences_of_a_pair():
     real = sum(len(pairs[i][side]["input_ids"]) for i in range(2) for side in ("chosen", "rejected"))
     assert real < 2 * 2 * 128
     assert scalars(run, "train/consumed_tokens")[1] == real
+
+
+def test_resume_trains_against_the_reference_the_run_started_from():
+    """run.init_from names a run directory whose SFT run trains on while the DPO run is stopped: the resumed
+    DPO run keeps its reference, the checkpoint it started from (recorded in its checkpoints), and trains as
+    an uninterrupted run from that checkpoint named explicitly. Once that checkpoint is gone or written
+    again, a resume is refused, naming it; a run.init_from naming another step directory is taken instead."""
+    root = scratch() / "dpo_resume_reference"
+    sft = root / "sft"
+    short = {"train.micro_batch_size": 2, "train.gradient_accumulation_steps": 1, "train.lr": LR["sft"]}
+    finetune("sft", sft, 0, 1, **short, **{"train.max_steps": 3})
+    step3 = sft / "checkpoints" / "step_00000003"
+    dpo = {"train.micro_batch_size": 2, "train.gradient_accumulation_steps": 1, "train.lr": LR["dpo"]}
+    uninterrupted = finetune("dpo", root / "dpo_from_step3", 0, 1, **dpo, **{"run.init_from": str(step3), "train.max_steps": 4})
+    resumed = root / "dpo_from_sft"
+    finetune("dpo", resumed, 0, 1, **dpo, **{"run.init_from": str(sft), "train.max_steps": 2})
+    finetune("sft", sft, 0, 1, **short, **{"train.max_steps": 6})  # trains on: `latest` names step 6
+    finetune("dpo", resumed, 0, 1, **dpo, **{"run.init_from": str(sft), "train.max_steps": 4})
+    assert len(losses(resumed)) == 4
+    assert losses(resumed) == pytest.approx(losses(uninterrupted), abs=TOLERANCE)
+
+    from doge_dist.config import ConfigError
+    from doge_dist.train.dpo import resumed_reference
+
+    start = (resumed / "checkpoints", "step_00000004")
+    assert resumed_reference(str(sft), start)["path"] == str(step3.resolve())
+    step6 = sft / "checkpoints" / "step_00000006"
+    assert resumed_reference(str(step6), start)["path"] == str(step6.resolve())  # named explicitly: taken instead
+    moved = step3.rename(root / "elsewhere")  # pruned by keep_last, deleted by hand
+    with pytest.raises(ConfigError, match=f"{step3.resolve()}.*is gone"):
+        resumed_reference(str(sft), start)
+    moved.rename(step3)
+    (step3 / "mp_rank_00_model_states.pt").touch()  # written again (a rewound run saving step 3 anew)
+    with pytest.raises(ConfigError, match=f"{step3.resolve()}.*written again"):
+        resumed_reference(str(sft), start)
+
+
+@pytest.mark.parametrize("model", [{"model.keep_window_size": 16}, {"model.hidden_dropout": 0.1}], ids=["keep_window", "dropout"])
+def test_first_step_rewards_are_zero_with_model_overrides(model):
+    """The reference is the untrained policy, as TRL's is a copy of it: built with the run's model.*
+    overrides (a keep window of 16 is active on these 62-96-token pairs), and trained with dropout off (TRL's
+    DPOConfig.disable_dropout default), so that step 1's rewards are 0 and its loss log 2."""
+    import math
+
+    name = next(iter(model)).split(".")[1]
+    run = finetune("dpo", scratch() / f"dpo_first_step_{name}", 0, 1, **model, **{
+        "train.micro_batch_size": 2, "train.gradient_accumulation_steps": 1, "train.max_steps": 1, "train.lr": LR["dpo"]})
+    assert scalars(run, "dpo/rewards_chosen")[1] == 0.0 and scalars(run, "dpo/rewards_rejected")[1] == 0.0
+    assert scalars(run, "dpo/loss")[1] == pytest.approx(math.log(2), abs=1e-6)

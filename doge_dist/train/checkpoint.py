@@ -194,11 +194,13 @@ def read_monitor_state(directory: Path) -> Optional[dict]:
 
 def save(engine, run_dir: str | Path, progress: Progress, layout, keep_last: int, model_config: dict,
          universal_info: dict, data_order: Optional[dict] = None, global_batch: Optional[int] = None,
-         monitor_state: Optional[dict] = None, optimizer_layout: Optional[dict] = None) -> Path:
+         monitor_state: Optional[dict] = None, optimizer_layout: Optional[dict] = None,
+         task_meta: Optional[dict] = None) -> Path:
     """Save on every rank; move ``latest`` only once all ranks are done; then prune old checkpoints.
     ``data_order`` (data.data_order), ``global_batch`` (sequences per step) and ``optimizer_layout``
     (loop.optimizer_layout) go into the meta file, for a resume to check its data, batch and optimizer
-    against; ``monitor_state`` (the same on every rank: the task's ``monitor_state``) into rank 0's
+    against, and ``task_meta`` (the task's ``checkpoint_meta``: DPO's reference) under "task";
+    ``monitor_state`` (the same on every rank: the task's ``monitor_state``) into rank 0's
     ``MONITOR_STATE`` file."""
     root = checkpoint_root(run_dir)
     tag = tag_for(progress.step)
@@ -229,7 +231,7 @@ def save(engine, run_dir: str | Path, progress: Progress, layout, keep_last: int
         files = sorted(p.name for p in (root / tag).iterdir() if p.is_file())  # for a resume to find one missing (check_complete)
         with _reported_as_write_failure(root, tag):
             write_atomic(root / tag / META, json.dumps({**meta, "model": model_config, "data_order": data_order,
-                                                        "files": files}, indent=1))
+                                                        "files": files, "task": task_meta}, indent=1))
             _move_abandoned(root, read_latest(root), tag)
             write_atomic(root / LATEST, tag)
         _prune(root, keep_last)

@@ -6,12 +6,15 @@ Per pair, with summed completion log-probs ``pi`` (policy) and ``ref`` (frozen r
     loss    = -logsigmoid(rewards_chosen - rewards_rejected)
 
 (trl's ``loss_type="sigmoid"`` without label smoothing). The loop averages the loss over the pairs
-of the global batch. The reference is the ``run.init_from`` model: a frozen copy next to the policy
-(``finetune.reference: model``), or its log-probs computed once before step 1 and kept in
-``run.dir/reference_logps.pt`` and, for the validation pairs, ``reference_logps_valid.pt``
-(``precomputed``: no second model in memory while training; a resume reuses them, a table of another
-reference model, data, sequence length or precision is recomputed). Validation reports the held-out pairs'
-loss, rewards, margin and accuracy (``val/loss``, ``dpo_val/*``).
+of the global batch. The reference is the ``run.init_from`` model, built as the policy is (the run's
+model.* overrides apply to both): a frozen copy next to the policy (``finetune.reference: model``), or
+its log-probs computed once before step 1 and kept in ``run.dir/reference_logps.pt`` and, for the
+validation pairs, ``reference_logps_valid.pt`` (``precomputed``: no second model in memory while
+training; a resume reuses them, a table of another reference model, data, sequence length or precision
+is recomputed). The exact weights a run starts from (the checkpoint a run directory's ``latest`` names
+then) are recorded in its checkpoints, and a resume trains against them, not against what run.init_from
+names by then. As in TRL (``DPOConfig.disable_dropout``), DPO trains with dropout off. Validation reports
+the held-out pairs' loss, rewards, margin and accuracy (``val/loss``, ``dpo_val/*``).
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..config import Config
+from ..config import Config, ConfigError, ModelConfig
 from ..data.chat_dataset import PreferenceDataset, collate_pairs, pairs_without_loss
 from ..data.errors import DataError
 from ..data.indexed import file_stamp
@@ -34,12 +37,16 @@ from ..data.preprocess_chat import mask_prefix
 from ..model import DogeForCausalLM
 from . import checkpoint
 from .distributed import DistEnv, is_launcher_main
+from .engine import hf_weights, initial_model, is_hf_directory
+from .export import consolidated_state
 from .finetune import FinetuneData, FinetuneTask, data_prefixes, pad_id, pad_multiple
 from .loop import local_tokens
 
 METRICS = ("dpo/loss", "dpo/rewards_chosen", "dpo/rewards_rejected", "dpo/reward_margin", "dpo/accuracy")
 VALID_METRICS = ("dpo_val/rewards_chosen", "dpo_val/rewards_rejected", "dpo_val/reward_margin", "dpo_val/accuracy")
 REFERENCE_FILES = {"train": "reference_logps.pt", "valid": "reference_logps_valid.pt"}
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
+DROPOUTS = ("hidden_dropout", "attention_dropout")
 
 
 def sequence_logps(model: DogeForCausalLM, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -62,17 +69,75 @@ def reference_logps(model: DogeForCausalLM, batch: dict) -> torch.Tensor:
     return sequence_logps(model, logits, batch["labels"])
 
 
-def load_reference(init_from: str, device: torch.device, run_dir: Path) -> DogeForCausalLM:
-    """The frozen reference: the weights fine-tuning started from (also after a resume); a universal
-    conversion of init_from's checkpoint goes into this run's ``run_dir``."""
-    if (Path(init_from) / "config.json").is_file():
-        from ..convert.hf import load_hf
+def disable_dropout(model: ModelConfig) -> None:
+    """DPO trains without dropout, as TRL's ``DPOConfig(disable_dropout=True)`` does by default: a policy
+    with dropout scores every sequence with noise the frozen reference (in eval mode) does not have, so
+    the rewards start away from 0 (the loss from log 2) and the gradient follows the noise. The run's
+    model (its checkpoints and exports) records dropout 0; said once in the log."""
+    on = {key: getattr(model, key) for key in DROPOUTS if getattr(model, key)}
+    if on and is_launcher_main():
+        turned = ", ".join(f"model.{key} {value} -> 0" for key, value in on.items())
+        print(f"[doge-dist] DPO trains with dropout off, as TRL does by default: {turned}", flush=True)
+    for key in on:
+        setattr(model, key, 0.0)
 
-        model = load_hf(init_from)
+
+def weight_stamps(directory: Path) -> list[list]:
+    """[name, size, mtime] of each weight file of a checkpoint or HF directory (``file_stamp``): what
+    tells weights written there again (a rewound run saving that step anew, a new export) from the ones
+    a run started from."""
+    return [[p.name, *file_stamp(p)] for p in sorted(directory.iterdir()) if p.suffix in WEIGHT_SUFFIXES]
+
+
+def reference_source(init_from: str) -> dict:
+    """The weights ``init_from`` names now, exactly: the checkpoint directory (root/step_N) a run
+    directory's ``latest`` names, or the HF directory, with its ``weight_stamps``. Every checkpoint
+    of the run records it: its run may train on (``latest`` moves) or prune that step meanwhile."""
+    path = Path(init_from) if is_hf_directory(init_from) else Path(*checkpoint.resolve_checkpoint(init_from))
+    return {"path": str(path.resolve()), "files": weight_stamps(path)}
+
+
+def names_one_model(path: str) -> bool:
+    """An HF directory or one step directory: a reference named explicitly, not a run whose ``latest`` moves."""
+    return is_hf_directory(path) or (Path(path) / checkpoint.META).is_file()
+
+
+def resumed_reference(init_from: str, start: tuple[Path, str]) -> dict:
+    """The reference of a resume from checkpoint ``start``: the one recorded there, which must be there
+    unchanged (else a ConfigError naming it), unless run.init_from now names another HF or step
+    directory explicitly (said in the log). A checkpoint written before the meta recorded the
+    reference: what run.init_from names now."""
+    recorded = (checkpoint.read_meta(*start).get("task") or {}).get("reference")
+    if recorded is None or (names_one_model(init_from) and str(Path(init_from).resolve()) != recorded["path"]):
+        if recorded is not None and is_launcher_main():
+            print(f"[doge-dist] run.init_from names {init_from}: the DPO reference from here on, instead of "
+                  f"{recorded['path']}, which this run trained against up to {start[1]}", flush=True)
+        return reference_source(init_from)
+    path = Path(recorded["path"])
+    present = names_one_model(str(path))
+    if present and weight_stamps(path) == recorded["files"]:
+        return recorded
+    state = ("has had its weight files written again since" if present
+             else "is gone (deleted, or pruned by its run's train.keep_last)")
+    raise ConfigError(
+        f"Checkpoint {start[0] / start[1]} of this DPO run was trained against the reference model {path} (what "
+        f"run.init_from named when the run started), which {state}: resuming against other weights would silently "
+        f"optimise another objective. Restore {path}, or set run.init_from to the one checkpoint or Hugging Face "
+        "directory to go on against instead (a step directory, .../checkpoints/step_N, not a run directory)."
+    )
+
+
+def load_reference(config: Config, source: dict, device: torch.device, run_dir: Path) -> DogeForCausalLM:
+    """The frozen reference: the weights of ``source`` (``reference_source``) in a model built as the
+    policy is (``config.model``: init_from's config with the run's model.* overrides), so that it is the
+    untrained policy, as TRL's reference is a copy of it; a universal conversion of a checkpoint goes
+    into this run's ``run_dir``."""
+    path = Path(source["path"])
+    if is_hf_directory(str(path)):
+        weights = hf_weights(path, config.model)
     else:
-        from .export import load_checkpoint_model
-
-        model = load_checkpoint_model(init_from, run_dir=run_dir)
+        weights = consolidated_state(path.parent, path.name, checkpoint.universal_root(path.parent, run_dir))
+    model = initial_model(config, weights)
     model.requires_grad_(False)
     return model.to(device).eval()
 
@@ -98,6 +163,7 @@ class DPOTask(FinetuneTask):
         super().__init__()
         self.beta = 0.1
         self.reference: Optional[DogeForCausalLM] = None
+        self.reference_source: Optional[dict] = None  # reference_source, fixed by setup
         self.tables: dict[str, torch.Tensor] = {}  # split -> [pairs, 2] precomputed reference log-probs
         self._precompute_for: Optional[tuple[Config, DistEnv]] = None  # until the first step
         self._sums = {split: torch.zeros(len(METRICS), dtype=torch.float64) for split in REFERENCE_FILES}
@@ -109,7 +175,9 @@ class DPOTask(FinetuneTask):
 
     def check(self, config: Config) -> int:
         """As SFT's: a split none of whose pairs has a loss is refused before any model is built (every step
-        would read loss log 2 with no gradient), some such training pairs are warned about."""
+        would read loss log 2 with no gradient), some such training pairs are warned about. Turns dropout
+        off (``disable_dropout``), before the run's config is checked and recorded."""
+        disable_dropout(config.model)
         pairs = super().check(config)
         seq_length = config.data.seq_length
         for split in ("train", "valid"):
@@ -135,10 +203,19 @@ class DPOTask(FinetuneTask):
     def count(self, batch: dict) -> int:
         return len(batch["index"])
 
+    def setup(self, config: Config, start: Optional[tuple[Path, str]]) -> None:
+        """The reference, fixed before any model is built: a resume's is the one its run trained against
+        (``resumed_reference``), a new run's what run.init_from names now."""
+        init_from = config.run.init_from
+        self.reference_source = resumed_reference(init_from, start) if start else reference_source(init_from)
+
+    def checkpoint_meta(self) -> dict:
+        return {"reference": self.reference_source}
+
     def build_data(self, config: Config, env: DistEnv, dp_rank: int, dp_size: int, consumed_samples: int, cache_dir: str,
                    step: int = 0, saved_split: int = 0) -> FinetuneData:
         self.beta = config.finetune.beta
-        self.reference = load_reference(config.run.init_from, env.device, Path(config.run.dir))
+        self.reference = load_reference(config, self.reference_source, env.device, Path(config.run.dir))
         if config.finetune.reference == "precomputed":
             self._precompute_for = (config, env)
         return super().build_data(config, env, dp_rank, dp_size, consumed_samples, cache_dir, step, saved_split)
@@ -178,19 +255,15 @@ class DPOTask(FinetuneTask):
         return table
 
     def _table_source(self, config: Config, split: str, pairs: int) -> dict:
-        """What a saved reference table was computed from: a table of another reference model, data,
-        sequence length or precision (a rerun in the same run.dir with other settings) is recomputed,
-        as is one whose data or weight files were written again since (data preprocessed again into
-        the same prefix, with as many pairs): every such file is named with its size and mtime."""
-        init_from = Path(config.run.init_from)
-        if not (init_from / "config.json").is_file():
-            init_from = Path(*checkpoint.resolve_checkpoint(init_from))
+        """What a saved reference table was computed from: a table of another reference model (its
+        ``reference_source``: weight files with their size and mtime), data, sequence length or precision
+        (a rerun in the same run.dir with other settings) is recomputed, as is one whose data files were
+        written again since (data preprocessed again into the same prefix, with as many pairs)."""
         entries = config.data.train_data if split == "train" else config.data.valid_data
         prefixes = [str(Path(prefix).resolve()) for prefix in data_prefixes(entries, f"data.{split}_data")]
         data_files = [Path(p + ext) for prefix in prefixes for p in (prefix, mask_prefix(prefix)) for ext in (".bin", ".idx")]
-        weight_files = [p for p in init_from.iterdir() if p.suffix in (".safetensors", ".bin", ".pt")]
-        return {"init_from": str(init_from.resolve()), "data": prefixes, "pairs": pairs, "seq_length": config.data.seq_length,
-                "dtype": str(next(self.reference.parameters()).dtype), "files": [(str(p.resolve()), *file_stamp(p)) for p in sorted(data_files + weight_files)]}
+        return {"reference": self.reference_source, "data": prefixes, "pairs": pairs, "seq_length": config.data.seq_length,
+                "dtype": str(next(self.reference.parameters()).dtype), "files": [(str(p.resolve()), *file_stamp(p)) for p in sorted(data_files)]}
 
     def prepare(self, engine) -> None:
         """Before step 1, when the policy has DeepSpeed's dtypes: the reference takes them, and with

@@ -14,7 +14,7 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from ..config import Config
+from ..config import Config, ModelConfig
 from ..model import DogeForCausalLM, build_model
 from ..model.compile import compile_model
 from ..parallel.apply import deepspeed_data_parallel_size, deepspeed_mpu, parallelize
@@ -40,18 +40,24 @@ def enable_activation_checkpointing(model: DogeForCausalLM) -> None:
 
 def initial_model(config: Config, weights: Optional[dict[str, torch.Tensor]] = None) -> nn.Module:
     """A fresh model (same weights on every rank for the same seed), or ``weights`` (a checkpoint's,
-    consolidated), or an HF directory's weights."""
+    consolidated), or the weights of run.init_from's HF directory; built as this run's ``config.model``
+    (init_from's config with the run's model.* overrides)."""
     from ..convert.hf import load_state_checked
 
     model = build_model(config.model)
+    if weights is None and is_hf_directory(config.run.init_from):
+        weights = hf_weights(config.run.init_from, config.model)
     if weights is not None:
         load_state_checked(model, weights, f"run.init_from '{config.run.init_from}'")
-    elif is_hf_directory(config.run.init_from):
-        from ..convert.hf import load_hf
-
-        loaded = load_hf(config.run.init_from, router_layout=config.model.router_layout)  # the run's (checked before)
-        load_state_checked(model, loaded.state_dict(), f"run.init_from '{config.run.init_from}'")
     return model
+
+
+def hf_weights(path: str | Path, model: ModelConfig) -> dict[str, torch.Tensor]:
+    """The weights of the HF directory ``path``, read for a model built as ``model`` (its router_layout,
+    checked before)."""
+    from ..convert.hf import load_hf
+
+    return load_hf(path, router_layout=model.router_layout).state_dict()
 
 
 def is_hf_directory(path: Optional[str]) -> bool:

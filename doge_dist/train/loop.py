@@ -321,10 +321,11 @@ def pretrain(config: Config, ds_user: dict[str, Any], ds_where: str = "the DeepS
                 return finished_run(start, saved, env)
             if env.is_main:
                 warn_if_global_batch_changed(saved, train, layout.dp_size)
-        if start or config.run.init_optimizer:
-            source = loadable_checkpoint(*source, layout, ds, run_dir, train)
-        else:  # weights only: the checkpoint's fp32 master weights, from any stage and layout
-            init_weights = consolidated_state(*source, checkpoint.universal_root(source[0], run_dir))
+    task.setup(config, start)  # before any conversion and the engine: a DPO resume refuses a reference gone or changed
+    if source and (start or config.run.init_optimizer):
+        source = loadable_checkpoint(*source, layout, ds, run_dir, train)
+    elif source:  # weights only: the checkpoint's fp32 master weights, from any stage and layout
+        init_weights = consolidated_state(*source, checkpoint.universal_root(source[0], run_dir))
 
     # 3. the DeepSpeed engine, then its state
     engine, ds = build_engine(config, ds, env.device, init_weights)
@@ -384,7 +385,7 @@ def pretrain(config: Config, ds_user: dict[str, Any], ds_where: str = "the DeepS
         checkpoint.save(engine, run_dir, progress, layout, train.keep_last, config.model.to_dict(),
                         universal_checkpoint_info(config.model, layout.tensor_parallel, layout.expert_parallel),
                         data_order(config, data, progress.consumed_samples) if env.is_main else None, data.global_batch,
-                        task.monitor_state(token_copies), optimizer_layout(train, ds))
+                        task.monitor_state(token_copies), optimizer_layout(train, ds), task.checkpoint_meta())
 
     # 5. the loop
     bad_in_a_row = 0

@@ -7,11 +7,14 @@ micro-batch as a *sum* over its loss units plus the unit count (``forward_loss``
 for language modelling, pairs for DPO, so the loop's exact global-batch mean works for every
 objective; ``forward_loss`` sees training micro-batches with gradients enabled and validation ones
 under ``no_grad``), and extra TensorBoard scalars at log points and after each validation;
-``check_data`` runs with the other input checks, before any process group or model exists, and
-``prepare`` once between the engine's set-up and step 1.
+``check_data`` runs with the other input checks, before any process group or model exists, ``setup``
+once the checkpoint to resume from is known (before the engine: it may refuse the run),
+``prepare`` once between the engine's set-up and step 1, and ``checkpoint_meta`` goes into every
+checkpoint's meta file (under "task"), for ``setup`` of a resume to read.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional, Protocol
 
 import torch
@@ -24,6 +27,10 @@ from .distributed import DistEnv
 
 class Task(Protocol):
     def check_data(self, config: Config) -> None: ...
+
+    def setup(self, config: Config, start: Optional[tuple[Path, str]]) -> None: ...
+
+    def checkpoint_meta(self) -> Optional[dict]: ...
 
     def build_data(self, config: Config, env: DistEnv, dp_rank: int, dp_size: int, consumed_samples: int, cache_dir: str,
                    step: int = 0, saved_split: int = 0): ...
@@ -66,6 +73,14 @@ class PretrainTask:
         from ..data.blend import check_splits
 
         check_splits(config.data)
+
+    def setup(self, config: Config, start: Optional[tuple[Path, str]]) -> None:
+        """Before the engine is built, with the (root, tag) of the checkpoint the run resumes from (None
+        for a new run): DPO fixes its reference model here (a resume: the one recorded in that checkpoint)."""
+
+    def checkpoint_meta(self) -> Optional[dict]:
+        """What the task records in a checkpoint's meta file (DPO: the reference model it trains against)."""
+        return None
 
     def build_data(self, config: Config, env: DistEnv, dp_rank: int, dp_size: int, consumed_samples: int, cache_dir: str,
                    step: int = 0, saved_split: int = 0):
