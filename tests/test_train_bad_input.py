@@ -246,6 +246,45 @@ def test_the_process_group_is_destroyed_before_exit(outcome, monkeypatch):
     assert not dist.is_initialized()
 
 
+@pytest.mark.parametrize("local_rank, said", [("0", True), ("1", False)])
+def test_a_node_whose_files_differ_says_why_it_stopped(local_rank, said, monkeypatch, capsys):
+    """Only rank 0 printed a bad-input paragraph: a node whose files differ (node-local data, a missing
+    tokenizer) ended its ranks with exit code 2 and no word. Each node's local rank 0 now says it, named."""
+    import socket
+
+    from doge_dist.train.cli import report_errors
+
+    monkeypatch.delenv("TORCHELASTIC_ERROR_FILE", raising=False)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+
+    def run():
+        raise ConfigError("missing tokenizer X")
+
+    assert report_errors(run) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error (rank 1, {socket.gethostname()}): missing tokenizer X\n" if said else ""), err
+
+
+def test_torchrun_error_file_holds_the_message(monkeypatch, tmp_path, capsys):
+    """torchrun's Root Cause block showed "exitcode: 2 error_file: <N/A>" for a rank it had not heard from;
+    the rank's error file (TORCHELASTIC_ERROR_FILE) now carries the paragraph, on every rank."""
+    from doge_dist.train.cli import report_errors
+
+    error_file = tmp_path / "error.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+
+    def run():
+        raise ConfigError("missing tokenizer X")
+
+    assert report_errors(run) == 2 and capsys.readouterr().err == ""
+    assert json.loads(error_file.read_text())["message"]["message"] == "ConfigError: missing tokenizer X"
+
+
 def test_sequences_longer_than_the_model_positions_are_refused():
     with pytest.raises(ConfigError, match=r"data.seq_length \(512\) exceeds model.max_position_embeddings \(256\)"):
         _check(_config("data.seq_length=512"))

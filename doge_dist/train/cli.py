@@ -61,27 +61,47 @@ def check_generator_seed(seed: int) -> None:
 
 
 def report_errors(run: Callable[[], None]) -> int:
-    """Run ``run``; a bad-input error prints one paragraph (rank 0 only; a launch environment described
-    in part on every process) and returns exit code 2,
+    """Run ``run``; a bad-input error prints one paragraph (see _print_error) and returns exit code 2,
     a run stopped for non-finite losses exit code 3, a checkpoint or export that could not be written
     (printed by every rank it failed on) exit code 4. On these ends the process group (if ``run`` made one) is
     destroyed before the interpreter exits, as PyTorch asks (the launchers then skip the interpreter's
     teardown altogether: exit_without_teardown)."""
     from ..convert.hf import ExportWriteError
     from .checkpoint import CheckpointWriteError
-    from .distributed import LaunchEnvironmentError, is_launcher_main
+    from .distributed import LaunchEnvironmentError
     from .loop import TrainingStopped
 
     write_errors = (CheckpointWriteError, ExportWriteError)
     try:
         run()
     except (*input_errors(), TrainingStopped, *write_errors) as error:
-        if is_launcher_main() or isinstance(error, (LaunchEnvironmentError, *write_errors)):
-            print(f"error: {error}", file=sys.stderr, flush=True)
+        _print_error(error, every_rank=isinstance(error, (LaunchEnvironmentError, *write_errors)))
         _destroy_process_group()
         return 4 if isinstance(error, write_errors) else 3 if isinstance(error, TrainingStopped) else 2
     _destroy_process_group()
     return 0
+
+
+def _print_error(error: Exception, every_rank: bool) -> None:
+    """Print ``error`` as one paragraph: on rank 0 (on every rank when ``every_rank``: an error that only
+    some ranks may meet); elsewhere once per node, by each node's local rank 0, named by rank and host. A
+    node whose files differ (node-local data, a missing tokenizer) otherwise ended its ranks with exit
+    code 2 and no word; an error every rank meets alike is then said once per node, as a cluster's logs
+    carry every rank's traceback. Under torchrun the error also goes to this rank's TORCHELASTIC_ERROR_FILE,
+    so the "Root Cause" torchrun prints shows it instead of "error_file: <N/A>". Called while handling ``error``
+    (the file records its traceback)."""
+    from .distributed import is_launcher_main
+
+    if is_launcher_main() or every_rank:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+    elif os.environ.get("LOCAL_RANK", "0") == "0":
+        import socket
+
+        print(f"error (rank {os.environ['RANK']}, {socket.gethostname()}): {error}", file=sys.stderr, flush=True)
+    if os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+        ErrorHandler().record_exception(error)
 
 
 def _destroy_process_group() -> None:
