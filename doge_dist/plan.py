@@ -304,10 +304,10 @@ def make_plan(recipe: Config, config: Config, ds_user: dict[str, Any], gpus: int
     (SFT's memory is pretraining's at data.seq_length; a DPO sample is a pair)."""
     if task not in TASKS:
         raise ConfigError(f"task {task!r}: plan one of {', '.join(TASKS)}.")
-    if gpu_mem_gb <= 0:
-        raise ConfigError(f"--gpu-mem-gb must be more than 0, got {gpu_mem_gb}.")
-    if reserve_gb < 0:
-        raise ConfigError(f"--reserve-gb must be 0 or more (memory the model cannot use), got {reserve_gb}.")
+    if not (math.isfinite(gpu_mem_gb) and gpu_mem_gb > 0):  # nan and inf reached int() as a ValueError traceback
+        raise ConfigError(f"--gpu-mem-gb must be a finite number more than 0, got {gpu_mem_gb}.")
+    if not (math.isfinite(reserve_gb) and reserve_gb >= 0):
+        raise ConfigError(f"--reserve-gb must be a finite number, 0 or more (memory the model cannot use), got {reserve_gb}.")
     layout = check_layout(config, gpus)
     check_seq_length(config)
     ds = check_ds_config(config, ds_user, layout, where)

@@ -11,12 +11,14 @@ checkpointing, whether the configured micro-batch fits, the largest one that doe
 gradient accumulation that keeps the recipe's global batch on --gpus GPUs. The model behind the
 numbers is described in doge_dist/plan.py.
 
---accumulation prints only that accumulation (slurm/launch.sh uses it).
+--accumulation prints only that accumulation (slurm/launch.sh uses it), or the one a
+train.gradient_accumulation_steps= override fixes.
 """
 import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Optional
 
 import yaml
 
@@ -42,6 +44,21 @@ def planned_model(config_path: str, config: Config, overrides: list[str]) -> Mod
                           f"'{config.run.init_from}' holds, which does not exist yet. Plan the model it will be with "
                           f"an override such as model.preset=doge-20m, or point run.init_from at an existing run.")
     return continued_model(config.run.init_from, overrides)
+
+
+def fixed_accumulation(config: Config, dp: int, global_batch: Optional[int]) -> int:
+    """The accumulation an override fixed, which the trainer takes as given (docs/multinode.md): the global
+    batch is then micro x accumulation x dp, and a --global-batch (GLOBAL_BATCH) that says otherwise is refused
+    rather than silently dropped."""
+    train = config.train
+    fixed = train.micro_batch_size * train.gradient_accumulation_steps * dp
+    if global_batch is not None and global_batch != fixed:
+        raise ConfigError(
+            f"The global batch {global_batch} (--global-batch; GLOBAL_BATCH for slurm/launch.sh) is not the "
+            f"train.micro_batch_size {train.micro_batch_size} x train.gradient_accumulation_steps "
+            f"{train.gradient_accumulation_steps} x data-parallel size {dp} = {fixed} the overrides fix: drop one of them."
+        )
+    return train.gradient_accumulation_steps
 
 
 def main() -> int:
@@ -70,6 +87,9 @@ def main() -> int:
             raise ConfigError("No DeepSpeed config: pass --ds_config configs/zero2.json (or set run.ds_config in the YAML).")
         if args.accumulation:  # the launcher's question only: no model needs building
             dp = check_layout(config, args.gpus).dp_size
+            if any(o.startswith("train.gradient_accumulation_steps=") for o in args.overrides):
+                print(fixed_accumulation(config, dp, args.global_batch))
+                return 0
             global_batch = recipe_global_batch(recipe) if args.global_batch is None else args.global_batch
             print(accumulation_steps(global_batch, config.train.micro_batch_size, dp))
             return 0

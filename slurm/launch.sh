@@ -5,7 +5,8 @@
 #
 # Runs one srun task per node; each starts torchrun for that node's GPUs (slurm/node.sh). It keeps the
 # recipe's global batch (train.micro_batch_size x train.gradient_accumulation_steps of the YAML, a
-# single-GPU recipe) on any node count by recomputing the accumulation, writes to runs/<experiment>
+# single-GPU recipe) on any node count by recomputing the accumulation (a train.gradient_accumulation_steps=
+# override fixes it instead; the global batch is then micro x accumulation x GPUs), writes to runs/<experiment>
 # and resumes from its latest checkpoint, and on the preemption warning (#SBATCH --signal=B:USR1@120)
 # asks the trainer to save and requeues the job. Extra arguments are launch/pretrain.py overrides (not
 # run.resume: the launcher resumes itself) and come last, so they win.

@@ -220,19 +220,38 @@ def test_cli_prints_the_plan_and_one_paragraph_errors(plan_cli):
     assert uneven.returncode == 2 and "not divisible" in uneven.stderr and "Traceback" not in uneven.stderr
 
 
+def test_cli_accumulation_an_override_fixes(plan_cli):
+    """slurm/launch.sh asks --accumulation with the job's overrides: one that sets train.gradient_accumulation_steps
+    is the answer (the trainer takes it), not the one that keeps the recipe's global batch; a --global-batch
+    (GLOBAL_BATCH) it does not make is refused, not dropped."""
+    fixed = ("--config", "configs/doge_20m.yaml", "--gpus", "8", "--accumulation", "train.micro_batch_size=12",
+             "train.gradient_accumulation_steps=2")
+    assert plan_cli(*fixed).stdout.strip() == "2"
+    assert plan_cli(*fixed, "--global-batch", "192").stdout.strip() == "2"  # 12 x 2 x 8
+    other = plan_cli(*fixed, "--global-batch", "256")
+    assert other.returncode == 2 and other.stdout == ""
+    assert other.stderr.startswith("error: The global batch 256 (--global-batch; GLOBAL_BATCH for slurm/launch.sh) is "
+                                   "not the train.micro_batch_size 12 x train.gradient_accumulation_steps 2 x "
+                                   "data-parallel size 8 = 192"), other.stderr
+
+
 @pytest.mark.parametrize("args, message", [
     (("--global-batch", "-256", "--accumulation"), "The global batch must be at least 1 sequence, got -256"),
     (("--global-batch", "0", "--accumulation"), "The global batch must be at least 1 sequence, got 0"),
     (("--global-batch", "0",), "The global batch must be at least 1 sequence, got 0"),
     (("train.micro_batch_size=0", "--accumulation"), "train.micro_batch_size must be at least 1, got 0"),
-    (("--gpu-mem-gb", "0"), "--gpu-mem-gb must be more than 0, got 0.0"),
-    (("--reserve-gb", "-5"), "--reserve-gb must be 0 or more (memory the model cannot use), got -5.0"),
+    (("--gpu-mem-gb", "0"), "--gpu-mem-gb must be a finite number more than 0, got 0.0"),
+    (("--gpu-mem-gb", "inf"), "--gpu-mem-gb must be a finite number more than 0, got inf"),
+    (("--gpu-mem-gb", "nan"), "--gpu-mem-gb must be a finite number more than 0, got nan"),
+    (("--reserve-gb", "-5"), "--reserve-gb must be a finite number, 0 or more (memory the model cannot use), got -5.0"),
+    (("--reserve-gb", "nan"), "--reserve-gb must be a finite number, 0 or more (memory the model cannot use), got nan"),
+    (("--reserve-gb", "inf"), "--reserve-gb must be a finite number, 0 or more (memory the model cannot use), got inf"),
     (("data.seq_length=0",), "data.seq_length must be positive, got 0"),
 ])
 def test_cli_refuses_batches_and_memory_that_are_not_positive(args, message, plan_cli):
     """GLOBAL_BATCH=-256 in slurm/launch.sh came back as accumulation -1 (and the job started), a zero
     global batch was silently the recipe's, a zero micro-batch or sequence length a ZeroDivisionError, a zero GPU
-    "does NOT fit", a negative reserve more memory than the GPU has."""
+    "does NOT fit", a negative reserve more memory than the GPU has, a memory of inf or nan a ValueError traceback."""
     result = plan_cli("--config", "configs/doge_160m.yaml", *args)
     assert result.returncode == 2 and result.stdout == "", result.stdout
     assert result.stderr.strip() == f"error: {message}." or result.stderr.startswith(f"error: {message}"), result.stderr

@@ -166,6 +166,19 @@ def test_impossible_gpu_count_is_one_clear_paragraph(tmp_path):
     assert "Traceback" not in out
 
 
+def test_an_accumulation_override_fixes_the_accumulation(tmp_path):
+    """docs/multinode.md: an explicit train.gradient_accumulation_steps= fixes the accumulation yourself. The
+    launcher still asked plan.py for the one keeping the recipe's 256 sequences, which micro 12 on 8 GPUs cannot:
+    the job stopped with "not divisible" instead of training 12 x 2 x 8 sequences per step."""
+    env = fake_slurm(tmp_path, nodes=1, gpus=8, DRY_RUN="1")
+    result = subprocess.run(["sbatch", "slurm/doge_20m.sh", "train.micro_batch_size=12", "train.gradient_accumulation_steps=2"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    command = shlex.split(result.stdout.strip().splitlines()[-1])
+    assert "train.gradient_accumulation_steps=2" in command[:-2]  # what the launcher passes agrees with the override
+    assert command[-2:] == ["train.micro_batch_size=12", "train.gradient_accumulation_steps=2"]
+
+
 @pytest.mark.parametrize("override", ["run.resume=never", "run.resume=runs/doge_20m/checkpoints/step_00000500"])
 def test_a_resume_override_is_refused_not_silently_replaced(override, tmp_path):
     """The launcher passes --resume auto, which beat a run.resume= override although overrides are said to
