@@ -250,6 +250,21 @@ def test_blend_naming_a_missing_prefix(tmp_path) -> None:
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [TOKEN_SCANS]
 
 
+def test_a_preprocessing_output_prefix_as_the_data_prefix_names_the_pair_it_wrote(tmp_path) -> None:
+    """`--output-prefix data/x` writes data/x_text_document.bin/.idx; passing data/x to training said only
+    "missing data/x.bin and data/x.idx, re-create it", while the pair was there."""
+    folder = tmp_path / "run[1]"  # a name with glob characters is matched as it is
+    folder.mkdir()
+    for suffix in (".bin", ".idx"):
+        shutil.copy(assets().train_prefix + suffix, str(folder / "x_text_document") + suffix)
+    with pytest.raises(DataError) as error:
+        validate_prefix(str(folder / "x"))
+    assert f"write {{output-prefix}}_{{key}}_document: did you mean '{folder / 'x_text_document'}'?" in str(error.value)
+    with pytest.raises(DataError) as error:
+        validate_prefix(str(folder / "y"))
+    assert "did you mean" not in str(error.value)
+
+
 @pytest.mark.parametrize(
     "field, value, message",
     [("split", "90,abc", "data.split"), ("train_data", [], "train_data is empty"),

@@ -1,6 +1,7 @@
 """merge_datasets: concatenation with megatron-core's add_index."""
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -35,8 +36,10 @@ def test_merge_keeps_zero_length_documents(tmp_path) -> None:
     """preprocess_data.py writes an empty field as a zero-length document; merged, every document keeps its place."""
     path = write_jsonl(tmp_path / "a.jsonl", [{"text": "one"}, {"text": ""}, {"text": "three"}])
     preprocess(path, str(tmp_path / "a"), str(assets().tokenizer_model), append_eod=True, log=quiet)
-    part = str(tmp_path / "a_text_document")
-    merge_prefixes([part, part], str(tmp_path / "merged"), log=quiet)
+    part, again = str(tmp_path / "a_text_document"), str(tmp_path / "again")
+    for suffix in (".bin", ".idx"):
+        shutil.copy(part + suffix, again + suffix)
+    merge_prefixes([part, again], str(tmp_path / "merged"), log=quiet)
     assert IndexedDataset(str(tmp_path / "merged")).document_indices.tolist() == [0, 1, 1, 2, 3, 3, 4]
 
 
@@ -59,3 +62,19 @@ def test_merge_refuses_mixed_dtypes(tmp_path) -> None:
     with pytest.raises(DataError, match="different token dtypes"):
         merge_prefixes([assets().train_prefix, wide], str(tmp_path / "out"))
     assert not IndexedDataset.exists(str(tmp_path / "out"))
+
+
+@pytest.mark.parametrize("spelling", ["prefix and prefix.idx", "directory and a prefix in it"])
+def test_merge_refuses_a_prefix_named_twice(tmp_path, spelling) -> None:
+    """`--input parts/a parts/a.idx`, or `--input parts parts/a`, merged the prefix twice without a word."""
+    (tmp_path / "parts").mkdir()
+    prefix = str(tmp_path / "parts" / "a")
+    for suffix in (".bin", ".idx"):
+        shutil.copy(assets().train_prefix + suffix, prefix + suffix)
+    inputs = [prefix, prefix + ".idx"] if spelling.startswith("prefix") else [str(tmp_path / "parts"), prefix]
+    result = subprocess.run([sys.executable, str(ROOT / "data_tools" / "merge_datasets.py"), "--input", *inputs,
+                             "--output-prefix", str(tmp_path / "merged")], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert f"error: Prefix '{prefix}' is named twice in --input; list each prefix once" in result.stderr
+    assert "larger weight in data.train_data" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["parts"]

@@ -13,6 +13,7 @@ a ``DataError`` that names the file and the fix. The arrays themselves are read 
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import signal
@@ -174,7 +175,8 @@ def validate_prefix(prefix: str, vocab_size: Optional[int] = None, scan_tokens: 
     missing = [str(p) for p in (bin_path, idx_path) if not p.is_file()]
     if missing:
         hint = " (pass the prefix without .bin/.idx)" if prefix.endswith((".bin", ".idx")) else ""
-        raise DataError(f"Data prefix '{prefix}'{hint}: missing {' and '.join(missing)}; {fix} or fix the path.")
+        raise DataError(f"Data prefix '{prefix}'{hint}: missing {' and '.join(missing)}{_written_from(prefix)}; "
+                        f"{fix} or fix the path.")
     dtype, sequences, documents = _read_header(idx_path, fix)
     expected_idx = HEADER_BYTES + sequences * (4 + 8) + documents * 8
     actual_idx = idx_path.stat().st_size
@@ -211,6 +213,16 @@ def validate_prefix(prefix: str, vocab_size: Optional[int] = None, scan_tokens: 
             "tokenizer of this run, or set data.tokenizer to the one the data was made with."
         )
     return PrefixInfo(prefix, dtype, sequences, documents - 1, tokens, max_token, lengths)
+
+
+def _written_from(prefix: str) -> str:
+    """A hint when ``prefix`` is a preprocessing run's --output-prefix, the classic wrong training prefix:
+    the pairs that run wrote are ``{output-prefix}_{key}_document``."""
+    written = sorted(path[: -len(".idx")] for path in glob.glob(document_prefix(glob.escape(prefix), "*") + ".idx"))
+    if not written:
+        return ""
+    names = " or ".join(f"'{name}'" for name in written)
+    return f" (the data tools write {{output-prefix}}_{{key}}_document: did you mean {names}?)"
 
 
 def token_count(prefix: str) -> int:
@@ -282,9 +294,18 @@ def _max_token(bin_path: Path, dtype: np.dtype, log: Callable[[str], None] = pri
 
 def merge_prefixes(prefixes: list[str], output_prefix: str, log: Callable[[str], None] = print) -> PrefixInfo:
     """Concatenate .bin/.idx pairs in order with megatron-core's ``IndexedDatasetBuilder.add_index``;
-    a log line after each input with the rate and ETA."""
+    a log line after each input with the rate and ETA. A prefix named twice (also spelled differently:
+    ``a`` and ``a.idx``, a directory and a prefix in it) is refused: its documents would be in the
+    output twice, silently."""
     if not prefixes:
         raise DataError("Nothing to merge: pass at least one input prefix.")
+    seen: set[str] = set()
+    for prefix in prefixes:
+        real = os.path.realpath(prefix)
+        if real in seen:
+            raise DataError(f"Prefix '{prefix}' is named twice in --input; list each prefix once (to upsample "
+                            "it, give it a larger weight in data.train_data).")
+        seen.add(real)
     infos = [validate_prefix(prefix, scan_tokens=False) for prefix in prefixes]
     dtypes = {info.dtype for info in infos}
     if len(dtypes) > 1:
