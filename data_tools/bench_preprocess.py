@@ -17,7 +17,7 @@ import tempfile
 import time
 
 from doge_dist.data import load_tokenizer, preprocess
-from doge_dist.data.errors import DataError, at_least, run_tool
+from doge_dist.data.errors import DataError, at_least, run_tool, usable_cpus
 
 _TOKENIZER = None
 
@@ -54,7 +54,8 @@ def main() -> int:
     parser.add_argument("--tokenizer-model", default="data/tokenizer/tokenizer.model")
     parser.add_argument("--json-keys", "--json-key", dest="json_key", default="text", metavar="KEY",
                         help="the one key holding the text (preprocess_data.py's --json-keys, one key)")
-    parser.add_argument("--workers", type=at_least(1), default=os.cpu_count())
+    parser.add_argument("--workers", type=at_least(1), default=usable_cpus(),
+                        help="processes on each side (default: the CPUs this process may use)")
     parser.add_argument("--repeat", type=at_least(1), default=1,
                         help="concatenate the input N times for a longer, steadier run")
     args = parser.parse_args()
@@ -75,6 +76,8 @@ def bench(args: argparse.Namespace) -> str:
                 data = source.read()
                 for _ in range(args.repeat):
                     sink.write(data)
+                    if not data.endswith(b"\n"):  # else its last line and the next copy's first would be one
+                        sink.write(b"\n")
         megabytes = os.path.getsize(path) / 1e6
         start = time.time()
         report = preprocess(path, os.path.join(scratch, "bench"), args.tokenizer_model, json_keys=[args.json_key],

@@ -12,11 +12,10 @@ globs of those, and datasets directories saved with save_to_disk. Writes
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from doge_dist.data import preprocess
-from doge_dist.data.errors import at_least, log_to_stderr, run_tool
+from doge_dist.data.errors import at_least, log_to_stderr, run_tool, usable_cpus
 from doge_dist.data.tokenizer import TOKENIZER_TYPES
 
 
@@ -33,7 +32,8 @@ def get_args() -> argparse.Namespace:
     group = parser.add_argument_group("output data")
     group.add_argument("--output-prefix", required=True, help="path without the _{key}_document.bin/.idx suffix")
     group = parser.add_argument_group("runtime")
-    group.add_argument("--workers", type=at_least(1), default=os.cpu_count(), help="tokenizer processes (default: all cores)")
+    group.add_argument("--workers", type=at_least(1), default=usable_cpus(),
+                       help="tokenizer processes (default: the CPUs this process may use)")
     group.add_argument("--log-interval", type=int, default=1000, help="documents between progress lines")
     group.add_argument("--strict", action="store_true", help="stop at the first malformed record instead of skipping it")
     return parser.parse_args()

@@ -370,3 +370,68 @@ def test_a_file_named_twice_is_read_once(tmp_path, monkeypatch) -> None:
     report = preprocess([str(tmp_path / "corpus"), "corpus/a.jsonl"], str(tmp_path / "out"), str(assets().tokenizer_model),
                         log=quiet)
     assert report.documents == len(texts)
+
+
+def test_a_worker_that_dies_is_one_error_and_leaves_no_partial_files(tmp_path, monkeypatch) -> None:
+    """A worker killed mid-batch (the out-of-memory killer, a crash in the tokenizer's C code): Pool starts
+    a replacement but the batch is lost, and the run waited for it for ever with its partial files open."""
+    import importlib
+    import threading
+
+    module = importlib.import_module("doge_dist.data.preprocess")  # the package's name is the function
+    encode = module._encode_record
+
+    def dies_in_the_second_batch(record):
+        if record[1] == module.BATCH_RECORDS + 1:  # the line that starts the second batch
+            os._exit(137)  # as SIGKILL: no cleanup in the worker
+        return encode(record)
+
+    monkeypatch.setattr(module, "_encode_record", dies_in_the_second_batch)  # the workers are forked after this
+    path = write_jsonl(tmp_path / "in.jsonl", [{"text": f"document {i}"} for i in range(3 * module.BATCH_RECORDS)])
+    outcome: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            preprocess(path, str(tmp_path / "out"), str(assets().tokenizer_model), workers=2, log=quiet)
+        except BaseException as error:  # noqa: BLE001 - handed to the test's thread
+            outcome.append(error)
+
+    thread = threading.Thread(target=run, daemon=True)  # a hang must fail the test, not stop the suite
+    thread.start()
+    thread.join(timeout=60)
+    assert not thread.is_alive(), "preprocess still waits for the dead worker's batch"
+    assert len(outcome) == 1 and isinstance(outcome[0], DataError) and "worker process died" in str(outcome[0])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+def _data_tool(name: str):
+    """A data_tools script as a module (its main is not run)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "data_tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_default_worker_count_is_the_cpus_this_process_may_use(monkeypatch) -> None:
+    """--workers defaulted to os.cpu_count(), every core of the machine, also under Slurm's --cpus-per-task
+    or taskset: as many tokenizer processes as cores crowded onto the few allowed."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    monkeypatch.setattr(sys, "argv", ["preprocess_data.py", "--input", "x", "--output-prefix", "y", "--tokenizer-model", "z"])
+    assert _data_tool("preprocess_data").get_args().workers == 1
+    bench = _data_tool("bench_preprocess")
+    seen: list[Namespace] = []
+    monkeypatch.setattr(bench, "bench", lambda args: seen.append(args) or "")
+    monkeypatch.setattr(sys, "argv", ["bench_preprocess.py"])
+    assert bench.main() == 0 and seen[0].workers == 1
+
+
+def test_bench_repeats_an_input_without_a_final_newline_document_by_document(tmp_path, monkeypatch) -> None:
+    """--repeat joined the last line of one copy and the first of the next into one (bad) record."""
+    path = tmp_path / "in.jsonl"
+    path.write_text("\n".join(json.dumps({"text": f"document {i}"}) for i in range(3)))  # no final newline
+    bench = _data_tool("bench_preprocess")
+    monkeypatch.setattr(bench, "bench_datasets", lambda *args: (1.0, 6, 1))  # only preprocess_data.py's side here
+    args = Namespace(input=str(path), tokenizer_model=str(assets().tokenizer_model), json_key="text", workers=1, repeat=2)
+    assert "x2: 0.0 MB, 6 documents;" in bench.bench(args)

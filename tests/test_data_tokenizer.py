@@ -82,6 +82,36 @@ def test_special_ids_must_be_distinct(tmp_path) -> None:
         train_tokenizer(assets().train_jsonl, tmp_path, vocab_size=VOCAB, special_ids={"bos": 0, "eos": 1, "pad": 1, "unk": 3})
 
 
+def test_the_default_thread_count_is_the_cpus_this_process_may_use(tmp_path, monkeypatch) -> None:
+    """It was os.cpu_count(), every core of the machine, also under Slurm's --cpus-per-task or taskset."""
+    import os
+
+    import sentencepiece as spm
+
+    corpus, threads = assets().valid_jsonl, []  # the shared assets built before sentencepiece is patched
+
+    def record(**settings):
+        threads.append(settings["num_threads"])
+        raise KeyboardInterrupt  # no need to train
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    monkeypatch.setattr(spm.SentencePieceTrainer, "train", record)
+    with pytest.raises(KeyboardInterrupt):
+        train_tokenizer(corpus, tmp_path / "out", vocab_size=VOCAB, log=quiet)
+    assert threads == [1]
+
+
+def test_special_ids_left_out_with_minus_one_are_not_compared(tmp_path) -> None:
+    """sentencepiece takes -1 as "no such token"; --bos-id -1 --pad-id -1 was refused as two equal ids."""
+    model = train_tokenizer(assets().train_jsonl, tmp_path, vocab_size=VOCAB, threads=2, log=quiet,
+                            special_ids={"bos": -1, "eos": 0, "pad": -1, "unk": 1})
+    import sentencepiece as spm
+
+    trained = spm.SentencePieceProcessor(model_file=str(model))
+    assert (trained.bos_id(), trained.eos_id(), trained.pad_id(), trained.unk_id()) == (-1, 0, -1, 1)
+    assert load_tokenizer(tmp_path).encode("hello world") == load_tokenizer(model).encode("hello world")  # the HF twin
+
+
 def test_training_input_without_the_key(tmp_path) -> None:
     wrong = write_jsonl(tmp_path / "wrong.jsonl", [{"body": "x"}, {"text": "y"}])
     with pytest.raises(DataError, match=r"wrong\.jsonl:1: no key 'text'; this record has keys 'body'"):

@@ -12,7 +12,8 @@ missing key stops it when no document was written yet, as that means a wrong --j
 
 Workers: a ``multiprocessing.Pool`` with ``imap`` keeps input order, so the bytes do not depend on the
 worker count. Reading is throttled to a fixed number of batches in flight (Pool's feeder thread would
-otherwise read the whole input into memory ahead of the workers).
+otherwise read the whole input into memory ahead of the workers). A worker that dies stops the run
+with an error (``_watched``): Pool would wait for its batch for ever.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
+from multiprocessing.pool import IMapIterator, Pool
 from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
@@ -103,6 +105,31 @@ def _batches(records: Iterator[Record], slots: Optional[threading.Semaphore], st
             batch = []
     if batch:
         yield batch
+
+
+def _watched(results: IMapIterator, pool: Pool, poll: float = 1.0) -> Iterator[list]:
+    """``imap``'s results in order, or a DataError when a worker process died (the out-of-memory killer
+    on a huge document, a crash in the tokenizer's C code): Pool starts a replacement, but the dead
+    worker's batch is lost and ``imap`` would wait for it for ever, the partial files left in place.
+    Pool's public API neither reports a lost task nor exposes its workers, so this reads the private
+    ``Pool._pool`` (its live worker processes; a test covers it across Python upgrades): a changed set
+    of worker ids means one died. (ProcessPoolExecutor reports a dead worker, but its ``map`` submits
+    the whole input at once.)"""
+    started = {process.pid for process in pool._pool}  # now, not at the first result: a worker may die before
+
+    def in_order() -> Iterator[list]:
+        while True:
+            try:
+                yield results.next(timeout=poll)
+            except StopIteration:
+                return
+            except multiprocessing.TimeoutError:
+                if {process.pid for process in pool._pool} != started:
+                    raise DataError("A tokenizer worker process died (killed for lack of memory, or a crash in the "
+                                    "tokenizer), and its records with it; nothing was written. Use fewer --workers or "
+                                    "a machine with more memory, or leave out the huge documents.") from None
+
+    return in_order()
 
 
 @dataclass
@@ -219,7 +246,7 @@ def preprocess(
         if workers > 1:
             pool = stack.enter_context(multiprocessing.Pool(workers, initializer=_init_pool_worker, initargs=init_args))
             stack.callback(stop.set)  # runs before the pool terminates: the feeder must not block
-            results = pool.imap(_encode_batch, batches, chunksize=1)
+            results = _watched(pool.imap(_encode_batch, batches, chunksize=1), pool)
         else:
             _init_worker(*init_args)
             results = map(_encode_batch, batches)

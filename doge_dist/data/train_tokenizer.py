@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from doge_dist.data.chat_template import CHAT_SUBDIR, write_chat_tokenizer
-from doge_dist.data.errors import DataError, check_output_dir, is_write_failure
+from doge_dist.data.errors import DataError, check_output_dir, is_write_failure, usable_cpus
 from doge_dist.data.inputs import BadRecord, decode_record, iter_records, list_inputs
 from doge_dist.data.tokenizer import DOGE_SPECIAL_IDS, SP_MODEL_NAME, write_hf_tokenizer
 
@@ -62,7 +62,7 @@ def train_tokenizer(
     max_sentences: int = 2_000_000,
     special_ids: dict[str, int] = DOGE_SPECIAL_IDS,
     seed: int = 0,
-    threads: int = os.cpu_count() or 1,
+    threads: int | None = None,
     log: Callable[[str], None] = print,
 ) -> Path:
     """Write ``output_dir/tokenizer.model``, a Hugging Face tokenizer in ``output_dir`` and the chat twin
@@ -70,13 +70,15 @@ def train_tokenizer(
 
     All is written to ``output_dir.partial`` first and moved in when complete, the .model last: a failed
     or killed run leaves a tokenizer already in ``output_dir`` as it was, and a directory with a
-    ``tokenizer.model`` is complete, which is what ``make`` goes by."""
+    ``tokenizer.model`` is complete, which is what ``make`` goes by. ``threads`` None: the CPUs this
+    process may use."""
     import sentencepiece as spm
 
     if model_type not in ("bpe", "unigram"):
         raise ValueError(f"model_type must be 'bpe' or 'unigram', got {model_type!r}.")
-    if len(set(special_ids.values())) != len(special_ids):
-        raise ValueError(f"Special ids must be distinct (pad must differ from eos): {special_ids}.")
+    used = [value for value in special_ids.values() if value >= 0]  # -1 leaves the token out, as sentencepiece takes it
+    if len(set(used)) != len(used):
+        raise ValueError(f"Special ids must be distinct (pad must differ from eos; -1 leaves one out): {special_ids}.")
     check_tokenizer_output(output_dir)
     # The first line is read here, not inside sentencepiece, which would turn a DataError into a stack dump.
     sentences = _sentences(inputs, json_keys, log)
@@ -118,7 +120,7 @@ def train_tokenizer(
             input_sentence_size=max_sentences,
             shuffle_input_sentence=True,
             max_sentence_length=MAX_SENTENCE_BYTES,
-            num_threads=threads,
+            num_threads=threads or usable_cpus(),
             minloglevel=1,
         )
         log(f"sentencepiece trained in {time.time() - start:.0f} s")
