@@ -55,7 +55,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--steps", type=int, default=10, help="measured rounds (each model steps once per round)")
-    p.add_argument("--warmup", type=int, default=3, help="unmeasured rounds first (compilation, allocator)")
+    p.add_argument("--warmup", type=int, default=3, help="unmeasured rounds first (compilation, allocator; --decode: half as many, at least one)")
     p.add_argument("--models", default="ours,hf_eager,hf_sdpa",
                    help="comma list of ours, hf_eager, hf_sdpa, and ours_<backend> (ours with another attention "
                         "backend, e.g. ours_sdpa, compared in the same run)")
@@ -335,7 +335,9 @@ def greedy_ours(model, prompt: torch.Tensor, new_tokens: int, compiled: bool = F
 def greedy_hf(model, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
     from transformers import GenerationConfig
 
-    # no eos: every run generates exactly new_tokens tokens
+    # no eos: every run generates exactly new_tokens tokens (generate fills an eos left None in the
+    # generation config it is given from the model's own, so that one is cleared too)
+    model.generation_config.eos_token_id = None
     generation = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=2)
     return model.generate(prompt, generation_config=generation)[:, prompt.shape[1] :]
 
@@ -358,7 +360,8 @@ def bench_decode(args, config: ModelConfig, device: torch.device, names: list[st
         return go
 
     runs = {n: run(n, m) for n, m in models.items()}
-    times = interleaved_times(runs, max(1, args.warmup // 2), args.steps, device, CLOCKS[args.clock])
+    warmup = max(1, args.warmup // 2)  # a generation is many steps: half the rounds, at least one (inductor, allocator)
+    times = interleaved_times(runs, warmup, args.steps, device, CLOCKS[args.clock])
     results = {}
     for name, seconds in times.items():
         if isinstance(seconds, str):
@@ -372,7 +375,7 @@ def bench_decode(args, config: ModelConfig, device: torch.device, names: list[st
         }
     finished = [n for n, r in results.items() if n != "ours" and "error" not in r]
     same = {n: bool(torch.equal(outputs[n], outputs["ours"])) for n in finished}
-    return {"decode": results, "same_tokens_as_ours": same}
+    return {"decode": results, "same_tokens_as_ours": same, "warmup": warmup}
 
 
 def ratios(results: dict, key: str) -> dict:

@@ -37,8 +37,8 @@ def test_training_bench_prints_the_expected_json():
 
 
 def test_decode_bench_generates_the_same_tokens_as_transformers():
-    summary = _bench("--decode", "--dtype", "fp32", "--models", "ours,hf_eager")
-    assert summary["mode"] == "decode"
+    summary = _bench("--decode", "--dtype", "fp32", "--models", "ours,hf_eager", "--warmup", "0")
+    assert summary["mode"] == "decode" and summary["warmup"] == 1  # the rounds it ran
     assert set(summary["decode"]["ours"]) == {"ms_per_token", "tokens_per_s"}
     assert summary["same_tokens_as_ours"] == {"hf_eager": True}
     assert "ours_vs_hf_eager" in summary["ratios"]
@@ -138,3 +138,19 @@ def test_bench_unknown_preset_is_one_line():
                             capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert result.returncode == 1 and "error: Unknown model preset 'doge-nope'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_transformers_decode_runs_past_the_models_eos():
+    """Both sides generate every one of the new tokens: transformers' generate takes the eos of the model's
+    generation config when the one it is given has none, and stopped there (the bench's token check failed)."""
+    import torch
+
+    sys.path.insert(0, os.path.join(ROOT, "launch"))
+    import bench
+    from doge_dist.config import ModelConfig
+
+    models = bench.build_models(ModelConfig.from_preset("doge-tiny"), torch.device("cpu"), ["ours", "hf_eager"], compiled=False)
+    prompt = torch.randint(3, 512, (1, 8), generator=torch.Generator().manual_seed(0))
+    expected = bench.greedy_ours(models["ours"], prompt, 16)
+    models["hf_eager"].generation_config.eos_token_id = int(expected[0, 0])  # the model's eos: its first token
+    assert torch.equal(bench.greedy_hf(models["hf_eager"].eval(), prompt, 16), expected)
