@@ -7,6 +7,8 @@ eager and SDPA kernels compute them). Megatron-LM's ``num_floating_point_operati
 square for causal attention, 6 x layers x heads x head_dim x sequence length: for the same run its
 TFLOP/s and MFU are lower by that term, 14% for doge-320m and 20% for doge-20m at sequence 2048.
 The convention is the same for every model bench.py compares, so its ratios are ratios of tokens/s.
+The forward that activation checkpointing recomputes is not counted (the model's FLOPs, not the
+hardware's, as PaLM's MFU and Megatron-LM count them): checkpointed runs read a lower MFU for the same work.
 """
 from ..config import ModelConfig
 
