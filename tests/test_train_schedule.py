@@ -115,3 +115,33 @@ def test_a_resume_takes_its_adamw_settings_from_this_run():
     reapply_optimizer_settings(scheduler, resumed)
     assert [(g["weight_decay"], g["betas"], g["eps"]) for g in optimizer.param_groups] == [(0.02, (0.8, 0.99), 1e-6),
                                                                                           (0.0, (0.8, 0.99), 1e-6)]
+
+
+@pytest.mark.parametrize("max_steps, warns", [(12, True), (7, False)])
+def test_a_resume_whose_schedule_raises_the_lr_after_its_decay_warns(max_steps, warns):
+    """A run decayed to step 7 (of 7) resumed with train.max_steps 12 moves its decay past step 7: the lr
+    jumps back to the peak with no warmup (Megatron-LM refuses a changed schedule); said, with the way to
+    a re-warmup. The same schedule resumes without a word."""
+    import dataclasses
+    import warnings
+
+    from doge_dist.train.schedule import lr_multipliers, reapply_optimizer_settings, warn_if_lr_jumps
+
+    saved = TrainConfig(lr=1.0, max_steps=7, warmup_steps=2, decay_steps=2)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = build_scheduler(optimizer, saved)
+    for _ in range(6):
+        optimizer.step()
+        scheduler.step()
+    state = scheduler.state_dict()  # at step 6, in the decay (lr 0.5)
+    resumed = dataclasses.replace(saved, max_steps=max_steps)
+    scheduler = build_scheduler(optimizer, resumed)
+    scheduler.load_state_dict(state)
+    optimizer.param_groups[0]["lr"] = state["_last_lr"][0]  # as the optimizer's own state restores it
+    before = lr_multipliers(scheduler)
+    reapply_optimizer_settings(scheduler, resumed)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warn_if_lr_jumps(before, scheduler, resumed, 6)
+    assert before == [pytest.approx(0.5)]
+    assert [("a jump with no warmup" in str(w.message)) for w in caught] == ([True] if warns else [])

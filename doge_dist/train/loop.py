@@ -36,7 +36,7 @@ from .host_memory import keep_freed_memory
 from .metrics import Reporter, peak_tflops
 from .optim import DenseFreeze
 from .preflight import check_run
-from .schedule import reapply_optimizer_settings
+from .schedule import lr_multipliers, reapply_optimizer_settings, warn_if_lr_jumps
 from .task import PretrainTask, Task
 
 
@@ -270,7 +270,8 @@ def is_finished(start: tuple[Path, str], saved: dict, train: TrainConfig, run_di
 def finished_run(start: tuple[Path, str], saved: dict, env: DistEnv) -> Progress:
     if env.is_main:
         print(f"[doge-dist] {start[0] / start[1]} is at train.max_steps ({saved['step']}): the run is finished, nothing "
-              "to train (raise train.max_steps to train on)", flush=True)
+              "to train (raise train.max_steps to train on from a stable-phase lr; after a decay, start a new run.dir "
+              "with run.init_from for a fresh schedule with its warmup)", flush=True)
     return Progress(**{field: saved[field] for field in ("step", "consumed_samples", "consumed_tokens") if field in saved})
 
 
@@ -333,7 +334,10 @@ def pretrain(config: Config, ds_user: dict[str, Any], ds_where: str = "the DeepS
     progress = Progress()
     if start:
         progress = checkpoint.load(engine, *source)
+        saved_lr = lr_multipliers(engine.lr_scheduler)
         reapply_optimizer_settings(engine.lr_scheduler, train)
+        if env.is_main:
+            warn_if_lr_jumps(saved_lr, engine.lr_scheduler, train, progress.step)
         if env.is_main:
             print(f"[doge-dist] resumed from {origin[0] / origin[1]} at step {progress.step}", flush=True)
     elif init_checkpoint:

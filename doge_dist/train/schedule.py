@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
+from typing import Optional
 
 import torch
 
@@ -110,3 +112,26 @@ def reapply_optimizer_settings(scheduler: torch.optim.lr_scheduler.LambdaLR, tra
         group["weight_decay"] = train.weight_decay if group.get("decayed", group["weight_decay"] > 0) else 0.0
         group["betas"], group["eps"] = (train.adam_beta1, train.adam_beta2), train.adam_eps
     scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+
+
+def lr_multipliers(scheduler: torch.optim.lr_scheduler.LambdaLR) -> list[Optional[float]]:
+    """Each optimizer group's lr over its base lr, as the scheduler holds them (right after a checkpoint
+    load: the saving run's schedule at its last step); None for a base lr of 0."""
+    return [group["lr"] / base if base else None for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs)]
+
+
+def warn_if_lr_jumps(saved: list[Optional[float]], scheduler: torch.optim.lr_scheduler.LambdaLR, train: TrainConfig,
+                     step: int) -> None:
+    """A resume whose schedule (a larger train.max_steps, other phase lengths) puts the lr above the
+    checkpoint's own schedule after the warmup: a decayed run raised back to the peak lr at once. Megatron-LM
+    refuses a changed schedule unless told to override it; here it is said, with the way to a re-warmup
+    (doge_reference.md: continuing from a checkpoint, a short re-warmup)."""
+    for old, new in zip(saved, lr_multipliers(scheduler)):
+        if old is not None and new is not None and step >= train.warmup_steps and new > old * (1 + 1e-6):
+            warnings.warn(
+                f"The checkpoint's schedule had the lr at {old:.4g} x train.lr for step {step + 1}; this run's "
+                f"train.max_steps and phase lengths put it at {new:.4g} x train.lr: a jump with no warmup. To go on "
+                "from a decayed run, start a new run.dir with run.init_from=<this run> (a fresh schedule with its "
+                "warmup); raising train.max_steps continues smoothly only from the stable phase."
+            )
+            return
