@@ -17,21 +17,27 @@ from model_helpers import model_pair, unique_tokens
 
 
 @pytest.mark.parametrize("preset, overrides", [("doge-tiny", {}), ("doge-tiny-moe", {"router_layout": "hf_compat"}),
-                                               ("doge-tiny", {"tie_word_embeddings": False,
+                                               ("doge-tiny", {"tie_word_embeddings": False, "max_position_embeddings": 8,
                                                               "rope_scaling": {"rope_type": "dynamic", "factor": 4.0}}),
+                                               ("doge-tiny", {"rope_theta": 500.0, "rms_norm_eps": 1e-3}),
                                                ("doge-tiny", {"head_dim": 8})])
 def test_export_loads_in_transformers_with_equal_logits(tmp_path, preset, overrides):
     """transformers' DogeAttention takes config.head_dim, also one that does not tile hidden_size (o_proj maps
-    heads x head_dim back to it); the export carries it in config.json."""
+    heads x head_dim back to it); the export carries it in config.json, as it carries rope_theta, the norms'
+    eps and the dynamic rope scaling (16 tokens past 8 positions: in use); our import reads them back."""
     from transformers import AutoModelForCausalLM
 
     ours, _ = model_pair(ModelConfig.from_preset(preset, **overrides))
     save_hf(ours, tmp_path / "hf")
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
     assert type(loaded).__name__ == "DogeForCausalLM"
+    back = load_hf(tmp_path / "hf").eval()
+    assert {key: getattr(back.config, key) for key in overrides} == overrides
     ids = unique_tokens(2, 16, 512)
     with torch.no_grad():
-        assert (ours.eval()(ids).logits - loaded(ids).logits).abs().max() <= 1e-5
+        expected = ours.eval()(ids).logits
+        assert (expected - loaded(ids).logits).abs().max() <= 1e-5
+        assert (expected - back(ids).logits).abs().max() <= 1e-5
 
 
 def test_import_then_export_returns_identical_tensors(tmp_path):

@@ -18,6 +18,7 @@ CASES = {
         "doge-tiny",
         {"max_position_embeddings": 8, "rope_scaling": {"rope_type": "dynamic", "factor": 4.0}},
     ),
+    "rope_theta and rms_norm_eps not the defaults": ("doge-tiny", {"rope_theta": 500.0, "rms_norm_eps": 1e-3}),
 }
 
 
