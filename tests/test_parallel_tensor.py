@@ -65,6 +65,7 @@ def _compare_with_single_device(group, world_size, preset, overrides, sequence_p
     sharded = parallelize_tensor(copy.deepcopy(single), group, sequence_parallel)
 
     ids = unique_tokens(2, 16, config.vocab_size, seed=3)
+    ids[0, 4] = config.pad_token_id  # a lookup of the padding row: no gradient from it (nn.Embedding's padding_idx)
     mask = torch.ones_like(ids)
     mask[1, 13:] = 0
     labels = shift_labels(ids, mask)
