@@ -338,7 +338,6 @@ def pretrain(config: Config, ds_user: dict[str, Any], ds_where: str = "the DeepS
         reapply_optimizer_settings(engine.lr_scheduler, train)
         if env.is_main:
             warn_if_lr_jumps(saved_lr, engine.lr_scheduler, train, progress.step)
-        if env.is_main:
             print(f"[doge-dist] resumed from {origin[0] / origin[1]} at step {progress.step}", flush=True)
     elif init_checkpoint:
         if config.run.init_optimizer:
