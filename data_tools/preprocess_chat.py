@@ -6,9 +6,14 @@
     python data_tools/preprocess_chat.py --kind dpo --input data/sample_chat/dpo_train.jsonl \\
         --tokenizer data/tokenizer/chat --output-prefix data/sample_dpo_train --max-prompt-length 512
 
-SFT records: {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}: an optional system
-message first, then turns alternating user, assistant, user, ...
+SFT records: {"messages": [{"role": "system"|"user"|"assistant"|"tool"|"ipython", "content": "..."}, ...]}: an
+optional system message first (an empty one is dropped), then turns alternating user, assistant, user, ...; tool
+results (tool or ipython) may follow an assistant turn, and the assistant answers them. The loss is on the assistant
+turns. Or TRL's prompt-completion records {"prompt": str or messages, "completion": str or messages}: the loss is on
+the completion only (TRL's completion_only_loss).
 DPO records: {"prompt": str or messages, "chosen": str or messages, "rejected": str or messages}.
+An --input directory holding several splits (a Hugging Face Hub download: train-*.parquet beside test-*.parquet,
+or train/ beside test/) is refused: pass one split's files, e.g. --input 'DIR/data/train*'.
 The tokenizer is a Hugging Face directory with the chat template (data_tools/make_chat_tokenizer.py).
 Writes {output-prefix}_text_document.bin/.idx and {output-prefix}_loss_mask_document.bin/.idx.
 Malformed records are reported with file:line and skipped; --strict stops at the first one.

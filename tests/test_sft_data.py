@@ -665,3 +665,143 @@ def test_the_sample_chat_validation_sets_are_held_out(tmp_path):
     assert len(records("sft_valid.jsonl")) == 64 and not train & {json.dumps(r) for r in records("sft_valid.jsonl")}
     prompts = {r["prompt"] for r in records("dpo_train.jsonl")}
     assert len(records("dpo_valid.jsonl")) == 64 and not prompts & {r["prompt"] for r in records("dpo_valid.jsonl")}
+
+
+def test_a_directory_of_several_splits_is_refused_and_nothing_written(tmp_path):
+    """A Hugging Face Hub download (data/train-00000-of-00001.parquet beside data/test-..., or train/ beside
+    validation/) was read whole: the held-out split trained on, silently (as a DatasetDict folder, refused)."""
+    import re
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from doge_dist.data.inputs import list_inputs
+
+    table = pa.table({"messages": [MESSAGES]})
+    hub = tmp_path / "hub" / "data"
+    hub.mkdir(parents=True)
+    for split in ("train", "test"):
+        pq.write_table(table, hub / f"{split}-00000-of-00001.parquet")
+    with pytest.raises(DataError, match=re.escape(f"'{tmp_path / 'hub'}' holds several splits (test, train); reading it "
+                                                  f"whole would mix them. Pass one split's files, for example --input '{hub}/train*'.")):
+        preprocess_chat(str(tmp_path / "hub"), str(tmp_path / "out"), str(chat_tokenizer()), log=quiet)
+    assert not list(tmp_path.glob("out*"))
+    assert preprocess_chat(f"{hub}/train*", str(tmp_path / "out"), str(chat_tokenizer()), log=quiet).documents == 1
+    folders = tmp_path / "folders"
+    for split in ("train", "validation"):
+        (folders / split).mkdir(parents=True)
+        pq.write_table(table, folders / split / "0000.parquet")
+    with pytest.raises(DataError, match=re.escape(f"holds several splits (train, validation); reading it whole would mix "
+                                                  f"them. Pass one split's files, for example --input '{folders / 'train'}'.")):
+        list_inputs(folders)
+    assert len(list_inputs([folders / "train", folders / "validation"])) == 2  # each given on its own: as asked
+
+
+def test_prompt_completion_records_train_on_the_completion_only(tmp_path):
+    """TRL's prompt-completion SFT format was refused ("no key 'messages'"); as TRL's completion_only_loss
+    the loss is on the completion alone (its content and eos): a one-turn record, as messages or strings,
+    equals its messages form, and a multi-turn prompt's assistant turns carry no loss."""
+    question, answer = {"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}
+    records = [{"prompt": [question], "completion": [answer]}, {"prompt": "Q", "completion": "A"},
+               {"messages": [question, answer]}, {"prompt": MESSAGES[:4], "completion": MESSAGES[4:]},
+               {"prompt": "Q", "chosen": "A", "rejected": "B"}]
+    source = write_jsonl(tmp_path / "chat.jsonl", records)
+    report = preprocess_chat(str(source), str(tmp_path / "sft"), str(chat_tokenizer()), log=quiet)
+    assert (report.documents, report.bad) == (4, 1)
+    assert "no key 'messages' (nor 'prompt' and 'completion'); this record has keys 'prompt', 'chosen'" in report.bad_locations[0]
+    sequences = MaskedSequences([str(tmp_path / "sft_text_document")], pairs=False)
+    documents = [(ids.tolist(), mask.tolist()) for ids, mask in (sequences[i] for i in range(len(sequences)))]
+    tokenizer = load_chat_tokenizer(chat_tokenizer())
+    trained = [tokenizer.decode([i for i, m in zip(ids, mask) if m]) for ids, mask in documents]
+    assert trained == ["A</s>", "A</s>", "A</s>", "4 * 4 = 16.</s>"]
+    assert documents[0] == documents[1] == documents[2]
+    assert documents[3][0] == encode_conversation(tokenizer, MESSAGES)[0]
+    from datasets import Dataset
+
+    Dataset.from_dict({"prompt": ["Q"], "completion": ["A"]}).save_to_disk(str(tmp_path / "saved"))  # columns of one format
+    preprocess_chat(str(tmp_path / "saved"), str(tmp_path / "columns"), str(chat_tokenizer()), log=quiet)
+    assert MaskedSequences([str(tmp_path / "columns_text_document")], pairs=False)[0][0].tolist() == documents[0][0]
+
+
+def test_tool_turns_are_context_after_an_assistant_turn():
+    """A tool result (role tool, or ipython as Llama 3 and the published Doge template name it) made the
+    conversation a bad record; it is rendered by the template and carries no loss, as a user turn."""
+    from doge_dist.data.chat import check_messages
+    from doge_dist.data.inputs import BadRecord
+
+    tokenizer = load_chat_tokenizer(chat_tokenizer())
+    for role in ("tool", "ipython"):
+        messages = [{"role": "user", "content": "Weather in Paris?"}, {"role": "assistant", "content": "get_weather(Paris)"},
+                    {"role": role, "content": "18 C, sunny"}, {"role": "assistant", "content": "It is 18 C and sunny."}]
+        ids, mask = encode_conversation(tokenizer, check_messages(messages))
+        spans = [bit for index, bit in enumerate(mask) if bit and (index == 0 or not mask[index - 1])]
+        assert len(spans) == 2 and tokenizer.decode([i for i, m in zip(ids, mask) if m]) == "get_weather(Paris)</s>It is 18 C and sunny.</s>"
+        assert f"{role}<|end_header_id|>\n18 C, sunny</s>" in tokenizer.decode(ids)
+        with pytest.raises(BadRecord, match=rf"message 2 is '{role}' where 'assistant' belongs"):
+            check_messages([messages[0], messages[2], messages[3]])  # a tool result answers an assistant's call
+
+
+def test_an_empty_system_message_is_dropped_not_the_conversation():
+    """Many datasets write "no system prompt" as an empty system message: the conversation was a bad record."""
+    from doge_dist.data.chat import check_messages, preference_messages
+    from doge_dist.data.inputs import BadRecord
+
+    empty = {"role": "system", "content": " "}
+    assert check_messages([empty] + MESSAGES[1:]) == MESSAGES[1:]
+    assert preference_messages({"prompt": [empty, MESSAGES[1]], "chosen": "5.", "rejected": "6."})[0] == MESSAGES[1:2]
+    with pytest.raises(BadRecord, match="'prompt' holds only an empty system message"):
+        preference_messages({"prompt": [empty], "chosen": "5.", "rejected": "6."})
+    with pytest.raises(BadRecord, match=r"message 2 \(user\) has empty content"):
+        check_messages([empty, {"role": "user", "content": ""}, MESSAGES[2]])
+
+
+def finetune_check(*overrides: str) -> int:
+    """SFTTask.check (what the launcher runs before building a model) on the test conversations."""
+    from chat_helpers import prefixes
+    from doge_dist.config import load_config
+    from doge_dist.train.finetune import SFTTask
+
+    return SFTTask().check(load_config(None, ["run.init_from=runs/any", f"data.train_data=[{prefixes()['sft_train']}]", *overrides]))
+
+
+def test_validation_without_valid_data_and_a_split_are_refused():
+    """Chat data is read whole: train.eval_interval > 0 without data.valid_data never validated, silently
+    (data.split=100,0,0 gave pretraining's advice "a split like 969,30,1", which does nothing here)."""
+    from chat_helpers import prefixes
+    from doge_dist.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^train.eval_interval > 0 but data.valid_data is empty: SFT/DPO chat data is "
+                                          r"not split by data.split; .* or set train.eval_interval=0\.$"):
+        finetune_check("train.eval_interval=10")
+    with pytest.raises(ConfigError, match=r"^data.split = '100,0,0' does nothing for SFT/DPO: chat data is not split"):
+        finetune_check("data.split=100,0,0")
+    assert finetune_check("train.eval_interval=10", f"data.valid_data=[{prefixes()['sft_valid']}]") > 0
+
+
+def test_the_finetuning_recipes_pass_the_split_checks():
+    """configs/sft_*.yaml and dpo_*.yaml: those that validate list data.valid_data, none sets data.split."""
+    from pathlib import Path
+
+    from doge_dist.config import load_config
+    from doge_dist.train.finetune import check_no_split
+
+    recipes = [*Path(REPO, "configs").glob("sft_*.yaml"), *Path(REPO, "configs").glob("dpo_*.yaml")]
+    assert len(recipes) == 6
+    for recipe in recipes:
+        check_no_split(load_config(str(recipe)))
+
+
+def test_a_warmup_longer_than_the_epochs_is_named_alone():
+    """train.warmup_steps=150 over a 2-epoch run of 102 steps: the decay was sized 102 - 150 = -48 and the
+    error named train.decay_steps (-48), which the user never set."""
+    from doge_dist.config import ConfigError, load_config
+    from doge_dist.train.finetune import size_in_epochs, steps_given
+    from doge_dist.train.schedule import check_schedule
+
+    overrides = ["train.micro_batch_size=8", "train.warmup_steps=150"]
+    config = load_config(None, overrides)
+    size_in_epochs(config, 810, 2, steps_given({"finetune": {"epochs": 2}}, overrides))
+    assert (config.train.max_steps, config.train.warmup_steps, config.train.decay_steps) == (102, 150, 0)
+    with pytest.raises(ConfigError, match=r"train.warmup_steps \(150\) \+ train.decay_steps \(0\) must be non-negative "
+                                          r"and fit in train.max_steps \(102\)"):
+        check_schedule(config.train)

@@ -8,7 +8,9 @@ plain ``apply_chat_template`` would train an eos in mid-answer). ``chat_ids`` is
 ``launch/generate.py --chat`` the only one that gives these ids: transformers' ``apply_chat_template(...,
 sanitize_control_tokens=True)`` (5.25) encodes such text differently after a space. The loss
 mask marks the tokens the model is trained to *produce*: assistant content and its closing eos
-(``{% generation %}`` spans), or every token with ``assistant_only=False``.
+(``{% generation %}`` spans; of a prompt-completion record only the completion's), or every token with
+``assistant_only=False``. Tool results (role ``tool`` or ``ipython``, after an assistant turn) are
+context, as a user turn is.
 
 Malformed input raises ``BadRecord`` with a one-line reason; the caller adds file and line.
 """
@@ -20,12 +22,14 @@ from typing import Any, Optional
 
 from doge_dist.data.inputs import BadRecord, check_unicode
 
-ROLES = ("system", "user", "assistant")
+TOOL_ROLES = ("tool", "ipython")  # a tool's result (ipython: Llama 3's and the published Doge template's name)
+ROLES = ("system", "user", "assistant") + TOOL_ROLES
 Messages = list[dict[str, str]]
 
 
 def check_messages(messages: Any, field: str = "messages", need_assistant: bool = True) -> Messages:
-    """The validated list of ``{role, content}`` dicts, or ``BadRecord`` naming the first problem."""
+    """The validated list of ``{role, content}`` dicts, or ``BadRecord`` naming the first problem. An
+    empty system message (how many datasets write "no system prompt") is dropped: it says nothing."""
     if not isinstance(messages, list) or not messages:
         raise BadRecord(f"'{field}' must be a non-empty list of {{role, content}} objects")
     for number, message in enumerate(messages, start=1):
@@ -38,34 +42,61 @@ def check_messages(messages: Any, field: str = "messages", need_assistant: bool 
             raise BadRecord(f"'{field}' message {number}: a system message may only come first")
         if not isinstance(content, str):
             raise BadRecord(f"'{field}' message {number} ({role}) has content of type {type(content).__name__}, not a string")
-        if not content.strip():
+        if not content.strip() and role != "system":
             raise BadRecord(f"'{field}' message {number} ({role}) has empty content")
         check_unicode(content, f"'{field}' message {number} ({role})")
     if need_assistant:
         check_turn_order(messages, field)
         if not any(m["role"] == "assistant" for m in messages):
             raise BadRecord(f"'{field}' has no assistant turn: nothing to train on")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
+    kept = [{"role": m["role"], "content": m["content"]} for m in messages if m["content"].strip()]
+    if not kept:
+        raise BadRecord(f"'{field}' holds only an empty system message")
+    return kept
 
 
 def check_turn_order(messages: Messages, field: str = "messages") -> None:
-    """``BadRecord`` unless the turns after an optional system message alternate user, assistant, user, ...
-    (an answer to no question, or two turns of one role in a row, is a mislabelled conversation)."""
+    """``BadRecord`` unless the turns after an optional system message alternate user, assistant, user, ...,
+    where tool results may follow an assistant turn (which called the tools) and the assistant answers
+    them: an answer to no question, or two turns of one role in a row, is a mislabelled conversation."""
     start = 1 if messages[0]["role"] == "system" else 0
+    previous = None
     for number, message in enumerate(messages[start:], start=start + 1):
-        expected = ("user", "assistant")[(number - start - 1) % 2]
-        if message["role"] != expected:
-            raise BadRecord(f"'{field}' message {number} is {message['role']!r} where {expected!r} belongs "
-                            "(after an optional system message, turns alternate user, assistant, user, ...)")
+        role = message["role"]
+        expected = "assistant" if previous == "user" or previous in TOOL_ROLES else "user"
+        if role != expected and not (role in TOOL_ROLES and previous in ("assistant",) + TOOL_ROLES):
+            raise BadRecord(f"'{field}' message {number} is {role!r} where {expected!r} belongs (after an optional "
+                            "system message, turns alternate user, assistant, user, ...; tool results follow an "
+                            "assistant turn and the assistant answers them)")
+        previous = role
+
+
+def sft_messages(record: dict) -> tuple[Messages, Messages]:
+    """(prompt, conversation) of an SFT record: ``{"messages": [...]}`` (prompt []: every assistant turn
+    is trained on), or TRL's prompt-completion ``{"prompt": ..., "completion": ...}`` (strings or message
+    lists), whose prompt is not trained on (TRL's ``completion_only_loss``)."""
+    if "messages" in record:
+        return [], check_messages(record["messages"])
+    if "prompt" in record and "completion" in record:
+        prompt = prompt_messages(record["prompt"])
+        return prompt, prompt + completion_messages(prompt, record["completion"], "completion")
+    raise BadRecord(f"no key 'messages' (nor 'prompt' and 'completion'); this record has keys "
+                    f"{', '.join(map(repr, record)) or '(none)'}")
 
 
 def encode_conversation(tokenizer, messages: Messages, assistant_only: bool = True, max_length: int = 0,
-                        cut: Optional[Counter] = None) -> tuple[list[int], list[int]]:
-    """(ids, loss mask) of one conversation; ``max_length`` > 0 truncates from the right (counted in
+                        cut: Optional[Counter] = None, prompt: Optional[Messages] = None) -> tuple[list[int], list[int]]:
+    """(ids, loss mask) of one conversation; the tokens of its first messages ``prompt`` (with the
+    generation prompt) carry no loss. ``max_length`` > 0 truncates from the right (counted in
     ``cut["conversations"]``, so that the tool can say how many it cut)."""
     cut = Counter() if cut is None else cut
     ids, mask = chat_ids(tokenizer, messages, assistant_mask=assistant_only)
     mask = mask if assistant_only else [1] * len(ids)
+    if prompt and assistant_only:
+        prompt_ids = _ids(tokenizer, prompt, add_generation_prompt=True)
+        if ids[: len(prompt_ids)] != prompt_ids:
+            raise BadRecord("the chat template tokenizes the prompt differently inside the full conversation")
+        mask = [0] * len(prompt_ids) + mask[len(prompt_ids) :]
     if 0 < max_length < len(ids):
         ids, mask = ids[:max_length], mask[:max_length]
         cut["conversations"] += 1
@@ -155,24 +186,33 @@ def _as_messages(value: Any, field: str, role: str) -> Messages:
     return check_messages(value, field, need_assistant=False)
 
 
-def preference_messages(record: dict) -> tuple[Messages, Messages, Messages]:
-    """(prompt, chosen, rejected) messages from strings or message lists. A chosen/rejected list that
+def prompt_messages(value: Any) -> Messages:
+    """A record's 'prompt' (a string: one user turn) as messages, which the assistant answers next."""
+    prompt = _as_messages(value, "prompt", "user")
+    if prompt[-1]["role"] == "assistant":
+        raise BadRecord("'prompt' ends with an assistant turn; the completion must be the assistant's answer")
+    return prompt
+
+
+def completion_messages(prompt: Messages, value: Any, field: str) -> Messages:
+    """The assistant's answer to ``prompt`` in a record's ``field`` (a string or messages). A list that
     repeats the prompt first (ultrafeedback_binarized style) has the prompt removed."""
+    completion = _as_messages(value, field, "assistant")
+    if completion[: len(prompt)] == prompt:
+        completion = completion[len(prompt) :]
+    if not completion or any(m["role"] != "assistant" for m in completion):
+        raise BadRecord(f"'{field}' must be the assistant's answer (assistant messages after the prompt)")
+    check_turn_order(prompt + completion, f"prompt + {field}")
+    return completion
+
+
+def preference_messages(record: dict) -> tuple[Messages, Messages, Messages]:
+    """(prompt, chosen, rejected) messages from strings or message lists."""
     missing = [key for key in ("prompt", "chosen", "rejected") if key not in record]
     if missing:
         raise BadRecord(f"no key {', '.join(map(repr, missing))} (preference records need prompt, chosen, rejected)")
-    prompt = _as_messages(record["prompt"], "prompt", "user")
-    if prompt[-1]["role"] == "assistant":
-        raise BadRecord("'prompt' ends with an assistant turn; the completion must be the assistant's answer")
-    completions = []
-    for field in ("chosen", "rejected"):
-        completion = _as_messages(record[field], field, "assistant")
-        if completion[: len(prompt)] == prompt:
-            completion = completion[len(prompt) :]
-        if not completion or any(m["role"] != "assistant" for m in completion):
-            raise BadRecord(f"'{field}' must be the assistant's answer (assistant messages after the prompt)")
-        check_turn_order(prompt + completion, f"prompt + {field}")
-        completions.append(completion)
+    prompt = prompt_messages(record["prompt"])
+    completions = [completion_messages(prompt, record[field], field) for field in ("chosen", "rejected")]
     if completions[0] == completions[1]:
         raise BadRecord("'chosen' and 'rejected' are identical")
     return prompt, completions[0], completions[1]

@@ -12,6 +12,7 @@ import glob
 import gzip
 import json
 import os
+import re
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,8 @@ TEXT_SUFFIXES = (".txt", ".txt.gz")
 PARQUET_SUFFIXES = (".parquet",)
 ROW_BATCH = 1024
 UTF8 = "utf-8-sig"  # UTF-8 that drops a leading byte order mark
+# A split in a file or folder name, as the Hugging Face Hub lays them out (data/train-00000-of-00001.parquet, train/0000.parquet)
+SPLIT_NAME = re.compile(r"(train|test|validation|valid|dev|eval)(?:[-_.]|$)", re.IGNORECASE)
 
 # A record travels to a worker as (file index, line or row number, kind, payload):
 # kind "json" -> payload is the raw line (bytes); "text" -> a paragraph (bytes); "row" -> a dict.
@@ -84,6 +87,7 @@ def _expand(path: Path) -> list[InputFile]:
                 child = Path(directory, name)
                 if _kind(child) is not None:
                     found.append(InputFile(child, _kind(child)))
+        _refuse_mixed_splits(path, found)
         return found
     raise DataError(
         f"Input '{path}' is not a supported file: use .jsonl/.json(.gz), .txt(.gz), .parquet, "
@@ -98,6 +102,28 @@ def _refuse_dataset_dict(path: Path) -> None:
         raise DataError(
             f"'{path}' is a datasets DatasetDict with splits {', '.join(splits)}; "
             f"pass one split directory, for example --input {path / (splits[0] if splits else 'train')}."
+        )
+
+
+def _refuse_mixed_splits(directory: Path, found: Sequence[InputFile]) -> None:
+    """A directory of several splits (a Hugging Face Hub download: train-00000-of-00001.parquet beside
+    test-00000-of-00001.parquet, or train/ beside test/) read whole would mix the held-out data into
+    training, as a DatasetDict folder would (``_refuse_dataset_dict``)."""
+    splits: dict[str, Path] = {}  # split -> where its first file says so
+    for item in found:
+        path = item.path.relative_to(directory)
+        for depth, name in enumerate(reversed(path.parts)):  # the file's own name first, then its folders upward
+            match = SPLIT_NAME.match(name)
+            if match:
+                splits.setdefault(match.group(1).lower(), directory.joinpath(*path.parts[: len(path.parts) - depth]))
+                break
+    if len(splits) > 1:
+        split = "train" if "train" in splits else next(iter(splits))
+        where = splits[split]
+        example = where if where.is_dir() else where.parent / f"{where.name[: len(split)]}*"
+        raise DataError(
+            f"'{directory}' holds several splits ({', '.join(splits)}); reading it whole would mix them. "
+            f"Pass one split's files, for example --input '{example}'."
         )
 
 
@@ -191,15 +217,17 @@ def _paragraphs(stream) -> Iterator[tuple[int, bytes]]:
 
 
 def _rows(item: InputFile, keys: Sequence[str]) -> Iterator[dict]:
+    """The rows of a columnar input, with those of ``keys`` it has (chat data has more than one record format)."""
+    keys = [key for key in keys if key in columns_of(item)]
     if item.kind == "parquet":
         import pyarrow.parquet as pq
 
-        for batch in pq.ParquetFile(item.path).iter_batches(batch_size=ROW_BATCH, columns=list(keys)):
+        for batch in pq.ParquetFile(item.path).iter_batches(batch_size=ROW_BATCH, columns=keys):
             yield from batch.to_pylist()
     else:
         from datasets import load_from_disk
 
-        dataset = load_from_disk(str(item.path)).select_columns(list(keys))
+        dataset = load_from_disk(str(item.path)).select_columns(keys)
         for batch in dataset.iter(batch_size=ROW_BATCH):
             columns = list(batch)
             for values in zip(*(batch[c] for c in columns)):

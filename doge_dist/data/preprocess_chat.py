@@ -5,9 +5,10 @@ Layout, per output prefix (megatron-core ``IndexedDatasetBuilder`` files, readab
     {prefix}_text_document.bin/.idx        token ids
     {prefix}_loss_mask_document.bin/.idx   uint8, 1 where the token is trained on; same sequence lengths
 
-SFT: one document = one conversation = one sequence. DPO: one document = one pair = two sequences,
-prompt + chosen then prompt + rejected (the mask marks the completion). Bad records are skipped
-and reported with file and line (or stop the run with ``strict``), like data_tools/preprocess_data.py.
+SFT: one document = one conversation (``messages``, or TRL's ``prompt`` + ``completion``) = one sequence.
+DPO: one document = one pair = two sequences, prompt + chosen then prompt + rejected (the mask marks
+the completion). Bad records are skipped and reported with file and line (or stop the run with
+``strict``), like data_tools/preprocess_data.py.
 """
 from __future__ import annotations
 
@@ -18,14 +19,17 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from doge_dist.data.chat import check_messages, encode_conversation, encode_preference
+from doge_dist.data.chat import encode_conversation, encode_preference, sft_messages
 from doge_dist.data.chat_template import load_chat_tokenizer
 from doge_dist.data.errors import DataError
 from doge_dist.data.indexed import atomic_builders, document_prefix
 from doge_dist.data.inputs import UTF8, BadRecord, InputFile, check_columns, columns_of, iter_records, list_inputs
 from doge_dist.data.preprocess import MAX_REPORTED, PreprocessReport, Progress
 
-KINDS = {"sft": ("messages",), "dpo": ("prompt", "chosen", "rejected")}
+# each kind's record formats (their keys): SFT conversations or TRL's prompt-completion records, DPO pairs
+KINDS = {"sft": (("messages",), ("prompt", "completion")), "dpo": (("prompt", "chosen", "rejected"),)}
+FORMATS = ("--kind sft reads a 'messages' column (or 'prompt' and 'completion'), "
+           "--kind dpo 'prompt', 'chosen' and 'rejected'")
 TEXT_KEY, MASK_KEY = "text", "loss_mask"
 
 
@@ -46,11 +50,21 @@ def check_chat_columns(inputs: Sequence[InputFile], kind: str) -> None:
     would otherwise read as records without keys, or fail inside ``datasets`` with a traceback); the
     error says which --kind its columns fit, if one does."""
     for item in inputs:
-        columns = set(columns_of(item) or ())
-        fits = [other for other, keys in KINDS.items() if other != kind and columns.issuperset(keys)]
-        advice = (f"Its columns are {fits[0]} data: pass --kind {fits[0]}." if fits else
-                  "--kind sft reads a 'messages' column, --kind dpo 'prompt', 'chosen' and 'rejected'.")
-        check_columns(item, KINDS[kind], advice)
+        columns = columns_of(item)
+        if columns is None or _fits(columns, kind):
+            continue
+        fits = [other for other in KINDS if other != kind and _fits(columns, other)]
+        advice = f"Its columns are {fits[0]} data: pass --kind {fits[0]}." if fits else f"{FORMATS}."
+        check_columns(item, KINDS[kind][0], advice)
+
+
+def _fits(columns: list[str], kind: str) -> bool:
+    return any(set(columns).issuperset(keys) for keys in KINDS[kind])
+
+
+def record_keys(kind: str) -> list[str]:
+    """The keys of every record format of ``kind`` (the columns read from parquet and datasets inputs)."""
+    return list(dict.fromkeys(key for keys in KINDS[kind] for key in keys))
 
 
 def _record(kind: str, payload) -> Optional[dict]:
@@ -101,7 +115,7 @@ def preprocess_chat(
     log(f"Tokenizing {kind} records of {len(inputs)} input file(s) into {prefixes[0]} (+ loss mask)")
     trained, truncated = 0, Counter()
     with atomic_builders(list(zip(prefixes, (dtype, np.uint8)))) as (tokens, masks):
-        for done, (index, line, record_kind, payload) in enumerate(iter_records(inputs, KINDS[kind])):
+        for done, (index, line, record_kind, payload) in enumerate(iter_records(inputs, record_keys(kind))):
             progress(report, done)
             report.input_bytes += len(payload) if isinstance(payload, bytes) else 0
             where = f"{inputs[index].path}:{line}"
@@ -112,10 +126,8 @@ def preprocess_chat(
                     report.blank_lines += 1
                     continue
                 if kind == "sft":
-                    if "messages" not in record:
-                        raise BadRecord(f"no key 'messages'; this record has keys {', '.join(map(repr, record)) or '(none)'}")
-                    ids, mask = encode_conversation(tokenizer, check_messages(record["messages"]), assistant_only, max_length, cut)
-                    sequences = [(ids, mask)]
+                    prompt, messages = sft_messages(record)
+                    sequences = [encode_conversation(tokenizer, messages, assistant_only, max_length, cut, prompt)]
                 else:
                     prompt, chosen, rejected = encode_preference(tokenizer, record, max_prompt_length, max_completion_length, cut)
                     sequences = [(prompt + c, [0] * len(prompt) + [1] * len(c)) for c in (chosen, rejected)]
@@ -133,7 +145,7 @@ def preprocess_chat(
             truncated.update(cut)
             report.tokens += sum(lengths)
             trained += sum(sum(m) for _, m in sequences)
-        report.check_usable("--kind sft reads a 'messages' list, --kind dpo 'prompt', 'chosen' and 'rejected': is --kind right?")
+        report.check_usable(f"{FORMATS}: is --kind right?")
     report.seconds = time.time() - start
     log(f"{trained} of {report.tokens} tokens carry loss")
     if any(truncated.values()):

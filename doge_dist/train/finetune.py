@@ -15,7 +15,7 @@ from typing import Callable, Optional
 
 from torch.utils.data import DataLoader, Dataset
 
-from ..config import Config, ConfigError, ModelConfig, apply_overrides, check_moe_keys
+from ..config import Config, ConfigError, DataConfig, ModelConfig, apply_overrides, check_moe_keys
 from ..data import DataError, ResumableSampler
 from ..data.blend import parse_blend
 from ..data.sampler import leave_stop_signals_to_the_trainer
@@ -89,6 +89,20 @@ def check_chat_tokenizer(path: str) -> None:
                         "tokenizer (data_tools/train_tokenizer.py writes one to OUTPUT_DIR/chat).") from None
 
 
+def check_no_split(config: Config) -> None:
+    """Chat prefixes are read whole: data.split does nothing here, so a split meant to hold data out, or
+    a validation that would read from it, would silently not happen (pretraining's advice, "a split like
+    969,30,1", too)."""
+    if config.data.split != DataConfig.split:
+        raise ConfigError(f"data.split = {config.data.split!r} does nothing for SFT/DPO: chat data is not split, the run "
+                          "trains on all of data.train_data; remove data.split and list a held-out set (preprocessed "
+                          "with data_tools/preprocess_chat.py) in data.valid_data.")
+    if config.train.eval_interval > 0 and not config.data.valid_data:
+        raise ConfigError("train.eval_interval > 0 but data.valid_data is empty: SFT/DPO chat data is not split by "
+                          "data.split; preprocess a held-out set with data_tools/preprocess_chat.py and list it in "
+                          "data.valid_data, or set train.eval_interval=0.")
+
+
 class FinetuneTask(PretrainTask):
     """A language-model task whose data comes from chat prefixes; subclasses choose the dataset."""
 
@@ -109,6 +123,7 @@ class FinetuneTask(PretrainTask):
         """Checks before any process group exists; returns the number of training samples."""
         if not config.run.init_from:
             raise ConfigError("run.init_from is not set: fine-tuning starts from a pretrained run directory or Hugging Face directory.")
+        check_no_split(config)
         train = self.dataset(config, "train")
         if train is None or len(train) == 0:
             raise DataError("data.train_data is empty: list prefixes written by data_tools/preprocess_chat.py.")
@@ -120,7 +135,7 @@ class FinetuneTask(PretrainTask):
         return len(train)
 
     def check_data(self, config: Config) -> None:
-        """Chat prefixes are read whole (no data.split); ``check``, which the launcher runs first, validated them."""
+        """Chat prefixes are read whole (``check_no_split``); ``check``, which the launcher runs first, validated them."""
 
     def build_data(self, config: Config, env: DistEnv, dp_rank: int, dp_size: int, consumed_samples: int, cache_dir: str,
                    step: int = 0, saved_split: int = 0) -> FinetuneData:
@@ -180,7 +195,8 @@ def size_in_epochs(config: Config, samples: int, world_size: int, given: frozens
     if "warmup_steps" not in given:
         train.warmup_steps = math.ceil(finetune.warmup_ratio * train.max_steps)  # the HF Trainer's get_warmup_steps
     if train.scheduler == "wsd" and "decay_steps" not in given:
-        train.decay_steps = min(round(finetune.decay_ratio * train.max_steps), train.max_steps - train.warmup_steps)
+        # at least 0: a given warmup longer than the run is named alone by the schedule check
+        train.decay_steps = max(0, min(round(finetune.decay_ratio * train.max_steps), train.max_steps - train.warmup_steps))
     as_given = {key: " (as given)" if key in given else "" for key in SIZING_KEYS}
     decay = f", decay {train.decay_steps}{as_given['decay_steps']}" if train.scheduler == "wsd" else ""
     source = ("as given, which wins over finetune.epochs" if "max_steps" in given
