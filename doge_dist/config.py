@@ -467,7 +467,7 @@ class FinetuneConfig:
 
     ``epochs`` > 0 sizes the run from the data: train.max_steps = ceil(epochs x samples / global
     batch), train.warmup_steps = ceil(warmup_ratio x max_steps) (and, for the wsd scheduler, decay_steps =
-    decay_ratio x max_steps); a train.max_steps in the YAML or on the command line wins over the
+    decay_ratio x max_steps; given with cosine, decay_ratio is refused); a train.max_steps in the YAML or on the command line wins over the
     epochs (the ratios then apply to it), a train.warmup_steps or decay_steps given there over its
     ratio; 0 keeps train.max_steps/warmup_steps/decay_steps as written.
     The launcher prints how the run was sized.

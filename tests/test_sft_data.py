@@ -805,3 +805,19 @@ def test_a_warmup_longer_than_the_epochs_is_named_alone():
     with pytest.raises(ConfigError, match=r"train.warmup_steps \(150\) \+ train.decay_steps \(0\) must be non-negative "
                                           r"and fit in train.max_steps \(102\)"):
         check_schedule(config.train)
+
+
+def test_a_decay_ratio_given_with_the_cosine_scheduler_is_refused():
+    """finetune.decay_ratio sizes only the wsd decay: given with cosine (the recipes' scheduler) it would be
+    ignored without a word; its default is not a given value."""
+    from doge_dist.config import ConfigError, load_config
+    from doge_dist.train.finetune import check_decay_ratio
+
+    cosine = load_config(None, ["train.scheduler=cosine"])
+    with pytest.raises(ConfigError, match=r"finetune.decay_ratio sizes the wsd scheduler's decay, and train.scheduler = "
+                                          r"'cosine' .*remove finetune.decay_ratio, or set train.scheduler=wsd"):
+        check_decay_ratio(cosine, {"finetune": {"decay_ratio": 0.2}}, [])
+    with pytest.raises(ConfigError, match="finetune.decay_ratio"):
+        check_decay_ratio(cosine, {}, ["finetune.decay_ratio=0.2"])
+    check_decay_ratio(cosine, {"finetune": {"epochs": 2}}, [])
+    check_decay_ratio(load_config(None, []), {"finetune": {"decay_ratio": 0.2}}, [])  # wsd uses it

@@ -140,7 +140,7 @@ def main_finetune(kind: str, config_path: Optional[str], ds_config_path: Optiona
     from .distributed import is_launcher_main, launcher_world_size
     from .ds_config import read_ds_config
     from .dpo import DPOTask
-    from .finetune import SFTTask, continued_model, size_in_epochs, steps_given
+    from .finetune import SFTTask, check_decay_ratio, continued_model, size_in_epochs, steps_given
     from .loop import pretrain
 
     def run() -> None:
@@ -151,6 +151,7 @@ def main_finetune(kind: str, config_path: Optional[str], ds_config_path: Optiona
         if inherits_model(config.run.init_from, raw, overrides):
             config.model = continued_model(config.run.init_from, overrides)
         task = SFTTask() if kind == "sft" else DPOTask()
+        check_decay_ratio(config, raw, overrides)
         sizing = size_in_epochs(config, task.check(config), launcher_world_size(), steps_given(raw, overrides))
         if is_launcher_main():
             print(f"[doge-dist] {sizing}", flush=True)

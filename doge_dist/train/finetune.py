@@ -173,10 +173,26 @@ class SFTTask(FinetuneTask):
 SIZING_KEYS = ("max_steps", "warmup_steps", "decay_steps")
 
 
+def keys_given(raw: Optional[dict], overrides: list[str], section: str, keys: tuple[str, ...]) -> frozenset[str]:
+    """Which of ``keys`` of ``section`` the YAML or an override sets (a default cannot be told from a
+    value set to it)."""
+    written = (raw or {}).get(section) or {}
+    return frozenset(key for key in keys if key in written or any(o.startswith(f"{section}.{key}=") for o in overrides))
+
+
 def steps_given(raw: Optional[dict], overrides: list[str]) -> frozenset[str]:
     """Which of train.max_steps, warmup_steps and decay_steps the YAML's train section or an override sets."""
-    train = (raw or {}).get("train") or {}
-    return frozenset(key for key in SIZING_KEYS if key in train or any(o.startswith(f"train.{key}=") for o in overrides))
+    return keys_given(raw, overrides, "train", SIZING_KEYS)
+
+
+def check_decay_ratio(config: Config, raw: Optional[dict], overrides: list[str]) -> None:
+    """finetune.decay_ratio sizes the wsd scheduler's decay; the cosine scheduler decays over every step
+    after the warmup, so a decay_ratio given with it would be ignored without a word (as cosine refuses
+    train.decay_steps)."""
+    if config.train.scheduler != "wsd" and keys_given(raw, overrides, "finetune", ("decay_ratio",)):
+        raise ConfigError(f"finetune.decay_ratio sizes the wsd scheduler's decay, and train.scheduler = "
+                          f"{config.train.scheduler!r} decays over every step after the warmup: remove finetune.decay_ratio, "
+                          "or set train.scheduler=wsd.")
 
 
 def size_in_epochs(config: Config, samples: int, world_size: int, given: frozenset[str] = frozenset()) -> str:
