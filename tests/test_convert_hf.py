@@ -33,6 +33,8 @@ def test_export_loads_in_transformers_with_equal_logits(tmp_path, preset, overri
     assert type(loaded).__name__ == "DogeForCausalLM"
     back = load_hf(tmp_path / "hf").eval()
     assert {key: getattr(back.config, key) for key in overrides} == overrides
+    written = json.loads((tmp_path / "hf" / "config.json").read_text())  # transformers 4.x reads only these two
+    assert (written["rope_theta"], written["rope_scaling"]) == (back.config.rope_theta, back.config.rope_scaling)
     ids = unique_tokens(2, 16, 512)
     with torch.no_grad():
         expected = ours.eval()(ids).logits

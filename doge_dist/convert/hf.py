@@ -197,6 +197,17 @@ def check_output(path: Union[str, Path]) -> None:
                           "earlier export or an empty directory: choose a new output directory.")
 
 
+def _keep_transformers_4_rope_keys(config_file: Path, config: ModelConfig) -> None:
+    """transformers 5 writes the rotary settings as ``rope_parameters`` only; transformers 4.x (which
+    setup.py allows) ignores that key and would compute with theta 10000 and no scaling, silently. The
+    published directories' ``rope_theta`` and ``rope_scaling`` go beside it (transformers 5 and load_hf
+    read ``rope_parameters`` first)."""
+    written = json.loads(config_file.read_text())
+    if "rope_parameters" in written:
+        written.update(rope_theta=config.rope_theta, rope_scaling=config.rope_scaling)
+        config_file.write_text(json.dumps(written, indent=2, sort_keys=True) + "\n")
+
+
 def save_hf(model: DogeForCausalLM, path: Union[str, Path], tokenizer: Optional[Union[str, Path, Any]] = None) -> Path:
     """Write a directory that ``AutoModelForCausalLM.from_pretrained`` loads as DogeForCausalLM; an
     earlier export there is replaced (``check_output``)."""
@@ -226,6 +237,7 @@ def save_hf(model: DogeForCausalLM, path: Union[str, Path], tokenizer: Optional[
             hf_config.router_layout = config.router_layout
             hf_config.balance_loss = config.balance_loss
         hf_config.save_pretrained(tmp)
+        _keep_transformers_4_rope_keys(tmp / "config.json", config)
         state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
         if config.tie_word_embeddings:
             state.pop("lm_head.weight")
