@@ -52,6 +52,16 @@ def test_rope_scaling_keys_that_change_nothing_are_not_a_mismatch():
                                                rope_scaling={**PUBLISHED_ROPE_SCALING, "factor": 2.0}))
 
 
+def test_a_dense_model_saved_without_the_cache_flag_upcycles():
+    """use_cache: false (how fine-tuned directories often come) says nothing of the shape or the function."""
+    dense = build_model(ModelConfig.from_preset("doge-tiny", use_cache=False))
+    perturb_all(dense)
+    moe = upcycle(dense, ModelConfig.from_preset("doge-tiny-moe"))
+    ids = unique_tokens(2, 16, 512)
+    with torch.no_grad():
+        assert torch.equal(moe(ids).logits, dense(ids).logits)
+
+
 def test_every_shape_mismatch_is_named_with_all_its_overrides():
     """The demo's dense shape differs from doge-tiny-moe in four fields: the error gave one at a time, so
     the user reran (consolidating the checkpoint each time) four times to find the whole command."""

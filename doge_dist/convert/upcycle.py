@@ -31,7 +31,8 @@ def moe_config_for(dense: ModelConfig, moe: ModelConfig) -> ModelConfig:
     if dense.is_moe:
         raise ConfigError("The checkpoint to upcycle is already a MoE model.")
     check_moe_target(moe)
-    differing = dense.fields_differing_from(moe, ignore=MOE_ONLY_FIELDS | set(RUNTIME_SWITCHES))
+    # use_cache: a generation flag (fine-tuned directories often carry false), not a shape or the function
+    differing = dense.fields_differing_from(moe, ignore=MOE_ONLY_FIELDS | set(RUNTIME_SWITCHES) | {"use_cache"})
     if differing:
         def values(config: ModelConfig) -> str:
             return " and ".join(repr(getattr(config, name)) for name in differing)
