@@ -80,6 +80,33 @@ def test_init_from_weights_of_any_zero_stage():
     assert first["zero2", 0] < losses(single_process_run())[0] - 0.3  # trained weights, not a fresh start
 
 
+@pytest.mark.parametrize("stage,nproc", [(0, 1), (2, 2), (3, 3)])
+def test_a_bf16_run_starts_from_the_exact_fp32_weights_of_init_from(stage, nproc):
+    """DeepSpeed casts the module to bf16 and made the fp32 master weights from that copy: a bf16 run
+    from an fp32 HF directory trained on its weights rounded to bf16 (3.9e-3 off), and exported them.
+    One bf16 step at lr 0 keeps the masters, so the checkpoint holds the directory's weights exactly.
+    ZeRO-3 on 3 ranks: most parameters do not split evenly (engine.zero3_partition)."""
+    from doge_dist.config import ModelConfig
+    from doge_dist.convert.hf import load_hf, save_hf
+
+    source = scratch() / "hf_fp32_init"
+    if not source.is_dir():
+        torch.manual_seed(1)
+        model = build_model(ModelConfig.from_preset("doge-tiny"))
+        with torch.no_grad():
+            for param in model.parameters():  # norms and residual scales start at exact ones and zeros
+                param.add_(1e-3 * torch.rand_like(param))
+        save_hf(model, source)
+    run_dir = scratch() / f"bf16_lr0_zero{stage}"
+    pretrain(run_dir, stage, nproc=nproc, launcher="python" if nproc == 1 else "torchrun", bf16="true", lr=0.0,
+             micro_batch_size=2, gradient_accumulation_steps=1, max_steps=1, warmup_steps=0, decay_steps=0, eval_interval=0,
+             **{"run.init_from": str(source)})
+    expected, saved = load_hf(source).state_dict(), load_checkpoint_model(run_dir).state_dict()
+    assert saved.keys() == expected.keys()
+    assert all(not torch.equal(w, w.bfloat16().float()) for w in expected.values())  # no weight is bf16 already
+    assert [name for name in expected if not torch.equal(saved[name], expected[name])] == []
+
+
 def test_a_run_tokenizer_not_found_from_here_names_the_way_out(tmp_path, monkeypatch):
     """config.yaml keeps data.tokenizer as given (relative to where the run started): exporting or
     sampling from another directory says so and names --tokenizer."""

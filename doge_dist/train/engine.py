@@ -68,11 +68,14 @@ def build_engine(config: Config, ds: dict[str, Any], device: torch.device,
                  weights: Optional[dict[str, torch.Tensor]] = None):
     """(engine, effective DeepSpeed config); ``weights``: see ``initial_model``. At ZeRO 0 in fp32 the
     optimizer clips and guards itself: DeepSpeed is given no clipping then, and the config returned (the
-    run's ds_config.json) keeps the threshold the optimizer clips at; a missing one is DeepSpeed's default."""
+    run's ds_config.json) keeps the threshold the optimizer clips at; a missing one is DeepSpeed's default.
+    In bf16 the fp32 master weights start from the model's fp32 weights (``start_masters_from``)."""
     import deepspeed
 
     ds = copy.deepcopy(ds)
-    model = parallelize(initial_model(config, weights), config.parallel, zero_stage(ds) == 3).to(device)
+    model = parallelize(initial_model(config, weights), config.parallel, zero_stage(ds) == 3)
+    fp32 = {param: param.detach() for param in model.parameters()} if bf16_enabled(ds) else None
+    model = model.to(device)
     if config.train.activation_checkpointing:
         enable_activation_checkpointing(model)
     if config.train.compile:
@@ -88,21 +91,49 @@ def build_engine(config: Config, ds: dict[str, Any], device: torch.device,
     given = ds if stage0_fp32_clip is None else {**ds, "gradient_clipping": 0.0}  # the optimizer clips instead
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=given,
                                       mpu=mpu)
-    undo_states_of_a_zero_gradient_step(engine.optimizer)
+    if fp32 is not None:
+        start_masters_from(engine.optimizer, fp32)
     return engine, ds
+
+
+def start_masters_from(optimizer, fp32: dict[nn.Parameter, torch.Tensor]) -> None:
+    """Set a bf16 run's fp32 master weights to ``fp32``: each parameter's values before DeepSpeed cast
+    the module to bf16 (this rank's shard; no copy: the host tensors the model was built in, which the
+    move to the device and the cast let go of). DeepSpeed makes the masters from the bf16 copy, which
+    rounded the starting weights (a fresh init or run.init_from's) to bf16 for good, unlike the HF
+    Trainer's bf16 (autocast over fp32 parameters) that the recipes follow. ZeRO 1-3 through
+    DeepSpeed's setters; ZeRO-0's wrapper (``FP16_UnfusedOptimizer``) keeps its masters in
+    ``fp32_groups``, in the order of its bf16 ``fp16_groups``."""
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_local_fp32_param
+
+    if isinstance(optimizer, FP16_UnfusedOptimizer):
+        undo_states_of_a_zero_gradient_step(optimizer)
+        for masters, weights in zip(optimizer.fp32_groups, optimizer.fp16_groups):
+            for master, weight in zip(masters, weights):
+                master.data.copy_(fp32[weight])
+        return
+    for param, value in fp32.items():
+        if hasattr(param, "ds_id"):  # ZeRO-3
+            safe_set_local_fp32_param(param, zero3_partition(param, value))
+        else:
+            safe_set_full_fp32_param(param, value)
+
+
+def zero3_partition(param: nn.Parameter, value: torch.Tensor) -> torch.Tensor:
+    """This rank's ZeRO-3 partition of ``value`` (``param``'s full value), zero-padded as DeepSpeed pads
+    the last one. DeepSpeed 0.19's ``safe_set_full_fp32_param`` cuts it without the padding: the last
+    rank reads past the end of a parameter whose size the data-parallel ranks do not divide."""
+    size = param.ds_tensor.ds_numel
+    start = size * torch.distributed.get_rank(group=param.ds_process_group)
+    part = value.flatten()[start:start + size]
+    return torch.nn.functional.pad(part, (0, size - part.numel()))
 
 
 def undo_states_of_a_zero_gradient_step(optimizer) -> None:
     """DeepSpeed's ZeRO-0 bf16 wrapper (``FP16_UnfusedOptimizer``) creates AdamW's states by one step
     on zero gradients: AdamW then counts a step more than it took, so its bias correction shrinks the
-    first updates (by a quarter at the first), and that step decays the fp32 master weights, unlike
-    ZeRO 1-3 and fp32 runs of the same config. Drop the states (AdamW creates them at its first real
-    step) and copy the masters back from the bf16 weights they were made from."""
-    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
-
-    if not isinstance(optimizer, FP16_UnfusedOptimizer):
-        return
+    first updates (by a quarter at the first), unlike ZeRO 1-3 and fp32 runs of the same config. Drop
+    the states (AdamW creates them at its first real step); that step also decayed the fp32 masters,
+    which ``start_masters_from`` sets afterwards."""
     optimizer.optimizer.state.clear()
-    for masters, weights in zip(optimizer.fp32_groups, optimizer.fp16_groups):
-        for master, weight in zip(masters, weights):
-            master.data.copy_(weight.data)
