@@ -1,6 +1,7 @@
 """launch/export_hf.py: a ZeRO-2 (2 ranks) and a ZeRO-0 checkpoint become Hugging Face directories
 that AutoModelForCausalLM/AutoTokenizer load without remote code, with logits equal to ours; an HF
 directory or a checkpoint of any ZeRO stage initialises a new run (run.init_from) with the same weights."""
+import json
 import subprocess
 
 import pytest
@@ -80,12 +81,14 @@ def test_init_from_weights_of_any_zero_stage():
     assert first["zero2", 0] < losses(single_process_run())[0] - 0.3  # trained weights, not a fresh start
 
 
-@pytest.mark.parametrize("stage,nproc", [(0, 1), (2, 2), (3, 3)])
-def test_a_bf16_run_starts_from_the_exact_fp32_weights_of_init_from(stage, nproc):
+@pytest.mark.parametrize("stage,nproc,fp32_accumulation", [(0, 1, False), (2, 2, False), (3, 3, False), (1, 1, True)])
+def test_a_bf16_run_starts_from_the_exact_fp32_weights_of_init_from(stage, nproc, fp32_accumulation):
     """DeepSpeed casts the module to bf16 and made the fp32 master weights from that copy: a bf16 run
     from an fp32 HF directory trained on its weights rounded to bf16 (3.9e-3 off), and exported them.
     One bf16 step at lr 0 keeps the masters, so the checkpoint holds the directory's weights exactly.
-    ZeRO-3 on 3 ranks: most parameters do not split evenly (engine.zero3_partition)."""
+    ZeRO-3 on 3 ranks: most parameters do not split evenly (engine.zero3_partition). ZeRO-1 with fp32
+    gradient accumulation is DeepSpeed's BF16_Optimizer, whose checkpoint zero_to_fp32 cannot read
+    (consolidated through the universal checkpoint)."""
     from doge_dist.config import ModelConfig
     from doge_dist.convert.hf import load_hf, save_hf
 
@@ -97,8 +100,13 @@ def test_a_bf16_run_starts_from_the_exact_fp32_weights_of_init_from(stage, nproc
             for param in model.parameters():  # norms and residual scales start at exact ones and zeros
                 param.add_(1e-3 * torch.rand_like(param))
         save_hf(model, source)
-    run_dir = scratch() / f"bf16_lr0_zero{stage}"
-    pretrain(run_dir, stage, nproc=nproc, launcher="python" if nproc == 1 else "torchrun", bf16="true", lr=0.0,
+    run_dir = scratch() / f"bf16_lr0_zero{stage}{'_fp32_accumulation' * fp32_accumulation}"
+    ds_config = None
+    if fp32_accumulation:
+        ds_config = scratch() / "zero1_fp32_accumulation.json"
+        ds_config.write_text(json.dumps({"zero_optimization": {"stage": 1}, "bf16": {"enabled": True},
+                                         "data_types": {"grad_accum_dtype": "fp32"}}))
+    pretrain(run_dir, stage, nproc=nproc, launcher="python" if nproc == 1 else "torchrun", bf16="true", lr=0.0, ds_config=ds_config,
              micro_batch_size=2, gradient_accumulation_steps=1, max_steps=1, warmup_steps=0, decay_steps=0, eval_interval=0,
              **{"run.init_from": str(source)})
     expected, saved = load_hf(source).state_dict(), load_checkpoint_model(run_dir).state_dict()

@@ -29,8 +29,10 @@ def consolidated_state(root: Path, tag: str, universal_root: Optional[Path] = No
     ``universal_root``, default ``root``: see checkpoint.universal_root)."""
     meta = checkpoint.read_meta(root, tag)
     partitioned = checkpoint.saved_zero_stage(root, tag) > 0  # ZeRO 1-3: DeepSpeed partitioned the fp32 states
-    if meta.get("tensor_parallel", 1) > 1 or meta.get("expert_parallel", 1) > 1:
-        if partitioned:  # DeepSpeed's universal checkpoint merges the model-parallel slices
+    # DeepSpeed's BF16_Optimizer (ZeRO-1, fp32 gradient accumulation) saves a format zero_to_fp32 cannot read
+    bf16_optimizer = (meta.get("optimizer_layout") or {}).get("bf16_optimizer", False)
+    if meta.get("tensor_parallel", 1) > 1 or meta.get("expert_parallel", 1) > 1 or bf16_optimizer:
+        if partitioned:  # DeepSpeed's universal checkpoint merges the model-parallel slices and reads both formats
             if dist.is_available() and dist.is_initialized():  # every rank of a job calls this: rank 0 converts
                 universal = Path(*checkpoint.universal_checkpoint(root, tag, universal_root)) / "zero"
             else:
