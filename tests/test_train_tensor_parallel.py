@@ -100,14 +100,17 @@ def test_another_runs_checkpoint_is_converted_in_the_run_that_loads_it():
     """B's run.resume PATH (A's step 4, at TP 1), a weights-only run.init_from and DPO's reference
     model from the same TP 2 ZeRO-1 checkpoint convert it to a universal checkpoint in their own
     run.dir/converted/, never in A's directory (which may be read-only, shared or still training)."""
-    from doge_dist.train.dpo import load_reference
+    from doge_dist.config import Config, ModelConfig
+    from doge_dist.train import checkpoint
+    from doge_dist.train.dpo import load_reference, reference_source
 
     a, b, _ = reshard_chain()
     source = a / "checkpoints" / "step_00000004"
     run_dir, dpo_dir = scratch() / "weights_from_tp2", scratch() / "dpo_reference_from_tp2"
     result = pretrain(run_dir, 1, nproc=1, launcher="python", max_steps=1, warmup_steps=1, decay_steps=0,
                       eval_interval=0, **FOUR_KV_HEADS, **BIASES, **{"run.init_from": str(source)})
-    load_reference(str(source), torch.device("cpu"), dpo_dir)
+    config = Config(model=ModelConfig(**checkpoint.read_meta(source.parent, source.name)["model"]))
+    load_reference(config, reference_source(str(source)), torch.device("cpu"), dpo_dir)
     converted = Path("converted") / "step_00000004_universal"
     assert (dpo_dir / converted / "converted_from").read_text() == str(source.resolve())
     assert f"universal checkpoint in {run_dir / converted}" in result.stdout
