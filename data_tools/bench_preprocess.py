@@ -17,7 +17,8 @@ import tempfile
 import time
 
 from doge_dist.data import load_tokenizer, preprocess
-from doge_dist.data.errors import DataError, at_least, run_tool, usable_cpus
+from doge_dist.cpus import usable_cpus
+from doge_dist.data.errors import DataError, at_least, run_tool
 
 _TOKENIZER = None
 

@@ -15,7 +15,8 @@ import argparse
 import sys
 
 from doge_dist.data import preprocess
-from doge_dist.data.errors import at_least, log_to_stderr, run_tool, usable_cpus
+from doge_dist.cpus import usable_cpus
+from doge_dist.data.errors import at_least, log_to_stderr, run_tool
 from doge_dist.data.tokenizer import TOKENIZER_TYPES
 
 

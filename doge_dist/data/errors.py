@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import os
 import sys
 from pathlib import Path
 from typing import Callable
@@ -35,15 +34,6 @@ def at_least(minimum: int) -> Callable[[str], int]:
 
     count.__name__ = "int"  # argparse names the type in "invalid int value: ..."
     return count
-
-
-def usable_cpus() -> int:
-    """The CPUs this process may run on, the default worker and thread count: ``os.cpu_count()`` is every
-    core of the machine, also under Slurm's --cpus-per-task or taskset, where as many workers as
-    cores crowd onto the few allowed. (No ``sched_getaffinity`` on macOS: all cores there.)"""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 def check_output_dir(path: str | Path, flag: str = "--output-dir") -> Path:

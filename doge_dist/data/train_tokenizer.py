@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from doge_dist.data.chat_template import CHAT_SUBDIR, write_chat_tokenizer
-from doge_dist.data.errors import DataError, check_output_dir, is_write_failure, usable_cpus
+from doge_dist.cpus import usable_cpus
+from doge_dist.data.errors import DataError, check_output_dir, is_write_failure
 from doge_dist.data.inputs import BadRecord, decode_record, iter_records, list_inputs
 from doge_dist.data.tokenizer import DOGE_SPECIAL_IDS, SP_MODEL_NAME, write_hf_tokenizer
 

@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 
 from ..config import ConfigError
+from ..cpus import usable_cpus
 
 
 @dataclass(frozen=True)
@@ -125,7 +126,7 @@ def share_cpu_threads() -> Optional[int]:
     ranks = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
     if "OMP_NUM_THREADS" in os.environ or ranks <= 1:
         return None
-    threads = max(1, len(os.sched_getaffinity(0)) // ranks)
+    threads = max(1, usable_cpus() // ranks)
     torch.set_num_threads(threads)
     return threads
 
