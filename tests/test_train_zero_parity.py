@@ -42,7 +42,7 @@ def bf16_run(stage: int, micro_batch_size: int = 4, ds_config: Path | None = Non
 def test_bf16_zero0_trains_like_bf16_zero1():
     """DeepSpeed's ZeRO-0 bf16 optimizer wrapper made AdamW's states with a step on zero gradients, so
     AdamW counted one step too many and its first updates were a quarter smaller: the loss drifted
-    5e-3 (relative) from ZeRO-1's within 4 steps (engine.undo_states_of_a_zero_gradient_step).
+    5e-3 (relative) from ZeRO-1's within 4 steps (engine.start_masters_from drops the states of its zero-gradient step).
     Same micro-batches, bf16 tolerance."""
     assert losses(bf16_run(0)) == pytest.approx(losses(bf16_run(1)), rel=5e-4)
 

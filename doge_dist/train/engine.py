@@ -108,7 +108,11 @@ def start_masters_from(optimizer, fp32: dict[nn.Parameter, torch.Tensor]) -> Non
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_local_fp32_param
 
     if isinstance(optimizer, FP16_UnfusedOptimizer):
-        undo_states_of_a_zero_gradient_step(optimizer)
+        # The wrapper created AdamW's states by one step on zero gradients: AdamW would count a step more
+        # than it took, its bias correction shrinking the first updates (by a quarter at the first), unlike
+        # ZeRO 1-3 and fp32 runs of the same config. Drop them (AdamW creates them at its first real step);
+        # that step also decayed the masters, set below.
+        optimizer.optimizer.state.clear()
         for masters, weights in zip(optimizer.fp32_groups, optimizer.fp16_groups):
             for master, weight in zip(masters, weights):
                 master.data.copy_(fp32[weight])
@@ -129,11 +133,3 @@ def zero3_partition(param: nn.Parameter, value: torch.Tensor) -> torch.Tensor:
     part = value.flatten()[start:start + size]
     return torch.nn.functional.pad(part, (0, size - part.numel()))
 
-
-def undo_states_of_a_zero_gradient_step(optimizer) -> None:
-    """DeepSpeed's ZeRO-0 bf16 wrapper (``FP16_UnfusedOptimizer``) creates AdamW's states by one step
-    on zero gradients: AdamW then counts a step more than it took, so its bias correction shrinks the
-    first updates (by a quarter at the first), unlike ZeRO 1-3 and fp32 runs of the same config. Drop
-    the states (AdamW creates them at its first real step); that step also decayed the fp32 masters,
-    which ``start_masters_from`` sets afterwards."""
-    optimizer.optimizer.state.clear()
