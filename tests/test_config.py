@@ -104,6 +104,7 @@ def test_yaml_and_overrides(tmp_path):
         ("model.attention_dropout=1.5", r"model.attention_dropout must be within \[0, 1\)"),
         ("train.keep_last=0", r"train.keep_last must be at least 1, got 0"),
         ("train.max_bad_steps=-1", r"train.max_bad_steps must be at least 1"),
+        ("train.moe_stats_window=0", r"train.moe_stats_window must be at least 1, got 0"),
         ("model.initializer_range=-0.02", r"model.initializer_range must be >= 0"),
         ("model.router_aux_loss_coef=-1", r"model.router_aux_loss_coef must be >= 0"),
         ("model.pad_token_id=40000", r"model.pad_token_id = 40000 is not an id of the vocabulary \(0 to 32767\)"),

@@ -206,6 +206,7 @@ class DPOTask(FinetuneTask):
     def setup(self, config: Config, start: Optional[tuple[Path, str]]) -> None:
         """The reference, fixed before any model is built: a resume's is the one its run trained against
         (``resumed_reference``), a new run's what run.init_from names now."""
+        super().setup(config, start)
         init_from = config.run.init_from
         self.reference_source = resumed_reference(init_from, start) if start else reference_source(init_from)
 

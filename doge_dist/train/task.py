@@ -19,7 +19,7 @@ from typing import Optional, Protocol
 
 import torch
 
-from ..config import Config
+from ..config import Config, TrainConfig
 from ..model import IGNORE_INDEX
 from ..model.moe_stats import MoEStats
 from .distributed import DistEnv
@@ -66,6 +66,7 @@ class PretrainTask:
 
     def __init__(self) -> None:
         self.moe_stats: Optional[MoEStats] = None
+        self.moe_stats_window = TrainConfig.moe_stats_window  # setup: the run's train.moe_stats_window
 
     def check_data(self, config: Config) -> None:
         """Before any process group or model exists: every prefix is intact and every split that data.split
@@ -76,7 +77,9 @@ class PretrainTask:
 
     def setup(self, config: Config, start: Optional[tuple[Path, str]]) -> None:
         """Before the engine is built, with the (root, tag) of the checkpoint the run resumes from (None
-        for a new run): DPO fixes its reference model here (a resume: the one recorded in that checkpoint)."""
+        for a new run): DPO fixes its reference model here (a resume: the one recorded in that checkpoint);
+        a MoE model's routing statistics take their window (``train.moe_stats_window``)."""
+        self.moe_stats_window = config.train.moe_stats_window
 
     def checkpoint_meta(self) -> Optional[dict]:
         """What the task records in a checkpoint's meta file (DPO: the reference model it trains against)."""
@@ -103,7 +106,7 @@ class PretrainTask:
         """Where a training micro-batch's routing is recorded: None for a dense model and in validation."""
         config = engine.module.config
         if config.is_moe and self.moe_stats is None and engine.module.training:
-            self.moe_stats = MoEStats(config.num_experts)
+            self.moe_stats = MoEStats(config.num_experts, self.moe_stats_window)
         return self.moe_stats if engine.module.training else None
 
     def monitor_state(self, copies: int) -> Optional[dict]:
@@ -116,7 +119,7 @@ class PretrainTask:
                               copies: int) -> None:
         """Continue ``monitor_state`` of the checkpoint a run resumes from (``owner``: one rank for all)."""
         if state is not None and config.model.is_moe:
-            self.moe_stats = MoEStats(config.model.num_experts)
+            self.moe_stats = MoEStats(config.model.num_experts, config.train.moe_stats_window)
             self.moe_stats.load_global_state(state, owner, device, copies)
 
     def log_metrics(self, device: torch.device) -> dict[str, float]:
