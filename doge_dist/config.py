@@ -425,7 +425,7 @@ class TrainConfig:
     max_bad_steps: int = 5  # non-finite steps in a row before the run stops
     peak_tflops: Optional[float] = None  # per device, for MFU; default: a GPU by name, a CPU measured (train/metrics.py)
     freeze_dense_steps: int = 0  # MoE after upcycling: only router/expert tables update for this many steps
-    moe_stats_window: int = 100  # MoE: the window of recent routing that moe/expert_load_* and moe/unused_* count
+    moe_stats_window: int = 100  # MoE: the last optimizer steps whose routing moe/expert_load_* and moe/unused_* count
 
     def __post_init__(self) -> None:
         for key in ("micro_batch_size", "gradient_accumulation_steps", "log_interval", "keep_last", "max_bad_steps",

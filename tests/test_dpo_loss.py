@@ -87,6 +87,7 @@ def test_moe_policy_logs_the_routing_statistics_of_its_training_pairs(monkeypatc
     task.tables = {"train": torch.zeros(2, 2)}  # precomputed reference log-probs
     with torch.enable_grad():
         task.forward_loss(Engine(policy), batch)
+    task.end_step()  # the loop's, after the step's micro-batches
     monkeypatch.setattr(task, "_means", lambda split, names, device: {"loss": 0.5})  # DPO's own sums need a process group
     metrics = task.log_metrics(torch.device("cpu"))
 
@@ -181,6 +182,7 @@ def test_a_micro_batch_reads_no_metric_back_to_the_host(monkeypatch):
         monkeypatch.setattr(torch.Tensor, name, lambda *args, name=name, **kwargs: pytest.fail(f"Tensor.{name}()"))
     with torch.enable_grad():
         task.forward_loss(Engine(policy), batch)
+    task.end_step()  # the loop's, after the step's micro-batches
     monkeypatch.undo()
     assert task._pairs["train"] == 2 and task._sums["train"][4] in (0, 1, 2)  # accuracy: pairs with a positive margin
     assert len(task.moe_stats.window) == 1 and task.moe_stats.entropy[1] == batch["token_mask"].sum()

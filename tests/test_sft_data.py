@@ -533,6 +533,7 @@ def test_padding_stays_out_of_the_moe_balance_loss_and_routing_statistics():
 
     stats = MoEStats(model.config.num_experts)
     _, _, balance = forward_loss(Engine(), batch, stats)
+    stats.end_step()
     masked = model(batch["input_ids"], attention_mask=batch["token_mask"], position_ids=batch["position_ids"])
     unmasked = model(batch["input_ids"], position_ids=batch["position_ids"])
     assert balance.item() == pytest.approx(masked.balance_loss.item(), rel=1e-6)

@@ -119,6 +119,7 @@ def train_step(engine, batches: list[dict], env: DistEnv, dp_size: int, aux_coef
         engine.backward(loss)
         engine.step()
         loss_total += loss_sum.detach().double()
+    task.end_step()  # the routing window counts optimizer steps, applied or skipped, at every layout alike
     loss_sum_global, balance_global = all_reduce_sum([loss_total.item(), balance_total.item()], env.device,
                                                      data_parallel_group())
     grad_norm = engine.get_global_grad_norm()

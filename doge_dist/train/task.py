@@ -6,7 +6,8 @@ A task supplies the data (``build_data``, at a resume's step and consumed sample
 micro-batch as a *sum* over its loss units plus the unit count (``forward_loss``, ``count``: tokens
 for language modelling, pairs for DPO, so the loop's exact global-batch mean works for every
 objective; ``forward_loss`` sees training micro-batches with gradients enabled and validation ones
-under ``no_grad``), and extra TensorBoard scalars at log points and after each validation;
+under ``no_grad``; ``end_step`` follows each optimizer step's training micro-batches), and extra
+TensorBoard scalars at log points and after each validation;
 ``check_data`` runs with the other input checks, before any process group or model exists, ``setup``
 once the checkpoint to resume from is known (before the engine: it may refuse the run),
 ``prepare`` once between the engine's set-up and step 1, and ``checkpoint_meta`` goes into every
@@ -40,6 +41,8 @@ class Task(Protocol):
     def prepare(self, engine) -> None: ...
 
     def forward_loss(self, engine, batch: dict) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]: ...
+
+    def end_step(self) -> None: ...
 
     def log_metrics(self, device: torch.device) -> dict[str, float]: ...
 
@@ -108,6 +111,12 @@ class PretrainTask:
         if config.is_moe and self.moe_stats is None and engine.module.training:
             self.moe_stats = MoEStats(config.num_experts, self.moe_stats_window)
         return self.moe_stats if engine.module.training else None
+
+    def end_step(self) -> None:
+        """After every optimizer step's training micro-batches on every rank, whether or not the update
+        is applied (their routing was counted): the step's expert counts enter the routing window."""
+        if self.moe_stats is not None:
+            self.moe_stats.end_step()
 
     def monitor_state(self, copies: int) -> Optional[dict]:
         """What the logged statistics accumulate over more than one step (the MoE routing window), summed
