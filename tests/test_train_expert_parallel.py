@@ -11,7 +11,7 @@ import torch
 from train_helpers import losses, pretrain, scalars, scratch
 
 TOLERANCE = 2e-5
-MOE = {"model.preset": "doge-tiny-moe"}
+MOE = {"model.preset": "doge-tiny-moe", "train.moe_stats_window": 3}  # the routing window: past it within 10 steps
 
 
 @lru_cache(maxsize=None)
@@ -37,9 +37,12 @@ def test_ep2_matches_one_process_and_checkpoints_move_between_ep_sizes():
 
 @pytest.mark.parametrize("tag", ["moe/expert_load_max_over_mean", "moe/unused_expert_fraction", "moe/router_entropy"])
 def test_routing_statistics_continue_across_resumes_at_other_layouts(tag):
-    """The expert loads are counted over the last 100 micro-batches of all ranks: a resumed run (here at
-    another number of ranks) continues that window from the checkpoint, where it restarted empty and its
-    curves jumped at every resume (expert_load_max_over_mean 3.0 instead of 1.8 at the first step)."""
+    """The expert loads are counted over the last train.moe_stats_window (here 3) optimizer steps of all
+    ranks: one process at accumulation 2 and EP 2 at accumulation 1 log the same values past the window,
+    where the window held each rank's micro-batches (one process's covered half the steps, from step 2
+    on its values differed), and a resumed run (here at another number of ranks) continues that window
+    from the checkpoint, where it restarted empty and its curves jumped at every resume
+    (expert_load_max_over_mean 3.0 instead of 1.8 at the first step)."""
     single, ep2, ep1, back = (scalars(run, tag) for run in runs())
     assert ep2 == pytest.approx(single, rel=TOLERANCE)
     assert ep1 == pytest.approx({step: value for step, value in single.items() if step > 5}, rel=TOLERANCE)
