@@ -97,3 +97,25 @@ def test_merge_grid_inverts_a_tp2_x_ep2_split():
     shards = [shard_state_dict(shard_experts(state, e, 2), config, t, 2) for e in range(2) for t in range(2)]
     merged = merge_grid(shards, config, 2)
     assert merged.keys() == state.keys() and all(torch.equal(merged[k], state[k]) for k in state)
+
+
+def test_a_zero0_export_merges_more_than_100_model_parallel_files_in_rank_order(tmp_path):
+    """DeepSpeed names the files mp_rank_00 .. mp_rank_127: sorted by name, mp_rank_100 came before
+    mp_rank_11 and the experts of an EP-128 run were merged out of order, silently."""
+    import dataclasses
+    import json
+
+    from doge_dist.train import checkpoint
+    from doge_dist.train.export import consolidated_state
+
+    config = ModelConfig.from_preset("doge-tiny-moe", num_experts=256)
+    state = build_model(config).state_dict()
+    tag, ep = "step_00000001", 128
+    (tmp_path / tag).mkdir()
+    for rank in range(ep):
+        torch.save({"module": shard_experts(state, rank, ep)}, tmp_path / tag / f"mp_rank_{rank:02d}_model_states.pt")
+    meta = {"step": 1, "tensor_parallel": 1, "expert_parallel": ep, "zero_stage": 0, "dp_size": ep,
+            "model": dataclasses.asdict(config)}
+    (tmp_path / tag / checkpoint.META).write_text(json.dumps(meta))
+    merged = consolidated_state(tmp_path, tag)
+    assert merged.keys() == state.keys() and all(torch.equal(merged[k], state[k]) for k in state)

@@ -41,13 +41,20 @@ def consolidated_state(root: Path, tag: str, universal_root: Optional[Path] = No
                     for p in universal.iterdir() if (p / "fp32.pt").is_file()}
         from ..parallel.grid_checkpoint import merge_grid
 
-        shards = [_module_states(file) for file in sorted((root / tag).glob("mp_rank_*_model_states.pt"))]
+        shards = [_module_states(file) for file in _model_parallel_files(root / tag)]
         return merge_grid(shards, ModelConfig(**meta["model"]), meta.get("tensor_parallel", 1))
     if partitioned:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         return dict(get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag))
     return _module_states(root / tag / "mp_rank_00_model_states.pt")
+
+
+def _model_parallel_files(directory: Path) -> list[Path]:
+    """A ZeRO-0 checkpoint's model-parallel files in rank order: DeepSpeed names them ``mp_rank_{r:02d}``, so
+    by name ``mp_rank_100`` sorts before ``mp_rank_11``."""
+    files = directory.glob("mp_rank_*_model_states.pt")
+    return sorted(files, key=lambda file: int(file.name.split("_")[2]))
 
 
 def _module_states(file: Path) -> dict[str, torch.Tensor]:
