@@ -18,6 +18,7 @@ from doge_dist.model import build_model
 from train_helpers import BIN, PYTHON, REPO, _port, run_on_a_free_port, scratch
 
 SFT_CONVERSATIONS, DPO_PAIRS = 32, 16  # small: the DPO test memorises its pairs within a few epochs
+VALID = 10  # held-out conversations and pairs: not a whole number of 4-sample global batches
 
 
 @lru_cache(maxsize=None)
@@ -30,7 +31,7 @@ def chat_tokenizer() -> Path:
 def prefixes() -> dict[str, str]:
     """{"sft_train", "sft_valid", "dpo_train", "dpo_valid"} -> chat data prefix (..._text_document)."""
     root = scratch() / "chat_data"
-    build_sample_chat(root, sft=SFT_CONVERSATIONS, dpo=DPO_PAIRS, valid=8)
+    build_sample_chat(root, sft=SFT_CONVERSATIONS, dpo=DPO_PAIRS, valid=VALID)
     out = {}
     for name in ("sft_train", "sft_valid", "dpo_train", "dpo_valid"):
         preprocess_chat(str(root / f"{name}.jsonl"), str(root / name), str(chat_tokenizer()), kind=name[:3],
@@ -70,12 +71,14 @@ def finetune(kind: str, run_dir: Path, stage: int, nproc: int, **values) -> Path
 
 
 # Runs shared by several test files: one process (micro 2 x accumulation 2) and two ZeRO-2 ranks
-# (micro 2 x accumulation 1) see the same 4 samples per step in the same micro-batches. The DPO runs
-# also score all 8 validation pairs every 10 steps: 2 global batches of 4 pairs (4 x 2 pairs in one
-# process, 2 x 4 on two ranks).
+# (micro 2 x accumulation 1) see the same 4 samples per step in the same micro-batches. Both also
+# score all 10 validation samples (eval_iters global batches hold more): SFT at its last step, DPO
+# every 10 steps; one process in 5 micro-batches of 2, two ranks in 3 of 2 each, the last one's
+# second row a filler that scores nothing.
 STEPS = {"sft": 8, "dpo": 30}
 LR = {"sft": 2e-3, "dpo": 5e-4}
-VALIDATION = {"sft": {}, "dpo": {"train.eval_interval": 10, "train.eval_iters": 2}}
+VALIDATION = {"sft": {"train.eval_interval": STEPS["sft"], "train.eval_iters": 3},
+              "dpo": {"train.eval_interval": 10, "train.eval_iters": 3}}
 
 
 @lru_cache(maxsize=None)

@@ -3,6 +3,7 @@ computes it) on hand-built log-probs, and DPOTask's forward gives the same from 
 import math
 from pathlib import Path
 
+import pytest
 import torch
 
 import data_helpers
@@ -70,9 +71,30 @@ def test_task_forward_matches_direct_computation():
         direct.append(-torch.nn.functional.logsigmoid(chosen - rejected))
         margins.append(chosen - rejected)
     assert torch.allclose(loss_sum, sum(direct), atol=1e-5)
-    metrics = task._sums["train"].tolist()  # loss, rewards_chosen, rewards_rejected, margin, accuracy sums
+    metrics = task._sums["train"].tolist()  # loss, rewards_chosen, rewards_rejected, margin, accuracy sums, pairs
     assert math.isclose(metrics[3], float(sum(margins)), abs_tol=1e-5)
     assert metrics[4] == sum(float(m > 0) for m in margins)
+
+
+def test_a_filler_pair_of_a_validation_micro_batch_counts_nothing():
+    """A rank's last validation micro-batch is filled up with pairs of index -1 (chat_dataset.scoring_nothing):
+    the loss, every metric sum and the pair count are those of the real pairs alone."""
+    from doge_dist.data.chat_dataset import scoring_nothing
+
+    torch.manual_seed(0)
+    policy = build_model(ModelConfig.from_preset("doge-tiny")).eval()
+    pairs, _ = two_pairs()
+    samples = [{"chosen": lm_sample([(c.numpy(), torch.tensor(cm).numpy())]),
+                "rejected": lm_sample([(r.numpy(), torch.tensor(rm).numpy())]), "index": i}
+               for i, ((c, cm), (r, rm)) in enumerate(pairs)]
+    results = []
+    for rows in ([samples[0]], [samples[0], scoring_nothing(samples[1])]):
+        task = DPOTask()
+        task.beta, task.tables = BETA, {"valid": torch.tensor([[-30.0, -20.0], [-1.0, -90.0]])}
+        with torch.no_grad():  # a validation forward
+            loss_sum, count, _ = task.forward_loss(Engine(policy), collate_pairs(rows, pad_id=2))
+        results.append([loss_sum.item(), count.item(), *task._sums["valid"].tolist()])
+    assert results[1] == pytest.approx(results[0], abs=1e-6) and results[0][1] == 1
 
 
 def test_moe_policy_logs_the_routing_statistics_of_its_training_pairs(monkeypatch):
@@ -171,8 +193,6 @@ def test_a_micro_batch_reads_no_metric_back_to_the_host(monkeypatch):
     """On a GPU ``.cpu()`` and ``.item()`` wait for the device: DPO copied its five metric sums to the host
     at every micro-batch, and the MoE statistics their entropy sums at every micro-batch and layer. They
     stay on the device until the log point reads them (their values: the tests above)."""
-    import pytest
-
     torch.manual_seed(0)
     policy = build_model(ModelConfig.from_preset("doge-tiny-moe")).train()
     _, batch = two_pairs()
@@ -184,5 +204,5 @@ def test_a_micro_batch_reads_no_metric_back_to_the_host(monkeypatch):
         task.forward_loss(Engine(policy), batch)
     task.end_step()  # the loop's, after the step's micro-batches
     monkeypatch.undo()
-    assert task._pairs["train"] == 2 and task._sums["train"][4] in (0, 1, 2)  # accuracy: pairs with a positive margin
+    assert task._sums["train"][5] == 2 and task._sums["train"][4] in (0, 1, 2)  # pairs; accuracy: pairs with a positive margin
     assert len(task.moe_stats.window) == 1 and task.moe_stats.entropy[1] == batch["token_mask"].sum()

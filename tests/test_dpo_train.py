@@ -5,11 +5,12 @@ within 1e-5 absolute, fp32); the reference is the untrained policy (model.* over
 stays the checkpoint a run started from across a resume."""
 import pytest
 
-from chat_helpers import LR, STEPS, finetune, single_run, zero2_run
+from chat_helpers import LR, STEPS, VALID, finetune, init_dir, prefixes, single_run, zero2_run
 from doge_dist.train.dpo import VALID_METRICS
 from train_helpers import losses, scalars, scratch
 
 TOLERANCE = 1e-5
+BETA = 0.1  # finetune.beta's default
 
 
 def _series(run_dir, tag):
@@ -43,10 +44,38 @@ def test_dpo_two_ranks_precomputed_match_one_process():
     assert distributed == pytest.approx(reference, abs=TOLERANCE)
 
 
+def held_out_dpo_loss(run_dir) -> float:
+    """The mean DPO loss of the final checkpoint of ``run_dir`` over all held-out pairs, against the
+    untrained policy, one sequence at a time."""
+    import torch
+    import torch.nn.functional as F
+
+    from doge_dist.convert.hf import load_hf
+    from doge_dist.data.chat_dataset import MaskedSequences, PreferenceDataset
+    from doge_dist.model import IGNORE_INDEX
+    from doge_dist.train.dpo import dpo_loss
+    from doge_dist.train.export import load_checkpoint_model
+
+    policy, reference = load_checkpoint_model(run_dir).eval(), load_hf(init_dir()).eval()
+    pairs = PreferenceDataset(MaskedSequences([prefixes()["dpo_valid"]], pairs=True), 128)
+    assert len(pairs) == VALID
+
+    def logp(model, sample):
+        logits = model(sample["input_ids"][None]).logits[0].float()
+        return -F.cross_entropy(logits, sample["labels"], ignore_index=IGNORE_INDEX, reduction="sum")
+
+    with torch.no_grad():
+        logps = [[logp(model, pair[side]) for model in (policy, reference) for side in ("chosen", "rejected")] for pair in pairs]
+    pi_c, pi_r, ref_c, ref_r = torch.tensor(logps).T
+    return dpo_loss(pi_c, pi_r, ref_c, ref_r, BETA)[0].mean().item()
+
+
 def test_validation_pairs_scored_against_their_own_reference():
     """Held-out pairs: the same DPO loss and rewards with a frozen reference model (one process) as
     with precomputed reference log-probs (two ranks), which then must hold the validation pairs' own;
-    no perplexity for a loss that is not a token cross entropy."""
+    no perplexity for a loss that is not a token cross entropy. Every one of the 10 pairs is scored,
+    though they are not a whole number of global batches (two ranks score 5 each, the last micro-batch
+    filled up with a pair of zero weight): the loss at the end is the mean over all 10 computed by hand."""
     single, distributed = single_run("dpo"), zero2_run("dpo", **{"finetune.reference": "precomputed"})
     for tag in ("val/loss", *VALID_METRICS):
         one, two = scalars(single, tag), scalars(distributed, tag)
@@ -55,7 +84,8 @@ def test_validation_pairs_scored_against_their_own_reference():
     assert not scalars(single, "val/ppl")
     accuracy, margin = scalars(single, "dpo_val/accuracy"), scalars(single, "dpo_val/reward_margin")
     chosen, rejected = scalars(single, "dpo_val/rewards_chosen"), scalars(single, "dpo_val/rewards_rejected")
-    assert all(value in {k / 8 for k in range(9)} for value in accuracy.values())  # a mean over all 8 pairs
+    assert all(value * VALID == pytest.approx(round(value * VALID), abs=1e-4) for value in accuracy.values())  # over all pairs
+    assert scalars(single, "val/loss")[STEPS["dpo"]] == pytest.approx(held_out_dpo_loss(single), abs=TOLERANCE)
     assert [margin[s] for s in sorted(margin)] == pytest.approx([chosen[s] - rejected[s] for s in sorted(margin)], abs=1e-6)
 
 

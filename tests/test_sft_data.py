@@ -3,6 +3,8 @@
 preference pairs are truncated as stated, and packing never lets labels cross conversations."""
 import inspect
 import subprocess
+import warnings
+from functools import partial
 
 import numpy as np
 import pytest
@@ -208,21 +210,50 @@ def test_missing_chat_data_names_the_chat_tool(tmp_path):
             MaskedSequences([str(tmp_path / "nowhere_text_document")], pairs=pairs)
 
 
-def test_too_small_validation_set_warns_and_is_not_scored():
-    """Fewer validation samples than one micro-batch per rank: a warning, and no validation batches
-    (the loop then logs no val/loss instead of the 0 of an empty mean)."""
+def test_validation_scores_every_sample_in_as_many_micro_batches_on_every_rank():
+    """min(len(valid), eval_iters x global batch) samples, each rank its strided share in micro-batches;
+    a rank with fewer fills up with rows that score nothing (labels all IGNORE_INDEX; a pair: index -1,
+    which DPO weighs 0), so every rank runs as many forwards (ZeRO-3 and tensor parallelism gather in
+    them) and every layout of one global batch scores the same samples, even fewer than one micro-batch
+    per rank. Building the batches draws nothing from torch's global generator (a shifted stream would
+    move every later dropout mask of a run that validates)."""
     from doge_dist.config import load_config
+    from doge_dist.data.chat_dataset import collate_lm, collate_pairs
     from doge_dist.train.finetune import FinetuneData
 
+    def sample(i):
+        return {"input_ids": torch.full((2,), i), "labels": torch.full((2,), i), "position_ids": torch.arange(2)}
+
+    def scored(batches):
+        return [[row[0] if row[0] != IGNORE_INDEX else None for row in b["labels"].tolist()] for b in batches]
+
+    samples = [sample(i) for i in range(8)]
+    collate = partial(collate_lm, pad_id=0)
+
+    def layout(valid, dp_size, micro, iters=10):
+        config = load_config(None, [f"train.micro_batch_size={micro}", "train.max_steps=1", "train.eval_interval=1",
+                                    f"train.eval_iters={iters}"])
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            return [scored(FinetuneData(samples, valid, collate, config, rank, dp_size, 0).validation_batches())
+                    for rank in range(dp_size)]
+
+    assert layout(samples[:3], 2, 2) == [[[0, 2]], [[1, None]]]
+    assert layout(samples[:5], 2, 2) == [[[0, 2], [4, None]], [[1, 3], [None, None]]]
+    assert layout(samples[:5], 1, 4) == [[[0, 1, 2, 3], [4, None, None, None]]]
+    assert layout(samples[:1], 2, 1) == [[[0]], [[None]]]
+    assert layout(samples, 2, 1, iters=1) == [[[0]], [[1]]]  # eval_iters global batches at most
+    states = []
+    for interval in (0, 1):  # the training DataLoader's iterator draws its seed either way
+        torch.manual_seed(0)
+        config = load_config(None, ["train.micro_batch_size=2", "train.max_steps=1", f"train.eval_interval={interval}"])
+        FinetuneData(samples, samples[:5], collate, config, 0, 1, 0)
+        states.append(torch.get_rng_state())
+    assert torch.equal(*states)
+    pairs = [{"chosen": sample(i), "rejected": sample(i + 10), "index": i} for i in range(3)]
     config = load_config(None, ["train.micro_batch_size=2", "train.max_steps=1", "train.eval_interval=1"])
-    samples = [{"x": torch.tensor([i])} for i in range(8)]
-    collate = lambda batch: {"x": torch.stack([s["x"] for s in batch])}  # noqa: E731
-    with pytest.warns(UserWarning, match=r"data.valid_data holds 3 samples, fewer than one micro-batch on every data-parallel rank \(4\)"):
-        data = FinetuneData(samples, samples[:3], collate, config, dp_rank=0, dp_size=2, consumed_samples=0)
-    assert data.validation_batches() == []
-    for rank, expected in ((0, [[0], [1]]), (1, [[2], [3]])):  # four samples: one micro-batch on each rank
-        data = FinetuneData(samples, samples[:4], collate, config, dp_rank=rank, dp_size=2, consumed_samples=0)
-        assert [b["x"].tolist() for b in data.validation_batches()] == [expected]
+    batch, = FinetuneData(pairs, pairs, partial(collate_pairs, pad_id=0), config, 1, 2, 0).validation_batches()
+    assert batch["index"].tolist() == [1, -1] and scored([batch]) == [[1, None, 11, None]]
 
 
 def test_a_resume_at_a_smaller_global_batch_gets_every_remaining_step():
@@ -338,8 +369,6 @@ def dpo_check(seq_length, valid=None):
 
 def test_pairs_cut_to_nothing_by_seq_length_are_reported():
     """DPO pairs whose prompt fills data.seq_length train nothing (reward 0, never accurate): warned."""
-    import warnings
-
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert dpo_check(128) == 16
@@ -362,8 +391,6 @@ def test_pairs_all_cut_to_nothing_by_seq_length_are_refused(tmp_path):
 
 
 def test_conversations_longer_than_seq_length_are_reported():
-    import warnings
-
     from chat_helpers import prefixes
     from doge_dist.config import load_config
     from doge_dist.train.finetune import SFTTask

@@ -161,6 +161,16 @@ def collate_pairs(samples: list[dict], pad_id: int, multiple: int = 1) -> dict[s
     return batch
 
 
+def scoring_nothing(sample: dict) -> dict:
+    """A copy of ``sample`` that adds nothing to a validation: every label IGNORE_INDEX (no token
+    scored) and, for a pair, ``index`` -1 (DPO weighs such a pair 0). It fills up a rank's last
+    validation micro-batch, so that every rank runs as many forwards."""
+    return {key: scoring_nothing(value) if isinstance(value, dict)
+            else torch.full_like(value, IGNORE_INDEX) if key == "labels"
+            else -1 if key == "index" else value
+            for key, value in sample.items()}
+
+
 class EpochShuffled(Dataset):
     """``total`` samples drawn epoch after epoch, each epoch a fresh seeded permutation of ``dataset``:
     sample k depends on k and the seed only, so a run resumes at any consumed-sample count."""

@@ -147,9 +147,10 @@ def warn_if_data_order_changed(saved: dict, current: dict, consumed_samples: int
 
 
 def validation_rounds(train: TrainConfig, valid_samples: int, dp_size: int) -> int:
-    """Validation micro-batches per rank: ``train.eval_iters`` global batches, as Megatron-LM counts
-    them, so that every layout of the same global batch (2 ranks, or 1 with twice the accumulation)
-    scores the same sequences; fewer when the validation set is smaller (whole rounds of all ranks)."""
+    """Pretraining's validation micro-batches per rank: ``train.eval_iters`` global batches, as Megatron-LM
+    counts them, so that every layout of the same global batch (2 ranks, or 1 with twice the accumulation)
+    scores the same sequences (megatron-core sizes the validation split to them, wrapping a smaller one;
+    SFT/DPO score a smaller held-out set whole: ``finetune.validation_batches``)."""
     return min(train.eval_iters * train.gradient_accumulation_steps, valid_samples // (train.micro_batch_size * dp_size))
 
 

@@ -166,8 +166,8 @@ class DPOTask(FinetuneTask):
         self.reference_source: Optional[dict] = None  # reference_source, fixed by setup
         self.tables: dict[str, torch.Tensor] = {}  # split -> [pairs, 2] precomputed reference log-probs
         self._precompute_for: Optional[tuple[Config, DistEnv]] = None  # until the first step
-        self._sums = {split: torch.zeros(len(METRICS), dtype=torch.float64) for split in REFERENCE_FILES}
-        self._pairs = dict.fromkeys(REFERENCE_FILES, 0)
+        # split -> sums of the METRICS over its pairs since the last log point, then the pair count
+        self._sums = {split: torch.zeros(len(METRICS) + 1, dtype=torch.float64) for split in REFERENCE_FILES}
 
     def dataset(self, config: Config, split: str) -> Optional[PreferenceDataset]:
         sequences = self.sequences(config, split)
@@ -280,25 +280,30 @@ class DPOTask(FinetuneTask):
 
     def forward_loss(self, engine, batch: dict):
         """(sum of pair losses, pair count, balance loss) for a [2B, T] batch: B chosen, then B rejected;
-        training pairs with gradients enabled, validation pairs (the loop's ``evaluate``) without."""
+        training pairs with gradients enabled, validation pairs (the loop's ``evaluate``) without. A pair
+        of ``index`` -1 fills up a rank's last validation micro-batch (``finetune.validation_batches``):
+        weight 0 in every sum and in the count."""
         split = "train" if torch.is_grad_enabled() else "valid"
         out = engine(batch["input_ids"], position_ids=batch.get("position_ids"), token_mask=batch.get("token_mask"))
         stats = self.routing_stats(engine)
         if stats is not None:
             stats.update(out.routings, local_tokens(batch.get("token_mask"), len(out.routings[0].expert_ids)))
         policy = sequence_logps(engine.module, out.logits, batch["labels"])
+        index = batch["index"]
         if self.tables:
-            reference = self.tables[split][batch["index"]].to(policy.dtype).T.reshape(-1)
+            reference = self.tables[split][index.clamp(min=0)].to(policy.dtype).T.reshape(-1)
         else:
             reference = reference_logps(self.reference, batch)
-        pairs = len(batch["index"])
+        pairs = len(index)
         losses, chosen, rejected = dpo_loss(policy[:pairs], policy[pairs:], reference[:pairs], reference[pairs:], self.beta)
-        values = [losses.detach().sum(), chosen.sum(), rejected.sum(), (chosen - rejected).sum(), (chosen > rejected).sum()]
+        weight = (index >= 0).to(losses.dtype)
+        losses, chosen, rejected = losses * weight, chosen * weight, rejected * weight
+        values = [losses.detach().sum(), chosen.sum(), rejected.sum(), (chosen - rejected).sum(),
+                  ((chosen > rejected) * weight).sum(), weight.sum()]
         # summed where they were computed: a copy to the host here would wait for the GPU every micro-batch
         sums = torch.stack([v.double() for v in values])
         self._sums[split] = self._sums[split].to(sums.device) + sums
-        self._pairs[split] += pairs
-        return losses.sum(), torch.as_tensor(pairs), out.balance_loss
+        return losses.sum(), values[-1], out.balance_loss
 
     def log_metrics(self, device: torch.device) -> dict[str, float]:
         """Means over the training pairs of all ranks since the previous log point, and a MoE policy's
@@ -316,10 +321,8 @@ class DPOTask(FinetuneTask):
         a collective call that starts the next accumulation."""
         from ..parallel.state import data_parallel_group
 
-        count = torch.tensor([float(self._pairs[split])], dtype=torch.float64, device=device)
-        totals = torch.cat([self._sums[split].to(device), count])
+        totals = self._sums[split].to(device)
         dist.all_reduce(totals, group=data_parallel_group())  # tensor-parallel ranks hold the same pairs
-        self._sums[split].zero_()
-        self._pairs[split] = 0
+        self._sums[split] = torch.zeros_like(totals)
         pairs = max(float(totals[-1]), 1.0)
         return {name: float(value) / pairs for name, value in zip(names, totals[:-1].tolist())}

@@ -19,8 +19,9 @@ from ..config import Config, ConfigError, DataConfig, ModelConfig, apply_overrid
 from ..data import DataError, ResumableSampler
 from ..data.blend import parse_blend
 from ..data.sampler import leave_stop_signals_to_the_trainer
-from ..data.chat_dataset import EpochShuffled, MaskedSequences, SFTDataset, collate_lm, conversations_without_loss
-from .data import split_samples, validation_rounds
+from ..data.chat_dataset import (EpochShuffled, MaskedSequences, SFTDataset, collate_lm, conversations_without_loss,
+                                 scoring_nothing)
+from .data import split_samples
 from .distributed import DistEnv, is_launcher_main
 from .task import PretrainTask
 
@@ -41,14 +42,9 @@ class FinetuneData:
         self._train = iter(DataLoader(shuffled, batch_sampler=sampler, collate_fn=collate,
                                       num_workers=config.data.num_workers, worker_init_fn=leave_stop_signals_to_the_trainer))
         self._valid: list[dict] = []
-        per_iter = train.micro_batch_size * dp_size
-        if valid_set is not None and train.eval_interval > 0 and len(valid_set) < per_iter and dp_rank == 0:
-            warnings.warn(f"data.valid_data holds {len(valid_set)} samples, fewer than one micro-batch on every "
-                          f"data-parallel rank ({per_iter}): this run does not validate.")
-        if valid_set is not None and train.eval_interval > 0 and len(valid_set) >= per_iter:
-            rounds = validation_rounds(train, len(valid_set), dp_size)
-            sampler = ResumableSampler(rounds * per_iter, 0, train.micro_batch_size, dp_rank, dp_size)
-            self._valid = list(DataLoader(valid_set, batch_sampler=sampler, collate_fn=collate))
+        if valid_set is not None and train.eval_interval > 0:
+            self._valid = validation_batches(valid_set, collate, min(len(valid_set), train.eval_iters * self.global_batch),
+                                             train.micro_batch_size, dp_rank, dp_size)
 
     def next_step(self) -> Optional[list[dict]]:
         batches = [next(self._train, None) for _ in range(self.micro_batches_per_step)]
@@ -56,6 +52,23 @@ class FinetuneData:
 
     def validation_batches(self) -> list[dict]:
         return self._valid
+
+
+def validation_batches(valid_set: Dataset, collate: Callable, samples: int, micro_batch_size: int, dp_rank: int,
+                       dp_size: int) -> list[dict]:
+    """This rank's micro-batches of the first ``samples`` of ``valid_set``: its strided share, with the
+    last micro-batch filled up with ``scoring_nothing`` rows to as many micro-batches of as many rows as
+    the rank with the most (ZeRO-3 and tensor parallelism gather collectively inside every forward).
+    So every sample is scored once whatever the layout, as HF Trainer/TRL score a whole eval set; whole
+    rounds of every rank would leave up to micro x dp - 1 samples out, others for other layouts. Read
+    by index without a DataLoader, whose iterator draws its seed from torch's global generator and would
+    shift every later dropout mask of a run that validates."""
+    mine = range(dp_rank, samples, dp_size)
+    rows = -(-math.ceil(samples / dp_size) // micro_batch_size) * micro_batch_size
+    padded = [valid_set[i] for i in mine]
+    if len(padded) < rows:
+        padded += [scoring_nothing(valid_set[0])] * (rows - len(padded))
+    return [collate(padded[start : start + micro_batch_size]) for start in range(0, rows, micro_batch_size)]
 
 
 def data_prefixes(entries: list, where: str) -> list[str]:

@@ -429,7 +429,7 @@ def pretrain(config: Config, ds_user: dict[str, Any], ds_where: str = "the DeepS
                 reporter.scalars(progress.step, {"train/lr_inherited": inherited_lr})
         validate = train.eval_interval and (progress.step % train.eval_interval == 0 or progress.step == train.max_steps)
         valid_batches = data.validation_batches() if validate else []
-        if valid_batches:  # fine-tuning data may be too small to validate (FinetuneData warns)
+        if valid_batches:  # none when the validation set is empty
             with reporter.paused():
                 loss = evaluate(engine, valid_batches, env, task)
                 reporter.validation(progress.step, loss, task.reports_perplexity, task.validation_metrics(env.device))
