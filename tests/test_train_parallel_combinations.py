@@ -10,7 +10,7 @@ import pytest
 
 from data_helpers import assets, quiet, write_jsonl
 from doge_dist.data import preprocess
-from train_helpers import losses, pretrain, scalars, scratch
+from train_helpers import base_overrides, losses, pretrain, scalars, scratch
 
 TOLERANCE = 2e-5
 SHORT = dict(max_steps=3, warmup_steps=0, decay_steps=1, eval_interval=0)
@@ -62,3 +62,21 @@ def test_dropout_under_tp2_sp_and_checkpointing_resumes_exactly():
     pretrain(whole, 1, nproc=2, save_interval=1, **common)
     pretrain(resumed, 1, nproc=2, **common, **{"run.resume": str(whole / "checkpoints" / "step_00000001")})
     assert losses(resumed) == losses(whole)[1:]
+
+
+def test_building_the_validation_batches_draws_nothing_from_the_training_random_state():
+    """Iterating a DataLoader draws its seed from torch's global generator: a run with train.eval_interval
+    > 0 built its validation batches that way and drew every later dropout mask shifted, so that its
+    training losses were not those of the same run without validation (in Megatron-LM they are)."""
+    import torch
+
+    from doge_dist.config import load_config
+    from doge_dist.train.data import TrainData
+
+    states = []
+    for interval in (0, 5):
+        config = load_config(None, base_overrides(scratch() / "unused", eval_interval=interval))
+        torch.manual_seed(0)
+        TrainData(config, 0, 1, 0, str(scratch() / "data_cache"))
+        states.append(torch.get_rng_state())
+    assert torch.equal(*states)

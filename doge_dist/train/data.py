@@ -58,7 +58,9 @@ class TrainData:
         if valid_set is not None and train.eval_interval > 0:
             rounds = validation_rounds(train, len(valid_set), dp_size)
             valid_loader = build_dataloader(valid_set, 0, train.micro_batch_size, dp_rank, dp_size)
-            self._valid = [batch for _, batch in zip(range(rounds), valid_loader)]
+            with torch.random.fork_rng(devices=[]):  # the iterator draws its seed from the CPU generator, which
+                # the training's dropout masks come from: a run that validates would draw them all shifted
+                self._valid = [batch for _, batch in zip(range(rounds), valid_loader)]
 
     def next_step(self) -> Optional[list[dict]]:
         """This rank's micro-batches for one optimizer step, or None when the data is exhausted."""
