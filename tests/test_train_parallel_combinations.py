@@ -3,7 +3,7 @@ global batch (fp32, 2e-5 relative as in test_train_zero_parity): tensor parallel
 parallelism, packed documents (reset_attention_mask/reset_position_ids), activation checkpointing and
 gradient accumulation; a MoE model sequence parallel under
 ZeRO-3; and with dropout, where no other layout can match, a tensor/sequence parallel run that resumes
-exactly."""
+exactly, validating or not."""
 from functools import lru_cache
 
 import pytest
@@ -55,12 +55,16 @@ def test_moe_sequence_parallel_under_zero3_matches_one_process():
 def test_dropout_under_tp2_sp_and_checkpointing_resumes_exactly():
     """Masks drawn per tensor-parallel rank (parallel.rng) come from the saved generator states: the
     resumed steps are the uninterrupted ones (the states were restored before the rest of the set-up,
-    whose CPU peak measurement for MFU drew from them and shifted every mask of a resumed run)."""
+    whose CPU peak measurement for MFU drew from them and shifted every mask of a resumed run). The
+    resumed run validates after every step and the whole one never: as in Megatron-LM, validation
+    leaves the training's masks alone (each per-rank region of an evaluation forward drew a seed from
+    the shared generator, which shifted every later mask)."""
     dropout = {"model.hidden_dropout": 0.1, "model.attention_dropout": 0.1, **TP2_SP}
     common = dict(**SAME_BATCHES, **SHORT, activation_checkpointing="true", **dropout)
     whole, resumed = scratch() / "combination_dropout", scratch() / "combination_dropout_resumed"
     pretrain(whole, 1, nproc=2, save_interval=1, **common)
-    pretrain(resumed, 1, nproc=2, **common, **{"run.resume": str(whole / "checkpoints" / "step_00000001")})
+    pretrain(resumed, 1, nproc=2, **{**common, "eval_interval": 1}, **{"run.resume": str(whole / "checkpoints" / "step_00000001")})
+    assert set(scalars(resumed, "val/loss")) == {2, 3}
     assert losses(resumed) == losses(whole)[1:]
 
 

@@ -8,7 +8,9 @@ same draws). A region that must draw per rank (``rank_local_random``) takes one 
 shared stream, so the stream goes on alike on every rank, and draws its masks from that number plus
 the rank. Nothing else is kept: a checkpoint's saved generator states resume it exactly, and
 activation checkpointing, which restores the default generators before recomputing a layer, draws
-the same masks again.
+the same masks again. A module in eval mode draws no masks and takes no number either: an
+evaluation between two steps (validation, a DPO reference forward) leaves the training's stream,
+and with it every later mask, as it was, as in Megatron-LM.
 """
 from contextlib import contextmanager
 from typing import Callable
@@ -40,11 +42,14 @@ def rank_local_random(device: torch.device, rank: int):
 
 
 def draw_per_rank(module: nn.Module, rank: int) -> None:
-    """Run ``module``'s forward (its first argument: the activations) inside ``rank_local_random``;
-    replaced on the instance, so parameter names stay as they are."""
+    """Run ``module``'s forward (its first argument: the activations) inside ``rank_local_random``
+    while it trains (dropout is off in eval mode: nothing to draw); replaced on the instance, so
+    parameter names stay as they are."""
     forward: Callable = module.forward
 
     def forward_per_rank(x, *args, **kwargs):
+        if not module.training:
+            return forward(x, *args, **kwargs)
         with rank_local_random(x.device, rank):
             return forward(x, *args, **kwargs)
 
