@@ -51,11 +51,10 @@ import torch
 from .config import Config, ConfigError, ModelConfig
 from .model.flops import parameter_count
 from .model.loss import default_chunk_tokens
-from .parallel.expert import check_expert_parallel
 from .parallel.state import ParallelLayout
-from .parallel.state import check_layout as check_parallel_layout
 from .train.ds_config import bf16_enabled, grad_accum_dtype, zero_stage
 from .train.preflight import check_ds_config, check_seq_length
+from .train.preflight import check_layout as check_trainer_layout
 
 GB = 1e9
 BUCKET_DEFAULT = int(5e8)  # DeepSpeed's reduce_bucket_size default (elements)
@@ -64,18 +63,15 @@ PERSISTENCE_DEFAULT = int(1e5)
 
 
 def check_layout(config: Config, gpus: int) -> ParallelLayout:
-    """The parallel layout on ``gpus`` GPUs, by the trainer's own rules (doge_dist.parallel.state,
-    doge_dist.parallel.expert)."""
+    """The parallel layout on ``gpus`` GPUs, by the trainer's own check (doge_dist.train.preflight.check_layout:
+    the process grid, and a model and seq_length that split over it); only the GPU count is worded for --gpus."""
     if gpus < 1:
         raise ConfigError(f"The GPU count must be at least 1, got {gpus}.")
     tp = config.parallel.tensor_parallel
     if tp > 1 and gpus % tp:  # the trainer's own message speaks of launched processes, not of --gpus
         raise ConfigError(f"--gpus {gpus} is not a multiple of parallel.tensor_parallel ({tp}): pass a multiple of {tp} "
                           f"as --gpus, or set parallel.tensor_parallel to a divisor of {gpus}.")
-    layout = check_parallel_layout(config.parallel, gpus)
-    if layout.expert_parallel > 1:
-        check_expert_parallel(config.model, layout.expert_parallel)
-    return layout
+    return check_trainer_layout(config, gpus)
 
 
 def recipe_global_batch(recipe: Config) -> int:

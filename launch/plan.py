@@ -85,6 +85,7 @@ def main() -> int:
         ds_path = args.ds_config or config.run.ds_config
         if not ds_path:
             raise ConfigError("No DeepSpeed config: pass --ds_config configs/zero2.json (or set run.ds_config in the YAML).")
+        config.model = planned_model(args.config, config, args.overrides)  # the layout must split this model
         if args.accumulation:  # the launcher's question only: no model needs building
             dp = check_layout(config, args.gpus).dp_size
             if any(o.startswith("train.gradient_accumulation_steps=") for o in args.overrides):
@@ -93,7 +94,6 @@ def main() -> int:
             global_batch = recipe_global_batch(recipe) if args.global_batch is None else args.global_batch
             print(accumulation_steps(global_batch, config.train.micro_batch_size, dp))
             return 0
-        config.model = planned_model(args.config, config, args.overrides)
         plan = make_plan(recipe, config, read_ds_config(ds_path), args.gpus, args.gpu_mem_gb, args.reserve_gb,
                          args.global_batch, args.task, f"DeepSpeed config '{ds_path}'")
     except input_errors() as error:  # as the trainer reports them (a run.init_from without weights too)

@@ -183,8 +183,8 @@ def test_loss_path_follows_the_trainer():
     """Chunked loss (a bounded workspace, 2 h per token) below ZeRO-3 on one TP rank; whole logits
     (14 V / tp per token, no workspace) under ZeRO-3 or TP, as forward_loss and the TP model do."""
     config = load_config(str(REPO / "configs" / "doge_20m.yaml"))
-    one, two = check_layout(config, 1), check_layout(load_config(str(REPO / "configs" / "doge_20m.yaml"),
-                                                                 ["parallel.tensor_parallel=2"]), 2)
+    one, two = check_layout(config, 1), check_layout(load_config(str(REPO / "configs" / "doge_60m.yaml"),  # doge-20m's
+                                                                 ["parallel.tensor_parallel=2"]), 2)  # 1 kv head does not split
     assert [full_logits(one, stage) for stage in range(4)] == [False, False, False, True]
     assert full_logits(two, 1)
     m, seq = config.model, config.data.seq_length
@@ -206,6 +206,34 @@ def test_accumulation_keeps_the_global_batch_and_names_the_fix():
     config = load_config(str(REPO / "configs" / "doge_20m.yaml"), ["parallel.tensor_parallel=2"])
     with pytest.raises(ConfigError, match=r"--gpus 3 is not a multiple of parallel.tensor_parallel \(2\)"):
         check_layout(config, 3)
+
+
+@pytest.mark.parametrize("config, overrides, gpus, message", [
+    ("doge_320m", ["parallel.tensor_parallel=8"], 8,
+     "model.num_key_value_heads = 4 is not divisible by parallel.tensor_parallel = 8"),
+    ("doge_60m", ["parallel.tensor_parallel=2", "parallel.sequence_parallel=true", "data.seq_length=1023"], 2,
+     "data.seq_length (1023) must be a multiple of parallel.tensor_parallel (2) with parallel.sequence_parallel=true"),
+    ("doge_120m_moe", ["parallel.tensor_parallel=2", "parallel.expert_parallel=2", "model.vocab_size=32767"], 4,
+     "model.vocab_size (32767) must be a multiple of parallel.tensor_parallel (2) when expert parallelism is on too"),
+])
+def test_layouts_the_trainer_refuses_are_refused(config, overrides, gpus, message):
+    """The plan approved layouts doge_dist.train.preflight refuses (a model that does not split over the
+    tensor-parallel ranks, a sequence-parallel seq_length, the tp x ep grid's vocabulary), and slurm/launch.sh
+    then started the job: the plan runs the trainer's check itself."""
+    loaded = load_config(str(REPO / "configs" / f"{config}.yaml"), overrides)
+    with pytest.raises(ConfigError) as error:
+        check_layout(loaded, gpus)
+    assert str(error.value).startswith(message), error.value
+
+
+def test_cli_accumulation_refuses_a_model_tensor_parallel_does_not_split(plan_cli):
+    """--accumulation (slurm/launch.sh's question) printed 128 for doge-320m on 8 tensor-parallel ranks, which
+    its 4 key/value heads cannot split over, and the job was submitted to fail at the trainer's preflight."""
+    for extra in ((), ("--accumulation",)):
+        result = plan_cli("--config", "configs/doge_320m.yaml", "--gpus", "8", *extra, "parallel.tensor_parallel=8")
+        assert result.returncode == 2 and result.stdout == "", result.stdout
+        assert result.stderr.startswith("error: model.num_key_value_heads = 4 is not divisible by "
+                                        "parallel.tensor_parallel = 8"), result.stderr
 
 
 def test_cli_prints_the_plan_and_one_paragraph_errors(plan_cli):
@@ -324,6 +352,12 @@ def test_cli_plans_a_finetuning_recipe_as_the_model_of_its_init_from(plan_cli):
     assert "run.init_from" in missing.stderr and "model.preset=" in missing.stderr
     out = run("--config", "configs/sft_doge_20m.yaml", "run.init_from=runs/no_such_run", "model.preset=doge-20m")
     assert out.returncode == 0 and "13.1M params" in out.stdout, out.stderr
+    # --accumulation checks the layout against init_from's model too: doge-tiny's 2 key/value heads do not
+    # split over 4 tensor-parallel ranks (ModelConfig's defaults, which it checked, do)
+    out = run("--config", "configs/sft_doge_20m.yaml", "--gpus", "4", "--accumulation", f"run.init_from={init_from}",
+              "parallel.tensor_parallel=4")
+    assert out.returncode == 2 and out.stdout == "", out.stdout
+    assert out.stderr.startswith("error: model.num_key_value_heads = 2 is not divisible by parallel.tensor_parallel = 4")
 
 
 def test_cli_is_quiet_about_transformer_engine_and_apex():

@@ -166,6 +166,17 @@ def test_impossible_gpu_count_is_one_clear_paragraph(tmp_path):
     assert "Traceback" not in out
 
 
+def test_a_layout_the_trainer_refuses_is_not_submitted(tmp_path):
+    """doge-320m's 4 key/value heads do not split over 8 tensor-parallel ranks: plan.py approved the layout, so
+    the launcher built and ran the srun command, and every rank then failed in the trainer's preflight."""
+    env = fake_slurm(tmp_path, nodes=1, gpus=8, DRY_RUN="1")
+    result = subprocess.run(["sbatch", "slurm/doge_320m.sh", "parallel.tensor_parallel=8"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "srun" not in result.stdout, result.stdout
+    assert result.stderr.startswith("error: model.num_key_value_heads = 4 is not divisible by parallel.tensor_parallel = 8")
+    assert "Traceback" not in result.stderr
+
+
 def test_an_accumulation_override_fixes_the_accumulation(tmp_path):
     """docs/multinode.md: an explicit train.gradient_accumulation_steps= fixes the accumulation yourself. The
     launcher still asked plan.py for the one keeping the recipe's 256 sequences, which micro 12 on 8 GPUs cannot:
