@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -342,6 +343,13 @@ PRESETS: dict[str, dict[str, Any]] = {
 # ----------------------------------------------------------------------------------------------
 
 
+def expand_home(value: Any) -> Any:
+    """A path value with a leading ~ or ~user expanded, as Hugging Face's Trainer expands output_dir: the shell
+    leaves ``run.dir=~/x`` alone (no tilde expansion inside a word), and a run would write into a directory named
+    '~' in the working directory (which a later ``rm -rf ~`` takes for the home). Anything else is returned as is."""
+    return os.path.expanduser(value) if isinstance(value, str) else value
+
+
 def check_seed(seed: int, key: str) -> None:
     """numpy seeds the data order and each rank's random state from it, and takes only 0 <= seed < 2**32: it
     would fail with a ValueError once the process group, the model and the engine were built."""
@@ -376,6 +384,8 @@ class DataConfig:
             if not isinstance(getattr(self, key), list):
                 raise ConfigError(f"data.{key} must be a list of prefixes ([prefix, ...] or [weight, prefix, ...]), "
                                   f"got {getattr(self, key)!r}.")
+            setattr(self, key, [expand_home(entry) for entry in getattr(self, key)])  # a blend's weights stay numbers
+        self.tokenizer, self.cache_dir = expand_home(self.tokenizer), expand_home(self.cache_dir)
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers must be >= 0 (0: load in the training process), got {self.num_workers}.")
         check_seed(self.seed, "data.seed")
@@ -461,6 +471,10 @@ class RunConfig:
     resume: str = "auto"  # auto (latest checkpoint in dir if any) | never | PATH to a checkpoint dir
     init_from: Optional[str] = None  # HF Doge directory, or a run dir / checkpoint to continue from
     init_optimizer: bool = False  # continue mode: also take the checkpoint's optimizer states
+
+    def __post_init__(self) -> None:
+        for key in ("dir", "ds_config", "resume", "init_from"):  # resume: auto and never are not paths, and stay
+            setattr(self, key, expand_home(getattr(self, key)))
 
 
 @dataclass

@@ -213,3 +213,29 @@ def test_moe_keys_on_a_dense_model_are_refused_not_ignored(tmp_path):
         load_config(None, ["run.init_from=runs/sft", "model.router_aux_loss_coef=0.01"])
     with pytest.raises(ConfigError, match=r"model.num_experts is set in the command-line overrides, but the model is dense"):
         load_config(None, ["run.init_from=runs/sft", "model.preset=doge-tiny", "model.num_experts=16"], fine_tuning=True)
+
+
+def test_a_home_directory_tilde_in_a_path_is_expanded(tmp_path, monkeypatch):
+    """The shell leaves run.dir=~/x as it is (no tilde expansion inside section.key=value): the run wrote into
+    a directory named '~' in the working directory, which a later `rm -rf ~` to clean it up takes for the home
+    directory. Every path key is expanded as Hugging Face's Trainer expands output_dir."""
+    from doge_dist.train.cli import ds_config_path_of
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    config = load_config(None, ["run.dir=~/x", "run.ds_config=~/zero1.json", "run.init_from=~/runs/pre",
+                                "run.resume=~/runs/x/checkpoints/step_00000010", "data.tokenizer=~/tok.model",
+                                "data.cache_dir=~/cache", "data.train_data=[0.3, ~/a_text_document, 0.7, ~/b_text_document]",
+                                "data.valid_data=~/v_text_document"])
+    home = str(tmp_path)
+    assert config.run.dir == f"{home}/x" and config.run.ds_config == f"{home}/zero1.json"
+    assert config.run.init_from == f"{home}/runs/pre" and config.run.resume == f"{home}/runs/x/checkpoints/step_00000010"
+    assert (config.data.tokenizer, config.data.cache_dir) == (f"{home}/tok.model", f"{home}/cache")
+    assert config.data.train_data == [0.3, f"{home}/a_text_document", 0.7, f"{home}/b_text_document"]
+    assert config.data.valid_data == [f"{home}/v_text_document"]
+    path = tmp_path / "run.yaml"  # from the YAML file alike
+    path.write_text("data:\n  train_data: ~/c_text_document\nrun:\n  dir: ~/y\n")
+    config = load_config(str(path))
+    assert (config.data.train_data, config.run.dir) == ([f"{home}/c_text_document"], f"{home}/y")
+    assert load_config(None, ["run.resume=never"]).run.resume == "never"
+    # --ds_config=~/x (the shell expands ~ only at the start of a word) is recorded as run.ds_config
+    assert ds_config_path_of(load_config(None), "~/zero2.json") == f"{home}/zero2.json"

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..config import ConfigError, inherits_model, load_config
+from ..config import ConfigError, expand_home, inherits_model, load_config
 
 
 def input_errors() -> tuple[type, ...]:
@@ -113,7 +113,7 @@ def _destroy_process_group() -> None:
 
 def ds_config_path_of(config, ds_config_path: Optional[str]) -> str:
     """--ds_config, else run.ds_config (recorded in the config so a resume uses the same file)."""
-    path = ds_config_path or config.run.ds_config
+    path = expand_home(ds_config_path) or config.run.ds_config  # --ds_config=~/x: the shell expands no ~ after "="
     if not path:
         raise ConfigError("No DeepSpeed config: pass --ds_config configs/zero2.json (or set run.ds_config in the YAML).")
     config.run.ds_config = path
