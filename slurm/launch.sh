@@ -69,7 +69,9 @@ gpus_per_node=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-${SLURM_GPUS_PER_NODE:-1}}}
 gpus_per_node=${gpus_per_node##*:}   # "h100:8" -> 8
 experiment=${EXPERIMENT:-${SLURM_JOB_NAME:-doge}}
 run_dir=${RUNS_DIR:-runs}/$experiment
-master_addr=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+# sed -n 1p reads the whole list: head -n 1 exits after the first line, and on a long list scontrol's next write
+# dies of SIGPIPE, which pipefail turns into a silent exit 141 of this script
+master_addr=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)
 master_port=${MASTER_PORT:-$((10000 + ${SLURM_JOB_ID:-0} % 20000))}
 
 plan_args=(--config "$config" --ds_config "$ds_config" --gpus "$((nodes * gpus_per_node))" --accumulation)

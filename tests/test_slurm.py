@@ -202,6 +202,26 @@ def test_a_resume_override_is_refused_not_silently_replaced(override, tmp_path):
     assert "run.init_from=CHECKPOINT" in result.stderr
 
 
+MANY_HOSTS = """#!/bin/bash
+# fake scontrol of a 600-node allocation: `show hostnames` writes one line at a time, as a pipe reader sees it
+if [[ $1 == show && $2 == hostnames ]]; then for i in $(seq -w 1 600); do printf 'gpu-node%s\\n' "$i"; done; fi
+"""
+
+
+def test_the_first_of_many_hosts_is_the_rendezvous_host(tmp_path):
+    """`scontrol show hostnames | head -n 1` under set -o pipefail: head exits after the first line, scontrol's
+    next write dies of SIGPIPE (141), and the launcher exited 141 without a word, at random, on long node lists."""
+    env = fake_slurm(tmp_path, nodes=600, gpus=8, DRY_RUN="1", PYTHON=str(tmp_path / "bin" / "plan"))
+    (tmp_path / "bin" / "scontrol").write_text(MANY_HOSTS)
+    (tmp_path / "bin" / "plan").write_text("#!/bin/bash\necho 1\n")  # plan.py's accumulation, without its seconds
+    (tmp_path / "bin" / "plan").chmod(0o755)
+    for _ in range(20):
+        result = subprocess.run(["bash", "slurm/launch.sh", "configs/doge_20m.yaml", "configs/zero1.json"], cwd=REPO,
+                                env=env, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, (result.returncode, result.stderr)
+        assert f"--rdzv-endpoint=gpu-node001:{env['MASTER_PORT']}" in shlex.split(result.stdout)
+
+
 def test_the_log_directory_of_the_sbatch_lines_exists():
     """Slurm does not create the directory of --output/--error: a job submitted without it fails at once
     and writes no log at all. The repository keeps logs/ (empty, its files ignored)."""
