@@ -9,7 +9,7 @@
 # override fixes it instead; the global batch is then micro x accumulation x GPUs), writes to runs/<experiment>
 # and resumes from its latest checkpoint, and on the preemption warning (#SBATCH --signal=B:USR1@120)
 # asks the trainer to save and requeues the job. Extra arguments are launch/pretrain.py overrides (not
-# run.resume: the launcher resumes itself) and come last, so they win.
+# run.resume or --resume: the launcher resumes itself) and come last, so they win.
 #
 # Environment (all optional):
 #   EXPERIMENT     run directory name under RUNS_DIR (default: the job name, #SBATCH --job-name)
@@ -53,11 +53,17 @@ for file in "$config" "$ds_config"; do
     fi
 done
 
-for override in "$@"; do
-    if [[ $override == run.resume=* ]]; then
-        echo "error: '$override': slurm/launch.sh resumes from the latest checkpoint of the run directory itself (--resume" \
-             "auto, which would win over it), also when the job is requeued, so it takes no run.resume. To start from" \
-             "another checkpoint, submit under a new --job-name with run.init_from=CHECKPOINT (its weights; add" \
+args=("$@")
+for i in "${!args[@]}"; do
+    override=${args[i]}
+    if [[ $override == --resume ]] && (( i + 1 < ${#args[@]} )); then
+        override+=" ${args[i + 1]}"   # the trainer's --resume X
+    fi
+    if [[ $override == run.resume=* || $override == --resume || $override == "--resume "* || $override == --resume=* ]]; then
+        echo "error: '$override': slurm/launch.sh resumes from the latest checkpoint of the run directory itself (it" \
+             "passes --resume auto), also when the job is requeued, so it takes no run.resume or --resume: its --resume" \
+             "auto would win over a run.resume=, and a --resume of yours would replace it on every requeue. To start" \
+             "from another checkpoint, submit under a new --job-name with run.init_from=CHECKPOINT (its weights; add" \
              "run.init_optimizer=true for its optimizer states)." >&2
         exit 2
     fi

@@ -190,16 +190,18 @@ def test_an_accumulation_override_fixes_the_accumulation(tmp_path):
     assert command[-2:] == ["train.micro_batch_size=12", "train.gradient_accumulation_steps=2"]
 
 
-@pytest.mark.parametrize("override", ["run.resume=never", "run.resume=runs/doge_20m/checkpoints/step_00000500"])
+@pytest.mark.parametrize("override", [["run.resume=never"], ["run.resume=runs/doge_20m/checkpoints/step_00000500"],
+                                      ["--resume", "never"], ["--resume=never"], ["--resume"]])
 def test_a_resume_override_is_refused_not_silently_replaced(override, tmp_path):
     """The launcher passes --resume auto, which beat a run.resume= override although overrides are said to
-    win: a job asked to go back to step 500 resumed from the latest checkpoint without a word."""
+    win: a job asked to go back to step 500 resumed from the latest checkpoint without a word. The trainer's own
+    --resume X (--resume=X) got plan.py's usage error instead of this explanation."""
     env = fake_slurm(tmp_path, DRY_RUN="1")
-    result = subprocess.run(["sbatch", "slurm/doge_20m.sh", "train.lr=1e-3", override], cwd=REPO, env=env,
+    result = subprocess.run(["sbatch", "slurm/doge_20m.sh", "train.lr=1e-3", *override], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and result.stdout == ""
-    assert result.stderr.startswith(f"error: '{override}': slurm/launch.sh resumes from the latest checkpoint")
-    assert "run.init_from=CHECKPOINT" in result.stderr
+    assert result.stderr.startswith(f"error: '{' '.join(override)}': slurm/launch.sh resumes from the latest checkpoint")
+    assert "run.init_from=CHECKPOINT" in result.stderr and "usage:" not in result.stderr
 
 
 MANY_HOSTS = """#!/bin/bash
