@@ -23,9 +23,16 @@ class ConfigError(ValueError):
     """A configuration the run cannot use; the message names the key and the fix."""
 
 
+# other trainers' names for gradient clipping (Megatron-LM, Hugging Face, Lightning...), which is DeepSpeed's to do
+CLIPPING_KEYS = ("gradient_clipping", "clip_grad", "clip_grad_norm", "max_grad_norm", "grad_clip", "gradient_clip_val")
+
+
 def _unknown_key_error(key: str, valid: list[str], where: str) -> ConfigError:
     close = difflib.get_close_matches(key, valid, n=1)
     hint = f" Did you mean '{close[0]}'?" if close else ""
+    if key in CLIPPING_KEYS:  # no key of ours clips: a "Did you mean" would name an unrelated one
+        hint = (" Gradient clipping is DeepSpeed's: set \"gradient_clipping\" in the --ds_config JSON (configs/zero*.json "
+                "set \"gradient_clipping\": 1.0).")
     return ConfigError(f"Unknown key '{key}' in {where}.{hint} Valid keys: {', '.join(sorted(valid))}.")
 
 

@@ -1,4 +1,6 @@
 """Config validation: bad input fails at config time with the key named and a fix suggested."""
+import re
+
 import pytest
 import yaml
 
@@ -239,3 +241,18 @@ def test_a_home_directory_tilde_in_a_path_is_expanded(tmp_path, monkeypatch):
     assert load_config(None, ["run.resume=never"]).run.resume == "never"
     # --ds_config=~/x (the shell expands ~ only at the start of a word) is recorded as run.ds_config
     assert ds_config_path_of(load_config(None), "~/zero2.json") == f"{home}/zero2.json"
+
+
+@pytest.mark.parametrize("key", ["gradient_clipping", "clip_grad", "max_grad_norm"])
+def test_a_clipping_key_says_clipping_is_in_the_deepspeed_json(key, tmp_path):
+    """train.gradient_clipping=0.5 (Megatron's --clip-grad, Hugging Face's max_grad_norm) got only "Unknown key ...
+    Valid keys: ..." (or a "Did you mean" of an unrelated key): clipping is DeepSpeed's "gradient_clipping"."""
+    pointer = "Gradient clipping is DeepSpeed's: set \"gradient_clipping\" in the --ds_config JSON (configs/zero*.json"
+    with pytest.raises(ConfigError) as error:
+        load_config(None, [f"train.{key}=0.5"])
+    assert f"Unknown key '{key}' in the command-line override 'train.{key}=0.5'. {pointer}" in str(error.value)
+    assert "Did you mean" not in str(error.value) and "Valid keys: " in str(error.value)
+    path = tmp_path / "run.yaml"
+    path.write_text(f"train:\n  {key}: 0.5\n")
+    with pytest.raises(ConfigError, match=re.escape(pointer)):
+        load_config(str(path))
