@@ -9,9 +9,14 @@ setup(
     packages=find_packages(include=["doge_dist", "doge_dist.*"]),
     install_requires=[
         "torch>=2.11",  # the oldest tested (CUDA 2.11, CPU 2.13); FlexAttention needs 2.5, the compiled decode newer
-        "deepspeed>=0.16",
-        "megatron-core>=0.12,<=0.16.1",
-        "transformers>=4.56",
+        # the oldest that pass the tests (each floor installed alone, 2026-12-07): deepspeed 0.19.8's universal
+        # checkpoint applies the affine maps that tp x ep checkpoints carry (0.19.7 does not); megatron-core
+        # 0.15 has megatron.core.tokenizers and the tp_group of its parallel linears; transformers 5.24 converts
+        # a sentencepiece model as sentencepiece encodes it (SpmConverter.build_tokenizer_from_spm_proto(legacy=))
+        # and runs its own MoE Doge (5.18)
+        "deepspeed>=0.19.8",
+        "megatron-core>=0.15,<=0.16.1",
+        "transformers>=5.24",
         "safetensors",
         "datasets",
         "sentencepiece",

@@ -323,21 +323,3 @@ def test_an_export_takes_the_special_ids_of_its_tokenizer(tmp_path, capsys):
     with pytest.raises(ConfigError, match=r"eos_token_id is 300, not an id of the model's vocabulary \(0 to 255\)"):
         save_hf(build_model(ModelConfig.from_preset("doge-tiny", vocab_size=256)), tmp_path / "small", tokenizer=tmp_path / "tokenizer")
     assert not (tmp_path / "small").exists()
-
-
-def test_an_export_under_transformers_4_gives_its_rope_settings_the_keys_it_reads(monkeypatch):
-    """transformers 4.x (setup.py allows 4.56) reads rope_theta and rope_scaling and keeps an unknown
-    rope_parameters as an extra attribute: an export that wrote only rope_parameters loaded there with
-    theta 10000 and no scaling (logits 0.19 off for theta 5e5 with dynamic NTK)."""
-    import transformers
-
-    from doge_dist.convert.hf import to_hf_config
-
-    class DogeConfig4:  # transformers 4.56's DogeConfig signature, as far as RoPE goes
-        def __init__(self, rope_theta=10000.0, rope_scaling=None, **kwargs):
-            self.rope_theta, self.rope_scaling, self.kwargs = rope_theta, rope_scaling, kwargs
-
-    monkeypatch.setattr(transformers, "DogeConfig", DogeConfig4)
-    scaling = {"rope_type": "dynamic", "factor": 4.0}
-    hf = to_hf_config(ModelConfig.from_preset("doge-tiny", rope_theta=5e5, rope_scaling=scaling))
-    assert (hf.rope_theta, hf.rope_scaling) == (5e5, scaling) and "rope_parameters" not in hf.kwargs

@@ -4,7 +4,6 @@ Our parameter names are transformers' names, so conversion is a config translati
 small-doge key renames on import, and the tied LM head dropped from the file on export.
 """
 import dataclasses
-import inspect
 import json
 import warnings
 import shutil
@@ -40,8 +39,6 @@ def to_hf_config(config: ModelConfig):
             "(per-query-head bias, no q/k norm) cannot be exported as a transformers Doge directory."
         )
     values = {k: v for k, v in dataclasses.asdict(config).items() if k not in DOGE_DIST_ONLY}
-    if "rope_parameters" not in inspect.signature(DogeConfig.__init__).parameters:  # transformers 4.x
-        return DogeConfig(rope_theta=config.rope_theta, rope_scaling=config.rope_scaling, **values)
     rope = {"rope_type": config.rope_type, "rope_theta": config.rope_theta}
     rope.update({k: v for k, v in (config.rope_scaling or {}).items() if k not in ("type", "rope_type")})
     return DogeConfig(rope_parameters=rope, **values)
@@ -198,8 +195,8 @@ def check_output(path: Union[str, Path]) -> None:
 
 
 def _keep_transformers_4_rope_keys(config_file: Path, config: ModelConfig) -> None:
-    """transformers 5 writes the rotary settings as ``rope_parameters`` only; transformers 4.x (which
-    setup.py allows) ignores that key and would compute with theta 10000 and no scaling, silently. The
+    """transformers 5 writes the rotary settings as ``rope_parameters`` only; transformers 4.x (where an
+    export may be loaded) ignores that key and would compute with theta 10000 and no scaling, silently. The
     published directories' ``rope_theta`` and ``rope_scaling`` go beside it (transformers 5 and load_hf
     read ``rope_parameters`` first)."""
     written = json.loads(config_file.read_text())
