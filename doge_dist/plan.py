@@ -74,6 +74,14 @@ def check_layout(config: Config, gpus: int) -> ParallelLayout:
     return check_trainer_layout(config, gpus)
 
 
+def check_run(config: Config, ds_user: dict[str, Any], gpus: int, where: str) -> tuple[ParallelLayout, dict[str, Any]]:
+    """Every check the trainer's preflight makes of a run on ``gpus`` GPUs (the layout, data.seq_length, the
+    DeepSpeed JSON ``where`` names): the layout and the resolved DeepSpeed config."""
+    layout = check_layout(config, gpus)
+    check_seq_length(config)
+    return layout, check_ds_config(config, ds_user, layout, where)
+
+
 def recipe_global_batch(recipe: Config) -> int:
     """Sequences per optimizer step of a single-GPU recipe: micro x accumulation (dp = 1)."""
     return recipe.train.micro_batch_size * recipe.train.gradient_accumulation_steps
@@ -304,9 +312,7 @@ def make_plan(recipe: Config, config: Config, ds_user: dict[str, Any], gpus: int
         raise ConfigError(f"--gpu-mem-gb must be a finite number more than 0, got {gpu_mem_gb}.")
     if not (math.isfinite(reserve_gb) and reserve_gb >= 0):
         raise ConfigError(f"--reserve-gb must be a finite number, 0 or more (memory the model cannot use), got {reserve_gb}.")
-    layout = check_layout(config, gpus)
-    check_seq_length(config)
-    ds = check_ds_config(config, ds_user, layout, where)
+    layout, ds = check_run(config, ds_user, gpus, where)
     global_batch = recipe_global_batch(recipe) if global_batch is None else global_batch
     stage = zero_stage(ds)
     dpo = task == "dpo"

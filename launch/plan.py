@@ -22,10 +22,10 @@ from typing import Optional
 
 import yaml
 
-from doge_dist.config import Config, ConfigError, ModelConfig, load_config
+from doge_dist.config import Config, ConfigError, ModelConfig, expand_home, load_config
 from doge_dist.model.flops import parameter_count
 from doge_dist.train.cli import input_errors
-from doge_dist.plan import TASKS, accumulation_steps, check_layout, format_plan, make_plan, recipe_global_batch
+from doge_dist.plan import TASKS, accumulation_steps, check_run, format_plan, make_plan, recipe_global_batch
 
 # The plan imports DeepSpeed to check the JSON as the trainer does; on a machine without a GPU (a login node) its
 # "Setting accelerator to CPU" line would read as if the plan were for the CPU.
@@ -82,12 +82,13 @@ def main() -> int:
 
         recipe = load_config(args.config)
         config = load_config(args.config, args.overrides, fine_tuning=True)  # the model as planned_model finds it
-        ds_path = args.ds_config or config.run.ds_config
+        ds_path = expand_home(args.ds_config) or config.run.ds_config  # --ds_config=~/x: the shell leaves it
         if not ds_path:
             raise ConfigError("No DeepSpeed config: pass --ds_config configs/zero2.json (or set run.ds_config in the YAML).")
         config.model = planned_model(args.config, config, args.overrides)  # the layout must split this model
         if args.accumulation:  # the launcher's question only: no model needs building
-            dp = check_layout(config, args.gpus).dp_size
+            layout, _ = check_run(config, read_ds_config(ds_path), args.gpus, f"DeepSpeed config '{ds_path}'")
+            dp = layout.dp_size
             if any(o.startswith("train.gradient_accumulation_steps=") for o in args.overrides):
                 print(fixed_accumulation(config, dp, args.global_batch))
                 return 0

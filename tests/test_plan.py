@@ -3,6 +3,7 @@ ranks of DeepSpeed really hold at ZeRO 1, 2 and 3; activation bytes against torc
 GPU; the accumulation that keeps the global batch; and clear errors for impossible layouts."""
 import json
 import subprocess
+import shutil
 
 import pytest
 import torch
@@ -234,6 +235,28 @@ def test_cli_accumulation_refuses_a_model_tensor_parallel_does_not_split(plan_cl
         assert result.returncode == 2 and result.stdout == "", result.stdout
         assert result.stderr.startswith("error: model.num_key_value_heads = 4 is not divisible by "
                                         "parallel.tensor_parallel = 8"), result.stderr
+
+
+@pytest.mark.parametrize("config, ds_config, override, error", [
+    ("doge_60m", "zero0", "parallel.tensor_parallel=2", "ZeRO-0 in bf16 with tensor or expert parallelism is not supported"),
+    ("doge_120m_moe", "zero3", "parallel.expert_parallel=2", "ZeRO-3 is not supported with it"),
+    ("doge_20m", "zero2", "data.seq_length=8192", "data.seq_length (8192) exceeds model.max_position_embeddings (2048)"),
+])
+def test_cli_accumulation_makes_every_check_the_full_plan_makes(plan_cli, config, ds_config, override, error):
+    """--accumulation checked the layout only: slurm/launch.sh submitted runs the DeepSpeed JSON or the sequence
+    length made the trainer refuse on every rank (it printed 16, 16 and 2 for these)."""
+    for extra in ((), ("--accumulation",)):
+        result = plan_cli("--config", f"configs/{config}.yaml", "--ds_config", f"configs/{ds_config}.json", "--gpus", "8",
+                          *extra, override)
+        assert result.returncode == 2 and result.stdout == "" and error in result.stderr, result.stderr
+
+
+def test_cli_expands_a_home_tilde_in_ds_config(plan_cli, monkeypatch, tmp_path):
+    """--ds_config=~/x (no tilde expansion after "=" in the shell) is expanded, as the trainer expands it."""
+    shutil.copy(REPO / "configs" / "zero2.json", tmp_path / "zero2.json")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    result = plan_cli("--config", "configs/doge_20m.yaml", "--ds_config=~/zero2.json", "--gpus", "1", "--accumulation")
+    assert result.returncode == 0 and result.stdout.strip() == "16", result.stderr
 
 
 def test_cli_prints_the_plan_and_one_paragraph_errors(plan_cli):
