@@ -54,7 +54,7 @@ for file in "$config" "$ds_config"; do
 done
 
 args=("$@")
-for i in "${!args[@]}"; do
+for ((i = 0; i < ${#args[@]}; i++)); do   # not "${!args[@]}": bash before 4.4 calls an empty array unbound under set -u
     override=${args[i]}
     if [[ $override == --resume ]] && (( i + 1 < ${#args[@]} )); then
         override+=" ${args[i + 1]}"   # the trainer's --resume X
