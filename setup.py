@@ -8,7 +8,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["doge_dist", "doge_dist.*"]),
     install_requires=[
-        "torch>=2.11",  # the oldest tested (CUDA 2.11, CPU 2.13); FlexAttention needs 2.5, the compiled decode newer
+        "torch>=2.11",  # the oldest tested (CUDA 2.11; CPU 2.11-2.13, the compiled bf16 decode equal to the eager one to the bit from 2.13)
         # the oldest that pass the tests (each floor installed alone, 2026-12-07): deepspeed 0.19.8's universal
         # checkpoint applies the affine maps that tp x ep checkpoints carry (0.19.7 does not); megatron-core
         # 0.15 has megatron.core.tokenizers and the tp_group of its parallel linears; transformers 5.24 converts

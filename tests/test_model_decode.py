@@ -150,7 +150,10 @@ def test_compiled_decode_step_equals_the_eager_one_and_follows_new_weights():
     assert frozen_graphs() == graphs + 1  # the old weights' graphs went with them (PyTorch kept them for good)
     dense = _model({})  # the presets' layers (v2, no biases) under bf16 autocast: the same bits
     eager_bf16, compiled_bf16 = (_decoded(dense, prompt, tokens, compiled=c, autocast=True) for c in (False, True))
-    assert torch.equal(compiled_bf16, eager_bf16)
+    if tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 13):
+        assert torch.equal(compiled_bf16, eager_bf16)
+    else:  # 2.11/2.12: inductor's C++ kernels ignore emulate_precision_casts (pytorch#185337): within bf16 rounding
+        assert (compiled_bf16 - eager_bf16).abs().max() <= 2 ** -6 * eager_bf16.abs().max()
     windowed, cache = _model({"keep_window_size": 8}), KVCache()
     windowed(prompt, cache=cache)
     assert Decoder(windowed, cache, 8, compiled=True).compiled and not Decoder(windowed, cache, 9, compiled=True).compiled
