@@ -63,12 +63,12 @@ def validation_batches(valid_set: Dataset, collate: Callable, samples: int, micr
     rounds of every rank would leave up to micro x dp - 1 samples out, others for other layouts. Read
     by index without a DataLoader, whose iterator draws its seed from torch's global generator and would
     shift every later dropout mask of a run that validates."""
-    mine = range(dp_rank, samples, dp_size)
-    rows = -(-math.ceil(samples / dp_size) // micro_batch_size) * micro_batch_size
-    padded = [valid_set[i] for i in mine]
-    if len(padded) < rows:
-        padded += [scoring_nothing(valid_set[0])] * (rows - len(padded))
-    return [collate(padded[start : start + micro_batch_size]) for start in range(0, rows, micro_batch_size)]
+    rows = [valid_set[i] for i in range(dp_rank, samples, dp_size)]
+    largest_share = math.ceil(samples / dp_size)  # rank 0's
+    filled = math.ceil(largest_share / micro_batch_size) * micro_batch_size
+    if len(rows) < filled:
+        rows += [scoring_nothing(valid_set[0])] * (filled - len(rows))
+    return [collate(rows[start : start + micro_batch_size]) for start in range(0, filled, micro_batch_size)]
 
 
 def data_prefixes(entries: list, where: str) -> list[str]:
