@@ -166,7 +166,7 @@ def test_an_interrupted_training_leaves_the_earlier_tokenizer_whole(tmp_path, mo
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(module, "write_chat_tokenizer", interrupted)
+    monkeypatch.setattr(module, "save_chat_tokenizer", interrupted)
     with pytest.raises(KeyboardInterrupt):
         train_tokenizer(assets().train_jsonl, tmp_path, vocab_size=VOCAB, threads=2, log=quiet)
     assert {str(p.relative_to(tmp_path)): p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()} == before
@@ -201,6 +201,53 @@ def test_a_failed_write_leaves_the_earlier_tokenizer_as_it_was(tmp_path) -> None
     assert "error: Writing the tokenizer failed" in result.stderr and f"{out} was left as it was" in result.stderr
     assert {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tokenizer"]
+
+
+def files_in(directory: Path) -> dict:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_a_kill_while_make_chat_tokenizer_replaces_a_chat_twin_keeps_the_earlier_one(tmp_path, monkeypatch) -> None:
+    """The tool deleted the chat twin already there before moving the new one in: a kill in between left
+    an empty directory, which training and the tool itself ("not a tokenizer directory") then refused.
+    The earlier twin is now set aside whole (OUTPUT.old) until the new one has its name; a rerun completes."""
+    import os
+
+    from doge_dist.data.chat_template import write_chat_tokenizer
+
+    out = write_chat_tokenizer(assets().tokenizer_model, tmp_path / "chat")
+    before = files_in(out)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        write_chat_tokenizer(assets().tokenizer_model, out)
+    monkeypatch.undo()
+    assert files_in(out if out.exists() else tmp_path / "chat.old") == before
+    assert write_chat_tokenizer(assets().tokenizer_model, out) == out
+    assert files_in(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["chat"]
+
+
+def test_a_failed_write_of_make_chat_tokenizer_is_one_error_and_keeps_the_earlier_twin(tmp_path) -> None:
+    """A full disk (here a file size limit, as ``ulimit -f`` sets) while writing the chat twin was a
+    traceback from the tokenizers library with OUTPUT.partial left behind."""
+    from doge_dist.data.chat_template import write_chat_tokenizer
+
+    out = write_chat_tokenizer(assets().tokenizer_model, tmp_path / "chat")
+    before = files_in(out)
+    limit = (out / "tokenizer.json").stat().st_size // 2
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, str(root / "data_tools" / "make_chat_tokenizer.py"), "--tokenizer", str(assets().tokenizer_model),
+         "--output-dir", str(out)],
+        capture_output=True, text=True, cwd=root, timeout=300,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)),
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert f"error: Writing the chat tokenizer {out} failed" in result.stderr and f"{out} was left as it was" in result.stderr
+    assert files_in(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["chat"]
 
 
 @pytest.mark.parametrize("output", ["a file", "a model directory"])

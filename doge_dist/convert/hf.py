@@ -13,6 +13,7 @@ from typing import Any, Optional, Union
 import torch
 
 from ..config import RUNTIME_SWITCHES, ConfigError, ModelConfig, dataclass_from_dict
+from ..files import replace_directory
 from ..model import DogeForCausalLM, build_model
 
 # small-doge's original module names -> transformers' names
@@ -248,12 +249,7 @@ def save_hf(model: DogeForCausalLM, path: Union[str, Path], tokenizer: Optional[
             raise ExportWriteError(f"Writing the Hugging Face export {path} failed: {type(error).__name__}: {error} "
                                    f"(a full disk or a file size limit?); {kept}.") from error
         raise
-    earlier = path.with_name(path.name + ".old")  # an earlier export is set aside, not deleted, before the new one
-    if path.exists():  # takes its name: a crash in between leaves it whole
-        shutil.rmtree(earlier, ignore_errors=True)
-        path.rename(earlier)
-    tmp.rename(path)
-    shutil.rmtree(earlier, ignore_errors=True)
+    replace_directory(tmp, path)  # an earlier export is set aside, not deleted, before the new one takes its name
     return path
 
 

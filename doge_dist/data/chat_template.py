@@ -29,7 +29,8 @@ import re
 import shutil
 from pathlib import Path
 
-from doge_dist.data.errors import DataError
+from doge_dist.data.errors import DataError, is_write_failure
+from doge_dist.files import replace_directory
 
 CHAT_SUBDIR = "chat"  # train_tokenizer writes the chat twin to OUTPUT_DIR/chat
 HEADER = "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n'"
@@ -47,23 +48,37 @@ FIX = "write one with data_tools/make_chat_tokenizer.py --tokenizer TOKENIZER --
 
 
 def write_chat_tokenizer(source: str | os.PathLike, output_dir: str | os.PathLike, template: str = DOGE_CHAT_TEMPLATE) -> Path:
-    """A Hugging Face tokenizer directory with ``template`` from a sentencepiece ``.model`` or an HF directory."""
-    from doge_dist.data.tokenizer import load_tokenizer
-
+    """A Hugging Face tokenizer directory with ``template`` from a sentencepiece ``.model`` or an HF directory,
+    replacing ``output_dir`` whole only once the new one is complete: a failed write (a full disk) or a kill
+    never leaves it half-written or deleted."""
     output = Path(output_dir)
     check_replaceable(Path(source), output)
     scratch = output.with_name(output.name + ".partial")
     shutil.rmtree(scratch, ignore_errors=True)
-    load_tokenizer(source).save_hf(scratch)
-    config_path = scratch / "tokenizer_config.json"
+    try:
+        save_chat_tokenizer(source, scratch, template)
+    except BaseException as error:
+        shutil.rmtree(scratch, ignore_errors=True)
+        if is_write_failure(error):
+            kept = f"{output} was left as it was" if output.exists() else "nothing was written"
+            raise DataError(f"Writing the chat tokenizer {output} failed: {error} (a full disk or a file size limit?); "
+                            f"{kept}.") from error
+        raise
+    replace_directory(scratch, output)
+    return output
+
+
+def save_chat_tokenizer(source: str | os.PathLike, directory: Path, template: str = DOGE_CHAT_TEMPLATE) -> None:
+    """Write the chat twin of ``source`` into the new ``directory``."""
+    from doge_dist.data.tokenizer import load_tokenizer
+
+    load_tokenizer(source).save_hf(directory)
+    config_path = directory / "tokenizer_config.json"
     config = json.loads(config_path.read_text())
     config["chat_template"] = template
     config["split_special_tokens"] = False
     config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-    (scratch / "chat_template.jinja").unlink(missing_ok=True)  # a stale file there would win over the config key
-    shutil.rmtree(output, ignore_errors=True)
-    os.replace(scratch, output)
-    return output
+    (directory / "chat_template.jinja").unlink(missing_ok=True)  # a stale file there would win over the config key
 
 
 def check_replaceable(source: Path, output: Path) -> None:

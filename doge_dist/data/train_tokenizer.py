@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-from doge_dist.data.chat_template import CHAT_SUBDIR, write_chat_tokenizer
+from doge_dist.data.chat_template import CHAT_SUBDIR, save_chat_tokenizer
 from doge_dist.cpus import usable_cpus
 from doge_dist.data.errors import DataError, check_output_dir, is_write_failure
 from doge_dist.data.inputs import BadRecord, decode_record, iter_records, list_inputs
@@ -127,7 +127,7 @@ def train_tokenizer(
         log(f"sentencepiece trained in {time.time() - start:.0f} s")
         _check_written(scratch / SP_MODEL_NAME, out)
         write_hf_tokenizer(scratch / SP_MODEL_NAME, scratch)
-        write_chat_tokenizer(scratch / SP_MODEL_NAME, scratch / CHAT_SUBDIR)
+        save_chat_tokenizer(scratch / SP_MODEL_NAME, scratch / CHAT_SUBDIR)
     except BaseException as error:
         shutil.rmtree(scratch, ignore_errors=True)
         if failed:
