@@ -485,6 +485,31 @@ def test_a_failed_write_keeps_the_old_tokens_and_mask_together(tmp_path, monkeyp
     assert isinstance(error.value, DataError) and "files already there are untouched" in str(error.value)
 
 
+def test_a_kill_while_renaming_never_pairs_new_tokens_with_an_old_mask(tmp_path, monkeypatch):
+    """The files were renamed prefix by prefix: a kill after the new tokens' index but before the mask's
+    left new tokens beside the old mask, both complete and of equal lengths, which training loaded (a
+    re-run with --loss-on all trained on the old assistant-only mask). Now every old index goes first and
+    the new ones come last: the pair is refused until a run completes."""
+    from pathlib import Path
+
+    prefix = str(tmp_path / "sft")
+    source = write_jsonl(tmp_path / "data.jsonl", [{"messages": MESSAGES}] * 2)
+    preprocess_chat(str(source), prefix, str(chat_tokenizer()), log=quiet)
+    unlink = Path.unlink
+
+    def killed_at_the_old_mask_index(path, *args, **kwargs):
+        if path.name == "sft_loss_mask_document.idx":
+            raise KeyboardInterrupt
+        unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "unlink", killed_at_the_old_mask_index)
+    with pytest.raises(KeyboardInterrupt):
+        preprocess_chat(str(source), prefix, str(chat_tokenizer()), assistant_only=False, log=quiet)
+    monkeypatch.undo()
+    with pytest.raises(DataError, match=r"sft_text_document\.idx"):
+        MaskedSequences([prefix + "_text_document"], pairs=False)
+
+
 def test_a_tokenizer_without_chat_template_is_refused_before_training():
     """data.tokenizer is exported with the fine-tuned model: the pretraining twin (no chat template)
     would give an export that apply_chat_template and generate.py --chat cannot prompt."""

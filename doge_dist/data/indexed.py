@@ -73,8 +73,8 @@ def _sigterm_unwinds() -> Iterator[None]:
 def atomic_builders(outputs: Sequence[tuple[str, Type[np.number]]]) -> Iterator[list]:
     """Yield one megatron-core ``IndexedDatasetBuilder`` per (prefix, dtype), whose files appear under
     their prefixes only on success (also when the process is stopped with SIGTERM: ``kill``, a
-    scheduler's time limit). Every index is written before any file is renamed, so a failure (a full
-    disk) never leaves one new prefix beside an old one that belonged with it (chat tokens and loss mask)."""
+    scheduler's time limit). Every index is written before any file is renamed, so neither a failure (a full
+    disk) nor a kill leaves one new prefix beside an old one that belonged with it (chat tokens and loss mask)."""
     partials = [(Path(prefix + ".bin.partial"), Path(prefix + ".idx.partial")) for prefix, _ in outputs]
     written = " and ".join(f"{prefix}.bin/.idx" for prefix, _ in outputs)
     builders = []
@@ -95,11 +95,14 @@ def atomic_builders(outputs: Sequence[tuple[str, Type[np.number]]]) -> Iterator[
                 raise DataError(f"Writing {written} failed: {error} (a full disk or a file size limit?). Nothing was "
                                 "written; files already there are untouched.") from error
             raise
-    for (prefix, _), (partial_bin, partial_idx) in zip(outputs, partials):
-        # The old .idx goes first so that a stale index never pairs with the new .bin, and the new one comes
-        # last: a prefix with its .idx is complete (the Makefile's target; a stopped run is redone).
+    # Every old .idx goes first, so that no stale index pairs with a new .bin and a kill in here never leaves
+    # an old prefix beside a new one, and the new ones come last: a prefix with its .idx is complete (the
+    # Makefile's target; a stopped run is redone).
+    for prefix, _ in outputs:
         Path(prefix + ".idx").unlink(missing_ok=True)
+    for (prefix, _), (partial_bin, _) in zip(outputs, partials):
         os.replace(partial_bin, prefix + ".bin")
+    for (prefix, _), (_, partial_idx) in zip(outputs, partials):
         os.replace(partial_idx, prefix + ".idx")
 
 
