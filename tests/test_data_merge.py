@@ -78,3 +78,17 @@ def test_merge_refuses_a_prefix_named_twice(tmp_path, spelling) -> None:
     assert f"error: Prefix '{prefix}' is named twice in --input; list each prefix once" in result.stderr
     assert "larger weight in data.train_data" in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["parts"]
+
+
+def test_a_bin_without_its_idx_in_an_input_directory_is_refused(tmp_path) -> None:
+    """`--input DIR` merged the pairs it found by their .idx: a .bin whose .idx is missing (a copy cut
+    short) was left out of the merge without a word (Megatron-LM's tool asserts)."""
+    (tmp_path / "parts").mkdir()
+    for suffix in (".bin", ".idx"):
+        shutil.copy(assets().train_prefix + suffix, tmp_path / "parts" / f"a{suffix}")
+    shutil.copy(assets().train_prefix + ".bin", tmp_path / "parts" / "b.bin")
+    result = subprocess.run([sys.executable, str(ROOT / "data_tools" / "merge_datasets.py"), "--input", str(tmp_path / "parts"),
+                             "--output-prefix", str(tmp_path / "merged")], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert f"holds {tmp_path / 'parts' / 'b.bin'} without its .idx" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["parts"]
