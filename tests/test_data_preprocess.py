@@ -19,6 +19,7 @@ from data_helpers import StopAtRename, assets, makefile_target, quiet, tokenizer
 from megatron.core.datasets.indexed_dataset import DType, IndexedDataset, IndexedDatasetBuilder
 
 from doge_dist.data import DataError, preprocess
+from doge_dist.data.inputs import list_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -312,8 +313,6 @@ def test_a_directory_holding_saved_datasets_reads_their_rows(tmp_path) -> None:
     state.json were read as jsonl (every line a bad record) and its rows left out."""
     from datasets import Dataset
 
-    from doge_dist.data.inputs import list_inputs
-
     texts = assets().texts("valid")
     (tmp_path / "dir").mkdir()
     write_jsonl(tmp_path / "dir" / "a.jsonl", [{"text": t} for t in texts[:3]])
@@ -337,6 +336,18 @@ def test_an_input_whose_name_holds_pattern_characters_is_read_as_it_is(tmp_path)
     preprocess(str(named), str(tmp_path / "out"), str(assets().tokenizer_model), log=quiet)
     assert read_prefix(str(tmp_path / "out_text_document")) == [tokenizer().encode("the bracketed file")]
     assert [item.path.name for item in list_inputs(str(tmp_path / "part?.jsonl"))] == ["part1.jsonl"]  # still a pattern
+
+
+@pytest.mark.parametrize("spec", ["dir/part-*", "dir"])
+def test_a_data_file_in_a_compression_not_read_is_refused_not_skipped(spec, tmp_path) -> None:
+    """A directory or pattern holding part-1.jsonl.bz2 beside part-0.jsonl read only part-0 without a
+    word (half the data gone), where naming the .bz2 file fails clearly."""
+    (tmp_path / "dir").mkdir()
+    write_jsonl(tmp_path / "dir" / "part-0.jsonl", [{"text": "kept"}])
+    (tmp_path / "dir" / "part-1.jsonl.bz2").write_bytes(b"BZh9")
+    (tmp_path / "dir" / "README.md").write_text("not data")
+    with pytest.raises(DataError, match=r"holds .*part-1\.jsonl\.bz2, compressed in a form this tool cannot read"):
+        list_inputs(str(tmp_path / spec))
 
 
 def test_an_output_prefix_that_cannot_be_written_is_one_error(tmp_path) -> None:

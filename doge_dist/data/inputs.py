@@ -23,6 +23,7 @@ from doge_dist.data.errors import DataError
 JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 TEXT_SUFFIXES = (".txt", ".txt.gz")
 PARQUET_SUFFIXES = (".parquet",)
+DATA_STEMS = (".jsonl", ".json", ".txt", ".parquet")  # x.jsonl.zst: data, compressed in a form not read here
 ROW_BATCH = 1024
 UTF8 = "utf-8-sig"  # UTF-8 that drops a leading byte order mark
 # A split in a file or folder name, as the Hugging Face Hub lays them out (data/train-00000-of-00001.parquet, train/0000.parquet)
@@ -70,6 +71,17 @@ def _kind(path: Path) -> str | None:
     return None
 
 
+def _refuse_unreadable(paths: Sequence[Path], spec: str | os.PathLike) -> None:
+    """A data file in a compression this tool cannot read (``part-1.jsonl.zst``, ``.bz2``, ``.xz``) that a
+    directory or pattern holds would otherwise be left out without a word, where naming it fails."""
+    unreadable = sorted(str(path) for path in paths if _kind(path) is None and not path.is_dir()
+                        and path.stem.lower().endswith(DATA_STEMS))
+    if unreadable:
+        more = f" and {len(unreadable) - 3} more" if len(unreadable) > 3 else ""
+        raise DataError(f"--input '{spec}' holds {', '.join(unreadable[:3])}{more}, compressed in a form this tool cannot "
+                        "read: decompress (or gzip) them, or name only the files to read.")
+
+
 def _expand(path: Path) -> list[InputFile]:
     kind = _kind(path)
     if kind is not None:
@@ -83,6 +95,7 @@ def _expand(path: Path) -> list[InputFile]:
                 found.append(InputFile(Path(directory), "arrow"))
                 dirs.clear()
                 continue
+            _refuse_unreadable([Path(directory, name) for name in files], path)
             for name in sorted(files):
                 child = Path(directory, name)
                 if _kind(child) is not None:
@@ -137,6 +150,7 @@ def list_inputs(specs: Sequence[str | os.PathLike] | str | os.PathLike) -> list[
             matches = sorted(glob.glob(spec, recursive=True))
             if not matches:
                 raise DataError(f"--input pattern '{spec}' matches no files.")
+            _refuse_unreadable(list(map(Path, matches)), spec)
             for match in matches:
                 path = Path(match)
                 files.extend(_expand(path) if path.is_dir() or _kind(path) else [])
