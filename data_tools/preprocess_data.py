@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Tokenize raw text into Megatron .bin/.idx files (the command line of Megatron-LM's tools/preprocess_data.py).
+"""Tokenize raw text into Megatron .bin/.idx files (Megatron-LM's tools/preprocess_data.py flags for GPT data;
+not its --split-sentences, --partitions or vocab/merge-file tokenizers).
 
     python data_tools/preprocess_data.py --input data/sample_corpus/train.jsonl \\
         --output-prefix data/sample_train --tokenizer-type SentencePieceTokenizer \\

@@ -446,3 +446,16 @@ def test_bench_repeats_an_input_without_a_final_newline_document_by_document(tmp
     monkeypatch.setattr(bench, "bench_datasets", lambda *args: (1.0, 6, 1))  # only preprocess_data.py's side here
     args = Namespace(input=str(path), tokenizer_model=str(assets().tokenizer_model), json_key="text", workers=1, repeat=2)
     assert "x2: 0.0 MB, 6 documents;" in bench.bench(args)
+
+
+def test_the_megatron_flags_the_readme_names_are_the_tools() -> None:
+    """The README said the tool has Megatron-LM's command line; it has its flags for GPT data only."""
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    taken, _, missing = readme.split("`preprocess_data.py` takes Megatron-LM's flags for GPT data (")[1].split(")")[0].partition("; not its")
+    usage = subprocess.run([sys.executable, str(ROOT / "data_tools" / "preprocess_data.py"), "--help"], capture_output=True,
+                           text=True, cwd=ROOT, timeout=300).stdout
+    flags = set(re.findall(r"--[a-z-]+", usage.split("options:")[1]))  # not the description, which names the missing ones
+    assert set(re.findall(r"--[a-z-]+", taken)) <= flags and not set(re.findall(r"--[a-z-]+", missing)) & flags
+    assert len(re.findall(r"--[a-z-]+", taken)) == 8 and len(re.findall(r"--[a-z-]+", missing)) == 2
