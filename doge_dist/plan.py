@@ -53,7 +53,7 @@ from .model.flops import parameter_count
 from .model.loss import default_chunk_tokens
 from .parallel.state import ParallelLayout
 from .train.ds_config import bf16_enabled, grad_accum_dtype, zero_stage
-from .train.preflight import check_ds_config, check_seq_length
+from .train.preflight import check_settings
 from .train.preflight import check_layout as check_trainer_layout
 
 GB = 1e9
@@ -75,11 +75,11 @@ def check_layout(config: Config, gpus: int) -> ParallelLayout:
 
 
 def check_run(config: Config, ds_user: dict[str, Any], gpus: int, where: str) -> tuple[ParallelLayout, dict[str, Any]]:
-    """Every check the trainer's preflight makes of a run on ``gpus`` GPUs (the layout, data.seq_length, the
-    DeepSpeed JSON ``where`` names): the layout and the resolved DeepSpeed config."""
+    """The checks the trainer's preflight makes of a run's settings on ``gpus`` GPUs (the layout and every value
+    check, ``check_settings``; not the files, installed kernels or this host): the layout and the resolved
+    DeepSpeed config."""
     layout = check_layout(config, gpus)
-    check_seq_length(config)
-    return layout, check_ds_config(config, ds_user, layout, where)
+    return layout, check_settings(config, ds_user, layout, where)
 
 
 def recipe_global_batch(recipe: Config) -> int:

@@ -2,6 +2,7 @@
 ranks of DeepSpeed really hold at ZeRO 1, 2 and 3; activation bytes against torch.cuda's peak on a
 GPU; the accumulation that keeps the global batch; and clear errors for impossible layouts."""
 import json
+import re
 import subprocess
 import shutil
 
@@ -249,6 +250,22 @@ def test_cli_accumulation_makes_every_check_the_full_plan_makes(plan_cli, config
         result = plan_cli("--config", f"configs/{config}.yaml", "--ds_config", f"configs/{ds_config}.json", "--gpus", "8",
                           *extra, override)
         assert result.returncode == 2 and result.stdout == "" and error in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("overrides, error", [
+    (["parallel.tensor_parallel=2", "model.loss_backend=te"], "transformer-engine's cross entropy does not take a vocabulary split"),
+    (["train.freeze_dense_steps=5"], "train.freeze_dense_steps is for MoE models"),
+    (["train.decay_groups=bogus"], "train.decay_groups = 'bogus' is not one of"),
+    (["train.scheduler=cosine", "train.decay_steps=100"], "train.decay_steps = 100 applies to the wsd scheduler only"),
+])
+def test_the_plan_refuses_the_settings_the_trainer_refuses(overrides, error):
+    """The plan's check (slurm/launch.sh's --accumulation) missed the trainer's checks of the loss backend's
+    split, the schedule, freezing and decay groups: such jobs were submitted and refused on every rank."""
+    from doge_dist.plan import check_run
+
+    config = load_config(str(REPO / "configs" / "doge_60m.yaml"), overrides)
+    with pytest.raises(ConfigError, match=re.escape(error)):
+        check_run(config, read_ds_config(str(REPO / "configs" / "zero1.json")), 8, "DeepSpeed config 'zero1.json'")
 
 
 def test_cli_expands_a_home_tilde_in_ds_config(plan_cli, monkeypatch, tmp_path):

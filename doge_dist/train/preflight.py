@@ -72,7 +72,6 @@ def check_data(config: Config) -> None:
     train, valid = parse_blends(data)
     for prefix in train[0] + (valid[0] if valid else []):
         validate_prefix(prefix, scan_tokens=False)
-    check_seq_length(config)
     if config.train.eval_interval > 0 and valid is None and split_weights(data.split)[1] == 0:
         raise ConfigError("train.eval_interval > 0 but data.split gives the validation split no weight; set data.valid_data or a split like 969,30,1.")
 
@@ -130,28 +129,37 @@ def check_ds_config(config: Config, ds_user: dict[str, Any], layout: ParallelLay
     return ds
 
 
-def check_run(config: Config, ds_user: dict[str, Any], world_size: int, where: str) -> tuple[ParallelLayout, dict[str, Any]]:
-    """All pre-build checks; returns the layout and the effective DeepSpeed config."""
-    layout = check_layout(config, world_size)
-    if config.model.attn_backend == "flash":
-        from ..model.flash import check_flash_available
-
-        check_flash_available()
-    check_flex_trains_here(config.model.attn_backend)
-    if config.model.loss_backend == "te":
-        if config.parallel.tensor_parallel > 1:
-            raise ConfigError("model.loss_backend = 'te': transformer-engine's cross entropy does not take a vocabulary "
-                              "split over tensor-parallel ranks; with parallel.tensor_parallel > 1 set "
-                              "model.loss_backend=torch (megatron-core's vocab-parallel cross entropy).")
-        from ..model.te_loss import check_te_available
-
-        check_te_available()
+def check_settings(config: Config, ds_user: dict[str, Any], layout: ParallelLayout, where: str) -> dict[str, Any]:
+    """The checks of the config's values alone, no files and no host (launch/plan.py makes them too, so it
+    plans only runs the trainer takes): the loss backend's split, the schedule, the optimizer's groups, the
+    DeepSpeed JSON against the layout and data.seq_length; returns the effective DeepSpeed config."""
+    if config.model.loss_backend == "te" and config.parallel.tensor_parallel > 1:
+        raise ConfigError("model.loss_backend = 'te': transformer-engine's cross entropy does not take a vocabulary "
+                          "split over tensor-parallel ranks; with parallel.tensor_parallel > 1 set "
+                          "model.loss_backend=torch (megatron-core's vocab-parallel cross entropy).")
     check_schedule(config.train)
     if config.train.freeze_dense_steps and not config.model.is_moe:
         raise ConfigError("train.freeze_dense_steps is for MoE models continued from a dense one (launch/upcycle.py).")
     if config.train.decay_groups not in DECAY_GROUPS:
         raise ConfigError(f"train.decay_groups = {config.train.decay_groups!r} is not one of {', '.join(DECAY_GROUPS)}.")
     ds = check_ds_config(config, ds_user, layout, where)
+    check_seq_length(config)
+    return ds
+
+
+def check_run(config: Config, ds_user: dict[str, Any], world_size: int, where: str) -> tuple[ParallelLayout, dict[str, Any]]:
+    """All pre-build checks; returns the layout and the effective DeepSpeed config."""
+    layout = check_layout(config, world_size)
+    ds = check_settings(config, ds_user, layout, where)
+    if config.model.attn_backend == "flash":
+        from ..model.flash import check_flash_available
+
+        check_flash_available()
+    check_flex_trains_here(config.model.attn_backend)
+    if config.model.loss_backend == "te":
+        from ..model.te_loss import check_te_available
+
+        check_te_available()
     check_data(config)
     check_writable_dir(config.run.dir, "run.dir")
     if config.data.cache_dir:
