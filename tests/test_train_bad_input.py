@@ -100,12 +100,59 @@ def test_keys_deepspeed_does_not_read_are_refused(key, fix):
         _check(_config(), {**ZERO1, key: {"stage": 2} if key == "zero" else 0.3})
 
 
-def test_deepspeeds_activation_checkpointing_section_is_refused():
+@pytest.mark.parametrize("key, value, fix", [
+    ("activation_checkpointing", {"partition_activations": True}, "train.activation_checkpointing=true"),
+    ("optimizer", {"type": "AdamW", "params": {"lr": 1e-4, "betas": [0.9, 0.95]}}, "train.lr, train.adam_beta1, train.adam_beta2"),
+    ("scheduler", {"type": "WarmupDecayLR", "params": {"warmup_num_steps": 10}}, "train.scheduler (wsd or cosine), train.warmup_steps"),
+    ("fp16", {"enabled": True}, "use \"bf16\": {\"enabled\": true} or train.bf16=true"),
+])
+def test_deepspeed_sections_doge_dist_does_not_use_name_the_run_config_keys(key, value, fix):
     """DeepSpeed's "activation_checkpointing" configures deepspeed.checkpointing, which doge-dist never calls:
-    it was accepted and changed nothing (partition_activations, cpu_checkpointing...)."""
-    with pytest.raises(ConfigError, match=r"x.json' sets 'activation_checkpointing': .* change nothing. Remove the key; "
-                                          r"to recompute each decoder layer .* set train.activation_checkpointing=true"):
-        _check(_config(), {**ZERO1, "activation_checkpointing": {"partition_activations": True, "cpu_checkpointing": True}})
+    it was accepted and changed nothing. "optimizer", "scheduler" and "fp16" were refused with one message
+    that named none of the run config's keys to use instead."""
+    with pytest.raises(ConfigError, match=rf"x.json' sets '{key}', which doge-dist takes from the run config instead: .*"
+                                          rf"{re.escape(fix)}.* Remove the key."):
+        _check(_config(), {**ZERO1, key: value})
+
+
+@pytest.mark.parametrize("ds, message", [
+    ({"data_efficiency": {"enabled": True, "data_sampling": {"curriculum_learning": {"enabled": True}}}},
+     "enables 'data_efficiency': DeepSpeed applies its curriculum and data sampling only in its own data loader"),
+    ({"checkpoint": {"load_universal": True}}, "sets checkpoint.load_universal: a resume that changes the parallel sizes"),
+    ({"data_types": {"grad_accum_type": "fp32"}},
+     "has data_types.grad_accum_type, which DeepSpeed would ignore: did you mean 'data_types.grad_accum_dtype'?"),
+    ({"checkpoint": {"use_node_local_storag": True}},
+     "has checkpoint.use_node_local_storag, which DeepSpeed would ignore: did you mean 'checkpoint.use_node_local_storage'?"),
+    ({"flops_profiler": {"enabeld": True}}, "has flops_profiler.enabeld, which DeepSpeed would ignore: did you mean 'flops_profiler.enabled'?"),
+    ({"data_types": {"param_dtype": "bf16"}}, "sets data_types.param_dtype = 'bf16', but the run trains in fp32"),
+    ({"bf16": {"enabled": True, "bf16_master_weights_and_grads": True}}, "supports only with ZeRO-Offload's CPU Adam"),
+    ({"zero_optimization": {"stage": 2}, "prescale_gradients": True}, "not support at ZeRO stage 2 with reduce_scatter"),
+    ({"zero_optimization": {"stage": 3}, "gradient_predivide_factor": 2.0}, "not support at ZeRO stage 3 with reduce_scatter"),
+])
+def test_deepspeed_settings_that_would_do_nothing_or_fail_in_its_engine_are_refused(ds, message):
+    """Each was accepted: a DeepSpeed data-efficiency curriculum changed nothing (doge-dist has its own loader),
+    load_universal crashed every resume, a misspelled key inside data_types (or checkpoint, flops_profiler)
+    was ignored without a word (gradients accumulated in bf16), and the rest failed in deepspeed.initialize
+    with an assertion traceback once the model was built."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        _check(_config(), {**ZERO1, **ds})
+
+
+def test_deepspeed_settings_it_reads_pass():
+    _check(_config(), {**ZERO1, "data_types": {"grad_accum_dtype": "fp32"}, "checkpoint": {"use_node_local_storage": True},
+                       "flops_profiler": {"enabled": False}, "data_efficiency": {"enabled": False}, "prescale_gradients": False})
+    _check(_config("train.bf16=true"), {**ZERO1, "data_types": {"param_dtype": "bf16"}})
+
+
+def test_a_monitor_whose_library_is_missing_is_refused(monkeypatch):
+    """"wandb": {"enabled": true} without wandb installed failed in deepspeed.initialize (ModuleNotFoundError on
+    every rank; torchrun killed the others)."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "wandb" else find_spec(name, *args))
+    with pytest.raises(ConfigError, match="enables 'wandb', but wandb is not installed: pip install wandb"):
+        _check(_config(), {**ZERO1, "wandb": {"enabled": True, "project": "x"}})
 
 
 def test_checkpoint_of_another_shape_names_the_tensor():

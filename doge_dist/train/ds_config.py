@@ -4,8 +4,9 @@ The JSON holds DeepSpeed's own keys (ZeRO stage, bf16, gradient clipping...). Ba
 the YAML only, and are written here as micro-batch x accumulation x data-parallel size, so the three
 can never disagree; a user JSON that states a different value is an error rather than a silent winner.
 The optimizer and schedule come from the YAML train section, so JSON "optimizer"/"scheduler" are errors, and
-so is "activation_checkpointing" (train.activation_checkpointing). Keys DeepSpeed does not read are errors too:
-it would ignore them.
+so are "activation_checkpointing" (train.activation_checkpointing) and other sections doge-dist does not use.
+Keys DeepSpeed does not read are errors too (it would ignore them), and so are settings its engine refuses only
+once the model is built.
 """
 from __future__ import annotations
 
@@ -25,6 +26,18 @@ from ..config import ConfigError, TrainConfig
 SECTIONS = ("bf16", "bfloat16", "fp16", "zero_optimization", "checkpoint", "flops_profiler",
             "tensorboard", "wandb", "csv_monitor", "comms_logger", "data_types")  # keys whose values are JSON objects
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+# sections DeepSpeed's parser reads with dict lookups, so that it ignores keys it does not know (the others are pydantic models)
+READ_BY_KEY = ("data_types", "checkpoint", "flops_profiler", "data_efficiency", "aio", "timers", "torch_autocast")
+# DeepSpeed sections doge-dist does not use, and the run config's keys that do their work
+YAML_INSTEAD = {
+    "optimizer": "AdamW with train.lr, train.adam_beta1, train.adam_beta2, train.adam_eps, train.weight_decay and "
+                 "train.decay_groups.",
+    "scheduler": "train.scheduler (wsd or cosine), train.warmup_steps, train.decay_steps, train.decay_type, "
+                 "train.min_lr_ratio and train.max_steps.",
+    "fp16": "doge-dist trains in bf16 or fp32 only; use \"bf16\": {\"enabled\": true} or train.bf16=true.",
+    "activation_checkpointing": "that section configures deepspeed.checkpointing, which doge-dist does not use; to "
+                                "recompute each decoder layer in the backward pass set train.activation_checkpointing=true.",
+}
 # other trainers' names (Hugging Face, Accelerate, Megatron-LM) for DeepSpeed's keys: no spelling is close to them
 OTHER_NAMES = {"zero": "zero_optimization", "zero_stage": "zero_optimization", "max_grad_norm": "gradient_clipping",
                "clip_grad": "gradient_clipping"}
@@ -113,6 +126,7 @@ def check_ds_keys(user: dict[str, Any], where: str) -> None:
             fix = f"did you mean '{close}'?" if close else ("remove it (DeepSpeed's keys: "
                                                             "https://www.deepspeed.ai/docs/config-json/).")
             raise ConfigError(f"{where} has the key '{key}', which DeepSpeed would ignore: {fix}")
+    check_section_keys(user, where)
     from deepspeed.runtime.precision_config import get_bfloat16_config
     from deepspeed.runtime.zero.config import get_zero_config
     from pydantic import ValidationError
@@ -123,6 +137,29 @@ def check_ds_keys(user: dict[str, Any], where: str) -> None:
         except ValidationError as error:
             problems = "; ".join(f"{section}.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
             raise ConfigError(f"{where}: {problems}.") from None
+
+
+def check_section_keys(user: dict[str, Any], where: str) -> None:
+    """Keys inside a section that DeepSpeed reads key by key (data_types, checkpoint, flops_profiler...) and
+    would ignore: ``"data_types": {"grad_accum_type": "fp32"}`` accumulated in bf16 without a word. Found as
+    the top-level ones are, by recording what DeepSpeed's parser looks up (``READ_BY_KEY``; the sections it reads
+    through its pydantic models, zero_optimization, bf16, the monitors, refuse unknown keys themselves)."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    sections = {key: _RecordedReads(value) for key, value in user.items() if key in READ_BY_KEY and isinstance(value, dict)}
+    parsed = {**{k: v for k, v in user.items() if k not in BATCH_KEYS}, **sections,
+              "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1}
+    try:
+        with _deepspeed_logger_quiet():
+            DeepSpeedConfig(parsed)
+    except Exception:  # noqa: BLE001 -- DeepSpeed's own refusal, which check_with_deepspeed reports with its message
+        return
+    for section, values in sections.items():
+        unread = [key for key in values if values.read and key not in values.read]
+        if unread:
+            close = (difflib.get_close_matches(unread[0], values.read, n=1, cutoff=0.6) or [None])[0]
+            fix = f"did you mean '{section}.{close}'?" if close else f"remove it (DeepSpeed reads {', '.join(sorted(values.read))})."
+            raise ConfigError(f"{where} has {section}.{unread[0]}, which DeepSpeed would ignore: {fix}")
 
 
 def check_ds_sections(user: Any, where: str) -> None:
@@ -195,6 +232,42 @@ def check_with_deepspeed(ds: dict[str, Any], where: str) -> None:
         raise ConfigError(f"{where}: DeepSpeed refuses it: {error}") from None
 
 
+def check_engine_settings(ds: dict[str, Any], where: str) -> None:
+    """What ``deepspeed.initialize`` (its engine, ZeRO optimizers and monitors) refuses only once the process
+    group and the model are built, with an assertion traceback on every rank: refused here with the fix."""
+    import importlib.util
+
+    from deepspeed.runtime.config import DtypeEnum
+    from deepspeed.runtime.precision_config import get_bfloat16_config
+    from deepspeed.runtime.zero.config import get_zero_config
+
+    for section, module in (("wandb", "wandb"), ("comet", "comet_ml")):
+        if ds.get(section, {}).get("enabled") and importlib.util.find_spec(module) is None:
+            raise ConfigError(f"{where} enables '{section}', but {module} is not installed: pip install {module}, or "
+                              f"remove '{section}' (TensorBoard logs are written to run.dir anyway).")
+    precision = torch.bfloat16 if bf16_enabled(ds) else torch.float32
+    param_dtype = ds.get("data_types", {}).get("param_dtype")
+    if param_dtype is not None and DtypeEnum(param_dtype).value != precision:
+        raise ConfigError(f"{where} sets data_types.param_dtype = {param_dtype!r}, but the run trains in "
+                          f"{'bf16' if precision == torch.bfloat16 else 'fp32'} (bf16.enabled, or train.bf16): remove "
+                          "data_types.param_dtype, which DeepSpeed requires to match.")
+    bf16 = get_bfloat16_config(ds)
+    if bf16.bf16_master_weights_and_grads or bf16.bf16_optimizer_states:
+        raise ConfigError(f"{where} sets bf16.bf16_master_weights_and_grads or bf16.bf16_optimizer_states, which DeepSpeed "
+                          "supports only with ZeRO-Offload's CPU Adam, and doge-dist builds its own AdamW: remove them.")
+    zero = get_zero_config(ds)
+    if zero_stage(ds) >= 2 and zero.reduce_scatter and (ds.get("prescale_gradients")
+                                                        or ds.get("gradient_predivide_factor", 1.0) != 1.0):
+        raise ConfigError(f"{where} sets prescale_gradients or gradient_predivide_factor, which DeepSpeed does not support "
+                          f"at ZeRO stage {zero_stage(ds)} with reduce_scatter: remove them (the averaged gradient is the same).")
+    if zero.offload_param is not None and zero.offload_param.device == "nvme":
+        from deepspeed.ops.op_builder import AsyncIOBuilder
+
+        if not AsyncIOBuilder().is_compatible(verbose=False):
+            raise ConfigError(f"{where} offloads parameters to nvme, which needs DeepSpeed's async_io op (libaio), not "
+                              "available here: install libaio (libaio-dev) and reinstall DeepSpeed, or offload to cpu.")
+
+
 def grad_accum_dtype(ds: dict[str, Any]) -> Optional[torch.dtype]:
     """``data_types.grad_accum_dtype`` as DeepSpeed reads it (None: the model's dtype)."""
     from deepspeed.runtime.config import DtypeEnum
@@ -236,18 +309,17 @@ def resolve_ds_config(user: dict[str, Any], train: TrainConfig, dp_size: int, wh
     """The effective DeepSpeed config: ``user`` + batch sizes (+ ``train.bf16`` when set)."""
     check_ds_sections(user, where)
     check_ds_values(user, where)
-    for key in ("optimizer", "scheduler", "fp16"):
+    for key, instead in YAML_INSTEAD.items():
         if key in user and (key != "fp16" or user[key].get("enabled", False)):
-            raise ConfigError(
-                f"{where} sets '{key}': doge-dist builds the optimizer and lr schedule from the YAML train section "
-                "and trains in bf16 or fp32 only. Remove the key."
-            )
-    if "activation_checkpointing" in user:
-        raise ConfigError(
-            f"{where} sets 'activation_checkpointing': that section configures deepspeed.checkpointing, which "
-            "doge-dist does not use, so it would change nothing. Remove the key; to recompute each decoder layer "
-            "in the backward pass set train.activation_checkpointing=true (in the YAML or as an override)."
-        )
+            raise ConfigError(f"{where} sets '{key}', which doge-dist takes from the run config instead: {instead} Remove the key.")
+    if user.get("data_efficiency", {}).get("enabled"):
+        raise ConfigError(f"{where} enables 'data_efficiency': DeepSpeed applies its curriculum and data sampling only in "
+                          "its own data loader (deepspeed_io) and random-LTD only through its layer wrappers, neither of "
+                          "which doge-dist uses, so it would change nothing. Remove the key.")
+    if user.get("checkpoint", {}).get("load_universal"):
+        raise ConfigError(f"{where} sets checkpoint.load_universal: a resume that changes the parallel sizes converts the "
+                          "checkpoint to DeepSpeed's universal format and loads it so by itself, and an ordinary resume "
+                          "cannot load universal. Remove the key.")
     wanted = {
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": train.gradient_accumulation_steps,
@@ -267,6 +339,7 @@ def resolve_ds_config(user: dict[str, Any], train: TrainConfig, dp_size: int, wh
     check_ds_keys(user, where)
     check_no_optimizer_offload(user, where)
     check_with_deepspeed(ds, where)
+    check_engine_settings(ds, where)
     check_grad_accum_dtype(ds, where)
     ds.setdefault("steps_per_print", 10**9)  # our own log line replaces DeepSpeed's
     ds["gradient_clipping"] = gradient_clipping(ds)  # stated: the run's ds_config.json shows the threshold it clips at
