@@ -152,7 +152,7 @@ def check_section_keys(user: dict[str, Any], where: str) -> None:
     try:
         with _deepspeed_logger_quiet():
             DeepSpeedConfig(parsed)
-    except Exception:  # noqa: BLE001 -- DeepSpeed's own refusal, which check_with_deepspeed reports with its message
+    except Exception:  # DeepSpeed's own refusal, which check_with_deepspeed reports with its message
         return
     for section, values in sections.items():
         unread = [key for key in values if values.read and key not in values.read]
