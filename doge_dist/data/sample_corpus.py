@@ -10,6 +10,7 @@ which keeps the split stable when a package adds or removes files.
 from __future__ import annotations
 
 import ast
+import collections
 import hashlib
 import importlib.util
 import json
@@ -51,13 +52,31 @@ def _prose(docstring: str) -> str:
     return "\n".join(lines).strip()
 
 
+_BLOCKS = (ast.stmt, ast.excepthandler, ast.match_case)
+
+
+def _blocks(tree: ast.AST) -> Iterator[ast.AST]:
+    """The statements (and except/case clauses) of ``tree``, in ``ast.walk``'s order: only they can hold a
+    module, class or function, and an expression holds no statement, so leaving expressions out keeps
+    the order of the rest (breadth first, each node's fields in order) as ast.walk has it. ast.walk
+    visited every node, most of them expressions: more than half the time of a default corpus build."""
+    todo = collections.deque([tree])
+    while todo:
+        node = todo.popleft()
+        yield node
+        for name in node._fields:
+            value = getattr(node, name, None)
+            if isinstance(value, list):
+                todo.extend(item for item in value if isinstance(item, _BLOCKS))
+
+
 def _file_docstrings(path: Path) -> list[str]:
     try:
         tree = ast.parse(path.read_bytes())
     except (SyntaxError, ValueError, UnicodeDecodeError):
         return []
     found = []
-    for node in ast.walk(tree):
+    for node in _blocks(tree):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
             text = ast.get_docstring(node)
             if text:
