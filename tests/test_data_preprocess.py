@@ -1,7 +1,6 @@
 """preprocess_data: megatron-core reads what we write, with the ids and bytes Megatron-LM's tool gives."""
 from __future__ import annotations
 
-import contextlib
 import gzip
 import itertools
 import json
@@ -10,6 +9,7 @@ import resource
 import signal
 import subprocess
 import sys
+import time
 from argparse import Namespace
 from pathlib import Path
 
@@ -192,6 +192,16 @@ def test_the_makefile_goes_by_the_file_of_a_prefix_written_last(tmp_path, monkey
     assert not Path(prefix + "_text_document" + suffix).exists()
 
 
+def _until_it_handled_the_signal(tool: subprocess.Popen, directory: Path, seconds: float) -> None:
+    """Wait, with the input still open, until the signalled tool has exited or removed its partial files (it
+    has handled the signal: with workers it then waits for the pool's reader thread, which finishes at the end of
+    the input), for ``seconds`` at most. A fixed wait of ``seconds`` before closing the input spent all of it
+    whenever the tool had workers, although the signal is handled within a fraction of a second."""
+    deadline = time.monotonic() + seconds
+    while tool.poll() is None and list(directory.glob("out_*.partial")) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_sigterm_removes_partial_files(tmp_path, workers) -> None:
     # The input is a FIFO that this test keeps open: the tool is mid-run, deterministically, when it gets SIGTERM.
@@ -209,8 +219,7 @@ def test_sigterm_removes_partial_files(tmp_path, workers) -> None:
             assert tool.poll() is None, tool.stderr.read()
         assert (tmp_path / "out_text_document.bin.partial").is_file()
         tool.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            tool.wait(timeout=5)  # with workers, the pool's reader thread finishes at the end of the input
+        _until_it_handled_the_signal(tool, tmp_path, 5)  # with workers, the pool's reader thread finishes at the end of the input
         os.close(writer)
         _, stderr = tool.communicate(timeout=60)
     finally:
@@ -245,8 +254,7 @@ def test_a_signal_to_the_process_group_stops_workers_without_tracebacks(tmp_path
         workers = _children(tool.pid)
         assert len(workers) >= 2 and all(os.getpgid(worker) != tool.pid for worker in workers)
         os.killpg(tool.pid, signum)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            tool.wait(timeout=1)  # the pool's reader thread finishes at the end of the input
+        _until_it_handled_the_signal(tool, tmp_path, 1)  # the pool's reader thread finishes at the end of the input
         os.close(writer)
         _, stderr = tool.communicate(timeout=60)
     finally:
