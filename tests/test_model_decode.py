@@ -4,6 +4,7 @@ the cache outgrows, dynamic NTK past the trained length and batch 2; bf16 autoca
 bf16 rounding; its prepared weights follow every change of the parameters; the compiled step equals
 the eager one. ``generate`` and launch/generate.py refuse out-of-range options and a tokenizer larger
 than the model's vocabulary by name."""
+import functools
 import gc
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from doge_dist.model.cache import KVCache
 from doge_dist.model.decode import CompiledStep, Decoder
 from doge_dist.model.generate import generate, next_token
 from model_helpers import model_pair, perturb_all, randomise_dynamic_mask
+from train_helpers import concurrently
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,8 +47,10 @@ def _model(overrides: dict) -> torch.nn.Module:
 def _decoded(model, prompt, tokens, compiled: bool, autocast: bool = False) -> torch.Tensor:
     """The decoder's logits for each token fed after the prompt. ``compiled`` is checked to have been
     honoured: past the keep window the decoder runs its eager step, and a comparison of the compiled
-    step with the eager one would compare the eager step with itself."""
-    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+    step with the eager one would compare the eager step with itself. In inference mode, as ``generate``
+    runs the decoder: the compiled step's graph guards on it, so generate(compile=True) on the same model
+    runs that graph (after a run under no_grad it compiled a second one for its inference tensors)."""
+    with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
         cache = KVCache()
         model(prompt, cache=cache)
         decoder = Decoder(model, cache, prompt.shape[1] + tokens.shape[1], compiled=compiled)
@@ -385,16 +389,17 @@ def test_generate_command_names_its_tokenizer_flag_and_chats_with_any_template(t
     import shutil
 
     save_hf(build_model(ModelConfig.from_preset("doge-tiny", vocab_size=512)), tmp_path / "hf")
-    result = subprocess.run([sys.executable, "launch/generate.py", "--model", str(tmp_path / "hf"), "--prompt", "a"],
-                            cwd=REPO, capture_output=True, text=True)
-    assert result.returncode == 2 and "Or pass this model's tokenizer with --tokenizer." in result.stderr, result.stderr[-2000:]
     tokenizer = shutil.copytree(assets().tokenizer_dir, tmp_path / "tokenizer", ignore=shutil.ignore_patterns("chat"))
     settings = json.loads((tokenizer / "tokenizer_config.json").read_text())
     settings["chat_template"] = "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}:{% endif %}"
     (tokenizer / "tokenizer_config.json").write_text(json.dumps(settings))
-    replies = [subprocess.run([sys.executable, "launch/generate.py", "--model", str(tmp_path / "hf"), "--tokenizer", str(tokenizer),
-                               "--chat", "--prompt", "a", "--max_new_tokens", "4", "--temperature", "0", *compiled],
-                              cwd=REPO, capture_output=True, text=True) for compiled in ([], ["--compile"])]
+    # three independent commands, run at the same time (each is one mostly single-threaded process)
+    result, *replies = concurrently(*(
+        functools.partial(subprocess.run, [sys.executable, "launch/generate.py", "--model", str(tmp_path / "hf"), *flags],
+                          cwd=REPO, capture_output=True, text=True)
+        for flags in (["--prompt", "a"], *(["--tokenizer", str(tokenizer), "--chat", "--prompt", "a", "--max_new_tokens", "4",
+                                            "--temperature", "0", *compiled] for compiled in ([], ["--compile"])))))
+    assert result.returncode == 2 and "Or pass this model's tokenizer with --tokenizer." in result.stderr, result.stderr[-2000:]
     assert all(result.returncode == 0 for result in replies), [result.stderr[-2000:] for result in replies]
     assert replies[0].stdout == replies[1].stdout
 

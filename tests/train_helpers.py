@@ -127,6 +127,17 @@ def losses(run_dir: Path) -> list[float]:
     return [values[step] for step in sorted(values)]
 
 
+def concurrently(*calls):
+    """The results of ``calls`` (each launching its own processes, independent of the others), run at the
+    same time: a launch is mostly one single-threaded process (imports, a tiny model), so on two cores two
+    of them take about the time of one. An exception of a call is raised here."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(calls)) as pool:
+        futures = [pool.submit(call) for call in calls]
+        return [future.result() for future in futures]
+
+
 # Runs shared by several test files -------------------------------------------------------------
 
 @lru_cache(maxsize=None)
