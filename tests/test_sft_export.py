@@ -2,6 +2,7 @@
 apply_chat_template gives the ids the run trained on, and transformers' generate runs from it;
 launch/generate.py --chat replies as transformers does, from the run or from the export."""
 import dataclasses
+import functools
 import subprocess
 
 import torch
@@ -14,7 +15,7 @@ from doge_dist.model import build_model
 from doge_dist.data.chat import encode_conversation
 from doge_dist.data.chat_template import DOGE_CHAT_TEMPLATE, load_chat_tokenizer
 from doge_dist.train.export import load_checkpoint_model
-from train_helpers import PYTHON, REPO, env, scratch
+from train_helpers import PYTHON, REPO, concurrently, env, scratch
 
 MESSAGES = [{"role": "user", "content": "What is 3 + 4?"}, {"role": "assistant", "content": "3 + 4 = 7."}]
 
@@ -45,10 +46,12 @@ def test_exported_sft_model_chats_in_transformers():
     torch.manual_seed(0)
     varied = save_hf(build_model(dataclasses.replace(ModelConfig.from_preset("doge-tiny"), initializer_range=0.2)),
                      scratch() / "hf_varied", tokenizer=chat_tokenizer())
-    for source, reply in ((output, exported), (single_run("sft"), exported),
-                          (varied, _transformers_reply(varied, MESSAGES[0]["content"], 6))):
-        result = subprocess.run([PYTHON, "launch/generate.py", "--model", str(source), "--chat", "--prompt", MESSAGES[0]["content"],
-                                 "--temperature", "0", "--max_new_tokens", "6"], cwd=REPO, env=env(), capture_output=True, text=True)
+    expected = ((output, exported), (single_run("sft"), exported), (varied, _transformers_reply(varied, MESSAGES[0]["content"], 6)))
+    results = concurrently(*(  # three independent commands, at the same time
+        functools.partial(subprocess.run, [PYTHON, "launch/generate.py", "--model", str(source), "--chat", "--prompt",
+                                           MESSAGES[0]["content"], "--temperature", "0", "--max_new_tokens", "6"],
+                          cwd=REPO, env=env(), capture_output=True, text=True) for source, _ in expected))
+    for (source, reply), result in zip(expected, results):
         assert result.returncode == 0, result.stderr[-3000:]
         assert result.stdout == reply + "\n", (source, reply, result.stdout[-300:])  # the reply alone: loading talks on stderr
     assert len(set(reply.strip())) > 3
