@@ -1,6 +1,7 @@
 """launch/export_hf.py: a ZeRO-2 (2 ranks) and a ZeRO-0 checkpoint become Hugging Face directories
 that AutoModelForCausalLM/AutoTokenizer load without remote code, with logits equal to ours; an HF
 directory or a checkpoint of any ZeRO stage initialises a new run (run.init_from) with the same weights."""
+import functools
 import json
 import subprocess
 
@@ -11,7 +12,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from doge_dist.model import build_model
 from doge_dist.model.generate import generate
 from doge_dist.train.export import load_checkpoint_model
-from train_helpers import PYTHON, REPO, base_overrides, env, losses, pretrain, scalars, scratch, single_process_run, two_rank_run
+from train_helpers import (PYTHON, REPO, base_overrides, concurrently, env, losses, pretrain, scalars, scratch, single_process_run,
+                           two_rank_run)
 
 
 def _export(run_dir, output):
@@ -70,12 +72,12 @@ def test_init_from_weights_of_any_zero_stage():
     ZeRO stage saved it and whatever stage the new run uses (DeepSpeed's module-only load reads only
     its own stage's files)."""
     zero2, zero3 = two_rank_run(2, "deepspeed"), two_rank_run(3, "torchrun")
-    first = {}
-    for source, stage in (("zero2", 3), ("zero2", 0), ("zero3", 0)):
-        run_dir = scratch() / f"weights_{source}_to_zero{stage}"
-        pretrain(run_dir, stage, nproc=1, launcher="python", max_steps=2, warmup_steps=1, decay_steps=0, eval_interval=0,
-                 **{"run.init_from": str(zero2 if source == "zero2" else zero3)})
-        first[source, stage] = losses(run_dir)[0]
+    runs = {(source, stage): scratch() / f"weights_{source}_to_zero{stage}" for source, stage in (("zero2", 3), ("zero2", 0), ("zero3", 0))}
+    concurrently(*(  # three independent one-process runs, at the same time
+        functools.partial(pretrain, run_dir, stage, nproc=1, launcher="python", max_steps=2, warmup_steps=1, decay_steps=0,
+                          eval_interval=0, **{"run.init_from": str(zero2 if source == "zero2" else zero3)})
+        for (source, stage), run_dir in runs.items()))
+    first = {key: losses(run_dir)[0] for key, run_dir in runs.items()}
     assert first["zero2", 3] == pytest.approx(first["zero2", 0], rel=1e-6)  # the same weights, the same batch
     assert first["zero3", 0] == pytest.approx(first["zero2", 0], rel=1e-4)  # two runs that agree to 2e-5 a step
     assert first["zero2", 0] < losses(single_process_run())[0] - 0.3  # trained weights, not a fresh start
