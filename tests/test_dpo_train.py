@@ -7,7 +7,7 @@ import pytest
 
 from chat_helpers import LR, STEPS, VALID, finetune, init_dir, prefixes, single_run, zero2_run
 from doge_dist.train.dpo import VALID_METRICS
-from train_helpers import losses, scalars, scratch
+from train_helpers import concurrently, losses, scalars, scratch
 
 TOLERANCE = 1e-5
 BETA = 0.1  # finetune.beta's default
@@ -129,11 +129,17 @@ def test_resume_trains_against_the_reference_the_run_started_from():
     finetune("sft", sft, 0, 1, **short, **{"train.max_steps": 3})
     step3 = sft / "checkpoints" / "step_00000003"
     dpo = {"train.micro_batch_size": 2, "train.gradient_accumulation_steps": 1, "train.lr": LR["dpo"]}
-    uninterrupted = finetune("dpo", root / "dpo_from_step3", 0, 1, **dpo, **{"run.init_from": str(step3), "train.max_steps": 4})
     resumed = root / "dpo_from_sft"
-    finetune("dpo", resumed, 0, 1, **dpo, **{"run.init_from": str(sft), "train.max_steps": 2})
-    finetune("sft", sft, 0, 1, **short, **{"train.max_steps": 6})  # trains on: `latest` names step 6
-    finetune("dpo", resumed, 0, 1, **dpo, **{"run.init_from": str(sft), "train.max_steps": 4})
+
+    def stopped_and_resumed():
+        finetune("dpo", resumed, 0, 1, **dpo, **{"run.init_from": str(sft), "train.max_steps": 2})
+        finetune("sft", sft, 0, 1, **short, **{"train.max_steps": 6})  # trains on: `latest` names step 6
+        finetune("dpo", resumed, 0, 1, **dpo, **{"run.init_from": str(sft), "train.max_steps": 4})
+
+    # the uninterrupted run reads step 3 alone, which the SFT run leaves as it is: at the same time as the others
+    uninterrupted, _ = concurrently(
+        lambda: finetune("dpo", root / "dpo_from_step3", 0, 1, **dpo, **{"run.init_from": str(step3), "train.max_steps": 4}),
+        stopped_and_resumed)
     assert len(losses(resumed)) == 4
     assert losses(resumed) == pytest.approx(losses(uninterrupted), abs=TOLERANCE)
 
