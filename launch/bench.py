@@ -48,7 +48,8 @@ DEFAULTS = {"seq_len": 512, "micro_batch": 4, "tp": 2}  # None in argparse, so t
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="doge-20m")
+    p.add_argument("--preset", default=None, help="default doge-20m (--comm: doge-60m, whose 2 key/value heads "
+                   "tensor parallelism 2 can split; doge-20m has one)")
     p.add_argument("--seq-len", type=int, default=None, help=f"training and --comm (default {DEFAULTS['seq_len']})")
     p.add_argument("--micro-batch", type=int, default=None,
                    help=f"training and --comm (default {DEFAULTS['micro_batch']})")
@@ -116,6 +117,7 @@ def check_ranges(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
                      f"{DECODE_NEW_TOKENS} tokens after a {DECODE_PROMPT}-token prompt at batch 1")
     if args.tp is not None and not args.comm:
         parser.error("--tp applies to --comm only (the training and decode benches run on one device)")
+    args.preset = args.preset or ("doge-60m" if args.comm else "doge-20m")
     try:
         device = torch.device(args.device)
     except RuntimeError:

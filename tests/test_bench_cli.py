@@ -50,6 +50,15 @@ def test_bench_rejects_unknown_models():
     assert result.returncode != 0 and "--models" in result.stderr
 
 
+def test_comm_bench_runs_at_its_default_preset():
+    """--comm at the default preset (doge-20m, one key/value head) was refused: tensor parallelism 2 cannot split it."""
+    command = [sys.executable, os.path.join(ROOT, "launch", "bench.py"), "--comm", "--seq-len", "16", "--micro-batch", "1",
+               "--threads", "1"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1])["preset"] == "doge-60m"
+
+
 def test_comm_bench_counts_what_the_formula_predicts():
     summary = _bench("--comm", "--seq-len", "16", "--micro-batch", "2")
     for mode in ("tp", "tp+sp"):
