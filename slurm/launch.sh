@@ -34,8 +34,8 @@ set -euo pipefail
 # export NCCL_NET_GDR_LEVEL=PHB                 # GPUDirect RDMA when NIC and GPU share a PCIe host bridge
 # export FI_PROVIDER=efa                        # AWS EFA (with the aws-ofi-nccl plugin)
 # export TORCH_NCCL_ASYNC_ERROR_HANDLING=1      # a dead rank ends the job instead of hanging it
-# export DEEPSPEED_TIMEOUT=30                   # collective timeout in MINUTES (DeepSpeed's default 10), read by
-#                                               # deepspeed.init_distributed: raise it for slow saves or conversions
+# export DEEPSPEED_TIMEOUT=30                   # collective timeout in MINUTES (DeepSpeed's default 10) of every
+#                                               # process group: raise it for slow saves or conversions
 # export CUDA_DEVICE_MAX_CONNECTIONS=1          # needed when tensor-parallel comms overlap compute
 
 if [[ $# -lt 2 ]]; then

@@ -56,3 +56,22 @@ def _rank_one_dies(rank, world_size):
 def test_a_rank_that_dies_without_a_result_fails_the_call_instead_of_hanging_it():
     with pytest.raises(AssertionError, match="rank 1 exited with code 3"):
         spawn.run_distributed(_rank_one_dies, 2)
+
+
+def _group_timeouts(rank, world_size):
+    from megatron.core import parallel_state
+
+    from doge_dist.config import ParallelConfig
+    from doge_dist.parallel.state import initialize_parallel
+
+    initialize_parallel(ParallelConfig(tensor_parallel=2))
+    groups = (parallel_state.get_data_parallel_group(), parallel_state.get_tensor_model_parallel_group())
+    return [group._get_backend(torch.device("cpu")).options._timeout.total_seconds() for group in groups]
+
+
+def test_the_parallel_groups_take_deepspeeds_timeout(monkeypatch):
+    """The training step's collectives run on megatron-core's groups, which were made with Megatron's default
+    timeout of 30 minutes: a stuck rank hung the job that long, whatever DEEPSPEED_TIMEOUT (the world group's,
+    default 10 minutes) said."""
+    monkeypatch.setenv("DEEPSPEED_TIMEOUT", "2")
+    assert spawn.run_distributed(_group_timeouts, 2) == [[120.0, 120.0]] * 2

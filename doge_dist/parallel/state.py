@@ -4,6 +4,7 @@ Ranks are laid out tensor-parallel first (neighbouring ranks share a layer, as i
 then data-parallel. DeepSpeed gets ``MegatronMPU`` so that ZeRO partitions and gradient
 all-reduces happen only across the data-parallel group.
 """
+import math
 from dataclasses import dataclass
 
 import torch.distributed as dist
@@ -45,7 +46,12 @@ def check_layout(parallel: ParallelConfig, world_size: int) -> ParallelLayout:
 
 
 def initialize_parallel(parallel: ParallelConfig) -> ParallelLayout:
-    """Create the tensor/expert/data-parallel groups (torch.distributed must be initialised)."""
+    """Create the tensor/expert/data-parallel groups (torch.distributed must be initialised), with the world
+    group's collective timeout: DeepSpeed's, ``DEEPSPEED_TIMEOUT`` minutes (default 10). Megatron's own default is
+    30 minutes, and a training step's collectives run on these groups, so a stuck rank hung the job for 30
+    minutes whatever DEEPSPEED_TIMEOUT said (Megatron-LM passes its --distributed-timeout-minutes to both)."""
+    from deepspeed.constants import default_pg_timeout
+
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     layout = check_layout(parallel, world_size)
     if not dist.is_initialized():
@@ -56,6 +62,7 @@ def initialize_parallel(parallel: ParallelConfig) -> ParallelLayout:
         tensor_model_parallel_size=layout.tensor_parallel,
         expert_model_parallel_size=layout.expert_parallel,
         create_gloo_process_groups=False,
+        distributed_timeout_minutes=max(1, math.ceil(default_pg_timeout.total_seconds() / 60)),
     )
     return layout
 
