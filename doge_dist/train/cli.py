@@ -5,10 +5,13 @@ import atexit
 import faulthandler
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Callable, Optional
 
 from ..config import ConfigError, expand_home, inherits_model, load_config
+
+REPORTER_WAIT_S = 10  # how long a rank that does not print an error waits for the one that does
 
 
 def input_errors() -> tuple[type, ...]:
@@ -75,33 +78,41 @@ def report_errors(run: Callable[[], None]) -> int:
     try:
         run()
     except (*input_errors(), TrainingStopped, *write_errors) as error:
-        _print_error(error, every_rank=isinstance(error, (LaunchEnvironmentError, *write_errors)))
+        printed = _print_error(error, every_rank=isinstance(error, (LaunchEnvironmentError, *write_errors)))
         _destroy_process_group()
+        if not printed and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # A launcher stops every rank once one has exited: a rank that leaves the report to another
+            # (which may be seconds behind, on a busy node) waits for it, or the job ended with no word.
+            time.sleep(REPORTER_WAIT_S)
         return 4 if isinstance(error, write_errors) else 3 if isinstance(error, TrainingStopped) else 2
     _destroy_process_group()
     return 0
 
 
-def _print_error(error: Exception, every_rank: bool) -> None:
+def _print_error(error: Exception, every_rank: bool) -> bool:
     """Print ``error`` as one paragraph: on rank 0 (on every rank when ``every_rank``: an error that only
     some ranks may meet); elsewhere once per node, by each node's local rank 0, named by rank and host. A
     node whose files differ (node-local data, a missing tokenizer) otherwise ended its ranks with exit
     code 2 and no word; an error every rank meets alike is then said once per node, as a cluster's logs
     carry every rank's traceback. Under torchrun the error also goes to this rank's TORCHELASTIC_ERROR_FILE,
     so the "Root Cause" torchrun prints shows it instead of "error_file: <N/A>". Called while handling ``error``
-    (the file records its traceback)."""
+    (the file records its traceback). Returns whether this rank printed it."""
     from .distributed import is_launcher_main
 
+    printed = True
     if is_launcher_main() or every_rank:
         print(f"error: {error}", file=sys.stderr, flush=True)
     elif os.environ.get("LOCAL_RANK", "0") == "0":
         import socket
 
         print(f"error (rank {os.environ['RANK']}, {socket.gethostname()}): {error}", file=sys.stderr, flush=True)
+    else:
+        printed = False
     if os.environ.get("TORCHELASTIC_ERROR_FILE"):
         from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
 
         ErrorHandler().record_exception(error)
+    return printed
 
 
 def _destroy_process_group() -> None:
