@@ -30,7 +30,8 @@ TORCH_SAVE_ON_A_FULL_DISK = "[enforce fail at inline_container.cc:672] . unexpec
 
 
 class StandInEngine:
-    """Writes this rank's optimizer file as ZeRO-2 does; on ``failing_rank`` the write fails as torch.save's does."""
+    """Writes this rank's optimizer file as ZeRO-2 does, then meets the other ranks, as DeepSpeed's save does;
+    on ``failing_rank`` the write fails as torch.save's does."""
 
     optimizer = None  # DeepSpeed's optimizer wrapper (checkpoint.fp32_master_names looks at it)
 
@@ -45,6 +46,7 @@ class StandInEngine:
         (Path(save_dir) / tag / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").write_bytes(b"partial")
         if rank == self.failing_rank:
             raise RuntimeError(TORCH_SAVE_ON_A_FULL_DISK)
+        dist.barrier()
 
 
 def _save_4_then_fail_on_rank_1_at_8(rank: int, world_size: int, run_dir: str) -> str:
@@ -68,6 +70,9 @@ def test_a_rank_that_cannot_write_leaves_no_complete_looking_checkpoint(tmp_path
                                  f"RuntimeError: {TORCH_SAVE_ON_A_FULL_DISK}. Is the disk full (")
     assert results[1].endswith("or the file size limited (ulimit -f)? The incomplete step_00000008 is never loaded, "
                                "and `latest` still names step_00000004, which a restart resumes from.")
+    # rank 0 wrote its files and waited for rank 1 in the save: it blamed its disk for rank 1's failure too
+    assert "Another rank stopped during the save; its error is the cause." in results[0], results[0]
+    assert "Is the disk full" not in results[0]
 
 
 class Killed(Exception):

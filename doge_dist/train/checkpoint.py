@@ -331,11 +331,23 @@ def _reported_as_write_failure(root: Path, tag: str) -> Iterator[None]:
     except Exception as error:
         latest = read_latest(root)
         resumes = f"`latest` still names {latest}, which a restart resumes from" if latest else "no earlier checkpoint exists"
-        free_gib = shutil.disk_usage(root).free / 2**30
+        if _lost_a_peer(error):  # this rank's files were fine: the rank that failed says why
+            cause = "Another rank stopped during the save; its error is the cause."
+        else:
+            free_gib = shutil.disk_usage(root).free / 2**30
+            cause = f"Is the disk full ({free_gib:.1f} GiB free there) or the file size limited (ulimit -f)?"
         raise CheckpointWriteError(
-            f"Writing checkpoint {root / tag} failed: {type(error).__name__}: {error}. Is the disk full ({free_gib:.1f} GiB "
-            f"free there) or the file size limited (ulimit -f)? The incomplete {tag} is never loaded, and {resumes}."
+            f"Writing checkpoint {root / tag} failed: {type(error).__name__}: {error}. {cause} The incomplete {tag} is "
+            f"never loaded, and {resumes}."
         ) from error
+
+
+def _lost_a_peer(error: Exception) -> bool:
+    """A collective of the save that failed because another rank left it (gloo: "Connection reset/closed by
+    peer"), not a write of this rank's."""
+    import torch.distributed as dist
+
+    return isinstance(error, dist.DistError) or any(f"Connection {how} by peer" in str(error) for how in ("reset", "closed"))
 
 
 def write_atomic(path: Path, text: str) -> None:
