@@ -358,6 +358,20 @@ def test_a_data_file_in_a_compression_not_read_is_refused_not_skipped(spec, tmp_
         list_inputs(str(tmp_path / spec))
 
 
+def test_lock_backup_and_metadata_files_beside_data_are_skipped(tmp_path) -> None:
+    """The compression check refused a Hub download made with --local-dir (its .cache holds
+    x.parquet.metadata and x.parquet.lock) and a train.jsonl.bak beside train.jsonl."""
+    cache = tmp_path / "hub" / ".cache" / "huggingface" / "download" / "data"
+    cache.mkdir(parents=True)
+    for suffix in (".metadata", ".lock"):
+        (cache / f"train-00000-of-00001.parquet{suffix}").write_text("x")
+    (tmp_path / "hub" / "data").mkdir()
+    write_jsonl(tmp_path / "hub" / "data" / "train.jsonl", [{"text": "kept"}])
+    (tmp_path / "hub" / "data" / "train.jsonl.bak").write_text("old")
+    assert [item.path for item in list_inputs(tmp_path / "hub")] == [tmp_path / "hub" / "data" / "train.jsonl"]
+    assert [item.path for item in list_inputs(str(tmp_path / "hub" / "data" / "*"))] == [tmp_path / "hub" / "data" / "train.jsonl"]
+
+
 def test_an_output_prefix_that_cannot_be_written_is_one_error(tmp_path) -> None:
     """An --output-prefix under a file (or a read-only directory) failed with two chained tracebacks."""
     from doge_dist.data.indexed import merge_prefixes

@@ -24,6 +24,7 @@ JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 TEXT_SUFFIXES = (".txt", ".txt.gz")
 PARQUET_SUFFIXES = (".parquet",)
 DATA_STEMS = (".jsonl", ".json", ".txt", ".parquet")  # x.jsonl.zst: data, compressed in a form not read here
+COMPRESSIONS = (".zst", ".zstd", ".bz2", ".xz", ".lzma", ".lz4", ".zip", ".7z", ".br", ".z", ".snappy")
 ROW_BATCH = 1024
 UTF8 = "utf-8-sig"  # UTF-8 that drops a leading byte order mark
 # A split in a file or folder name, as the Hugging Face Hub lays them out (data/train-00000-of-00001.parquet, train/0000.parquet)
@@ -73,9 +74,10 @@ def _kind(path: Path) -> str | None:
 
 def _refuse_unreadable(paths: Sequence[Path], spec: str | os.PathLike) -> None:
     """A data file in a compression this tool cannot read (``part-1.jsonl.zst``, ``.bz2``, ``.xz``) that a
-    directory or pattern holds would otherwise be left out without a word, where naming it fails."""
+    directory or pattern holds would otherwise be left out without a word, where naming it fails. Other files
+    (x.parquet.lock, x.jsonl.bak, a Hub download's .cache metadata) are skipped, as before."""
     unreadable = sorted(str(path) for path in paths if _kind(path) is None and not path.is_dir()
-                        and path.stem.lower().endswith(DATA_STEMS))
+                        and path.suffix.lower() in COMPRESSIONS and path.stem.lower().endswith(DATA_STEMS))
     if unreadable:
         more = f" and {len(unreadable) - 3} more" if len(unreadable) > 3 else ""
         raise DataError(f"--input '{spec}' holds {', '.join(unreadable[:3])}{more}, compressed in a form this tool cannot "
