@@ -230,6 +230,20 @@ def test_a_kill_while_make_chat_tokenizer_replaces_a_chat_twin_keeps_the_earlier
     assert files_in(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["chat"]
 
 
+def test_make_chat_tokenizer_writes_through_a_link_to_its_output(tmp_path) -> None:
+    """An output that is a symbolic link: the link was set aside as OUTPUT.old and a directory put in its place,
+    and the next run failed (NotADirectoryError) with OUTPUT.partial left behind. The link's target is replaced
+    now, as save_hf does."""
+    from doge_dist.data.chat_template import load_chat_tokenizer, write_chat_tokenizer
+
+    write_chat_tokenizer(assets().tokenizer_model, tmp_path / "real")
+    (tmp_path / "chat").symlink_to(tmp_path / "real")
+    for _ in range(2):
+        write_chat_tokenizer(assets().tokenizer_model, tmp_path / "chat")
+    assert (tmp_path / "chat").is_symlink() and load_chat_tokenizer(tmp_path / "real").chat_template
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chat", "real"]
+
+
 def test_a_failed_write_of_make_chat_tokenizer_is_one_error_and_keeps_the_earlier_twin(tmp_path) -> None:
     """A full disk (here a file size limit, as ``ulimit -f`` sets) while writing the chat twin was a
     traceback from the tokenizers library with OUTPUT.partial left behind."""

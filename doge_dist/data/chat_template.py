@@ -51,12 +51,13 @@ def write_chat_tokenizer(source: str | os.PathLike, output_dir: str | os.PathLik
     """A Hugging Face tokenizer directory with ``template`` from a sentencepiece ``.model`` or an HF directory,
     replacing ``output_dir`` whole only once the new one is complete: a failed write (a full disk) or a kill
     never leaves it half-written or deleted."""
-    output = Path(output_dir)
-    check_replaceable(Path(source), output)
+    check_replaceable(Path(source), Path(output_dir))
+    output = Path(output_dir).resolve()  # a link is kept: its target is replaced, as save_hf does
     scratch = output.with_name(output.name + ".partial")
     shutil.rmtree(scratch, ignore_errors=True)
     try:
         save_chat_tokenizer(source, scratch, template)
+        replace_directory(scratch, output)
     except BaseException as error:
         shutil.rmtree(scratch, ignore_errors=True)
         if is_write_failure(error):
@@ -64,7 +65,6 @@ def write_chat_tokenizer(source: str | os.PathLike, output_dir: str | os.PathLik
             raise DataError(f"Writing the chat tokenizer {output} failed: {error} (a full disk or a file size limit?); "
                             f"{kept}.") from error
         raise
-    replace_directory(scratch, output)
     return output
 
 
