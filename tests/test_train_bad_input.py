@@ -128,6 +128,8 @@ def test_deepspeed_sections_doge_dist_does_not_use_name_the_run_config_keys(key,
     ({"bf16": {"enabled": True, "bf16_master_weights_and_grads": True}}, "supports only with ZeRO-Offload's CPU Adam"),
     ({"zero_optimization": {"stage": 2}, "prescale_gradients": True}, "not support at ZeRO stage 2 with reduce_scatter"),
     ({"zero_optimization": {"stage": 3}, "gradient_predivide_factor": 2.0}, "not support at ZeRO stage 3 with reduce_scatter"),
+    ({"data_types": {"param_dtype": "bfloat"}}, "data_types.param_dtype = 'bfloat' is not a dtype DeepSpeed knows"),
+    ({"data_types": {"grad_accum_dtype": "fp33"}}, "data_types.grad_accum_dtype = 'fp33' is not a dtype DeepSpeed knows"),
 ])
 def test_deepspeed_settings_that_would_do_nothing_or_fail_in_its_engine_are_refused(ds, message):
     """Each was accepted: a DeepSpeed data-efficiency curriculum changed nothing (doge-dist has its own loader),
@@ -142,6 +144,7 @@ def test_deepspeed_settings_it_reads_pass():
     _check(_config(), {**ZERO1, "data_types": {"grad_accum_dtype": "fp32"}, "checkpoint": {"use_node_local_storage": True},
                        "flops_profiler": {"enabled": False}, "data_efficiency": {"enabled": False}, "prescale_gradients": False})
     _check(_config("train.bf16=true"), {**ZERO1, "data_types": {"param_dtype": "bf16"}})
+    _check(_config(), {**ZERO1, "data_types": {"keep_in_fp32_modules": "auto"}})  # DeepSpeed's own default, not HF's placeholder
 
 
 def test_a_monitor_whose_library_is_missing_is_refused(monkeypatch):

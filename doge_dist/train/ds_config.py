@@ -25,6 +25,7 @@ from ..config import ConfigError, TrainConfig
 
 SECTIONS = ("bf16", "bfloat16", "fp16", "zero_optimization", "checkpoint", "flops_profiler",
             "tensorboard", "wandb", "csv_monitor", "comms_logger", "data_types")  # keys whose values are JSON objects
+DTYPE_KEYS = ("grad_accum_dtype", "param_dtype", "buffer_dtype")  # in data_types
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 # sections DeepSpeed's parser reads with dict lookups, so that it ignores keys it does not know (the others are pydantic models)
 READ_BY_KEY = ("data_types", "checkpoint", "flops_profiler", "data_efficiency", "aio", "timers", "torch_autocast")
@@ -182,7 +183,7 @@ def check_ds_values(user: dict[str, Any], where: str) -> None:
             name = f"{path}{key}"
             if isinstance(value, dict):
                 find_auto(value, f"{name}.")
-            elif value == "auto":
+            elif value == "auto" and name != "data_types.keep_in_fp32_modules":  # DeepSpeed's own default there
                 raise ConfigError(
                     f"{where} sets {name} to \"auto\", a placeholder that only the Hugging Face Trainer fills in. "
                     "doge-dist sets batch sizes and precision from the run config (train.micro_batch_size, "
@@ -190,6 +191,17 @@ def check_ds_values(user: dict[str, Any], where: str) -> None:
                 )
 
     find_auto(user, "")
+    from deepspeed.runtime.config import DtypeEnum
+
+    for key in DTYPE_KEYS:  # DeepSpeed's parser keeps them as given; its engine converts them once the model is built
+        name = user.get("data_types", {}).get(key)
+        if name is None:
+            continue
+        try:
+            DtypeEnum(name)
+        except ValueError:
+            raise ConfigError(f"{where}: data_types.{key} = {name!r} is not a dtype DeepSpeed knows: use fp32 or bf16 "
+                              "(doge-dist trains in those).") from None
     clip = user.get("gradient_clipping", 0)  # only a given value is checked; a missing one is DeepSpeed's default
     if isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip < 0:
         raise ConfigError(f"{where}: gradient_clipping must be a number >= 0 (the largest gradient norm; 0 turns "
