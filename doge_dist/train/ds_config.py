@@ -127,7 +127,6 @@ def check_ds_keys(user: dict[str, Any], where: str) -> None:
             fix = f"did you mean '{close}'?" if close else ("remove it (DeepSpeed's keys: "
                                                             "https://www.deepspeed.ai/docs/config-json/).")
             raise ConfigError(f"{where} has the key '{key}', which DeepSpeed would ignore: {fix}")
-    check_section_keys(user, where)
     from deepspeed.runtime.precision_config import get_bfloat16_config
     from deepspeed.runtime.zero.config import get_zero_config
     from pydantic import ValidationError
@@ -138,29 +137,6 @@ def check_ds_keys(user: dict[str, Any], where: str) -> None:
         except ValidationError as error:
             problems = "; ".join(f"{section}.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
             raise ConfigError(f"{where}: {problems}.") from None
-
-
-def check_section_keys(user: dict[str, Any], where: str) -> None:
-    """Keys inside a section that DeepSpeed reads key by key (data_types, checkpoint, flops_profiler...) and
-    would ignore: ``"data_types": {"grad_accum_type": "fp32"}`` accumulated in bf16 without a word. Found as
-    the top-level ones are, by recording what DeepSpeed's parser looks up (``READ_BY_KEY``; the sections it reads
-    through its pydantic models, zero_optimization, bf16, the monitors, refuse unknown keys themselves)."""
-    from deepspeed.runtime.config import DeepSpeedConfig
-
-    sections = {key: _RecordedReads(value) for key, value in user.items() if key in READ_BY_KEY and isinstance(value, dict)}
-    parsed = {**{k: v for k, v in user.items() if k not in BATCH_KEYS}, **sections,
-              "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1}
-    try:
-        with _deepspeed_logger_quiet():
-            DeepSpeedConfig(parsed)
-    except Exception:  # DeepSpeed's own refusal, which check_with_deepspeed reports with its message
-        return
-    for section, values in sections.items():
-        unread = [key for key in values if values.read and key not in values.read]
-        if unread:
-            close = (difflib.get_close_matches(unread[0], values.read, n=1, cutoff=0.6) or [None])[0]
-            fix = f"did you mean '{section}.{close}'?" if close else f"remove it (DeepSpeed reads {', '.join(sorted(values.read))})."
-            raise ConfigError(f"{where} has {section}.{unread[0]}, which DeepSpeed would ignore: {fix}")
 
 
 def check_ds_sections(user: Any, where: str) -> None:
@@ -191,17 +167,12 @@ def check_ds_values(user: dict[str, Any], where: str) -> None:
                 )
 
     find_auto(user, "")
-    from deepspeed.runtime.config import DtypeEnum
-
     for key in DTYPE_KEYS:  # DeepSpeed's parser keeps them as given; its engine converts them once the model is built
-        name = user.get("data_types", {}).get(key)
-        if name is None:
-            continue
         try:
-            DtypeEnum(name)
+            data_type(user, key)
         except ValueError:
-            raise ConfigError(f"{where}: data_types.{key} = {name!r} is not a dtype DeepSpeed knows: use fp32 or bf16 "
-                              "(doge-dist trains in those).") from None
+            raise ConfigError(f"{where}: data_types.{key} = {user['data_types'][key]!r} is not a dtype DeepSpeed knows: "
+                              "use fp32 or bf16 (doge-dist trains in those).") from None
     clip = user.get("gradient_clipping", 0)  # only a given value is checked; a missing one is DeepSpeed's default
     if isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip < 0:
         raise ConfigError(f"{where}: gradient_clipping must be a number >= 0 (the largest gradient norm; 0 turns "
@@ -231,17 +202,29 @@ def check_no_optimizer_offload(user: dict[str, Any], where: str) -> None:
 def check_with_deepspeed(ds: dict[str, Any], where: str) -> None:
     """Everything else DeepSpeed checks in its config (removed keys such as "amp", value types), here
     rather than in ``deepspeed.initialize`` once the model is built. Its batch arithmetic counts
-    the ranks of the process group if one exists (else one rank), so the batch size is given for those."""
+    the ranks of the process group if one exists (else one rank), so the batch size is given for those.
+    Also the keys inside a section DeepSpeed reads key by key (``READ_BY_KEY``) that it would ignore:
+    ``"data_types": {"grad_accum_type": "fp32"}`` accumulated in bf16 without a word. Found as the top-level
+    ones are, by recording what its parser looks up (the sections it reads through its pydantic models,
+    zero_optimization, bf16, the monitors, refuse unknown keys themselves)."""
     import torch.distributed as dist
     from deepspeed.runtime.config import DeepSpeedConfig
 
     ranks = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    checked = {**ds, "train_batch_size": ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * ranks}
+    sections = {key: _RecordedReads(value) for key, value in ds.items() if key in READ_BY_KEY and isinstance(value, dict)}
+    checked = {**ds, **sections,
+               "train_batch_size": ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * ranks}
     try:
         with _deepspeed_logger_quiet():
             DeepSpeedConfig(checked)
     except Exception as error:  # DeepSpeedConfigError, pydantic's ValidationError, ValueError, AssertionError...
         raise ConfigError(f"{where}: DeepSpeed refuses it: {error}") from None
+    for section, values in sections.items():
+        unread = [key for key in values if values.read and key not in values.read]
+        if unread:
+            close = (difflib.get_close_matches(unread[0], values.read, n=1, cutoff=0.6) or [None])[0]
+            fix = f"did you mean '{section}.{close}'?" if close else f"remove it (DeepSpeed reads {', '.join(sorted(values.read))})."
+            raise ConfigError(f"{where} has {section}.{unread[0]}, which DeepSpeed would ignore: {fix}")
 
 
 def check_engine_settings(ds: dict[str, Any], where: str) -> None:
@@ -249,7 +232,6 @@ def check_engine_settings(ds: dict[str, Any], where: str) -> None:
     group and the model are built, with an assertion traceback on every rank: refused here with the fix."""
     import importlib.util
 
-    from deepspeed.runtime.config import DtypeEnum
     from deepspeed.runtime.precision_config import get_bfloat16_config
     from deepspeed.runtime.zero.config import get_zero_config
 
@@ -258,9 +240,8 @@ def check_engine_settings(ds: dict[str, Any], where: str) -> None:
             raise ConfigError(f"{where} enables '{section}', but {module} is not installed: pip install {module}, or "
                               f"remove '{section}' (TensorBoard logs are written to run.dir anyway).")
     precision = torch.bfloat16 if bf16_enabled(ds) else torch.float32
-    param_dtype = ds.get("data_types", {}).get("param_dtype")
-    if param_dtype is not None and DtypeEnum(param_dtype).value != precision:
-        raise ConfigError(f"{where} sets data_types.param_dtype = {param_dtype!r}, but the run trains in "
+    if data_type(ds, "param_dtype") not in (None, precision):
+        raise ConfigError(f"{where} sets data_types.param_dtype = {ds['data_types']['param_dtype']!r}, but the run trains in "
                           f"{'bf16' if precision == torch.bfloat16 else 'fp32'} (bf16.enabled, or train.bf16): remove "
                           "data_types.param_dtype, which DeepSpeed requires to match.")
     bf16 = get_bfloat16_config(ds)
@@ -280,12 +261,17 @@ def check_engine_settings(ds: dict[str, Any], where: str) -> None:
                               "available here: install libaio (libaio-dev) and reinstall DeepSpeed, or offload to cpu.")
 
 
-def grad_accum_dtype(ds: dict[str, Any]) -> Optional[torch.dtype]:
-    """``data_types.grad_accum_dtype`` as DeepSpeed reads it (None: the model's dtype)."""
+def data_type(ds: dict[str, Any], key: str) -> Optional[torch.dtype]:
+    """``data_types.<key>`` as DeepSpeed reads it (None: not set)."""
     from deepspeed.runtime.config import DtypeEnum
 
-    name = ds.get("data_types", {}).get("grad_accum_dtype")
+    name = ds.get("data_types", {}).get(key)
     return None if name is None else DtypeEnum(name).value
+
+
+def grad_accum_dtype(ds: dict[str, Any]) -> Optional[torch.dtype]:
+    """``data_types.grad_accum_dtype`` as DeepSpeed reads it (None: the model's dtype)."""
+    return data_type(ds, "grad_accum_dtype")
 
 
 def check_grad_accum_dtype(ds: dict[str, Any], where: str) -> None:
