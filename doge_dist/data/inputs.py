@@ -76,8 +76,8 @@ def _refuse_unreadable(paths: Sequence[Path], spec: str | os.PathLike) -> None:
     """A data file in a compression this tool cannot read (``part-1.jsonl.zst``, ``.bz2``, ``.xz``) that a
     directory or pattern holds would otherwise be left out without a word, where naming it fails. Other files
     (x.parquet.lock, x.jsonl.bak, a Hub download's .cache metadata) are skipped, as before."""
-    unreadable = sorted(str(path) for path in paths if _kind(path) is None and not path.is_dir()
-                        and path.suffix.lower() in COMPRESSIONS and path.stem.lower().endswith(DATA_STEMS))
+    unreadable = sorted(str(path) for path in paths if path.suffix.lower() in COMPRESSIONS
+                        and path.stem.lower().endswith(DATA_STEMS) and not path.is_dir())
     if unreadable:
         more = f" and {len(unreadable) - 3} more" if len(unreadable) > 3 else ""
         raise DataError(f"--input '{spec}' holds {', '.join(unreadable[:3])}{more}, compressed in a form this tool cannot "

@@ -215,8 +215,9 @@ class CompiledStep:
     compiled under inductor's ``freezing`` (the weights become constants: the linears go to oneDNN
     prepacked), ``cpp_wrapper`` and ``emulate_precision_casts`` (bf16 rounded where the eager step
     rounds, not once per fused kernel: the presets' layers give the eager step's bf16-autocast logits
-    to the bit with torch 2.13; 2.11 and 2.12's C++ kernels ignore the setting: within bf16 rounding). Those settings are inductor's global config, read when a call compiles, so each call
-    sets them (``torch.compile``'s ``options`` did not reach the freezing pass).
+    to the bit with torch 2.13; 2.11 and 2.12's C++ kernels ignore the setting: within bf16 rounding).
+    Those settings are inductor's global config, read when a call compiles, so each call sets them
+    (``torch.compile``'s ``options`` did not reach the freezing pass).
 
     Dynamo keeps compiled graphs on the code object they came from, guarded by the ids of the weights
     they froze (a later weight can reuse a freed one's id): the step gets a copy of ``forward``'s code
