@@ -355,6 +355,19 @@ def test_explicit_warmup_and_decay_steps_win_over_their_ratios():
     assert steps_given({"train": {"warmup_steps": 5}}, ["train.lr=1e-3"]) == {"warmup_steps"}  # the YAML's train section too
 
 
+def test_epochs_size_the_run_over_data_parallel_ranks_only():
+    """Four ranks at tensor parallelism 2 are two data-parallel replicas: a global batch of 16, so 2 epochs of
+    810 samples are 102 steps (counting every rank as a replica gave 51: one epoch, without a word)."""
+    from doge_dist.config import load_config
+    from doge_dist.train.finetune import size_in_epochs, steps_given
+
+    overrides = ["train.micro_batch_size=8", "parallel.tensor_parallel=2"]
+    config = load_config(None, overrides)
+    line = size_in_epochs(config, 810, 4, steps_given({"finetune": {"epochs": 2}}, overrides))
+    assert (config.train.max_steps, config.train.warmup_steps) == (102, 11)
+    assert "(2.01 epochs of 810 samples, 16 per step)" in line
+
+
 def dpo_check(seq_length, valid=None):
     """DPOTask.check (what the launcher runs before building a model) on the test pairs."""
     from chat_helpers import prefixes
