@@ -5,6 +5,7 @@ import gzip
 import itertools
 import json
 import os
+import re
 import resource
 import signal
 import subprocess
@@ -347,15 +348,20 @@ def test_an_input_whose_name_holds_pattern_characters_is_read_as_it_is(tmp_path)
 
 
 @pytest.mark.parametrize("spec", ["dir/part-*", "dir"])
-def test_a_data_file_in_a_compression_not_read_is_refused_not_skipped(spec, tmp_path) -> None:
-    """A directory or pattern holding part-1.jsonl.bz2 beside part-0.jsonl read only part-0 without a
-    word (half the data gone), where naming the .bz2 file fails clearly."""
+@pytest.mark.parametrize("compressed", ["part-1.jsonl.bz2", "part-1.jsonl.zst", "part-1.json.xz", "part-1.parquet.ZST"])
+def test_a_data_file_in_a_compression_not_read_is_refused_not_skipped(spec, compressed, tmp_path) -> None:
+    """A directory or pattern holding part-1.jsonl.zst (the Hub's most common compressed layout) beside
+    part-0.jsonl read only part-0 without a word (half the data gone), where naming the file fails clearly.
+    Other files beside the data (a README, an archive of something else) are left out as before."""
     (tmp_path / "dir").mkdir()
     write_jsonl(tmp_path / "dir" / "part-0.jsonl", [{"text": "kept"}])
-    (tmp_path / "dir" / "part-1.jsonl.bz2").write_bytes(b"BZh9")
+    (tmp_path / "dir" / compressed).write_bytes(b"compressed")
     (tmp_path / "dir" / "README.md").write_text("not data")
-    with pytest.raises(DataError, match=r"holds .*part-1\.jsonl\.bz2, compressed in a form this tool cannot read"):
+    (tmp_path / "dir" / "part-extras.zip").write_bytes(b"PK")
+    with pytest.raises(DataError, match=rf"holds \S*/{re.escape(compressed)}, compressed in a form this tool cannot read"):
         list_inputs(str(tmp_path / spec))
+    (tmp_path / "dir" / compressed).unlink()
+    assert [item.path.name for item in list_inputs(str(tmp_path / spec))] == ["part-0.jsonl"]
 
 
 def test_lock_backup_and_metadata_files_beside_data_are_skipped(tmp_path) -> None:
