@@ -102,7 +102,14 @@ def test_a_checkpoint_half_pruned_is_not_complete(tmp_path):
         find_checkpoint(tmp_path, step=4)  # not a checkpoint without its weights
 
 
-def test_a_write_failure_is_one_paragraph_and_exit_code_4(capsys):
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_a_write_failure_is_one_paragraph_and_exit_code_4(rank, monkeypatch, capsys):
+    """Printed by the rank it failed on, whichever that is: a full disk on rank 1 alone was said by nobody while
+    rank 0 said that another rank's error was the cause."""
+    monkeypatch.delenv("TORCHELASTIC_ERROR_FILE", raising=False)
+    for name, value in {"RANK": rank, "LOCAL_RANK": rank, "WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(name, value)
+
     def run():
         raise CheckpointWriteError("Writing checkpoint runs/x/checkpoints/step_00000008 failed: ...")
 
