@@ -102,6 +102,20 @@ def test_a_checkpoint_half_pruned_is_not_complete(tmp_path):
         find_checkpoint(tmp_path, step=4)  # not a checkpoint without its weights
 
 
+@pytest.mark.parametrize("error", [
+    dist.DistBackendError("NCCL error: remote process exited or there was a network error"),  # NCCL, on GPUs
+    RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection reset by peer"),
+    RuntimeError("[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Connection closed by peer [127.0.0.1]:1"),
+])
+def test_a_save_collective_that_lost_a_peer_blames_the_other_rank_not_this_disk(error, tmp_path):
+    """Only gloo's "closed by peer" met a test: with NCCL's error or gloo's "reset" the rank whose files
+    were fine said "Is the disk full?" for another rank's failure."""
+    with pytest.raises(CheckpointWriteError) as failed, checkpoint._reported_as_write_failure(tmp_path, "step_00000008"):
+        raise error
+    assert "Another rank stopped during the save; its error is the cause." in str(failed.value)
+    assert "Is the disk full" not in str(failed.value)
+
+
 @pytest.mark.parametrize("rank", ["0", "1"])
 def test_a_write_failure_is_one_paragraph_and_exit_code_4(rank, monkeypatch, capsys):
     """Printed by the rank it failed on, whichever that is: a full disk on rank 1 alone was said by nobody while
