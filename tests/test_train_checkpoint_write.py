@@ -59,6 +59,21 @@ def _save_4_then_fail_on_rank_1_at_8(rank: int, world_size: int, run_dir: str) -
     return "saved"
 
 
+def _save_4_twice(rank: int, world_size: int, run_dir: str) -> str:
+    layout = ParallelLayout(world_size, 1, 1)
+    checkpoint.save(StandInEngine(-1), run_dir, Progress(step=4), layout, 2, {}, {})
+    # the final save right after an interval save (or after a resume) at the same step: a rewrite would delete
+    # the latest checkpoint first, and this write fails
+    return str(checkpoint.save(StandInEngine(0), run_dir, Progress(step=4), layout, 2, {}, {}))
+
+
+def test_a_second_save_at_the_latest_step_leaves_that_checkpoint_alone(tmp_path):
+    root = tmp_path / "checkpoints"
+    assert run_distributed(_save_4_twice, 1, str(tmp_path)) == [str(root / "step_00000004")]
+    assert checkpoint.read_latest(root) == "step_00000004" and (root / "step_00000004" / checkpoint.META).is_file()
+    assert (root / "step_00000004" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").read_bytes() == b"partial"
+
+
 def test_a_rank_that_cannot_write_leaves_no_complete_looking_checkpoint(tmp_path):
     root = tmp_path / "checkpoints"
     results = run_distributed(_save_4_then_fail_on_rank_1_at_8, 2, str(tmp_path))
