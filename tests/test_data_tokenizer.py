@@ -230,6 +230,19 @@ def test_a_kill_while_make_chat_tokenizer_replaces_a_chat_twin_keeps_the_earlier
     assert files_in(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["chat"]
 
 
+def test_a_kill_after_the_new_chat_twin_has_its_name_leaves_nothing_that_stops_the_next_run(tmp_path) -> None:
+    """A kill after the new twin took its name but before OUTPUT.old was deleted leaves both: the next run
+    (of make_chat_tokenizer, an export, train_tokenizer) must not fail on the leftover ("Directory not empty")."""
+    from doge_dist.data.chat_template import write_chat_tokenizer
+
+    out = write_chat_tokenizer(assets().tokenizer_model, tmp_path / "chat")
+    before = files_in(out)
+    (tmp_path / "chat.old").mkdir()
+    (tmp_path / "chat.old" / "tokenizer.json").write_text("{}")
+    assert write_chat_tokenizer(assets().tokenizer_model, out) == out
+    assert files_in(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["chat"]
+
+
 def test_make_chat_tokenizer_writes_through_a_link_to_its_output(tmp_path) -> None:
     """An output that is a symbolic link: the link was set aside as OUTPUT.old and a directory put in its place,
     and the next run failed (NotADirectoryError) with OUTPUT.partial left behind. The link's target is replaced
