@@ -202,6 +202,18 @@ def test_truncation_is_reported(tmp_path):
             "--max-completion-length.") in lines
 
 
+def test_a_conversation_cut_before_its_first_answer_is_a_bad_record_not_a_sample_without_loss():
+    """Cut by --max-length inside its prompt, a conversation has no assistant token left: written, it would
+    cost compute and count towards the epochs while training nothing."""
+    from doge_dist.data.chat import BadRecord
+
+    tokenizer = load_chat_tokenizer(chat_tokenizer())
+    messages = [{"role": "user", "content": "a long question " * 20}, {"role": "assistant", "content": "ok"}]
+    with pytest.raises(BadRecord, match="no trainable token left"):
+        encode_conversation(tokenizer, messages, max_length=8)
+    assert sum(encode_conversation(tokenizer, messages, assistant_only=False, max_length=8)[1]) == 8  # --loss-on all
+
+
 def test_missing_chat_data_names_the_chat_tool(tmp_path):
     """A chat prefix that is not there points at the tool that writes chat data, for its kind."""
     for pairs, kind in ((False, "sft"), (True, "dpo")):
