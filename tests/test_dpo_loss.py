@@ -125,8 +125,8 @@ def test_moe_policy_logs_the_routing_statistics_of_its_training_pairs(monkeypatc
 def test_precomputed_table_is_reused_only_for_its_own_reference(tmp_path, monkeypatch, capsys):
     """finetune.reference=precomputed: a resume reuses run.dir/reference_logps.pt, but a table left in
     run.dir by a run from another reference model, or of data preprocessed again into the same prefix
-    (here with another prompt limit: as many pairs, other tokens), is recomputed, not trusted; the work
-    is reported."""
+    (here with another prompt limit: as many pairs, other tokens), or scored in another precision (a rerun
+    with train.bf16 switched), is recomputed, not trusted; the work is reported."""
     import torch.distributed as dist
 
     from chat_helpers import chat_tokenizer, prefixes
@@ -144,7 +144,9 @@ def test_precomputed_table_is_reused_only_for_its_own_reference(tmp_path, monkey
     try:
         env = DistEnv(0, 1, 0, torch.device("cpu"))
         tables = []
-        for seed, init_from, prompt_limit in ((0, "init_a", 48), (0, "init_a", 48), (0, "init_a", 16), (1, "init_b", 16)):
+        fp32, bf16 = torch.float32, torch.bfloat16
+        for seed, init_from, prompt_limit, dtype in ((0, "init_a", 48, fp32), (0, "init_a", 48, fp32), (0, "init_a", 16, fp32),
+                                                     (1, "init_b", 16, fp32), (1, "init_b", 16, bf16), (1, "init_b", 16, bf16)):
             if len(tables) in (0, 2):
                 data = preprocess_chat(str(source), str(tmp_path / "pairs"), str(chat_tokenizer()), kind="dpo",
                                        max_prompt_length=prompt_limit, max_completion_length=48,
@@ -156,15 +158,16 @@ def test_precomputed_table_is_reused_only_for_its_own_reference(tmp_path, monkey
             torch.manual_seed(seed)
             task = DPOTask()
             task.setup(config, None)  # its reference: init_from's directory
-            task.reference = build_model(ModelConfig.from_preset("doge-tiny")).eval()
+            task.reference = build_model(ModelConfig.from_preset("doge-tiny")).eval().to(dtype)
             tables.append(task._precompute(config, env, "train").clone())
             assert sorted(p.name for p in run_dir.iterdir() if p.is_file()) == [REFERENCE_FILES["train"]]
     finally:
         dist.destroy_process_group()
     assert torch.equal(tables[0], tables[1]) and not torch.allclose(tables[1], tables[2])
     assert not torch.allclose(tables[2], tables[3])
+    assert not torch.equal(tables[3], tables[4]) and torch.equal(tables[4], tables[5])
     printed = capsys.readouterr().out
-    assert printed.count("reference log-probs of the 16 train pairs, once") == 3
+    assert printed.count("reference log-probs of the 16 train pairs, once") == 4
     assert "train reference log-probs: 4/4 micro-batches" in printed
 
 
