@@ -214,6 +214,42 @@ def test_a_conversation_cut_before_its_first_answer_is_a_bad_record_not_a_sample
     assert sum(encode_conversation(tokenizer, messages, assistant_only=False, max_length=8)[1]) == 8  # --loss-on all
 
 
+def test_a_conversation_or_completion_one_token_over_its_limit_is_cut_to_it():
+    """--max-length N keeps at most N tokens, --max-completion-length N at most N of each completion, also
+    at N + 1 tokens, and the cut is counted for the tool's report."""
+    from collections import Counter
+
+    tokenizer = load_chat_tokenizer(chat_tokenizer())
+    ids, _ = encode_conversation(tokenizer, MESSAGES[1:3], assistant_only=False)
+    cut = Counter()
+    assert encode_conversation(tokenizer, MESSAGES[1:3], assistant_only=False, max_length=len(ids) - 1, cut=cut)[0] == ids[:-1]
+    assert encode_conversation(tokenizer, MESSAGES[1:3], assistant_only=False, max_length=len(ids), cut=cut)[0] == ids
+    assert cut["conversations"] == 1
+    record = {"prompt": "What is 2 + 3?", "chosen": "2 + 3 = 5.", "rejected": "2 + 3 = 6."}
+    _, chosen, rejected = encode_preference(tokenizer, record, 0, 0)
+    assert len(chosen) == len(rejected) and chosen[-1] == tokenizer.eos_token_id
+    _, short_chosen, short_rejected = encode_preference(tokenizer, record, 0, len(chosen) - 1, cut)
+    assert (short_chosen, short_rejected) == (chosen[:-1], rejected[:-1]) and cut["completions"] == 2
+
+
+def test_a_template_whose_generation_prompt_is_not_how_it_renders_the_answer_is_refused():
+    """The loss mask (SFT) and the prompt/completion split (DPO) go by the length of the prompt's tokens with
+    the generation prompt: a template whose generation prompt differs from the start of its assistant turn
+    would hide or train the wrong tokens without a word."""
+    from doge_dist.data.chat import sft_messages
+    from doge_dist.data.inputs import BadRecord
+
+    tokenizer = load_chat_tokenizer(chat_tokenizer())
+    old = "'<|start_header_id|>assistant<|end_header_id|>\\n' }}{%- endif %}"
+    assert old in tokenizer.chat_template
+    tokenizer.chat_template = tokenizer.chat_template.replace(old, old.replace("\\n'", "\\n\\n'"))
+    prompt, conversation = sft_messages({"prompt": "What is 2 + 3?", "completion": "2 + 3 = 5."})
+    with pytest.raises(BadRecord, match="tokenizes the prompt differently inside the full conversation"):
+        encode_conversation(tokenizer, conversation, prompt=prompt)
+    with pytest.raises(BadRecord, match="tokenizes the prompt differently inside the full conversation"):
+        encode_preference(tokenizer, {"prompt": "What is 2 + 3?", "chosen": "2 + 3 = 5.", "rejected": "2 + 3 = 6."}, 0, 0)
+
+
 def test_missing_chat_data_names_the_chat_tool(tmp_path):
     """A chat prefix that is not there points at the tool that writes chat data, for its kind."""
     for pairs, kind in ((False, "sft"), (True, "dpo")):
