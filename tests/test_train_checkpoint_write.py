@@ -5,6 +5,7 @@ stand-in that writes one file per rank, on gloo ranks. A checkpoint half pruned 
 failed universal conversion leaves no partial copy, and the run's config.yaml survives a restart on
 a full disk. Afterwards: pruning counts complete checkpoints only, a `latest` naming a deleted one or
 a checkpoint with a missing or cut file names the checkpoint to fall back to, and a run.dir has one trainer."""
+import json
 import re
 import resource
 import shutil
@@ -219,10 +220,13 @@ class TorchFileEngine(StandInEngine):
 
 
 def _save_steps(rank: int, world_size: int, run_dir: str, steps: list, keep_last: int, leftover: int = 0) -> list:
-    """Save ``steps`` in order; before the last one, leave a save of step ``leftover`` cut short by a crash."""
+    """Save ``steps`` in order; before the last one, leave a save of step ``leftover`` cut short by a crash
+    of a run on more ranks (a rank's optimizer partition written, no meta file)."""
     for step in steps:
         if step == steps[-1] and leftover:
-            (Path(run_dir) / "checkpoints" / checkpoint.tag_for(leftover)).mkdir()
+            cut_short = Path(run_dir) / "checkpoints" / checkpoint.tag_for(leftover)
+            cut_short.mkdir()
+            (cut_short / f"zero_pp_rank_{world_size}_mp_rank_00_optim_states.pt").write_bytes(b"stale")
         checkpoint.save(TorchFileEngine(), run_dir, Progress(step=step), ParallelLayout(world_size, 1, 1), keep_last, {}, {})
     return checkpoint.complete_tags(Path(run_dir) / "checkpoints")
 
@@ -233,6 +237,16 @@ def test_pruning_keeps_keep_last_complete_checkpoints_and_drops_leftovers(tmp_pa
     complete = run_distributed(_save_steps, 1, str(tmp_path), [2, 4, 8], 2, 6)[0]
     assert complete == ["step_00000004", "step_00000008"]
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == complete
+
+
+def test_a_save_over_a_leftover_of_its_step_keeps_none_of_its_files(tmp_path):
+    """A two-rank run killed while saving step 8, resumed on one rank, saves step 8 again: the dead run's rank-1
+    optimizer partition must not end up in the new checkpoint (nor in its meta file's list of files), where a
+    resume or a universal conversion would read it."""
+    assert run_distributed(_save_steps, 1, str(tmp_path), [4, 8], 2, 8)[0] == ["step_00000004", "step_00000008"]
+    saved = tmp_path / "checkpoints" / "step_00000008"
+    assert sorted(p.name for p in saved.iterdir()) == [checkpoint.META, "rng_rank00000.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"]
+    assert json.loads((saved / checkpoint.META).read_text())["files"] == ["rng_rank00000.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"]
 
 
 def test_latest_naming_a_deleted_checkpoint_says_which_one_to_use(tmp_path):
