@@ -188,6 +188,17 @@ def test_init_optimizer_without_a_checkpoint_to_take_them_from(tmp_path):
     with pytest.raises(ConfigError, match=f"run.init_from is '{tmp_path}', a Hugging Face directory"):
         _check(_config(f"run.init_from={tmp_path}", "run.init_optimizer=true"))
 
+
+def test_a_run_resume_that_is_no_mode_and_no_checkpoint_is_refused_before_any_work(tmp_path):
+    """Found by the pre-build checks (and launch/plan.py's), not only once the process group and the run
+    directory's lock exist."""
+    with pytest.raises(ConfigError, match=r"run.resume = '.*no_such_run' is neither auto, never, nor an existing checkpoint"):
+        _check(_config(f"run.resume={tmp_path / 'no_such_run'}"))
+    with pytest.raises(ConfigError, match="run.resume = 'Auto' is neither auto, never"):
+        _check(_config("run.resume=Auto"))
+    _check(_config(f"run.resume={tmp_path}"))
+
+
 def test_command_line_prints_one_paragraph_and_exits_2():
     cmd = [PYTHON, "launch/pretrain.py", "--ds_config", "configs/zero1.json"] + base_overrides(scratch() / "cli") + ["train.warmup_stepz=3"]
     result = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True)
