@@ -243,6 +243,22 @@ def test_a_kill_after_the_new_chat_twin_has_its_name_leaves_nothing_that_stops_t
     assert files_in(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["chat"]
 
 
+def test_a_source_directory_with_its_own_chat_template_file_gets_the_doge_template(tmp_path) -> None:
+    """transformers saves a tokenizer's template as chat_template.jinja, which wins over tokenizer_config.json's
+    key: the chat twin of such a Hugging Face directory must not keep the source's template file."""
+    from chat_helpers import chat_tokenizer
+    from doge_dist.data.chat_template import DOGE_CHAT_TEMPLATE, load_chat_tokenizer, write_chat_tokenizer
+
+    source = AutoTokenizer.from_pretrained(str(chat_tokenizer()))
+    source.chat_template = "{% for m in messages %}{% generation %}{{ m['content'] }}{% endgeneration %}{% endfor %}"
+    source.save_pretrained(str(tmp_path / "source"))
+    assert (tmp_path / "source" / "chat_template.jinja").is_file()
+    out = write_chat_tokenizer(tmp_path / "source", tmp_path / "chat")
+    assert not (out / "chat_template.jinja").exists()
+    assert load_chat_tokenizer(out).chat_template == DOGE_CHAT_TEMPLATE
+    assert AutoTokenizer.from_pretrained(str(out)).chat_template == DOGE_CHAT_TEMPLATE
+
+
 def test_make_chat_tokenizer_writes_through_a_link_to_its_output(tmp_path) -> None:
     """An output that is a symbolic link: the link was set aside as OUTPUT.old and a directory put in its place,
     and the next run failed (NotADirectoryError) with OUTPUT.partial left behind. The link's target is replaced
