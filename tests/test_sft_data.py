@@ -205,7 +205,7 @@ def test_truncation_is_reported(tmp_path):
 def test_a_conversation_cut_before_its_first_answer_is_a_bad_record_not_a_sample_without_loss():
     """Cut by --max-length inside its prompt, a conversation has no assistant token left: written, it would
     cost compute and count towards the epochs while training nothing."""
-    from doge_dist.data.chat import BadRecord
+    from doge_dist.data.inputs import BadRecord
 
     tokenizer = load_chat_tokenizer(chat_tokenizer())
     messages = [{"role": "user", "content": "a long question " * 20}, {"role": "assistant", "content": "ok"}]
