@@ -52,7 +52,7 @@ from .config import Config, ConfigError, ModelConfig
 from .model.flops import parameter_count
 from .model.loss import default_chunk_tokens
 from .parallel.state import ParallelLayout
-from .train.ds_config import bf16_enabled, grad_accum_dtype, zero_stage
+from .train.ds_config import bf16_enabled, data_type, zero_stage
 from .train.preflight import check_settings
 from .train.preflight import check_layout as check_trainer_layout
 
@@ -172,7 +172,7 @@ def model_states(config: Config, ds: dict[str, Any], layout: ParallelLayout, ran
     bf16 = bf16_enabled(ds) if config.train.bf16 is None else config.train.bf16
     weight = 2 if bf16 else 4
     master = 4 if bf16 else 0
-    fp32_grads = stage == 1 and bf16 and grad_accum_dtype(ds) == torch.float32
+    fp32_grads = stage == 1 and bf16 and data_type(ds, "grad_accum_dtype") == torch.float32
     groups, local = _tp_local(config, parameter_groups_numel(config), layout.tensor_parallel, layout.expert_parallel)
     dp = layout.dp_size // layout.expert_parallel  # what ZeRO partitions over (see the module docstring)
     shard = sum(math.ceil(sum(g) / dp) for g in groups) if stage >= 1 else local

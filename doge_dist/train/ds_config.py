@@ -262,23 +262,18 @@ def check_engine_settings(ds: dict[str, Any], where: str) -> None:
 
 
 def data_type(ds: dict[str, Any], key: str) -> Optional[torch.dtype]:
-    """``data_types.<key>`` as DeepSpeed reads it (None: not set)."""
+    """``data_types.<key>`` as DeepSpeed reads it (None: not set; for grad_accum_dtype, the model's dtype)."""
     from deepspeed.runtime.config import DtypeEnum
 
     name = ds.get("data_types", {}).get(key)
     return None if name is None else DtypeEnum(name).value
 
 
-def grad_accum_dtype(ds: dict[str, Any]) -> Optional[torch.dtype]:
-    """``data_types.grad_accum_dtype`` as DeepSpeed reads it (None: the model's dtype)."""
-    return data_type(ds, "grad_accum_dtype")
-
-
 def check_grad_accum_dtype(ds: dict[str, Any], where: str) -> None:
     """DeepSpeed accumulates bf16 gradients in another dtype only with ZeRO (its BF16_Optimizer at
     ZeRO-1, the ZeRO optimizers' partitions at 2-3); at ZeRO-0 ``deepspeed.initialize`` raises
     NotImplementedError once the model is built."""
-    dtype = grad_accum_dtype(ds)
+    dtype = data_type(ds, "grad_accum_dtype")
     if bf16_enabled(ds) and zero_stage(ds) == 0 and dtype not in (None, torch.bfloat16):
         raise ConfigError(f"{where} sets data_types.grad_accum_dtype = {ds['data_types']['grad_accum_dtype']!r} with bf16 at "
                           "ZeRO stage 0, which DeepSpeed does not support: use ZeRO stage 1 (configs/zero1.json) for "

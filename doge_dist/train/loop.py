@@ -28,7 +28,7 @@ from . import checkpoint
 from .checkpoint import Progress
 from .data import data_order, move, warn_if_data_order_changed
 from .distributed import DistEnv, all_reduce_sum, init_distributed, launcher_world_size
-from .ds_config import bf16_enabled, grad_accum_dtype, zero_stage
+from .ds_config import bf16_enabled, data_type, zero_stage
 from .engine import build_engine, is_hf_directory
 from .export import consolidated_state
 from .finetune import check_continued_model, model_config_of
@@ -178,7 +178,7 @@ def optimizer_layout(train: TrainConfig, ds: dict) -> dict:
     ZeRO-1 with bf16 fp32 gradient accumulation (DeepSpeed's BF16_Optimizer, another state format),
     and the AdamW groups (``train.decay_groups``; a ``train.freeze_dense_steps`` adds groups)."""
     bf16 = bf16_enabled(ds)
-    return {"bf16": bf16, "bf16_optimizer": bf16 and zero_stage(ds) == 1 and grad_accum_dtype(ds) == torch.float32,
+    return {"bf16": bf16, "bf16_optimizer": bf16 and zero_stage(ds) == 1 and data_type(ds, "grad_accum_dtype") == torch.float32,
             "decay_groups": train.decay_groups, "dense_freeze_groups": train.freeze_dense_steps > 0}
 
 
