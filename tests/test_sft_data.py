@@ -14,9 +14,10 @@ from transformers import AutoTokenizer
 from chat_helpers import chat_tokenizer
 from data_helpers import quiet, write_jsonl
 from doge_dist.data import DataError
-from doge_dist.data.chat import encode_conversation, encode_preference
+from doge_dist.data.chat import encode_conversation, encode_preference, sft_messages
 from doge_dist.data.chat_dataset import IGNORE_INDEX, MaskedSequences, PreferenceDataset, SFTDataset, pack
 from doge_dist.data.chat_template import load_chat_tokenizer
+from doge_dist.data.inputs import BadRecord
 from doge_dist.data.preprocess_chat import preprocess_chat
 from train_helpers import PYTHON, REPO, env
 
@@ -27,6 +28,7 @@ MESSAGES = [
     {"role": "user", "content": "And 4 * 4?"},
     {"role": "assistant", "content": "4 * 4 = 16."},
 ]
+PAIR = {"prompt": "What is 2 + 3?", "chosen": "2 + 3 = 5.", "rejected": "2 + 3 = 6."}
 
 
 def test_ids_are_apply_chat_template_and_mask_is_assistant_turns():
@@ -205,8 +207,6 @@ def test_truncation_is_reported(tmp_path):
 def test_a_conversation_cut_before_its_first_answer_is_a_bad_record_not_a_sample_without_loss():
     """Cut by --max-length inside its prompt, a conversation has no assistant token left: written, it would
     cost compute and count towards the epochs while training nothing."""
-    from doge_dist.data.inputs import BadRecord
-
     tokenizer = load_chat_tokenizer(chat_tokenizer())
     messages = [{"role": "user", "content": "a long question " * 20}, {"role": "assistant", "content": "ok"}]
     with pytest.raises(BadRecord, match="no trainable token left"):
@@ -225,10 +225,9 @@ def test_a_conversation_or_completion_one_token_over_its_limit_is_cut_to_it():
     assert encode_conversation(tokenizer, MESSAGES[1:3], assistant_only=False, max_length=len(ids) - 1, cut=cut)[0] == ids[:-1]
     assert encode_conversation(tokenizer, MESSAGES[1:3], assistant_only=False, max_length=len(ids), cut=cut)[0] == ids
     assert cut["conversations"] == 1
-    record = {"prompt": "What is 2 + 3?", "chosen": "2 + 3 = 5.", "rejected": "2 + 3 = 6."}
-    _, chosen, rejected = encode_preference(tokenizer, record, 0, 0)
+    _, chosen, rejected = encode_preference(tokenizer, PAIR, 0, 0)
     assert len(chosen) == len(rejected) and chosen[-1] == tokenizer.eos_token_id
-    _, short_chosen, short_rejected = encode_preference(tokenizer, record, 0, len(chosen) - 1, cut)
+    _, short_chosen, short_rejected = encode_preference(tokenizer, PAIR, 0, len(chosen) - 1, cut)
     assert (short_chosen, short_rejected) == (chosen[:-1], rejected[:-1]) and cut["completions"] == 2
 
 
@@ -236,9 +235,6 @@ def test_a_template_whose_generation_prompt_is_not_how_it_renders_the_answer_is_
     """The loss mask (SFT) and the prompt/completion split (DPO) go by the length of the prompt's tokens with
     the generation prompt: a template whose generation prompt differs from the start of its assistant turn
     would hide or train the wrong tokens without a word."""
-    from doge_dist.data.chat import sft_messages
-    from doge_dist.data.inputs import BadRecord
-
     tokenizer = load_chat_tokenizer(chat_tokenizer())
     old = "'<|start_header_id|>assistant<|end_header_id|>\\n' }}{%- endif %}"
     assert old in tokenizer.chat_template
@@ -247,7 +243,7 @@ def test_a_template_whose_generation_prompt_is_not_how_it_renders_the_answer_is_
     with pytest.raises(BadRecord, match="tokenizes the prompt differently inside the full conversation"):
         encode_conversation(tokenizer, conversation, prompt=prompt)
     with pytest.raises(BadRecord, match="tokenizes the prompt differently inside the full conversation"):
-        encode_preference(tokenizer, {"prompt": "What is 2 + 3?", "chosen": "2 + 3 = 5.", "rejected": "2 + 3 = 6."}, 0, 0)
+        encode_preference(tokenizer, PAIR, 0, 0)
 
 
 def test_missing_chat_data_names_the_chat_tool(tmp_path):
@@ -841,8 +837,6 @@ def test_tool_turns_are_context_after_an_assistant_turn():
     """A tool result (role tool, or ipython as Llama 3 and the published Doge template name it) made the
     conversation a bad record; it is rendered by the template and carries no loss, as a user turn."""
     from doge_dist.data.chat import check_messages
-    from doge_dist.data.inputs import BadRecord
-
     tokenizer = load_chat_tokenizer(chat_tokenizer())
     for role in ("tool", "ipython"):
         messages = [{"role": "user", "content": "Weather in Paris?"}, {"role": "assistant", "content": "get_weather(Paris)"},
@@ -858,8 +852,6 @@ def test_tool_turns_are_context_after_an_assistant_turn():
 def test_an_empty_system_message_is_dropped_not_the_conversation():
     """Many datasets write "no system prompt" as an empty system message: the conversation was a bad record."""
     from doge_dist.data.chat import check_messages, preference_messages
-    from doge_dist.data.inputs import BadRecord
-
     empty = {"role": "system", "content": " "}
     assert check_messages([empty] + MESSAGES[1:]) == MESSAGES[1:]
     assert preference_messages({"prompt": [empty, MESSAGES[1]], "chosen": "5.", "rejected": "6."})[0] == MESSAGES[1:2]
